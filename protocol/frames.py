@@ -1,0 +1,116 @@
+"""Wire frames: a 4-byte big-endian length, then a msgpack array ``[op, rid, payload]``.
+
+How this works
+--------------
+``encode_frame(op, rid, payload)`` returns the bytes of one frame. ``FrameDecoder`` is fed
+bytes as they arrive (``feed``) and returns every whole frame they complete, as
+``(op, rid, payload)`` tuples. It never buffers more than one frame: the length prefix is
+checked against ``max_frame_size`` *before* any payload is kept, so a peer announcing a
+huge frame is refused at once with ``FrameTooLargeError``. Anything that is not a
+well-formed ``[int, int, any]`` array raises ``ProtocolError``; after an error the decoder
+is unusable and the connection should be closed.
+
+``rid`` is the request id chosen by the side that sends a request; the peer answers with
+``Op.REPLY`` or ``Op.ERROR`` and the same rid. Each side numbers its own requests, so the
+broker can send requests (check-backs) on a client's connection. ``rid == 0`` means "no
+reply wanted" (deliveries, fire-and-forget acks).
+
+No I/O here: the broker and the SDKs own their sockets.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from protocol.errors import BadRequestError, MessageTooLargeError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "HEADER",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "FRAME_OVERHEAD",
+    "ProtocolError",
+    "FrameTooLargeError",
+    "encode_frame",
+    "FrameDecoder",
+]
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+#: Room for the envelope and message metadata around the largest allowed body.
+FRAME_OVERHEAD = 64 * 1024
+DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024 + FRAME_OVERHEAD
+
+_pack_len = HEADER.pack
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+class ProtocolError(BadRequestError):
+    """Bytes that are not a well-formed frame."""
+
+
+class FrameTooLargeError(MessageTooLargeError):
+    """A frame whose announced length exceeds the limit."""
+
+
+def encode_frame(op: int, rid: int, payload: Any) -> bytes:
+    """Return one frame: length prefix + msgpack ``[op, rid, payload]``."""
+    body = _packb([op, rid, payload])
+    return _pack_len(len(body)) + body
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed(data)`` returns the whole frames completed so far."""
+
+    __slots__ = ("max_frame_size", "_buf", "_need")
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._need = -1  # payload length of the frame being read, -1 while reading the header
+
+    def feed(self, data: bytes) -> list[tuple[int, int, Any]]:
+        """Add ``data``; return completed frames. Raises ``ProtocolError``/``FrameTooLargeError``."""
+        buf = self._buf
+        buf += data
+        frames: list[tuple[int, int, Any]] = []
+        pos = 0
+        end = len(buf)
+        max_size = self.max_frame_size
+        need = self._need
+        while True:
+            if need < 0:
+                if end - pos < 4:
+                    break
+                (need,) = HEADER.unpack_from(buf, pos)
+                if need > max_size:
+                    self._buf = bytearray()
+                    raise FrameTooLargeError(
+                        f"frame of {need} bytes exceeds the limit of {max_size} bytes"
+                    )
+                if need == 0:
+                    raise ProtocolError("empty frame")
+                pos += 4
+            if end - pos < need:
+                break
+            try:
+                obj = msgpack.unpackb(buf[pos : pos + need], raw=False, strict_map_key=False)
+            except Exception as exc:  # msgpack raises several types for garbage
+                raise ProtocolError(f"undecodable frame: {exc}") from None
+            pos += need
+            need = -1
+            if (
+                type(obj) is not list
+                or len(obj) != 3
+                or type(obj[0]) is not int
+                or type(obj[1]) is not int
+            ):
+                raise ProtocolError("a frame must be a msgpack array [op, rid, payload]")
+            frames.append((obj[0], obj[1], obj[2]))
+        self._need = need
+        if pos:
+            del buf[:pos]
+        return frames

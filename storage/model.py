@@ -1,0 +1,68 @@
+"""Value types exchanged with the store (all immutable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["IndexTarget", "NewRecord", "Stored", "Record", "IndexEntry"]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexTarget:
+    """Also add a queue-index entry for this record.
+
+    ``ref_pos``: if set, the entry points at that earlier record (its position and size)
+    instead of at the new record — used to commit a half message without copying its body.
+    """
+
+    topic: str
+    queue_id: int
+    tag_hash: int = 0
+    ref_pos: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecord:
+    """A record to append: opaque ``rtype`` (0-255), msgpack-able ``header``, raw ``body``."""
+
+    rtype: int
+    header: dict
+    body: bytes = b""
+    index: IndexTarget | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """Where an appended record went. ``queue_offset`` is -1 without an index target."""
+
+    pos: int
+    size: int
+    store_time: int
+    queue_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A record read back from the log; ``next_pos`` is where the following record starts."""
+
+    pos: int
+    size: int
+    rtype: int
+    store_time: int
+    header: dict
+    body: bytes
+    next_pos: int
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """A queue-index entry: the record it points at, its tag hash and store time (ms).
+
+    For a ``ref_pos`` entry, ``pos``/``size`` are the referenced record's and
+    ``store_time`` is the time the referencing record was stored.
+    """
+
+    pos: int
+    size: int
+    tag_hash: int
+    store_time: int

@@ -1,0 +1,144 @@
+"""Shared fixtures: a real broker process per test, polling helpers, loop-error checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_loop_errors(request: pytest.FixtureRequest):
+    """A stray exception on the event loop fails the test."""
+    errors: list[dict] = []
+    try:
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:
+        loop = None
+    if loop is not None:
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    yield
+    if errors:
+        pytest.fail(f"unhandled exception on the event loop: {errors[0]}")
+
+
+async def wait_for(predicate: Callable[[], object] | Callable[[], Awaitable[object]],
+                   timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Poll ``predicate`` (sync or async) until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class BrokerProcess:
+    """A ``python -m broker`` subprocess on free ports, ready when constructed."""
+
+    data_dir: Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    address: str = ""
+    http_url: str = ""
+    ready_line: str = ""
+    port: int = 0
+    http_port: int = 0
+
+    def start(self, timeout: float = 20.0) -> BrokerProcess:
+        """Start the broker (reusing the previous ports after the first start) and wait for the ready line."""
+        port_args = ["--port", str(self.port), "--http-port", str(self.http_port)]
+        cmd = [sys.executable, "-m", "broker", "--data-dir", str(self.data_dir), *port_args, *self.args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+        )
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("halfmq broker ready"):
+            err = self.proc.stderr.read() if self.proc.poll() is not None else ""
+            self.proc.kill()
+            raise RuntimeError(f"broker did not start: {line!r} {err}")
+        assert time.monotonic() < deadline
+        self.ready_line = line.strip()
+        parts = dict(p.split("=", 1) for p in self.ready_line.split()[3:])
+        self.address = parts["tcp"]
+        self.http_url = "http://" + parts["http"]
+        self.port = int(self.address.rsplit(":", 1)[1])
+        self.http_port = int(parts["http"].rsplit(":", 1)[1])
+        return self
+
+    def kill9(self) -> None:
+        """SIGKILL the broker and reap it."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM the broker; return its exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+        return self.proc.returncode
+
+    def restart(self) -> BrokerProcess:
+        """Stop (if running) and start again on the same ports and data directory."""
+        self.stop()
+        return self.start()
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path):
+    """Factory: ``broker_factory(*args, env={})`` starts a broker subprocess; all are stopped at teardown."""
+    started: list[BrokerProcess] = []
+
+    def make(*args: str, env: dict[str, str] | None = None, data_dir: Path | None = None) -> BrokerProcess:
+        b = BrokerProcess(data_dir or tmp_path / f"data{len(started)}", list(args), env or {})
+        started.append(b)
+        return b.start()
+
+    yield make
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def broker(broker_factory) -> BrokerProcess:
+    """One broker with short delays suited to tests."""
+    return broker_factory("--retry-delays", "200ms,400ms", "--ack-timeout", "2s",
+                          "--tx-timeout", "1s", "--tx-check-interval", "200ms")
+
+
+@pytest.fixture
+async def embedded_broker(tmp_path: Path) -> AsyncIterator[object]:
+    """An in-process ``Broker`` for tests that need to look inside."""
+    from broker import Broker, BrokerConfig
+
+    async with Broker(BrokerConfig(data_dir=str(tmp_path / "emb"), port=0, http_port=0)) as b:
+        yield b
