@@ -1,0 +1,231 @@
+"""The ``halfmq`` command: ``broker``, ``send``, ``consume``, ``admin``, ``demo``, ``bench``.
+
+How this works
+--------------
+``main()`` picks the sub-command from the first argument. ``halfmq broker`` parses every
+option of SPEC §2 (flags > ``HALFMQ_*`` env > TOML file), runs a ``Broker`` on uvloop,
+prints exactly one ready line on standard output when it serves, and stops gracefully on
+SIGTERM/SIGINT (exit status 0). The other sub-commands are small clients for trying
+things by hand; ``admin`` talks to the admin HTTP API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+__all__ = ["main", "broker_main"]
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but keep running without it
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def broker_main(argv: list[str]) -> int:
+    """Run the broker until SIGTERM/SIGINT; returns the exit status."""
+    from broker.config import ConfigError, load_config
+    from broker.server import Broker
+    from storage import DataDirLockedError
+
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"halfmq broker: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    _install_uvloop()
+
+    async def run() -> int:
+        broker = Broker(config)
+        try:
+            await broker.start()
+        except DataDirLockedError as exc:
+            print(f"halfmq broker: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"halfmq broker: cannot start: {exc}", file=sys.stderr)
+            return 1
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        host = config.host
+        sys.stdout.write(
+            f"halfmq broker ready tcp={host}:{broker.port} http={host}:{broker.http_port} data={broker.data_dir}\n"
+        )
+        sys.stdout.flush()
+        await stop.wait()
+        logging.getLogger("halfmq.broker").info("signal received, stopping")
+        await broker.stop()
+        return 0
+
+    return asyncio.run(run())
+
+
+def _send_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="halfmq send", description="Send one message and print where it was stored.")
+    p.add_argument("topic")
+    p.add_argument("body")
+    p.add_argument("--tags", default=None, help="one tag (default: none)")
+    p.add_argument("--keys", default="", help="comma-separated business keys")
+    p.add_argument("--address", default="127.0.0.1:7600", help="broker address (default 127.0.0.1:7600)")
+    a = p.parse_args(argv)
+    from producer_sdk import HalfMQError, Producer
+
+    async def run() -> int:
+        try:
+            async with Producer(a.address) as prod:
+                keys = [k for k in a.keys.split(",") if k]
+                r = await prod.send(a.topic, a.body, tags=a.tags, keys=keys)
+        except HalfMQError as exc:
+            print(f"halfmq send: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps({"msg_id": r.msg_id, "queue_id": r.queue_id, "queue_offset": r.queue_offset}))
+        return 0
+
+    return asyncio.run(run())
+
+
+def _consume_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="halfmq consume", description="Print each message of a topic and ack it.")
+    p.add_argument("topic")
+    p.add_argument("--group", required=True)
+    p.add_argument("--tags", default="*")
+    p.add_argument("--start", choices=["earliest", "latest"], default="earliest")
+    p.add_argument("--count", type=int, default=0, help="exit after this many messages (default: run until Ctrl-C)")
+    p.add_argument("--address", default="127.0.0.1:7600", help="broker address (default 127.0.0.1:7600)")
+    a = p.parse_args(argv)
+    from consumer_sdk import ConsumeResult, HalfMQError, PushConsumer
+
+    async def run() -> int:
+        done = asyncio.Event()
+        seen = 0
+
+        async def on_message(m: Any) -> ConsumeResult:
+            nonlocal seen
+            print(json.dumps({
+                "msg_id": m.msg_id, "topic": m.topic, "tags": m.tags, "keys": list(m.keys),
+                "properties": m.properties, "reconsume_times": m.reconsume_times,
+                "body": m.body.decode("utf-8", "replace"),
+            }), flush=True)
+            seen += 1
+            if a.count and seen >= a.count:
+                done.set()
+            return ConsumeResult.SUCCESS
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        try:
+            async with PushConsumer(a.address, group=a.group, topic=a.topic, tags=a.tags,
+                                    listener=on_message, start=a.start):
+                await done.wait()
+        except HalfMQError as exc:
+            print(f"halfmq consume: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    return asyncio.run(run())
+
+
+def _http(method: str, url: str) -> Any:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode("utf-8", "replace")
+        raise SystemExit(f"halfmq admin: HTTP {exc.code}: {body}") from None
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"halfmq admin: cannot reach {url}: {exc.reason}") from None
+
+
+def _admin_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="halfmq admin", description="Query the broker's admin HTTP API.")
+    p.add_argument("--http", default="http://127.0.0.1:7601", help="admin API base URL (default http://127.0.0.1:7601)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("topics", help="topics, queues, message counts")
+    sub.add_parser("groups", help="consumer groups: delivered, acked, in flight, retrying, dead, lag")
+    m = sub.add_parser("message", help="one message and its state in each group")
+    m.add_argument("msg_id")
+    k = sub.add_parser("find", help="messages of a topic carrying a key")
+    k.add_argument("topic")
+    k.add_argument("key")
+    r = sub.add_parser("resend", help="send a dead-lettered message back to its topic for a group")
+    r.add_argument("group")
+    r.add_argument("msg_id")
+    t = sub.add_parser("transactions", help="half messages by state")
+    t.add_argument("--state", default="prepared", choices=["prepared", "abandoned", "committed", "rolled_back"])
+    for verb in ("commit", "rollback"):
+        v = sub.add_parser(verb, help=f"{verb} a prepared transaction by hand")
+        v.add_argument("msg_id")
+    a = p.parse_args(argv)
+    base = a.http.rstrip("/")
+    if a.cmd == "topics":
+        out = _http("GET", f"{base}/api/topics")
+    elif a.cmd == "groups":
+        out = _http("GET", f"{base}/api/groups")
+    elif a.cmd == "message":
+        out = _http("GET", f"{base}/api/messages/{a.msg_id}")
+    elif a.cmd == "find":
+        from urllib.parse import urlencode
+
+        out = _http("GET", f"{base}/api/messages?" + urlencode({"topic": a.topic, "key": a.key}))
+    elif a.cmd == "resend":
+        out = _http("POST", f"{base}/api/dlq/{a.group}/messages/{a.msg_id}/resend")
+    elif a.cmd == "transactions":
+        out = _http("GET", f"{base}/api/transactions?state={a.state}")
+    else:
+        out = _http("POST", f"{base}/api/transactions/{a.msg_id}/{a.cmd}")
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``halfmq`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "broker": broker_main,
+        "send": _send_main,
+        "consume": _consume_main,
+        "admin": _admin_main,
+    }
+    try:
+        from examples.bank.demo import demo_main
+
+        commands["demo"] = demo_main
+    except ImportError:
+        pass
+    try:
+        from benchmarks.__main__ import bench_main
+
+        commands["bench"] = bench_main
+    except ImportError:
+        pass
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: halfmq {" + ",".join(commands) + "} [OPTIONS]\n\n"
+              "  broker    run the broker (halfmq broker --help for every option)\n"
+              "  send      send one message: halfmq send TOPIC BODY [--tags T] [--keys K,...]\n"
+              "  consume   print and ack messages: halfmq consume TOPIC --group G\n"
+              "  admin     query the admin API: topics | groups | message ID | resend GROUP ID | transactions\n"
+              "  demo      the bank transfer example with an embedded broker\n"
+              "  bench     the benchmark harness", file=sys.stderr if argv else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    return commands[argv[0]](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

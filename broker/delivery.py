@@ -1,0 +1,470 @@
+"""Delivery core: which message goes to which member of a consumer group, leases, retries, DLQ.
+
+How this works
+--------------
+One ``GroupDelivery`` per consumer group. It does no I/O of its own: it reads queue
+indexes and records through a ``QueueReader`` (the store in the broker, a dict in tests),
+takes the current time as an argument, and *returns* what the shell must do — deliveries
+to send and records to append.
+
+- **Cursors.** For every queue the group consumes (the topic's queues and the group's
+  retry queues) a ``QueueCursor`` keeps ``next_offset`` (the next entry to read) and the
+  set of offsets still in flight. The group's committed offset for that queue is the
+  lowest offset in flight, or ``next_offset`` when none is: everything below it is done.
+  The shell persists committed offsets every second and at shutdown; after a crash the
+  group restarts from them, so only the last window's acks may be redelivered (C8).
+- **Clustering.** Members of the group share the queues: ``poll`` hands the next entries
+  to members that have room (``prefetch`` leases each), round-robin, so a message is
+  leased to one member at a time (C2).
+- **Leases.** A delivery is a lease with a deadline (``ack_timeout``). ``ack(ok=True)``
+  finishes it. ``ack(ok=False)``, or a lease that expires (``expire``), is a failed
+  attempt: the core returns a retry record for ``%RETRY%<group>`` (or, when the
+  delivery was the last allowed, a dead-letter record for ``%DLQ%<group>``) and the
+  offset stays in flight until the shell reports the record durable (``record_durable``).
+- **Retry queues.** ``%RETRY%<group>`` has one queue per delay level: queue ``n`` holds
+  retries after the ``n``-th failure and waits ``retry_delays[n]``; the last queue
+  (``len(retry_delays)``) holds expired leases and waits nothing (the ack timeout already
+  waited). Within a queue entries are in store order and share one delay, so the head is
+  always the next one due: no timer per message, and retries survive a restart because
+  they are ordinary log records.
+- **Dead letters.** The DLQ record's index entry points at the original message record,
+  so the body is not copied; it is delivered from ``%DLQ%<group>`` with property
+  ``ORIGIN_TOPIC``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from broker.lifecycle import DeliveryEvent, DeliveryState, DELIVERY_TRANSITIONS, transition
+from protocol.names import dlq_topic
+from storage import IndexEntry, IndexTarget, NewRecord, Record
+
+__all__ = [
+    "RETRY_PREFIX",
+    "RT_MSG",
+    "RT_HALF",
+    "RT_TX_OP",
+    "RT_RETRY",
+    "RT_DLQ",
+    "QueueReader",
+    "Delivery",
+    "GroupDelivery",
+    "PendingRecord",
+    "retry_topic",
+    "parse_tags",
+    "tag_hash",
+]
+
+# Record types of the broker's log records.
+RT_MSG = 1  # a normal message: header t,g,k,p,b,e ; body
+RT_HALF = 2  # a half message: same header + pg (producer group), pc (producer id), q (queue)
+RT_TX_OP = 3  # a transaction outcome: id, s ("C" | "R" | "A"), hp (half pos)
+RT_RETRY = 4  # a retry: id, rp (message pos), rt (reconsume times), ot, oq, oo, g
+RT_DLQ = 5  # a dead letter: id, rp, g, ot, oq, oo, rt ; indexed by ref into %DLQ%<group>
+RT_COMMIT_REF = 6  # carrier of the index entry that makes a committed half message visible
+
+RETRY_PREFIX = "%RETRY%"
+
+
+def retry_topic(group: str) -> str:
+    """The retry topic of a group: ``%RETRY%<group>``."""
+    return RETRY_PREFIX + group
+
+
+def tag_hash(tag: str | None) -> int:
+    """The 32-bit hash stored in queue-index entries for tag filtering (0: no tag)."""
+    if not tag:
+        return 0
+    import zlib
+
+    return zlib.crc32(tag.encode()) or 1
+
+
+def parse_tags(expr: str | None) -> frozenset[str] | None:
+    """``"*"``/empty -> None (all); ``"A || B"`` -> {"A", "B"}."""
+    if expr is None:
+        return None
+    expr = expr.strip()
+    if expr in ("", "*"):
+        return None
+    tags = frozenset(t.strip() for t in expr.split("||") if t.strip())
+    return tags or None
+
+
+class QueueReader(Protocol):
+    """What the core needs from storage."""
+
+    def read_queue(self, topic: str, queue_id: int, offset: int, max_count: int) -> list[tuple[int, IndexEntry]]: ...
+
+    def queue_end(self, topic: str, queue_id: int) -> int: ...
+
+    def queue_start(self, topic: str, queue_id: int) -> int: ...
+
+    def read(self, pos: int) -> Record: ...
+
+
+@dataclass(slots=True)
+class QueueCursor:
+    """Progress of a group on one queue."""
+
+    next_offset: int
+    inflight: set[int] = field(default_factory=set)
+
+    @property
+    def committed(self) -> int:
+        """Everything below this offset is done for the group."""
+        return min(self.inflight) if self.inflight else self.next_offset
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One lease: a message handed to a member, until ack, failure or expiry."""
+
+    token: int
+    member: str
+    qkey: tuple[str, int]
+    offset: int
+    msg_pos: int
+    msg_id: str
+    topic: str
+    origin_queue: int
+    origin_offset: int
+    reconsume_times: int
+    deadline: float
+    tag_hash: int
+    state: DeliveryState = DeliveryState.LEASED
+
+
+@dataclass(slots=True)
+class Member:
+    """A subscribed consumer connection."""
+
+    member_id: str
+    topic: str
+    tags: frozenset[str] | None
+    prefetch: int
+    max_reconsume_times: int
+    leases: dict[int, Delivery] = field(default_factory=dict)
+    active: bool = True
+
+
+@dataclass(slots=True)
+class PendingRecord:
+    """A record the shell must append; when durable, call ``record_durable(qkey, offset)``."""
+
+    record: NewRecord
+    qkey: tuple[str, int]
+    offset: int
+    dead_letter: bool
+
+
+# A function that turns (record read, delivery metadata) into a wire message list.
+MessageBuilder = Callable[[Record, str, int, int, int, str | None], list[Any]]
+
+
+class GroupDelivery:
+    """Delivery state of one consumer group (see the module docstring)."""
+
+    def __init__(
+        self,
+        group: str,
+        reader: QueueReader,
+        *,
+        queue_counts: Callable[[str], int],
+        retry_delays: tuple[float, ...],
+        ack_timeout: float,
+        offsets: dict[tuple[str, int], int] | None = None,
+    ) -> None:
+        self.group = group
+        self.reader = reader
+        self.queue_counts = queue_counts
+        self.retry_delays = tuple(retry_delays)
+        self.ack_timeout = ack_timeout
+        self.retry_topic = retry_topic(group)
+        self.cursors: dict[tuple[str, int], QueueCursor] = {}
+        self._saved = dict(offsets or {})
+        self.members: dict[str, Member] = {}
+        self.leases: dict[int, Delivery] = {}
+        self._expiry: list[tuple[float, int]] = []
+        self._tokens = itertools.count(1)
+        self._rr = 0
+        self.tags: frozenset[str] | None = None
+        self.stats = {"delivered": 0, "acked": 0, "failed": 0, "expired": 0, "dead_lettered": 0}
+        for level in range(len(self.retry_delays) + 1):
+            self._cursor((self.retry_topic, level), start="earliest")
+
+    # -- membership -------------------------------------------------------------------
+
+    @property
+    def known(self) -> bool:
+        """True once the group has stored offsets (so its start position is decided)."""
+        return bool(self._saved) or any(k[0] != self.retry_topic for k in self.cursors)
+
+    def subscribe(
+        self,
+        member_id: str,
+        topic: str,
+        *,
+        tags: str | None,
+        prefetch: int,
+        max_reconsume_times: int,
+        start: str = "earliest",
+    ) -> None:
+        """Add a member consuming ``topic``; a new group starts per ``start`` (C7)."""
+        self.members[member_id] = Member(
+            member_id, topic, parse_tags(tags), max(1, prefetch), max(0, max_reconsume_times)
+        )
+        self.tags = parse_tags(tags)
+        self.ensure_topic(topic, start=start)
+
+    def ensure_topic(self, topic: str, *, start: str = "earliest") -> None:
+        """Make sure every queue of ``topic`` has a cursor (topics may grow)."""
+        for qid in range(self.queue_counts(topic)):
+            self._cursor((topic, qid), start=start)
+
+    def _cursor(self, qkey: tuple[str, int], *, start: str = "earliest") -> QueueCursor:
+        cur = self.cursors.get(qkey)
+        if cur is None:
+            saved = self._saved.get(qkey)
+            if saved is not None:
+                off = max(saved, self.reader.queue_start(*qkey))
+            elif start == "latest":
+                off = self.reader.queue_end(*qkey)
+            else:
+                off = self.reader.queue_start(*qkey)
+            cur = self.cursors[qkey] = QueueCursor(off)
+        return cur
+
+    def unsubscribe(self, member_id: str) -> None:
+        """Stop new deliveries to a member; its leases stay until acked or expired."""
+        m = self.members.get(member_id)
+        if m is not None:
+            m.active = False
+
+    def member_gone(self, member_id: str) -> None:
+        """The member's connection closed: no more deliveries; its leases expire normally (C5)."""
+        m = self.members.pop(member_id, None)
+        if m is not None:
+            m.active = False
+
+    def topics(self) -> set[str]:
+        """Topics this group consumes (from its cursors)."""
+        return {k[0] for k in self.cursors if k[0] != self.retry_topic}
+
+    # -- delivering -------------------------------------------------------------------
+
+    def poll(self, now: float, build: MessageBuilder) -> tuple[list[tuple[str, int, list[Any]]], float | None]:
+        """Lease due messages to members with room.
+
+        Returns ``(deliveries, wake_at)``: ``deliveries`` are ``(member_id, token, wire)``;
+        ``wake_at`` is when the next retry becomes due (None if none is waiting).
+        """
+        out: list[tuple[str, int, list[Any]]] = []
+        members = [m for m in self.members.values() if m.active and len(m.leases) < m.prefetch]
+        if not members:
+            return out, None
+        by_topic: dict[str, list[Member]] = {}
+        for m in members:
+            by_topic.setdefault(m.topic, []).append(m)
+        wake_at = self._poll_retries(now, by_topic, build, out)
+        for topic, tmembers in by_topic.items():
+            self._poll_topic(topic, now, tmembers, build, out)
+        return out, wake_at
+
+    def _pick(self, members: list[Member]) -> Member | None:
+        n = len(members)
+        for i in range(n):
+            m = members[(self._rr + i) % n]
+            if len(m.leases) < m.prefetch:
+                self._rr = (self._rr + i + 1) % max(n, 1)
+                return m
+        return None
+
+    def _room(self, members: list[Member]) -> int:
+        return sum(m.prefetch - len(m.leases) for m in members)
+
+    def _poll_topic(self, topic: str, now: float, members: list[Member], build: MessageBuilder, out: list) -> None:
+        nq = self.queue_counts(topic)
+        reader = self.reader
+        tags = self.tags
+        progressed = True
+        while progressed:
+            progressed = False
+            for qid in range(nq):
+                room = self._room(members)
+                if room <= 0:
+                    return
+                cur = self._cursor((topic, qid))
+                if cur.next_offset >= reader.queue_end(topic, qid):
+                    continue
+                per_queue = max(1, min(room, 256) // nq or 1)
+                entries = reader.read_queue(topic, qid, cur.next_offset, per_queue)
+                for off, entry in entries:
+                    cur.next_offset = off + 1
+                    rec = reader.read(entry.pos)
+                    if tags is not None and rec.header.get("g") not in tags:
+                        continue  # filtered out: done for this group (C6)
+                    m = self._pick(members)
+                    assert m is not None
+                    out.append(self._lease(m, (topic, qid), off, rec, now, 0, topic, qid, off, entry.tag_hash, build, topic))
+                    progressed = True
+                    if self._room(members) <= 0:
+                        return
+
+    def _poll_retries(self, now: float, by_topic: dict[str, list[Member]], build: MessageBuilder, out: list) -> float | None:
+        wake_at: float | None = None
+        reader = self.reader
+        rt = self.retry_topic
+        for level in range(len(self.retry_delays) + 1):
+            delay = self.retry_delays[level] if level < len(self.retry_delays) else 0.0
+            cur = self._cursor((rt, level))
+            end = reader.queue_end(rt, level)
+            while cur.next_offset < end:
+                entries = reader.read_queue(rt, level, cur.next_offset, 64)
+                if not entries:
+                    break
+                stop = False
+                for off, entry in entries:
+                    due = entry.store_time / 1000.0 + delay
+                    if due > now:
+                        wake_at = due if wake_at is None else min(wake_at, due)
+                        stop = True
+                        break
+                    rec = reader.read(entry.pos)
+                    h = rec.header
+                    topic = h["ot"]
+                    tmembers = by_topic.get(topic)
+                    if not tmembers or self._room(tmembers) <= 0:
+                        stop = True
+                        break
+                    cur.next_offset = off + 1
+                    msg = reader.read(h["rp"])
+                    m = self._pick(tmembers)
+                    assert m is not None
+                    out.append(
+                        self._lease(m, (rt, level), off, msg, now, h["rt"], topic, h["oq"], h["oo"], entry.tag_hash, build, topic)
+                    )
+                if stop:
+                    break
+        return wake_at
+
+    def _lease(
+        self, m: Member, qkey: tuple[str, int], off: int, rec: Record, now: float, reconsume: int,
+        topic: str, oq: int, oo: int, th: int, build: MessageBuilder, deliver_topic: str,
+    ) -> tuple[str, int, list[Any]]:
+        token = next(self._tokens)
+        wire = build(rec, deliver_topic, oq, oo, reconsume, None)
+        d = Delivery(token, m.member_id, qkey, off, rec.pos, wire[0], topic, oq, oo, reconsume, now + self.ack_timeout, th)
+        self.cursors[qkey].inflight.add(off)
+        m.leases[token] = d
+        self.leases[token] = d
+        heapq.heappush(self._expiry, (d.deadline, token))
+        self.stats["delivered"] += 1
+        return m.member_id, token, wire
+
+    # -- outcomes ---------------------------------------------------------------------
+
+    def ack(self, member_id: str, token: int, ok: bool, now: float) -> PendingRecord | None:
+        """A member's result for a delivery. Unknown or expired tokens are ignored (None)."""
+        d = self.leases.get(token)
+        if d is None or d.member != member_id:
+            return None
+        self._release(d)
+        if ok:
+            d.state = transition(DELIVERY_TRANSITIONS, d.state, DeliveryEvent.ACK)
+            self.stats["acked"] += 1
+            self.cursors[d.qkey].inflight.discard(d.offset)
+            return None
+        self.stats["failed"] += 1
+        return self._fail(d, expired=False)
+
+    def expire(self, now: float) -> list[PendingRecord]:
+        """Leases past their deadline count as failed attempts (C5)."""
+        out: list[PendingRecord] = []
+        exp = self._expiry
+        while exp and exp[0][0] <= now:
+            _, token = heapq.heappop(exp)
+            d = self.leases.get(token)
+            if d is None:
+                continue
+            self._release(d)
+            self.stats["expired"] += 1
+            out.append(self._fail(d, expired=True))
+        return out
+
+    def next_expiry(self) -> float | None:
+        """Deadline of the earliest live lease."""
+        exp = self._expiry
+        while exp and exp[0][1] not in self.leases:
+            heapq.heappop(exp)
+        return exp[0][0] if exp else None
+
+    def _release(self, d: Delivery) -> None:
+        self.leases.pop(d.token, None)
+        m = self.members.get(d.member)
+        if m is not None:
+            m.leases.pop(d.token, None)
+
+    def _max_reconsume(self, d: Delivery) -> int:
+        m = self.members.get(d.member)
+        if m is not None:
+            return m.max_reconsume_times
+        for other in self.members.values():
+            if other.topic == d.topic:
+                return other.max_reconsume_times
+        return 16
+
+    def _fail(self, d: Delivery, *, expired: bool) -> PendingRecord:
+        event = DeliveryEvent.EXPIRE if expired else DeliveryEvent.FAIL
+        header = {
+            "id": d.msg_id,
+            "rp": d.msg_pos,
+            "rt": d.reconsume_times + 1,
+            "ot": d.topic,
+            "oq": d.origin_queue,
+            "oo": d.origin_offset,
+            "g": self.group,
+        }
+        if d.reconsume_times >= self._max_reconsume(d):
+            d.state = transition(DELIVERY_TRANSITIONS, d.state, DeliveryEvent.DEAD_LETTER)
+            self.stats["dead_lettered"] += 1
+            header["rt"] = d.reconsume_times
+            rec = NewRecord(RT_DLQ, header, b"", IndexTarget(dlq_topic(self.group), 0, d.tag_hash, ref_pos=d.msg_pos))
+            return PendingRecord(rec, d.qkey, d.offset, True)
+        d.state = transition(DELIVERY_TRANSITIONS, d.state, event)
+        level = len(self.retry_delays) if expired else min(d.reconsume_times, len(self.retry_delays) - 1)
+        rec = NewRecord(RT_RETRY, header, b"", IndexTarget(self.retry_topic, level, d.tag_hash))
+        return PendingRecord(rec, d.qkey, d.offset, False)
+
+    def record_durable(self, qkey: tuple[str, int], offset: int) -> None:
+        """The retry/DLQ record for a failed delivery is stored: its source offset is done."""
+        cur = self.cursors.get(qkey)
+        if cur is not None:
+            cur.inflight.discard(offset)
+
+    # -- state for persistence and the admin API --------------------------------------
+
+    def committed_offsets(self) -> dict[tuple[str, int], int]:
+        """Committed offset of every queue (to persist)."""
+        return {k: c.committed for k, c in self.cursors.items()}
+
+    def lag(self) -> int:
+        """Messages of the consumed topics not yet done by the group."""
+        return sum(
+            max(0, self.reader.queue_end(*k) - c.committed) for k, c in self.cursors.items() if k[0] != self.retry_topic
+        )
+
+    def waiting_retry(self) -> int:
+        """Retry entries not yet redelivered."""
+        return sum(
+            max(0, self.reader.queue_end(*k) - c.next_offset) for k, c in self.cursors.items() if k[0] == self.retry_topic
+        )
+
+    def lease_of(self, msg_id: str) -> Iterable[Delivery]:
+        """Live leases of a message (admin API)."""
+        return [d for d in self.leases.values() if d.msg_id == msg_id]

@@ -1,0 +1,702 @@
+"""The broker shell: sockets, timers and the store around the cores.
+
+How this works
+--------------
+``Broker`` opens the ``MessageStore`` (which recovers the log), rebuilds the transaction
+table from the ``%HALF%`` and ``%OP%`` queues, loads consumer offsets, and listens on the
+native port (``ClientConnection`` per client) and the admin HTTP port.
+
+- **Sends** are validated, turned into log records and appended in one ``store.append``
+  per SEND frame; the reply goes out from the append future's callback (after the fsync
+  in ``--flush sync``), with no task per message.
+- **Transactions**: a half message is an ``RT_HALF`` record indexed in ``%HALF%``; its
+  state lives in ``HalfMessageTable`` (the core in ``broker.transactions``). COMMIT appends
+  an outcome record to ``%OP%`` plus an index entry in the real topic that points at the
+  stored half record — the body is never written twice. A timer asks producers about old
+  PREPARED ones (check-back) on their own connections.
+- **Deliveries** are decided by one ``GroupDelivery`` per consumer group (``broker.delivery``);
+  the shell runs ``poll`` when something changed (new records, acks, a tick), sends
+  DELIVER frames, appends the retry / dead-letter records it returns, and persists
+  committed offsets every second and at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from broker.config import BrokerConfig
+from broker.connection import ClientConnection
+from broker.delivery import (
+    RT_COMMIT_REF,
+    RT_HALF,
+    RT_MSG,
+    RT_RETRY,
+    RT_TX_OP,
+    GroupDelivery,
+    retry_topic,
+    tag_hash,
+)
+from broker.lifecycle import TxState
+from broker.transactions import HalfMessageTable
+from protocol import (
+    DLQ_PREFIX,
+    FRAME_OVERHEAD,
+    PROTOCOL_VERSION,
+    BadRequestError,
+    MessageTooLargeError,
+    Op,
+    TopicNotFoundError,
+    TransactionStateError,
+    validate_name,
+    validate_send_topic,
+    validate_subscribe_topic,
+)
+from protocol.errors import HalfMQError
+from storage import IndexTarget, MessageStore, NewRecord, Record
+
+__all__ = ["Broker", "make_msg_id", "parse_msg_id", "HALF_TOPIC", "OP_TOPIC"]
+
+log = logging.getLogger("halfmq.broker")
+
+HALF_TOPIC = "%HALF%"
+OP_TOPIC = "%OP%"
+_OUTCOME_CODES = {TxState.COMMITTED: "C", TxState.ROLLED_BACK: "R", TxState.ABANDONED: "A"}
+_CODE_OUTCOMES = {v: k for k, v in _OUTCOME_CODES.items()}
+_REPLY_STATES = {TxState.COMMITTED: "COMMITTED", TxState.ROLLED_BACK: "ROLLED_BACK", TxState.ABANDONED: "ABANDONED"}
+
+
+def make_msg_id(epoch: int, pos: int) -> str:
+    """A message id: the store epoch and the log position of the record, in hex."""
+    return f"{epoch:08X}{pos:016X}"
+
+
+def parse_msg_id(msg_id: str) -> int:
+    """The log position encoded in a message id; ``ValueError`` if malformed."""
+    if not isinstance(msg_id, str) or len(msg_id) != 24:
+        raise ValueError(f"malformed message id {msg_id!r}")
+    return int(msg_id[8:], 16)
+
+
+def record_msg_id(rec: Record) -> str:
+    """The id of the message stored in ``rec`` (an RT_MSG or RT_HALF record)."""
+    h = rec.header
+    return h.get("id") or make_msg_id(h["e"], rec.pos)
+
+
+def build_wire(rec: Record, topic: str, qid: int, off: int, reconsume: int, _unused: Any = None) -> list[Any]:
+    """The wire form of the message in ``rec`` as delivered from ``topic``."""
+    h = rec.header
+    props = h["p"]
+    if topic != h["t"]:
+        props = {**props, "ORIGIN_TOPIC": h["t"]}
+    msg_id = h.get("id") or make_msg_id(h["e"], rec.pos)
+    return [msg_id, topic, rec.body, h["g"], h["k"], props, h["b"], rec.store_time, qid, off, reconsume]
+
+
+class Broker:
+    """A halfmq broker; ``async with Broker(BrokerConfig(...)) as b`` runs it in this loop."""
+
+    def __init__(self, config: BrokerConfig | None = None) -> None:
+        self.config = config or BrokerConfig()
+        self.store: MessageStore | None = None
+        self.topics: dict[str, int] = {}
+        self.groups: dict[str, GroupDelivery] = {}
+        self.tx = HalfMessageTable(
+            tx_timeout=self.config.tx_timeout,
+            tx_check_interval=self.config.tx_check_interval,
+            tx_check_max=self.config.tx_check_max,
+        )
+        self.connections: set[ClientConnection] = set()
+        self.producers_by_id: dict[str, ClientConnection] = {}
+        self.producers_by_group: dict[str, set[ClientConnection]] = defaultdict(set)
+        self._saved_offsets: dict[str, dict[tuple[str, int], int]] = {}
+        self._rr: dict[str, int] = defaultdict(int)
+        self._server: asyncio.AbstractServer | None = None
+        self._http: Any = None
+        self._tasks: list[asyncio.Task] = []
+        self._dispatch_scheduled = False
+        self._conn_seq = 0
+        self._stopping = False
+        self.address = ""
+        self.http_url = ""
+        self.port = 0
+        self.http_port = 0
+        self.data_dir = str(Path(self.config.data_dir).resolve())
+        self.broker_id = uuid.uuid4().hex[:12]
+        self.stats = {"sent": 0, "connections": 0}
+        self._last_saved: dict[str, list] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Broker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Open the store, recover, and start listening. Raises ``DataDirLockedError`` if locked."""
+        cfg = self.config
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.store = await MessageStore.open(
+            self.data_dir,
+            segment_size=cfg.segment_size,
+            flush=cfg.flush,
+            flush_interval=cfg.flush_interval,
+            retention=cfg.retention,
+        )
+        try:
+            await self._recover()
+            self.store.set_retention_guard(self._retention_guard)
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(
+                lambda: ClientConnection(self, cfg.max_message_size + FRAME_OVERHEAD),
+                cfg.host,
+                cfg.port,
+                reuse_address=True,
+            )
+            sock = self._server.sockets[0].getsockname()
+            self.port = sock[1]
+            self.address = f"{cfg.host}:{self.port}"
+            from broker.admin_http import start_admin_http
+
+            self._http, self.http_port = await start_admin_http(self, cfg.host, cfg.http_port)
+            self.http_url = f"http://{cfg.host}:{self.http_port}"
+            self._tasks = [
+                asyncio.create_task(self._tick_loop(), name="halfmq-tick"),
+                asyncio.create_task(self._tx_check_loop(), name="halfmq-tx-check"),
+                asyncio.create_task(self._checkpoint_loop(), name="halfmq-checkpoint"),
+            ]
+        except BaseException:
+            await self.store.close()
+            raise
+        log.info("broker started tcp=%s http=%s data=%s flush=%s", self.address, self.http_url, self.data_dir, cfg.flush)
+
+    async def stop(self) -> None:
+        """Graceful stop: no new connections, writes finished and fsynced, progress persisted."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        for c in list(self.connections):
+            c.close()
+        if self._http is not None:
+            await self._http.cleanup()
+        if self.store is not None:
+            await self.store.flush()
+            await self._persist_offsets()
+            await self.store.close()
+        log.info("broker stopped")
+
+    async def _recover(self) -> None:
+        store = self.store
+        assert store is not None
+        md = store.metadata
+        self.topics = dict(await md.get_topics())
+        for key, value in (await md.items("off/")).items():
+            group = key[4:]
+            self._saved_offsets[group] = {(t, q): o for t, q, o in value}
+        # transactions: outcomes first, then halves
+        outcomes: dict[str, tuple[TxState, float]] = {}
+        end = store.queue_end(OP_TOPIC, 0)
+        off = store.queue_start(OP_TOPIC, 0)
+        while off < end:
+            for o, rec in store.read_queue_records(OP_TOPIC, 0, off, 1024):
+                off = o + 1
+                outcomes[rec.header["id"]] = (_CODE_OUTCOMES[rec.header["s"]], rec.store_time / 1000.0)
+        end = store.queue_end(HALF_TOPIC, 0)
+        off = store.queue_start(HALF_TOPIC, 0)
+        n_prepared = 0
+        while off < end:
+            for o, rec in store.read_queue_records(HALF_TOPIC, 0, off, 1024):
+                off = o + 1
+                h = rec.header
+                msg_id = record_msg_id(rec)
+                self.tx.replay_prepared(
+                    msg_id, topic=h["t"], group=h["pg"], producer_id=h["pc"], keys=tuple(h["k"]),
+                    pos=rec.pos, prepared_at=rec.store_time / 1000.0,
+                )
+                if msg_id in outcomes:
+                    state, at = outcomes[msg_id]
+                    self.tx.replay_outcome(msg_id, state, at)
+                else:
+                    n_prepared += 1
+        self.tx.after_replay(time.time())
+        for group in self._saved_offsets:
+            self._group(group)
+        if n_prepared:
+            log.info("recovered %d unresolved half messages", n_prepared)
+
+    def _retention_guard(self) -> int:
+        assert self.store is not None
+        low = self.store.end_pos
+        p = self.tx.min_pending_pos()
+        if p is not None:
+            low = min(low, p)
+        for gd in self.groups.values():
+            for (topic, qid), off in gd.committed_offsets().items():
+                entries = self.store.read_queue(topic, qid, off, 1)
+                if entries:
+                    low = min(low, entries[0][1].pos)
+                    if topic.startswith("%RETRY%"):
+                        rec = self.store.read(entries[0][1].pos)
+                        low = min(low, rec.header.get("rp", low))
+        return low
+
+    # -- topics and groups ------------------------------------------------------------
+
+    def queue_count(self, topic: str) -> int:
+        """Queues of a topic (system topics included); 0 if it does not exist."""
+        n = self.topics.get(topic)
+        if n is not None:
+            return n
+        if topic.startswith(DLQ_PREFIX) or topic in (HALF_TOPIC, OP_TOPIC):
+            return 1
+        if topic.startswith("%RETRY%"):
+            return len(self.config.retry_delays) + 1
+        return 0
+
+    def _ensure_topic(self, topic: str) -> int:
+        n = self.topics.get(topic)
+        if n is not None:
+            return n
+        if not self.config.auto_create_topics:
+            raise TopicNotFoundError(f"topic {topic!r} does not exist and auto-create is off")
+        n = self.topics[topic] = self.config.default_queues
+        assert self.store is not None
+        asyncio.get_running_loop().create_task(self.store.metadata.put_topic(topic, n))
+        log.info("created topic %s with %d queues", topic, n)
+        for gd in self.groups.values():
+            if topic in gd.topics():
+                gd.ensure_topic(topic)
+        return n
+
+    def _group(self, group: str) -> GroupDelivery:
+        gd = self.groups.get(group)
+        if gd is None:
+            assert self.store is not None
+            gd = self.groups[group] = GroupDelivery(
+                group,
+                self.store,
+                queue_counts=self.queue_count,
+                retry_delays=tuple(self.config.retry_delays),
+                ack_timeout=self.config.ack_timeout,
+                offsets=self._saved_offsets.get(group),
+            )
+            saved = self._saved_offsets.get(group) or {}
+            for t in {k[0] for k in saved}:
+                if not t.startswith("%RETRY%"):
+                    gd.ensure_topic(t)
+        return gd
+
+    # -- connections ------------------------------------------------------------------
+
+    def connection_opened(self, conn: ClientConnection) -> None:
+        """Called by a new connection."""
+        if self._stopping:
+            conn.close()
+            return
+        self._conn_seq += 1
+        conn.conn_id = f"c{self._conn_seq}"
+        self.connections.add(conn)
+        self.stats["connections"] += 1
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        """Called when a connection is gone: its subscription ends, its leases expire later."""
+        self.connections.discard(conn)
+        if conn.client_id and self.producers_by_id.get(conn.client_id) is conn:
+            del self.producers_by_id[conn.client_id]
+        if conn.group:
+            self.producers_by_group.get(conn.group, set()).discard(conn)
+        if conn.subscription is not None:
+            gd = self.groups.get(conn.subscription[0])
+            if gd is not None:
+                gd.member_gone(conn.conn_id)
+        log.debug("connection %s (%s) closed", conn.peer, conn.client_id)
+
+    def handle_frame(self, conn: ClientConnection, op: int, rid: int, p: Any) -> None:
+        """Dispatch one request frame (raises HalfMQError for the client)."""
+        if op == Op.SEND:
+            self._on_send(conn, rid, p)
+        elif op == Op.ACK:
+            self._on_ack(conn, rid, p)
+        elif op == Op.HELLO:
+            self._on_hello(conn, rid, p)
+        elif conn.client_id is None:
+            raise BadRequestError("the first frame must be HELLO")
+        elif op == Op.END_TX:
+            self._on_end_tx(conn, rid, p)
+        elif op == Op.SUBSCRIBE:
+            self._on_subscribe(conn, rid, p)
+        elif op == Op.UNSUBSCRIBE:
+            if conn.subscription is not None:
+                self._group(conn.subscription[0]).unsubscribe(conn.conn_id)
+            conn.reply(rid, {})
+        elif op == Op.PING:
+            conn.reply(rid, {})
+        else:
+            raise BadRequestError(f"unknown operation {op}")
+
+    def _on_hello(self, conn: ClientConnection, rid: int, p: dict) -> None:
+        if p.get("version") != PROTOCOL_VERSION:
+            raise BadRequestError(f"unsupported protocol version {p.get('version')!r}; this broker speaks {PROTOCOL_VERSION}")
+        client_id = p.get("client_id")
+        if not isinstance(client_id, str) or not client_id or len(client_id) > 256:
+            raise BadRequestError("client_id must be a non-empty string")
+        role = p.get("role")
+        if role not in ("producer", "consumer"):
+            raise BadRequestError("role must be 'producer' or 'consumer'")
+        group = p.get("group")
+        if group is not None:
+            validate_name(group, "group")
+        conn.client_id, conn.role, conn.group = client_id, role, group
+        if role == "producer":
+            self.producers_by_id[client_id] = conn
+            if group:
+                self.producers_by_group[group].add(conn)
+        conn.reply(rid, {"version": PROTOCOL_VERSION, "max_message_size": self.config.max_message_size})
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _on_send(self, conn: ClientConnection, rid: int, p: dict) -> None:
+        if conn.client_id is None:
+            raise BadRequestError("the first frame must be HELLO")
+        topic = p["topic"]
+        msgs = p["msgs"]
+        half = bool(p.get("half", False))
+        validate_send_topic(topic)
+        if type(msgs) is not list or not msgs:
+            raise BadRequestError("msgs must be a non-empty list")
+        if half and not conn.group:
+            raise BadRequestError("half messages need a producer group in the handshake")
+        nq = self._ensure_topic(topic)
+        store = self.store
+        assert store is not None
+        epoch = store.epoch
+        limit = self.config.max_message_size
+        records = []
+        qids = []
+        rr = self._rr[topic]
+        for m in msgs:
+            body, tags, keys, props, born = m
+            if type(body) is not bytes:
+                raise BadRequestError("body must be bytes")
+            if len(body) > limit:
+                raise MessageTooLargeError(f"body of {len(body)} bytes exceeds --max-message-size {limit}")
+            if tags is not None and type(tags) is not str:
+                raise BadRequestError("tags must be a string or nil")
+            if type(keys) is not list or any(type(k) is not str for k in keys):
+                raise BadRequestError("keys must be a list of strings")
+            if type(props) is not dict or any(type(k) is not str or type(v) is not str for k, v in props.items()):
+                raise BadRequestError("properties must map strings to strings")
+            if type(born) is not int:
+                raise BadRequestError("born timestamp must be an integer")
+            qid = rr % nq
+            rr += 1
+            header = {"t": topic, "g": tags, "k": keys, "p": props, "b": born, "e": epoch}
+            if half:
+                header["pg"] = conn.group
+                header["pc"] = conn.client_id
+                header["q"] = qid
+                records.append(NewRecord(RT_HALF, header, body, IndexTarget(HALF_TOPIC, 0)))
+            else:
+                records.append(NewRecord(RT_MSG, header, body, IndexTarget(topic, qid, tag_hash(tags))))
+            qids.append(qid)
+        self._rr[topic] = rr
+        stored, fut = store.append(records)
+        if half:
+            now = time.time()
+            result = []
+            for s, qid, m in zip(stored, qids, msgs, strict=True):
+                msg_id = make_msg_id(epoch, s.pos)
+                self.tx.add(msg_id, topic=topic, group=conn.group, producer_id=conn.client_id,
+                            keys=tuple(m[2]), pos=s.pos, now=now)
+                result.append([msg_id, qid, -1])
+        else:
+            result = [[make_msg_id(epoch, s.pos), qid, s.queue_offset] for s, qid in zip(stored, qids, strict=True)]
+        self.stats["sent"] += len(records)
+        reply = {"r": result}
+
+        def done(f: asyncio.Future) -> None:
+            exc = f.exception()
+            if exc is not None:
+                conn.error(rid, HalfMQError(f"store failed: {exc}"))
+                return
+            conn.reply(rid, reply)
+            if not half:
+                self.schedule_dispatch()
+
+        fut.add_done_callback(done)
+
+    # -- transactions -----------------------------------------------------------------
+
+    def _on_end_tx(self, conn: ClientConnection, rid: int, p: dict) -> None:
+        msg_id = p["msg_id"]
+        outcome = p["outcome"]
+        if outcome not in ("COMMIT", "ROLLBACK"):
+            raise BadRequestError("outcome must be COMMIT or ROLLBACK")
+        if not isinstance(msg_id, str):
+            raise BadRequestError("msg_id must be a string")
+        state = TxState.COMMITTED if outcome == "COMMIT" else TxState.ROLLED_BACK
+        fut = self.resolve_transaction(msg_id, state)
+        reply = {"state": _REPLY_STATES[state]}
+        if fut is None:
+            conn.reply(rid, reply)
+        else:
+            fut.add_done_callback(lambda f: conn.reply(rid, reply) if f.exception() is None
+                                  else conn.error(rid, HalfMQError(f"store failed: {f.exception()}")))
+
+    def resolve_transaction(self, msg_id: str, state: TxState) -> asyncio.Future | None:
+        """Record an outcome once (T6). Returns the append future, or None if nothing changed.
+
+        Raises ``TransactionStateError`` for an unknown id or a conflicting outcome.
+        """
+        recorded, changed = self.tx.resolve(msg_id, state, time.time())
+        if not changed:
+            return None
+        return self._append_outcome(msg_id, recorded)
+
+    def _append_outcome(self, msg_id: str, state: TxState) -> asyncio.Future:
+        hm = self.tx.get(msg_id)
+        assert hm is not None and self.store is not None
+        records = [NewRecord(RT_TX_OP, {"id": msg_id, "s": _OUTCOME_CODES[state], "hp": hm.pos}, b"",
+                             IndexTarget(OP_TOPIC, 0))]
+        if state is TxState.COMMITTED:
+            half = self.store.read(hm.pos)
+            h = half.header
+            self._ensure_topic(h["t"])
+            records.append(NewRecord(RT_COMMIT_REF, {"id": msg_id}, b"",
+                                     IndexTarget(h["t"], h["q"] % self.queue_count(h["t"]), tag_hash(h["g"]), ref_pos=hm.pos)))
+        _, fut = self.store.append(records)
+        fut.add_done_callback(lambda f: self.schedule_dispatch())
+        return fut
+
+    async def _tx_check_loop(self) -> None:
+        interval = self.config.tx_check_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.run_tx_checks()
+            except Exception:
+                log.exception("transaction check failed")
+
+    def run_tx_checks(self) -> None:
+        """One check-back scan: abandon overdue ones, ask producers about due ones."""
+        now = time.time()
+        for hm in self.tx.abandon_overdue(now):
+            self._abandoned(hm.msg_id)
+        for hm in self.tx.due_checks(now):
+            conn = self.producers_by_id.get(hm.producer_id)
+            if conn is None or conn.closed:
+                live = [c for c in self.producers_by_group.get(hm.group, ()) if not c.closed]
+                conn = live[0] if live else None
+            if conn is None:
+                self.tx.check_unreached(hm.msg_id, now)
+                continue
+            self.tx.check_reached(hm.msg_id, now)
+            try:
+                rec = self.store.read(hm.pos)  # type: ignore[union-attr]
+            except Exception:
+                log.exception("cannot read half message %s", hm.msg_id)
+                continue
+            wire = build_wire(rec, hm.topic, rec.header["q"], -1, 0)
+            fut = conn.request(Op.CHECK, {"m": wire})
+            fut.add_done_callback(lambda f, mid=hm.msg_id: self._check_answered(mid, f))
+
+    def _check_answered(self, msg_id: str, fut: asyncio.Future) -> None:
+        now = time.time()
+        state = None
+        if not fut.cancelled() and fut.exception() is None:
+            answer = fut.result()
+            state = answer.get("state") if isinstance(answer, dict) else None
+        try:
+            if state == "COMMIT":
+                self.resolve_transaction(msg_id, TxState.COMMITTED)
+                return
+            if state == "ROLLBACK":
+                self.resolve_transaction(msg_id, TxState.ROLLED_BACK)
+                return
+        except TransactionStateError:
+            return  # resolved meanwhile by an END_TX: the recorded outcome stands
+        if self.tx.check_unknown(msg_id, now) is TxState.ABANDONED:
+            self._abandoned(msg_id)
+
+    def _abandoned(self, msg_id: str) -> None:
+        hm = self.tx.get(msg_id)
+        log.warning("transaction %s abandoned after %d check-backs (topic %s, group %s): never delivered",
+                    msg_id, hm.checks if hm else -1, hm.topic if hm else "?", hm.group if hm else "?")
+        self._append_outcome(msg_id, TxState.ABANDONED)
+
+    # -- consuming --------------------------------------------------------------------
+
+    def _on_subscribe(self, conn: ClientConnection, rid: int, p: dict) -> None:
+        group = validate_name(p["group"], "group")
+        topic = validate_subscribe_topic(p["topic"])
+        tags = p.get("tags", "*")
+        if tags is not None and not isinstance(tags, str):
+            raise BadRequestError("tags must be a string")
+        start = p.get("start", "earliest")
+        if start not in ("earliest", "latest"):
+            raise BadRequestError("start must be 'earliest' or 'latest'")
+        prefetch = int(p.get("prefetch", 64))
+        max_re = int(p.get("max_reconsume_times", 16))
+        if prefetch < 1 or max_re < 0:
+            raise BadRequestError("prefetch must be >= 1 and max_reconsume_times >= 0")
+        if conn.subscription is not None:
+            raise BadRequestError("this connection already has a subscription")
+        if not topic.startswith("%"):
+            self._ensure_topic(topic)
+        gd = self._group(group)
+        gd.subscribe(conn.conn_id, topic, tags=tags, prefetch=prefetch, max_reconsume_times=max_re, start=start)
+        conn.subscription = (group, topic)
+        conn.reply(rid, {})
+        self.schedule_dispatch()
+
+    def _on_ack(self, conn: ClientConnection, rid: int, p: dict) -> None:
+        if conn.subscription is None:
+            raise BadRequestError("ACK without a subscription")
+        gd = self.groups[conn.subscription[0]]
+        now = time.time()
+        pending = []
+        for token, ok in p["a"]:
+            r = gd.ack(conn.conn_id, token, bool(ok), now)
+            if r is not None:
+                pending.append(r)
+        if pending:
+            fut = self._append_pending(gd, pending)
+            if rid:
+                fut.add_done_callback(lambda f: conn.reply(rid, {}))
+        else:
+            conn.reply(rid, {})
+        self.schedule_dispatch()
+
+    def _append_pending(self, gd: GroupDelivery, pending: list) -> asyncio.Future:
+        assert self.store is not None
+        _, fut = self.store.append([pr.record for pr in pending])
+
+        def done(f: asyncio.Future) -> None:
+            if f.exception() is None:
+                for pr in pending:
+                    gd.record_durable(pr.qkey, pr.offset)
+            self.schedule_dispatch()
+
+        fut.add_done_callback(done)
+        return fut
+
+    def schedule_dispatch(self) -> None:
+        """Run ``dispatch`` soon (once per loop iteration however often it is asked)."""
+        if not self._dispatch_scheduled and not self._stopping:
+            self._dispatch_scheduled = True
+            asyncio.get_running_loop().call_soon(self.dispatch)
+
+    def dispatch(self) -> None:
+        """Lease what can be delivered to every group's members with room."""
+        self._dispatch_scheduled = False
+        now = time.time()
+        by_id = {c.conn_id: c for c in self.connections if c.subscription is not None}
+        for gd in self.groups.values():
+            if not gd.members:
+                continue
+            try:
+                out, _wake = gd.poll(now, build_wire)
+            except Exception:
+                log.exception("delivery poll failed for group %s", gd.group)
+                continue
+            if not out:
+                continue
+            per_conn: dict[str, list] = defaultdict(list)
+            for member_id, token, wire in out:
+                per_conn[member_id].append([token, wire])
+            for member_id, items in per_conn.items():
+                c = by_id.get(member_id)
+                if c is not None:
+                    c.send_frame(Op.DELIVER, 0, {"d": items})
+
+    async def _tick_loop(self) -> None:
+        """Expire leases and release due retries; cheap when idle."""
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.time()
+            for gd in list(self.groups.values()):
+                expired = gd.expire(now)
+                if expired:
+                    self._append_pending(gd, expired)
+            self.dispatch()
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self._persist_offsets()
+            except Exception:
+                log.exception("checkpoint failed")
+
+    async def _persist_offsets(self) -> None:
+        assert self.store is not None
+        items = {}
+        for name, gd in self.groups.items():
+            offs = gd.committed_offsets()
+            value = [[t, q, o] for (t, q), o in offs.items()]
+            if self._last_saved.get(name) != value:
+                items[f"off/{name}"] = value
+                self._last_saved[name] = value
+        if items:
+            await self.store.metadata.put_many(items)
+
+    # -- admin helpers ----------------------------------------------------------------
+
+    def read_message(self, msg_id: str) -> Record:
+        """The stored record of a message id; KeyError if there is none."""
+        assert self.store is not None
+        try:
+            pos = parse_msg_id(msg_id)
+            rec = self.store.read(pos)
+        except (ValueError, KeyError, OSError) as exc:
+            raise KeyError(msg_id) from exc
+        if rec.rtype not in (RT_MSG, RT_HALF) or record_msg_id(rec) != msg_id:
+            raise KeyError(msg_id)
+        return rec
+
+    def resend_from_dlq(self, group: str, msg_id: str) -> asyncio.Future:
+        """Send a dead-lettered message back to its original topic for ``group`` only."""
+        assert self.store is not None
+        validate_name(group, "group")
+        dlq = DLQ_PREFIX + group
+        found = None
+        end = self.store.queue_end(dlq, 0)
+        off = self.store.queue_start(dlq, 0)
+        while off < end and found is None:
+            for o, entry in self.store.read_queue(dlq, 0, off, 1024):
+                off = o + 1
+                rec = self.store.read(entry.pos)
+                if record_msg_id(rec) == msg_id:
+                    found = rec
+                    break
+        if found is None:
+            raise KeyError(msg_id)
+        h = found.header
+        topic = h["t"]
+        level = len(self.config.retry_delays)
+        rec = NewRecord(RT_RETRY, {"id": msg_id, "rp": found.pos, "rt": 0, "ot": topic, "oq": h.get("q", 0),
+                                   "oo": -1, "g": group, "resent": True},
+                        b"", IndexTarget(retry_topic(group), level, tag_hash(h["g"])))
+        self._group(group)
+        _, fut = self.store.append([rec])
+        fut.add_done_callback(lambda f: self.schedule_dispatch())
+        return fut
