@@ -490,7 +490,11 @@ class Broker:
     async def _tx_check_loop(self) -> None:
         interval = self.config.tx_check_interval
         while True:
-            await asyncio.sleep(interval)
+            # wake at the next due check (so a check comes soon after --tx-timeout), at
+            # least every --tx-check-interval
+            due = self.tx.next_due_at()
+            delay = interval if due is None else min(interval, max(0.01, due - time.time()))
+            await asyncio.sleep(delay)
             try:
                 self.run_tx_checks()
             except Exception:

@@ -1,0 +1,484 @@
+"""Broker configuration: the options of SPEC §2, their parsers, and where they come from.
+
+How this works
+--------------
+Every option is described once, in ``OPTIONS`` (name, kind, help). Everything else is
+derived from that table: the ``argparse`` flags (``--tx-timeout``), the environment
+variables (``HALFMQ_TX_TIMEOUT``), the keys accepted in the ``[broker]`` table of a TOML
+file (``tx_timeout``) and the error messages.
+
+``load_config()`` merges four layers, the first one that sets an option wins::
+
+    command-line flag  >  environment variable  >  TOML file  >  BrokerConfig default
+
+To tell "flag given" from "flag left at its default", every flag has the argparse default
+``SUPPRESS``: an option absent from the parsed namespace was not given.
+
+Values are strings on the command line and in the environment; in the TOML file they may
+also be TOML numbers, booleans or (for ``retry_delays``) arrays. Each kind has one parser
+(``parse_duration``, ``parse_size``, ``parse_bool``, ...). A bad value raises
+``ConfigError`` (a ``ValueError``) naming the option and the source, e.g.::
+
+    invalid value for tx_timeout from environment variable HALFMQ_TX_TIMEOUT: 'soon'
+    (expected a duration like 250ms, 6s, 1m, 2h or bare seconds)
+
+``BrokerConfig`` holds the result: field names are the option names with ``_``, durations
+are float seconds, ``retry_delays`` is a tuple of float seconds. Its ``__post_init__``
+normalizes and validates, so an embedding program that builds one directly gets the same
+checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = [
+    "BrokerConfig",
+    "ConfigError",
+    "DEFAULT_RETRY_DELAYS",
+    "ENV_PREFIX",
+    "OPTIONS",
+    "Option",
+    "build_arg_parser",
+    "format_duration",
+    "load_config",
+    "parse_bool",
+    "parse_duration",
+    "parse_duration_list",
+    "parse_size",
+]
+
+ENV_PREFIX = "HALFMQ_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+
+DEFAULT_RETRY_DELAYS: tuple[float, ...] = (
+    10.0, 30.0, 60.0, 120.0, 180.0, 240.0, 300.0, 360.0,
+    420.0, 480.0, 540.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message names the option and the source."""
+
+
+# --------------------------------------------------------------------------- value parsers
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
+_DURATION_HELP = "expected a duration like 250ms, 6s, 1m, 2h, 1m30s or bare seconds"
+
+
+def _check_number(value: float, what: str, original: object) -> float:
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"invalid {what} {original!r}: must be a finite number")
+    if value < 0:
+        raise ValueError(f"invalid {what} {original!r}: must not be negative")
+    return value
+
+
+def parse_duration(s: str | int | float) -> float:
+    """Return the duration ``s`` in float seconds.
+
+    Accepts ``250ms``, ``6s``, ``1m``, ``2h``, ``1d``, combinations such as ``1m30s``, and
+    bare seconds (``"1.5"``, ``3``, ``0.25``). Raises ``ValueError`` for anything else,
+    including negative, infinite and NaN values and booleans.
+    """
+    if isinstance(s, bool):
+        raise ValueError(f"invalid duration {s!r}: {_DURATION_HELP}")
+    if isinstance(s, int | float):
+        return _check_number(float(s), "duration", s)
+    if not isinstance(s, str):
+        raise ValueError(f"invalid duration {s!r}: {_DURATION_HELP}")
+    text = s.strip().lower()
+    if not text:
+        raise ValueError(f"invalid duration {s!r}: empty; {_DURATION_HELP}")
+    if text.startswith("-"):
+        raise ValueError(f"invalid duration {s!r}: must not be negative")
+    try:
+        bare = float(text)
+    except ValueError:
+        pass
+    else:
+        return _check_number(bare, "duration", s)
+    total = 0.0
+    pos = 0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise ValueError(f"invalid duration {s!r}: {_DURATION_HELP}")
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return _check_number(total, "duration", s)
+
+
+def format_duration(seconds: float) -> str:
+    """Return a short human form of ``seconds`` that ``parse_duration`` reads back (``"1m"``)."""
+    for unit, factor in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= factor and (seconds / factor).is_integer():
+            return f"{int(seconds / factor)}{unit}"
+    if seconds < 1 and (seconds * 1000).is_integer():
+        return f"{int(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+def parse_duration_list(s: str | int | float | Sequence[str | int | float]) -> tuple[float, ...]:
+    """Return a comma-separated list (``"10s,30s,1m"``) or a sequence of durations as seconds.
+
+    Raises ``ValueError`` if the list is empty or any item is not a valid duration.
+    """
+    if isinstance(s, str):
+        items: list[Any] = [part.strip() for part in s.split(",")]
+        if items == [""]:
+            items = []
+    elif isinstance(s, int | float) and not isinstance(s, bool):
+        items = [s]
+    elif isinstance(s, Sequence):
+        items = list(s)
+    else:
+        raise ValueError(f"invalid duration list {s!r}: expected e.g. '10s,30s,1m'")
+    if not items:
+        raise ValueError("invalid duration list: must contain at least one duration")
+    out = []
+    for i, item in enumerate(items, 1):
+        if isinstance(item, str) and not item.strip():
+            raise ValueError(f"invalid duration list {s!r}: item {i} is empty")
+        out.append(parse_duration(item))
+    return tuple(out)
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)")
+_SIZE_HELP = "expected bytes like 4194304, 512KiB, 4MiB, 4MB or 1GiB"
+
+
+def parse_size(s: str | int) -> int:
+    """Return the size ``s`` in bytes.
+
+    Accepts a bare integer (``4194304``) or a number with a unit: ``B``; ``KiB``/``MiB``/``GiB``
+    (powers of 1024, also written ``K``/``M``/``G``); ``KB``/``MB``/``GB`` (powers of 1000).
+    Units are case-insensitive. Raises ``ValueError`` for anything else, negative values,
+    and sizes that are not a whole number of bytes.
+    """
+    if isinstance(s, bool):
+        raise ValueError(f"invalid size {s!r}: {_SIZE_HELP}")
+    if isinstance(s, int):
+        if s < 0:
+            raise ValueError(f"invalid size {s!r}: must not be negative")
+        return s
+    if not isinstance(s, str):
+        raise ValueError(f"invalid size {s!r}: {_SIZE_HELP}")
+    text = s.strip().lower()
+    if text.startswith("-"):
+        raise ValueError(f"invalid size {s!r}: must not be negative")
+    match = _SIZE_RE.fullmatch(text)
+    if match is None or match.group(2) not in _SIZE_UNITS:
+        raise ValueError(f"invalid size {s!r}: {_SIZE_HELP}")
+    value = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if not value.is_integer():
+        raise ValueError(f"invalid size {s!r}: not a whole number of bytes")
+    return int(value)
+
+
+_TRUE = {"1", "true", "yes", "on", "y"}
+_FALSE = {"0", "false", "no", "off", "n"}
+
+
+def parse_bool(s: str | bool | int) -> bool:
+    """Return ``s`` as a bool: ``true/false``, ``1/0``, ``yes/no``, ``on/off`` (any case)."""
+    if isinstance(s, bool):
+        return s
+    if isinstance(s, int) and s in (0, 1):
+        return bool(s)
+    if isinstance(s, str):
+        text = s.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise ValueError(f"invalid boolean {s!r}: expected true/false, 1/0, yes/no or on/off")
+
+
+def _parse_int(s: str | int) -> int:
+    if isinstance(s, bool):
+        raise ValueError(f"invalid integer {s!r}")
+    if isinstance(s, int):
+        return s
+    if isinstance(s, str):
+        try:
+            return int(s.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"invalid integer {s!r}: expected a whole number like 4")
+
+
+def _parse_str(s: str) -> str:
+    if not isinstance(s, str):
+        raise ValueError(f"invalid value {s!r}: expected a string")
+    return s
+
+
+# --------------------------------------------------------------------------- the option table
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One broker option: its name (with ``_``), value parser, metavar and help text."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    metavar: str | None
+    help: str
+    boolean: bool = False
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag, e.g. ``--tx-timeout``."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        """The environment variable, e.g. ``HALFMQ_TX_TIMEOUT``."""
+        return ENV_PREFIX + self.name.upper()
+
+
+def _parse_flush(s: str) -> str:
+    value = _parse_str(s).strip().lower()
+    if value not in ("sync", "async"):
+        raise ValueError(f"{s!r}: expected 'sync' or 'async'")
+    return value
+
+
+def _parse_nonempty(s: str | os.PathLike[str]) -> str:
+    if isinstance(s, os.PathLike):
+        s = os.fspath(s)
+    if not _parse_str(s):
+        raise ValueError("must not be empty")
+    return s
+
+
+def _parse_port(s: str | int) -> int:
+    port = _parse_int(s)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{port}: a port must be between 0 and 65535")
+    return port
+
+
+def _parse_positive_int(s: str | int) -> int:
+    n = _parse_int(s)
+    if n <= 0:
+        raise ValueError(f"{n}: must be greater than 0")
+    return n
+
+
+def _parse_positive_size(s: str | int) -> int:
+    n = parse_size(s)
+    if n <= 0:
+        raise ValueError(f"{n}: must be greater than 0 bytes")
+    return n
+
+
+def _parse_positive_duration(s: str | int | float) -> float:
+    seconds = parse_duration(s)
+    if seconds <= 0:
+        raise ValueError(f"{s!r}: must be longer than 0 seconds")
+    return seconds
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("data_dir", _parse_nonempty, "DIR",
+           "directory for the log and metadata; created if missing (default: ./halfmq-data)"),
+    Option("host", _parse_nonempty, "HOST", "listen address (default: 127.0.0.1)"),
+    Option("port", _parse_port, "N", "native protocol port; 0 picks a free port (default: 7600)"),
+    Option("http_port", _parse_port, "N",
+           "admin HTTP API and console port; 0 picks a free port (default: 7601)"),
+    Option("flush", _parse_flush, "{sync,async}",
+           "sync: a send is acknowledged after its record is fsynced (group commit); "
+           "async: acknowledged after the write, fsynced every --flush-interval (default: sync)"),
+    Option("flush_interval", _parse_positive_duration, "DUR", "fsync interval in async mode (default: 200ms)"),
+    Option("tx_timeout", parse_duration, "DUR",
+           "age of an unresolved half message before its first check-back (default: 6s)"),
+    Option("tx_check_interval", _parse_positive_duration, "DUR",
+           "how often unresolved half messages are checked again (default: 30s)"),
+    Option("tx_check_max", _parse_positive_int, "N",
+           "check-backs that reach a producer before a transaction is abandoned (default: 15)"),
+    Option("retry_delays", parse_duration_list, "LIST",
+           "comma-separated delays before redelivery after the Nth failure; past the end the "
+           "last repeats (default: 10s,30s,1m,2m,3m,4m,5m,6m,7m,8m,9m,10m,20m,30m,1h,2h)"),
+    Option("ack_timeout", _parse_positive_duration, "DUR",
+           "a delivered message not acked by then is redelivered; counts as a failed attempt "
+           "(default: 60s)"),
+    Option("max_message_size", _parse_positive_size, "BYTES",
+           "larger bodies are rejected (default: 4194304)"),
+    Option("default_queues", _parse_positive_int, "N", "queues of an auto-created topic (default: 4)"),
+    Option("auto_create_topics", parse_bool, None,
+           "create a topic on first use (default: on)", boolean=True),
+    Option("retention", _parse_positive_duration, "DUR",
+           "log segments older than this are deleted (default: 72h)"),
+    Option("segment_size", _parse_positive_size, "BYTES",
+           "size at which a log segment is rolled over (default: 128MiB)"),
+)
+
+_OPTIONS_BY_NAME = {opt.name: opt for opt in OPTIONS}
+
+
+# --------------------------------------------------------------------------- BrokerConfig
+
+
+@dataclass
+class BrokerConfig:
+    """The broker's settings; field names are the SPEC §2 option names with ``_``.
+
+    Durations are float seconds (a string such as ``"6s"`` is also accepted and converted),
+    ``retry_delays`` is a tuple of float seconds. Raises ``ConfigError`` (a ``ValueError``)
+    if a value is out of range.
+    """
+
+    data_dir: str = "./halfmq-data"
+    host: str = "127.0.0.1"
+    port: int = 7600
+    http_port: int = 7601
+    flush: str = "sync"
+    flush_interval: float = 0.2
+    tx_timeout: float = 6.0
+    tx_check_interval: float = 30.0
+    tx_check_max: int = 15
+    retry_delays: tuple[float, ...] = field(default=DEFAULT_RETRY_DELAYS)
+    ack_timeout: float = 60.0
+    max_message_size: int = 4194304
+    default_queues: int = 4
+    auto_create_topics: bool = True
+    retention: float = 72 * 3600.0
+    segment_size: int = 128 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for opt in OPTIONS:
+            try:
+                value = opt.parse(getattr(self, opt.name))
+            except ValueError as exc:
+                raise ConfigError(f"invalid value for {opt.name}: {exc}") from None
+            setattr(self, opt.name, value)
+
+    def retry_delay(self, n: int) -> float:
+        """Return the delay (seconds) before redelivery after the ``n``-th failure.
+
+        ``n`` is the ``reconsume_times`` of the delivery that failed (0 for the first
+        delivery). Past the end of ``retry_delays`` the last value repeats. Raises
+        ``ValueError`` for a negative ``n``.
+        """
+        if n < 0:
+            raise ValueError(f"reconsume_times must not be negative, got {n}")
+        delays = self.retry_delays
+        return delays[n] if n < len(delays) else delays[-1]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def build_arg_parser(prog: str | None = "halfmq broker") -> argparse.ArgumentParser:
+    """Return the parser for ``halfmq broker`` / ``python -m broker``.
+
+    Every option of SPEC §2 (plus ``--segment-size``) is a flag whose argparse default is
+    ``SUPPRESS``, so the parsed namespace holds only the flags actually given; their values
+    are left as strings for ``load_config()`` to parse (with errors naming the flag).
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run the halfmq broker. Every option can also be set by the environment "
+                    f"variable {ENV_PREFIX}<NAME> (e.g. {ENV_PREFIX}TX_TIMEOUT=1s) or in the "
+                    "[broker] table of a TOML file; flags win over environment, environment "
+                    "over the file. Durations accept 250ms, 6s, 1m, 2h or bare seconds.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"TOML file with a [broker] table; keys are the option names "
+                             f"with '_', e.g. tx_timeout = \"6s\" (default: none; env "
+                             f"{CONFIG_ENV})")
+    for opt in OPTIONS:
+        if opt.boolean:
+            parser.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction,
+                                help=opt.help)
+        else:
+            parser.add_argument(opt.flag, dest=opt.name, metavar=opt.metavar, help=opt.help)
+    return parser
+
+
+def _parse_option(opt: Option, value: Any, source: str) -> Any:
+    try:
+        return opt.parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"invalid value for {opt.name} from {source}: {exc}") from None
+
+
+def _read_toml(path: str, source: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} ({source}) does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path!r} ({source}): {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    for key, value in document.items():
+        if not isinstance(value, dict):
+            hint = " (put it under [broker])" if key in _OPTIONS_BY_NAME else ""
+            raise ConfigError(f"config file {path!r}: unexpected top-level key {key!r}{hint}")
+    table = document.get("broker", {})
+    for key in table:
+        if key not in _OPTIONS_BY_NAME:
+            underscored = key.replace("-", "_")
+            hint = f" (did you mean {underscored!r}?)" if underscored in _OPTIONS_BY_NAME else ""
+            raise ConfigError(f"config file {path!r}: unknown key {key!r} in [broker]{hint}")
+    return table
+
+
+def load_config(argv: Sequence[str] | None = None,
+                env: Mapping[str, str] | None = None) -> BrokerConfig:
+    """Return the ``BrokerConfig`` for the command line ``argv`` and environment ``env``.
+
+    ``argv`` excludes the program name (``None``: ``sys.argv[1:]``); ``env`` defaults to
+    ``os.environ``. Precedence: flags > ``HALFMQ_<NAME>`` variables > the TOML file named by
+    ``--config`` or ``HALFMQ_CONFIG`` > defaults. An empty environment variable counts as
+    unset. Raises ``ConfigError`` (a ``ValueError``) for a bad value (naming the option and
+    where it came from), an unreadable file or an unknown key in the file; argparse itself
+    exits with status 2 on an unknown flag or a missing flag value, and prints help on ``-h``.
+    A command-line entry point should turn ``ConfigError`` into ``parser.error(str(exc))``.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    namespace = vars(build_arg_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+
+    config_path = namespace.get("config")
+    config_source = "flag --config"
+    if config_path is None and environ.get(CONFIG_ENV):
+        config_path = environ[CONFIG_ENV]
+        config_source = f"environment variable {CONFIG_ENV}"
+    if config_path is not None:
+        for key, raw in _read_toml(config_path, config_source).items():
+            values[key] = _parse_option(_OPTIONS_BY_NAME[key], raw,
+                                        f"config file {config_path!r}")
+
+    for opt in OPTIONS:
+        raw = environ.get(opt.env)
+        if raw is not None and raw.strip() != "":
+            values[opt.name] = _parse_option(opt, raw, f"environment variable {opt.env}")
+
+    for opt in OPTIONS:
+        if opt.name in namespace:
+            values[opt.name] = _parse_option(opt, namespace[opt.name], f"flag {opt.flag}")
+
+    known = {f.name for f in fields(BrokerConfig)}
+    assert set(values) <= known, set(values) - known
+    return BrokerConfig(**values)
