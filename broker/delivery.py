@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from broker.lifecycle import DeliveryEvent, DeliveryState, DELIVERY_TRANSITIONS, transition
+from broker.lifecycle import DELIVERY_TRANSITIONS, DeliveryEvent, DeliveryState, transition
 from protocol.names import dlq_topic
 from storage import IndexEntry, IndexTarget, NewRecord, Record
 
