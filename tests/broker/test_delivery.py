@@ -94,7 +94,7 @@ def test_every_message_delivered_once_across_members_and_committed_after_acks(en
 
 def test_prefetch_bounds_unacked_leases(env):
     store, gd = env
-    for i in range(20):
+    for _ in range(20):
         store.send("t", 0, b"x")
     gd.subscribe("a", "t", tags="*", prefetch=4, max_reconsume_times=2)
     out, _ = gd.poll(0.0, build)
