@@ -385,14 +385,7 @@ class Broker:
             raise BadRequestError("msgs must be a non-empty list")
         if half and not conn.group:
             raise BadRequestError("half messages need a producer group in the handshake")
-        nq = self._ensure_topic(topic)
-        store = self.store
-        assert store is not None
-        epoch = store.epoch
         limit = self.config.max_message_size
-        records = []
-        qids = []
-        rr = self._rr[topic]
         for m in msgs:
             body, tags, keys, props, born = m
             if type(body) is not bytes:
@@ -407,6 +400,15 @@ class Broker:
                 raise BadRequestError("properties must map strings to strings")
             if type(born) is not int:
                 raise BadRequestError("born timestamp must be an integer")
+        # everything is valid: only now may the topic be created and records written
+        nq = self._ensure_topic(topic)
+        store = self.store
+        assert store is not None
+        epoch = store.epoch
+        records = []
+        qids = []
+        rr = self._rr[topic]
+        for body, tags, keys, props, born in msgs:
             qid = rr % nq
             rr += 1
             header = {"t": topic, "g": tags, "k": keys, "p": props, "b": born, "e": epoch}

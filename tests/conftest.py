@@ -17,18 +17,29 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_LOOP_ERRORS: list[dict] = []
+
+
+def _checked_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop that records unhandled exceptions, so the test can fail on them."""
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(lambda _loop, ctx: _LOOP_ERRORS.append(ctx))
+    return loop
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """pytest-asyncio hook: every async test runs on a checked loop."""
+    return {"checked": _checked_loop}
+
+
 @pytest.fixture(autouse=True)
-def _fail_on_loop_errors(request: pytest.FixtureRequest):
+def _fail_on_loop_errors():
     """A stray exception on the event loop fails the test."""
-    errors: list[dict] = []
-    try:
-        loop = asyncio.get_event_loop_policy().get_event_loop()
-    except RuntimeError:
-        loop = None
-    if loop is not None:
-        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    _LOOP_ERRORS.clear()
     yield
-    if errors:
+    if _LOOP_ERRORS:
+        errors = list(_LOOP_ERRORS)
+        _LOOP_ERRORS.clear()
         pytest.fail(f"unhandled exception on the event loop: {errors[0]}")
 
 
