@@ -1,0 +1,149 @@
+"""Storage micro-benchmark: append/read throughput of ``storage.MessageStore`` on one disk.
+
+How this works: every scenario opens a fresh store in a temporary directory on the disk
+of ``--dir`` and measures 1 KiB records; the raw fsync rate of the same disk (write 1 KiB
++ fsync in a loop) is measured in the same run, so the sync numbers can be compared to it.
+
+    python benchmarks/storage_bench.py [--dir DIR] [--count N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import uvloop  # noqa: E402
+
+from storage import IndexTarget, MessageStore, NewRecord  # noqa: E402
+
+BODY = b"x" * 1024
+
+
+def raw_fsync_rate(d: Path, seconds: float = 1.5) -> float:
+    path = d / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    n = 0
+    t0 = time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < seconds:
+            os.write(fd, BODY)
+            os.fsync(fd)
+            n += 1
+    finally:
+        os.close(fd)
+        path.unlink()
+    return n / (time.perf_counter() - t0)
+
+
+def rec(i: int) -> NewRecord:
+    return NewRecord(1, {"i": i}, BODY, IndexTarget("bench", i & 3))
+
+
+async def sync_concurrent(d: Path, conc: int, count: int) -> float:
+    async with MessageStore.open(d, flush="sync") as s:
+        per = max(1, count // conc)
+
+        async def worker(w: int) -> None:
+            for i in range(per):
+                await s.append_one(rec(i))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(conc)))
+        return per * conc / (time.perf_counter() - t0)
+
+
+async def async_single(d: Path, count: int) -> float:
+    async with MessageStore.open(d, flush="async") as s:
+        records = [rec(i) for i in range(1000)]
+        t0 = time.perf_counter()
+        fut = None
+        for i in range(count):
+            _, fut = s.append((records[i % 1000],))
+            if i % 1000 == 999:
+                await fut  # keep the pipeline bounded
+        await fut
+        return count / (time.perf_counter() - t0)
+
+
+async def batches(d: Path, count: int, mode: str, size: int = 1000) -> float:
+    async with MessageStore.open(d, flush=mode) as s:
+        batch = [rec(i) for i in range(size)]
+        n = max(1, count // size)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await s.append_batch(batch)
+        return n * size / (time.perf_counter() - t0)
+
+
+async def reads(d: Path, count: int) -> tuple[float, float]:
+    async with MessageStore.open(d, flush="async") as s:
+        recs = [rec(i) for i in range(1000)]
+        for _ in range(max(1, count // 1000)):
+            s.append(recs)
+        await s.flush()
+        t0 = time.perf_counter()
+        n = 0
+        for q in range(4):
+            off = 0
+            while True:
+                got = s.read_queue_records("bench", q, off, 512)
+                if not got:
+                    break
+                n += len(got)
+                off = got[-1][0] + 1
+        queue_rate = n / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        m = sum(1 for _ in s.iter_log())
+        return queue_rate, m / (time.perf_counter() - t0)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default=".", help="directory on the disk to measure (default: current)")
+    ap.add_argument("--count", type=int, default=100_000, help="records per throughput scenario")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="halfmq-bench-", dir=args.dir))
+    rows: list[tuple[str, float, str]] = []
+    try:
+        fs = raw_fsync_rate(root)
+        rows.append(("raw write(1 KiB)+fsync / s", fs, ""))
+        k = 0
+
+        def fresh() -> Path:
+            nonlocal k
+            k += 1
+            return root / f"s{k}"
+
+        n_sync1 = max(50, min(args.count // 50, int(fs * 2)))
+        r1 = await sync_concurrent(fresh(), 1, n_sync1)
+        rows.append(("sync, 1 appender", r1, f"{r1 / fs:.1f}x fsync"))
+        r64 = await sync_concurrent(fresh(), 64, min(args.count, 64 * 200))
+        rows.append(("sync, 64 appenders", r64, f"{r64 / fs:.1f}x fsync"))
+        r1k = await sync_concurrent(fresh(), 1024, args.count)
+        rows.append(("sync, 1024 appenders", r1k, f"{r1k / fs:.1f}x fsync (goal >= 50x)"))
+        ra = await async_single(fresh(), args.count)
+        rows.append(("async, single appends", ra, f"{ra / 150_000:.2f} of goal 150,000/s"))
+        rb = await batches(fresh(), args.count * 2, "sync")
+        rows.append(("append_batch(1000), sync", rb, f"{rb / 500_000:.2f} of goal 500,000/s"))
+        rba = await batches(fresh(), args.count * 2, "async")
+        rows.append(("append_batch(1000), async", rba, f"{rba / 500_000:.2f} of goal 500,000/s"))
+        rq, ri = await reads(fresh(), args.count * 2)
+        rows.append(("reads, read_queue_records", rq, f"{rq / 300_000:.2f} of goal 300,000/s"))
+        rows.append(("reads, iter_log", ri, f"{ri / 300_000:.2f} of goal 300,000/s"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"{'scenario (1 KiB records)':<30} {'per second':>14}  vs goal")
+    for name, rate, note in rows:
+        print(f"{name:<30} {rate:>14,.0f}  {note}")
+
+
+if __name__ == "__main__":
+    uvloop.run(main())

@@ -1,0 +1,24 @@
+"""halfmq storage: segmented append-only log, per-queue indexes, metadata, recovery.
+
+How this works: :class:`MessageStore` owns a data directory (locked with ``LOCK``): log
+segments in ``log/`` (see :mod:`storage.log`), queue indexes in ``index/`` (see
+:mod:`storage.queue_index`) and ``meta.sqlite`` (see :mod:`storage.metadata`). Appends are
+group-committed by one writer task (see :mod:`storage.store`).
+"""
+
+from .lock import DataDirLockedError
+from .metadata import Metadata
+from .model import IndexEntry, IndexTarget, NewRecord, Record, Stored
+from .store import MessageStore, StoreClosedError
+
+__all__ = [
+    "DataDirLockedError",
+    "IndexEntry",
+    "IndexTarget",
+    "Metadata",
+    "MessageStore",
+    "NewRecord",
+    "Record",
+    "StoreClosedError",
+    "Stored",
+]
