@@ -114,6 +114,7 @@ class QueueCursor:
 
     next_offset: int
     inflight: set[int] = field(default_factory=set)
+    skip: set[int] = field(default_factory=set)  # already handed to the retry queue (see recover)
 
     @property
     def committed(self) -> int:
@@ -195,8 +196,29 @@ class GroupDelivery:
         self._rr = 0
         self.tags: frozenset[str] | None = None
         self.stats = {"delivered": 0, "acked": 0, "failed": 0, "expired": 0, "dead_lettered": 0}
+        self._skip: dict[tuple[str, int], set[int]] = {}
         for level in range(len(self.retry_delays) + 1):
             self._cursor((self.retry_topic, level), start="earliest")
+        self._recover_pending_retries()
+
+    def _recover_pending_retries(self) -> None:
+        """After a restart: messages with a retry record not yet redelivered are not read again
+        from their original queue, even when the committed offset of that queue was saved
+        before the retry was written (kill -9 between two checkpoints)."""
+        rt = self.retry_topic
+        for level in range(len(self.retry_delays) + 1):
+            cur = self.cursors[(rt, level)]
+            off = cur.next_offset
+            end = self.reader.queue_end(rt, level)
+            while off < end:
+                entries = self.reader.read_queue(rt, level, off, 1024)
+                if not entries:
+                    break
+                for o, entry in entries:
+                    off = o + 1
+                    h = self.reader.read(entry.pos).header
+                    if h.get("oo", -1) >= 0:
+                        self._skip.setdefault((h["ot"], h["oq"]), set()).add(h["oo"])
 
     # -- membership -------------------------------------------------------------------
 
@@ -238,6 +260,9 @@ class GroupDelivery:
             else:
                 off = self.reader.queue_start(*qkey)
             cur = self.cursors[qkey] = QueueCursor(off)
+            skip = self._skip.pop(qkey, None) if qkey[0] != self.retry_topic else None
+            if skip:
+                cur.skip = {o for o in skip if o >= off}
         return cur
 
     def unsubscribe(self, member_id: str) -> None:
@@ -306,6 +331,9 @@ class GroupDelivery:
                 entries = reader.read_queue(topic, qid, cur.next_offset, per_queue)
                 for off, entry in entries:
                     cur.next_offset = off + 1
+                    if cur.skip and off in cur.skip:
+                        cur.skip.discard(off)
+                        continue  # its retry record is pending in the retry queue
                     rec = reader.read(entry.pos)
                     if tags is not None and rec.header.get("g") not in tags:
                         continue  # filtered out: done for this group (C6)

@@ -71,21 +71,26 @@ class BrokerProcess:
     ready_line: str = ""
     port: int = 0
     http_port: int = 0
+    log_path: Path | None = None
 
     def start(self, timeout: float = 20.0) -> BrokerProcess:
         """Start the broker (reusing the previous ports after the first start) and wait for the ready line."""
         port_args = ["--port", str(self.port), "--http-port", str(self.http_port)]
         cmd = [sys.executable, "-m", "broker", "--data-dir", str(self.data_dir), *port_args, *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
-        )
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        with open(self.log_path, "a") as log_file:  # the broker logs to stderr: never a pipe nobody reads
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file, env=env, text=True
+            )
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line.startswith("halfmq broker ready"):
-            err = self.proc.stderr.read() if self.proc.poll() is not None else ""
             self.proc.kill()
+            self.proc.wait(5)
+            self.proc.stdout.close()
+            err = self.log_path.read_text()
             raise RuntimeError(f"broker did not start: {line!r} {err}")
         assert time.monotonic() < deadline
         self.ready_line = line.strip()
@@ -101,6 +106,11 @@ class BrokerProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+        self._close_streams()
+
+    def _close_streams(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None and not self.proc.stdout.closed:
+            self.proc.stdout.close()
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM the broker; return its exit status."""
@@ -113,9 +123,7 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
+        self._close_streams()
         return self.proc.returncode
 
     def restart(self) -> BrokerProcess:

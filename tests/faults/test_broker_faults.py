@@ -1,0 +1,108 @@
+"""Real faults: ``kill -9`` of the broker or of a consumer process, restarts during backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from consumer_sdk import ConsumeResult, PushConsumer
+from producer_sdk import HalfMQError, Producer
+from tests.conftest import ROOT, wait_for
+
+
+async def collect(address: str, group: str, topic: str, want: set[str], timeout: float = 20.0) -> dict[str, int]:
+    """Consume with a new group until every id in ``want`` arrived; return id -> deliveries."""
+    seen: dict[str, int] = {}
+
+    async def on(m):
+        seen[m.msg_id] = seen.get(m.msg_id, 0) + 1
+        return ConsumeResult.SUCCESS
+
+    async with PushConsumer(address, group=group, topic=topic, listener=on):
+        await wait_for(lambda: want <= set(seen), timeout=timeout, what=f"{len(want - set(seen))} missing messages")
+    return seen
+
+
+async def test_kill9_broker_mid_stream_loses_no_acknowledged_send(broker_factory):
+    b = broker_factory()
+    acked: set[str] = set()
+    stop = asyncio.Event()
+
+    async with Producer(b.address, send_timeout=2.0) as p:
+
+        async def sender(n: int) -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    r = await p.send("stream", f"{n}-{i}".encode())
+                    acked.add(r.msg_id)
+                except HalfMQError:
+                    pass  # in flight when the broker died: not acknowledged, may or may not exist
+                i += 1
+
+        senders = [asyncio.create_task(sender(n)) for n in range(16)]
+        await wait_for(lambda: len(acked) >= 500, what="500 acknowledged sends")
+        b.kill9()
+        killed_at = len(acked)
+        stop.set()
+        await asyncio.gather(*senders)
+    assert killed_at >= 500
+    b.start()
+    seen = await collect(b.address, "after-crash", "stream", set(acked))
+    assert set(acked) <= set(seen)
+
+
+async def test_kill9_consumer_holding_leases_redelivers_to_another_member(broker_factory):
+    b = broker_factory("--ack-timeout", "1500ms")
+    async with Producer(b.address) as p:
+        sent = {(await p.send("leases", f"m{i}".encode())).msg_id for i in range(5)}
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "tests/faults/hold_consumer.py"), b.address, "g", "leases",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        held = set()
+        deadline = time.monotonic() + 15
+        while held != sent and time.monotonic() < deadline:
+            line = await asyncio.wait_for(holder.stdout.readline(), 15)
+            if line:
+                held.add(line.decode().split()[0])
+        assert held == sent
+    finally:
+        holder.kill()  # SIGKILL: the leases are never acked
+        await holder.wait()
+    got: dict[str, int] = {}
+    killed = time.monotonic()
+
+    async def on(m):
+        got[m.msg_id] = m.reconsume_times
+        return ConsumeResult.SUCCESS
+
+    async with PushConsumer(b.address, group="g", topic="leases", listener=on):
+        await wait_for(lambda: set(got) == sent, timeout=15, what="redelivery after ack timeout")
+    assert all(n == 1 for n in got.values()), got
+    assert time.monotonic() - killed < 15
+
+
+async def test_broker_restart_during_backoff_keeps_retry_count_and_schedule(broker_factory):
+    b = broker_factory("--retry-delays", "3s")
+    async with Producer(b.address) as p:
+        msg_id = (await p.send("backoff", b"x")).msg_id
+    attempts: list[tuple[int, float]] = []
+
+    async def fail_first(m):
+        attempts.append((m.reconsume_times, time.time()))
+        return ConsumeResult.RECONSUME_LATER if m.reconsume_times == 0 else ConsumeResult.SUCCESS
+
+    async with PushConsumer(b.address, group="g", topic="backoff", listener=fail_first) as c:
+        await wait_for(lambda: attempts, what="first delivery")
+        failed_at = attempts[0][1]
+        await c.close()  # acks flushed: the retry is recorded before the restart
+    b.kill9()
+    b.start()
+    async with PushConsumer(b.address, group="g", topic="backoff", listener=fail_first):
+        await wait_for(lambda: len(attempts) >= 2, timeout=15, what="redelivery after restart")
+    assert attempts[1][0] == 1  # the retry count survived
+    assert attempts[1][1] >= failed_at + 3.0 - 0.05  # and so did the schedule
+    assert msg_id
