@@ -1,0 +1,42 @@
+"""halfmq producer SDK: ``Producer`` for plain messages, ``TransactionProducer`` for half messages.
+
+How this works: each producer owns one ``producer_sdk.connection.Connection`` (handshake,
+pipelined requests, automatic reconnect); ``Producer.send`` is one ``SEND`` frame and one
+reply; ``TransactionProducer.send_in_transaction`` sends a half message, runs the
+``TransactionListener``, reports its outcome and answers the broker's check-backs.
+
+    from producer_sdk import Producer
+    async with Producer("127.0.0.1:7600", group="producer_bank1") as p:
+        r = await p.send("transfer", b"...", tags="TagA", keys=["tx-1"])
+"""
+
+from producer_sdk.producer import Producer
+from producer_sdk.transaction import TransactionListener, TransactionProducer
+from protocol import (
+    AuthError,
+    BrokerUnavailableError,
+    HalfMQError,
+    InvalidNameError,
+    LocalTransactionState,
+    Message,
+    MessageTooLargeError,
+    RequestTimeoutError,
+    SendResult,
+    TransactionStateError,
+)
+
+__all__ = [
+    "Producer",
+    "TransactionProducer",
+    "TransactionListener",
+    "LocalTransactionState",
+    "SendResult",
+    "Message",
+    "HalfMQError",
+    "BrokerUnavailableError",
+    "InvalidNameError",
+    "MessageTooLargeError",
+    "RequestTimeoutError",
+    "TransactionStateError",
+    "AuthError",
+]

@@ -1,0 +1,538 @@
+"""The client side of one halfmq connection, shared by both SDKs.
+
+How this works
+--------------
+A ``Connection`` owns one TCP connection to the broker (an ``asyncio.Protocol``, not
+streams) and keeps it alive for as long as it is open:
+
+* **Handshake.** Every new TCP connection first sends ``HELLO`` (version, client id, role,
+  group) and waits for its reply before anything else is sent. The reply tells us the
+  broker's ``max_message_size``.
+* **Requests.** ``request(op, payload)`` picks the next request id, registers a future in
+  ``_pending`` and queues the frame; the reader resolves the future when the ``REPLY`` or
+  ``ERROR`` with that id arrives, so many requests are in flight at once (pipelining) and
+  replies may come in any order. An ``ERROR`` becomes the exception of its code
+  (``protocol.error_from_code``). Each request has a deadline; when it passes the request
+  fails with ``RequestTimeoutError`` (a late reply is then ignored).
+* **Coalesced writes.** Frames are appended to a small buffer and written together once
+  per event-loop iteration (one ``transport.write`` for many frames). There is no
+  per-frame ``drain()``; only when the transport asks us to pause writing do new requests
+  wait until it resumes.
+* **Server-initiated traffic.** A request from the broker (``CHECK``) runs the
+  ``on_request`` handler in a task; its return value goes back as ``REPLY`` (or ``ERROR`` if
+  it raises). ``PING`` is answered at once. Pushes (``rid = 0``, e.g. ``DELIVER``) are handed
+  to the synchronous ``on_push`` callback straight from the reader.
+* **Reconnect.** When the connection is lost, requests in flight fail with
+  ``BrokerUnavailableError`` (retriable) and a background task reconnects with exponential
+  backoff (capped at 2 s), re-sends ``HELLO`` and then awaits the ``on_reconnect`` hook (the
+  consumer re-subscribes there). Requests issued while disconnected wait for the reconnect
+  until their own deadline. ``generation`` counts successful connects, so callers can tell
+  which connection a delivery token belongs to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    FRAME_OVERHEAD,
+    PROTOCOL_VERSION,
+    BrokerUnavailableError,
+    FrameDecoder,
+    HalfMQError,
+    Op,
+    RequestTimeoutError,
+    Role,
+    encode_frame,
+    error_from_code,
+)
+
+__all__ = ["Connection", "default_client_id", "parse_address"]
+
+log = logging.getLogger("halfmq.client")
+
+#: Longest wait between two reconnect attempts, in seconds (SPEC §4).
+MAX_BACKOFF = 2.0
+#: First wait between two reconnect attempts, in seconds.
+MIN_BACKOFF = 0.05
+#: The broker's default message size limit, until its HELLO reply says otherwise.
+DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+#: Largest frame we accept from the broker: deliveries may batch several messages.
+CLIENT_MAX_FRAME_SIZE = max(64 * 1024 * 1024, DEFAULT_MAX_FRAME_SIZE)
+
+RequestHandler = Callable[[int, Any], Awaitable[Any]]
+PushHandler = Callable[[int, Any], None]
+ReconnectHook = Callable[[], Awaitable[None]]
+
+
+def default_client_id() -> str:
+    """A client id unique per process and client object: ``host@pid@random``."""
+    return f"{socket.gethostname()}@{os.getpid()}@{uuid.uuid4().hex[:8]}"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (``"[::1]:7600"`` for IPv6); raise ``ValueError`` if malformed."""
+    if not isinstance(address, str) or ":" not in address:
+        raise ValueError(f"broker address must be 'host:port', got {address!r}")
+    host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit():
+        raise ValueError(f"broker address must be 'host:port', got {address!r}")
+    return host, int(port)
+
+
+class _ClientProtocol(asyncio.Protocol):
+    """Bytes in, frames out: feeds the decoder and hands frames to its ``Connection``."""
+
+    __slots__ = ("conn", "decoder", "transport", "lost")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.decoder = FrameDecoder(CLIENT_MAX_FRAME_SIZE)
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = conn._loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.decoder.feed(data)
+        except HalfMQError as exc:
+            log.error("malformed frame from broker %s: %s; closing", self.conn.address, exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        on_frame = self.conn._on_frame
+        for op, rid, payload in frames:
+            on_frame(self, op, rid, payload)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.conn._on_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.conn._paused = True
+
+    def resume_writing(self) -> None:
+        self.conn._resume()
+
+
+class Connection:
+    """One broker connection with handshake, pipelined requests and automatic reconnect.
+
+    ``role`` is ``"producer"`` or ``"consumer"`` (or a ``protocol.Role``); ``group`` is
+    announced in the handshake. ``on_request(op, payload)`` answers broker requests
+    (``CHECK``); ``on_push(op, payload)`` receives ``rid = 0`` frames (``DELIVER``);
+    ``on_reconnect()`` runs after every successful *re*-connect (not the first one).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        role: Role | str,
+        group: str | None = None,
+        client_id: str | None = None,
+        request_timeout: float = 3.0,
+        on_request: RequestHandler | None = None,
+        on_push: PushHandler | None = None,
+        on_reconnect: ReconnectHook | None = None,
+    ) -> None:
+        self.address = address
+        self.host, self.port = parse_address(address)
+        self.role = Role(role).value
+        self.group = group
+        self.client_id = client_id or default_client_id()
+        self.request_timeout = request_timeout
+        self.on_request = on_request
+        self.on_push = on_push
+        self.on_reconnect = on_reconnect
+        #: The broker's limit on a message body, from its HELLO reply.
+        self.max_message_size = DEFAULT_MAX_MESSAGE_SIZE
+        #: Incremented on every successful connect; identifies the current connection.
+        self.generation = 0
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._proto: _ClientProtocol | None = None
+        self._transport: asyncio.Transport | None = None
+        self._ready = False  # handshake done on the current transport
+        self._ready_event: asyncio.Event | None = None
+        self._opened = False
+        self._closed = False
+        self._next_rid = 1
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._wbuf: list[bytes] = []
+        self._flush_scheduled = False
+        self._paused = False
+        self._resume_waiter: asyncio.Future[None] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._server_tasks: set[asyncio.Task[None]] = set()
+        self._last_error: BaseException | None = None
+
+    # -- public ------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while a handshaken connection is up."""
+        return self._ready
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+        return self._closed
+
+    async def open(self, *, timeout: float = 5.0) -> None:
+        """Connect and handshake, retrying with backoff for up to ``timeout`` seconds.
+
+        Raises ``BrokerUnavailableError`` if the broker cannot be reached in time, or the
+        handshake's error (e.g. ``AuthError``) at once.
+        """
+        if self._opened:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._ready_event = asyncio.Event()
+        self._opened = True
+        deadline = self._loop.time() + timeout
+        delay = MIN_BACKOFF
+        while True:
+            try:
+                await self._connect_once(deadline)
+                return
+            except (OSError, BrokerUnavailableError, RequestTimeoutError) as exc:
+                remaining = deadline - self._loop.time()
+                if remaining <= 0 or self._closed:
+                    self._opened = False
+                    raise BrokerUnavailableError(
+                        f"cannot connect to broker {self.address}: {exc}"
+                    ) from exc
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 2, MAX_BACKOFF)
+            except BaseException:
+                self._opened = False
+                raise
+
+    async def request(
+        self,
+        op: int,
+        payload: Any,
+        *,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> Any:
+        """Send a request and return the reply payload.
+
+        ``deadline`` is an absolute ``loop.time()``; otherwise ``timeout`` (default
+        ``request_timeout``) seconds from now. While disconnected the request waits for the
+        reconnect. Raises the ERROR reply's exception, ``RequestTimeoutError`` when the
+        deadline passes, ``BrokerUnavailableError`` when the connection is lost with the
+        request in flight (or never comes back before the deadline), ``HalfMQError`` when
+        the connection is closed.
+        """
+        loop = self._loop
+        if loop is None:
+            raise HalfMQError("connection is not open; call start() first")
+        if deadline is None:
+            deadline = loop.time() + (self.request_timeout if timeout is None else timeout)
+        if not self._ready:
+            await self._wait_ready(deadline)
+        if self._paused:
+            await self._wait_writable(deadline)
+        return await self._request_now(op, payload, deadline)
+
+    def send_nowait(self, op: int, payload: Any) -> bool:
+        """Queue a fire-and-forget frame (``rid = 0``); return False if not connected."""
+        if not self._ready:
+            return False
+        self._write(encode_frame(op, 0, payload))
+        return True
+
+    def abort(self) -> None:
+        """Drop the current TCP connection (the reconnect logic takes over)."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def close(self) -> None:
+        """Flush queued frames, close the connection and stop reconnecting (idempotent).
+
+        Requests still waiting fail with ``HalfMQError``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+        for task in list(self._server_tasks):
+            task.cancel()
+        proto = self._proto
+        if self._transport is not None:
+            self._flush()
+            self._transport.close()
+        self._fail_pending(HalfMQError("connection closed"))
+        if self._ready_event is not None:
+            self._ready_event.set()  # wake waiters; they see _closed
+        self._wake_writers()
+        if proto is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(proto.lost), 2.0)
+            except TimeoutError:
+                if proto.transport is not None:
+                    proto.transport.abort()
+        if self._reconnect_task is not None:
+            try:
+                await self._reconnect_task
+            except BaseException:  # noqa: BLE001 - cancelled or failed; we are closing
+                pass
+
+    # -- internals: requests -----------------------------------------------------------
+
+    async def _request_now(self, op: int, payload: Any, deadline: float) -> Any:
+        rid = self._next_rid
+        self._next_rid = rid + 1
+        frame = encode_frame(op, rid, payload)
+        loop = self._loop
+        fut = loop.create_future()
+        self._pending[rid] = fut
+        self._write(frame)
+        handle = loop.call_at(deadline, self._expire, rid)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+            self._pending.pop(rid, None)
+
+    def _expire(self, rid: int) -> None:
+        fut = self._pending.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(
+                RequestTimeoutError(f"no reply from broker {self.address} within the deadline")
+            )
+
+    async def _wait_ready(self, deadline: float) -> None:
+        loop = self._loop
+        assert self._ready_event is not None
+        while not self._ready:
+            if self._closed:
+                raise HalfMQError("connection closed")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                detail = f": {self._last_error}" if self._last_error else ""
+                raise BrokerUnavailableError(
+                    f"not connected to broker {self.address}{detail}"
+                )
+            try:
+                await asyncio.wait_for(self._ready_event.wait(), remaining)
+            except TimeoutError:
+                pass
+        if self._closed:
+            raise HalfMQError("connection closed")
+
+    async def _wait_writable(self, deadline: float) -> None:
+        while self._paused and self._ready and not self._closed:
+            if self._resume_waiter is None or self._resume_waiter.done():
+                self._resume_waiter = self._loop.create_future()
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                raise RequestTimeoutError(f"broker {self.address} is not reading our frames")
+            try:
+                await asyncio.wait_for(asyncio.shield(self._resume_waiter), remaining)
+            except TimeoutError:
+                pass
+
+    def _resume(self) -> None:
+        self._paused = False
+        self._wake_writers()
+
+    def _wake_writers(self) -> None:
+        waiter = self._resume_waiter
+        self._resume_waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail_pending(self, exc: HalfMQError) -> None:
+        pending = self._pending
+        self._pending = {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(type(exc)(str(exc)))
+
+    # -- internals: writing ------------------------------------------------------------
+
+    def _write(self, frame: bytes) -> None:
+        self._wbuf.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        buf = self._wbuf
+        if not buf:
+            return
+        self._wbuf = []
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+
+    # -- internals: reading ------------------------------------------------------------
+
+    def _on_frame(self, proto: _ClientProtocol, op: int, rid: int, payload: Any) -> None:
+        if proto is not self._proto:
+            return  # a stale connection
+        if op == Op.REPLY:
+            fut = self._pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(payload)
+        elif op == Op.ERROR:
+            if isinstance(payload, dict):
+                code, message = payload.get("code", 1), payload.get("message", "")
+            else:
+                code, message = 1, repr(payload)
+            fut = self._pending.pop(rid, None) if rid else None
+            if fut is not None:
+                if not fut.done():
+                    fut.set_exception(error_from_code(code, str(message)))
+            else:
+                log.warning("error from broker %s (rid %d): code %s: %s",
+                            self.address, rid, code, message)
+        elif rid == 0:
+            if self.on_push is not None:
+                try:
+                    self.on_push(op, payload)
+                except Exception:
+                    log.exception("push handler failed for op %s", op)
+        elif op == Op.PING:
+            self._write(encode_frame(Op.REPLY, rid, {}))
+        elif self.on_request is not None:
+            task = self._loop.create_task(self._serve(proto, op, rid, payload))
+            self._server_tasks.add(task)
+            task.add_done_callback(self._server_tasks.discard)
+        else:
+            self._write(encode_frame(Op.ERROR, rid, {"code": 8, "message": f"unsupported op {op}"}))
+
+    async def _serve(self, proto: _ClientProtocol, op: int, rid: int, payload: Any) -> None:
+        assert self.on_request is not None
+        try:
+            result = await self.on_request(op, payload)
+            frame = encode_frame(Op.REPLY, rid, result)
+        except asyncio.CancelledError:
+            raise
+        except HalfMQError as exc:
+            frame = encode_frame(Op.ERROR, rid, {"code": exc.code, "message": str(exc)})
+        except Exception as exc:
+            log.exception("handler for broker request op %s failed", op)
+            frame = encode_frame(Op.ERROR, rid, {"code": 1, "message": f"{type(exc).__name__}: {exc}"})
+        if proto is self._proto and self._ready:
+            self._write(frame)
+
+    # -- internals: connecting ---------------------------------------------------------
+
+    async def _connect_once(self, deadline: float) -> None:
+        loop = self._loop
+        remaining = max(deadline - loop.time(), 0.01)
+        transport, proto = await asyncio.wait_for(
+            loop.create_connection(lambda: _ClientProtocol(self), self.host, self.port),
+            remaining,
+        )
+        if self._closed:
+            transport.close()
+            raise HalfMQError("connection closed")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self._proto = proto
+        self._transport = transport  # type: ignore[assignment]
+        self._paused = False
+        hello = {
+            "version": PROTOCOL_VERSION,
+            "client_id": self.client_id,
+            "role": self.role,
+            "group": self.group,
+        }
+        try:
+            reply = await self._request_now(Op.HELLO, hello, max(deadline, loop.time() + 1.0))
+        except BaseException:
+            if self._proto is proto:
+                transport.abort()
+            raise
+        if not isinstance(reply, dict) or reply.get("version") != PROTOCOL_VERSION:
+            transport.abort()
+            raise HalfMQError(f"broker {self.address} speaks an unsupported protocol: {reply!r}")
+        max_size = reply.get("max_message_size")
+        if isinstance(max_size, int) and max_size > 0:
+            self.max_message_size = max_size
+            limit = max(CLIENT_MAX_FRAME_SIZE, 4 * (max_size + FRAME_OVERHEAD))
+            proto.decoder.max_frame_size = limit
+        self.generation += 1
+        self._ready = True
+        self._last_error = None
+        assert self._ready_event is not None
+        self._ready_event.set()
+
+    def _on_lost(self, proto: _ClientProtocol, exc: Exception | None) -> None:
+        if proto is not self._proto:
+            return
+        was_ready = self._ready
+        self._proto = None
+        self._transport = None
+        self._ready = False
+        self._wbuf = []
+        self._paused = False
+        self._wake_writers()
+        if self._ready_event is not None:
+            self._ready_event.clear()
+        self._last_error = exc or ConnectionResetError("connection closed by the broker")
+        self._fail_pending(
+            BrokerUnavailableError(f"connection to broker {self.address} lost")
+        )
+        if self._closed:
+            return
+        if was_ready:
+            log.warning("connection to broker %s lost (%s); reconnecting",
+                        self.address, self._last_error)
+            if self._reconnect_task is None or self._reconnect_task.done():
+                self._reconnect_task = self._loop.create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        delay = MIN_BACKOFF
+        attempts = 0
+        while not self._closed:
+            attempts += 1
+            try:
+                await self._connect_once(self._loop.time() + max(self.request_timeout, 2.0))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep trying while open
+                self._last_error = exc
+                level = logging.WARNING if attempts in (1, 10) or attempts % 100 == 0 else logging.DEBUG
+                log.log(level, "reconnect to broker %s failed (attempt %d): %s",
+                        self.address, attempts, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+                continue
+            log.info("reconnected to broker %s after %d attempt(s)", self.address, attempts)
+            if self.on_reconnect is not None:
+                try:
+                    await self.on_reconnect()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("reconnect hook failed")
+            if self._ready or self._closed:
+                return
+            # lost again while running the hook: _on_lost saw this task still running

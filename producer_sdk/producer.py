@@ -1,0 +1,246 @@
+"""``Producer``: send messages to a topic and get back where they were stored.
+
+How this works
+--------------
+A producer owns one ``Connection`` (role ``producer``). ``send`` validates the topic
+locally, builds one ``SEND`` frame (``{"topic", "msgs": [[body, tags, keys, properties,
+born_ts]], "half": false}``) and awaits its reply: one frame, one future, no task per
+call. The broker replies once the message is stored durably (per its ``--flush``).
+
+A retriable failure (the connection was lost with the request in flight, the broker is
+shutting down) is retried up to ``retries`` times, all within ``send_timeout`` seconds
+from the first attempt; a request issued while disconnected waits for the reconnect.
+After that the last error is raised (``BrokerUnavailableError`` or
+``RequestTimeoutError``). Non-retriable errors (bad name, too large, ...) raise at once.
+A retry after a lost reply may store the message twice: delivery is at least once, so
+consumers de-duplicate by a business key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from producer_sdk.connection import Connection
+from protocol import (
+    HalfMQError,
+    MessageTooLargeError,
+    Op,
+    Role,
+    SendResult,
+    validate_name,
+    validate_send_topic,
+)
+
+__all__ = ["Producer"]
+
+#: Pause before retrying an error the broker itself reported as retriable (e.g. shutting down).
+_RETRY_PAUSE = 0.05
+
+
+def _encode_body(body: bytes | bytearray | memoryview | str) -> bytes:
+    if type(body) is bytes:
+        return body
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    if isinstance(body, (bytearray, memoryview)):
+        return bytes(body)
+    raise TypeError(f"message body must be bytes or str, not {type(body).__name__}")
+
+
+def _encode_keys(keys: str | Iterable[str] | None) -> list[str]:
+    if keys is None:
+        return []
+    if isinstance(keys, str):
+        return [keys]
+    out = list(keys)
+    for k in out:
+        if not isinstance(k, str):
+            raise TypeError(f"message keys must be str, not {type(k).__name__}")
+    return out
+
+
+def _encode_properties(properties: Mapping[str, str] | None) -> dict[str, str]:
+    if not properties:
+        return {}
+    out = dict(properties)
+    for k, v in out.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError("message properties must map str to str")
+    return out
+
+
+def _encode_tags(tags: str | None) -> str | None:
+    if tags is not None and not isinstance(tags, str):
+        raise TypeError(f"message tags must be a str, not {type(tags).__name__}")
+    return tags
+
+
+class Producer:
+    """Sends messages to the broker at ``address`` (``"host:port"``).
+
+    Options (keyword-only):
+
+    * ``group`` — producer group announced to the broker (optional for plain sends).
+    * ``send_timeout`` — seconds a send may take in total, retries included (default 3).
+    * ``retries`` — how many times a retriable failure is retried (default 2).
+    * ``client_id`` — identifies this client to the broker (default ``host@pid@random``).
+
+    Use as ``async with Producer(...) as p:`` or call ``start()``/``close()``.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        group: str | None = None,
+        send_timeout: float = 3.0,
+        retries: int = 2,
+        client_id: str | None = None,
+    ) -> None:
+        if group is not None:
+            validate_name(group, "producer group")
+        if send_timeout <= 0:
+            raise ValueError("send_timeout must be positive")
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        self.address = address
+        self.group = group
+        self.send_timeout = send_timeout
+        self.retries = retries
+        self._conn = self._make_connection(client_id)
+        self._started = False
+
+    def _make_connection(self, client_id: str | None) -> Connection:
+        return Connection(
+            self.address,
+            role=Role.PRODUCER,
+            group=self.group,
+            client_id=client_id,
+            request_timeout=self.send_timeout,
+        )
+
+    @property
+    def client_id(self) -> str:
+        """The id this producer announces in its handshake."""
+        return self._conn.client_id
+
+    async def start(self) -> None:
+        """Connect to the broker. Raises ``BrokerUnavailableError`` if it cannot be reached
+        within ``send_timeout``."""
+        if self._started:
+            return
+        await self._conn.open(timeout=self.send_timeout)
+        self._started = True
+
+    async def close(self) -> None:
+        """Close the connection; sends still waiting fail with ``HalfMQError``."""
+        await self._conn.close()
+
+    async def __aenter__(self) -> Producer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def send(
+        self,
+        topic: str,
+        body: bytes | str,
+        *,
+        tags: str | None = None,
+        keys: str | Iterable[str] | None = None,
+        properties: Mapping[str, str] | None = None,
+    ) -> SendResult:
+        """Store one message on ``topic``; return its ``SendResult`` (msg_id, queue, offset).
+
+        ``body`` is ``bytes`` or a ``str`` (encoded UTF-8); ``keys`` is one key or several.
+        Raises ``InvalidNameError`` (bad or reserved topic, checked before sending),
+        ``MessageTooLargeError``, ``BrokerUnavailableError``/``RequestTimeoutError`` once the
+        retries are used up, or the broker's error.
+        """
+        validate_send_topic(topic)
+        data = _encode_body(body)
+        if len(data) > self._conn.max_message_size:
+            raise MessageTooLargeError(
+                f"message body of {len(data)} bytes exceeds the broker's limit of "
+                f"{self._conn.max_message_size} bytes"
+            )
+        item = [data, _encode_tags(tags), _encode_keys(keys), _encode_properties(properties),
+                int(time.time() * 1000)]
+        reply = await self._send_request({"topic": topic, "msgs": [item], "half": False})
+        return self._results(topic, reply, 1)[0]
+
+    async def send_batch(
+        self, topic: str, items: Iterable[bytes | str | Mapping[str, Any]]
+    ) -> list[SendResult]:
+        """Store many messages on ``topic`` in one round trip; return their results in order.
+
+        Each item is a body (``bytes``/``str``) or a dict with ``body`` and optionally
+        ``tags``, ``keys``, ``properties``. The bodies together must fit the broker's message
+        size limit (``MessageTooLargeError`` otherwise; split the batch). Raises like ``send``.
+        """
+        validate_send_topic(topic)
+        born = int(time.time() * 1000)
+        msgs: list[list[Any]] = []
+        total = 0
+        for item in items:
+            if isinstance(item, Mapping):
+                unknown = set(item) - {"body", "tags", "keys", "properties"}
+                if unknown or "body" not in item:
+                    raise TypeError(
+                        "a batch item dict needs 'body' and may have 'tags', 'keys', 'properties'"
+                    )
+                data = _encode_body(item["body"])
+                msgs.append([data, _encode_tags(item.get("tags")), _encode_keys(item.get("keys")),
+                             _encode_properties(item.get("properties")), born])
+            else:
+                data = _encode_body(item)
+                msgs.append([data, None, [], {}, born])
+            total += len(data)
+        if not msgs:
+            return []
+        limit = self._conn.max_message_size
+        if total > limit:
+            raise MessageTooLargeError(
+                f"batch bodies total {total} bytes, over the broker's limit of {limit} bytes; "
+                "split the batch"
+            )
+        reply = await self._send_request({"topic": topic, "msgs": msgs, "half": False})
+        return self._results(topic, reply, len(msgs))
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _send_request(self, payload: dict[str, Any], op: int = Op.SEND) -> Any:
+        """One request with the retry policy: retriable errors retried within send_timeout."""
+        conn = self._conn
+        loop = conn._loop
+        if loop is None:
+            raise HalfMQError("producer is not started; call start() or use 'async with'")
+        deadline = loop.time() + self.send_timeout
+        attempt = 0
+        while True:
+            try:
+                return await conn.request(op, payload, deadline=deadline)
+            except HalfMQError as exc:
+                if not exc.retriable or attempt >= self.retries or conn.closed:
+                    raise
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise
+                attempt += 1
+                if conn.connected:  # the broker said "retry", not a lost connection
+                    await asyncio.sleep(min(_RETRY_PAUSE * attempt, remaining))
+
+    @staticmethod
+    def _results(topic: str, reply: Any, n: int) -> list[SendResult]:
+        try:
+            rows = reply["r"]
+            if len(rows) != n:
+                raise ValueError(f"{len(rows)} results for {n} messages")
+            return [SendResult(str(r[0]), int(r[1]), int(r[2]), topic) for r in rows]
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise HalfMQError(f"malformed SEND reply from broker: {reply!r} ({exc})") from None

@@ -1,0 +1,253 @@
+"""``TransactionProducer`` and ``TransactionListener``: RocketMQ-style half messages.
+
+How this works
+--------------
+``send_in_transaction`` runs the transaction in four steps (SPEC §6):
+
+1. ``SEND`` with ``half: true`` stores a *half message*, invisible to consumers. If that
+   fails the error is raised and the listener is never called (T8).
+2. ``listener.execute_local_transaction(message, arg)`` runs the local transaction
+   (``async def`` awaited; plain ``def`` in a worker thread, never on the event loop). If
+   it raises, the outcome is UNKNOWN: nothing is reported, the exception is re-raised and
+   the broker's check-back decides (T5).
+3. COMMIT or ROLLBACK is reported with ``END_TX`` (idempotent on the broker, so it is
+   retried like a send). If it cannot reach the broker that is not an error (T10): the
+   method returns with the state it tried to report and check-back resolves it later. A
+   ``TransactionStateError`` reply (conflicting outcome) propagates.
+4. UNKNOWN reports nothing; check-back decides.
+
+Check-back: the broker sends ``CHECK {"m": message}`` on this producer's own connection;
+``listener.check_local_transaction(message)`` answers (same async/thread rule, at most
+``check_workers`` at once) and the reply is ``{"state": "COMMIT"|"ROLLBACK"|"UNKNOWN"}``
+(UNKNOWN if the listener raises). The group is part of the handshake, which the connection
+repeats on every reconnect, so check-backs find a restarted or reconnected producer.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from producer_sdk.connection import Connection
+from producer_sdk.producer import (
+    Producer,
+    _encode_body,
+    _encode_keys,
+    _encode_properties,
+    _encode_tags,
+)
+from protocol import (
+    BadRequestError,
+    BrokerUnavailableError,
+    LocalTransactionState,
+    Message,
+    MessageTooLargeError,
+    Op,
+    RequestTimeoutError,
+    Role,
+    SendResult,
+    validate_name,
+    validate_send_topic,
+)
+
+__all__ = ["TransactionListener", "TransactionProducer", "LocalTransactionState"]
+
+log = logging.getLogger("halfmq.producer")
+
+
+class TransactionListener(abc.ABC):
+    """Runs and checks local transactions for a ``TransactionProducer``.
+
+    Both methods may be ``async def`` or plain ``def`` (plain ones run in a worker thread).
+    """
+
+    @abc.abstractmethod
+    def execute_local_transaction(self, message: Message, arg: Any) -> LocalTransactionState:
+        """Run the local transaction for the stored half ``message``; return its outcome.
+
+        ``arg`` is what the caller passed to ``send_in_transaction``. Raising means UNKNOWN.
+        """
+
+    @abc.abstractmethod
+    def check_local_transaction(self, message: Message) -> LocalTransactionState:
+        """Tell the broker the outcome of the transaction of half ``message`` (check-back)."""
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
+    )
+
+
+def _as_state(value: Any, where: str) -> LocalTransactionState:
+    if isinstance(value, LocalTransactionState):
+        return value
+    if isinstance(value, str):
+        try:
+            return LocalTransactionState(value.upper())
+        except ValueError:
+            pass
+    log.warning("%s returned %r, not a LocalTransactionState; treating it as UNKNOWN", where, value)
+    return LocalTransactionState.UNKNOWN
+
+
+class TransactionProducer(Producer):
+    """A ``Producer`` that also sends transactional (half) messages for ``group``.
+
+    Options (keyword-only): ``group`` (required, the producer group check-backs are
+    addressed to), ``listener`` (a ``TransactionListener``), ``send_timeout`` (default 3 s,
+    also bounds the outcome report), ``client_id``, ``check_workers`` (default 4: check-backs
+    answered at once; also the threads that run plain ``def`` check methods).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        group: str,
+        listener: TransactionListener,
+        send_timeout: float = 3.0,
+        retries: int = 2,
+        client_id: str | None = None,
+        check_workers: int = 4,
+    ) -> None:
+        validate_name(group, "producer group")
+        if listener is None:
+            raise TypeError("a TransactionProducer needs a listener")
+        if check_workers < 1:
+            raise ValueError("check_workers must be >= 1")
+        self.listener = listener
+        self.check_workers = check_workers
+        self._check_slots: asyncio.Semaphore | None = None
+        self._check_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        super().__init__(address, group=group, send_timeout=send_timeout, retries=retries,
+                         client_id=client_id)
+
+    def _make_connection(self, client_id: str | None) -> Connection:
+        return Connection(
+            self.address,
+            role=Role.PRODUCER,
+            group=self.group,
+            client_id=client_id,
+            request_timeout=self.send_timeout,
+            on_request=self._on_broker_request,
+        )
+
+    async def start(self) -> None:
+        """Connect and announce the producer group (check-backs may arrive from now on)."""
+        if self._check_slots is None:
+            self._check_slots = asyncio.Semaphore(self.check_workers)
+        await super().start()
+
+    async def close(self) -> None:
+        """Close the connection and the check-back worker threads."""
+        await super().close()
+        pool, self._check_pool = self._check_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> TransactionProducer:
+        await self.start()
+        return self
+
+    async def send_in_transaction(
+        self,
+        topic: str,
+        body: bytes | str,
+        *,
+        arg: Any = None,
+        tags: str | None = None,
+        keys: str | Iterable[str] | None = None,
+        properties: Mapping[str, str] | None = None,
+    ) -> SendResult:
+        """Send a half message, run the local transaction, report its outcome.
+
+        Returns a ``SendResult`` whose ``state`` is the ``LocalTransactionState`` reported
+        (or, for UNKNOWN, left to check-back); ``queue_offset`` is -1 (a half message).
+        Raises whatever storing the half message raises (the listener is then not called),
+        whatever ``execute_local_transaction`` raises (outcome left to check-back), and
+        ``TransactionStateError`` if the broker already recorded a conflicting outcome.
+        """
+        validate_send_topic(topic)
+        data = _encode_body(body)
+        if len(data) > self._conn.max_message_size:
+            raise MessageTooLargeError(
+                f"message body of {len(data)} bytes exceeds the broker's limit of "
+                f"{self._conn.max_message_size} bytes"
+            )
+        tags = _encode_tags(tags)
+        key_list = _encode_keys(keys)
+        props = _encode_properties(properties)
+        born = int(time.time() * 1000)
+        reply = await self._send_request(
+            {"topic": topic, "msgs": [[data, tags, key_list, props, born]], "half": True}
+        )
+        half = self._results(topic, reply, 1)[0]
+        message = Message(
+            msg_id=half.msg_id, topic=topic, body=data, tags=tags, keys=tuple(key_list),
+            properties=props, born_timestamp=born, queue_id=half.queue_id,
+            queue_offset=half.queue_offset,
+        )
+        fn = self.listener.execute_local_transaction
+        try:
+            if _is_async(fn):
+                value = await fn(message, arg)
+            else:
+                value = await asyncio.to_thread(fn, message, arg)
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception:
+            log.warning("execute_local_transaction raised for msg_id %s; outcome UNKNOWN, "
+                        "check-back will decide", half.msg_id)
+            raise
+        state = _as_state(value, "execute_local_transaction")
+        if state is not LocalTransactionState.UNKNOWN:
+            try:
+                await self._send_request({"msg_id": half.msg_id, "outcome": state.value},
+                                         op=Op.END_TX)
+            except (BrokerUnavailableError, RequestTimeoutError) as exc:
+                log.warning("could not report %s for msg_id %s (%s); check-back will resolve it",
+                            state.value, half.msg_id, exc)
+        return SendResult(half.msg_id, half.queue_id, half.queue_offset, topic, state)
+
+    # -- check-back ----------------------------------------------------------------------
+
+    async def _on_broker_request(self, op: int, payload: Any) -> Any:
+        if op != Op.CHECK:
+            raise BadRequestError(f"a producer does not serve op {op}")
+        try:
+            message = Message.from_wire(payload["m"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadRequestError(f"malformed CHECK payload: {exc}") from None
+        assert self._check_slots is not None
+        async with self._check_slots:
+            fn = self.listener.check_local_transaction
+            try:
+                if _is_async(fn):
+                    value = await fn(message)
+                else:
+                    loop = asyncio.get_running_loop()
+                    if self._check_pool is None:
+                        self._check_pool = concurrent.futures.ThreadPoolExecutor(
+                            self.check_workers, thread_name_prefix="halfmq-check"
+                        )
+                    ctx = contextvars.copy_context()
+                    value = await loop.run_in_executor(self._check_pool, ctx.run, fn, message)
+                if inspect.isawaitable(value):
+                    value = await value
+                state = _as_state(value, "check_local_transaction")
+            except Exception:
+                log.warning("check_local_transaction raised for msg_id %s; answering UNKNOWN",
+                            message.msg_id, exc_info=True)
+                state = LocalTransactionState.UNKNOWN
+        return {"state": state.value}

@@ -1,0 +1,1 @@
+"""SDK tests: the producer and consumer SDKs driven against a real broker process."""

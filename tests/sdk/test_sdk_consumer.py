@@ -1,0 +1,203 @@
+"""PushConsumer against a real broker: SPEC §7 C1-C10, threads, reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import pytest
+
+from consumer_sdk import ConsumeResult, PushConsumer
+from producer_sdk import Producer
+from tests.conftest import wait_for
+from tests.sdk.sdk_helpers import Recorder, ThreadRecorder
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_c1_every_message_delivered(broker):
+    rec = Recorder()
+    async with Producer(broker.address) as p:
+        sent = {(await p.send("c1", f"m{i}")).msg_id for i in range(50)}
+        sent |= {r.msg_id for r in await p.send_batch("c1", [f"b{i}" for i in range(150)])}
+        async with PushConsumer(broker.address, group="g", topic="c1", listener=rec):
+            await wait_for(lambda: rec.ids() >= sent, what="all 200 messages")
+    assert rec.ids() == sent
+
+
+async def test_c2_members_split_groups_each_get_all(broker):
+    a, b, other = Recorder(), Recorder(), Recorder()
+    async with (
+        PushConsumer(broker.address, group="g1", topic="c2", listener=a, prefetch=4),
+        PushConsumer(broker.address, group="g1", topic="c2", listener=b, prefetch=4),
+        PushConsumer(broker.address, group="g2", topic="c2", listener=other),
+        Producer(broker.address) as p,
+    ):
+        sent = {r.msg_id for r in await p.send_batch("c2", [f"m{i}" for i in range(100)])}
+        await wait_for(lambda: (a.ids() | b.ids()) >= sent and other.ids() >= sent,
+                       what="every message in both groups")
+    assert a.ids() and b.ids(), "both members of g1 should receive messages"
+    assert not (a.ids() & b.ids()), "a message acked by one member went to the other"
+    assert len(a.messages) + len(b.messages) == 100
+    assert other.ids() == sent
+
+
+@pytest.mark.parametrize("failure", ["reconsume_later", "raise"])
+async def test_c3_failure_redelivered_with_reconsume_times(broker, failure, caplog):
+    def decide(m):
+        if m.reconsume_times < 2:
+            if failure == "raise":
+                raise RuntimeError("boom")
+            return ConsumeResult.RECONSUME_LATER
+        return ConsumeResult.SUCCESS
+
+    rec = Recorder(decide)
+    caplog.set_level(logging.WARNING, logger="halfmq.consumer")
+    async with Producer(broker.address) as p:
+        r = await p.send("c3", b"retry me")
+        async with PushConsumer(broker.address, group="g", topic="c3", listener=rec):
+            await wait_for(lambda: len(rec.messages) >= 3, what="two redeliveries")
+    assert [m.reconsume_times for m in rec.messages[:3]] == [0, 1, 2]
+    assert {m.msg_id for m in rec.messages} == {r.msg_id}
+    assert {m.body for m in rec.messages} == {b"retry me"}
+    if failure == "raise":
+        assert any(r.msg_id in rec_.getMessage() for rec_ in caplog.records)
+
+
+async def test_c4_dead_letter_after_max_reconsume_times(broker):
+    failing = Recorder(lambda m: ConsumeResult.RECONSUME_LATER)
+    dlq = Recorder()
+    async with Producer(broker.address) as p:
+        r = await p.send("c4", b"poison", tags="T", keys=["k"], properties={"p": "v"})
+        async with (
+            PushConsumer(broker.address, group="g", topic="c4", listener=failing,
+                         max_reconsume_times=1),
+            PushConsumer(broker.address, group="dlqreader", topic="%DLQ%g", listener=dlq),
+        ):
+            await wait_for(lambda: dlq.messages, what="the message in %DLQ%g")
+            assert [m.reconsume_times for m in failing.messages] == [0, 1]
+    m = dlq.messages[0]
+    assert m.msg_id == r.msg_id
+    assert m.body == b"poison" and m.keys == ("k",)
+    assert m.properties.get("p") == "v"
+    assert m.properties.get("ORIGIN_TOPIC") == "c4"
+    assert m.topic == "%DLQ%g"
+    assert len(failing.messages) == 2  # not delivered to the group again
+
+
+async def test_c6_tag_filter(broker):
+    rec, all_ = Recorder(), Recorder()
+    async with Producer(broker.address) as p:
+        for tag in ["A", "B", "C", None, "A"]:
+            await p.send("c6", f"{tag}", tags=tag)
+        async with (
+            PushConsumer(broker.address, group="ab", topic="c6", tags="A || B", listener=rec),
+            PushConsumer(broker.address, group="all", topic="c6", tags="*", listener=all_),
+        ):
+            await wait_for(lambda: len(all_.messages) == 5, what="all 5 messages")
+            await p.send("c6", b"marker", tags="B")
+            await wait_for(lambda: b"marker" in rec.bodies(), what="the marker")
+    assert sorted(m.tags for m in rec.messages) == ["A", "A", "B", "B"]
+
+
+async def test_c7_start_latest_skips_backlog(broker):
+    rec = Recorder()
+    async with Producer(broker.address) as p:
+        for i in range(5):
+            await p.send("c7", f"old{i}")
+        async with PushConsumer(broker.address, group="new", topic="c7", listener=rec,
+                                start="latest"):
+            r = await p.send("c7", b"new")
+            await wait_for(lambda: rec.messages, what="the new message")
+    assert [m.msg_id for m in rec.messages] == [r.msg_id]
+
+
+async def test_c9_close_finishes_in_flight_and_acks(broker_factory):
+    b = broker_factory("--ack-timeout", "700ms", "--retry-delays", "200ms")
+    gate = asyncio.Event()
+    rec = Recorder(gate=gate)
+    async with Producer(b.address) as p:
+        r = await p.send("c9", b"slow")
+        c = PushConsumer(b.address, group="g", topic="c9", listener=rec)
+        await c.start()
+        await wait_for(lambda: rec.in_flight == 1, what="the listener call to start")
+        closing = asyncio.create_task(c.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done(), "close() must wait for the running listener call"
+        gate.set()
+        await asyncio.wait_for(closing, 5)
+        assert rec.finished == 1
+        # reopen: the acked message must not come back, even after the ack timeout
+        rec2 = Recorder()
+        async with PushConsumer(b.address, group="g", topic="c9", listener=rec2):
+            await p.send("c9", b"marker")
+            await wait_for(lambda: b"marker" in rec2.bodies(), what="the marker")
+            await asyncio.sleep(1.2)  # > ack-timeout + retry delay: a lost ack would show
+    assert r.msg_id not in rec2.ids()
+
+
+async def test_c9_close_does_not_ack_unstarted(broker_factory):
+    b = broker_factory("--ack-timeout", "500ms", "--retry-delays", "200ms")
+    gate = asyncio.Event()
+    rec = Recorder(gate=gate)
+    async with Producer(b.address) as p:
+        sent = [r.msg_id for r in await p.send_batch("c9b", [b"1", b"2", b"3"])]
+        c = PushConsumer(b.address, group="g", topic="c9b", listener=rec, concurrency=1)
+        await c.start()
+        await wait_for(lambda: rec.in_flight == 1, what="the first listener call")
+        await wait_for(lambda: c._queue.qsize() == 2, what="the other two queued")
+        closing = asyncio.create_task(c.close())
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.wait_for(closing, 5)
+        assert rec.finished == 1
+        rec2 = Recorder()
+        async with PushConsumer(b.address, group="g", topic="c9b", listener=rec2):
+            await wait_for(lambda: rec2.ids() >= set(sent) - rec.ids(),
+                           what="the unstarted messages redelivered")
+        assert rec.messages[0].msg_id not in rec2.ids()
+
+
+async def test_c10_concurrency_and_prefetch_bound(broker):
+    gate = asyncio.Event()
+    rec = Recorder(gate=gate)
+    async with Producer(broker.address) as p:
+        await p.send_batch("c10", [f"m{i}" for i in range(30)])
+        async with PushConsumer(broker.address, group="g", topic="c10", listener=rec,
+                                concurrency=3, prefetch=5) as c:
+            await wait_for(lambda: rec.in_flight == 3 and c._queue.qsize() == 2,
+                           what="3 calls running and 2 prefetched")
+            for _ in range(10):  # the bounds hold while the listener is stuck
+                await asyncio.sleep(0.02)
+                assert rec.in_flight == 3 and rec.max_in_flight == 3
+                assert c._queue.qsize() + rec.in_flight <= 5
+            gate.set()
+            await wait_for(lambda: rec.finished == 30, what="all 30 consumed")
+    assert rec.max_in_flight == 3
+
+
+async def test_plain_def_listener_runs_off_the_loop(broker):
+    rec = ThreadRecorder()
+    loop_thread = threading.get_ident()
+    async with Producer(broker.address) as p:
+        await p.send_batch("th", [b"1", b"2", b"3"])
+        async with PushConsumer(broker.address, group="g", topic="th", listener=rec):
+            await wait_for(lambda: len(rec.messages) == 3, what="3 messages")
+    assert rec.threads and loop_thread not in rec.threads
+
+
+async def test_reconnect_after_broker_restart(broker):
+    rec = Recorder()
+    async with (
+        Producer(broker.address) as p,
+        PushConsumer(broker.address, group="g", topic="rc", listener=rec) as c,
+    ):
+        first = await p.send("rc", b"before")
+        await wait_for(lambda: first.msg_id in rec.ids(), what="first message")
+        gen = c._conn.generation
+        await asyncio.to_thread(broker.restart)
+        second = await p.send("rc", b"after")  # waits for the reconnect, no action needed
+        await wait_for(lambda: second.msg_id in rec.ids(), what="message after restart")
+        assert c._conn.generation > gen
+    assert rec.bodies().count(b"before") == 1

@@ -1,0 +1,186 @@
+"""TransactionProducer against a real broker: SPEC §6 T2-T5, T8, T10 and check-back."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from consumer_sdk import PushConsumer
+from producer_sdk import (
+    InvalidNameError,
+    LocalTransactionState,
+    TransactionListener,
+    TransactionProducer,
+)
+from tests.conftest import wait_for
+from tests.sdk.sdk_helpers import Recorder
+
+pytestmark = pytest.mark.timeout(30)
+
+COMMIT, ROLLBACK, UNKNOWN = (LocalTransactionState.COMMIT, LocalTransactionState.ROLLBACK,
+                             LocalTransactionState.UNKNOWN)
+
+
+class Bank(TransactionListener):
+    """Async listener: ``execute`` returns ``arg`` (or raises it); ``check`` answers ``checks``."""
+
+    def __init__(self, check_answer: LocalTransactionState = COMMIT) -> None:
+        self.executed: list = []
+        self.checked: list = []
+        self.check_answer = check_answer
+
+    async def execute_local_transaction(self, message, arg):
+        self.executed.append(message)
+        if isinstance(arg, Exception):
+            raise arg
+        return arg
+
+    async def check_local_transaction(self, message):
+        self.checked.append(message)
+        return self.check_answer
+
+
+class ThreadedBank(TransactionListener):
+    """Plain-def listener recording the threads its methods ran on."""
+
+    def __init__(self, on_execute=None) -> None:
+        self.threads: list[int] = []
+        self.checked: list = []
+        self.on_execute = on_execute
+
+    def execute_local_transaction(self, message, arg):
+        self.threads.append(threading.get_ident())
+        if self.on_execute:
+            self.on_execute()
+        return arg
+
+    def check_local_transaction(self, message):
+        self.threads.append(threading.get_ident())
+        self.checked.append(message)
+        return COMMIT
+
+
+async def test_commit_delivered_rollback_never(broker):
+    bank = Bank()
+    rec = Recorder()
+    async with (
+        TransactionProducer(broker.address, group="bank1", listener=bank) as p,
+        PushConsumer(broker.address, group="bank2", topic="tx", listener=rec),
+    ):
+        rb = await p.send_in_transaction("tx", b"rolled back", arg=ROLLBACK)
+        c = await p.send_in_transaction("tx", b"committed", arg=COMMIT, tags="T",
+                                        keys=["tx-1"], properties={"p": "v"})
+        assert (c.state, rb.state) == (COMMIT, ROLLBACK)
+        await wait_for(lambda: c.msg_id in rec.ids(), what="the committed message")
+        # a later plain message arrives; the rolled-back one still never does
+        marker = await p.send("tx", b"marker")
+        await wait_for(lambda: marker.msg_id in rec.ids(), what="the marker")
+    m = next(m for m in rec.messages if m.msg_id == c.msg_id)
+    assert (m.body, m.tags, m.keys, m.properties.get("p")) == (b"committed", "T", ("tx-1",), "v")
+    assert rb.msg_id not in rec.ids()
+    assert bank.executed[1].msg_id == c.msg_id and bank.executed[1].keys == ("tx-1",)
+    assert not bank.checked
+
+
+async def test_unknown_resolved_by_check_back(broker):
+    bank = Bank(check_answer=COMMIT)
+    rec = Recorder()
+    async with (
+        TransactionProducer(broker.address, group="bank1", listener=bank) as p,
+        PushConsumer(broker.address, group="bank2", topic="tx", listener=rec),
+    ):
+        r = await p.send_in_transaction("tx", b"later", arg=UNKNOWN)
+        assert r.state is UNKNOWN and r.queue_offset == -1
+        await wait_for(lambda: r.msg_id in rec.ids(), what="commit by check-back")
+    assert bank.checked and bank.checked[0].msg_id == r.msg_id
+    assert bank.checked[0].body == b"later" and bank.checked[0].topic == "tx"
+
+
+async def test_check_back_rollback(broker):
+    bank = Bank(check_answer=ROLLBACK)
+    rec = Recorder()
+    async with (
+        TransactionProducer(broker.address, group="bank1", listener=bank) as p,
+        PushConsumer(broker.address, group="bank2", topic="tx", listener=rec),
+    ):
+        r = await p.send_in_transaction("tx", b"never", arg=UNKNOWN)
+        await wait_for(lambda: bank.checked, what="a check-back")
+        marker = await p.send("tx", b"marker")
+        await wait_for(lambda: marker.msg_id in rec.ids(), what="the marker")
+        await asyncio.sleep(0.5)  # a few more check intervals: the rollback is final
+    assert r.msg_id not in rec.ids()
+
+
+async def test_t5_execute_raises_reraised_and_check_back_decides(broker):
+    bank = Bank(check_answer=COMMIT)
+    rec = Recorder()
+    async with (
+        TransactionProducer(broker.address, group="bank1", listener=bank) as p,
+        PushConsumer(broker.address, group="bank2", topic="tx", listener=rec),
+    ):
+        with pytest.raises(ZeroDivisionError):
+            await p.send_in_transaction("tx", b"boom", arg=ZeroDivisionError("db down"))
+        assert len(bank.executed) == 1
+        msg_id = bank.executed[0].msg_id
+        await wait_for(lambda: msg_id in rec.ids(), what="commit by check-back")
+
+
+async def test_t8_half_not_stored_listener_not_called(broker):
+    bank = Bank()
+    async with TransactionProducer(broker.address, group="bank1", listener=bank) as p:
+        for bad in ["bad topic", "%DLQ%g"]:
+            with pytest.raises(InvalidNameError):
+                await p.send_in_transaction(bad, b"x", arg=COMMIT)
+    broker.stop()
+    p = TransactionProducer(broker.address, group="bank1", listener=bank, send_timeout=0.5)
+    with pytest.raises(Exception):  # noqa: B017 - not started / unreachable
+        await p.send_in_transaction("tx", b"x", arg=COMMIT)
+    assert not bank.executed
+
+
+def _kill9_and_release(broker) -> None:
+    """SIGKILL the broker and close its pipes (``start()`` opens new ones)."""
+    broker.kill9()
+    for stream in (broker.proc.stdout, broker.proc.stderr):
+        if stream:
+            stream.close()
+
+
+async def test_t10_outcome_lost_returns_state_and_check_back_resolves(broker):
+    # the broker dies during the local transaction, so END_TX cannot reach it
+    listener = ThreadedBank(on_execute=lambda: _kill9_and_release(broker))
+    rec = Recorder()
+    async with TransactionProducer(broker.address, group="bank1", listener=listener,
+                                   send_timeout=1.0) as p:
+        r = await p.send_in_transaction("tx", b"transfer", arg=COMMIT)
+        assert r.state is COMMIT
+        await asyncio.to_thread(broker.start)  # same ports, same data dir
+        async with PushConsumer(broker.address, group="bank2", topic="tx", listener=rec):
+            await wait_for(lambda: r.msg_id in rec.ids(), what="commit by check-back")
+    assert listener.checked and listener.checked[0].msg_id == r.msg_id
+    assert threading.get_ident() not in listener.threads
+
+
+async def test_plain_def_listener_off_loop(broker):
+    listener = ThreadedBank()
+    rec = Recorder()
+    async with (
+        TransactionProducer(broker.address, group="bank1", listener=listener) as p,
+        PushConsumer(broker.address, group="bank2", topic="tx", listener=rec),
+    ):
+        r = await p.send_in_transaction("tx", b"x", arg=UNKNOWN)
+        await wait_for(lambda: r.msg_id in rec.ids(), what="commit by check-back")
+    assert len(listener.threads) >= 2
+    assert threading.get_ident() not in listener.threads
+
+
+async def test_check_back_reaches_producer_after_reconnect(broker):
+    bank = Bank(check_answer=COMMIT)
+    rec = Recorder()
+    async with TransactionProducer(broker.address, group="bank1", listener=bank) as p:
+        r = await p.send_in_transaction("tx", b"x", arg=UNKNOWN)
+        await asyncio.to_thread(broker.restart)
+        async with PushConsumer(broker.address, group="bank2", topic="tx", listener=rec):
+            await wait_for(lambda: r.msg_id in rec.ids(), what="commit by check-back")
