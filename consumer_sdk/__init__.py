@@ -15,6 +15,7 @@ of workers runs the listener, and results are acked in batches.
 """
 
 from consumer_sdk.consumer import PushConsumer
+from consumer_sdk.dedup import apply_once, claim_key, create_dedup_table
 from protocol import (
     AuthError,
     BrokerUnavailableError,
@@ -38,4 +39,7 @@ __all__ = [
     "RequestTimeoutError",
     "TransactionStateError",
     "AuthError",
+    "apply_once",
+    "claim_key",
+    "create_dedup_table",
 ]

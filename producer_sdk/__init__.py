@@ -10,6 +10,13 @@ reply; ``TransactionProducer.send_in_transaction`` sends a half message, runs th
         r = await p.send("transfer", b"...", tags="TagA", keys=["tx-1"])
 """
 
+from producer_sdk.local_tx import (
+    AlreadyRolledBackError,
+    TxLogChecker,
+    TxLogListener,
+    create_tx_log,
+    record_commit,
+)
 from producer_sdk.producer import Producer
 from producer_sdk.transaction import TransactionListener, TransactionProducer
 from protocol import (
@@ -39,4 +46,9 @@ __all__ = [
     "RequestTimeoutError",
     "TransactionStateError",
     "AuthError",
+    "TxLogChecker",
+    "TxLogListener",
+    "record_commit",
+    "create_tx_log",
+    "AlreadyRolledBackError",
 ]

@@ -28,9 +28,10 @@ def test_exports_are_pinned():
               "RequestTimeoutError", "TransactionStateError", "AuthError"]
     assert sorted(producer_sdk.__all__) == sorted(
         ["Producer", "TransactionProducer", "TransactionListener", "LocalTransactionState",
-         "SendResult", "Message", *errors])
+         "SendResult", "Message", *errors,
+         "TxLogChecker", "TxLogListener", "record_commit", "create_tx_log", "AlreadyRolledBackError"])
     assert sorted(consumer_sdk.__all__) == sorted(["PushConsumer", "ConsumeResult", "Message",
-                                                   *errors])
+                                                   *errors, "apply_once", "claim_key", "create_dedup_table"])
     for name in producer_sdk.__all__:
         assert getattr(producer_sdk, name) is not None
     for name in consumer_sdk.__all__:
