@@ -23,7 +23,14 @@ Record framing (little endian)::
     body            the rest, raw
 
 The index target is in the framing so that queue-index tails can be rebuilt from the log.
-Encoding is one ``struct.pack`` + ``msgpack.packb`` + ``zlib.crc32`` + join per record.
+The store encodes a record with one ``struct.pack`` of the fixed part (+ index target), a
+reused msgpack ``Packer`` and two chained ``zlib.crc32`` calls, appending straight into the
+batch's ``bytearray`` (see :func:`storage.store.MessageStore.append`); :func:`encode_record`
+is the same encoding as a standalone function. Decoding checks and unpacks the fixed part
+with one ``struct.unpack_from`` and builds :class:`Record` through a fast constructor.
+:meth:`SegmentLog.read` keeps its last ``pread`` buffer (written bytes never change; it is
+dropped when segments are truncated or deleted) and reads 64 KiB ahead once reads move
+forward through a segment, so a consumer walking a queue does not pay a syscall per record.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
@@ -54,16 +62,44 @@ __all__ = [
 PREFIX = struct.Struct("<II")  # length, crc
 TAIL = struct.Struct("<BBQI")  # rtype, flags, store_time, header_len
 IDX = struct.Struct("<IIqIQH")  # queue_id, tag_hash, ref_pos, ref_size, queue_offset, topic_len
+TAIL_IDX = struct.Struct("<BBQIIIqIQH")  # TAIL + IDX in one pack
+FRAME = struct.Struct("<IIBBQI")  # PREFIX + TAIL in one unpack
 FIXED = PREFIX.size + TAIL.size  # 22
 FLAG_INDEX = 1
 NAME_DIGITS = 20
 READ_AHEAD = 4096
+SEQ_READ_AHEAD = 64 * 1024  # read-ahead once reads look sequential (a consumer walking a queue)
+SEQ_WINDOW = 256 * 1024
 SCAN_CHUNK = 1 << 20
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 _crc32 = zlib.crc32
 _prefix_pack = PREFIX.pack
 _tail_pack = TAIL.pack
+_frame_unpack = FRAME.unpack_from
+_idx_unpack = IDX.unpack_from
+_unpackb = msgpack.unpackb
+_new = object.__new__
+_r_pos = Record.pos.__set__  # type: ignore[attr-defined]
+_r_size = Record.size.__set__  # type: ignore[attr-defined]
+_r_rtype = Record.rtype.__set__  # type: ignore[attr-defined]
+_r_time = Record.store_time.__set__  # type: ignore[attr-defined]
+_r_header = Record.header.__set__  # type: ignore[attr-defined]
+_r_body = Record.body.__set__  # type: ignore[attr-defined]
+_r_next = Record.next_pos.__set__  # type: ignore[attr-defined]
+
+
+def make_record(pos: int, size: int, rtype: int, store_time: int, header: dict, body: bytes, next_pos: int) -> Record:
+    """``Record(...)`` without the frozen dataclass ``__init__`` (same class, same fields)."""
+    r = _new(Record)
+    _r_pos(r, pos)
+    _r_size(r, size)
+    _r_rtype(r, rtype)
+    _r_time(r, store_time)
+    _r_header(r, header)
+    _r_body(r, body)
+    _r_next(r, next_pos)
+    return r
 
 
 class CorruptRecordError(ValueError):
@@ -103,19 +139,18 @@ def check_record(buf: bytes, off: int, avail: int, max_len: int) -> int:
     """
     if avail < FIXED:
         raise CorruptRecordError("torn record header")
-    length, crc = PREFIX.unpack_from(buf, off)
+    length, crc, _, flags, _, header_len = _frame_unpack(buf, off)
     if length < FIXED or length > max_len:
         raise CorruptRecordError(f"bad record length {length}")
     if length > avail:
         raise CorruptRecordError("torn record")
     if _crc32(memoryview(buf)[off + 8 : off + length]) != crc:
         raise CorruptRecordError("record CRC mismatch")
-    _, flags, _, header_len = TAIL.unpack_from(buf, off + 8)
     need = FIXED + header_len
     if flags & FLAG_INDEX:
         if length < need + IDX.size:
             raise CorruptRecordError("bad index target")
-        need += IDX.size + IDX.unpack_from(buf, off + FIXED)[5]
+        need += IDX.size + _idx_unpack(buf, off + FIXED)[5]
     if need > length:
         raise CorruptRecordError("bad header length")
     return length
@@ -133,13 +168,59 @@ def decode_index_target(buf: bytes, off: int) -> IndexTargetInfo | None:
 
 def decode_record(buf: bytes, off: int, length: int, pos: int, next_pos: int) -> Record:
     """Decode the (already checked) record of ``length`` bytes at ``buf[off]``."""
-    rtype, flags, store_time, header_len = TAIL.unpack_from(buf, off + 8)
+    _, _, rtype, flags, store_time, header_len = _frame_unpack(buf, off)
     h = off + FIXED
     if flags & FLAG_INDEX:
-        h += IDX.size + IDX.unpack_from(buf, off + FIXED)[5]
-    header = _unpack_header(buf[h : h + header_len])
-    body = bytes(buf[h + header_len : off + length])
-    return Record(pos, length, rtype, store_time, header, body, next_pos)
+        h += IDX.size + _idx_unpack(buf, h)[5]
+    b = h + header_len
+    if type(buf) is bytes:
+        header = _unpackb(buf[h:b], raw=False, strict_map_key=False)
+        body = buf[b : off + length]
+    else:
+        mv = memoryview(buf)
+        header = _unpackb(mv[h:b], raw=False, strict_map_key=False)
+        body = mv[b : off + length].tobytes()
+    return make_record(pos, length, rtype, store_time, header, body, next_pos)
+
+
+def read_checked(
+    buf: bytes, off: int, avail: int, max_len: int, pos: int, seg_end: int, next_base: int, verify: bool = True
+) -> Record:
+    """:func:`check_record` + :func:`decode_record` in one pass.
+
+    ``seg_end``: global end of the record's segment; ``next_base``: base of the following
+    segment, or -1 if it is the last (a record ending at ``seg_end`` then continues there).
+    ``verify=False`` skips the CRC (only for bytes this process encoded itself).
+    """
+    if avail < FIXED:
+        raise CorruptRecordError("torn record header")
+    length, crc, rtype, flags, store_time, header_len = _frame_unpack(buf, off)
+    if length < FIXED or length > max_len:
+        raise CorruptRecordError(f"bad record length {length}")
+    if length > avail:
+        raise CorruptRecordError("torn record")
+    end = off + length
+    if verify and _crc32(memoryview(buf)[off + 8 : end]) != crc:
+        raise CorruptRecordError("record CRC mismatch")
+    h = off + FIXED
+    if flags & FLAG_INDEX:
+        if length < FIXED + header_len + IDX.size:
+            raise CorruptRecordError("bad index target")
+        h += IDX.size + _idx_unpack(buf, h)[5]
+    b = h + header_len
+    if b > end:
+        raise CorruptRecordError("bad header length")
+    if type(buf) is bytes:
+        header = _unpackb(buf[h:b], raw=False, strict_map_key=False)
+        body = buf[b:end]
+    else:
+        mv = memoryview(buf)
+        header = _unpackb(mv[h:b], raw=False, strict_map_key=False)
+        body = mv[b:end].tobytes()
+    npos = pos + length
+    if npos >= seg_end and next_base >= 0:
+        npos = next_base
+    return make_record(pos, length, rtype, store_time, header, body, npos)
 
 
 class Segment:
@@ -175,6 +256,8 @@ class SegmentLog:
         self.segment_size = segment_size
         self.segments: list[Segment] = []
         self.bases: list[int] = []
+        # the last read buffer: (segment, file offset of buf[0], buf); written bytes never change
+        self._rbuf: tuple[Segment, int, bytes] | None = None
 
     # -- files ----------------------------------------------------------------------------
     def load(self) -> None:
@@ -208,6 +291,7 @@ class SegmentLog:
     def drop_first(self) -> Segment:
         """Forget the oldest segment (the caller closes and unlinks it)."""
         self.bases.pop(0)
+        self._rbuf = None
         return self.segments.pop(0)
 
     def truncate_at(self, pos: int) -> None:
@@ -218,6 +302,7 @@ class SegmentLog:
         for seg in self.segments[i + 1 :]:
             os.close(seg.fd)
             os.unlink(seg.path)
+        self._rbuf = None
         del self.segments[i + 1 :]
         del self.bases[i + 1 :]
         seg = self.segments[i]
@@ -256,22 +341,47 @@ class SegmentLog:
             return self.bases[i]
         return end
 
+    def next_base(self, seg: Segment) -> int:
+        """Base of the segment after ``seg``, or -1 if ``seg`` is the last one."""
+        if seg is self.segments[-1]:
+            return -1
+        return self.bases[bisect.bisect_right(self.bases, seg.base)]
+
     def read(self, pos: int) -> Record:
         """Read and verify the record at ``pos`` (KeyError: no such position; ValueError: corrupt)."""
         if pos < 0:
             raise KeyError(pos)
-        seg = self.find(pos)
-        rel = pos - seg.base
-        if rel >= seg.size:
+        bases = self.bases
+        i = bisect.bisect_right(bases, pos) - 1
+        if i < 0:
             raise KeyError(pos)
+        seg = self.segments[i]
+        rel = pos - seg.base
         avail_total = seg.size - rel
-        buf = os.pread(seg.fd, min(READ_AHEAD, avail_total), rel)
-        if len(buf) >= 4:
+        if avail_total <= 0:
+            raise KeyError(pos)
+        room = self.segment_size - rel
+        if room > avail_total:
+            room = avail_total
+        next_base = bases[i + 1] if i + 1 < len(bases) else -1
+        rb = self._rbuf
+        ahead = READ_AHEAD
+        if rb is not None and rb[0] is seg:
+            off = rel - rb[1]
+            buf = rb[2]
+            if 0 <= off and off + FIXED <= len(buf):
+                length = PREFIX.unpack_from(buf, off)[0]
+                if off + length <= len(buf):
+                    return read_checked(buf, off, len(buf) - off, room, pos, seg.base + seg.size, next_base)
+            if 0 <= off - len(buf) < SEQ_WINDOW:
+                ahead = SEQ_READ_AHEAD
+        buf = os.pread(seg.fd, ahead if avail_total > ahead else avail_total, rel)
+        if len(buf) >= 8:
             length = PREFIX.unpack_from(buf, 0)[0]
             if len(buf) < length <= avail_total:
                 buf += os.pread(seg.fd, length - len(buf), rel + len(buf))
-        length = check_record(buf, 0, len(buf), min(avail_total, self.segment_size - rel))
-        return decode_record(buf, 0, length, pos, self.next_pos_after(seg, pos + length))
+        self._rbuf = (seg, rel, buf)
+        return read_checked(buf, 0, len(buf), room, pos, seg.base + seg.size, next_base)
 
     def record_size(self, pos: int) -> int:
         """Size of the verified record at ``pos``."""
@@ -284,15 +394,27 @@ class SegmentLog:
         ``strict``: a corrupt record raises ValueError; otherwise iteration stops there and
         :attr:`scan_end` tells where the valid log ended.
         """
+        return self._scan(from_pos, strict, False, None)  # type: ignore[return-value]
+
+    def iter_records(self, from_pos: int, end: int | None = None) -> Iterator[Record]:
+        """Decoded records from ``from_pos`` in log order (stopping before position ``end``)."""
+        return self._scan(from_pos, True, True, end)  # type: ignore[return-value]
+
+    def _scan(self, from_pos: int, strict: bool, decode: bool, stop: int | None) -> Iterator[Any]:
         self.scan_end = from_pos
         if not self.segments:
             return
+        if stop is None:
+            stop = 1 << 62
         pos = max(from_pos, self.start)
         i = max(0, bisect.bisect_right(self.bases, pos) - 1)
         rel = pos - self.segments[i].base
+        unpack_len = PREFIX.unpack_from
         while i < len(self.segments):
             seg = self.segments[i]
             while rel < seg.size:
+                seg_end = seg.base + seg.size
+                next_base = self.bases[i + 1] if i + 1 < len(self.bases) else -1
                 remaining = seg.size - rel
                 room = self.segment_size - rel
                 buf = os.pread(seg.fd, min(SCAN_CHUNK, remaining), rel)
@@ -300,38 +422,43 @@ class SegmentLog:
                 if not n:
                     break
                 off = 0
+                gpos = seg.base + rel
                 while off < n:
-                    if n < remaining and n - off >= 8:
-                        length = PREFIX.unpack_from(buf, off)[0]
-                        if n - off < length <= room - off:
-                            if off:
-                                break  # continues past this chunk: re-read from here
-                            buf = os.pread(seg.fd, min(length, remaining), rel)
-                            n = len(buf)
-                            continue
-                    elif n < remaining and off:
-                        break
+                    if n < remaining:
+                        if n - off >= 8:
+                            length = unpack_len(buf, off)[0]
+                            if n - off < length <= room - off:
+                                if off:
+                                    break  # continues past this chunk: re-read from here
+                                buf = os.pread(seg.fd, min(length, remaining), rel)
+                                n = len(buf)
+                                continue
+                        elif off:
+                            break
+                    if gpos + off >= stop:
+                        return
                     try:
-                        length = check_record(buf, off, n - off, room - off)
+                        if decode:
+                            rec = read_checked(buf, off, n - off, room - off, gpos + off, seg_end, next_base)
+                            length = rec.size
+                        else:
+                            length = check_record(buf, off, n - off, room - off)
                     except CorruptRecordError:
-                        self.scan_end = seg.base + rel + off
+                        self.scan_end = gpos + off
                         if strict:
                             raise
                         return
-                    yield buf, off, length, seg.base + rel + off
+                    if decode:
+                        yield rec
+                    else:
+                        yield buf, off, length, gpos + off
                     off += length
-                    self.scan_end = seg.base + rel + off
+                    self.scan_end = gpos + off
                 rel += off
             i += 1
             rel = 0
             if i < len(self.segments):
                 self.scan_end = self.segments[i].base
-
-    def iter_records(self, from_pos: int) -> Iterator[Record]:
-        """Decoded records from ``from_pos`` in log order."""
-        for buf, off, length, pos in self.iter_from(from_pos):
-            seg = self.find(pos)
-            yield decode_record(buf, off, length, pos, self.next_pos_after(seg, pos + length))
 
 
 def fsync_dir(path: Path) -> None:

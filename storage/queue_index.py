@@ -33,6 +33,11 @@ VERSION = 1
 ESIZE = ENTRY.size  # 24
 HSIZE = HEADER.size  # 24
 COMPACT_MIN_DEAD = 4096
+_new = object.__new__
+_e_pos = IndexEntry.pos.__set__  # type: ignore[attr-defined]
+_e_size = IndexEntry.size.__set__  # type: ignore[attr-defined]
+_e_tag = IndexEntry.tag_hash.__set__  # type: ignore[attr-defined]
+_e_time = IndexEntry.store_time.__set__  # type: ignore[attr-defined]
 
 
 def index_path(root: Path, topic: str, queue_id: int) -> Path:
@@ -99,16 +104,34 @@ class QueueIndexFile:
     # -- reads (event loop) -----------------------------------------------------------
     def read(self, offset: int, max_count: int) -> list[tuple[int, IndexEntry]]:
         """Up to ``max_count`` visible ``(offset, entry)`` pairs from ``offset`` (clamped to start)."""
+        raw = self.read_raw(offset, max_count)
+        if raw is None:
+            return []
+        first, data = raw
+        out = []
+        append = out.append
+        new = _new
+        for p, s, t, ts in ENTRY.iter_unpack(data):
+            e = new(IndexEntry)
+            _e_pos(e, p)
+            _e_size(e, s)
+            _e_tag(e, t)
+            _e_time(e, ts)
+            append((first, e))
+            first += 1
+        return out
+
+    def read_raw(self, offset: int, max_count: int) -> tuple[int, bytes] | None:
+        """``(first offset, packed entries)`` of up to ``max_count`` visible entries, or None."""
         if offset < self.start:
             offset = self.start
         n = min(max_count, self.end - offset)
         if n <= 0:
-            return []
+            return None
         raw = os.pread(self.fd, n * ESIZE, HSIZE + (offset - self.base) * ESIZE)
-        return [
-            (offset + i, IndexEntry(p, s, t, ts))
-            for i, (p, s, t, ts) in enumerate(ENTRY.iter_unpack(raw[: len(raw) - len(raw) % ESIZE]))
-        ]
+        if len(raw) % ESIZE:
+            raw = raw[: len(raw) - len(raw) % ESIZE]
+        return offset, raw
 
     # -- writes (writer thread, or loop while the writer is idle) ---------------------
     def write_entries(self, first_offset: int, data: bytes) -> None:

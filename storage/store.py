@@ -4,15 +4,24 @@ How this works
 --------------
 ``append()`` is synchronous: in call order it assigns each record its global position
 (rolling to the next segment when a record does not fit), its store time and its queue
-offset, encodes it once, and adds the bytes to the *current batch*; it returns the
-``Stored`` list and a future. One writer task takes the whole current batch (a fresh one
-starts collecting), and in a worker thread writes it with one ``pwrite`` per segment
-touched, writes the batch's queue-index entries (one ``pwrite`` per queue), and with
-``flush="sync"`` fsyncs once. While that thread runs, the loop keeps accepting appends into
+offset, and encodes it once, straight into the *current batch*: one ``bytearray`` per
+segment touched (plus the list of record starts in it) and one ``bytearray`` of packed
+index entries per queue. A failing record (too large, unknown ``ref_pos``) rolls the
+batch back to where the call started. It returns the ``Stored`` list and a future. One
+writer task takes the whole current batch (a fresh one starts collecting), and in a
+worker thread writes it with one ``pwrite`` per segment touched, writes the batch's
+queue-index entries (one ``pwrite`` per queue), and with ``flush="sync"`` fsyncs once. While that thread runs, the loop keeps accepting appends into
 the next batch — so batches grow with concurrency (group commit). Back on the loop the
 writer publishes the new end of the log and of each queue (readers never see unwritten
 data) and resolves the futures. With ``flush="async"`` futures resolve after the write and
 a timer queues an fsync every ``flush_interval``.
+
+Recent-record cache: after a batch is written, its per-segment buffers (as immutable
+``bytes``, with their record starts) go into a small cache of the last ``cache_bytes`` of
+the log. ``read``/``read_queue_records`` of a cached position decode from memory (same CRC
+check, same results) instead of ``pread`` — consumers mostly read the tail just written.
+Only written bytes enter it; retention drops chunks of deleted segments; it starts empty
+at open, after any recovery truncation, so it never holds a truncated record.
 
 Durability bookkeeping: every few seconds (and at close) the store fsyncs the dirty index
 files and records a *checkpoint* in metadata: a log position up to which index files are
@@ -31,6 +40,7 @@ them.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import contextlib
 import json
@@ -38,24 +48,31 @@ import logging
 import math
 import os
 import time
+import zlib
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from .lock import DataDirLock
 from .log import (
+    FIXED,
+    FLAG_INDEX,
     IDX,
+    PREFIX,
+    TAIL,
+    TAIL_IDX,
+    CorruptRecordError,
     Segment,
     SegmentLog,
-    check_record,
     decode_index_target,
-    decode_record,
-    encode_record,
     fsync_dir,
+    read_checked,
 )
 from .metadata import Metadata
 from .model import IndexEntry, NewRecord, Record, Stored
-from .queue_index import ENTRY, QueueIndexFile, scan_index_dir
+from .queue_index import ENTRY, ESIZE, QueueIndexFile, scan_index_dir
 
 __all__ = ["MessageStore", "StoreClosedError"]
 
@@ -67,8 +84,19 @@ EPOCH_KEY = "storage.epoch"
 SEGMENT_SIZE_KEY = "storage.segment_size"
 CHECKPOINT_INTERVAL = 5.0
 RETENTION_INTERVAL = 60.0
+CACHE_BYTES = 32 << 20
+SPAN_MAX = 1 << 22  # read_queue_records: largest single pread covering several entries
 _entry_pack = ENTRY.pack
-_idx_pack = IDX.pack
+_prefix_pack = PREFIX.pack
+_tail_pack = TAIL.pack
+_tail_idx_pack = TAIL_IDX.pack
+_IDX_FIXED = FIXED + IDX.size
+_crc32 = zlib.crc32
+_new = object.__new__
+_s_pos = Stored.pos.__set__  # type: ignore[attr-defined]
+_s_size = Stored.size.__set__  # type: ignore[attr-defined]
+_s_time = Stored.store_time.__set__  # type: ignore[attr-defined]
+_s_qoff = Stored.queue_offset.__set__  # type: ignore[attr-defined]
 
 
 class StoreClosedError(RuntimeError):
@@ -76,13 +104,13 @@ class StoreClosedError(RuntimeError):
 
 
 class _Batch:
-    """Records collected for one write: groups of (start_pos, chunks) per segment."""
+    """Records collected for one write: ``[start_pos, bytearray, record starts]`` per segment."""
 
     __slots__ = ("groups", "qentries", "futures", "count", "newest_ms", "force_sync", "end")
 
     def __init__(self) -> None:
-        self.groups: list[tuple[int, list[bytes]]] = []
-        self.qentries: dict[QueueIndexFile, tuple[int, list[bytes]]] = {}
+        self.groups: list[list[Any]] = []
+        self.qentries: dict[QueueIndexFile, list[Any]] = {}  # q -> [first offset, bytearray]
         self.futures: list[asyncio.Future[None]] = []
         self.count = 0
         self.newest_ms = 0
@@ -131,6 +159,16 @@ class MessageStore:
         self._lock: DataDirLock | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._last_checkpoint = -1
+        # recent-record cache: chunk i covers [_rc_starts[i], _rc_ends[i]) with bytes and record starts
+        self._rc_starts: list[int] = []
+        self._rc_ends: list[int] = []
+        self._rc_chunks: list[tuple[bytes, list[int]]] = []
+        self._rc_head = 0
+        self._rc_bytes = 0
+        self._rc_lo = 1 << 62  # lowest cached position
+        self._rc_limit = CACHE_BYTES
+        self._topic_bytes: dict[str, bytes] = {}
+        self._packb = msgpack.Packer(use_bin_type=True).pack
 
     # ------------------------------------------------------------------ open / close
     @classmethod
@@ -143,13 +181,15 @@ class MessageStore:
         flush_interval: float = 0.2,
         retention: float = 72 * 3600,
         clock: Callable[[], float] = time.time,
+        cache_bytes: int = CACHE_BYTES,
     ) -> _Opener:
         """Open (creating, locking and recovering) the store in ``data_dir``.
 
         Use ``store = await MessageStore.open(...)`` or ``async with MessageStore.open(...) as s``.
         Raises :class:`DataDirLockedError` if another store holds the directory. The segment
         size of an existing store is kept (positions depend on it); ``segment_size`` applies
-        to new stores only.
+        to new stores only. ``cache_bytes`` (default 32 MiB, 0 disables) bounds the in-memory
+        cache of recently written records that serves reads of the log tail.
         """
         if flush not in ("sync", "async"):
             raise ValueError("flush must be 'sync' or 'async'")
@@ -158,6 +198,7 @@ class MessageStore:
 
         async def _do() -> MessageStore:
             store = cls()
+            store._rc_limit = max(0, int(cache_bytes))
             await store._open(Path(data_dir), segment_size, flush, flush_interval, retention, clock)
             return store
 
@@ -348,71 +389,114 @@ class MessageStore:
             raise StoreClosedError(f"store {self.data_dir} is {'failed' if self._failed else 'closed'}")
         now = int(self._clock() * 1000)
         seg_size = self.segment_size
-        # phase 1: encode (may raise; no state changes except creating index files)
-        encoded: list[tuple[bytes, QueueIndexFile | None, int, int, int, int]] = []
-        local: dict[QueueIndexFile, int] = {}
-        queues = self._queues
-        for r in records:
-            idx = r.index
-            if idx is None:
-                data = encode_record(r.rtype, now, r.header, r.body, b"")
-                if len(data) > seg_size:
-                    raise ValueError(f"record of {len(data)} bytes exceeds segment size {seg_size}")
-                encoded.append((data, None, -1, -1, 0, 0))
-                continue
-            key = (idx.topic, idx.queue_id)
-            q = queues.get(key)
-            if q is None:
-                q = queues[key] = QueueIndexFile.open(self._index_root, idx.topic, idx.queue_id)
-            n = local.get(q, 0)
-            local[q] = n + 1
-            qoff = q.next_offset + n
-            if idx.ref_pos is None:
-                ref_pos, ref_size = -1, 0
-            else:
-                ref_pos, ref_size = idx.ref_pos, self._ref_size(idx.ref_pos)
-            topic_b = idx.topic.encode()
-            part = _idx_pack(idx.queue_id, idx.tag_hash & 0xFFFFFFFF, ref_pos, ref_size, qoff, len(topic_b))
-            data = encode_record(r.rtype, now, r.header, r.body, part + topic_b)
-            if len(data) > seg_size:
-                raise ValueError(f"record of {len(data)} bytes exceeds segment size {seg_size}")
-            encoded.append((data, q, qoff, ref_pos, ref_size, idx.tag_hash & 0xFFFFFFFF))
-        # phase 2: place (cannot fail)
         batch = self._batch
+        groups = batch.groups
+        qentries = batch.qentries
+        queues = self._queues
+        topic_bytes = self._topic_bytes
+        packb = self._packb
+        crc32 = _crc32
+        tail_pack = _tail_pack
+        tail_idx_pack = _tail_idx_pack
+        prefix_pack = _prefix_pack
+        entry_pack = _entry_pack
+        new = _new
+        local: dict[QueueIndexFile, int] = {}
+        out: list[Stored] = []
+        pos = self._next_pos
+        limit = self._seg_limit
+        n_groups = len(groups)
+        if groups:
+            g = groups[-1]
+            buf: bytearray = g[1]
+            starts: list[int] = g[2]
+            mark_buf = len(buf)
+            mark_starts = len(starts)
+        else:
+            buf = starts = None  # type: ignore[assignment]
+            mark_buf = mark_starts = 0
+        try:
+            for r in records:
+                idx = r.index
+                hdr = packb(r.header)
+                body = r.body
+                if idx is None:
+                    head = tail_pack(r.rtype, 0, now, len(hdr)) + hdr
+                    qoff = -1
+                    q = None
+                else:
+                    topic = idx.topic
+                    q = queues.get((topic, idx.queue_id))
+                    if q is None:
+                        q = queues[(topic, idx.queue_id)] = QueueIndexFile.open(self._index_root, topic, idx.queue_id)
+                    n = local.get(q, 0)
+                    qoff = q.next_offset + n
+                    tag = idx.tag_hash & 0xFFFFFFFF
+                    ref_pos = idx.ref_pos
+                    if ref_pos is None:
+                        ref_pos, ref_size = -1, 0
+                    else:
+                        ref_size = self._ref_size(ref_pos)
+                    topic_b = topic_bytes.get(topic)
+                    if topic_b is None:
+                        topic_b = topic_bytes[topic] = topic.encode()
+                    head = (
+                        tail_idx_pack(r.rtype, FLAG_INDEX, now, len(hdr), idx.queue_id, tag, ref_pos, ref_size, qoff, len(topic_b))
+                        + topic_b
+                        + hdr
+                    )
+                size = 8 + len(head) + len(body)
+                if size > seg_size:
+                    raise ValueError(f"record of {size} bytes exceeds segment size {seg_size}")
+                if pos + size > limit:
+                    pos = limit
+                    limit += seg_size
+                    buf = None  # type: ignore[assignment]
+                if buf is None:
+                    buf = bytearray()
+                    starts = []
+                    groups.append([pos, buf, starts])
+                buf += prefix_pack(size, crc32(body, crc32(head)))
+                buf += head
+                buf += body
+                starts.append(pos)
+                if q is not None:
+                    e = entry_pack(pos, size, tag, now) if ref_pos < 0 else entry_pack(ref_pos, ref_size, tag, now)
+                    ent = qentries.get(q)
+                    if ent is None:
+                        qentries[q] = [qoff, bytearray(e)]
+                    else:
+                        ent[1] += e
+                    local[q] = n + 1
+                st = new(Stored)
+                _s_pos(st, pos)
+                _s_size(st, size)
+                _s_time(st, now)
+                _s_qoff(st, qoff)
+                out.append(st)
+                pos += size
+        except BaseException:
+            # roll the batch back to where this call started
+            del groups[n_groups:]
+            if n_groups:
+                g = groups[-1]
+                del g[1][mark_buf:]
+                del g[2][mark_starts:]
+            for q, n in local.items():
+                ent = qentries[q]
+                del ent[1][len(ent[1]) - n * ENTRY.size :]
+                if not ent[1]:
+                    del qentries[q]
+            raise
         if not batch.futures:
             self._wake_writer()
         fut = self._loop.create_future()
         batch.futures.append(fut)
-        pos = self._next_pos
-        limit = self._seg_limit
-        groups = batch.groups
-        if not groups:
-            groups.append((pos, []))
-        chunks = groups[-1][1]
-        out = []
-        qentries = batch.qentries
-        for data, q, qoff, ref_pos, ref_size, tag in encoded:
-            size = len(data)
-            if pos + size > limit:
-                pos = limit
-                limit += seg_size
-                groups.append((pos, []))
-                chunks = groups[-1][1]
-            chunks.append(data)
-            if q is not None:
-                e = _entry_pack(pos, size, tag, now) if ref_pos < 0 else _entry_pack(ref_pos, ref_size, tag, now)
-                ent = qentries.get(q)
-                if ent is None:
-                    qentries[q] = (qoff, [e])
-                else:
-                    ent[1].append(e)
-            out.append(Stored(pos, size, now, qoff))
-            pos += size
         for q, n in local.items():
             q.next_offset += n
         self._next_pos = pos
         self._seg_limit = limit
-        batch.count += len(encoded)
+        batch.count += len(out)
         batch.newest_ms = now
         batch.end = pos
         return out, fut
@@ -431,16 +515,15 @@ class MessageStore:
 
     def _ref_size(self, ref_pos: int) -> int:
         if ref_pos < self._written_end:
-            return self._log.record_size(ref_pos)
+            return self.read(ref_pos).size
         for batch in (self._inflight, self._batch):
             if batch is None:
                 continue
-            for start, chunks in batch.groups:
-                p = start
-                for c in chunks:
-                    if p == ref_pos:
-                        return len(c)
-                    p += len(c)
+            for start, buf, starts in batch.groups:
+                if start <= ref_pos < start + len(buf):
+                    k = bisect.bisect_left(starts, ref_pos)
+                    if k < len(starts) and starts[k] == ref_pos:
+                        return PREFIX.unpack_from(buf, ref_pos - start)[0]
         raise KeyError(f"ref_pos {ref_pos} is not a record position")
 
     def _wake_writer(self) -> None:
@@ -463,14 +546,14 @@ class MessageStore:
                 self._inflight = batch
                 lg = self._log
                 plan = []
-                for start, chunks in batch.groups:
+                for start, buf, _starts in batch.groups:
                     base = start - start % self.segment_size
                     seg = lg.segments[-1] if lg.bases[-1] == base else None
-                    plan.append((seg, base, start - base, chunks))
+                    plan.append((seg, base, start - base, buf))
                 sync = self._sync or batch.force_sync
                 dirty = list(self._dirty_segs) if batch.force_sync else []
                 try:
-                    new_segs, touched = await loop.run_in_executor(
+                    new_segs, touched, frozen = await loop.run_in_executor(
                         self._executor, self._write_batch, plan, batch.qentries, sync, dirty, batch.newest_ms
                     )
                 except BaseException as exc:
@@ -487,9 +570,11 @@ class MessageStore:
                 if sync:
                     self._dirty_segs.clear()
                 for q, (first, entries) in batch.qentries.items():
-                    q.end = first + len(entries)
+                    q.end = first + len(entries) // ESIZE
                 if batch.groups:
                     self._written_end = batch.end
+                    if self._rc_limit:
+                        self._cache_add(batch.groups, frozen)
                 if sync:
                     self._synced_end = self._written_end
                 self._inflight = None
@@ -505,30 +590,31 @@ class MessageStore:
 
     def _write_batch(
         self, plan: list, qentries: dict, sync: bool, dirty: list[Segment], now_ms: int
-    ) -> tuple[list[Segment], list[tuple[Segment, int]]]:
+    ) -> tuple[list[Segment], list[tuple[Segment, int]], list[bytes]]:
         new_segs = []
         touched = []
-        for seg, base, rel, chunks in plan:
+        for seg, base, rel, data in plan:
             if seg is None:
                 seg = self._log.open_segment(base, now_ms)
                 new_segs.append(seg)
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            view = memoryview(data)
             at = rel
-            while view:
-                n = os.pwrite(seg.fd, view, at)
-                view = view[n:]
-                at += n
+            with memoryview(data) as view:
+                while view:
+                    n = os.pwrite(seg.fd, view, at)
+                    view = view[n:]
+                    at += n
             touched.append((seg, at))
         for q, (first, entries) in qentries.items():
-            q.write_entries(first, entries[0] if len(entries) == 1 else b"".join(entries))
+            q.write_entries(first, entries)
         if sync:
             for seg, _ in touched:
                 os.fsync(seg.fd)
             for seg in dirty:
                 if all(seg is not s for s, _ in touched):
                     os.fsync(seg.fd)
-        return new_segs, touched
+        # immutable copies for the recent-record cache (made here, off the event loop)
+        frozen = [bytes(data) for _, _, _, data in plan] if self._rc_limit else []
+        return new_segs, touched, frozen
 
     def _fail(self, exc: BaseException, batch: _Batch) -> None:
         log.error("storage: write failed, store %s is now failed: %r", self.data_dir, exc)
@@ -607,15 +693,15 @@ class MessageStore:
         """The record at ``pos``. KeyError: not a written position; ValueError: corrupt/not a record start."""
         if pos >= self._written_end:
             raise KeyError(pos)
+        if pos >= self._rc_lo:
+            rec = self._cache_read(pos)
+            if rec is not None:
+                return rec
         return self._log.read(pos)
 
     def iter_log(self, from_pos: int = 0) -> Iterator[Record]:
         """Written records from ``from_pos`` (a record start, or before the first segment) in order."""
-        end = self._written_end
-        for rec in self._log.iter_records(from_pos):
-            if rec.pos >= end:
-                return
-            yield rec
+        return self._log.iter_records(from_pos, self._written_end)
 
     def read_queue(self, topic: str, queue_id: int, offset: int, max_count: int) -> list[tuple[int, IndexEntry]]:
         """Next up to ``max_count`` written ``(queue_offset, entry)`` pairs from ``offset``.
@@ -631,39 +717,124 @@ class MessageStore:
         self, topic: str, queue_id: int, offset: int, max_count: int
     ) -> list[tuple[int, Record]]:
         """Like :meth:`read_queue` with the records read (entries whose record is gone are skipped)."""
-        entries = self.read_queue(topic, queue_id, offset, max_count)
+        q = self._queues.get((topic, queue_id))
+        if q is None or max_count <= 0:
+            return []
+        raw = q.read_raw(offset, max_count)
+        if raw is None:
+            return []
+        first, data = raw
         out: list[tuple[int, Record]] = []
-        n = len(entries)
-        i = 0
+        ents = list(ENTRY.iter_unpack(data))
+        n = len(ents)
         lg = self._log
+        bases = lg.bases
+        segs = lg.segments
+        seg_size = self.segment_size
+        rc_lo = self._rc_lo
+        cache_read = self._cache_read
+        i = 0
         while i < n:
-            e = entries[i][1]
-            try:
-                seg = lg.find(e.pos)
-            except KeyError:
-                i += 1
+            pos, size = ents[i][0], ents[i][1]
+            if pos >= rc_lo:
+                rec = cache_read(pos)
+                if rec is not None:
+                    out.append((first + i, rec))
+                    i += 1
+                    continue
+            k = bisect.bisect_right(bases, pos) - 1
+            if k < 0 or pos < 0:
+                i += 1  # record deleted by retention
                 continue
-            seg_end = seg.end
-            start = e.pos
-            end = start + e.size
+            seg = segs[k]
+            seg_end = seg.base + seg.size
+            # one pread for the following entries that lie ahead in the same segment, not too sparse
+            end = pos + size
+            used = size
             j = i + 1
-            while j < n and entries[j][1].pos == end and end + entries[j][1].size <= seg_end and end - start < 1 << 22:
-                end += entries[j][1].size
+            while j < n:
+                p2, s2 = ents[j][0], ents[j][1]
+                if p2 < end or p2 + s2 > seg_end or p2 >= rc_lo:
+                    break
+                e2 = p2 + s2
+                if e2 - pos > SPAN_MAX or (e2 - pos) > 4 * (used + s2) + 65536:
+                    break
+                used += s2
+                end = e2
                 j += 1
             if j - i == 1 or end > seg_end:
-                with contextlib.suppress(KeyError):
-                    out.append((entries[i][0], lg.read(start)))
+                try:
+                    out.append((first + i, lg.read(pos)))
+                except KeyError:
+                    pass
                 i += 1
                 continue
-            buf = os.pread(seg.fd, end - start, start - seg.base)
-            off = 0
-            for k in range(i, j):
-                length = check_record(buf, off, len(buf) - off, len(buf) - off)
-                pos = start + off
-                out.append((entries[k][0], decode_record(buf, off, length, pos, lg.next_pos_after(seg, pos + length))))
-                off += length
+            rel = pos - seg.base
+            buf = os.pread(seg.fd, end - pos, rel)
+            nb = len(buf)
+            next_base = bases[k + 1] if k + 1 < len(bases) else -1
+            for t in range(i, j):
+                p2 = ents[t][0]
+                off = p2 - pos
+                out.append(
+                    (first + t, read_checked(buf, off, nb - off, seg_size - rel - off, p2, seg_end, next_base))
+                )
             i = j
         return out
+
+    # ------------------------------------------------------------------ recent-record cache
+    def _cache_add(self, groups: list[list[Any]], frozen: list[bytes]) -> None:
+        starts_l = self._rc_starts
+        for (start, _buf, starts), data in zip(groups, frozen, strict=True):
+            if not data:
+                continue
+            starts_l.append(start)
+            self._rc_ends.append(start + len(data))
+            self._rc_chunks.append((data, starts))
+            self._rc_bytes += len(data)
+        limit = self._rc_limit
+        head = self._rc_head
+        while self._rc_bytes > limit and head < len(starts_l) - 1:
+            self._rc_bytes -= len(self._rc_chunks[head][0])
+            self._rc_chunks[head] = None  # type: ignore[call-overload]
+            head += 1
+        self._cache_set_head(head)
+
+    def _cache_set_head(self, head: int) -> None:
+        if head > 256 and head * 2 > len(self._rc_starts):
+            del self._rc_starts[:head]
+            del self._rc_ends[:head]
+            del self._rc_chunks[:head]
+            head = 0
+        self._rc_head = head
+        self._rc_lo = self._rc_starts[head] if head < len(self._rc_starts) else 1 << 62
+
+    def _cache_drop_below(self, pos: int) -> None:
+        """Forget cached chunks that start below ``pos`` (their segment was deleted)."""
+        head = self._rc_head
+        while head < len(self._rc_starts) and self._rc_starts[head] < pos:
+            self._rc_bytes -= len(self._rc_chunks[head][0])
+            self._rc_chunks[head] = None  # type: ignore[call-overload]
+            head += 1
+        self._cache_set_head(head)
+
+    def _cache_read(self, pos: int) -> Record | None:
+        """The cached record at ``pos``, or None if ``pos`` is not in the cache."""
+        k = bisect.bisect_right(self._rc_starts, pos, self._rc_head) - 1
+        if k < self._rc_head or pos >= self._rc_ends[k]:
+            return None
+        start = self._rc_starts[k]
+        data, starts = self._rc_chunks[k]
+        j = bisect.bisect_left(starts, pos)
+        if j == len(starts) or starts[j] != pos:
+            raise CorruptRecordError(f"position {pos} is not a record start")
+        off = pos - start
+        lg = self._log
+        seg = lg.find(pos)
+        rel = pos - seg.base
+        return read_checked(
+            data, off, len(data) - off, self.segment_size - rel, pos, seg.base + seg.size, lg.next_base(seg), False
+        )
 
     def queue_start(self, topic: str, queue_id: int) -> int:
         """Smallest retained offset of the queue (0 unless retention removed entries)."""
@@ -706,6 +877,7 @@ class MessageStore:
                     os.close(seg.fd)
                     os.unlink(seg.path)
                 fsync_dir(lg.dir)
+                self._cache_drop_below(first)
                 deleted = len(doomed)
                 for q in self._queues.values():
                     start = q.start
