@@ -74,6 +74,10 @@ from .metadata import Metadata
 from .model import IndexEntry, NewRecord, Record, Stored
 from .queue_index import ENTRY, ESIZE, QueueIndexFile, scan_index_dir
 
+# fdatasync flushes the data and the metadata needed to read it back (the file size),
+# which is all an append needs; it skips timestamps and is markedly cheaper than fsync.
+_datasync = getattr(os, "fdatasync", os.fsync)
+
 __all__ = ["MessageStore", "StoreClosedError"]
 
 log = logging.getLogger(__name__)
@@ -608,10 +612,10 @@ class MessageStore:
             q.write_entries(first, entries)
         if sync:
             for seg, _ in touched:
-                os.fsync(seg.fd)
+                _datasync(seg.fd)
             for seg in dirty:
                 if all(seg is not s for s, _ in touched):
-                    os.fsync(seg.fd)
+                    _datasync(seg.fd)
         # immutable copies for the recent-record cache (made here, off the event loop)
         frozen = [bytes(data) for _, _, _, data in plan] if self._rc_limit else []
         return new_segs, touched, frozen
@@ -667,7 +671,7 @@ class MessageStore:
 
             def _sync() -> None:
                 for s in segs:
-                    os.fsync(s.fd)
+                    _datasync(s.fd)
                 for qi in dirty_q:
                     qi.sync()
 
