@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
               "  consume   print and ack messages: halfmq consume TOPIC --group G\n"
               "  admin     query the admin API: topics | groups | message ID | resend GROUP ID | transactions\n"
               "  demo      the bank transfer example with an embedded broker\n"
-              "  bench     the benchmark harness", file=sys.stderr if argv else sys.stdout)
+              "  bench     the benchmark harness",
+              file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:]) or 0
 
