@@ -1,0 +1,233 @@
+"""halfmq: a broker subprocess per cell with a fresh data dir; the public SDKs as clients.
+
+Durability: ``--flush sync`` acknowledges a send only after its record is fsynced (group
+commit); ``--flush async`` acknowledges after the write and fsyncs every 200 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from typing import Any
+
+from benchmarks.systems.base import Client as BaseClient
+from benchmarks.systems.base import OnBody
+from benchmarks.systems.base import Server as BaseServer
+
+__all__ = ["Server", "Client", "start_broker", "BrokerProcess"]
+
+READY_PREFIX = "halfmq broker ready "
+START_TIMEOUT = 20.0
+
+
+class BrokerProcess:
+    """One ``python -m broker`` subprocess (optionally under cProfile)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, address: str, data_dir: str,
+                 own_dir: bool, stderr_path: str) -> None:
+        self.proc = proc
+        self.address = address
+        self.data_dir = data_dir
+        self.own_dir = own_dir
+        self.stderr_path = stderr_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait (SIGKILL after ``timeout``), delete the data dir we created."""
+        proc = self.proc
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self.own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        return proc.returncode
+
+
+def _open_log(path: str) -> Any:
+    return open(path, "wb")  # noqa: SIM115 - handed to the subprocess, closed by the caller
+
+
+def _read_tail(path: str, size: int = 2000) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()[-size:]
+
+
+async def start_broker(flush: str = "sync", *, workdir: str | None = None,
+                       extra: list[str] | None = None,
+                       profile_out: str | None = None) -> BrokerProcess:
+    """Start a broker on free ports with a fresh data dir under ``workdir`` (default: the
+    system temp dir); return once it printed its ready line. ``profile_out``: run it under
+    cProfile and write the stats there when it stops."""
+    data_dir = tempfile.mkdtemp(prefix="halfmq-bench-", dir=workdir)
+    cmd = [sys.executable]
+    if profile_out:
+        cmd += ["-m", "cProfile", "-o", profile_out]
+    cmd += ["-m", "broker", "--port", "0", "--http-port", "0", "--data-dir", data_dir,
+            "--flush", flush, *(extra or [])]
+    stderr_path = data_dir + ".log"
+    err = _open_log(stderr_path)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.PIPE, stderr=err, stdin=asyncio.subprocess.DEVNULL
+        )
+    finally:
+        err.close()
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
+    except TimeoutError:
+        line = b""
+    text = line.decode(errors="replace").strip()
+    if not text.startswith(READY_PREFIX):
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        tail = _read_tail(stderr_path)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        raise RuntimeError(f"broker did not start ({text!r}); stderr:\n{tail}")
+    fields = dict(part.split("=", 1) for part in text[len(READY_PREFIX):].split())
+    return BrokerProcess(proc, fields["tcp"], data_dir, True, stderr_path)
+
+
+def topic_name(cell: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"bench_{cell}")[:120]
+
+
+class Server(BaseServer):
+    scenarios = frozenset({"publish", "latency", "e2e", "batch", "tx"})
+    client_module = "halfmq"
+
+    def __init__(self, flush: str = "sync", *, profile_dir: str | None = None,
+                 profiler: str = "cprofile") -> None:
+        self.flush = flush
+        self.name = f"halfmq-{flush}"
+        self.durability = (
+            "fsync before ack (group commit)" if flush == "sync"
+            else "ack after write, fsync every 200 ms"
+        )
+        self.profile_dir = profile_dir
+        self.profiler = profiler
+        self.broker: BrokerProcess | None = None
+        self.spy: asyncio.subprocess.Process | None = None
+        self.profiles: list[str] = []
+
+    async def start_cell(self, cell: str, workdir: str) -> dict[str, Any]:
+        out = None
+        if self.profile_dir and self.profiler == "cprofile":
+            out = os.path.join(self.profile_dir, f"profile-{topic_name(cell)}.prof")
+            self.profiles.append(out)
+        self.broker = await start_broker(self.flush, workdir=workdir, profile_out=out)
+        if self.profile_dir and self.profiler == "py-spy":
+            out = os.path.join(self.profile_dir, f"profile-{topic_name(cell)}.pyspy.txt")
+            self.profiles.append(out)
+            self.spy = await asyncio.create_subprocess_exec(
+                "py-spy", "record", "--pid", str(self.broker.pid), "--rate", "250",
+                "--format", "raw", "--output", out, "--nonblocking",
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            await asyncio.sleep(0.3)  # let it attach
+        return {"address": self.broker.address, "topic": topic_name(cell)}
+
+    async def stop_cell(self) -> None:
+        if self.broker is not None:
+            broker, self.broker = self.broker, None
+            await broker.stop()
+            with contextlib.suppress(OSError):
+                os.unlink(broker.stderr_path)
+        if self.spy is not None:
+            spy, self.spy = self.spy, None
+            try:
+                await asyncio.wait_for(spy.wait(), 30)
+            except TimeoutError:
+                spy.kill()
+                await spy.wait()
+
+    def server_pids(self) -> list[int]:
+        return [self.broker.pid] if self.broker is not None else []
+
+
+class _NoopTransaction:
+    """A local transaction that does nothing and commits."""
+
+    async def execute_local_transaction(self, message: Any, arg: Any) -> Any:
+        from producer_sdk import LocalTransactionState
+
+        return LocalTransactionState.COMMIT
+
+    async def check_local_transaction(self, message: Any) -> Any:
+        from producer_sdk import LocalTransactionState
+
+        return LocalTransactionState.COMMIT
+
+
+class Client(BaseClient):
+    def __init__(self, conn: dict[str, Any]) -> None:
+        super().__init__(conn)
+        self.address = conn["address"]
+        self.topic = conn["topic"]
+        self.producer: Any = None
+        self.consumer: Any = None
+
+    async def open_producer(self, *, transactional: bool = False) -> None:
+        from producer_sdk import Producer, TransactionListener, TransactionProducer
+
+        if transactional:
+            class Noop(_NoopTransaction, TransactionListener):
+                pass
+
+            self.producer = TransactionProducer(self.address, group="bench_tx_producer",
+                                                listener=Noop(), send_timeout=30.0)
+        else:
+            self.producer = Producer(self.address, group="bench_producer", send_timeout=30.0)
+        await self.producer.start()
+        self._send = self.producer.send
+        self._topic = self.topic
+
+    async def publish(self, body: bytes) -> None:
+        await self._send(self._topic, body)
+
+    async def publish_batch(self, bodies: list[bytes]) -> None:
+        await self.producer.send_batch(self.topic, bodies)
+
+    async def publish_tx(self, body: bytes) -> None:
+        await self.producer.send_in_transaction(self.topic, body)
+
+    async def open_consumer(self, on_body: OnBody, *, prefetch: int, delay: float = 0.0) -> None:
+        from consumer_sdk import ConsumeResult, PushConsumer
+
+        success = ConsumeResult.SUCCESS
+        if delay > 0:
+            async def listener(message: Any) -> Any:
+                await asyncio.sleep(delay)
+                on_body(message.body)
+                return success
+            concurrency = 1
+        else:
+            async def listener(message: Any) -> Any:
+                on_body(message.body)
+                return success
+            concurrency = 32
+        self.consumer = PushConsumer(self.address, group="bench_consumer", topic=self.topic,
+                                     listener=listener, prefetch=prefetch,
+                                     concurrency=concurrency, close_grace=2.0)
+        await self.consumer.start()
+
+    async def close(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.close()
+        if self.producer is not None:
+            await self.producer.close()

@@ -1,0 +1,44 @@
+"""A tiny run of the benchmark harness: halfmq only, very small cells, output files written.
+
+No timing assertions: this checks that the harness, its worker processes and its report
+writers work end to end, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("psutil") is None,
+                    reason="the harness samples CPU with psutil (pip install psutil)")
+def test_bench_smoke_writes_reports(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks", "--systems", "halfmq-sync",
+           "--scenarios", "publish,latency,e2e,batch", "--rounds", "1", "--duration", "0.3",
+           "--warmup", "0", "--window", "16", "--out-dir", str(out), "--workdir", str(tmp_path),
+           "--quiet"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=45)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (out / "latest.md").read_text()
+    assert "halfmq-sync" in md and "## Goals" in md
+    report = json.loads((out / "latest.json").read_text())
+    assert report["systems"] == ["halfmq-sync"]
+    assert not report["errors"], report["errors"]
+    summary = report["summary"]["halfmq-sync"]
+    for scenario in ("publish", "latency", "e2e", "batch"):
+        assert summary[scenario]["rate"] > 0, scenario
+    assert summary["e2e"]["samples"] > 0
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "latest.png").stat().st_size > 0
+    # the markdown table is also printed on stdout
+    assert "## publish" in proc.stdout
