@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -80,8 +81,6 @@ def tag_hash(tag: str | None) -> int:
     """The 32-bit hash stored in queue-index entries for tag filtering (0: no tag)."""
     if not tag:
         return 0
-    import zlib
-
     return zlib.crc32(tag.encode()) or 1
 
 

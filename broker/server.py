@@ -133,6 +133,9 @@ class Broker:
         self.stats = {"sent": 0, "connections": 0}
         self._last_saved: dict[str, list] = {}
         self._valid_topics: set[str] = set()
+        self._send_records: list[NewRecord] = []
+        self._send_entries: list[tuple] = []
+        self._sends_scheduled = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -376,6 +379,7 @@ class Broker:
     # -- sending ----------------------------------------------------------------------
 
     def _on_send(self, conn: ClientConnection, rid: int, p: dict) -> None:
+        """Validate a SEND and queue its records; ``_flush_sends`` appends them all at once."""
         if conn.client_id is None:
             raise BadRequestError("the first frame must be HELLO")
         topic = p["topic"]
@@ -398,18 +402,24 @@ class Broker:
                 raise MessageTooLargeError(f"body of {len(body)} bytes exceeds --max-message-size {limit}")
             if tags is not None and type(tags) is not str:
                 raise BadRequestError("tags must be a string or nil")
-            if type(keys) is not list or any(type(k) is not str for k in keys):
+            if type(keys) is not list:
                 raise BadRequestError("keys must be a list of strings")
-            if type(props) is not dict or any(type(k) is not str or type(v) is not str for k, v in props.items()):
+            for k in keys:
+                if type(k) is not str:
+                    raise BadRequestError("keys must be a list of strings")
+            if type(props) is not dict:
                 raise BadRequestError("properties must map strings to strings")
+            for k, v in props.items():
+                if type(k) is not str or type(v) is not str:
+                    raise BadRequestError("properties must map strings to strings")
             if type(born) is not int:
                 raise BadRequestError("born timestamp must be an integer")
-        # everything is valid: only now may the topic be created and records written
+        # everything is valid: only now may the topic be created and records queued
         nq = self._ensure_topic(topic)
-        store = self.store
-        assert store is not None
-        epoch = store.epoch
-        records = []
+        assert self.store is not None
+        epoch = self.store.epoch
+        records = self._send_records
+        first = len(records)
         qids = []
         rr = self._rr[topic]
         for body, tags, keys, props, born in msgs:
@@ -422,31 +432,60 @@ class Broker:
                 header["q"] = qid
                 records.append(NewRecord(RT_HALF, header, body, IndexTarget(HALF_TOPIC, 0)))
             else:
-                records.append(NewRecord(RT_MSG, header, body, IndexTarget(topic, qid, tag_hash(tags))))
+                records.append(NewRecord(RT_MSG, header, body, IndexTarget(topic, qid, tag_hash(tags) if tags else 0)))
             qids.append(qid)
         self._rr[topic] = rr
-        stored, fut = store.append(records)
-        if half:
-            now = time.time()
-            result = []
-            for s, qid, m in zip(stored, qids, msgs, strict=True):
-                msg_id = make_msg_id(epoch, s.pos)
-                self.tx.add(msg_id, topic=topic, group=conn.group, producer_id=conn.client_id,
-                            keys=tuple(m[2]), pos=s.pos, now=now)
-                result.append([msg_id, qid, -1])
-        else:
-            prefix = f"{epoch:08X}"
-            result = [[f"{prefix}{s.pos:016X}", qid, s.queue_offset] for s, qid in zip(stored, qids, strict=True)]
+        self._send_entries.append((conn, rid, half, topic, first, qids, msgs))
+        if not self._sends_scheduled:
+            self._sends_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_sends)
+
+    def _flush_sends(self) -> None:
+        """Append every SEND queued in this loop iteration (all connections) in one store call;
+        reply to each when the records are durable."""
+        self._sends_scheduled = False
+        records, entries = self._send_records, self._send_entries
+        if not records:
+            return
+        self._send_records, self._send_entries = [], []
+        store = self.store
+        assert store is not None
+        try:
+            stored, fut = store.append(records)
+        except Exception as exc:
+            log.exception("store append failed")
+            for conn, rid, *_ in entries:
+                conn.error(rid, HalfMQError(f"store failed: {exc}"))
+            return
+        prefix = f"{store.epoch:08X}"
+        replies = []
+        any_plain = False
+        now = 0.0
+        for conn, rid, half, topic, first, qids, msgs in entries:
+            part = stored[first : first + len(qids)]
+            if half:
+                now = now or time.time()
+                result = []
+                for st, qid, m in zip(part, qids, msgs, strict=True):
+                    msg_id = f"{prefix}{st.pos:016X}"
+                    self.tx.add(msg_id, topic=topic, group=conn.group, producer_id=conn.client_id,
+                                keys=tuple(m[2]), pos=st.pos, now=now)
+                    result.append([msg_id, qid, -1])
+            else:
+                any_plain = True
+                result = [[f"{prefix}{st.pos:016X}", qid, st.queue_offset] for st, qid in zip(part, qids, strict=True)]
+            replies.append((conn, rid, {"r": result}))
         self.stats["sent"] += len(records)
-        reply = {"r": result}
 
         def done(f: asyncio.Future) -> None:
             exc = f.exception()
             if exc is not None:
-                conn.error(rid, HalfMQError(f"store failed: {exc}"))
+                for conn, rid, _ in replies:
+                    conn.error(rid, HalfMQError(f"store failed: {exc}"))
                 return
-            conn.reply(rid, reply)
-            if not half:
+            for conn, rid, reply in replies:
+                conn.reply(rid, reply)
+            if any_plain:
                 self.schedule_dispatch()
 
         fut.add_done_callback(done)

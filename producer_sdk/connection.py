@@ -33,6 +33,8 @@ streams) and keeps it alive for as long as it is open:
 from __future__ import annotations
 
 import asyncio
+import collections
+import heapq
 import logging
 import os
 import socket
@@ -88,6 +90,8 @@ def parse_address(address: str) -> tuple[str, int]:
         raise ValueError(f"broker address must be 'host:port', got {address!r}")
     return host, int(port)
 
+
+_SWEEP_EVERY = 0.05  # seconds between deadline sweeps
 
 class _ClientProtocol(asyncio.Protocol):
     """Bytes in, frames out: feeds the decoder and hands frames to its ``Connection``."""
@@ -173,6 +177,11 @@ class Connection:
         self._closed = False
         self._next_rid = 1
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        # request deadlines without a timer per request: (deadline, rid) in deadline order
+        # (a deque for the usual in-order case, a heap for the rest), swept periodically
+        self._deadlines: collections.deque[tuple[float, int]] = collections.deque()
+        self._late_deadlines: list[tuple[float, int]] = []
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self._wbuf: list[bytes] = []
         self._flush_scheduled = False
         self._paused = False
@@ -271,6 +280,9 @@ class Connection:
         if self._closed:
             return
         self._closed = True
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
         for task in list(self._server_tasks):
@@ -297,20 +309,70 @@ class Connection:
 
     # -- internals: requests -----------------------------------------------------------
 
+    async def _send_unchecked(self, op: int, payload: Any, deadline: float) -> Any:
+        """Send on the current transport even before the handshake is done (for HELLO)."""
+        ready = self._ready
+        self._ready = True
+        try:
+            fut = self.request_future(op, payload, deadline)
+        finally:
+            self._ready = ready
+        assert fut is not None
+        return await fut
+
     async def _request_now(self, op: int, payload: Any, deadline: float) -> Any:
+        while True:
+            fut = self.request_future(op, payload, deadline)
+            if fut is not None:
+                return await fut
+            if self._closed:
+                raise HalfMQError("connection closed")
+            await self._wait_ready(deadline)
+            if self._paused:
+                await self._wait_writable(deadline)
+
+    def request_future(self, op: int, payload: Any, deadline: float) -> asyncio.Future[Any] | None:
+        """Fast path: send the request now and return the future of its reply.
+
+        Returns None when the request cannot go out at once (not connected, paused or
+        closed); use ``request`` then. The future fails with ``RequestTimeoutError`` once
+        ``deadline`` (``loop.time()``) passes — checked by a sweep every 50 ms, no timer
+        per request.
+        """
+        if not self._ready or self._paused or self._closed:
+            return None
         rid = self._next_rid
         self._next_rid = rid + 1
-        frame = encode_frame(op, rid, payload)
         loop = self._loop
         fut = loop.create_future()
         self._pending[rid] = fut
-        self._write(frame)
-        handle = loop.call_at(deadline, self._expire, rid)
-        try:
-            return await fut
-        finally:
-            handle.cancel()
-            self._pending.pop(rid, None)
+        self._write(encode_frame(op, rid, payload))
+        dq = self._deadlines
+        if not dq or dq[-1][0] <= deadline:
+            dq.append((deadline, rid))
+        else:
+            heapq.heappush(self._late_deadlines, (deadline, rid))
+        if self._sweep_handle is None:
+            self._sweep_handle = loop.call_later(_SWEEP_EVERY, self._sweep)
+        return fut
+
+    def _sweep(self) -> None:
+        """Expire requests past their deadline; forget deadlines of answered ones."""
+        self._sweep_handle = None
+        now = self._loop.time()
+        pending = self._pending
+        dq = self._deadlines
+        while dq and (dq[0][0] <= now or dq[0][1] not in pending):
+            _, rid = dq.popleft()
+            if rid in pending:
+                self._expire(rid)
+        late = self._late_deadlines
+        while late and (late[0][0] <= now or late[0][1] not in pending):
+            _, rid = heapq.heappop(late)
+            if rid in pending:
+                self._expire(rid)
+        if (dq or late) and not self._closed:
+            self._sweep_handle = self._loop.call_later(_SWEEP_EVERY, self._sweep)
 
     def _expire(self, rid: int) -> None:
         fut = self._pending.pop(rid, None)
@@ -465,7 +527,7 @@ class Connection:
             "group": self.group,
         }
         try:
-            reply = await self._request_now(Op.HELLO, hello, max(deadline, loop.time() + 1.0))
+            reply = await self._send_unchecked(Op.HELLO, hello, max(deadline, loop.time() + 1.0))
         except BaseException:
             if self._proto is proto:
                 transport.abort()

@@ -112,6 +112,7 @@ class Producer:
         self.retries = retries
         self._conn = self._make_connection(client_id)
         self._started = False
+        self._topics_ok: set[str] = set()
 
     def _make_connection(self, client_id: str | None) -> Connection:
         return Connection(
@@ -162,17 +163,40 @@ class Producer:
         ``MessageTooLargeError``, ``BrokerUnavailableError``/``RequestTimeoutError`` once the
         retries are used up, or the broker's error.
         """
-        validate_send_topic(topic)
-        data = _encode_body(body)
-        if len(data) > self._conn.max_message_size:
+        if topic not in self._topics_ok:
+            validate_send_topic(topic)
+            if len(self._topics_ok) < 10_000:
+                self._topics_ok.add(topic)
+        data = body if type(body) is bytes else _encode_body(body)
+        conn = self._conn
+        if len(data) > conn.max_message_size:
             raise MessageTooLargeError(
                 f"message body of {len(data)} bytes exceeds the broker's limit of "
-                f"{self._conn.max_message_size} bytes"
+                f"{conn.max_message_size} bytes"
             )
-        item = [data, _encode_tags(tags), _encode_keys(keys), _encode_properties(properties),
-                int(time.time() * 1000)]
-        reply = await self._send_request({"topic": topic, "msgs": [item], "half": False})
-        return self._results(topic, reply, 1)[0]
+        item = [data, _encode_tags(tags), _encode_keys(keys) if keys else [],
+                _encode_properties(properties) if properties else {}, int(time.time() * 1000)]
+        payload = {"topic": topic, "msgs": [item], "half": False}
+        loop = conn._loop
+        if loop is None:
+            raise HalfMQError("producer is not started; call start() or use 'async with'")
+        deadline = loop.time() + self.send_timeout
+        # fast path: one frame, one future, no task and no timer
+        fut = conn.request_future(Op.SEND, payload, deadline)
+        if fut is None:
+            reply = await self._send_request(payload, deadline=deadline)
+        else:
+            try:
+                reply = await fut
+            except HalfMQError as exc:
+                if not exc.retriable or self.retries <= 0 or conn.closed or loop.time() >= deadline:
+                    raise
+                reply = await self._send_request(payload, deadline=deadline, attempt=1)
+        try:
+            r = reply["r"][0]
+            return SendResult(r[0], r[1], r[2], topic)
+        except (KeyError, TypeError, IndexError):
+            return self._results(topic, reply, 1)[0]
 
     async def send_batch(
         self, topic: str, items: Iterable[bytes | str | Mapping[str, Any]]
@@ -214,14 +238,18 @@ class Producer:
 
     # -- internals ---------------------------------------------------------------------
 
-    async def _send_request(self, payload: dict[str, Any], op: int = Op.SEND) -> Any:
+    async def _send_request(
+        self, payload: dict[str, Any], op: int = Op.SEND, *, deadline: float | None = None, attempt: int = 0
+    ) -> Any:
         """One request with the retry policy: retriable errors retried within send_timeout."""
         conn = self._conn
         loop = conn._loop
         if loop is None:
             raise HalfMQError("producer is not started; call start() or use 'async with'")
-        deadline = loop.time() + self.send_timeout
-        attempt = 0
+        if deadline is None:
+            deadline = loop.time() + self.send_timeout
+        if attempt and conn.connected:  # the broker said "retry", not a lost connection
+            await asyncio.sleep(min(_RETRY_PAUSE * attempt, max(0.0, deadline - loop.time())))
         while True:
             try:
                 return await conn.request(op, payload, deadline=deadline)

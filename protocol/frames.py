@@ -45,6 +45,7 @@ FRAME_OVERHEAD = 64 * 1024
 DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024 + FRAME_OVERHEAD
 
 _pack_len = HEADER.pack
+_unpack_len = HEADER.unpack_from
 _packb = msgpack.Packer(use_bin_type=True).pack
 
 
@@ -74,43 +75,53 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[tuple[int, int, Any]]:
         """Add ``data``; return completed frames. Raises ``ProtocolError``/``FrameTooLargeError``."""
-        buf = self._buf
-        buf += data
+        if self._buf:
+            self._buf += data
+            src: bytes | bytearray = self._buf
+        else:
+            src = data  # the common case: decode straight from the received bytes, no copy
         frames: list[tuple[int, int, Any]] = []
         pos = 0
-        end = len(buf)
+        end = len(src)
         max_size = self.max_frame_size
         need = self._need
-        while True:
-            if need < 0:
-                if end - pos < 4:
+        unpackb = msgpack.unpackb
+        with memoryview(src) as view:
+            while True:
+                if need < 0:
+                    if end - pos < 4:
+                        break
+                    (need,) = _unpack_len(view, pos)
+                    if need > max_size:
+                        self._buf = bytearray()
+                        raise FrameTooLargeError(
+                            f"frame of {need} bytes exceeds the limit of {max_size} bytes"
+                        )
+                    if need == 0:
+                        raise ProtocolError("empty frame")
+                    pos += 4
+                if end - pos < need:
                     break
-                (need,) = HEADER.unpack_from(buf, pos)
-                if need > max_size:
-                    self._buf = bytearray()
-                    raise FrameTooLargeError(
-                        f"frame of {need} bytes exceeds the limit of {max_size} bytes"
-                    )
-                if need == 0:
-                    raise ProtocolError("empty frame")
-                pos += 4
-            if end - pos < need:
-                break
-            try:
-                obj = msgpack.unpackb(buf[pos : pos + need], raw=False, strict_map_key=False)
-            except Exception as exc:  # msgpack raises several types for garbage
-                raise ProtocolError(f"undecodable frame: {exc}") from None
-            pos += need
-            need = -1
-            if (
-                type(obj) is not list
-                or len(obj) != 3
-                or type(obj[0]) is not int
-                or type(obj[1]) is not int
-            ):
-                raise ProtocolError("a frame must be a msgpack array [op, rid, payload]")
-            frames.append((obj[0], obj[1], obj[2]))
+                try:
+                    obj = unpackb(view[pos : pos + need], raw=False, strict_map_key=False)
+                except Exception as exc:  # msgpack raises several types for garbage
+                    raise ProtocolError(f"undecodable frame: {exc}") from None
+                pos += need
+                need = -1
+                if (
+                    type(obj) is not list
+                    or len(obj) != 3
+                    or type(obj[0]) is not int
+                    or type(obj[1]) is not int
+                ):
+                    raise ProtocolError("a frame must be a msgpack array [op, rid, payload]")
+                frames.append((obj[0], obj[1], obj[2]))
+            rest = view[pos:end].tobytes() if 0 < pos < end else b""
         self._need = need
-        if pos:
-            del buf[:pos]
+        # at most one partial frame is kept, and never more than its announced size
+        if pos == 0:
+            if src is not self._buf:
+                self._buf = bytearray(src)  # nothing complete yet: keep it all (no re-copy later)
+        else:
+            self._buf = bytearray(rest)
         return frames
