@@ -106,6 +106,8 @@ class QueueReader(Protocol):
 
     def read(self, pos: int) -> Record: ...
 
+    def read_queue_records(self, topic: str, queue_id: int, offset: int, max_count: int) -> list[tuple[int, Record]]: ...
+
 
 @dataclass(slots=True)
 class QueueCursor:
@@ -136,7 +138,7 @@ class Delivery:
     origin_offset: int
     reconsume_times: int
     deadline: float
-    tag_hash: int
+    tags: str | None
     state: DeliveryState = DeliveryState.LEASED
 
 
@@ -316,31 +318,38 @@ class GroupDelivery:
         nq = self.queue_counts(topic)
         reader = self.reader
         tags = self.tags
-        progressed = True
-        while progressed:
-            progressed = False
+        room = self._room(members)
+        advanced = True
+        while room > 0 and advanced:
+            advanced = False
             for qid in range(nq):
-                room = self._room(members)
                 if room <= 0:
                     return
                 cur = self._cursor((topic, qid))
                 if cur.next_offset >= reader.queue_end(topic, qid):
                     continue
-                per_queue = max(1, min(room, 256) // nq or 1)
-                entries = reader.read_queue(topic, qid, cur.next_offset, per_queue)
-                for off, entry in entries:
+                per_queue = max(1, min(room, 256) // nq)
+                recs = reader.read_queue_records(topic, qid, cur.next_offset, per_queue)
+                if not recs:
+                    # the records of these entries are gone (retention): step over them
+                    entries = reader.read_queue(topic, qid, cur.next_offset, per_queue)
+                    if entries:
+                        cur.next_offset = entries[-1][0] + 1
+                        advanced = True
+                    continue
+                advanced = True
+                for off, rec in recs:
                     cur.next_offset = off + 1
                     if cur.skip and off in cur.skip:
                         cur.skip.discard(off)
                         continue  # its retry record is pending in the retry queue
-                    rec = reader.read(entry.pos)
                     if tags is not None and rec.header.get("g") not in tags:
                         continue  # filtered out: done for this group (C6)
                     m = self._pick(members)
                     assert m is not None
-                    out.append(self._lease(m, (topic, qid), off, rec, now, 0, topic, qid, off, entry.tag_hash, build, topic))
-                    progressed = True
-                    if self._room(members) <= 0:
+                    out.append(self._lease(m, (topic, qid), off, rec, now, 0, topic, qid, off, build, topic))
+                    room -= 1
+                    if room <= 0:
                         return
 
     def _poll_retries(self, now: float, by_topic: dict[str, list[Member]], build: MessageBuilder, out: list) -> float | None:
@@ -373,20 +382,19 @@ class GroupDelivery:
                     msg = reader.read(h["rp"])
                     m = self._pick(tmembers)
                     assert m is not None
-                    out.append(
-                        self._lease(m, (rt, level), off, msg, now, h["rt"], topic, h["oq"], h["oo"], entry.tag_hash, build, topic)
-                    )
+                    out.append(self._lease(m, (rt, level), off, msg, now, h["rt"], topic, h["oq"], h["oo"], build, topic))
                 if stop:
                     break
         return wake_at
 
     def _lease(
         self, m: Member, qkey: tuple[str, int], off: int, rec: Record, now: float, reconsume: int,
-        topic: str, oq: int, oo: int, th: int, build: MessageBuilder, deliver_topic: str,
+        topic: str, oq: int, oo: int, build: MessageBuilder, deliver_topic: str,
     ) -> tuple[str, int, list[Any]]:
         token = next(self._tokens)
         wire = build(rec, deliver_topic, oq, oo, reconsume, None)
-        d = Delivery(token, m.member_id, qkey, off, rec.pos, wire[0], topic, oq, oo, reconsume, now + self.ack_timeout, th)
+        d = Delivery(token, m.member_id, qkey, off, rec.pos, wire[0], topic, oq, oo, reconsume,
+                     now + self.ack_timeout, wire[3])
         self.cursors[qkey].inflight.add(off)
         m.leases[token] = d
         self.leases[token] = d
@@ -461,11 +469,11 @@ class GroupDelivery:
             d.state = transition(DELIVERY_TRANSITIONS, d.state, DeliveryEvent.DEAD_LETTER)
             self.stats["dead_lettered"] += 1
             header["rt"] = d.reconsume_times
-            rec = NewRecord(RT_DLQ, header, b"", IndexTarget(dlq_topic(self.group), 0, d.tag_hash, ref_pos=d.msg_pos))
+            rec = NewRecord(RT_DLQ, header, b"", IndexTarget(dlq_topic(self.group), 0, tag_hash(d.tags), ref_pos=d.msg_pos))
             return PendingRecord(rec, d.qkey, d.offset, True)
         d.state = transition(DELIVERY_TRANSITIONS, d.state, event)
         level = len(self.retry_delays) if expired else min(d.reconsume_times, len(self.retry_delays) - 1)
-        rec = NewRecord(RT_RETRY, header, b"", IndexTarget(self.retry_topic, level, d.tag_hash))
+        rec = NewRecord(RT_RETRY, header, b"", IndexTarget(self.retry_topic, level, tag_hash(d.tags)))
         return PendingRecord(rec, d.qkey, d.offset, False)
 
     def record_durable(self, qkey: tuple[str, int], offset: int) -> None:

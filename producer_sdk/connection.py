@@ -331,6 +331,11 @@ class Connection:
             if self._paused:
                 await self._wait_writable(deadline)
 
+    @property
+    def ready_to_send(self) -> bool:
+        """True when a request can go out at once (connected, handshake done, not paused)."""
+        return self._ready and not self._paused and not self._closed
+
     def request_future(self, op: int, payload: Any, deadline: float) -> asyncio.Future[Any] | None:
         """Fast path: send the request now and return the future of its reply.
 

@@ -2,10 +2,13 @@
 
 How this works
 --------------
-A producer owns one ``Connection`` (role ``producer``). ``send`` validates the topic
-locally, builds one ``SEND`` frame (``{"topic", "msgs": [[body, tags, keys, properties,
-born_ts]], "half": false}``) and awaits its reply: one frame, one future, no task per
-call. The broker replies once the message is stored durably (per its ``--flush``).
+A producer owns one ``Connection`` (role ``producer``). ``send`` validates the message
+locally and queues it; every message sent to a topic in the same event-loop iteration
+goes out in one ``SEND`` frame (``{"topic", "msgs": [[body, tags, keys, properties,
+born_ts], ...], "half": false}``) and the reply's rows are handed back to each caller
+(micro-batching: many concurrent sends cost one frame and one reply; a lone send is a
+batch of one, so latency does not change). No task and no timer per call. The broker
+replies once the messages are stored durably (per its ``--flush``).
 
 A retriable failure (the connection was lost with the request in flight, the broker is
 shutting down) is retried up to ``retries`` times, all within ``send_timeout`` seconds
@@ -25,6 +28,7 @@ from typing import Any
 
 from producer_sdk.connection import Connection
 from protocol import (
+    BrokerUnavailableError,
     HalfMQError,
     MessageTooLargeError,
     Op,
@@ -72,6 +76,29 @@ def _encode_properties(properties: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
+def _hand_out(reply: asyncio.Future[Any], futs: list[asyncio.Future[Any]]) -> None:
+    """Give each sender of a micro-batch its row of the SEND reply (or the batch's error)."""
+    if reply.cancelled():
+        exc: BaseException | None = BrokerUnavailableError("send cancelled")
+    else:
+        exc = reply.exception()
+    if exc is None:
+        rows = reply.result().get("r") if isinstance(reply.result(), dict) else None
+        if isinstance(rows, list) and len(rows) == len(futs):
+            for f, row in zip(futs, rows, strict=True):
+                if not f.done():
+                    f.set_result(row)
+            return
+        exc = HalfMQError(f"malformed SEND reply from broker: {reply.result()!r}")
+    for f in futs:
+        if not f.done():
+            f.set_exception(exc if len(futs) == 1 else _copy_error(exc))
+
+
+def _copy_error(exc: BaseException) -> BaseException:
+    return type(exc)(*exc.args) if isinstance(exc, HalfMQError) else exc
+
+
 def _encode_tags(tags: str | None) -> str | None:
     if tags is not None and not isinstance(tags, str):
         raise TypeError(f"message tags must be a str, not {type(tags).__name__}")
@@ -113,6 +140,8 @@ class Producer:
         self._conn = self._make_connection(client_id)
         self._started = False
         self._topics_ok: set[str] = set()
+        self._queued: dict[str, tuple[list[list[Any]], list[asyncio.Future[Any]], list[int]]] = {}
+        self._flush_scheduled = False
 
     def _make_connection(self, client_id: str | None) -> Connection:
         return Connection(
@@ -176,27 +205,69 @@ class Producer:
             )
         item = [data, _encode_tags(tags), _encode_keys(keys) if keys else [],
                 _encode_properties(properties) if properties else {}, int(time.time() * 1000)]
-        payload = {"topic": topic, "msgs": [item], "half": False}
         loop = conn._loop
         if loop is None:
             raise HalfMQError("producer is not started; call start() or use 'async with'")
         deadline = loop.time() + self.send_timeout
-        # fast path: one frame, one future, no task and no timer
-        fut = conn.request_future(Op.SEND, payload, deadline)
-        if fut is None:
-            reply = await self._send_request(payload, deadline=deadline)
-        else:
+        if conn.ready_to_send:
+            # fast path: joins this loop iteration's SEND frame for the topic
+            fut = loop.create_future()
+            q = self._queued.get(topic)
+            if q is None:
+                q = self._queued[topic] = ([], [], [0])
+            q[0].append(item)
+            q[1].append(fut)
+            q[2][0] += len(data)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush_queued)
             try:
-                reply = await fut
+                r = await fut
+                return SendResult(r[0], r[1], r[2], topic)
             except HalfMQError as exc:
                 if not exc.retriable or self.retries <= 0 or conn.closed or loop.time() >= deadline:
                     raise
-                reply = await self._send_request(payload, deadline=deadline, attempt=1)
-        try:
-            r = reply["r"][0]
-            return SendResult(r[0], r[1], r[2], topic)
-        except (KeyError, TypeError, IndexError):
-            return self._results(topic, reply, 1)[0]
+                attempt = 1
+        else:
+            attempt = 0
+        payload = {"topic": topic, "msgs": [item], "half": False}
+        reply = await self._send_request(payload, deadline=deadline, attempt=attempt)
+        return self._results(topic, reply, 1)[0]
+
+    def _flush_queued(self) -> None:
+        """Send the queued messages: one SEND frame per topic (split at the size limit)."""
+        self._flush_scheduled = False
+        queued = self._queued
+        if not queued:
+            return
+        self._queued = {}
+        conn = self._conn
+        loop = conn._loop
+        assert loop is not None
+        deadline = loop.time() + self.send_timeout
+        limit = max(1, conn.max_message_size)
+        for topic, (items, futs, size) in queued.items():
+            if size[0] <= limit:
+                chunks = [(items, futs)]
+            else:
+                chunks = []
+                start = total = 0
+                for i, it in enumerate(items):
+                    n = len(it[0])
+                    if total + n > limit and i > start:
+                        chunks.append((items[start:i], futs[start:i]))
+                        start, total = i, 0
+                    total += n
+                chunks.append((items[start:], futs[start:]))
+            for c_items, c_futs in chunks:
+                rf = conn.request_future(Op.SEND, {"topic": topic, "msgs": c_items, "half": False}, deadline)
+                if rf is None:
+                    err = BrokerUnavailableError(f"not connected to broker {self.address}")
+                    for f in c_futs:
+                        if not f.done():
+                            f.set_exception(err)
+                    continue
+                rf.add_done_callback(lambda r, fs=c_futs: _hand_out(r, fs))
 
     async def send_batch(
         self, topic: str, items: Iterable[bytes | str | Mapping[str, Any]]

@@ -49,6 +49,9 @@ class MemoryStore:
     def read(self, pos):
         return self.records[pos]
 
+    def read_queue_records(self, topic, queue_id, offset, max_count):
+        return [(o, self.records[e.pos]) for o, e in self.read_queue(topic, queue_id, offset, max_count)]
+
 
 def build(rec, topic, qid, off, reconsume, _=None):
     h = rec.header
