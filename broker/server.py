@@ -136,6 +136,7 @@ class Broker:
         self._send_records: list[NewRecord] = []
         self._send_entries: list[tuple] = []
         self._sends_scheduled = False
+        self._half_meta: dict[str, tuple[int, int]] = {}  # pending half message -> (queue, tag hash)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -241,6 +242,7 @@ class Broker:
                     self.tx.replay_outcome(msg_id, state, at)
                 else:
                     n_prepared += 1
+                    self._half_meta[msg_id] = (h["q"], tag_hash(h["g"]))
         self.tx.after_replay(time.time())
         for group in self._saved_offsets:
             self._group(group)
@@ -461,7 +463,11 @@ class Broker:
         replies = []
         any_plain = False
         now = 0.0
+        waiters: list[asyncio.Future] = []
         for conn, rid, half, topic, first, qids, msgs in entries:
+            if conn is None:  # records of a transaction outcome: ``rid`` is its future
+                waiters.append(rid)
+                continue
             part = stored[first : first + len(qids)]
             if half:
                 now = now or time.time()
@@ -470,22 +476,29 @@ class Broker:
                     msg_id = f"{prefix}{st.pos:016X}"
                     self.tx.add(msg_id, topic=topic, group=conn.group, producer_id=conn.client_id,
                                 keys=tuple(m[2]), pos=st.pos, now=now)
+                    self._half_meta[msg_id] = (qid, tag_hash(m[1]))
                     result.append([msg_id, qid, -1])
             else:
                 any_plain = True
                 result = [[f"{prefix}{st.pos:016X}", qid, st.queue_offset] for st, qid in zip(part, qids, strict=True)]
             replies.append((conn, rid, {"r": result}))
-        self.stats["sent"] += len(records)
+        self.stats["sent"] += sum(len(e[5]) for e in entries)
 
         def done(f: asyncio.Future) -> None:
             exc = f.exception()
+            for w in waiters:
+                if not w.done():
+                    if exc is None:
+                        w.set_result(None)
+                    else:
+                        w.set_exception(exc)
             if exc is not None:
                 for conn, rid, _ in replies:
                     conn.error(rid, HalfMQError(f"store failed: {exc}"))
                 return
             for conn, rid, reply in replies:
                 conn.reply(rid, reply)
-            if any_plain:
+            if any_plain or waiters:
                 self.schedule_dispatch()
 
         fut.add_done_callback(done)
@@ -519,18 +532,28 @@ class Broker:
         return self._append_outcome(msg_id, recorded)
 
     def _append_outcome(self, msg_id: str, state: TxState) -> asyncio.Future:
+        """Queue the outcome record (and, for COMMIT, the index entry pointing at the stored
+        half record) into this loop iteration's append; the future resolves when durable."""
         hm = self.tx.get(msg_id)
         assert hm is not None and self.store is not None
         records = [NewRecord(RT_TX_OP, {"id": msg_id, "s": _OUTCOME_CODES[state], "hp": hm.pos}, b"",
                              IndexTarget(OP_TOPIC, 0))]
+        meta = self._half_meta.pop(msg_id, None)
         if state is TxState.COMMITTED:
-            half = self.store.read(hm.pos)
-            h = half.header
-            self._ensure_topic(h["t"])
+            topic = hm.topic
+            if meta is None:  # not remembered (e.g. recovered from an older log): read the header
+                h = self.store.read(hm.pos).header
+                meta = (h["q"], tag_hash(h["g"]))
+            nq = self._ensure_topic(topic)
             records.append(NewRecord(RT_COMMIT_REF, {"id": msg_id}, b"",
-                                     IndexTarget(h["t"], h["q"] % self.queue_count(h["t"]), tag_hash(h["g"]), ref_pos=hm.pos)))
-        _, fut = self.store.append(records)
-        fut.add_done_callback(lambda f: self.schedule_dispatch())
+                                     IndexTarget(topic, meta[0] % nq, meta[1], ref_pos=hm.pos)))
+        fut = asyncio.get_running_loop().create_future()
+        first = len(self._send_records)
+        self._send_records.extend(records)
+        self._send_entries.append((None, fut, False, "", first, (), ()))
+        if not self._sends_scheduled:
+            self._sends_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_sends)
         return fut
 
     async def _tx_check_loop(self) -> None:

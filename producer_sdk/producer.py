@@ -319,6 +319,15 @@ class Producer:
             raise HalfMQError("producer is not started; call start() or use 'async with'")
         if deadline is None:
             deadline = loop.time() + self.send_timeout
+        if not attempt:
+            fut = conn.request_future(op, payload, deadline)  # fast path: connected and writable
+            if fut is not None:
+                try:
+                    return await fut
+                except HalfMQError as exc:
+                    if not exc.retriable or self.retries <= 0 or conn.closed or loop.time() >= deadline:
+                        raise
+                    attempt = 1
         if attempt and conn.connected:  # the broker said "retry", not a lost connection
             await asyncio.sleep(min(_RETRY_PAUSE * attempt, max(0.0, deadline - loop.time())))
         while True:
