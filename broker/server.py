@@ -50,8 +50,10 @@ from protocol import (
     FRAME_OVERHEAD,
     PROTOCOL_VERSION,
     BadRequestError,
+    BrokerUnavailableError,
     MessageTooLargeError,
     Op,
+    RequestTimeoutError,
     TopicNotFoundError,
     TransactionStateError,
     validate_name,
@@ -70,6 +72,11 @@ OP_TOPIC = "%OP%"
 _OUTCOME_CODES = {TxState.COMMITTED: "C", TxState.ROLLED_BACK: "R", TxState.ABANDONED: "A"}
 _CODE_OUTCOMES = {v: k for k, v in _OUTCOME_CODES.items()}
 _REPLY_STATES = {TxState.COMMITTED: "COMMITTED", TxState.ROLLED_BACK: "ROLLED_BACK", TxState.ABANDONED: "ABANDONED"}
+
+
+def _time_out(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(RequestTimeoutError("no answer to the check-back in time"))
 
 
 def make_msg_id(epoch: int, pos: int) -> str:
@@ -137,6 +144,7 @@ class Broker:
         self._send_entries: list[tuple] = []
         self._sends_scheduled = False
         self._half_meta: dict[str, tuple[int, int]] = {}  # pending half message -> (queue, tag hash)
+        self._checks_in_flight: dict[str, asyncio.Future] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -570,19 +578,27 @@ class Broker:
                 log.exception("transaction check failed")
 
     def run_tx_checks(self) -> None:
-        """One check-back scan: abandon overdue ones, ask producers about due ones."""
+        """One check-back scan: abandon overdue ones, ask producers about due ones.
+
+        At most one check per transaction is outstanding; a check is counted when it was
+        answered (UNKNOWN or a listener failure) or went unanswered for ``_check_timeout``
+        on a live connection -- never merely for being sent, so a slow producer is not
+        flooded and a late but real answer is not overtaken by abandonment.
+        """
         now = time.time()
         for hm in self.tx.abandon_overdue(now):
             self._abandoned(hm.msg_id)
         for hm in self.tx.due_checks(now):
+            if hm.msg_id in self._checks_in_flight:
+                continue
             conn = self.producers_by_id.get(hm.producer_id)
             if conn is None or conn.closed:
                 live = [c for c in self.producers_by_group.get(hm.group, ()) if not c.closed]
                 conn = live[0] if live else None
+            # the next check is scheduled now; it is counted only when answered
+            self.tx.check_unreached(hm.msg_id, now)
             if conn is None:
-                self.tx.check_unreached(hm.msg_id, now)
                 continue
-            self.tx.check_reached(hm.msg_id, now)
             try:
                 rec = self.store.read(hm.pos)  # type: ignore[union-attr]
             except Exception:
@@ -590,12 +606,25 @@ class Broker:
                 continue
             wire = build_wire(rec, hm.topic, rec.header["q"], -1, 0)
             fut = conn.request(Op.CHECK, {"m": wire})
-            fut.add_done_callback(lambda f, mid=hm.msg_id: self._check_answered(mid, f))
+            timer = asyncio.get_running_loop().call_later(self._check_timeout, _time_out, fut)
+            self._checks_in_flight[hm.msg_id] = fut
+            fut.add_done_callback(lambda f, mid=hm.msg_id, t=timer: self._check_answered(mid, f, t))
 
-    def _check_answered(self, msg_id: str, fut: asyncio.Future) -> None:
+    @property
+    def _check_timeout(self) -> float:
+        """How long a check-back may go unanswered before it counts as an UNKNOWN answer."""
+        return max(5.0, 2 * self.config.tx_check_interval)
+
+    def _check_answered(self, msg_id: str, fut: asyncio.Future, timer: asyncio.TimerHandle | None = None) -> None:
+        if timer is not None:
+            timer.cancel()
+        self._checks_in_flight.pop(msg_id, None)
         now = time.time()
         state = None
-        if not fut.cancelled() and fut.exception() is None:
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or isinstance(exc, BrokerUnavailableError):
+            return  # the connection went away: the check did not reach anyone, not counted
+        if exc is None:
             answer = fut.result()
             state = answer.get("state") if isinstance(answer, dict) else None
         try:
@@ -605,8 +634,14 @@ class Broker:
             if state == "ROLLBACK":
                 self.resolve_transaction(msg_id, TxState.ROLLED_BACK)
                 return
-        except TransactionStateError:
+        except TransactionStateError as err:
+            recorded = self.tx.state_of(msg_id)
+            if recorded is TxState.ABANDONED:
+                log.warning("check-back answered %s for %s after it was abandoned: the outcome "
+                            "stays ABANDONED (%s)", state, msg_id, err)
             return  # resolved meanwhile by an END_TX: the recorded outcome stands
+        # UNKNOWN, a failing listener, or no answer in time: one check that reached a producer
+        self.tx.check_reached(msg_id, now)
         if self.tx.check_unknown(msg_id, now) is TxState.ABANDONED:
             self._abandoned(msg_id)
 

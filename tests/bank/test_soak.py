@@ -1,0 +1,274 @@
+"""Soak: 1,000 random transfers from 16 concurrent HTTP clients through bank1 -> halfmq -> bank2,
+with random listener outcomes, one ``kill -9`` of the broker and one of bank2 in the middle.
+
+- The broker is a real subprocess with short settings; bank1 runs in this process with a
+  listener whose outcome per transfer is drawn (seeded) from COMMIT / ROLLBACK / UNKNOWN /
+  raise before or after the local commit; bank2 is a subprocess.
+- After ~300 answered transfers the broker is ``kill -9``ed and restarted at once on the
+  same data directory and ports; after ~600, bank2 is ``kill -9``ed and restarted.
+- Clients treat errors and 5xx as "outcome unknown": the invariants are checked against
+  the databases, at quiescence (no PREPARED transaction, the group's lag, in-flight and
+  retries at 0, bank2's credited set equal to bank1's debited set).
+
+Checked then: the money adds up; every account's balance is its start balance moved by
+exactly the transfers in the banks' ``tx_duplication`` tables (so nothing is credited twice
+or lost); every credited tx_no was debited and every debited one credited; transfers whose
+local transaction rolled back are in neither; nothing PREPARED or abandoned; the broker
+committed only debited transfers and rolled back none of them; every client reply agrees
+with the databases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import Counter
+from decimal import Decimal
+
+import aiohttp
+import pytest
+
+from examples.bank.bank1 import Bank1Service
+from examples.bank.bank2 import CONSUMER_GROUP
+from examples.bank.db import BankDatabase
+from tests.bank.soak_support import (
+    NEVER_DEBITED,
+    OUTCOMES,
+    Bank2Process,
+    QuietInjectedFaults,
+    SoakListener,
+    ledger_problems,
+    make_plan,
+)
+from tests.conftest import wait_for
+
+D = Decimal
+SEED = 20240611
+TRANSFERS = 1000
+CLIENTS = 16
+KILL_BROKER_AT = 300
+KILL_BANK2_AT = 600
+QUIESCENCE_TIMEOUT = 90.0
+
+#: bank1: five well-funded accounts and two that run dry early (insufficient balance).
+START1 = {1: D("5000.00"), 101: D("5000.00"), 102: D("5000.00"), 103: D("5000.00"),
+          104: D("5000.00"), 105: D("60.00"), 106: D("60.00")}
+#: bank2: the destination accounts.
+START2 = {2: D("0.00"), 201: D("100.00"), 202: D("0.00"), 203: D("0.00"), 204: D("0.00")}
+MAX_CENTS = 5000  # transfers of 0.01 .. 50.00
+
+BROKER_ARGS = ("--tx-timeout", "1s", "--tx-check-interval", "200ms",
+               "--retry-delays", "100ms,200ms,400ms", "--ack-timeout", "2s")
+
+
+async def _get_json(http: aiohttp.ClientSession, url: str) -> dict:
+    async with http.get(url) as r:
+        assert r.status == 200, f"GET {url}: {r.status} {await r.text()}"
+        return await r.json()
+
+
+async def _trace(http: aiohttp.ClientSession, admin: str, db1: BankDatabase,
+                 listener: SoakListener, tx_nos: list[str]) -> dict:
+    """What the broker and bank1 know of these transfers (for a failure message)."""
+    out: dict[str, object] = {}
+    txs: dict[str, list[dict]] = {}
+    for state in ("prepared", "committed", "rolled_back", "abandoned"):
+        for tx in (await _get_json(http, f"{admin}/api/transactions?state={state}"))["transactions"]:
+            for key in tx["keys"]:
+                txs.setdefault(key, []).append(tx)
+    async with db1.connection() as conn:
+        rows = await db1._exec(conn, "SELECT msg_id, state FROM halfmq_tx_log")
+    tx_log = dict(rows)
+    for tx_no in tx_nos:
+        found = await _get_json(http, f"{admin}/api/messages?topic=bank_transfer&key={tx_no}")
+        out[tx_no] = {
+            "broker": [{k: tx[k] for k in ("msg_id", "state", "checks")}
+                       for tx in txs.get(tx_no, [])],
+            "bank1 tx log": {tx["msg_id"]: tx_log.get(tx["msg_id"]) for tx in txs.get(tx_no, [])},
+            "check-backs answered by bank1": {tx["msg_id"]: listener.checks_per_message.get(
+                tx["msg_id"], 0) for tx in txs.get(tx_no, [])},
+            "delivered messages": [m["msg_id"] for m in found["messages"]],
+        }
+    return out
+
+
+async def _seed(url: str, accounts: dict[int, Decimal]) -> BankDatabase:
+    db = BankDatabase(url, seed=[(i, f"soak{i}", str(b)) for i, b in accounts.items()])
+    return await db.open()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory, bank_dbs,
+                                                                 tmp_path):
+    t0 = time.monotonic()
+    db1_url, db2_url = bank_dbs
+    broker = broker_factory(*BROKER_ARGS)
+    plan = make_plan(SEED, TRANSFERS, list(START1), list(START2), MAX_CENTS)
+    outcome_of = {t.tx_no: t.outcome for t in plan}
+
+    await (await _seed(db1_url, START1)).close()  # before bank1 seeds its own account 1
+    db2 = await _seed(db2_url, START2)            # kept open: the test reads bank2's database
+    bank1 = Bank1Service(db1_url, broker.address, port=0)
+    bank2 = Bank2Process(broker.address, db2_url, tmp_path / "bank2.log")
+    results: dict[str, tuple[int | None, object]] = {}
+    events: list[str] = []
+    quiet_faults = QuietInjectedFaults().__enter__()
+    try:
+        await bank1.start()
+        listener = SoakListener(bank1, plan)
+        assert bank1.producer is not None
+        bank1.producer.listener = listener  # before the first transfer
+        await asyncio.to_thread(bank2.start)
+
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout,
+                                         connector=aiohttp.TCPConnector(limit=CLIENTS)) as http:
+            pending = iter(plan)
+            answered = 0
+            reached = {KILL_BROKER_AT: asyncio.Event(), KILL_BANK2_AT: asyncio.Event()}
+
+            async def client() -> None:
+                nonlocal answered
+                for t in pending:  # one shared iterator: each transfer is sent once
+                    try:
+                        async with http.post(f"{bank1.url}/v1/bank1/transfer",
+                                             json=t.request_json()) as r:
+                            results[t.tx_no] = (r.status, await r.json(content_type=None))
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        results[t.tx_no] = (None, repr(exc))  # outcome unknown to the client
+                    answered += 1
+                    if answered in reached:
+                        reached[answered].set()
+
+            async def chaos() -> None:
+                await reached[KILL_BROKER_AT].wait()
+                events.append(f"{time.monotonic() - t0:.1f}s kill -9 broker at {answered}")
+                await asyncio.to_thread(broker.kill9)
+                await asyncio.to_thread(broker.start)
+                events.append(f"{time.monotonic() - t0:.1f}s broker restarted at {answered}")
+                await reached[KILL_BANK2_AT].wait()
+                events.append(f"{time.monotonic() - t0:.1f}s kill -9 bank2 at {answered}")
+                await asyncio.to_thread(bank2.kill9)
+                await asyncio.to_thread(bank2.start)
+                events.append(f"{time.monotonic() - t0:.1f}s bank2 restarted at {answered}")
+
+            await asyncio.gather(chaos(), *(client() for _ in range(CLIENTS)))
+            events.append(f"{time.monotonic() - t0:.1f}s all {len(results)} transfers answered")
+
+            # -- quiescence ------------------------------------------------------------------
+            # Settled: no PREPARED transaction and the group idle (no lag, nothing in flight
+            # or waiting for a retry). All clients are done, so nothing can move after that;
+            # bank2 acks only after its local commit, so its database is final too.
+            snapshot: dict[str, object] = {}
+
+            async def settled() -> bool:
+                prepared = (await _get_json(
+                    http, f"{broker.http_url}/api/transactions?state=prepared"))["transactions"]
+                groups = (await _get_json(http, f"{broker.http_url}/api/groups"))["groups"]
+                group = next((g for g in groups if g["group"] == CONSUMER_GROUP), None)
+                snapshot.update(n_prepared=len(prepared), prepared=prepared[:3], group=group)
+                return (not prepared and group is not None and group["lag"] == 0
+                        and group["in_flight"] == 0 and group["waiting_retry"] == 0)
+
+            async def same_sets() -> bool:
+                debited, credited = await bank1.db.tx_numbers(), await db2.tx_numbers()
+                snapshot.update(n_debited_not_credited=len(debited - credited),
+                                debited_not_credited=sorted(debited - credited)[:10],
+                                credited_not_debited=sorted(credited - debited)[:10])
+                return debited == credited
+
+            async def diagnose(exc: AssertionError) -> AssertionError:
+                lost = await _trace(http, broker.http_url, bank1.db, listener,
+                                    snapshot.get("debited_not_credited", [])[:3])  # type: ignore[index]
+                return AssertionError(
+                    f"{exc}; last state: {snapshot}; events: {events}; check-backs answered "
+                    f"by bank1: {listener.checks}, slowest {listener.slowest_check:.2f}s, at "
+                    f"most {max(listener.checks_per_message.values(), default=0)} for one "
+                    f"message; lost transfers as the broker and bank1 see them: {lost}; "
+                    f"logs: {broker.log_path}, {bank2.log_path}")
+
+            try:
+                await wait_for(settled, timeout=QUIESCENCE_TIMEOUT, interval=0.2,
+                               what="no PREPARED transaction and consumer_bank2 idle")
+                await wait_for(same_sets, timeout=5, interval=0.2,
+                               what="bank2's credited tx_nos to equal bank1's debited ones")
+            except AssertionError as exc:
+                raise await diagnose(exc) from None
+            events.append(f"{time.monotonic() - t0:.1f}s quiescent")
+
+            abandoned = (await _get_json(
+                http, f"{broker.http_url}/api/transactions?state=abandoned"))["transactions"]
+            committed = (await _get_json(
+                http, f"{broker.http_url}/api/transactions?state=committed"))["transactions"]
+            rolled_back = (await _get_json(
+                http, f"{broker.http_url}/api/transactions?state=rolled_back"))["transactions"]
+            group = snapshot["group"]
+
+        # -- the databases ---------------------------------------------------------------
+        debited, credited = await bank1.db.tx_numbers(), await db2.tx_numbers()
+        balances1 = {a.id: a.balance for a in await bank1.db.accounts()}
+        balances2 = {a.id: a.balance for a in await db2.accounts()}
+        problems = ledger_problems(plan, START1, START2, debited, credited, balances1, balances2)
+
+        # -- the broker's view agrees ------------------------------------------------------
+        if abandoned:
+            problems.append(f"{len(abandoned)} abandoned transactions: {abandoned[:3]}")
+        if group["dead_lettered"]:  # type: ignore[index]
+            problems.append(f"{group['dead_lettered']} transfers dead-lettered: {group}")  # type: ignore[index]
+        # per half message (a half SEND retried across the broker kill leaves an orphan half
+        # message with the same key, which check-back rightly rolls back): the broker
+        # committed exactly what bank1's tx log says committed
+        async with bank1.db.connection() as conn:
+            tx_log = dict(await bank1.db._exec(conn, "SELECT msg_id, state FROM halfmq_tx_log"))
+        if bad := sorted(tx["msg_id"] for tx in committed if tx_log.get(tx["msg_id"]) != "COMMITTED"):
+            problems.append(f"committed by the broker, not committed in bank1: {bad[:10]}")
+        if bad := sorted(tx["msg_id"] for tx in rolled_back
+                         if tx_log.get(tx["msg_id"]) == "COMMITTED"):
+            problems.append(f"committed in bank1, rolled back by the broker: {bad[:10]}")
+
+        # -- every client reply agrees with the databases -------------------------------------
+        statuses = Counter(status for status, _ in results.values())
+        for tx_no, (status, reply) in sorted(results.items()):
+            state = reply.get("state") if isinstance(reply, dict) else None
+            outcome = outcome_of[tx_no]
+            if status == 200 and (state != "COMMIT" or tx_no not in debited):
+                problems.append(f"{tx_no} ({outcome}): 200 {reply} but debited={tx_no in debited}")
+            elif status == 409 and (state != "ROLLBACK" or tx_no in debited):
+                problems.append(f"{tx_no} ({outcome}): 409 {reply} but debited={tx_no in debited}")
+            elif status == 202 and state != "UNKNOWN":
+                problems.append(f"{tx_no} ({outcome}): 202 {reply}")
+            elif status not in (200, 202, 409, 500, 503, None):
+                problems.append(f"{tx_no} ({outcome}): unexpected reply {status} {reply}")
+            if outcome in ("UNKNOWN", "RAISE_AFTER", "RAISE_BEFORE") and status == 200:
+                problems.append(f"{tx_no} ({outcome}): reported COMMIT to the client")
+            if outcome in NEVER_DEBITED and status == 200:
+                problems.append(f"{tx_no} ({outcome}): 200 although rolled back")
+
+        # -- bank2 credited each transfer at most once (its log survives the kill -9) ----------
+        credit_lines = Counter(re.findall(r"transfer (\S+): credited",
+                                          bank2.log_path.read_text()))
+        if twice := sorted(tx for tx, n in credit_lines.items() if n > 1):
+            problems.append(f"bank2 credited these transfers more than once: {twice[:10]}")
+
+        summary = (f"events: {events}; client statuses: {dict(statuses)}; listener outcomes: "
+                   f"{listener.executed}; check-backs answered: {listener.checks} (slowest "
+                   f"{listener.slowest_check:.2f}s); debited: {len(debited)}; logs: "
+                   f"{broker.log_path}, {bank2.log_path}")
+        assert problems == [], summary
+
+        # -- the soak really exercised what it claims ------------------------------------------
+        assert len(results) == TRANSFERS, summary
+        assert set(listener.executed) == set(OUTCOMES), summary
+        refused = sum(1 for s, r in results.values()
+                      if s == 409 and "insufficient balance" in str(r))
+        assert refused > 0, summary
+        assert len(debited) > TRANSFERS // 3, summary
+        assert bank2.kills == 1 and len(events) >= 6, summary
+        print(summary)
+    finally:
+        quiet_faults.__exit__()
+        await asyncio.to_thread(bank2.stop)
+        await bank1.close()
+        await db2.close()
