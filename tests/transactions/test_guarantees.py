@@ -251,3 +251,21 @@ async def test_t10_outcome_unreachable_returns_state_check_back_resolves(txb):
 
         await wait_for(rolled_back, what="rollback recorded")
     assert r.msg_id not in inbox.messages
+
+
+async def test_slow_check_answer_is_not_overtaken_by_abandonment_nor_flooded(broker_factory):
+    b = broker_factory(*TX_ARGS, "--tx-check-max", "2")
+    inbox = Inbox()
+    calls: list[str] = []
+
+    class Slow(Scripted):
+        async def check_local_transaction(self, message):
+            calls.append(message.msg_id)
+            await asyncio.sleep(1.5)  # a slow database: many check intervals (200 ms) long
+            return LocalTransactionState.COMMIT
+
+    async with PushConsumer(b.address, group="g", topic="slow", listener=inbox), \
+            TransactionProducer(b.address, group="pg", listener=Slow(LocalTransactionState.UNKNOWN)) as p:
+        r = await p.send_in_transaction("slow", b"x")
+        await wait_for(lambda: r.msg_id in inbox.messages, timeout=15, what="delivery after the slow COMMIT")
+    assert calls == [r.msg_id]  # one outstanding check at a time, answered COMMIT once
