@@ -145,6 +145,7 @@ class Broker:
         self._sends_scheduled = False
         self._half_meta: dict[str, tuple[int, int]] = {}  # pending half message -> (queue, tag hash)
         self._checks_in_flight: dict[str, asyncio.Future] = {}
+        self._targets: dict[tuple[str, int, int], IndexTarget] = {}  # shared, immutable
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -429,6 +430,9 @@ class Broker:
         assert self.store is not None
         epoch = self.store.epoch
         records = self._send_records
+        targets = self._targets
+        if len(targets) > 100_000:
+            targets.clear()
         first = len(records)
         qids = []
         rr = self._rr[topic]
@@ -442,7 +446,11 @@ class Broker:
                 header["q"] = qid
                 records.append(NewRecord(RT_HALF, header, body, IndexTarget(HALF_TOPIC, 0)))
             else:
-                records.append(NewRecord(RT_MSG, header, body, IndexTarget(topic, qid, tag_hash(tags) if tags else 0)))
+                th = tag_hash(tags) if tags else 0
+                target = targets.get((topic, qid, th))
+                if target is None:
+                    target = targets[(topic, qid, th)] = IndexTarget(topic, qid, th)
+                records.append(NewRecord(RT_MSG, header, body, target))
             qids.append(qid)
         self._rr[topic] = rr
         self._send_entries.append((conn, rid, half, topic, first, qids, msgs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["IndexTarget", "NewRecord", "Stored", "Record", "IndexEntry"]
 
@@ -21,9 +22,12 @@ class IndexTarget:
     ref_pos: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class NewRecord:
-    """A record to append: opaque ``rtype`` (0-255), msgpack-able ``header``, raw ``body``."""
+class NewRecord(NamedTuple):
+    """A record to append: opaque ``rtype`` (0-255), msgpack-able ``header``, raw ``body``.
+
+    A named tuple rather than a frozen dataclass: one is built per message on the hot
+    path, and a tuple is built in a third of the time.
+    """
 
     rtype: int
     header: dict
