@@ -53,6 +53,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
         self._rid = 0
         self._pending: dict[int, asyncio.Future] = {}
@@ -114,13 +115,18 @@ class ClientConnection(asyncio.Protocol):
         """Queue one frame; frames queued in the same loop iteration go out in one write."""
         if self.closed:
             return
-        self._out.append(encode_frame(op, rid, payload))
-        if not self._flush_scheduled:
+        frame = encode_frame(op, rid, payload)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if self._out_bytes >= 64 * 1024:
+            self._flush()  # one write's worth: send it now rather than at the end of the iteration
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._out_bytes = 0
         if self._out and not self.closed and self.transport is not None:
             out = self._out
             self._out = []

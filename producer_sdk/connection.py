@@ -92,6 +92,9 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 _SWEEP_EVERY = 0.05  # seconds between deadline sweeps
+#: Queued frames are written at once when they reach this size, instead of at the end of
+#: the loop iteration: the broker starts on the first part while we build the rest.
+_WRITE_NOW_BYTES = 64 * 1024
 
 class _ClientProtocol(asyncio.Protocol):
     """Bytes in, frames out: feeds the decoder and hands frames to its ``Connection``."""
@@ -183,6 +186,7 @@ class Connection:
         self._late_deadlines: list[tuple[float, int]] = []
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._wbuf: list[bytes] = []
+        self._wbuf_bytes = 0
         self._flush_scheduled = False
         self._paused = False
         self._resume_waiter: asyncio.Future[None] | None = None
@@ -438,12 +442,16 @@ class Connection:
 
     def _write(self, frame: bytes) -> None:
         self._wbuf.append(frame)
-        if not self._flush_scheduled:
+        self._wbuf_bytes += len(frame)
+        if self._wbuf_bytes >= _WRITE_NOW_BYTES:
+            self._flush()  # enough for one write: let the broker start on it now
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._wbuf_bytes = 0
         buf = self._wbuf
         if not buf:
             return

@@ -40,6 +40,10 @@ from protocol import (
 
 __all__ = ["Producer"]
 
+#: At most this many messages share one SEND frame (a bigger micro-batch is sent in parts,
+#: so the broker works on the first part while the rest is being built).
+_MAX_MICRO_BATCH = 64
+
 #: Pause before retrying an error the broker itself reported as retriable (e.g. shutting down).
 _RETRY_PAUSE = 0.05
 
@@ -218,7 +222,9 @@ class Producer:
             q[0].append(item)
             q[1].append(fut)
             q[2][0] += len(data)
-            if not self._flush_scheduled:
+            if len(q[0]) >= _MAX_MICRO_BATCH:
+                self._flush_topic(topic)
+            elif not self._flush_scheduled:
                 self._flush_scheduled = True
                 loop.call_soon(self._flush_queued)
             try:
@@ -234,6 +240,12 @@ class Producer:
         reply = await self._send_request(payload, deadline=deadline, attempt=attempt)
         return self._results(topic, reply, 1)[0]
 
+    def _flush_topic(self, topic: str) -> None:
+        """Send one topic's queued messages now (the micro-batch is full)."""
+        q = self._queued.pop(topic, None)
+        if q is not None:
+            self._send_queued({topic: q})
+
     def _flush_queued(self) -> None:
         """Send the queued messages: one SEND frame per topic (split at the size limit)."""
         self._flush_scheduled = False
@@ -241,6 +253,9 @@ class Producer:
         if not queued:
             return
         self._queued = {}
+        self._send_queued(queued)
+
+    def _send_queued(self, queued: dict[str, tuple[list[list[Any]], list[asyncio.Future[Any]], list[int]]]) -> None:
         conn = self._conn
         loop = conn._loop
         assert loop is not None
