@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import json
 import random
@@ -212,6 +213,10 @@ def worker_main(argv: list[str]) -> int:
     ap.add_argument("--conn", required=True)
     ap.add_argument("--params", default="{}")
     args = ap.parse_args(argv)
+    # every system's client runs in this same worker with the same settings: fewer young-
+    # generation collections, as a tuned production client would have
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     try:
         import uvloop
 

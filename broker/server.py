@@ -67,6 +67,9 @@ __all__ = ["Broker", "make_msg_id", "parse_msg_id", "HALF_TOPIC", "OP_TOPIC"]
 
 log = logging.getLogger("halfmq.broker")
 
+#: Seconds a resolved transaction stays listed in full (admin API) before only its state is kept.
+_RESOLVED_KEPT = 60.0
+
 HALF_TOPIC = "%HALF%"
 OP_TOPIC = "%OP%"
 _OUTCOME_CODES = {TxState.COMMITTED: "C", TxState.ROLLED_BACK: "R", TxState.ABANDONED: "A"}
@@ -146,6 +149,7 @@ class Broker:
         self._half_meta: dict[str, tuple[int, int]] = {}  # pending half message -> (queue, tag hash)
         self._checks_in_flight: dict[str, asyncio.Future] = {}
         self._targets: dict[tuple[str, int, int], IndexTarget] = {}  # shared, immutable
+        self._next_forget = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -581,6 +585,12 @@ class Broker:
             delay = interval if due is None else min(interval, max(0.01, due - time.time()))
             await asyncio.sleep(delay)
             try:
+                now = time.time()
+                if now >= self._next_forget:
+                    # resolved transactions keep only their final state after a minute
+                    # (enough to answer a repeated END_TX), so memory does not grow per message
+                    self.tx.forget_resolved(now - _RESOLVED_KEPT)
+                    self._next_forget = now + _RESOLVED_KEPT / 2
                 self.run_tx_checks()
             except Exception:
                 log.exception("transaction check failed")
