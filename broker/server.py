@@ -483,7 +483,7 @@ class Broker:
         replies = []
         any_plain = False
         now = 0.0
-        waiters: list[asyncio.Future] = []
+        waiters: list[Any] = []
         for conn, rid, half, topic, first, qids, msgs in entries:
             if conn is None:  # records of a transaction outcome: ``rid`` is its future
                 waiters.append(rid)
@@ -507,7 +507,12 @@ class Broker:
         def done(f: asyncio.Future) -> None:
             exc = f.exception()
             for w in waiters:
-                if not w.done():
+                if type(w) is tuple:  # a client's END_TX: (conn, rid, reply)
+                    if exc is None:
+                        w[0].reply(w[1], w[2])
+                    else:
+                        w[0].error(w[1], HalfMQError(f"store failed: {exc}"))
+                elif not w.done():
                     if exc is None:
                         w.set_result(None)
                     else:
@@ -533,13 +538,12 @@ class Broker:
         if not isinstance(msg_id, str):
             raise BadRequestError("msg_id must be a string")
         state = TxState.COMMITTED if outcome == "COMMIT" else TxState.ROLLED_BACK
-        fut = self.resolve_transaction(msg_id, state)
         reply = {"state": _REPLY_STATES[state]}
-        if fut is None:
-            conn.reply(rid, reply)
+        recorded, changed = self.tx.resolve(msg_id, state, time.time())
+        if changed:
+            self._append_outcome(msg_id, recorded, reply_to=(conn, rid, reply))  # replies when durable
         else:
-            fut.add_done_callback(lambda f: conn.reply(rid, reply) if f.exception() is None
-                                  else conn.error(rid, HalfMQError(f"store failed: {f.exception()}")))
+            conn.reply(rid, reply)
 
     def resolve_transaction(self, msg_id: str, state: TxState) -> asyncio.Future | None:
         """Record an outcome once (T6). Returns the append future, or None if nothing changed.
@@ -551,9 +555,11 @@ class Broker:
             return None
         return self._append_outcome(msg_id, recorded)
 
-    def _append_outcome(self, msg_id: str, state: TxState) -> asyncio.Future:
+    def _append_outcome(self, msg_id: str, state: TxState,
+                        reply_to: tuple[ClientConnection, int, dict] | None = None) -> asyncio.Future | None:
         """Queue the outcome record (and, for COMMIT, the index entry pointing at the stored
-        half record) into this loop iteration's append; the future resolves when durable."""
+        half record) into this loop iteration's append. When durable: the client request
+        ``reply_to`` is answered, or (without one) the returned future resolves."""
         hm = self.tx.get(msg_id)
         assert hm is not None and self.store is not None
         records = [NewRecord(RT_TX_OP, {"id": msg_id, "s": _OUTCOME_CODES[state], "hp": hm.pos}, b"",
@@ -567,10 +573,10 @@ class Broker:
             nq = self._ensure_topic(topic)
             records.append(NewRecord(RT_COMMIT_REF, {"id": msg_id}, b"",
                                      IndexTarget(topic, meta[0] % nq, meta[1], ref_pos=hm.pos)))
-        fut = asyncio.get_running_loop().create_future()
+        fut = asyncio.get_running_loop().create_future() if reply_to is None else None
         first = len(self._send_records)
         self._send_records.extend(records)
-        self._send_entries.append((None, fut, False, "", first, (), ()))
+        self._send_entries.append((None, reply_to or fut, False, "", first, (), ()))
         if not self._sends_scheduled:
             self._sends_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_sends)

@@ -144,7 +144,7 @@ class Producer:
         self._conn = self._make_connection(client_id)
         self._started = False
         self._topics_ok: set[str] = set()
-        self._queued: dict[str, tuple[list[list[Any]], list[asyncio.Future[Any]], list[int]]] = {}
+        self._queued: dict[tuple[str, bool], tuple[list[list[Any]], list[asyncio.Future[Any]], list[int]]] = {}
         self._flush_scheduled = False
 
     def _make_connection(self, client_id: str | None) -> Connection:
@@ -215,20 +215,8 @@ class Producer:
         deadline = loop.time() + self.send_timeout
         if conn.ready_to_send:
             # fast path: joins this loop iteration's SEND frame for the topic
-            fut = loop.create_future()
-            q = self._queued.get(topic)
-            if q is None:
-                q = self._queued[topic] = ([], [], [0])
-            q[0].append(item)
-            q[1].append(fut)
-            q[2][0] += len(data)
-            if len(q[0]) >= _MAX_MICRO_BATCH:
-                self._flush_topic(topic)
-            elif not self._flush_scheduled:
-                self._flush_scheduled = True
-                loop.call_soon(self._flush_queued)
             try:
-                r = await fut
+                r = await self._enqueue(topic, item, False)
                 return SendResult(r[0], r[1], r[2], topic)
             except HalfMQError as exc:
                 if not exc.retriable or self.retries <= 0 or conn.closed or loop.time() >= deadline:
@@ -240,11 +228,31 @@ class Producer:
         reply = await self._send_request(payload, deadline=deadline, attempt=attempt)
         return self._results(topic, reply, 1)[0]
 
-    def _flush_topic(self, topic: str) -> None:
+    def _enqueue(self, topic: str, item: list[Any], half: bool) -> asyncio.Future[Any]:
+        """Queue one message for this loop iteration's SEND frame of ``(topic, half)``;
+        the future gets its reply row ``[msg_id, queue_id, queue_offset]``."""
+        loop = self._conn._loop
+        assert loop is not None
+        fut = loop.create_future()
+        key = (topic, half)
+        q = self._queued.get(key)
+        if q is None:
+            q = self._queued[key] = ([], [], [0])
+        q[0].append(item)
+        q[1].append(fut)
+        q[2][0] += len(item[0])
+        if len(q[0]) >= _MAX_MICRO_BATCH:
+            self._flush_topic(key)
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_queued)
+        return fut
+
+    def _flush_topic(self, key: tuple[str, bool]) -> None:
         """Send one topic's queued messages now (the micro-batch is full)."""
-        q = self._queued.pop(topic, None)
+        q = self._queued.pop(key, None)
         if q is not None:
-            self._send_queued({topic: q})
+            self._send_queued({key: q})
 
     def _flush_queued(self) -> None:
         """Send the queued messages: one SEND frame per topic (split at the size limit)."""
@@ -255,13 +263,13 @@ class Producer:
         self._queued = {}
         self._send_queued(queued)
 
-    def _send_queued(self, queued: dict[str, tuple[list[list[Any]], list[asyncio.Future[Any]], list[int]]]) -> None:
+    def _send_queued(self, queued: dict[tuple[str, bool], tuple[list[list[Any]], list[asyncio.Future[Any]], list[int]]]) -> None:
         conn = self._conn
         loop = conn._loop
         assert loop is not None
         deadline = loop.time() + self.send_timeout
         limit = max(1, conn.max_message_size)
-        for topic, (items, futs, size) in queued.items():
+        for (topic, half), (items, futs, size) in queued.items():
             if size[0] <= limit:
                 chunks = [(items, futs)]
             else:
@@ -275,7 +283,7 @@ class Producer:
                     total += n
                 chunks.append((items[start:], futs[start:]))
             for c_items, c_futs in chunks:
-                rf = conn.request_future(Op.SEND, {"topic": topic, "msgs": c_items, "half": False}, deadline)
+                rf = conn.request_future(Op.SEND, {"topic": topic, "msgs": c_items, "half": half}, deadline)
                 if rf is None:
                     err = BrokerUnavailableError(f"not connected to broker {self.address}")
                     for f in c_futs:

@@ -47,6 +47,7 @@ from producer_sdk.producer import (
 from protocol import (
     BadRequestError,
     BrokerUnavailableError,
+    HalfMQError,
     LocalTransactionState,
     Message,
     MessageTooLargeError,
@@ -189,10 +190,18 @@ class TransactionProducer(Producer):
         key_list = _encode_keys(keys)
         props = _encode_properties(properties)
         born = int(time.time() * 1000)
-        reply = await self._send_request(
-            {"topic": topic, "msgs": [[data, tags, key_list, props, born]], "half": True}
-        )
-        half = self._results(topic, reply, 1)[0]
+        item = [data, tags, key_list, props, born]
+        half = None
+        if self._conn.ready_to_send:
+            try:  # joins this loop iteration's half-message SEND frame for the topic
+                r = await self._enqueue(topic, item, True)
+                half = SendResult(r[0], r[1], r[2], topic)
+            except HalfMQError as exc:
+                if not exc.retriable or self.retries <= 0 or self._conn.closed:
+                    raise
+        if half is None:
+            reply = await self._send_request({"topic": topic, "msgs": [item], "half": True})
+            half = self._results(topic, reply, 1)[0]
         message = Message(
             msg_id=half.msg_id, topic=topic, body=data, tags=tags, keys=tuple(key_list),
             properties=props, born_timestamp=born, queue_id=half.queue_id,
