@@ -651,6 +651,8 @@ class Broker:
         if exc is None:
             answer = fut.result()
             state = answer.get("state") if isinstance(answer, dict) else None
+        # answered (or timed out on a live connection): one check that reached a producer
+        self.tx.check_reached(msg_id, now)
         try:
             if state == "COMMIT":
                 self.resolve_transaction(msg_id, TxState.COMMITTED)
@@ -664,8 +666,7 @@ class Broker:
                 log.warning("check-back answered %s for %s after it was abandoned: the outcome "
                             "stays ABANDONED (%s)", state, msg_id, err)
             return  # resolved meanwhile by an END_TX: the recorded outcome stands
-        # UNKNOWN, a failing listener, or no answer in time: one check that reached a producer
-        self.tx.check_reached(msg_id, now)
+        # UNKNOWN, a failing listener, or no answer in time
         if self.tx.check_unknown(msg_id, now) is TxState.ABANDONED:
             self._abandoned(msg_id)
 
