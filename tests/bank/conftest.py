@@ -28,12 +28,8 @@ async def _mysql_admin(*statements: str) -> None:
         conn.close()
 
 
-@pytest.fixture(params=["sqlite", "mysql"])
-async def bank_dbs(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[tuple[str, str]]:
-    """``(bank1_db_url, bank2_db_url)``: two SQLite files, or two fresh MySQL databases."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "bank1.db"), str(tmp_path / "bank2.db")
-        return
+async def _mysql_pair() -> AsyncIterator[tuple[str, str]]:
+    """Two fresh MySQL databases (dropped afterwards); skips when MySQL is not reachable."""
     try:
         import aiomysql  # noqa: F401
     except ImportError:
@@ -50,6 +46,23 @@ async def bank_dbs(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[tu
         yield root + base + "_b1", root + base + "_b2"
     finally:
         await _mysql_admin(f"DROP DATABASE IF EXISTS {base}_b1", f"DROP DATABASE IF EXISTS {base}_b2")
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+async def bank_dbs(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[tuple[str, str]]:
+    """``(bank1_db_url, bank2_db_url)``: two SQLite files, or two fresh MySQL databases."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "bank1.db"), str(tmp_path / "bank2.db")
+        return
+    async for pair in _mysql_pair():
+        yield pair
+
+
+@pytest.fixture
+async def mysql_bank_dbs() -> AsyncIterator[tuple[str, str]]:
+    """Two fresh MySQL databases (the MySQL half of ``bank_dbs``)."""
+    async for pair in _mysql_pair():
+        yield pair
 
 
 @pytest.fixture

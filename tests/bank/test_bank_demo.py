@@ -8,8 +8,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
-
 from examples.bank.demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,10 +25,8 @@ async def test_demo_on_sqlite():
                                         "bank2 3 wangwu 5.00 | total 100.00 (ok)")
 
 
-async def test_demo_on_mysql(bank_dbs):
-    db1, _db2 = bank_dbs
-    if not db1.startswith("mysql"):
-        pytest.skip("the SQLite demo is covered above")
+async def test_demo_on_mysql(mysql_bank_dbs):
+    db1, _db2 = mysql_bank_dbs
     from tests.bank.conftest import _mysql_admin
 
     base = db1.rsplit("/", 1)[0] + "/halfmq_d_" + uuid.uuid4().hex[:10]
