@@ -37,6 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from examples.bank.db import BankDatabase, account_routes, parse_money
+from examples.bank.runner import run_service
 from producer_sdk import (
     BrokerUnavailableError,
     HalfMQError,
@@ -255,18 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s bank1 %(levelname)s %(message)s")
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover - uvloop is not on Windows
-        runner = asyncio.Runner()
-    with runner:
-        runner.run(_run(args))
-    return 0
-
+    return run_service("bank1", _run(build_parser().parse_args(argv)))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,6 +30,7 @@ from consumer_sdk import ConsumeResult, Message, PushConsumer
 from consumer_sdk.dedup import apply_once
 from examples.bank.bank1 import TOPIC
 from examples.bank.db import BankDatabase, account_routes, parse_money
+from examples.bank.runner import run_service
 
 __all__ = ["Bank2Service", "Delivery", "main", "CONSUMER_GROUP", "SEED"]
 
@@ -186,18 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s bank2 %(levelname)s %(message)s")
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover - uvloop is not on Windows
-        runner = asyncio.Runner()
-    with runner:
-        runner.run(_run(args))
-    return 0
-
+    return run_service("bank2", _run(build_parser().parse_args(argv)))
 
 if __name__ == "__main__":
     sys.exit(main())
