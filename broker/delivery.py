@@ -34,9 +34,9 @@ to send and records to append.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -191,8 +191,10 @@ class GroupDelivery:
         self.cursors: dict[tuple[str, int], QueueCursor] = {}
         self._saved = dict(offsets or {})
         self.members: dict[str, Member] = {}
-        self.leases: dict[int, Delivery] = {}
-        self._expiry: list[tuple[float, int]] = []
+        # live leases in lease order; with one ack timeout for the group their deadlines are
+        # in the same order, so the oldest lease is the next to expire (no heap, and memory
+        # holds only live leases, never acked ones)
+        self.leases: OrderedDict[int, Delivery] = OrderedDict()
         self._tokens = itertools.count(1)
         self._rr = 0
         self.tags: frozenset[str] | None = None
@@ -398,7 +400,6 @@ class GroupDelivery:
         self.cursors[qkey].inflight.add(off)
         m.leases[token] = d
         self.leases[token] = d
-        heapq.heappush(self._expiry, (d.deadline, token))
         self.stats["delivered"] += 1
         return m.member_id, token, wire
 
@@ -421,12 +422,11 @@ class GroupDelivery:
     def expire(self, now: float) -> list[PendingRecord]:
         """Leases past their deadline count as failed attempts (C5)."""
         out: list[PendingRecord] = []
-        exp = self._expiry
-        while exp and exp[0][0] <= now:
-            _, token = heapq.heappop(exp)
-            d = self.leases.get(token)
-            if d is None:
-                continue
+        leases = self.leases
+        while leases:
+            d = next(iter(leases.values()))
+            if d.deadline > now:
+                break
             self._release(d)
             self.stats["expired"] += 1
             out.append(self._fail(d, expired=True))
@@ -434,10 +434,7 @@ class GroupDelivery:
 
     def next_expiry(self) -> float | None:
         """Deadline of the earliest live lease."""
-        exp = self._expiry
-        while exp and exp[0][1] not in self.leases:
-            heapq.heappop(exp)
-        return exp[0][0] if exp else None
+        return next(iter(self.leases.values())).deadline if self.leases else None
 
     def _release(self, d: Delivery) -> None:
         self.leases.pop(d.token, None)

@@ -197,3 +197,21 @@ def test_start_latest_skips_the_backlog_and_saved_offsets_win(env):
     gd2.subscribe("x", "t", tags="*", prefetch=10, max_reconsume_times=1, start="earliest")
     (_, _, wire), = gd2.poll(0.0, build)[0]
     assert wire[2] == b"new"
+
+
+def test_acked_leases_leave_no_trace_and_the_oldest_expires_first(env):
+    store, gd = env
+    gd.subscribe("a", "t", tags="*", prefetch=1000, max_reconsume_times=5)
+    batches = []
+    for i in range(3):  # 100 messages leased at t = 0, 10, 20
+        for _ in range(100):
+            store.send("t", 0, b"x")
+        batches.append(gd.poll(i * 10.0, build)[0])
+    assert [len(b) for b in batches] == [100, 100, 100]
+    for batch in batches:
+        for m, tok, _ in batch[1:]:
+            gd.ack(m, tok, True, 25.0)
+    assert len(gd.leases) == 3  # only unacked leases are held, whatever the throughput
+    assert gd.next_expiry() == pytest.approx(60.0)
+    assert len(gd.expire(75.0)) == 2
+    assert gd.next_expiry() == pytest.approx(80.0)
