@@ -122,6 +122,8 @@ class Broker:
             tx_timeout=self.config.tx_timeout,
             tx_check_interval=self.config.tx_check_interval,
             tx_check_max=self.config.tx_check_max,
+            # final states kept to answer a repeated END_TX: ~30 MB at most
+            forgotten_capacity=200_000,
         )
         self.connections: set[ClientConnection] = set()
         self.producers_by_id: dict[str, ClientConnection] = {}
