@@ -193,3 +193,18 @@ async def test_oversized_body_is_refused_and_others_unaffected(broker_factory):
     assert op == Op.REPLY
     c.close()
     other.close()
+
+
+async def test_no_auto_create_refuses_unknown_topics_and_default_queues_apply(broker_factory):
+    closed = broker_factory("--no-auto-create-topics")
+    c = await RawClient.connect(closed.address)
+    op, p = await c.send("nowhere")
+    assert op == Op.ERROR and p["code"] == 9 and "nowhere" in p["message"]
+    assert "nowhere" not in topic_names(closed)
+    c.close()
+    open_ = broker_factory("--default-queues", "3")
+    c = await RawClient.connect(open_.address)
+    assert (await c.send("three"))[0] == Op.REPLY
+    topics = http_json(open_.http_url + "/api/topics")["topics"]
+    assert [len(t["queues"]) for t in topics if t["topic"] == "three"] == [3]
+    c.close()
