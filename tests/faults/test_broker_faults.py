@@ -106,3 +106,51 @@ async def test_broker_restart_during_backoff_keeps_retry_count_and_schedule(brok
     assert attempts[1][0] == 1  # the retry count survived
     assert attempts[1][1] >= failed_at + 3.0 - 0.05  # and so did the schedule
     assert msg_id
+
+
+async def _consume_all(address: str, group: str, topic: str, want: set[str]) -> None:
+    seen: set[str] = set()
+
+    async def track(m):
+        seen.add(m.msg_id)
+        return ConsumeResult.SUCCESS
+
+    async with PushConsumer(address, group=group, topic=topic, listener=track) as c:
+        await wait_for(lambda: want <= seen, what="every message consumed")
+        await c.close()  # graceful: in-flight acks are sent and confirmed
+
+
+async def test_c8_acked_messages_not_redelivered_after_graceful_restart(broker_factory):
+    b = broker_factory()
+    async with Producer(b.address) as p:
+        sent = {r.msg_id for r in await p.send_batch("c8", [f"m{i}" for i in range(50)])}
+    await _consume_all(b.address, "g", "c8", sent)
+    assert b.restart().proc is not None  # SIGTERM, then start on the same data dir
+    again: list[str] = []
+
+    async def on(m):
+        again.append(m.msg_id)
+        return ConsumeResult.SUCCESS
+
+    async with Producer(b.address) as p, PushConsumer(b.address, group="g", topic="c8", listener=on):
+        marker = (await p.send("c8", b"after restart")).msg_id
+        await wait_for(lambda: marker in again, what="the marker sent after the restart")
+    assert again == [marker]  # nothing acked before the restart came back
+
+
+async def test_c8_after_kill9_acked_messages_may_return_but_none_is_lost(broker_factory):
+    b = broker_factory()
+    async with Producer(b.address) as p:
+        sent = {r.msg_id for r in await p.send_batch("c8k", [f"m{i}" for i in range(200)])}
+    acked: set[str] = set()
+
+    async def half(m):
+        acked.add(m.msg_id)
+        return ConsumeResult.SUCCESS
+
+    async with PushConsumer(b.address, group="g", topic="c8k", listener=half, prefetch=8, concurrency=1):
+        await wait_for(lambda: len(acked) >= 100, what="half of the messages acked")
+        b.kill9()
+    b.start()
+    redelivered = await collect(b.address, "g", "c8k", sent - acked)
+    assert sent - acked <= set(redelivered)  # never a message lost
