@@ -349,7 +349,7 @@ class Broker:
             gd = self.groups.get(conn.subscription[0])
             if gd is not None:
                 gd.member_gone(conn.conn_id)
-        log.debug("connection %s (%s) closed", conn.peer, conn.client_id)
+        log.info("connection %s (%s) closed", conn.peer, conn.client_id)
 
     def handle_frame(self, conn: ClientConnection, op: int, rid: int, p: Any) -> None:
         """Dispatch one request frame (raises HalfMQError for the client)."""
@@ -387,6 +387,7 @@ class Broker:
         if group is not None:
             validate_name(group, "group")
         conn.client_id, conn.role, conn.group = client_id, role, group
+        log.info("%s %s connected from %s%s", role, client_id, conn.peer, f" (group {group})" if group else "")
         if role == "producer":
             self.producers_by_id[client_id] = conn
             if group:
@@ -700,6 +701,8 @@ class Broker:
         gd = self._group(group)
         gd.subscribe(conn.conn_id, topic, tags=tags, prefetch=prefetch, max_reconsume_times=max_re, start=start)
         conn.subscription = (group, topic)
+        log.info("consumer %s (%s) subscribed: group %s, topic %s, tags %s, start %s, prefetch %d",
+                 conn.client_id, conn.peer, group, topic, tags, start, prefetch)
         conn.reply(rid, {})
         self.schedule_dispatch()
 
