@@ -534,6 +534,10 @@ class Broker:
     # -- transactions -----------------------------------------------------------------
 
     def _on_end_tx(self, conn: ClientConnection, rid: int, p: dict) -> None:
+        items = p.get("items")
+        if items is not None:
+            self._on_end_tx_items(conn, rid, items)
+            return
         msg_id = p["msg_id"]
         outcome = p["outcome"]
         if outcome not in ("COMMIT", "ROLLBACK"):
@@ -548,6 +552,39 @@ class Broker:
         else:
             conn.reply(rid, reply)
 
+    def _on_end_tx_items(self, conn: ClientConnection, rid: int, items: Any) -> None:
+        """Many outcomes in one request: ``[[msg_id, outcome], ...]``; the reply ``{"r": [...]}``
+        holds, per item, the recorded state or ``[code, message]`` for that item's error.
+        Sent once every changed outcome is durable (they share this iteration's append)."""
+        if type(items) is not list or not items:
+            raise BadRequestError("items must be a non-empty list of [msg_id, outcome]")
+        results: list[Any] = []
+        reply = {"r": results}
+        last_changed: tuple[str, TxState] | None = None
+        now = time.time()
+        for item in items:
+            try:
+                msg_id, outcome = item
+                if outcome not in ("COMMIT", "ROLLBACK") or not isinstance(msg_id, str):
+                    raise BadRequestError("each item must be [msg_id, 'COMMIT' | 'ROLLBACK']")
+                state = TxState.COMMITTED if outcome == "COMMIT" else TxState.ROLLED_BACK
+                recorded, changed = self.tx.resolve(msg_id, state, now)
+            except HalfMQError as exc:
+                results.append([exc.code, str(exc)])
+                continue
+            except (TypeError, ValueError) as exc:
+                results.append([BadRequestError.code, f"malformed item: {exc!r}"])
+                continue
+            results.append(_REPLY_STATES[recorded])
+            if changed:
+                if last_changed is not None:
+                    self._append_outcome(*last_changed, reply_to=False)
+                last_changed = (msg_id, recorded)
+        if last_changed is None:
+            conn.reply(rid, reply)
+        else:  # the last record of the batch carries the reply: all share one append
+            self._append_outcome(*last_changed, reply_to=(conn, rid, reply))
+
     def resolve_transaction(self, msg_id: str, state: TxState) -> asyncio.Future | None:
         """Record an outcome once (T6). Returns the append future, or None if nothing changed.
 
@@ -559,7 +596,7 @@ class Broker:
         return self._append_outcome(msg_id, recorded)
 
     def _append_outcome(self, msg_id: str, state: TxState,
-                        reply_to: tuple[ClientConnection, int, dict] | None = None) -> asyncio.Future | None:
+                        reply_to: tuple[ClientConnection, int, dict] | None | bool = None) -> asyncio.Future | None:
         """Queue the outcome record (and, for COMMIT, the index entry pointing at the stored
         half record) into this loop iteration's append. When durable: the client request
         ``reply_to`` is answered, or (without one) the returned future resolves."""
@@ -577,9 +614,9 @@ class Broker:
             records.append(NewRecord(RT_COMMIT_REF, {"id": msg_id}, b"",
                                      IndexTarget(topic, meta[0] % nq, meta[1], ref_pos=hm.pos)))
         fut = asyncio.get_running_loop().create_future() if reply_to is None else None
-        first = len(self._send_records)
         self._send_records.extend(records)
-        self._send_entries.append((None, reply_to or fut, False, "", first, (), ()))
+        if reply_to is not False:  # False: another outcome of the same request replies
+            self._send_entries.append((None, reply_to or fut, False, "", 0, (), ()))
         if not self._sends_scheduled:
             self._sends_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_sends)

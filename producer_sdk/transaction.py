@@ -55,6 +55,7 @@ from protocol import (
     RequestTimeoutError,
     Role,
     SendResult,
+    error_from_code,
     validate_name,
     validate_send_topic,
 )
@@ -131,6 +132,8 @@ class TransactionProducer(Producer):
         self.check_workers = check_workers
         self._check_slots: asyncio.Semaphore | None = None
         self._check_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._outcomes: list[tuple[str, str, asyncio.Future[Any]]] = []  # END_TX micro-batch
+        self._outcomes_scheduled = False
         super().__init__(address, group=group, send_timeout=send_timeout, retries=retries,
                          client_id=client_id)
 
@@ -222,12 +225,69 @@ class TransactionProducer(Producer):
         state = _as_state(value, "execute_local_transaction")
         if state is not LocalTransactionState.UNKNOWN:
             try:
-                await self._send_request({"msg_id": half.msg_id, "outcome": state.value},
-                                         op=Op.END_TX)
+                await self._report_outcome(half.msg_id, state.value)
             except (BrokerUnavailableError, RequestTimeoutError) as exc:
                 log.warning("could not report %s for msg_id %s (%s); check-back will resolve it",
                             state.value, half.msg_id, exc)
         return SendResult(half.msg_id, half.queue_id, half.queue_offset, topic, state)
+
+    async def _report_outcome(self, msg_id: str, outcome: str) -> None:
+        """END_TX for one transaction. Outcomes reported in the same loop iteration share
+        one request (``{"items": [...]}``); a retriable failure is retried on its own."""
+        conn = self._conn
+        if conn.ready_to_send:
+            loop = conn._loop
+            assert loop is not None
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._outcomes.append((msg_id, outcome, fut))
+            if len(self._outcomes) >= 64:
+                self._flush_outcomes()
+            elif not self._outcomes_scheduled:
+                self._outcomes_scheduled = True
+                loop.call_soon(self._flush_outcomes)
+            try:
+                result = await fut
+            except HalfMQError as exc:
+                if not exc.retriable or self.retries <= 0 or conn.closed:
+                    raise
+            else:
+                if isinstance(result, list):  # [code, message]: this transaction's error
+                    raise error_from_code(int(result[0]), str(result[1]))
+                return
+        await self._send_request({"msg_id": msg_id, "outcome": outcome}, op=Op.END_TX)
+
+    def _flush_outcomes(self) -> None:
+        self._outcomes_scheduled = False
+        batch, self._outcomes = self._outcomes, []
+        if not batch:
+            return
+        conn = self._conn
+        loop = conn._loop
+        assert loop is not None
+        rf = conn.request_future(Op.END_TX, {"items": [[m, o] for m, o, _ in batch]},
+                                 loop.time() + self.send_timeout)
+        futs = [f for _, _, f in batch]
+        if rf is None:
+            err = BrokerUnavailableError(f"not connected to broker {self.address}")
+            for f in futs:
+                if not f.done():
+                    f.set_exception(err)
+            return
+
+        def hand_out(r: asyncio.Future[Any]) -> None:
+            exc = BrokerUnavailableError("outcome request cancelled") if r.cancelled() else r.exception()
+            rows = None if exc is not None else (r.result() or {}).get("r")
+            if exc is None and (not isinstance(rows, list) or len(rows) != len(futs)):
+                exc = HalfMQError(f"malformed END_TX reply from broker: {r.result()!r}")
+            for i, f in enumerate(futs):
+                if f.done():
+                    continue
+                if exc is not None:
+                    f.set_exception(type(exc)(*exc.args) if isinstance(exc, HalfMQError) else exc)
+                else:
+                    f.set_result(rows[i])  # type: ignore[index]
+
+        rf.add_done_callback(hand_out)
 
     # -- check-back ----------------------------------------------------------------------
 

@@ -269,3 +269,25 @@ async def test_slow_check_answer_is_not_overtaken_by_abandonment_nor_flooded(bro
         r = await p.send_in_transaction("slow", b"x")
         await wait_for(lambda: r.msg_id in inbox.messages, timeout=15, what="delivery after the slow COMMIT")
     assert calls == [r.msg_id]  # one outstanding check at a time, answered COMMIT once
+
+
+async def test_t6_many_outcomes_in_one_request_each_answered_on_its_own(txb):
+    c = await RawClient.connect(txb.address, group="pg")
+    op, p = await c.request(Op.SEND, {"topic": "t6b", "half": True,
+                                      "msgs": [[b"a", None, [], {}, 0], [b"b", None, [], {}, 0]]})
+    a, b = (row[0] for row in p["r"])
+    op, p = await c.request(Op.END_TX, {"items": [[a, "COMMIT"], [b, "ROLLBACK"], [a, "ROLLBACK"],
+                                                  ["000000000000000000000000", "COMMIT"], [a, "MAYBE"]]})
+    assert op == Op.REPLY
+    r = p["r"]
+    assert r[:2] == ["COMMITTED", "ROLLED_BACK"]
+    assert r[2][0] == TransactionStateError.code and r[3][0] == TransactionStateError.code
+    assert r[4][0] == 8  # a malformed item is refused alone
+    op, p = await c.request(Op.END_TX, {"items": [[a, "COMMIT"]]})
+    assert p == {"r": ["COMMITTED"]}  # the same outcome again: the recorded one
+    c.close()
+    inbox = Inbox()
+    async with PushConsumer(txb.address, group="g", topic="t6b", listener=inbox), Producer(txb.address) as plain:
+        marker = await plain.send("t6b", b"marker")
+        await wait_for(lambda: a in inbox.messages and marker.msg_id in inbox.messages, what="delivery")
+    assert b not in inbox.messages and inbox.count == 2
