@@ -500,11 +500,12 @@ class Broker:
                     self.tx.add(msg_id, topic=topic, group=conn.group, producer_id=conn.client_id,
                                 keys=tuple(m[2]), pos=st.pos, now=now)
                     self._half_meta[msg_id] = (qid, tag_hash(m[1]))
-                    result.append([msg_id, qid, -1])
+                    result.append([st.pos, qid, -1])
             else:
                 any_plain = True
-                result = [[f"{prefix}{st.pos:016X}", qid, st.queue_offset] for st, qid in zip(part, qids, strict=True)]
-            replies.append((conn, rid, {"r": result}))
+                # rows carry the position; the client makes the id (prefix + 16 hex digits)
+                result = [[st.pos, qid, st.queue_offset] for st, qid in zip(part, qids, strict=True)]
+            replies.append((conn, rid, {"p": prefix, "r": result}))
         self.stats["sent"] += sum(len(e[5]) for e in entries)
 
         def done(f: asyncio.Future) -> None:

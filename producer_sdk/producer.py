@@ -87,13 +87,20 @@ def _hand_out(reply: asyncio.Future[Any], futs: list[asyncio.Future[Any]]) -> No
     else:
         exc = reply.exception()
     if exc is None:
-        rows = reply.result().get("r") if isinstance(reply.result(), dict) else None
+        result = reply.result()
+        rows = result.get("r") if isinstance(result, dict) else None
         if isinstance(rows, list) and len(rows) == len(futs):
-            for f, row in zip(futs, rows, strict=True):
-                if not f.done():
-                    f.set_result(row)
-            return
-        exc = HalfMQError(f"malformed SEND reply from broker: {reply.result()!r}")
+            prefix = result.get("p", "")
+            try:
+                for f, row in zip(futs, rows, strict=True):
+                    if type(row[0]) is int:
+                        row[0] = f"{prefix}{row[0]:016X}"  # the message id
+                    if not f.done():
+                        f.set_result(row)
+                return
+            except (TypeError, IndexError, ValueError):
+                pass
+        exc = HalfMQError(f"malformed SEND reply from broker: {result!r}")
     for f in futs:
         if not f.done():
             f.set_exception(exc if len(futs) == 1 else _copy_error(exc))
@@ -372,6 +379,8 @@ class Producer:
             rows = reply["r"]
             if len(rows) != n:
                 raise ValueError(f"{len(rows)} results for {n} messages")
-            return [SendResult(str(r[0]), int(r[1]), int(r[2]), topic) for r in rows]
+            prefix = reply.get("p", "")
+            return [SendResult(f"{prefix}{r[0]:016X}" if type(r[0]) is int else str(r[0]), int(r[1]), int(r[2]), topic)
+                    for r in rows]
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise HalfMQError(f"malformed SEND reply from broker: {reply!r} ({exc})") from None

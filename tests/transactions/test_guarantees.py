@@ -174,7 +174,7 @@ async def test_t6_outcomes_idempotent_conflicts_refused(txb):
     c = await RawClient.connect(txb.address, group="pg")
     op, p = await c.request(Op.SEND, {"topic": "t6", "half": True, "msgs": [[b"x", None, [], {}, 0]]})
     assert op == Op.REPLY
-    msg_id = p["r"][0][0]
+    msg_id = f'{p["p"]}{p["r"][0][0]:016X}'
     assert await c.request(Op.END_TX, {"msg_id": msg_id, "outcome": "COMMIT"}) == (Op.REPLY, {"state": "COMMITTED"})
     assert await c.request(Op.END_TX, {"msg_id": msg_id, "outcome": "COMMIT"}) == (Op.REPLY, {"state": "COMMITTED"})
     op, p = await c.request(Op.END_TX, {"msg_id": msg_id, "outcome": "ROLLBACK"})
@@ -275,7 +275,7 @@ async def test_t6_many_outcomes_in_one_request_each_answered_on_its_own(txb):
     c = await RawClient.connect(txb.address, group="pg")
     op, p = await c.request(Op.SEND, {"topic": "t6b", "half": True,
                                       "msgs": [[b"a", None, [], {}, 0], [b"b", None, [], {}, 0]]})
-    a, b = (row[0] for row in p["r"])
+    a, b = (f'{p["p"]}{row[0]:016X}' for row in p["r"])
     op, p = await c.request(Op.END_TX, {"items": [[a, "COMMIT"], [b, "ROLLBACK"], [a, "ROLLBACK"],
                                                   ["000000000000000000000000", "COMMIT"], [a, "MAYBE"]]})
     assert op == Op.REPLY
