@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from broker.delivery import RETRY_PREFIX
+from broker.delivery import H_KEYS, H_QUEUE, H_TOPIC, RETRY_PREFIX
 from broker.lifecycle import TxState
 from protocol import DLQ_PREFIX, HalfMQError, TransactionStateError
 
@@ -104,7 +104,7 @@ def build_app(broker: Broker) -> web.Application:
 
     def group_states(msg_id: str, rec: Any) -> dict[str, Any]:
         """The message's state in each group, from leases, retry queues, DLQ and cursors."""
-        topic = rec.header["t"]
+        topic = rec.header[H_TOPIC]
         states: dict[str, Any] = {}
         for name, gd in broker.groups.items():
             if topic not in gd.topics():
@@ -138,10 +138,7 @@ def build_app(broker: Broker) -> web.Application:
                 st["state"] = "retrying"
                 st["retry_at"] = min(r[1] for r in waiting)
             else:
-                qid = rec.header.get("q")
-                st["state"] = "acked_or_pending"
-                if qid is not None or rec.rtype == 1:
-                    st["state"] = "see_offsets"
+                st["state"] = "see_offsets"
             states[name] = st
         return states
 
@@ -153,7 +150,7 @@ def build_app(broker: Broker) -> web.Application:
         except KeyError:
             return err(404, f"no message {msg_id}")
         h = rec.header
-        wire = build_wire(rec, h["t"], h.get("q", -1), -1, 0)
+        wire = build_wire(rec, h[H_TOPIC], h[H_QUEUE] if len(h) > H_QUEUE else -1, -1, 0)
         body = _message_json(wire)
         tx = broker.tx.get(msg_id)
         if tx is not None:
@@ -178,7 +175,7 @@ def build_app(broker: Broker) -> web.Application:
                 for o, entry in entries:
                     off = o + 1
                     rec = store.read(entry.pos)
-                    if key in rec.header.get("k", ()):
+                    if key in rec.header[H_KEYS]:
                         out.append(_message_json(build_wire(rec, topic, q, o, 0)))
         return web.json_response({"messages": out})
 
@@ -244,7 +241,7 @@ def build_app(broker: Broker) -> web.Application:
 def _resolve_group_states(broker: Broker, msg_id: str, rec: Any, fn: Any) -> dict[str, Any]:
     """Fill 'acked'/'pending' from committed offsets where leases and retries say nothing."""
     states = fn(msg_id, rec)
-    topic = rec.header["t"]
+    topic = rec.header[H_TOPIC]
     store = broker.store
     assert store is not None
     for name, st in states.items():

@@ -47,6 +47,15 @@ from storage import IndexEntry, IndexTarget, NewRecord, Record
 
 __all__ = [
     "RETRY_PREFIX",
+    "H_TOPIC",
+    "H_TAGS",
+    "H_KEYS",
+    "H_PROPS",
+    "H_BORN",
+    "H_EPOCH",
+    "H_PGROUP",
+    "H_PCLIENT",
+    "H_QUEUE",
     "RT_MSG",
     "RT_HALF",
     "RT_TX_OP",
@@ -62,14 +71,18 @@ __all__ = [
 ]
 
 # Record types of the broker's log records.
-RT_MSG = 1  # a normal message: header t,g,k,p,b,e ; body
-RT_HALF = 2  # a half message: same header + pg (producer group), pc (producer id), q (queue)
+RT_MSG = 1  # a normal message: header [topic, tags, keys, properties, born, epoch] ; body
+RT_HALF = 2  # a half message: the same + [producer group, producer id, queue]
 RT_TX_OP = 3  # a transaction outcome: id, s ("C" | "R" | "A"), hp (half pos)
 RT_RETRY = 4  # a retry: id, rp (message pos), rt (reconsume times), ot, oq, oo, g
 RT_DLQ = 5  # a dead letter: id, rp, g, ot, oq, oo, rt ; indexed by ref into %DLQ%<group>
 RT_COMMIT_REF = 6  # carrier of the index entry that makes a committed half message visible
 
 RETRY_PREFIX = "%RETRY%"
+
+# Positions in the header of a message record (a msgpack array: cheaper than a map to
+# build, encode and decode, and built once per message on the hot path).
+H_TOPIC, H_TAGS, H_KEYS, H_PROPS, H_BORN, H_EPOCH, H_PGROUP, H_PCLIENT, H_QUEUE = range(9)
 
 
 def retry_topic(group: str) -> str:
@@ -345,7 +358,7 @@ class GroupDelivery:
                     if cur.skip and off in cur.skip:
                         cur.skip.discard(off)
                         continue  # its retry record is pending in the retry queue
-                    if tags is not None and rec.header.get("g") not in tags:
+                    if tags is not None and rec.header[H_TAGS] not in tags:
                         continue  # filtered out: done for this group (C6)
                     m = self._pick(members)
                     assert m is not None

@@ -34,6 +34,13 @@ from typing import Any
 from broker.config import BrokerConfig
 from broker.connection import ClientConnection
 from broker.delivery import (
+    H_EPOCH,
+    H_KEYS,
+    H_PCLIENT,
+    H_PGROUP,
+    H_QUEUE,
+    H_TAGS,
+    H_TOPIC,
     RT_COMMIT_REF,
     RT_HALF,
     RT_MSG,
@@ -96,18 +103,15 @@ def parse_msg_id(msg_id: str) -> int:
 
 def record_msg_id(rec: Record) -> str:
     """The id of the message stored in ``rec`` (an RT_MSG or RT_HALF record)."""
-    h = rec.header
-    return h.get("id") or make_msg_id(h["e"], rec.pos)
+    return make_msg_id(rec.header[H_EPOCH], rec.pos)
 
 
 def build_wire(rec: Record, topic: str, qid: int, off: int, reconsume: int, _unused: Any = None) -> list[Any]:
     """The wire form of the message in ``rec`` as delivered from ``topic``."""
-    h = rec.header
-    props = h["p"]
-    if topic != h["t"]:
-        props = {**props, "ORIGIN_TOPIC": h["t"]}
-    msg_id = h.get("id") or make_msg_id(h["e"], rec.pos)
-    return [msg_id, topic, rec.body, h["g"], h["k"], props, h["b"], rec.store_time, qid, off, reconsume]
+    t, g, k, props, born, epoch = rec.header[:6]
+    if topic != t:
+        props = {**props, "ORIGIN_TOPIC": t}
+    return [f"{epoch:08X}{rec.pos:016X}", topic, rec.body, g, k, props, born, rec.store_time, qid, off, reconsume]
 
 
 class Broker:
@@ -249,7 +253,7 @@ class Broker:
                 h = rec.header
                 msg_id = record_msg_id(rec)
                 self.tx.replay_prepared(
-                    msg_id, topic=h["t"], group=h["pg"], producer_id=h["pc"], keys=tuple(h["k"]),
+                    msg_id, topic=h[H_TOPIC], group=h[H_PGROUP], producer_id=h[H_PCLIENT], keys=tuple(h[H_KEYS]),
                     pos=rec.pos, prepared_at=rec.store_time / 1000.0,
                 )
                 if msg_id in outcomes:
@@ -257,7 +261,7 @@ class Broker:
                     self.tx.replay_outcome(msg_id, state, at)
                 else:
                     n_prepared += 1
-                    self._half_meta[msg_id] = (h["q"], tag_hash(h["g"]))
+                    self._half_meta[msg_id] = (h[H_QUEUE], tag_hash(h[H_TAGS]))
         self.tx.after_replay(time.time())
         for group in self._saved_offsets:
             self._group(group)
@@ -446,13 +450,11 @@ class Broker:
         for body, tags, keys, props, born in msgs:
             qid = rr % nq
             rr += 1
-            header = {"t": topic, "g": tags, "k": keys, "p": props, "b": born, "e": epoch}
             if half:
-                header["pg"] = conn.group
-                header["pc"] = conn.client_id
-                header["q"] = qid
+                header = [topic, tags, keys, props, born, epoch, conn.group, conn.client_id, qid]
                 records.append(NewRecord(RT_HALF, header, body, IndexTarget(HALF_TOPIC, 0)))
             else:
+                header = [topic, tags, keys, props, born, epoch]
                 th = tag_hash(tags) if tags else 0
                 target = targets.get((topic, qid, th))
                 if target is None:
@@ -610,7 +612,7 @@ class Broker:
             topic = hm.topic
             if meta is None:  # not remembered (e.g. recovered from an older log): read the header
                 h = self.store.read(hm.pos).header
-                meta = (h["q"], tag_hash(h["g"]))
+                meta = (h[H_QUEUE], tag_hash(h[H_TAGS]))
             nq = self._ensure_topic(topic)
             records.append(NewRecord(RT_COMMIT_REF, {"id": msg_id}, b"",
                                      IndexTarget(topic, meta[0] % nq, meta[1], ref_pos=hm.pos)))
@@ -669,7 +671,7 @@ class Broker:
             except Exception:
                 log.exception("cannot read half message %s", hm.msg_id)
                 continue
-            wire = build_wire(rec, hm.topic, rec.header["q"], -1, 0)
+            wire = build_wire(rec, hm.topic, rec.header[H_QUEUE], -1, 0)
             fut = conn.request(Op.CHECK, {"m": wire})
             timer = asyncio.get_running_loop().call_later(self._check_timeout, _time_out, fut)
             self._checks_in_flight[hm.msg_id] = fut
@@ -867,11 +869,11 @@ class Broker:
         if found is None:
             raise KeyError(msg_id)
         h = found.header
-        topic = h["t"]
+        topic = h[H_TOPIC]
         level = len(self.config.retry_delays)
-        rec = NewRecord(RT_RETRY, {"id": msg_id, "rp": found.pos, "rt": 0, "ot": topic, "oq": h.get("q", 0),
+        rec = NewRecord(RT_RETRY, {"id": msg_id, "rp": found.pos, "rt": 0, "ot": topic, "oq": h[H_QUEUE] if len(h) > H_QUEUE else 0,
                                    "oo": -1, "g": group, "resent": True},
-                        b"", IndexTarget(retry_topic(group), level, tag_hash(h["g"])))
+                        b"", IndexTarget(retry_topic(group), level, tag_hash(h[H_TAGS])))
         self._group(group)
         _, fut = self.store.append([rec])
         fut.add_done_callback(lambda f: self.schedule_dispatch())

@@ -23,14 +23,15 @@ class IndexTarget:
 
 
 class NewRecord(NamedTuple):
-    """A record to append: opaque ``rtype`` (0-255), msgpack-able ``header``, raw ``body``.
+    """A record to append: opaque ``rtype`` (0-255), msgpack-able ``header`` (a map or an
+    array), raw ``body``.
 
     A named tuple rather than a frozen dataclass: one is built per message on the hot
     path, and a tuple is built in a third of the time.
     """
 
     rtype: int
-    header: dict
+    header: dict | list
     body: bytes = b""
     index: IndexTarget | None = None
 
@@ -53,7 +54,7 @@ class Record:
     size: int
     rtype: int
     store_time: int
-    header: dict
+    header: dict | list
     body: bytes
     next_pos: int
 

@@ -33,7 +33,7 @@ class MemoryStore:
     def send(self, topic: str, qid: int, body: bytes, tags: str | None = None) -> int:
         from storage import IndexTarget
 
-        header = {"t": topic, "g": tags, "k": [], "p": {}, "b": 0, "e": 1}
+        header = [topic, tags, [], {}, 0, 1]
         return self.append(NewRecord(RT_MSG, header, body, IndexTarget(topic, qid, tag_hash(tags))))
 
     def read_queue(self, topic, queue_id, offset, max_count):
@@ -54,8 +54,8 @@ class MemoryStore:
 
 
 def build(rec, topic, qid, off, reconsume, _=None):
-    h = rec.header
-    return [f"id{rec.pos}", topic, rec.body, h["g"], h["k"], h["p"], h["b"], rec.store_time, qid, off, reconsume]
+    t, g, k, p, b, _e = rec.header
+    return [f"id{rec.pos}", topic, rec.body, g, k, p, b, rec.store_time, qid, off, reconsume]
 
 
 @pytest.fixture
