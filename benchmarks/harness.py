@@ -897,7 +897,8 @@ async def _run_comparison(systems: list[str], scenarios: list[str], s: Settings,
             limits_summary[k] = {"median": med, "min": lo, "max": hi, "values": vals}
     report = {
         "machine": machine_info(workdir),
-        "settings": asdict(s),
+        # where the report went is a detail of the machine that ran it, not a setting
+        "settings": {k: v for k, v in asdict(s).items() if k not in ("out_dir", "workdir")},
         "systems": list(servers),
         "scenarios": scenarios,
         "durability": {name: srv.durability for name, srv in servers.items()},
