@@ -154,13 +154,14 @@ class Producer:
         self._queued: dict[tuple[str, bool], tuple[list[list[Any]], list[asyncio.Future[Any]], list[int]]] = {}
         self._flush_scheduled = False
 
-    def _make_connection(self, client_id: str | None) -> Connection:
+    def _make_connection(self, client_id: str | None, **extra: Any) -> Connection:
         return Connection(
             self.address,
             role=Role.PRODUCER,
             group=self.group,
             client_id=client_id,
             request_timeout=self.send_timeout,
+            **extra,
         )
 
     @property

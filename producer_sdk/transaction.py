@@ -53,7 +53,6 @@ from protocol import (
     MessageTooLargeError,
     Op,
     RequestTimeoutError,
-    Role,
     SendResult,
     error_from_code,
     validate_name,
@@ -137,15 +136,9 @@ class TransactionProducer(Producer):
         super().__init__(address, group=group, send_timeout=send_timeout, retries=retries,
                          client_id=client_id)
 
-    def _make_connection(self, client_id: str | None) -> Connection:
-        return Connection(
-            self.address,
-            role=Role.PRODUCER,
-            group=self.group,
-            client_id=client_id,
-            request_timeout=self.send_timeout,
-            on_request=self._on_broker_request,
-        )
+    def _make_connection(self, client_id: str | None, **extra: Any) -> Connection:
+        # check-backs arrive as requests on the producer's own connection
+        return super()._make_connection(client_id, on_request=self._on_broker_request, **extra)
 
     async def start(self) -> None:
         """Connect and announce the producer group (check-backs may arrive from now on)."""
