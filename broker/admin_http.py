@@ -102,6 +102,17 @@ def build_app(broker: Broker) -> web.Application:
             })
         return web.json_response({"groups": out})
 
+    def _done_in_origin_queue(gd: Any, topic: str, pos: int) -> bool:
+        """Whether the group is past the message in its original queue (acked or filtered)."""
+        for q in range(broker.queue_count(topic)):
+            cur = gd.cursors.get((topic, q))
+            if cur is None:
+                continue
+            for off, entry in store.read_queue(topic, q, store.queue_start(topic, q), 1 << 20):
+                if entry.pos == pos:
+                    return off < cur.committed or (off < cur.next_offset and off not in cur.inflight)
+        return False
+
     def group_states(msg_id: str, rec: Any) -> dict[str, Any]:
         """The message's state in each group, from leases, retry queues, DLQ and cursors."""
         topic = rec.header[H_TOPIC]
@@ -138,7 +149,10 @@ def build_app(broker: Broker) -> web.Application:
                 st["state"] = "retrying"
                 st["retry_at"] = min(r[1] for r in waiting)
             else:
-                st["state"] = "see_offsets"
+                done = _done_in_origin_queue(gd, topic, rec.pos)
+                st["state"] = "acked" if done else "pending"
+                if done and not st["deliveries"]:
+                    st["deliveries"] = 1
             states[name] = st
         return states
 
@@ -155,7 +169,7 @@ def build_app(broker: Broker) -> web.Application:
         tx = broker.tx.get(msg_id)
         if tx is not None:
             body["transaction"] = {"state": tx.state.name, "checks": tx.checks}
-        body["groups"] = _resolve_group_states(broker, msg_id, rec, group_states)
+        body["groups"] = group_states(msg_id, rec)
         return web.json_response(body)
 
     @routes.get("/api/messages")
@@ -236,31 +250,6 @@ def build_app(broker: Broker) -> web.Application:
     app = web.Application()
     app.add_routes(routes)
     return app
-
-
-def _resolve_group_states(broker: Broker, msg_id: str, rec: Any, fn: Any) -> dict[str, Any]:
-    """Fill 'acked'/'pending' from committed offsets where leases and retries say nothing."""
-    states = fn(msg_id, rec)
-    topic = rec.header[H_TOPIC]
-    store = broker.store
-    assert store is not None
-    for name, st in states.items():
-        if st["state"] not in ("see_offsets", "acked_or_pending"):
-            continue
-        gd = broker.groups[name]
-        done = False
-        for q in range(broker.queue_count(topic)):
-            cur = gd.cursors.get((topic, q))
-            if cur is None:
-                continue
-            for off, entry in store.read_queue(topic, q, store.queue_start(topic, q), 1 << 20):
-                if entry.pos == rec.pos:
-                    done = off < cur.committed or (off < cur.next_offset and off not in cur.inflight)
-                    if done and not st["deliveries"]:
-                        st["deliveries"] = 1
-                    break
-        st["state"] = "acked" if done else "pending"
-    return states
 
 
 async def start_admin_http(broker: Broker, host: str, port: int) -> tuple[web.AppRunner, int]:

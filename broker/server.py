@@ -41,6 +41,7 @@ from broker.delivery import (
     H_QUEUE,
     H_TAGS,
     H_TOPIC,
+    RETRY_PREFIX,
     RT_COMMIT_REF,
     RT_HALF,
     RT_MSG,
@@ -279,7 +280,7 @@ class Broker:
                 entries = self.store.read_queue(topic, qid, off, 1)
                 if entries:
                     low = min(low, entries[0][1].pos)
-                    if topic.startswith("%RETRY%"):
+                    if topic.startswith(RETRY_PREFIX):
                         rec = self.store.read(entries[0][1].pos)
                         low = min(low, rec.header.get("rp", low))
         return low
@@ -293,7 +294,7 @@ class Broker:
             return n
         if topic.startswith(DLQ_PREFIX) or topic in (HALF_TOPIC, OP_TOPIC):
             return 1
-        if topic.startswith("%RETRY%"):
+        if topic.startswith(RETRY_PREFIX):
             return len(self.config.retry_delays) + 1
         return 0
 
@@ -326,7 +327,7 @@ class Broker:
             )
             saved = self._saved_offsets.get(group) or {}
             for t in {k[0] for k in saved}:
-                if not t.startswith("%RETRY%"):
+                if not t.startswith(RETRY_PREFIX):
                     gd.ensure_topic(t)
         return gd
 
