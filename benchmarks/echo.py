@@ -25,6 +25,7 @@ import msgpack
 
 from benchmarks.systems.base import Client as BaseClient
 from benchmarks.systems.base import Server as BaseServer
+from benchmarks.systems.base import stop_process
 
 __all__ = ["Server", "Client", "serve"]
 
@@ -100,15 +101,8 @@ class Server(BaseServer):
         return {"host": "127.0.0.1", "port": int(line[1])}
 
     async def stop_cell(self) -> None:
-        if self.proc is not None:
-            proc, self.proc = self.proc, None
-            if proc.returncode is None:
-                proc.terminate()
-                try:
-                    await asyncio.wait_for(proc.wait(), 5)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+        proc, self.proc = self.proc, None
+        await stop_process(proc, 5)
 
     def server_pids(self) -> list[int]:
         return [self.proc.pid] if self.proc is not None else []

@@ -63,6 +63,18 @@ def find_pids(names: tuple[str, ...]) -> list[int]:
     return out
 
 
+async def stop_process(proc: asyncio.subprocess.Process | None, grace: float = 5.0) -> None:
+    """SIGTERM a child process, SIGKILL it if it is not gone after ``grace`` seconds."""
+    if proc is None or proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 class Server:
     """The harness-side half of a system. Subclasses override what they need."""
 

@@ -18,7 +18,7 @@ import tempfile
 from typing import Any
 
 from benchmarks.systems.base import Client as BaseClient
-from benchmarks.systems.base import OnBody, free_port, port_open
+from benchmarks.systems.base import OnBody, free_port, port_open, stop_process
 from benchmarks.systems.base import Server as BaseServer
 
 __all__ = ["Server", "Client"]
@@ -71,15 +71,8 @@ class Server(BaseServer):
         return {"host": "127.0.0.1", "port": port, "key": key}
 
     async def stop_cell(self) -> None:
-        if self.proc is not None:
-            proc, self.proc = self.proc, None
-            if proc.returncode is None:
-                proc.terminate()
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+        proc, self.proc = self.proc, None
+        await stop_process(proc, 10)
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
