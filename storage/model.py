@@ -8,12 +8,13 @@ from typing import NamedTuple
 __all__ = ["IndexTarget", "NewRecord", "Stored", "Record", "IndexEntry"]
 
 
-@dataclass(frozen=True, slots=True)
-class IndexTarget:
+class IndexTarget(NamedTuple):
     """Also add a queue-index entry for this record.
 
     ``ref_pos``: if set, the entry points at that earlier record (its position and size)
     instead of at the new record — used to commit a half message without copying its body.
+    A named tuple: cheap to build, and hashable by value (the store caches what it needs
+    of each target it has seen).
     """
 
     topic: str
@@ -36,9 +37,12 @@ class NewRecord(NamedTuple):
     index: IndexTarget | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """Where an appended record went. ``queue_offset`` is -1 without an index target."""
+class Stored(NamedTuple):
+    """Where an appended record went. ``queue_offset`` is -1 without an index target.
+
+    A named tuple: the store builds one per appended record, and a tuple is the cheapest
+    immutable value to build.
+    """
 
     pos: int
     size: int

@@ -13,8 +13,9 @@ worker thread writes it with one ``pwrite`` per segment touched, writes the batc
 queue-index entries (one ``pwrite`` per queue), and with ``flush="sync"`` fsyncs once. While that thread runs, the loop keeps accepting appends into
 the next batch — so batches grow with concurrency (group commit). Back on the loop the
 writer publishes the new end of the log and of each queue (readers never see unwritten
-data) and resolves the futures. With ``flush="async"`` futures resolve after the write and
-a timer queues an fsync every ``flush_interval``.
+data) and resolves the batch's future — one future, shared by every append into that
+batch, so a thousand appends cost one future, not a thousand. With ``flush="async"`` it
+resolves after the write and a timer queues an fsync every ``flush_interval``.
 
 Recent-record cache: after a batch is written, its per-segment buffers (as immutable
 ``bytes``, with their record starts) go into a small cache of the last ``cache_bytes`` of
@@ -71,7 +72,7 @@ from .log import (
     read_checked,
 )
 from .metadata import Metadata
-from .model import IndexEntry, NewRecord, Record, Stored
+from .model import IndexEntry, IndexTarget, NewRecord, Record, Stored
 from .queue_index import ENTRY, ESIZE, QueueIndexFile, scan_index_dir
 
 # fdatasync flushes the data and the metadata needed to read it back (the file size),
@@ -100,15 +101,23 @@ _tail_pack = TAIL.pack
 _tail_idx_pack = TAIL_IDX.pack
 _IDX_FIXED = FIXED + IDX.size
 _crc32 = zlib.crc32
-_new = object.__new__
-_s_pos = Stored.pos.__set__  # type: ignore[attr-defined]
-_s_size = Stored.size.__set__  # type: ignore[attr-defined]
-_s_time = Stored.store_time.__set__  # type: ignore[attr-defined]
-_s_qoff = Stored.queue_offset.__set__  # type: ignore[attr-defined]
+_make_stored = tuple.__new__  # Stored(...) without the named tuple's Python-level __new__
+_TARGETS_MAX = 4096  # cached index targets before the cache starts over
 
 
 class StoreClosedError(RuntimeError):
     """The store is closed, or failed (disk error) and must be reopened."""
+
+
+class _BatchFuture(asyncio.Future):
+    """The durability future shared by every append of one batch.
+
+    It cannot be cancelled: one waiter's cancellation must not cancel it for the others. A
+    task cancelled while it waits is still cancelled, once the batch is durable.
+    """
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
 
 
 class _Batch:
@@ -119,7 +128,7 @@ class _Batch:
     def __init__(self) -> None:
         self.groups: list[list[Any]] = []
         self.qentries: dict[QueueIndexFile, list[Any]] = {}  # q -> [first offset, bytearray]
-        self.futures: list[asyncio.Future[None]] = []
+        self.futures: list[asyncio.Future[None]] = []  # empty, or the one shared future
         self.count = 0
         self.newest_ms = 0
         self.force_sync = False
@@ -176,6 +185,9 @@ class MessageStore:
         self._rc_lo = 1 << 62  # lowest cached position
         self._rc_limit = CACHE_BYTES
         self._topic_bytes: dict[str, bytes] = {}
+        # IndexTarget without ref_pos -> (target, queue file, topic bytes, tag, ref_pos,
+        # ref_size, queue_id, topic length): what append() needs of it
+        self._targets: dict[IndexTarget, tuple] = {}
         self._packb = msgpack.Packer(use_bin_type=True).pack
 
     # ------------------------------------------------------------------ open / close
@@ -400,17 +412,17 @@ class MessageStore:
         batch = self._batch
         groups = batch.groups
         qentries = batch.qentries
-        queues = self._queues
-        topic_bytes = self._topic_bytes
+        targets = self._targets
         packb = self._packb
         crc32 = _crc32
         tail_pack = _tail_pack
         tail_idx_pack = _tail_idx_pack
         prefix_pack = _prefix_pack
         entry_pack = _entry_pack
-        new = _new
+        make_stored = _make_stored
         local: dict[QueueIndexFile, int] = {}
         out: list[Stored] = []
+        add = out.append
         pos = self._next_pos
         limit = self._seg_limit
         n_groups = len(groups)
@@ -424,35 +436,23 @@ class MessageStore:
             buf = starts = None  # type: ignore[assignment]
             mark_buf = mark_starts = 0
         try:
-            for r in records:
-                idx = r.index
-                hdr = packb(r.header)
-                body = r.body
+            for rtype, header, body, idx in records:
+                hdr = packb(header)
                 if idx is None:
-                    head = tail_pack(r.rtype, 0, now, len(hdr)) + hdr
+                    head = tail_pack(rtype, 0, now, len(hdr)) + hdr
                     qoff = -1
                     q = None
                 else:
-                    topic = idx.topic
-                    q = queues.get((topic, idx.queue_id))
-                    if q is None:
-                        q = queues[(topic, idx.queue_id)] = QueueIndexFile.open(self._index_root, topic, idx.queue_id)
+                    t = targets.get(idx)
+                    if t is None:
+                        t = self._target(idx)
+                    q = t[1]
                     n = local.get(q, 0)
                     qoff = q.next_offset + n
-                    tag = idx.tag_hash & 0xFFFFFFFF
-                    ref_pos = idx.ref_pos
-                    if ref_pos is None:
-                        ref_pos, ref_size = -1, 0
-                    else:
-                        ref_size = self._ref_size(ref_pos)
-                    topic_b = topic_bytes.get(topic)
-                    if topic_b is None:
-                        topic_b = topic_bytes[topic] = topic.encode()
-                    head = (
-                        tail_idx_pack(r.rtype, FLAG_INDEX, now, len(hdr), idx.queue_id, tag, ref_pos, ref_size, qoff, len(topic_b))
-                        + topic_b
-                        + hdr
-                    )
+                    tag = t[3]
+                    ref_pos = t[4]
+                    ref_size = t[5]
+                    head = tail_idx_pack(rtype, FLAG_INDEX, now, len(hdr), t[6], tag, ref_pos, ref_size, qoff, t[7]) + t[2] + hdr
                 size = 8 + len(head) + len(body)
                 if size > seg_size:
                     raise ValueError(f"record of {size} bytes exceeds segment size {seg_size}")
@@ -476,12 +476,7 @@ class MessageStore:
                     else:
                         ent[1] += e
                     local[q] = n + 1
-                st = new(Stored)
-                _s_pos(st, pos)
-                _s_size(st, size)
-                _s_time(st, now)
-                _s_qoff(st, qoff)
-                out.append(st)
+                add(make_stored(Stored, (pos, size, now, qoff)))
                 pos += size
         except BaseException:
             # roll the batch back to where this call started
@@ -496,10 +491,7 @@ class MessageStore:
                 if not ent[1]:
                     del qentries[q]
             raise
-        if not batch.futures:
-            self._wake_writer()
-        fut = self._loop.create_future()
-        batch.futures.append(fut)
+        fut = self._batch_future(batch)
         for q, n in local.items():
             q.next_offset += n
         self._next_pos = pos
@@ -521,6 +513,23 @@ class MessageStore:
         await fut
         return stored
 
+    def _target(self, idx: IndexTarget) -> tuple:
+        """What ``append`` needs of an index target; cached unless it refers to a record."""
+        topic = idx.topic
+        q = self._queues.get((topic, idx.queue_id))
+        if q is None:
+            q = self._queues[(topic, idx.queue_id)] = QueueIndexFile.open(self._index_root, topic, idx.queue_id)
+        topic_b = self._topic_bytes.get(topic)
+        if topic_b is None:
+            topic_b = self._topic_bytes[topic] = topic.encode()
+        if idx.ref_pos is None:
+            t = (idx, q, topic_b, idx.tag_hash & 0xFFFFFFFF, -1, 0, idx.queue_id, len(topic_b))
+            if len(self._targets) >= _TARGETS_MAX:
+                self._targets.clear()
+            self._targets[idx] = t
+            return t
+        return (idx, q, topic_b, idx.tag_hash & 0xFFFFFFFF, idx.ref_pos, self._ref_size(idx.ref_pos), idx.queue_id, len(topic_b))
+
     def _ref_size(self, ref_pos: int) -> int:
         if ref_pos < self._written_end:
             return self.read(ref_pos).size
@@ -533,6 +542,15 @@ class MessageStore:
                     if k < len(starts) and starts[k] == ref_pos:
                         return PREFIX.unpack_from(buf, ref_pos - start)[0]
         raise KeyError(f"ref_pos {ref_pos} is not a record position")
+
+    def _batch_future(self, batch: _Batch) -> asyncio.Future[None]:
+        """The one future every append into ``batch`` shares (created by the first)."""
+        if batch.futures:
+            return batch.futures[0]
+        self._wake_writer()
+        fut = _BatchFuture(loop=self._loop)
+        batch.futures.append(fut)
+        return fut
 
     def _wake_writer(self) -> None:
         w = self._wake
@@ -648,10 +666,7 @@ class MessageStore:
         """Write and fsync everything appended so far."""
         if self._closed or self._failed is not None:
             return
-        fut = self._loop.create_future()
-        if not self._batch.futures:
-            self._wake_writer()
-        self._batch.futures.append(fut)
+        fut = self._batch_future(self._batch)
         self._batch.force_sync = True
         await fut
 
