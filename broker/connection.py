@@ -119,12 +119,13 @@ class ClientConnection(asyncio.Protocol):
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._out_bytes >= 64 * 1024:
-            self._flush()  # one write's worth: send it now rather than at the end of the iteration
+            self.flush()  # one write's worth: send it now rather than at the end of the iteration
         elif not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self.flush)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write every queued frame now (otherwise they go at the end of the loop iteration)."""
         self._flush_scheduled = False
         self._out_bytes = 0
         if self._out and not self.closed and self.transport is not None:
@@ -166,7 +167,7 @@ class ClientConnection(asyncio.Protocol):
     def close(self) -> None:
         """Flush queued frames and close the transport."""
         if self.transport is not None and not self.transport.is_closing():
-            self._flush()
+            self.flush()
             self.transport.close()
         self.closed = True
 

@@ -513,12 +513,14 @@ class Broker:
 
         def done(f: asyncio.Future) -> None:
             exc = f.exception()
+            answered: set[ClientConnection] = set()
             for w in waiters:
                 if type(w) is tuple:  # a client's END_TX: (conn, rid, reply)
                     if exc is None:
                         w[0].reply(w[1], w[2])
                     else:
                         w[0].error(w[1], HalfMQError(f"store failed: {exc}"))
+                    answered.add(w[0])
                 elif not w.done():
                     if exc is None:
                         w.set_result(None)
@@ -530,8 +532,14 @@ class Broker:
                 return
             for conn, rid, reply in replies:
                 conn.reply(rid, reply)
-            if any_plain or waiters:
-                self.schedule_dispatch()
+                answered.add(conn)
+            if (any_plain or waiters) and not self._stopping:
+                self.dispatch(flush=True)
+            # Write the replies now rather than at the end of the iteration: a callback
+            # queued for later can run after the next batch's write, which blocks the loop
+            # for an fdatasync (measured: a reply then waited a whole fsync, p50 0.2-1.2 ms).
+            for conn in answered:
+                conn.flush()
 
         fut.add_done_callback(done)
 
@@ -784,8 +792,9 @@ class Broker:
             self._dispatch_scheduled = True
             asyncio.get_running_loop().call_soon(self.dispatch)
 
-    def dispatch(self) -> None:
-        """Lease what can be delivered to every group's members with room."""
+    def dispatch(self, flush: bool = False) -> None:
+        """Lease what can be delivered to every group's members with room; with ``flush``,
+        write the deliveries now instead of at the end of the loop iteration."""
         self._dispatch_scheduled = False
         now = time.time()
         by_id = {c.conn_id: c for c in self.connections if c.subscription is not None}
@@ -806,6 +815,8 @@ class Broker:
                 c = by_id.get(member_id)
                 if c is not None:
                     c.send_frame(Op.DELIVER, 0, {"d": items})
+                    if flush:
+                        c.flush()
 
     async def _tick_loop(self) -> None:
         """Expire leases and release due retries; cheap when idle."""
