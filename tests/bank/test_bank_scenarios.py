@@ -57,6 +57,13 @@ async def _wait_balance(http, bank, account_id, expected, timeout=10.0):
     await wait_for(ok, timeout=timeout, what=f"bank2 account {account_id} at {expected}")
 
 
+async def _assert_credited_once(bank2, tx_no):
+    """bank2's listener records a credit after its database transaction commits (and the
+    connection goes back to the pool), so the balance can show it a moment earlier."""
+    await wait_for(lambda: bank2.credited(tx_no) >= 1, what=f"bank2 recording the credit of {tx_no}")
+    assert bank2.credited(tx_no) == 1
+
+
 async def _assert_invariants(bank1, bank2):
     assert await check_invariants(bank1, bank2) == []
 
@@ -68,7 +75,7 @@ async def test_1_transfer_commits(banks, http):
     assert reply["state"] == "COMMIT" and reply["msgId"]
     await _wait_balance(http, bank2, 2, D("20.00"))
     assert await _balance(http, bank1.url, "bank1", 1) == D("80.00")
-    assert bank2.credited(reply["txNo"]) == 1
+    await _assert_credited_once(bank2, reply["txNo"])
     await _assert_invariants(bank1, bank2)
 
 
@@ -114,7 +121,7 @@ async def test_3_missing_account_goes_to_dlq_and_is_resent(banks, http, broker):
     async with http.post(url) as r:
         assert r.status == 200, await r.text()
     await _wait_balance(http, bank2, 3, D("5.00"))
-    assert bank2.credited(reply["txNo"]) == 1
+    await _assert_credited_once(bank2, reply["txNo"])
     await _assert_invariants(bank1, bank2)
 
 
@@ -129,7 +136,7 @@ async def test_4_lost_outcome_is_settled_by_check_back(banks, http, broker):
     async with http.get(f"{broker.http_url}/api/messages/{reply['msgId']}") as r:
         info = await r.json()
     assert info["transaction"]["state"] == "COMMITTED" and info["transaction"]["checks"] >= 1
-    assert bank2.credited(reply["txNo"]) == 1
+    await _assert_credited_once(bank2, reply["txNo"])
     await _assert_invariants(bank1, bank2)
 
 
@@ -182,7 +189,7 @@ async def test_4_bank1_killed_after_local_commit(broker, bank_dbs, http, tmp_pat
             proc, url = await asyncio.to_thread(_start_bank1, tmp_path, broker.address, db1)
             try:
                 await _wait_balance(http, bank2, 2, D("20.00"), timeout=15)
-                assert bank2.credited(tx_no) == 1
+                await _assert_credited_once(bank2, tx_no)
                 assert await _balance(http, url, "bank1", 1) == D("80.00")
             finally:
                 await asyncio.to_thread(_stop, proc)
@@ -219,7 +226,7 @@ async def test_5_duplicate_message_with_the_same_tx_no_is_credited_once(banks, h
         return any(d.msg_id == dup.msg_id and d.outcome == "duplicate" for d in bank2.deliveries)
 
     await wait_for(seen, timeout=10, what="the duplicate message")
-    assert bank2.credited(reply["txNo"]) == 1
+    await _assert_credited_once(bank2, reply["txNo"])
     assert await _balance(http, bank2.url, "bank2", 2) == D("20.00")
     await _assert_invariants(bank1, bank2)
 
