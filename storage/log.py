@@ -6,8 +6,11 @@ Positions are global byte offsets. Segment files live in ``<data_dir>/log/`` and
 by the zero-padded (20 digits) global position of their first byte; segment ``k`` covers
 ``[k * segment_size, (k + 1) * segment_size)``. A record never straddles a boundary: one
 that does not fit in the rest of a segment starts the next segment, and the previous file
-simply ends early. So a segment file's length is the end of its data, and the global end
-of the log is ``base + length`` of the last segment.
+is cut at the end of its data. So a segment file's length is the end of its data, and the
+global end of the log is ``base + length`` of the last segment — except that the store
+zero-fills the active segment ahead of its appends (an fdatasync that does not grow the
+file is cheaper), so after a crash the last file may end in zeros; recovery finds the
+first record that does not check and cuts the file there.
 
 Record framing (little endian)::
 
@@ -224,15 +227,18 @@ def read_checked(
 
 
 class Segment:
-    """One segment file. ``size`` is the end of its written data (visible to readers)."""
+    """One segment file. ``size`` is the end of its written data (visible to readers);
+    ``alloc`` the length of the file, which may run past ``size`` with zeros (the store
+    zero-fills the active segment ahead of its appends)."""
 
-    __slots__ = ("base", "path", "fd", "size", "newest_ms", "dirty")
+    __slots__ = ("base", "path", "fd", "size", "alloc", "newest_ms", "dirty")
 
     def __init__(self, base: int, path: Path, fd: int, size: int, newest_ms: int) -> None:
         self.base = base
         self.path = path
         self.fd = fd
         self.size = size
+        self.alloc = size
         self.newest_ms = newest_ms
         self.dirty = False
 
@@ -307,11 +313,26 @@ class SegmentLog:
         del self.bases[i + 1 :]
         seg = self.segments[i]
         keep = max(0, pos - seg.base)
-        if keep < seg.size:
+        if keep < max(seg.size, seg.alloc):
             os.ftruncate(seg.fd, keep)
             os.fsync(seg.fd)
-            seg.size = keep
+            seg.size = seg.alloc = keep
         fsync_dir(self.dir)
+
+    def zeros_from(self, pos: int) -> bool:
+        """True if every byte of the log from ``pos`` to its end is zero (a zero-filled
+        tail that no append reached, rather than damage)."""
+        i = bisect.bisect_right(self.bases, pos) - 1
+        if i < 0 or i != len(self.segments) - 1:
+            return False
+        seg = self.segments[i]
+        at = pos - seg.base
+        while at < seg.size:
+            chunk = os.pread(seg.fd, min(SCAN_CHUNK, seg.size - at), at)
+            if not chunk or chunk.count(0) != len(chunk):
+                return False
+            at += len(chunk)
+        return True
 
     def close(self) -> None:
         for seg in self.segments:

@@ -83,6 +83,11 @@ from .queue_index import ENTRY, ESIZE, QueueIndexFile, scan_index_dir
 #: ones are handed to the writer thread.
 _INLINE_BYTES = 256 * 1024
 _datasync = getattr(os, "fdatasync", os.fsync)
+#: The active segment is zero-filled this far ahead of its appends, in the background: an
+#: fdatasync of a write inside the file's length skips the journal commit that growing the
+#: file needs (measured here, 8 KiB write + fdatasync: p50 0.31 -> 0.22 ms).
+_PREALLOC_CHUNK = 4 << 20
+_ZEROS = bytes(1 << 20)
 
 __all__ = ["MessageStore", "StoreClosedError"]
 
@@ -176,6 +181,10 @@ class MessageStore:
         self._close_lock = asyncio.Lock()
         self._lock: DataDirLock | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._zero_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._zero_job: asyncio.Future[None] | None = None
+        self._zero_from = 1 << 62  # global position where the running zero-fill starts
+        self._prealloc = True
         self._last_checkpoint = -1
         # recent-record cache: chunk i covers [_rc_starts[i], _rc_ends[i]) with bytes and record starts
         self._rc_starts: list[int] = []
@@ -256,6 +265,7 @@ class MessageStore:
             raise
         self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="halfmq-log")
+        self._zero_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="halfmq-prealloc")
         self._written_end = self._synced_end = self._log.end
         self._next_pos = self._log.end
         self._seg_limit = self._log.segments[-1].base + self.segment_size
@@ -308,7 +318,10 @@ class MessageStore:
                 scanned.append((pos, _length, (tgt, store_time)))
         end = lg.scan_end
         if end < lg.end:
-            log.warning("storage: log damaged at position %d (end was %d); truncating", end, lg.end)
+            if lg.zeros_from(end):
+                log.info("storage: log ends at %d, before a zero-filled tail; cutting the tail", end)
+            else:
+                log.warning("storage: log damaged at position %d (end was %d); truncating", end, lg.end)
             lg.truncate_at(end)
         for seg in lg.segments:
             if seg.base in newest:
@@ -367,16 +380,27 @@ class MessageStore:
             if self._writer_task is not None:
                 with contextlib.suppress(Exception):
                     await self._writer_task
+            await self._wait_zero_job()
             try:
                 if self._failed is None:
                     self._batch.force_sync = True
                     await self._checkpoint(final=True)
+                    await asyncio.to_thread(self._trim_active)
                     await asyncio.to_thread(self._write_marker)
             finally:
                 self._executor.shutdown(wait=True)
+                self._zero_executor.shutdown(wait=True)
                 await self.metadata.close()
                 self._release_files()
                 self._lock.release()
+
+    def _trim_active(self) -> None:
+        """Cut the zero-filled tail off the active segment (a clean log ends at its data)."""
+        seg = self._log.segments[-1]
+        if seg.alloc > seg.size:
+            os.ftruncate(seg.fd, seg.size)
+            os.fsync(seg.fd)
+            seg.alloc = seg.size
 
     def _write_marker(self) -> None:
         path = self.data_dir / CLEAN_MARKER
@@ -570,6 +594,8 @@ class MessageStore:
                 continue
             self._batch = _Batch()
             async with self._io_lock:
+                if batch.end > self._zero_from:  # the batch reaches the zero-fill running
+                    await self._wait_zero_job()
                 self._inflight = batch
                 lg = self._log
                 plan = []
@@ -630,14 +656,66 @@ class MessageStore:
             for f in batch.futures:
                 if not f.done():
                     f.set_result(None)
+            if self._prealloc:
+                self._maybe_zero_fill()
+
+    def _maybe_zero_fill(self) -> None:
+        """Start zero-filling the active segment ahead of the appends when they come near
+        the end of what is filled; one fill at a time, in its own thread."""
+        if self._zero_job is not None or self._closed or self._failed is not None:
+            return
+        seg = self._log.segments[-1]
+        chunk = min(_PREALLOC_CHUNK, self.segment_size)
+        # positions up to _next_pos are taken (some still being written): fill past them
+        start = max(seg.alloc, seg.size, self._next_pos - seg.base)
+        if start + chunk // 2 <= seg.alloc or start >= self.segment_size:
+            return
+        end = min(self.segment_size, start + chunk)
+        self._zero_from = seg.base + start
+        job = self._loop.run_in_executor(self._zero_executor, self._zero_fill, seg, start, end)
+        self._zero_job = job
+
+        def done(f: asyncio.Future[None]) -> None:
+            self._zero_job = None
+            self._zero_from = 1 << 62
+            exc = None if f.cancelled() else f.exception()
+            if f.cancelled() or exc is not None:
+                # only a speed-up: appends still grow the file themselves
+                log.warning("storage: zero-filling segment %s failed (%r); appends grow the file", seg.path, exc)
+                self._prealloc = False
+            else:
+                seg.alloc = max(seg.alloc, end)
+
+        job.add_done_callback(done)
+
+    @staticmethod
+    def _zero_fill(seg: Segment, start: int, end: int) -> None:
+        at = start
+        while at < end:
+            n = os.pwrite(seg.fd, _ZEROS[: min(len(_ZEROS), end - at)], at)
+            at += n
+        _datasync(seg.fd)
+
+    async def _wait_zero_job(self) -> None:
+        job = self._zero_job
+        if job is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(job)
 
     def _write_batch(
         self, plan: list, qentries: dict, sync: bool, dirty: list[Segment], now_ms: int
     ) -> tuple[list[Segment], list[tuple[Segment, int]], list[bytes]]:
         new_segs = []
-        touched = []
+        touched: list[tuple[Segment, int]] = []
         for seg, base, rel, data in plan:
             if seg is None:
+                # the segment before is full: cut its zero-filled tail (durably) before the
+                # new one holds data, so that only the last file can ever end in zeros
+                prev, prev_end = touched[-1] if touched else (self._log.segments[-1], self._log.segments[-1].size)
+                if prev.alloc > prev_end:
+                    os.ftruncate(prev.fd, prev_end)
+                    os.fsync(prev.fd)
+                    prev.alloc = prev_end
                 seg = self._log.open_segment(base, now_ms)
                 new_segs.append(seg)
             at = rel
