@@ -54,6 +54,10 @@ class TxState(Enum):
     ROLLED_BACK = "rolled_back"
     ABANDONED = "abandoned"
 
+    # members are singletons compared by identity: hash them the same way (Enum's own
+    # __hash__ is a Python function, and states are dict keys on the transaction path)
+    __hash__ = object.__hash__
+
 
 class TxEvent(Enum):
     """What can happen to a transaction."""

@@ -153,7 +153,8 @@ class Broker:
         self._send_records: list[NewRecord] = []
         self._send_entries: list[tuple] = []
         self._sends_scheduled = False
-        self._half_meta: dict[str, tuple[int, int]] = {}  # pending half message -> (queue, tag hash)
+        # pending half message -> (queue, tag hash, size of its record)
+        self._half_meta: dict[str, tuple[int, int, int]] = {}
         self._checks_in_flight: dict[str, asyncio.Future] = {}
         self._targets: dict[tuple[str, int, int], IndexTarget] = {}  # shared, immutable
         self._next_forget = 0.0
@@ -262,7 +263,7 @@ class Broker:
                     self.tx.replay_outcome(msg_id, state, at)
                 else:
                     n_prepared += 1
-                    self._half_meta[msg_id] = (h[H_QUEUE], tag_hash(h[H_TAGS]))
+                    self._half_meta[msg_id] = (h[H_QUEUE], tag_hash(h[H_TAGS]), rec.size)
         self.tx.after_replay(time.time())
         for group in self._saved_offsets:
             self._group(group)
@@ -502,7 +503,7 @@ class Broker:
                     msg_id = f"{prefix}{st.pos:016X}"
                     self.tx.add(msg_id, topic=topic, group=conn.group, producer_id=conn.client_id,
                                 keys=tuple(m[2]), pos=st.pos, now=now)
-                    self._half_meta[msg_id] = (qid, tag_hash(m[1]))
+                    self._half_meta[msg_id] = (qid, tag_hash(m[1]), st.size)
                     result.append([st.pos, qid, -1])
             else:
                 any_plain = True
@@ -620,11 +621,11 @@ class Broker:
         if state is TxState.COMMITTED:
             topic = hm.topic
             if meta is None:  # not remembered (e.g. recovered from an older log): read the header
-                h = self.store.read(hm.pos).header
-                meta = (h[H_QUEUE], tag_hash(h[H_TAGS]))
+                half = self.store.read(hm.pos)
+                meta = (half.header[H_QUEUE], tag_hash(half.header[H_TAGS]), half.size)
             nq = self._ensure_topic(topic)
             records.append(NewRecord(RT_COMMIT_REF, {"id": msg_id}, b"",
-                                     IndexTarget(topic, meta[0] % nq, meta[1], ref_pos=hm.pos)))
+                                     IndexTarget(topic, meta[0] % nq, meta[1], ref_pos=hm.pos, ref_size=meta[2])))
         fut = asyncio.get_running_loop().create_future() if reply_to is None else None
         self._send_records.extend(records)
         if reply_to is not False:  # False: another outcome of the same request replies

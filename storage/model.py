@@ -13,6 +13,8 @@ class IndexTarget(NamedTuple):
 
     ``ref_pos``: if set, the entry points at that earlier record (its position and size)
     instead of at the new record — used to commit a half message without copying its body.
+    ``ref_size``: that record's size, if the caller has it (the ``Stored.size`` of its
+    append); otherwise the store reads the record back to learn it.
     A named tuple: cheap to build, and hashable by value (the store caches what it needs
     of each target it has seen).
     """
@@ -21,6 +23,7 @@ class IndexTarget(NamedTuple):
     queue_id: int
     tag_hash: int = 0
     ref_pos: int | None = None
+    ref_size: int | None = None
 
 
 class NewRecord(NamedTuple):

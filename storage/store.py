@@ -553,7 +553,8 @@ class MessageStore:
                 self._targets.clear()
             self._targets[idx] = t
             return t
-        return (idx, q, topic_b, idx.tag_hash & 0xFFFFFFFF, idx.ref_pos, self._ref_size(idx.ref_pos), idx.queue_id, len(topic_b))
+        ref_size = idx.ref_size if idx.ref_size is not None else self._ref_size(idx.ref_pos)
+        return (idx, q, topic_b, idx.tag_hash & 0xFFFFFFFF, idx.ref_pos, ref_size, idx.queue_id, len(topic_b))
 
     def _ref_size(self, ref_pos: int) -> int:
         if ref_pos < self._written_end:

@@ -188,11 +188,15 @@ async def test_ref_pos_entries_point_at_referenced_record(tmp_path):
         h2, _ = s.append([NewRecord(2, {}, b"in flight")])
         c2 = await s.append_one(NewRecord(3, {}, b"", IndexTarget("t", 0, ref_pos=h2[0].pos)))
         assert s.read_queue("t", 0, 1, 1)[0][1].size == h2[0].size and c2.queue_offset == 1
+        # a caller that has the referenced record's size passes it (nothing is read back)
+        c3 = await s.append_one(NewRecord(3, {}, b"", IndexTarget("t", 0, ref_pos=half.pos, ref_size=half.size)))
+        [(_, r3)] = s.read_queue_records("t", 0, c3.queue_offset, 1)
+        assert r3.body == b"the body" and r3.size == half.size
         with pytest.raises(KeyError):
             s.append([NewRecord(3, {}, b"", IndexTarget("t", 0, ref_pos=s.end_pos + 10))])
         with pytest.raises(ValueError):
             s.append([NewRecord(3, {}, b"", IndexTarget("t", 0, ref_pos=half.pos + 1))])
-        assert s.queue_end("t", 0) == 2  # failed appends left nothing behind
+        assert s.queue_end("t", 0) == 3  # failed appends left nothing behind
     # rebuilt identically after a crash (no marker, no checkpoint)
     (tmp_path / "CLEAN").unlink()
     md = await Metadata.open(tmp_path / "meta.sqlite")
@@ -205,6 +209,7 @@ async def test_ref_pos_entries_point_at_referenced_record(tmp_path):
         assert [(o, e.pos, e.size) for o, e in s.read_queue("t", 0, 0, 10)] == [
             (0, half.pos, half.size),
             (1, h2[0].pos, h2[0].size),
+            (2, half.pos, half.size),
         ]
 
 
