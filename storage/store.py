@@ -516,7 +516,8 @@ class MessageStore:
                 if not ent[1]:
                     del qentries[q]
             raise
-        fut = self._batch_future(batch)
+        futs = batch.futures
+        fut = futs[0] if futs else self._batch_future(batch)
         for q, n in local.items():
             q.next_offset += n
         self._next_pos = pos
