@@ -319,6 +319,9 @@ class GroupDelivery:
 
     def _pick(self, members: list[Member]) -> Member | None:
         n = len(members)
+        if n == 1:
+            m = members[0]
+            return m if len(m.leases) < m.prefetch else None
         for i in range(n):
             m = members[(self._rr + i) % n]
             if len(m.leases) < m.prefetch:

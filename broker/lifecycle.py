@@ -46,7 +46,15 @@ __all__ = [
 ]
 
 
-class TxState(Enum):
+class _Lifecycle(Enum):
+    """Members are singletons compared by identity: hash them the same way. Enum's own
+    ``__hash__`` is a Python function, and states and events are dict keys (transition
+    tables, per-state counts) once or twice per message."""
+
+    __hash__ = object.__hash__
+
+
+class TxState(_Lifecycle):
     """The state of a transaction (a half message)."""
 
     PREPARED = "prepared"
@@ -54,12 +62,8 @@ class TxState(Enum):
     ROLLED_BACK = "rolled_back"
     ABANDONED = "abandoned"
 
-    # members are singletons compared by identity: hash them the same way (Enum's own
-    # __hash__ is a Python function, and states are dict keys on the transaction path)
-    __hash__ = object.__hash__
 
-
-class TxEvent(Enum):
+class TxEvent(_Lifecycle):
     """What can happen to a transaction."""
 
     COMMIT = "commit"
@@ -68,7 +72,7 @@ class TxEvent(Enum):
     CHECK_UNKNOWN = "check_unknown"
 
 
-class DeliveryState(Enum):
+class DeliveryState(_Lifecycle):
     """The state of one message's delivery to one consumer group."""
 
     READY = "ready"
@@ -78,7 +82,7 @@ class DeliveryState(Enum):
     DEAD_LETTERED = "dead_lettered"
 
 
-class DeliveryEvent(Enum):
+class DeliveryEvent(_Lifecycle):
     """What can happen to a delivery."""
 
     LEASE = "lease"              # handed to a consumer

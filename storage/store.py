@@ -852,13 +852,31 @@ class MessageStore:
         segs = lg.segments
         seg_size = self.segment_size
         rc_lo = self._rc_lo
-        cache_read = self._cache_read
+        rc_starts, rc_ends, rc_chunks, rc_head = self._rc_starts, self._rc_ends, self._rc_chunks, self._rc_head
+        # the cache chunk (and its segment) of the previous entry: the next one is mostly there too
+        c_lo = c_hi = -1
+        c_data: bytes = b""
+        c_starts: list[int] = []
+        c_base = c_end = c_next = 0
         i = 0
         while i < n:
             pos, size = ents[i][0], ents[i][1]
             if pos >= rc_lo:
-                rec = cache_read(pos)
-                if rec is not None:
+                if not c_lo <= pos < c_hi:
+                    k = bisect.bisect_right(rc_starts, pos, rc_head) - 1
+                    if k >= rc_head and pos < rc_ends[k]:
+                        c_lo, c_hi = rc_starts[k], rc_ends[k]
+                        c_data, c_starts = rc_chunks[k]
+                        seg = lg.find(pos)
+                        c_base, c_end, c_next = seg.base, seg.base + seg.size, lg.next_base(seg)
+                    else:
+                        c_lo = c_hi = -1
+                if c_lo <= pos < c_hi:
+                    k = bisect.bisect_left(c_starts, pos)
+                    if k == len(c_starts) or c_starts[k] != pos:
+                        raise CorruptRecordError(f"position {pos} is not a record start")
+                    off = pos - c_lo
+                    rec = read_checked(c_data, off, len(c_data) - off, seg_size - (pos - c_base), pos, c_end, c_next, False)
                     out.append((first + i, rec))
                     i += 1
                     continue
