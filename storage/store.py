@@ -397,10 +397,10 @@ class MessageStore:
     def _trim_active(self) -> None:
         """Cut the zero-filled tail off the active segment (a clean log ends at its data)."""
         seg = self._log.segments[-1]
-        if seg.alloc > seg.size:
+        if os.fstat(seg.fd).st_size > seg.size:  # (a failed fill may have grown it too)
             os.ftruncate(seg.fd, seg.size)
             os.fsync(seg.fd)
-            seg.alloc = seg.size
+        seg.alloc = seg.size
 
     def _write_marker(self) -> None:
         path = self.data_dir / CLEAN_MARKER
@@ -714,10 +714,10 @@ class MessageStore:
                 # the segment before is full: cut its zero-filled tail (durably) before the
                 # new one holds data, so that only the last file can ever end in zeros
                 prev, prev_end = touched[-1] if touched else (self._log.segments[-1], self._log.segments[-1].size)
-                if prev.alloc > prev_end:
+                if os.fstat(prev.fd).st_size > prev_end:  # (a failed fill may have grown it too)
                     os.ftruncate(prev.fd, prev_end)
                     os.fsync(prev.fd)
-                    prev.alloc = prev_end
+                prev.alloc = prev_end
                 seg = self._log.open_segment(base, now_ms)
                 new_segs.append(seg)
             at = rel

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -112,3 +113,25 @@ async def test_kill9_with_zero_filled_tail_recovers_every_ack(tmp_path, python, 
         assert s.read_queue_records("k", 0, n, 1)[0][1].body == b"after"
         end = s.end_pos - s._log.segments[-1].base
     assert last.stat().st_size == end
+
+
+async def test_a_failed_zero_fill_only_stops_preallocation(tmp_path, monkeypatch, caplog):
+    def failing_fill(seg, start, end):  # grows the file, then fails (a full disk, say)
+        os.pwrite(seg.fd, bytes(1000), end - 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MessageStore, "_zero_fill", staticmethod(failing_fill))
+    caplog.set_level(logging.WARNING, logger="storage")
+    async with MessageStore.open(tmp_path, segment_size=64 * 1024, flush="sync") as s:
+        for i in range(200):  # about 3 segments
+            await s.append_one(NewRecord(1, {"i": i}, b"w" * 1000, IndexTarget("t", 0)))
+        assert not s._prealloc
+        assert any("zero-filling" in r.getMessage() for r in caplog.records)
+        segs = list(s._log.segments)
+        assert len(segs) >= 3
+        for seg in segs[:-1]:
+            assert seg.path.stat().st_size == seg.size
+        end = s.end_pos
+    async with MessageStore.open(tmp_path, segment_size=64 * 1024) as s:
+        assert s.recovered_clean and s.end_pos == end
+        assert [r.header["i"] for _, r in s.read_queue_records("t", 0, 0, 1000)] == list(range(200))
