@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 
+import aiohttp
 import pytest
 
 from consumer_sdk import ConsumeResult, PushConsumer
@@ -195,6 +196,14 @@ async def test_reconnect_after_broker_restart(broker):
     ):
         first = await p.send("rc", b"before")
         await wait_for(lambda: first.msg_id in rec.ids(), what="first message")
+        # the ack goes out after the listener returns: restart once the broker has it (an
+        # ack still on the wire when the broker stops is lost, and the message comes again)
+        async with aiohttp.ClientSession() as http:
+            async def acked() -> bool:
+                async with http.get(f"{broker.http_url}/api/groups") as r:
+                    return any(g["group"] == "g" and g["acked"] >= 1 for g in (await r.json())["groups"])
+
+            await wait_for(acked, what="the broker to record the ack")
         gen = c._conn.generation
         await asyncio.to_thread(broker.restart)
         second = await p.send("rc", b"after")  # waits for the reconnect, no action needed
