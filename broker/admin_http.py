@@ -1,7 +1,10 @@
-"""The admin HTTP API (aiohttp, JSON) on ``--http-port``: for people and tools, never the data plane.
+"""The admin HTTP API (aiohttp, JSON, plus one HTML console page) on ``--http-port``: for
+people and tools, never the data plane.
 
 Routes
 ------
+- ``GET /`` — the console: an HTML page of topics, groups and prepared/abandoned
+  transactions (see :mod:`broker.console`)
 - ``GET /healthz`` — ``{"status": "ok"}``
 - ``GET /api/topics`` — topics with their queues and message counts
 - ``GET /api/groups`` — per group and topic: delivered, acked, in-flight, waiting retry,
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from broker.console import render_console
 from broker.delivery import H_KEYS, H_QUEUE, H_TOPIC, RETRY_PREFIX
 from broker.lifecycle import TxState
 from protocol import DLQ_PREFIX, HalfMQError, TransactionStateError
@@ -69,8 +73,7 @@ def build_app(broker: Broker) -> web.Application:
     async def healthz(_req: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "broker_id": broker.broker_id, "data_dir": broker.data_dir})
 
-    @routes.get("/api/topics")
-    async def topics(_req: web.Request) -> web.Response:
+    def topics_data() -> list[dict[str, Any]]:
         names = set(broker.topics)
         names.update(t for t, _q in store.queues() if t.startswith(DLQ_PREFIX))
         out = []
@@ -80,10 +83,9 @@ def build_app(broker: Broker) -> web.Application:
                 start, end = store.queue_start(name, q), store.queue_end(name, q)
                 queues.append({"queue_id": q, "min_offset": start, "max_offset": end, "messages": end - start})
             out.append({"topic": name, "queues": queues, "messages": sum(q["messages"] for q in queues)})
-        return web.json_response({"topics": out})
+        return out
 
-    @routes.get("/api/groups")
-    async def groups(_req: web.Request) -> web.Response:
+    def groups_data() -> list[dict[str, Any]]:
         out = []
         for name, gd in sorted(broker.groups.items()):
             dlq = DLQ_PREFIX + name
@@ -100,7 +102,41 @@ def build_app(broker: Broker) -> web.Application:
                 "dead_lettered": store.queue_end(dlq, 0) - store.queue_start(dlq, 0),
                 "lag": gd.lag(),
             })
-        return web.json_response({"groups": out})
+        return out
+
+    def transactions_data(state: TxState) -> list[dict[str, Any]]:
+        now = time.time()
+        return [
+            {
+                "msg_id": hm.msg_id,
+                "topic": hm.topic,
+                "keys": list(hm.keys),
+                "group": hm.group,
+                "producer_id": hm.producer_id,
+                "state": hm.state.name,
+                "age": round(now - hm.prepared_at, 3),
+                "checks": hm.checks,
+                "next_check_at": hm.next_check_at if hm.state is TxState.PREPARED else None,
+            }
+            for hm in broker.tx.list(state)
+        ]
+
+    @routes.get("/")
+    async def console(_req: web.Request) -> web.Response:
+        page = render_console(
+            broker_id=broker.broker_id, data_dir=str(broker.data_dir), topics=topics_data(),
+            groups=groups_data(), prepared=transactions_data(TxState.PREPARED),
+            abandoned=transactions_data(TxState.ABANDONED),
+        )
+        return web.Response(text=page, content_type="text/html")
+
+    @routes.get("/api/topics")
+    async def topics(_req: web.Request) -> web.Response:
+        return web.json_response({"topics": topics_data()})
+
+    @routes.get("/api/groups")
+    async def groups(_req: web.Request) -> web.Response:
+        return web.json_response({"groups": groups_data()})
 
     def _done_in_origin_queue(gd: Any, topic: str, pos: int) -> bool:
         """Whether the group is past the message in its original queue (acked or filtered)."""
@@ -212,22 +248,7 @@ def build_app(broker: Broker) -> web.Application:
             state = TxState[name]
         except KeyError:
             return err(400, "state must be prepared, committed, rolled_back or abandoned")
-        now = time.time()
-        out = [
-            {
-                "msg_id": hm.msg_id,
-                "topic": hm.topic,
-                "keys": list(hm.keys),
-                "group": hm.group,
-                "producer_id": hm.producer_id,
-                "state": hm.state.name,
-                "age": round(now - hm.prepared_at, 3),
-                "checks": hm.checks,
-                "next_check_at": hm.next_check_at if hm.state is TxState.PREPARED else None,
-            }
-            for hm in broker.tx.list(state)
-        ]
-        return web.json_response({"transactions": out})
+        return web.json_response({"transactions": transactions_data(state)})
 
     async def resolve(req: web.Request, state: TxState) -> web.Response:
         msg_id = req.match_info["msg_id"]
