@@ -6,6 +6,8 @@ Routes
 - ``GET /`` — the console: an HTML page of topics, groups and prepared/abandoned
   transactions (see :mod:`broker.console`)
 - ``GET /healthz`` — ``{"status": "ok"}``
+- ``GET /api/stats`` — store counters (batches, records, writes, fsyncs, ``loop_disk_wait_ns``: time
+  the event loop spent waiting for the disk in writes and fdatasyncs done on it) and messages sent
 - ``GET /api/topics`` — topics with their queues and message counts
 - ``GET /api/groups`` — per group and topic: delivered, acked, in-flight, waiting retry,
   dead-lettered, lag
@@ -129,6 +131,10 @@ def build_app(broker: Broker) -> web.Application:
             abandoned=transactions_data(TxState.ABANDONED),
         )
         return web.Response(text=page, content_type="text/html")
+
+    @routes.get("/api/stats")
+    async def stats(_req: web.Request) -> web.Response:
+        return web.json_response({"store": dict(store.stats), "sent": broker.stats.get("sent", 0)})
 
     @routes.get("/api/topics")
     async def topics(_req: web.Request) -> web.Response:

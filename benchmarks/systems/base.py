@@ -104,6 +104,13 @@ class Server:
         """Processes that serve this system (CPU and RSS are sampled from them)."""
         return []
 
+    async def loop_disk_wait_seconds(self) -> float | None:
+        """Seconds the server's event loop has spent waiting for its own disk writes so far,
+        if the server reports it (None: unknown). Time a process spends blocked does not
+        show in its CPU time; with this, a loop that is busy or blocked all the time is
+        reported as the saturated side."""
+        return None
+
     def extra_args(self) -> dict[str, Any]:
         """Extra per-system parameters for the workers (merged into ``conn``)."""
         return {}

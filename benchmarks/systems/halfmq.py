@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
 import sys
 import tempfile
+import urllib.request
 from typing import Any
 
 from benchmarks.systems.base import Client as BaseClient
@@ -30,9 +32,10 @@ class BrokerProcess:
     """One ``python -m broker`` subprocess (optionally under cProfile)."""
 
     def __init__(self, proc: asyncio.subprocess.Process, address: str, data_dir: str,
-                 own_dir: bool, stderr_path: str) -> None:
+                 own_dir: bool, stderr_path: str, http: str = "") -> None:
         self.proc = proc
         self.address = address
+        self.http = http
         self.data_dir = data_dir
         self.own_dir = own_dir
         self.stderr_path = stderr_path
@@ -101,7 +104,7 @@ async def start_broker(flush: str = "sync", *, workdir: str | None = None,
         shutil.rmtree(data_dir, ignore_errors=True)
         raise RuntimeError(f"broker did not start ({text!r}); stderr:\n{tail}")
     fields = dict(part.split("=", 1) for part in text[len(READY_PREFIX):].split())
-    return BrokerProcess(proc, fields["tcp"], data_dir, True, stderr_path)
+    return BrokerProcess(proc, fields["tcp"], data_dir, True, stderr_path, fields.get("http", ""))
 
 
 def topic_name(cell: str) -> str:
@@ -158,6 +161,20 @@ class Server(BaseServer):
 
     def server_pids(self) -> list[int]:
         return [self.broker.pid] if self.broker is not None else []
+
+    async def loop_disk_wait_seconds(self) -> float | None:
+        if self.broker is None or not self.broker.http:
+            return None
+        url = f"http://{self.broker.http}/api/stats"
+
+        def fetch() -> float:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.loads(r.read())["store"]["loop_disk_wait_ns"] / 1e9
+
+        try:
+            return await asyncio.to_thread(fetch)
+        except (OSError, ValueError, KeyError):
+            return None
 
 
 class _NoopTransaction:

@@ -38,7 +38,18 @@ def test_bench_smoke_writes_reports(tmp_path: Path) -> None:
     for scenario in ("publish", "latency", "e2e", "batch"):
         assert summary[scenario]["rate"] > 0, scenario
     assert summary["e2e"]["samples"] > 0
+    # the broker reports the time its event loop waited for its own disk writes
+    assert summary["publish"]["cpu"]["server_disk_wait"] > 0
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "latest.png").stat().st_size > 0
     # the markdown table is also printed on stdout
     assert "## publish" in proc.stdout
+
+
+def test_a_loop_busy_or_blocked_in_its_own_writes_is_the_saturated_side() -> None:
+    from benchmarks.harness import _saturation
+
+    assert _saturation({"server": 60.0, "server_disk_wait": 35.0, "producer": 30.0}, 100.0).startswith(
+        "server (event loop: CPU 60% + waiting for its own disk writes 35%)")
+    assert _saturation({"server": 60.0, "server_disk_wait": 10.0, "producer": 30.0}, 100.0).startswith("none")
+    assert _saturation({"server": 90.0, "producer": 30.0}, 100.0) == "server"
