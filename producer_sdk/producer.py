@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from producer_sdk.connection import Connection
@@ -101,13 +101,31 @@ def _hand_out(reply: asyncio.Future[Any], futs: list[asyncio.Future[Any]]) -> No
             except (TypeError, IndexError, ValueError):
                 pass
         exc = HalfMQError(f"malformed SEND reply from broker: {result!r}")
+    _fail_all(futs, exc)
+
+
+def _copy_error(exc: BaseException) -> BaseException:
+    return type(exc)(*exc.args) if isinstance(exc, HalfMQError) else exc
+
+
+def _fail_all(futs: list[asyncio.Future[Any]], exc: BaseException) -> None:
+    """Fail every caller's future still pending (each gets its own copy of the error)."""
     for f in futs:
         if not f.done():
             f.set_exception(exc if len(futs) == 1 else _copy_error(exc))
 
 
-def _copy_error(exc: BaseException) -> BaseException:
-    return type(exc)(*exc.args) if isinstance(exc, HalfMQError) else exc
+def _request_for_all(
+    conn: Connection, op: int, payload: Any, deadline: float, futs: list[asyncio.Future[Any]],
+    hand_out: Callable[[asyncio.Future[Any], list[asyncio.Future[Any]]], None],
+) -> None:
+    """Send one request on behalf of many callers: ``hand_out(reply, futs)`` gives each its
+    part of the reply; if the request cannot go out now, every caller fails at once."""
+    rf = conn.request_future(op, payload, deadline)
+    if rf is None:
+        _fail_all(futs, BrokerUnavailableError(f"not connected to broker {conn.address}"))
+        return
+    rf.add_done_callback(lambda r: hand_out(r, futs))
 
 
 def _encode_tags(tags: str | None) -> str | None:
@@ -291,14 +309,8 @@ class Producer:
                     total += n
                 chunks.append((items[start:], futs[start:]))
             for c_items, c_futs in chunks:
-                rf = conn.request_future(Op.SEND, {"topic": topic, "msgs": c_items, "half": half}, deadline)
-                if rf is None:
-                    err = BrokerUnavailableError(f"not connected to broker {self.address}")
-                    for f in c_futs:
-                        if not f.done():
-                            f.set_exception(err)
-                    continue
-                rf.add_done_callback(lambda r, fs=c_futs: _hand_out(r, fs))
+                _request_for_all(conn, Op.SEND, {"topic": topic, "msgs": c_items, "half": half},
+                                 deadline, c_futs, _hand_out)
 
     async def send_batch(
         self, topic: str, items: Iterable[bytes | str | Mapping[str, Any]]

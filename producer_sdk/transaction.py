@@ -43,6 +43,8 @@ from producer_sdk.producer import (
     _encode_keys,
     _encode_properties,
     _encode_tags,
+    _fail_all,
+    _request_for_all,
 )
 from protocol import (
     BadRequestError,
@@ -80,6 +82,20 @@ class TransactionListener(abc.ABC):
     @abc.abstractmethod
     def check_local_transaction(self, message: Message) -> LocalTransactionState:
         """Tell the broker the outcome of the transaction of half ``message`` (check-back)."""
+
+
+def _hand_out_outcomes(reply: asyncio.Future[Any], futs: list[asyncio.Future[Any]]) -> None:
+    """Give each reporter of a batched END_TX its row of the reply (or the request's error)."""
+    exc = BrokerUnavailableError("outcome request cancelled") if reply.cancelled() else reply.exception()
+    if exc is None:
+        rows = (reply.result() or {}).get("r")
+        if isinstance(rows, list) and len(rows) == len(futs):
+            for f, row in zip(futs, rows, strict=True):
+                if not f.done():
+                    f.set_result(row)
+            return
+        exc = HalfMQError(f"malformed END_TX reply from broker: {reply.result()!r}")
+    _fail_all(futs, exc)
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
@@ -257,30 +273,8 @@ class TransactionProducer(Producer):
         conn = self._conn
         loop = conn._loop
         assert loop is not None
-        rf = conn.request_future(Op.END_TX, {"items": [[m, o] for m, o, _ in batch]},
-                                 loop.time() + self.send_timeout)
-        futs = [f for _, _, f in batch]
-        if rf is None:
-            err = BrokerUnavailableError(f"not connected to broker {self.address}")
-            for f in futs:
-                if not f.done():
-                    f.set_exception(err)
-            return
-
-        def hand_out(r: asyncio.Future[Any]) -> None:
-            exc = BrokerUnavailableError("outcome request cancelled") if r.cancelled() else r.exception()
-            rows = None if exc is not None else (r.result() or {}).get("r")
-            if exc is None and (not isinstance(rows, list) or len(rows) != len(futs)):
-                exc = HalfMQError(f"malformed END_TX reply from broker: {r.result()!r}")
-            for i, f in enumerate(futs):
-                if f.done():
-                    continue
-                if exc is not None:
-                    f.set_exception(type(exc)(*exc.args) if isinstance(exc, HalfMQError) else exc)
-                else:
-                    f.set_result(rows[i])  # type: ignore[index]
-
-        rf.add_done_callback(hand_out)
+        _request_for_all(conn, Op.END_TX, {"items": [[m, o] for m, o, _ in batch]},
+                         loop.time() + self.send_timeout, [f for _, _, f in batch], _hand_out_outcomes)
 
     # -- check-back ----------------------------------------------------------------------
 
