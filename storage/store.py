@@ -859,32 +859,18 @@ class MessageStore:
         segs = lg.segments
         seg_size = self.segment_size
         rc_lo = self._rc_lo
-        rc_starts, rc_ends, rc_chunks, rc_head = self._rc_starts, self._rc_ends, self._rc_chunks, self._rc_head
-        # the cache chunk (and its segment) of the previous entry: the next one is mostly there too
+        # the cache chunk of the previous entry: the next one is mostly there too
+        chunk = None
         c_lo = c_hi = -1
-        c_data: bytes = b""
-        c_starts: list[int] = []
-        c_base = c_end = c_next = 0
         i = 0
         while i < n:
             pos, size = ents[i][0], ents[i][1]
             if pos >= rc_lo:
                 if not c_lo <= pos < c_hi:
-                    k = bisect.bisect_right(rc_starts, pos, rc_head) - 1
-                    if k >= rc_head and pos < rc_ends[k]:
-                        c_lo, c_hi = rc_starts[k], rc_ends[k]
-                        c_data, c_starts = rc_chunks[k]
-                        seg = lg.find(pos)
-                        c_base, c_end, c_next = seg.base, seg.base + seg.size, lg.next_base(seg)
-                    else:
-                        c_lo = c_hi = -1
-                if c_lo <= pos < c_hi:
-                    k = bisect.bisect_left(c_starts, pos)
-                    if k == len(c_starts) or c_starts[k] != pos:
-                        raise CorruptRecordError(f"position {pos} is not a record start")
-                    off = pos - c_lo
-                    rec = read_checked(c_data, off, len(c_data) - off, seg_size - (pos - c_base), pos, c_end, c_next, False)
-                    out.append((first + i, rec))
+                    chunk = self._cache_chunk(pos)
+                    c_lo, c_hi = (chunk[0], chunk[1]) if chunk is not None else (-1, -1)
+                if chunk is not None and c_lo <= pos < c_hi:
+                    out.append((first + i, self._cached_record(chunk, pos)))
                     i += 1
                     continue
             k = bisect.bisect_right(bases, pos) - 1
@@ -963,23 +949,30 @@ class MessageStore:
             head += 1
         self._cache_set_head(head)
 
-    def _cache_read(self, pos: int) -> Record | None:
-        """The cached record at ``pos``, or None if ``pos`` is not in the cache."""
+    def _cache_chunk(self, pos: int) -> tuple | None:
+        """The cache chunk holding ``pos``: ``(lo, hi, data, record starts, segment base,
+        segment end, next segment base)``, or None if ``pos`` is not cached."""
         k = bisect.bisect_right(self._rc_starts, pos, self._rc_head) - 1
         if k < self._rc_head or pos >= self._rc_ends[k]:
             return None
-        start = self._rc_starts[k]
         data, starts = self._rc_chunks[k]
+        lg = self._log
+        seg = lg.find(pos)
+        return (self._rc_starts[k], self._rc_ends[k], data, starts, seg.base, seg.base + seg.size, lg.next_base(seg))
+
+    def _cached_record(self, chunk: tuple, pos: int) -> Record:
+        """Decode the record at ``pos`` from ``chunk`` (bytes this process wrote: no CRC check)."""
+        lo, _hi, data, starts, base, seg_end, next_base = chunk
         j = bisect.bisect_left(starts, pos)
         if j == len(starts) or starts[j] != pos:
             raise CorruptRecordError(f"position {pos} is not a record start")
-        off = pos - start
-        lg = self._log
-        seg = lg.find(pos)
-        rel = pos - seg.base
-        return read_checked(
-            data, off, len(data) - off, self.segment_size - rel, pos, seg.base + seg.size, lg.next_base(seg), False
-        )
+        off = pos - lo
+        return read_checked(data, off, len(data) - off, self.segment_size - (pos - base), pos, seg_end, next_base, False)
+
+    def _cache_read(self, pos: int) -> Record | None:
+        """The cached record at ``pos``, or None if ``pos`` is not in the cache."""
+        chunk = self._cache_chunk(pos)
+        return None if chunk is None else self._cached_record(chunk, pos)
 
     def queue_start(self, topic: str, queue_id: int) -> int:
         """Smallest retained offset of the queue (0 unless retention removed entries)."""
