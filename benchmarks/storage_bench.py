@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import uvloop  # noqa: E402
 
-from storage import IndexTarget, MessageStore, NewRecord  # noqa: E402
+from storage import BundleTarget, IndexTarget, MessageStore, NewBundle, NewRecord  # noqa: E402
 
 BODY = b"x" * 1024
 
@@ -83,40 +83,57 @@ async def batches(d: Path, count: int, mode: str, size: int = 1000) -> float:
         return n * size / (time.perf_counter() - t0)
 
 
+def read_queues_rate(s: MessageStore, per_entry: bool = False) -> float:
+    """Read the 4 bench queues through; records per second. ``per_entry``: the broker's
+    consume path (``read_queue``, then ``read(entry.pos)`` per entry) instead of
+    ``read_queue_records``."""
+    t0 = time.perf_counter()
+    n = 0
+    for q in range(4):
+        off = 0
+        while True:
+            if per_entry:
+                got = s.read_queue("bench", q, off, 512)
+                for _, e in got:
+                    s.read(e.pos)
+            else:
+                got = s.read_queue_records("bench", q, off, 512)
+            if not got:
+                break
+            n += len(got)
+            off = got[-1][0] + 1
+    return n / (time.perf_counter() - t0)
+
+
+def bundle(q: int, size: int) -> NewBundle:
+    """``size`` messages of one queue as one bundle record (what the broker does with a
+    ``send_batch``): each member keeps its own header, position, queue offset and index entry."""
+    return NewBundle(1, [{"i": i} for i in range(size)], [BODY] * size, BundleTarget("bench", q, [0] * size))
+
+
+async def bundles(d: Path, count: int, mode: str, per_bundle: int = 100, per_call: int = 10) -> tuple[float, float]:
+    """append_batch of ``per_call`` bundles of ``per_bundle`` messages; then read them back."""
+    async with MessageStore.open(d, flush=mode) as s:
+        call = [bundle(k & 3, per_bundle) for k in range(per_call)]
+        n = max(1, count // (per_bundle * per_call))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await s.append_batch(call)
+        rate = n * per_bundle * per_call / (time.perf_counter() - t0)
+        return rate, read_queues_rate(s)
+
+
 async def reads(d: Path, count: int) -> tuple[float, float, float, float]:
     async with MessageStore.open(d, flush="async") as s:
         recs = [rec(i) for i in range(1000)]
         for _ in range(max(1, count // 1000)):
             s.append(recs)
         await s.flush()
-        t0 = time.perf_counter()
-        n = 0
-        for q in range(4):
-            off = 0
-            while True:
-                got = s.read_queue_records("bench", q, off, 512)
-                if not got:
-                    break
-                n += len(got)
-                off = got[-1][0] + 1
-        queue_rate = n / (time.perf_counter() - t0)
+        queue_rate = read_queues_rate(s)
         t0 = time.perf_counter()
         m = sum(1 for _ in s.iter_log())
         iter_rate = m / (time.perf_counter() - t0)
-        # the broker's consume path: read_queue, then read(entry.pos) per entry
-        t0 = time.perf_counter()
-        n = 0
-        for q in range(4):
-            off = 0
-            while True:
-                entries = s.read_queue("bench", q, off, 512)
-                if not entries:
-                    break
-                for _, e in entries:
-                    s.read(e.pos)
-                n += len(entries)
-                off = entries[-1][0] + 1
-        consume_rate = n / (time.perf_counter() - t0)
+        consume_rate = read_queues_rate(s, per_entry=True)
         # the same on the tail just written (what a caught-up consumer reads)
         recs = [rec(i) for i in range(1000)]
         t0 = time.perf_counter()
@@ -162,6 +179,11 @@ async def main() -> None:
         rows.append(("append_batch(1000), sync", rb, f"{rb / 500_000:.2f} of goal 500,000/s"))
         rba = await batches(fresh(), args.count * 2, "async")
         rows.append(("append_batch(1000), async", rba, f"{rba / 500_000:.2f} of goal 500,000/s"))
+        rbb, rbr = await bundles(fresh(), args.count * 2, "sync")
+        rows.append(("append_batch(10 bundles x 100), sync", rbb, f"{rbb / 500_000:.2f} of goal 500,000/s (messages)"))
+        rbba, _ = await bundles(fresh(), args.count * 2, "async")
+        rows.append(("append_batch(10 bundles x 100), async", rbba, f"{rbba / 500_000:.2f} of goal 500,000/s (messages)"))
+        rows.append(("reads of bundle members", rbr, f"{rbr / 300_000:.2f} of goal 300,000/s (read_queue_records)"))
         rq, ri, rc, rt = await reads(fresh(), args.count * 2)
         rows.append(("reads, read_queue_records", rq, f"{rq / 300_000:.2f} of goal 300,000/s"))
         rows.append(("reads, iter_log", ri, f"{ri / 300_000:.2f} of goal 300,000/s"))
@@ -169,9 +191,9 @@ async def main() -> None:
         rows.append(("tail: append_batch + read back", rt, "records/s, async, incl. the appends"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{'scenario (1 KiB records)':<30} {'per second':>14}  vs goal")
+    print(f"{'scenario (1 KiB records)':<38} {'per second':>14}  vs goal")
     for name, rate, note in rows:
-        print(f"{name:<30} {rate:>14,.0f}  {note}")
+        print(f"{name:<38} {rate:>14,.0f}  {note}")
 
 
 if __name__ == "__main__":

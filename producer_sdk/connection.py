@@ -62,6 +62,9 @@ log = logging.getLogger("halfmq.client")
 
 #: Longest wait between two reconnect attempts, in seconds (SPEC §4).
 MAX_BACKOFF = 2.0
+#: A reconnect attempt whose handshake gets no answer in this time is abandoned and the
+#: next one made (a listener of a dying broker can accept a connection that never answers).
+RECONNECT_HANDSHAKE_TIMEOUT = 2.0
 #: First wait between two reconnect attempts, in seconds.
 MIN_BACKOFF = 0.05
 #: The broker's default message size limit, until its HELLO reply says otherwise.
@@ -589,7 +592,7 @@ class Connection:
         while not self._closed:
             attempts += 1
             try:
-                await self._connect_once(self._loop.time() + max(self.request_timeout, 2.0))
+                await self._connect_once(self._loop.time() + RECONNECT_HANDSHAKE_TIMEOUT)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep trying while open

@@ -8,15 +8,17 @@ group-committed by one writer task (see :mod:`storage.store`).
 
 from .lock import DataDirLockedError
 from .metadata import Metadata
-from .model import IndexEntry, IndexTarget, NewRecord, Record, Stored
+from .model import BundleTarget, IndexEntry, IndexTarget, NewBundle, NewRecord, Record, Stored
 from .store import MessageStore, StoreClosedError
 
 __all__ = [
+    "BundleTarget",
     "DataDirLockedError",
     "IndexEntry",
     "IndexTarget",
     "Metadata",
     "MessageStore",
+    "NewBundle",
     "NewRecord",
     "Record",
     "StoreClosedError",

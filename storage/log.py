@@ -25,6 +25,21 @@ Record framing (little endian)::
     header          msgpack, header_len bytes
     body            the rest, raw
 
+A *bundle* (flags bit 1) stores many messages of one queue in one record (``send_batch``:
+one record, one CRC, one header encoding for the lot). Its index target's ``ref_size``
+field holds the member count and ``queue_offset`` the first member's offset; its header is
+``[member headers, member tag hashes]`` and its body is, per member::
+
+    u32 0           (a record's length is never 0: this marks a member, not a record)
+    u32 k           member number
+    u32 back        member position - bundle position
+    u32 body_len
+    body
+
+A member's *position* is the global position of its marker, so every member has a
+distinct position inside its bundle, in log order: ids, references and retention treat
+it like a record's. :func:`member_record` decodes one member from its (decoded) bundle.
+
 The index target is in the framing so that queue-index tails can be rebuilt from the log.
 The store encodes a record with one ``struct.pack`` of the fixed part (+ index target), a
 reused msgpack ``Packer`` and two chained ``zlib.crc32`` calls, appending straight into the
@@ -54,6 +69,11 @@ from .model import Record
 __all__ = [
     "CorruptRecordError",
     "IndexTargetInfo",
+    "FLAG_BUNDLE",
+    "MEMBER",
+    "MEMBER_BIT",
+    "bundle_members",
+    "member_record",
     "Segment",
     "SegmentLog",
     "encode_record",
@@ -69,6 +89,10 @@ TAIL_IDX = struct.Struct("<BBQIIIqIQH")  # TAIL + IDX in one pack
 FRAME = struct.Struct("<IIBBQI")  # PREFIX + TAIL in one unpack
 FIXED = PREFIX.size + TAIL.size  # 22
 FLAG_INDEX = 1
+FLAG_BUNDLE = 2
+MEMBER = struct.Struct("<IIII")  # 0, member number, position - bundle position, body length
+#: Set in a queue-index entry's size field when the entry points at a bundle member.
+MEMBER_BIT = 1 << 31
 NAME_DIGITS = 20
 READ_AHEAD = 4096
 SEQ_READ_AHEAD = 64 * 1024  # read-ahead once reads look sequential (a consumer walking a queue)
@@ -224,6 +248,54 @@ def read_checked(
     if npos >= seg_end and next_base >= 0:
         npos = next_base
     return make_record(pos, length, rtype, store_time, header, body, npos)
+
+
+def _bundle_parts(bundle: Record) -> tuple[list, list, bytes]:
+    h = bundle.header
+    if type(h) is not list or len(h) != 2 or type(h[0]) is not list or type(h[1]) is not list:
+        raise CorruptRecordError(f"position {bundle.pos} is not a bundle")
+    return h[0], h[1], bundle.body
+
+
+def member_record(bundle: Record, pos: int) -> Record:
+    """The member at ``pos`` of the decoded ``bundle`` (CorruptRecordError if there is none)."""
+    headers, _tags, body = _bundle_parts(bundle)
+    back = pos - bundle.pos
+    boff = back - (bundle.size - len(body))
+    if boff < 0 or boff + MEMBER.size > len(body):
+        raise CorruptRecordError(f"position {pos} is not a member of the bundle at {bundle.pos}")
+    zero, k, b, blen = MEMBER.unpack_from(body, boff)
+    end = boff + MEMBER.size + blen
+    if zero or b != back or k >= len(headers) or end > len(body):
+        raise CorruptRecordError(f"position {pos} is not a member of the bundle at {bundle.pos}")
+    npos = pos + MEMBER.size + blen if end < len(body) else bundle.next_pos
+    return make_record(pos, MEMBER.size + blen, bundle.rtype, bundle.store_time, headers[k],
+                       body[boff + MEMBER.size : end], npos)
+
+
+def bundle_members(bundle: Record) -> Iterator[Record]:
+    """Every member of the decoded ``bundle``, in order."""
+    headers, _tags, body = _bundle_parts(bundle)
+    base = bundle.pos + bundle.size - len(body)
+    boff = 0
+    for _ in range(len(headers)):
+        yield member_record(bundle, base + boff)
+        boff += MEMBER.size + MEMBER.unpack_from(body, boff)[3]
+
+
+def bundle_entries(bundle: Record) -> list[tuple[int, int, int]]:
+    """``(member position, size field of its index entry, tag hash)`` of each member (recovery)."""
+    headers, tags, body = _bundle_parts(bundle)
+    base = bundle.pos + bundle.size - len(body)
+    out = []
+    boff = 0
+    for k in range(len(headers)):
+        zero, kk, back, blen = MEMBER.unpack_from(body, boff)
+        if zero or kk != k or back != base - bundle.pos + boff:
+            raise CorruptRecordError(f"bad member {k} in the bundle at {bundle.pos}")
+        out.append((base + boff, (MEMBER.size + blen) | MEMBER_BIT, tags[k] if k < len(tags) else 0))
+        boff += MEMBER.size + blen
+    return out
 
 
 class Segment:
@@ -470,7 +542,10 @@ class SegmentLog:
                             raise
                         return
                     if decode:
-                        yield rec
+                        if buf[off + 9] & FLAG_BUNDLE:
+                            yield from bundle_members(rec)
+                        else:
+                            yield rec
                     else:
                         yield buf, off, length, gpos + off
                     off += length

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-__all__ = ["IndexTarget", "NewRecord", "Stored", "Record", "IndexEntry"]
+__all__ = ["BundleTarget", "IndexTarget", "NewBundle", "NewRecord", "Stored", "Record", "IndexEntry"]
 
 
 class IndexTarget(NamedTuple):
@@ -40,8 +40,32 @@ class NewRecord(NamedTuple):
     index: IndexTarget | None = None
 
 
+class BundleTarget(NamedTuple):
+    """The queue every member of a :class:`NewBundle` goes to, and each member's tag hash."""
+
+    topic: str
+    queue_id: int
+    tag_hashes: list[int]
+
+
+class NewBundle(NamedTuple):
+    """Many messages of one queue stored as one record (one encoding, one CRC, one write).
+
+    ``headers[k]``/``bodies[k]`` are member ``k``'s (a header as in :class:`NewRecord`).
+    Each member gets its own position, queue offset (consecutive) and index entry, and
+    reads back as a :class:`Record` of type ``rtype`` like any record.
+    """
+
+    rtype: int
+    headers: list
+    bodies: list[bytes]
+    index: BundleTarget
+
+
 class Stored(NamedTuple):
     """Where an appended record went. ``queue_offset`` is -1 without an index target.
+
+    A :class:`NewBundle` gives one ``Stored`` per member (its position, size and offset).
 
     A named tuple: the store builds one per appended record, and a tuple is the cheapest
     immutable value to build.
@@ -69,6 +93,8 @@ class Record:
 @dataclass(frozen=True, slots=True)
 class IndexEntry:
     """A queue-index entry: the record it points at, its tag hash and store time (ms).
+
+    A bundle member's entry has the member's position and size (see ``storage.log``).
 
     For a ``ref_pos`` entry, ``pos``/``size`` are the referenced record's and
     ``store_time`` is the time the referencing record was stored.

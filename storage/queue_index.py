@@ -114,7 +114,7 @@ class QueueIndexFile:
         for p, s, t, ts in ENTRY.iter_unpack(data):
             e = new(IndexEntry)
             _e_pos(e, p)
-            _e_size(e, s)
+            _e_size(e, s & 0x7FFFFFFF)  # (a bundle member's entry has MEMBER_BIT set)
             _e_tag(e, t)
             _e_time(e, ts)
             append((first, e))

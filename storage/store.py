@@ -19,6 +19,14 @@ data) and resolves the batch's future — one future, shared by every append int
 batch, so a thousand appends cost one future, not a thousand. With ``flush="async"`` it
 resolves after the write and a timer queues an fsync every ``flush_interval``.
 
+Bundles: a :class:`NewBundle` (many messages of one queue) is encoded as *one* record —
+one msgpack call for all member headers, one CRC, one ``b"".join`` of the bodies — with
+one index entry per member pointing at the member's own position inside it (entry size
+with ``MEMBER_BIT`` set). A member is read by finding its bundle (the member marker holds
+the distance back to it) and decoding the bundle once: a small cache keeps recently
+decoded bundles, so reading a bundle's members one after another decodes it once.
+Recovery rebuilds one index entry per member from the bundle's framing and header.
+
 Recent-record cache: after a batch is written, its per-segment buffers (as immutable
 ``bytes``, with their record starts) go into a small cache of the last ``cache_bytes`` of
 the log. ``read``/``read_queue_records`` of a cached position decode from memory (same CRC
@@ -61,20 +69,26 @@ import msgpack
 from .lock import DataDirLock
 from .log import (
     FIXED,
+    FLAG_BUNDLE,
     FLAG_INDEX,
     IDX,
+    MEMBER,
+    MEMBER_BIT,
     PREFIX,
     TAIL,
     TAIL_IDX,
     CorruptRecordError,
+    IndexTargetInfo,
     Segment,
     SegmentLog,
+    bundle_entries,
     decode_index_target,
     fsync_dir,
+    member_record,
     read_checked,
 )
 from .metadata import Metadata
-from .model import IndexEntry, IndexTarget, NewRecord, Record, Stored
+from .model import BundleTarget, IndexEntry, IndexTarget, NewBundle, NewRecord, Record, Stored
 from .queue_index import ENTRY, ESIZE, QueueIndexFile, scan_index_dir
 
 # fdatasync flushes the data and the metadata needed to read it back (the file size),
@@ -102,6 +116,7 @@ RETENTION_INTERVAL = 60.0
 CACHE_BYTES = 32 << 20
 SPAN_MAX = 1 << 22  # read_queue_records: largest single pread covering several entries
 _entry_pack = ENTRY.pack
+_member_pack = MEMBER.pack
 _prefix_pack = PREFIX.pack
 _tail_pack = TAIL.pack
 _tail_idx_pack = TAIL_IDX.pack
@@ -109,6 +124,7 @@ _IDX_FIXED = FIXED + IDX.size
 _crc32 = zlib.crc32
 _make_stored = tuple.__new__  # Stored(...) without the named tuple's Python-level __new__
 _TARGETS_MAX = 4096  # cached index targets before the cache starts over
+_BUNDLES_MAX = 64  # decoded bundles kept for reads of their members
 
 
 class StoreClosedError(RuntimeError):
@@ -171,7 +187,8 @@ class MessageStore:
         # loop_disk_wait_ns: time the event loop spent waiting for the disk in writes and
         # fdatasyncs done on it (off the CPU, so the process's CPU time does not show it, and
         # it serves nothing meanwhile)
-        self.stats = {"fsyncs": 0, "writes": 0, "records": 0, "batches": 0, "loop_disk_wait_ns": 0}
+        # records: messages stored (a bundle counts its members); bundles: bundle records
+        self.stats = {"fsyncs": 0, "writes": 0, "records": 0, "batches": 0, "bundles": 0, "loop_disk_wait_ns": 0}
         self._closed = True
         self._failed: BaseException | None = None
         self._guard: Callable[[], int] | None = None
@@ -202,6 +219,7 @@ class MessageStore:
         # ref_size, queue_id, topic length): what append() needs of it
         self._targets: dict[IndexTarget, tuple] = {}
         self._packb = msgpack.Packer(use_bin_type=True).pack
+        self._bundles: dict[int, Record] = {}  # recently decoded bundles by position
 
     # ------------------------------------------------------------------ open / close
     @classmethod
@@ -317,7 +335,15 @@ class MessageStore:
             tgt = decode_index_target(buf, off)
             store_time = int.from_bytes(buf[off + 10 : off + 18], "little")
             newest[pos - pos % self.segment_size] = store_time
-            if tgt is not None:
+            if tgt is None:
+                continue
+            if buf[off + 9] & FLAG_BUNDLE:
+                # one entry per member, at consecutive offsets from the bundle's first
+                bundle = read_checked(bytes(buf[off : off + _length]), 0, _length, _length, pos, 1 << 62, -1, False)
+                for k, (vpos, vsize, vtag) in enumerate(bundle_entries(bundle)):
+                    t = IndexTargetInfo(tgt.topic, tgt.queue_id, vtag, -1, 0, tgt.queue_offset + k)
+                    scanned.append((vpos, vsize, (t, store_time)))
+            else:
                 scanned.append((pos, _length, (tgt, store_time)))
         end = lg.scan_end
         if end < lg.end:
@@ -425,7 +451,7 @@ class MessageStore:
         self._queues.clear()
 
     # ------------------------------------------------------------------ appends
-    def append(self, records: Sequence[NewRecord]) -> tuple[list[Stored], asyncio.Future[None]]:
+    def append(self, records: Sequence[NewRecord | NewBundle]) -> tuple[list[Stored], asyncio.Future[None]]:
         """Assign positions/store time/queue offsets now; return them and a durability future.
 
         The future resolves once the records are fsynced (``flush="sync"``) or written
@@ -465,6 +491,10 @@ class MessageStore:
             mark_buf = mark_starts = 0
         try:
             for rtype, header, body, idx in records:
+                if type(idx) is BundleTarget:
+                    pos, limit, buf, starts = self._append_bundle(
+                        rtype, header, body, idx, now, pos, limit, buf, starts, local, out)
+                    continue
                 hdr = packb(header)
                 if idx is None:
                     head = tail_pack(rtype, 0, now, len(hdr)) + hdr
@@ -530,13 +560,75 @@ class MessageStore:
         batch.end = pos
         return out, fut
 
+    def _append_bundle(
+        self, rtype: int, headers: list, bodies: list[bytes], idx: BundleTarget, now: int, pos: int,
+        limit: int, buf: bytearray | None, starts: list[int] | None, local: dict, out: list[Stored],
+    ) -> tuple[int, int, bytearray, list[int]]:
+        """Encode one :class:`NewBundle` into the current batch (part of :meth:`append`)."""
+        n = len(bodies)
+        tags = idx.tag_hashes
+        if not n or len(headers) != n or len(tags) != n:
+            raise ValueError("a bundle needs as many headers and tag hashes as bodies (at least one)")
+        key = IndexTarget(idx.topic, idx.queue_id)
+        t = self._targets.get(key)
+        if t is None:
+            t = self._target(key)
+        q = t[1]
+        nl = local.get(q, 0)
+        qoff = q.next_offset + nl
+        hdr = self._packb([headers, tags])
+        head = _tail_idx_pack(rtype, FLAG_INDEX | FLAG_BUNDLE, now, len(hdr), t[6], 0, -1, n, qoff, t[7]) + t[2] + hdr
+        size = 8 + len(head) + MEMBER.size * n + sum(map(len, bodies))
+        seg_size = self.segment_size
+        if size > seg_size:
+            raise ValueError(f"bundle of {size} bytes exceeds segment size {seg_size}")
+        if pos + size > limit:
+            pos = limit
+            limit += seg_size
+            buf = None
+        if buf is None:
+            buf = bytearray()
+            starts = []
+            self._batch.groups.append([pos, buf, starts])
+        member_pack = _member_pack
+        entry_pack = _entry_pack
+        make_stored = _make_stored
+        add = out.append
+        parts = []
+        ents = []
+        back = 8 + len(head)
+        for k in range(n):
+            b = bodies[k]
+            msize = MEMBER.size + len(b)
+            parts.append(member_pack(0, k, back, len(b)))
+            parts.append(b)
+            vp = pos + back
+            ents.append(entry_pack(vp, msize | MEMBER_BIT, tags[k] & 0xFFFFFFFF, now))
+            add(make_stored(Stored, (vp, msize, now, qoff + k)))
+            back += msize
+        data = b"".join(parts)
+        buf += _prefix_pack(size, _crc32(data, _crc32(head)))
+        buf += head
+        buf += data
+        starts.append(pos)  # type: ignore[union-attr]
+        e = b"".join(ents)
+        qentries = self._batch.qentries
+        ent = qentries.get(q)
+        if ent is None:
+            qentries[q] = [qoff, bytearray(e)]
+        else:
+            ent[1] += e
+        local[q] = nl + n
+        self.stats["bundles"] += 1
+        return pos + size, limit, buf, starts  # type: ignore[return-value]
+
     async def append_one(self, record: NewRecord) -> Stored:
         """Append one record and wait until it is durable (per the flush mode)."""
         stored, fut = self.append((record,))
         await fut
         return stored[0]
 
-    async def append_batch(self, records: Sequence[NewRecord]) -> list[Stored]:
+    async def append_batch(self, records: Sequence[NewRecord | NewBundle]) -> list[Stored]:
         """Append records (one write, one fsync) and wait until they are durable."""
         stored, fut = self.append(records)
         await fut
@@ -824,7 +916,52 @@ class MessageStore:
             rec = self._cache_read(pos)
             if rec is not None:
                 return rec
-        return self._log.read(pos)
+        try:
+            return self._log.read(pos)
+        except CorruptRecordError:
+            # not a record start: a bundle member's marker?
+            seg = self._log.find(pos)
+            marker = os.pread(seg.fd, MEMBER.size, pos - seg.base)
+            if len(marker) < MEMBER.size or marker[:4] != b"\0\0\0\0":
+                raise
+            return self._member(pos, marker)
+
+    def _member(self, pos: int, marker: bytes) -> Record:
+        """The bundle member at ``pos``, whose marker bytes are ``marker``."""
+        return member_record(self._bundle_at(pos, marker), pos)
+
+    def _bundle_of(self, pos: int) -> Record:
+        """The decoded bundle holding the member at ``pos`` (KeyError: not a written position)."""
+        if pos >= self._written_end:
+            raise KeyError(pos)
+        marker = None
+        if pos >= self._rc_lo:
+            chunk = self._cache_chunk(pos)
+            if chunk is not None:
+                off = pos - chunk[0]
+                marker = chunk[2][off : off + MEMBER.size]
+        if marker is None:
+            seg = self._log.find(pos)
+            if pos >= seg.base + seg.size:
+                raise KeyError(pos)
+            marker = os.pread(seg.fd, MEMBER.size, pos - seg.base)
+        if len(marker) < MEMBER.size or marker[:4] != b"\0\0\0\0":
+            raise CorruptRecordError(f"position {pos} is not a bundle member")
+        return self._bundle_at(pos, marker)
+
+    def _bundle_at(self, pos: int, marker: bytes) -> Record:
+        back = MEMBER.unpack_from(marker)[2]
+        bpos = pos - back
+        if back <= 0 or bpos < 0:
+            raise CorruptRecordError(f"position {pos} is not a record start")
+        bundles = self._bundles
+        bundle = bundles.get(bpos)
+        if bundle is None:
+            bundle = self.read(bpos)
+            if len(bundles) >= _BUNDLES_MAX:
+                bundles.clear()
+            bundles[bpos] = bundle
+        return bundle
 
     def iter_log(self, from_pos: int = 0) -> Iterator[Record]:
         """Written records from ``from_pos`` (a record start, or before the first segment) in order."""
@@ -863,8 +1000,22 @@ class MessageStore:
         chunk = None
         c_lo = c_hi = -1
         i = 0
+        bundle = None  # the bundle of the previous member entry: the next one is mostly there too
+        b_lo = b_hi = -1
         while i < n:
             pos, size = ents[i][0], ents[i][1]
+            if size & MEMBER_BIT:
+                if not b_lo < pos < b_hi:
+                    try:
+                        bundle = self._bundle_of(pos)
+                    except KeyError:
+                        i += 1  # deleted by retention
+                        continue
+                    b_lo = bundle.pos
+                    b_hi = b_lo + bundle.size
+                out.append((first + i, member_record(bundle, pos)))  # type: ignore[arg-type]
+                i += 1
+                continue
             if pos >= rc_lo:
                 if not c_lo <= pos < c_hi:
                     chunk = self._cache_chunk(pos)
@@ -885,7 +1036,7 @@ class MessageStore:
             j = i + 1
             while j < n:
                 p2, s2 = ents[j][0], ents[j][1]
-                if p2 < end or p2 + s2 > seg_end or p2 >= rc_lo:
+                if p2 < end or p2 + s2 > seg_end or p2 >= rc_lo or s2 & MEMBER_BIT:
                     break
                 e2 = p2 + s2
                 if e2 - pos > SPAN_MAX or (e2 - pos) > 4 * (used + s2) + 65536:
@@ -895,7 +1046,7 @@ class MessageStore:
                 j += 1
             if j - i == 1 or end > seg_end:
                 try:
-                    out.append((first + i, lg.read(pos)))
+                    out.append((first + i, self.read(pos)))  # (a record, or a member a reference points at)
                 except KeyError:
                     pass
                 i += 1
@@ -907,6 +1058,9 @@ class MessageStore:
             for t in range(i, j):
                 p2 = ents[t][0]
                 off = p2 - pos
+                if buf[off : off + 4] == b"\0\0\0\0":  # a reference to a bundle member
+                    out.append((first + t, self.read(p2)))
+                    continue
                 out.append(
                     (first + t, read_checked(buf, off, nb - off, seg_size - rel - off, p2, seg_end, next_base))
                 )
@@ -964,9 +1118,11 @@ class MessageStore:
         """Decode the record at ``pos`` from ``chunk`` (bytes this process wrote: no CRC check)."""
         lo, _hi, data, starts, base, seg_end, next_base = chunk
         j = bisect.bisect_left(starts, pos)
-        if j == len(starts) or starts[j] != pos:
-            raise CorruptRecordError(f"position {pos} is not a record start")
         off = pos - lo
+        if j == len(starts) or starts[j] != pos:
+            if data[off : off + 4] == b"\0\0\0\0":
+                return self._member(pos, data[off : off + MEMBER.size])
+            raise CorruptRecordError(f"position {pos} is not a record start")
         return read_checked(data, off, len(data) - off, self.segment_size - (pos - base), pos, seg_end, next_base, False)
 
     def _cache_read(self, pos: int) -> Record | None:
@@ -1016,6 +1172,7 @@ class MessageStore:
                     os.unlink(seg.path)
                 fsync_dir(lg.dir)
                 self._cache_drop_below(first)
+                self._bundles.clear()
                 deleted = len(doomed)
                 for q in self._queues.values():
                     start = q.start

@@ -14,7 +14,7 @@ from storage import IndexTarget, MessageStore, Metadata, NewRecord
 
 CHILD = r"""
 import asyncio, sys, zlib
-from storage import MessageStore, NewRecord, IndexTarget
+from storage import BundleTarget, MessageStore, NewBundle, NewRecord, IndexTarget
 
 async def main():
     base = int(sys.argv[2])
@@ -23,9 +23,16 @@ async def main():
     async def worker(w):
         i = w
         while True:
-            body = (b"%d:" % (base + i)) * (1 + i % 40)
-            await store.append_one(NewRecord(1, {"n": base + i}, body, IndexTarget("k", w % 3)))
-            out.write(f"{base + i}\n")
+            if w == 7:  # a bundle of three messages
+                ns = [base + i, base + 60000 + i, base + 80000 + i]
+                bodies = [(b"%d:" % n) * (1 + i % 40) for n in ns]
+                await store.append_batch([NewBundle(1, [{"n": n} for n in ns], bodies, BundleTarget("k", w % 3, [0] * 3))])
+            else:
+                ns = [base + i]
+                body = (b"%d:" % (base + i)) * (1 + i % 40)
+                await store.append_one(NewRecord(1, {"n": base + i}, body, IndexTarget("k", w % 3)))
+            for n in ns:
+                out.write(f"{n}\n")
             out.flush()
             i += 8
     await asyncio.gather(*(worker(w) for w in range(8)))

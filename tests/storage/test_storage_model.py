@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from storage import IndexTarget, MessageStore, NewRecord
+from storage import BundleTarget, IndexTarget, MessageStore, NewBundle, NewRecord
 
 SEG = 4096
 QUEUES = [("a", 0), ("a", 1), ("b", 0)]
@@ -22,6 +22,27 @@ new_records = st.builds(
     st.binary(max_size=900),
     st.none() | st.integers(0, len(QUEUES) - 1),
 )
+
+new_bundles = st.builds(
+    lambda rtype, q, items: NewBundle(
+        rtype, [{"m": n} for n, _ in items], [b for _, b in items], BundleTarget(*QUEUES[q], [n for n, _ in items])
+    ),
+    st.integers(0, 255),
+    st.integers(0, len(QUEUES) - 1),
+    st.lists(st.tuples(st.integers(0, 2**31), st.binary(max_size=300)), min_size=1, max_size=8),
+)
+
+
+def _messages(items):
+    """A bundle's members as the records they read back as."""
+    out = []
+    for r in items:
+        if isinstance(r, NewBundle):
+            out += [NewRecord(r.rtype, h, b, IndexTarget(*r.index[:2], tag_hash=t))
+                    for h, b, t in zip(r.headers, r.bodies, r.index.tag_hashes, strict=True)]
+        else:
+            out.append(r)
+    return out
 
 
 class StoreModel(RuleBasedStateMachine):
@@ -52,10 +73,10 @@ class StoreModel(RuleBasedStateMachine):
         s = self.run(self.store.append_one(r))
         self._remember([r], [s])
 
-    @rule(rs=st.lists(new_records, max_size=12))
+    @rule(rs=st.lists(new_records | new_bundles, max_size=12))
     def append_batch(self, rs) -> None:
         stored = self.run(self.store.append_batch(rs))
-        self._remember(rs, stored)
+        self._remember(_messages(rs), stored)
 
     @precondition(lambda self: self.order)
     @rule(data=st.data(), q=st.integers(0, len(QUEUES) - 1))
