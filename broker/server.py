@@ -429,6 +429,9 @@ class Broker:
         limit = self.config.max_message_size
         for m in msgs:
             body, tags, keys, props, born = m
+            if (type(body) is bytes and len(body) <= limit and (tags is None or type(tags) is str)
+                    and type(keys) is list and not keys and type(props) is dict and not props and type(born) is int):
+                continue  # the common case, checked at once
             if type(body) is not bytes:
                 raise BadRequestError("body must be bytes")
             if len(body) > limit:
@@ -458,14 +461,14 @@ class Broker:
         first = self._send_count
         self._send_count = first + len(msgs)
         rr = self._rr[topic]
-        if not half and len(msgs) >= _BUNDLE_MIN and sum(len(m[0]) for m in msgs) <= _BUNDLE_BYTES:
+        if not half and len(msgs) >= _BUNDLE_MIN and sum(map(len, bodies := [m[0] for m in msgs])) <= _BUNDLE_BYTES:
             # one record for the lot, in one queue (as a RocketMQ batch): one encoding, one CRC
             qid = rr % nq
             self._rr[topic] = rr + 1
             records.append(NewBundle(
                 RT_MSG,
                 [[topic, tags, keys, props, born, epoch] for _b, tags, keys, props, born in msgs],
-                [m[0] for m in msgs],
+                bodies,
                 BundleTarget(topic, qid, [tag_hash(m[1]) if m[1] else 0 for m in msgs]),
             ))
             self._send_entries.append((conn, rid, half, topic, first, [qid] * len(msgs), msgs))

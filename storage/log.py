@@ -28,13 +28,13 @@ Record framing (little endian)::
 A *bundle* (flags bit 1) stores many messages of one queue in one record (``send_batch``:
 one record, one CRC, one header encoding for the lot). Its index target's ``ref_size``
 field holds the member count and ``queue_offset`` the first member's offset; its header is
-``[member headers, member tag hashes]`` and its body is, per member::
+``[member headers, member tag hashes]`` and its body is a table of one marker per member,
+then the members' bodies one after another::
 
     u32 0           (a record's length is never 0: this marks a member, not a record)
-    u32 k           member number
-    u32 back        member position - bundle position
+    u32 body_off    where the member's body starts, from the start of the record
+    u32 back        member position - bundle position (the marker's own offset)
     u32 body_len
-    body
 
 A member's *position* is the global position of its marker, so every member has a
 distinct position inside its bundle, in log order: ids, references and retention treat
@@ -90,7 +90,7 @@ FRAME = struct.Struct("<IIBBQI")  # PREFIX + TAIL in one unpack
 FIXED = PREFIX.size + TAIL.size  # 22
 FLAG_INDEX = 1
 FLAG_BUNDLE = 2
-MEMBER = struct.Struct("<IIII")  # 0, member number, position - bundle position, body length
+MEMBER = struct.Struct("<IIII")  # 0, body offset in the record, position - bundle position, body length
 #: Set in a queue-index entry's size field when the entry points at a bundle member.
 MEMBER_BIT = 1 << 31
 NAME_DIGITS = 20
@@ -105,6 +105,7 @@ _prefix_pack = PREFIX.pack
 _tail_pack = TAIL.pack
 _frame_unpack = FRAME.unpack_from
 _idx_unpack = IDX.unpack_from
+_member_unpack = MEMBER.unpack_from
 _unpackb = msgpack.unpackb
 _new = object.__new__
 _r_pos = Record.pos.__set__  # type: ignore[attr-defined]
@@ -260,41 +261,34 @@ def _bundle_parts(bundle: Record) -> tuple[list, list, bytes]:
 def member_record(bundle: Record, pos: int) -> Record:
     """The member at ``pos`` of the decoded ``bundle`` (CorruptRecordError if there is none)."""
     headers, _tags, body = _bundle_parts(bundle)
+    n = len(headers)
+    table = bundle.size - len(body)  # offset of the marker table in the record
     back = pos - bundle.pos
-    boff = back - (bundle.size - len(body))
-    if boff < 0 or boff + MEMBER.size > len(body):
+    t = back - table
+    if t < 0 or t & 15 or t >= n << 4:
         raise CorruptRecordError(f"position {pos} is not a member of the bundle at {bundle.pos}")
-    zero, k, b, blen = MEMBER.unpack_from(body, boff)
-    end = boff + MEMBER.size + blen
-    if zero or b != back or k >= len(headers) or end > len(body):
+    zero, boff, b, blen = _member_unpack(body, t)
+    start = boff - table
+    if zero or b != back or start < n << 4 or start + blen > len(body):
         raise CorruptRecordError(f"position {pos} is not a member of the bundle at {bundle.pos}")
-    npos = pos + MEMBER.size + blen if end < len(body) else bundle.next_pos
+    k = t >> 4
     return make_record(pos, MEMBER.size + blen, bundle.rtype, bundle.store_time, headers[k],
-                       body[boff + MEMBER.size : end], npos)
+                       body[start : start + blen], pos + MEMBER.size if k + 1 < n else bundle.next_pos)
 
 
 def bundle_members(bundle: Record) -> Iterator[Record]:
     """Every member of the decoded ``bundle``, in order."""
-    headers, _tags, body = _bundle_parts(bundle)
-    base = bundle.pos + bundle.size - len(body)
-    boff = 0
-    for _ in range(len(headers)):
-        yield member_record(bundle, base + boff)
-        boff += MEMBER.size + MEMBER.unpack_from(body, boff)[3]
+    first = bundle.pos + bundle.size - len(bundle.body)
+    for k in range(len(_bundle_parts(bundle)[0])):
+        yield member_record(bundle, first + (k << 4))
 
 
 def bundle_entries(bundle: Record) -> list[tuple[int, int, int]]:
     """``(member position, size field of its index entry, tag hash)`` of each member (recovery)."""
-    headers, tags, body = _bundle_parts(bundle)
-    base = bundle.pos + bundle.size - len(body)
+    tags = _bundle_parts(bundle)[1]
     out = []
-    boff = 0
-    for k in range(len(headers)):
-        zero, kk, back, blen = MEMBER.unpack_from(body, boff)
-        if zero or kk != k or back != base - bundle.pos + boff:
-            raise CorruptRecordError(f"bad member {k} in the bundle at {bundle.pos}")
-        out.append((base + boff, (MEMBER.size + blen) | MEMBER_BIT, tags[k] if k < len(tags) else 0))
-        boff += MEMBER.size + blen
+    for k, m in enumerate(bundle_members(bundle)):
+        out.append((m.pos, m.size | MEMBER_BIT, tags[k] if k < len(tags) else 0))
     return out
 
 

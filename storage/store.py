@@ -58,9 +58,13 @@ import json
 import logging
 import math
 import os
+import struct
 import time
 import zlib
 from collections.abc import Callable, Generator, Iterator, Sequence
+from functools import lru_cache
+from itertools import accumulate, chain, repeat
+from operator import add, or_
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +129,12 @@ _crc32 = zlib.crc32
 _make_stored = tuple.__new__  # Stored(...) without the named tuple's Python-level __new__
 _TARGETS_MAX = 4096  # cached index targets before the cache starts over
 _BUNDLES_MAX = 64  # decoded bundles kept for reads of their members
+
+
+@lru_cache(maxsize=256)
+def _n_structs(n: int) -> tuple[Callable[..., bytes], Callable[..., bytes]]:
+    """``pack`` of ``n`` member markers and of ``n`` index entries, each in one call."""
+    return struct.Struct("<" + "IIII" * n).pack, struct.Struct("<" + "QIIQ" * n).pack
 
 
 class StoreClosedError(RuntimeError):
@@ -578,7 +588,10 @@ class MessageStore:
         qoff = q.next_offset + nl
         hdr = self._packb([headers, tags])
         head = _tail_idx_pack(rtype, FLAG_INDEX | FLAG_BUNDLE, now, len(hdr), t[6], 0, -1, n, qoff, t[7]) + t[2] + hdr
-        size = 8 + len(head) + MEMBER.size * n + sum(map(len, bodies))
+        lens = list(map(len, bodies))
+        table = 8 + len(head)  # the marker table, then the bodies (see storage.log)
+        first_body = table + (n << 4)
+        size = first_body + sum(lens)
         seg_size = self.segment_size
         if size > seg_size:
             raise ValueError(f"bundle of {size} bytes exceeds segment size {seg_size}")
@@ -586,32 +599,31 @@ class MessageStore:
             pos = limit
             limit += seg_size
             buf = None
+        # everything per member below runs in C (map/zip/struct over whole lists)
+        offs = list(accumulate(lens, initial=first_body))
+        offs.pop()
+        structs = _n_structs(n)
+        try:
+            backs = range(table, first_body, 16)
+            markers = structs[0](*chain.from_iterable(zip(repeat(0, n), offs, backs, lens, strict=True)))
+            sizes = list(map(add, lens, repeat(MEMBER.size, n)))
+            vps = range(pos + table, pos + first_body, 16)
+            e_sizes = map(or_, sizes, repeat(MEMBER_BIT, n))
+            e = structs[1](*chain.from_iterable(zip(vps, e_sizes, tags, repeat(now, n), strict=True)))
+        except struct.error as exc:
+            raise ValueError(f"bad bundle: {exc} (tag hashes are 0 .. 2**32-1)") from None
         if buf is None:
             buf = bytearray()
             starts = []
             self._batch.groups.append([pos, buf, starts])
-        member_pack = _member_pack
-        entry_pack = _entry_pack
-        make_stored = _make_stored
-        add = out.append
-        parts = []
-        ents = []
-        back = 8 + len(head)
-        for k in range(n):
-            b = bodies[k]
-            msize = MEMBER.size + len(b)
-            parts.append(member_pack(0, k, back, len(b)))
-            parts.append(b)
-            vp = pos + back
-            ents.append(entry_pack(vp, msize | MEMBER_BIT, tags[k] & 0xFFFFFFFF, now))
-            add(make_stored(Stored, (vp, msize, now, qoff + k)))
-            back += msize
+        parts = [markers]
+        parts += bodies
         data = b"".join(parts)
         buf += _prefix_pack(size, _crc32(data, _crc32(head)))
         buf += head
         buf += data
         starts.append(pos)  # type: ignore[union-attr]
-        e = b"".join(ents)
+        out += map(_make_stored, repeat(Stored, n), zip(vps, sizes, repeat(now, n), range(qoff, qoff + n), strict=True))
         qentries = self._batch.qentries
         ent = qentries.get(q)
         if ent is None:
