@@ -142,3 +142,28 @@ async def test_bad_bundles_are_refused_and_leave_nothing(tmp_path):
                 s.append([ok, bad])
         assert s.queue_end("t", 0) == 0
         assert (await s.append_batch([ok]))[0].queue_offset == 0
+
+
+async def test_retention_deletes_whole_bundles_and_moves_queue_start(tmp_path):
+    rng = random.Random(9)
+    now = [1_000_000.0]
+    async with MessageStore.open(tmp_path, segment_size=SEG, retention=60, clock=lambda: now[0]) as s:
+        stored, items = [], []
+        for k in range(40):
+            items.append(_bundle(rng, 0, 6, k))
+            stored += await s.append_batch(items[-1:])
+        rows = _expand(items, stored)
+        assert len(os.listdir(tmp_path / "log")) >= 4
+        now[0] += 61
+        g = len(stored) // 2  # a member in the middle of the log
+        guard = stored[g]
+        s.set_retention_guard(lambda: guard.pos)
+        assert await s.run_retention() > 0
+        assert (s.read(guard.pos).header, s.read(guard.pos).body) == rows[g][2:4]  # still readable
+        survivors = [st for st in stored if st.pos >= s.start_pos]
+        assert guard in survivors and len(survivors) < len(stored)
+        with pytest.raises(KeyError):
+            s.read(stored[0].pos)
+        assert s.queue_start("t", 0) == survivors[0].queue_offset
+        got = s.read_queue_records("t", 0, 0, 1000)
+        assert [(o, r.pos) for o, r in got] == [(st.queue_offset, st.pos) for st in survivors]
