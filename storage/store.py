@@ -128,7 +128,8 @@ _IDX_FIXED = FIXED + IDX.size
 _crc32 = zlib.crc32
 _make_stored = tuple.__new__  # Stored(...) without the named tuple's Python-level __new__
 _TARGETS_MAX = 4096  # cached index targets before the cache starts over
-_BUNDLES_MAX = 64  # decoded bundles kept for reads of their members
+_BUNDLES_MAX = 64  # decoded bundles kept for reads of their members ...
+_BUNDLES_BYTES = 8 << 20  # ... and their total size at most
 
 
 @lru_cache(maxsize=256)
@@ -230,6 +231,7 @@ class MessageStore:
         self._targets: dict[IndexTarget, tuple] = {}
         self._packb = msgpack.Packer(use_bin_type=True).pack
         self._bundles: dict[int, Record] = {}  # recently decoded bundles by position
+        self._bundles_bytes = 0
 
     # ------------------------------------------------------------------ open / close
     @classmethod
@@ -970,8 +972,10 @@ class MessageStore:
         bundle = bundles.get(bpos)
         if bundle is None:
             bundle = self.read(bpos)
-            if len(bundles) >= _BUNDLES_MAX:
+            self._bundles_bytes += bundle.size
+            if len(bundles) >= _BUNDLES_MAX or self._bundles_bytes > _BUNDLES_BYTES:
                 bundles.clear()
+                self._bundles_bytes = bundle.size
             bundles[bpos] = bundle
         return bundle
 
@@ -1185,6 +1189,7 @@ class MessageStore:
                 fsync_dir(lg.dir)
                 self._cache_drop_below(first)
                 self._bundles.clear()
+                self._bundles_bytes = 0
                 deleted = len(doomed)
                 for q in self._queues.values():
                     start = q.start
