@@ -208,9 +208,9 @@ def build_app(broker: Broker) -> web.Application:
         h = rec.header
         wire = build_wire(rec, h[H_TOPIC], h[H_QUEUE] if len(h) > H_QUEUE else -1, -1, 0)
         body = _message_json(wire)
-        tx = broker.tx.get(msg_id)
-        if tx is not None:
-            body["transaction"] = {"state": tx.state.name, "checks": tx.checks}
+        tx_state = broker.tx.state_of(msg_id)
+        if tx_state is not None:
+            body["transaction"] = {"state": tx_state.name, "checks": broker.tx.checks_of(msg_id)}
         body["groups"] = group_states(msg_id, rec)
         return web.json_response(body)
 

@@ -75,8 +75,14 @@ __all__ = ["Broker", "make_msg_id", "parse_msg_id", "HALF_TOPIC", "OP_TOPIC"]
 
 log = logging.getLogger("halfmq.broker")
 
-#: Seconds a resolved transaction stays listed in full (admin API) before only its state is kept.
+#: Seconds a resolved transaction stays in full before only its final state and check
+#: count are kept (enough for a repeated END_TX and the admin API) ...
 _RESOLVED_KEPT = 60.0
+#: ... and at most this many resolved transactions stay in full (listed by the admin API).
+#: Kept small: a long-lived object per transaction is what the garbage collector walks
+#: (measured at 20,000 transactions/s with everything kept 60 s: gen0 pauses of 10-21 ms
+#: and a 71 ms gen2 pause within 10 s; tx send->deliver p99 at half rate 23 -> 3.2 ms).
+_RESOLVED_LISTED = 1000
 
 HALF_TOPIC = "%HALF%"
 OP_TOPIC = "%OP%"
@@ -137,6 +143,7 @@ class Broker:
             tx_check_max=self.config.tx_check_max,
             # final states kept to answer a repeated END_TX: ~30 MB at most
             forgotten_capacity=200_000,
+            resolved_keep=_RESOLVED_LISTED,
         )
         self.connections: set[ClientConnection] = set()
         self.producers_by_id: dict[str, ClientConnection] = {}

@@ -40,15 +40,22 @@ Recovery (T7): on start the shell replays the log -- ``replay_prepared()`` for e
 record, ``replay_outcome()`` for every outcome record -- then calls ``after_replay(now)``
 so that half messages whose time has come are checked right away.
 
-Memory: resolved entries are kept whole until ``forget_resolved(before)`` drops them; after
-that only their final state is remembered (``{msg_id: TxState}``, the most recent
-``forgotten_capacity`` of them), which is enough to answer a repeated END_TX.
+Memory: resolved entries are kept whole until ``forget_resolved(before)`` drops them
+(ABANDONED ones stay whole: the admin API lists them); after that only their final state
+and check count are remembered (``{msg_id: TxState}``, the most recent
+``forgotten_capacity`` of them), which is enough to answer a repeated END_TX. Resolved
+entries wait in a queue in the order they were resolved, so forgetting costs O(1) per
+entry, never a scan of the table; with ``resolved_keep`` set, only the most recent
+``resolved_keep`` resolved entries are held whole: each resolution forgets the oldest
+beyond that, so the table never builds up (a long-lived object per transaction is work
+for the garbage collector, and a big batch to drop at once a pause on the event loop).
 """
 
 from __future__ import annotations
 
 import builtins
-from collections import Counter, OrderedDict
+import math
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -57,6 +64,7 @@ from protocol.errors import TransactionStateError
 
 __all__ = ["HalfMessage", "HalfMessageTable", "TxState"]
 
+_STATES = tuple(TxState)
 _OUTCOME_EVENTS = {TxState.COMMITTED: TxEvent.COMMIT, TxState.ROLLED_BACK: TxEvent.ROLLBACK}
 _FINAL_EVENTS = {**_OUTCOME_EVENTS, TxState.ABANDONED: TxEvent.ABANDON}
 
@@ -98,7 +106,7 @@ class HalfMessageTable:
     """
 
     def __init__(self, *, tx_timeout: float, tx_check_interval: float, tx_check_max: int,
-                 forgotten_capacity: int = 1_000_000) -> None:
+                 forgotten_capacity: int = 1_000_000, resolved_keep: int | None = None) -> None:
         if tx_timeout < 0:
             raise ValueError(f"tx_timeout must not be negative, got {tx_timeout}")
         if tx_check_interval <= 0:
@@ -113,7 +121,11 @@ class HalfMessageTable:
         self.forgotten_capacity = forgotten_capacity
         self._entries: dict[str, HalfMessage] = {}
         self._pending: dict[str, HalfMessage] = {}   # the PREPARED subset of _entries
-        self._forgotten: OrderedDict[str, TxState] = OrderedDict()
+        # forgotten: msg_id -> checks * 8 + index of the final state in _STATES (an int: no
+        # object per transaction for the garbage collector to walk)
+        self._forgotten: OrderedDict[str, int] = OrderedDict()
+        self._resolved: deque[HalfMessage] = deque()  # resolved entries held whole, in resolution order
+        self.resolved_keep = resolved_keep
         self._counts: Counter[TxState] = Counter()
 
     # ------------------------------------------------------------------ queries
@@ -134,7 +146,17 @@ class HalfMessageTable:
         entry = self._entries.get(msg_id)
         if entry is not None:
             return entry.state
-        return self._forgotten.get(msg_id)
+        code = self._forgotten.get(msg_id)
+        return None if code is None else _STATES[code & 7]
+
+    def checks_of(self, msg_id: str) -> int | None:
+        """Return how many check-backs reached a producer for ``msg_id`` (also for forgotten
+        ones), or None if unknown."""
+        entry = self._entries.get(msg_id)
+        if entry is not None:
+            return entry.checks
+        code = self._forgotten.get(msg_id)
+        return None if code is None else code >> 3
 
     def list(self, state: TxState | None = None) -> builtins.list[HalfMessage]:
         """Return the held half messages (all, or those in ``state``), oldest first."""
@@ -197,7 +219,7 @@ class HalfMessageTable:
         if event is None:
             raise ValueError(f"an outcome must be COMMITTED or ROLLED_BACK, not {outcome!r}")
         entry = self._entries.get(msg_id)
-        current = entry.state if entry is not None else self._forgotten.get(msg_id)
+        current = entry.state if entry is not None else self.state_of(msg_id)
         if current is None:
             raise TransactionStateError(f"unknown transaction {msg_id!r}: no such half message")
         if current is outcome:
@@ -278,13 +300,21 @@ class HalfMessageTable:
         Their final states stay answerable (``resolve``, ``state_of``, ``in``) as long as they
         are among the most recent ``forgotten_capacity`` forgotten ones.
         """
-        old = [e for e in self._entries.values()
-               if e.resolved_at is not None and e.resolved_at < before]
-        old.sort(key=lambda e: (e.resolved_at, e.pos))
-        for entry in old:
-            del self._entries[entry.msg_id]
-            self._remember(entry.msg_id, entry.state)
-        return len(old)
+        return self._forget(before, None)
+
+    def _forget(self, before: float, limit: int | None) -> int:
+        resolved = self._resolved
+        n = 0
+        while resolved and (limit is None or n < limit):
+            entry = resolved[0]
+            if entry.resolved_at is not None and entry.resolved_at >= before:
+                break
+            resolved.popleft()
+            if entry.state is not TxState.ABANDONED and self._entries.get(entry.msg_id) is entry:
+                del self._entries[entry.msg_id]
+                self._remember(entry.msg_id, entry.state, entry.checks)
+                n += 1
+        return n
 
     # ------------------------------------------------------------------ recovery
 
@@ -344,13 +374,18 @@ class HalfMessageTable:
         self._counts[state] += 1
         entry.state = state
         entry.resolved_at = now
+        self._resolved.append(entry)
+        keep = self.resolved_keep
+        if keep is not None:
+            while len(self._resolved) > keep:
+                self._forget(math.inf, 1)
 
-    def _remember(self, msg_id: str, state: TxState) -> None:
+    def _remember(self, msg_id: str, state: TxState, checks: int = 0) -> None:
         """Keep the final state of a forgotten transaction, evicting the oldest past capacity."""
-        self._forgotten[msg_id] = state
+        self._forgotten[msg_id] = checks << 3 | _STATES.index(state)
         while len(self._forgotten) > self.forgotten_capacity:
             _, evicted = self._forgotten.popitem(last=False)
-            self._counts[evicted] -= 1
+            self._counts[_STATES[evicted & 7]] -= 1
 
 
 def _age_key(entry: HalfMessage) -> tuple[float, int]:

@@ -301,6 +301,38 @@ def test_forgotten_outcomes_are_capped_oldest_first():
         t.resolve("m0", C, T0 + 200)
 
 
+def test_resolutions_forget_older_ones_as_they_go():
+    t = make(resolved_keep=6)
+    for i in range(100):
+        add(t, f"m{i}", pos=i)
+        if i == 10:  # an abandoned one stays whole (listed) however many follow
+            for _ in range(3):
+                t.check_reached("m10", T0 + 30)
+                t.check_unknown("m10", T0 + 30)
+            continue
+        t.resolve(f"m{i}", C if i % 2 else R, T0 + i)
+    # without any forget_resolved() call, only the last 6 resolved are held in full
+    assert len(t) == 7 and t.get("m10").state is A
+    assert t.get("m93") is None and t.get("m94").state is R and t.get("m99").state is C
+    assert [t.state_of(f"m{i}") for i in (0, 1, 50)] == [R, C, R]  # still answerable
+    assert t.resolve("m0", R, T0 + 200) == (R, False)
+    assert t.stats["COMMITTED"] + t.stats["ROLLED_BACK"] == 99 and t.stats["ABANDONED"] == 1
+    # an idle table forgets the rest when asked, abandoned ones excepted
+    assert t.forget_resolved(T0 + 1000) == 6 and len(t) == 1
+
+
+def test_forgotten_transactions_keep_their_check_count():
+    t = make()
+    add(t, "m")
+    t.check_reached("m", T0 + 7)
+    t.check_unknown("m", T0 + 7)
+    t.check_reached("m", T0 + 40)
+    t.resolve("m", C, T0 + 41)
+    assert t.forget_resolved(T0 + 100) == 1 and t.get("m") is None
+    assert (t.state_of("m"), t.checks_of("m")) == (C, 2)
+    assert t.checks_of("nope") is None
+
+
 def test_forgotten_capacity_zero_remembers_nothing():
     t = make(forgotten_capacity=0)
     add(t, "m1")
