@@ -3,7 +3,7 @@
 Every reachable system runs every scenario it supports, interleaved over rounds, through
 one harness (``benchmarks/harness.py``); the report goes to ``benchmarks/results/``
 (``latest.md``, ``latest.json``, ``latest.png``). ``python -m benchmarks.e2e`` is the
-halfmq-only end-to-end benchmark (issue A).
+halfmq-only end-to-end benchmark.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ message at a time (so at most ``window`` are unconfirmed), one 1 KiB body per me
 whose first 8 bytes are ``time.monotonic_ns()`` at publish (a system-wide clock on Linux,
 so a consumer in another process reads publish→receive latency off the body).
 
-Run standalone (``python -m benchmarks.e2e``) it is the halfmq end-to-end benchmark of
-issue A: publish, one-at-a-time latency, producers and consumers together, transactional
+Run standalone (``python -m benchmarks.e2e``) it is the halfmq end-to-end benchmark:
+publish, one-at-a-time latency, producers and consumers together, transactional
 sends beside normal ones, and the broker's RSS under a backlog with a slow consumer
 (``--backlog 1000000`` for the full-size run).
 """
@@ -226,7 +226,7 @@ def worker_main(argv: list[str]) -> int:
     return 0
 
 
-# -- issue A: the halfmq end-to-end benchmark -------------------------------------------
+# -- the halfmq end-to-end benchmark --------- -------------------------------------------
 
 
 def e2e_main(argv: list[str]) -> int:
@@ -253,7 +253,7 @@ def e2e_main(argv: list[str]) -> int:
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     flushes = ("sync", "async") if args.flush == "both" else (args.flush,)
-    return harness.run_e2e_issue(
+    return harness.run_e2e_steps(
         flushes=flushes, producers=args.producers, consumers=args.consumers, window=args.window,
         duration=args.duration, backlog=args.backlog, slow_delay=args.slow_consumer_delay,
         workdir=args.workdir, json_out=args.json, out_dir=args.out_dir)

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = [
-    "SCENARIOS", "SYSTEMS", "Settings", "make_server", "run_comparison", "run_e2e_issue",
+    "SCENARIOS", "SYSTEMS", "Settings", "make_server", "run_comparison", "run_e2e_steps",
     "percentile", "fsync_rate", "machine_info",
 ]
 
@@ -634,7 +634,7 @@ def goals(summary: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any
     ratio("publish ≥ 30% of echo ceiling", pub, limits.get("echo"), 0.30, unit="share")
     absolute("batch ≥ 200,000 msgs/s", _get(summary, hq, "batch", "rate"), 200_000, True, "msgs/s")
     ratio("tx ≥ 40% of halfmq e2e", _get(summary, hq, "tx", "rate"), e2e, 0.40, unit="share")
-    # issue A's absolute goals for this machine
+    # the absolute goals for halfmq alone on this machine
     absolute("publish ≥ 60,000 msgs/s", pub, 60_000, True, "msgs/s")
     absolute("e2e ≥ 30,000 msgs/s", e2e, 30_000, True, "msgs/s")
     absolute("latency p50 ≤ 0.35 ms", _get(summary, hq, "latency", "p50"), 0.35, False, "ms")
@@ -1006,7 +1006,7 @@ def run_comparison(systems: list[str], scenarios: list[str], s: Settings, *,
     return report, paths
 
 
-# -- issue A: the halfmq end-to-end benchmark -----------------------------------------
+# -- the halfmq end-to-end benchmark --------- -----------------------------------------
 
 
 async def _backlog_rss(flush: str, producers: int, window: int, backlog: int, slow_delay: float,
@@ -1058,7 +1058,7 @@ async def _backlog_rss(flush: str, producers: int, window: int, backlog: int, sl
             "produce_rate": sum(p["rate"] for p in flow["producers"])}
 
 
-async def _issue_a(flushes: tuple[str, ...], producers: int, consumers: int, window: int,
+async def _e2e_steps(flushes: tuple[str, ...], producers: int, consumers: int, window: int,
                    duration: float, backlog: int, slow_delay: float, workdir: str | None,
                    log: Any) -> dict[str, Any]:
     from benchmarks.systems.halfmq import Server
@@ -1123,7 +1123,7 @@ def _fmt_cpu(cpu: dict[str, float]) -> str:
     return "cpu " + " ".join(parts)
 
 
-def render_issue_a(out: dict[str, Any]) -> str:
+def render_e2e_steps(out: dict[str, Any]) -> str:
     m = out["machine"]
     lines = [f"halfmq end to end — {m['date']} — {m['nproc']} cores, disk {m['data_disk']}",
              f"{out['producers']} producer process(es) (window {out['window']}) → broker → "
@@ -1157,18 +1157,18 @@ def render_issue_a(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_e2e_issue(*, flushes: tuple[str, ...], producers: int, consumers: int, window: int,
+def run_e2e_steps(*, flushes: tuple[str, ...], producers: int, consumers: int, window: int,
                   duration: float, backlog: int, slow_delay: float, workdir: str | None,
                   json_out: str | None, out_dir: str | None = None) -> int:
-    """``python -m benchmarks.e2e``: run issue A's steps, print them and write
+    """``python -m benchmarks.e2e``: run the end-to-end steps, print them and write
     ``e2e-latest.txt``/``.json`` into ``out_dir`` (default ``benchmarks/results``)."""
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     _install_uvloop()
-    out = asyncio.run(_issue_a(flushes, producers, consumers, window, duration, backlog,
+    out = asyncio.run(_e2e_steps(flushes, producers, consumers, window, duration, backlog,
                                slow_delay, workdir, log))
-    text = render_issue_a(out)
+    text = render_e2e_steps(out)
     print(text)
     out_dir = out_dir or Settings().out_dir
     os.makedirs(out_dir, exist_ok=True)
