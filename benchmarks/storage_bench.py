@@ -43,6 +43,23 @@ def raw_fsync_rate(d: Path, seconds: float = 1.5) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def raw_write_bandwidth(d: Path, total: int = 512 << 20) -> float:
+    """Sustained sequential write of the same disk, bytes/s: ``total`` bytes in 1 MiB
+    writes, then one fdatasync (the ceiling of any append rate once the page cache is full)."""
+    path = d / "write-probe"
+    chunk = os.urandom(1 << 20)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(total >> 20):
+            os.write(fd, chunk)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return total / (time.perf_counter() - t0)
+
+
 def rec(i: int) -> NewRecord:
     return NewRecord(1, {"i": i}, BODY, IndexTarget("bench", i & 3))
 
@@ -159,6 +176,8 @@ async def main() -> None:
     try:
         fs = raw_fsync_rate(root)
         rows.append(("raw write(1 KiB)+fsync / s", fs, ""))
+        bw = raw_write_bandwidth(root)
+        rows.append(("raw sequential write, 1 KiB/s", bw / 1024, f"{bw / 2**20:,.0f} MiB/s: the ceiling of any sustained append rate"))
         k = 0
 
         def fresh() -> Path:

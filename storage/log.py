@@ -7,10 +7,10 @@ by the zero-padded (20 digits) global position of their first byte; segment ``k`
 ``[k * segment_size, (k + 1) * segment_size)``. A record never straddles a boundary: one
 that does not fit in the rest of a segment starts the next segment, and the previous file
 is cut at the end of its data. So a segment file's length is the end of its data, and the
-global end of the log is ``base + length`` of the last segment — except that the store
-zero-fills the active segment ahead of its appends (an fdatasync that does not grow the
-file is cheaper), so after a crash the last file may end in zeros; recovery finds the
-first record that does not check and cuts the file there.
+global end of the log is ``base + length`` of the last segment — except that with
+flush="sync" the store zero-fills the active segment ahead of its appends (an fdatasync
+that does not grow the file is cheaper), so after a crash the last file may end in zeros;
+recovery finds the first record that does not check and cuts the file there.
 
 Record framing (little endian)::
 
