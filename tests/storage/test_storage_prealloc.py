@@ -135,3 +135,16 @@ async def test_a_failed_zero_fill_only_stops_preallocation(tmp_path, monkeypatch
     async with MessageStore.open(tmp_path, segment_size=64 * 1024) as s:
         assert s.recovered_clean and s.end_pos == end
         assert [r.header["i"] for _, r in s.read_queue_records("t", 0, 0, 1000)] == list(range(200))
+
+
+async def test_zero_fill_stays_about_one_chunk_ahead(tmp_path):
+    # a big segment: a fill that ran away would zero all of it
+    async with MessageStore.open(tmp_path, segment_size=64 << 20, flush="sync") as s:
+        for i in range(300):
+            await s.append_one(NewRecord(1, {"i": i}, b"x" * 1000, IndexTarget("t", 0)))
+            if i % 50 == 0:
+                await wait_zero_filled(s)
+        await wait_zero_filled(s)
+        seg = s._log.segments[-1]
+        assert seg.size < seg.alloc <= seg.size + (1 << 20) + (1 << 19)
+        assert s._log.segments[-1].alloc == os.fstat(seg.fd).st_size
