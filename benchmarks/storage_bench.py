@@ -181,8 +181,12 @@ async def main() -> None:
         k = 0
 
         def fresh() -> Path:
+            """A new store directory, after the previous scenario's data left the page cache
+            for the disk (os.sync), so that no scenario pays for another's writeback."""
             nonlocal k
             k += 1
+            shutil.rmtree(root / f"s{k - 1}", ignore_errors=True)
+            os.sync()
             return root / f"s{k}"
 
         n_sync1 = max(50, min(args.count // 50, int(fs * 2)))
