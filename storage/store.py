@@ -647,9 +647,61 @@ class MessageStore:
 
     async def append_one(self, record: NewRecord) -> Stored:
         """Append one record and wait until it is durable (per the flush mode)."""
-        stored, fut = self.append((record,))
+        stored, fut = self._append1(record)
         await fut
-        return stored[0]
+        return stored
+
+    def _append1(self, record: NewRecord) -> tuple[Stored, asyncio.Future[None]]:
+        """:meth:`append` of one record, with less set-up (the same encoding and effects)."""
+        rtype, header, body, idx = record
+        if type(idx) is BundleTarget or self._closed or self._failed is not None:
+            stored, fut = self.append((record,))
+            return stored[0], fut
+        now = int(self._clock() * 1000)
+        hdr = self._packb(header)
+        if idx is None:
+            head = _tail_pack(rtype, 0, now, len(hdr)) + hdr
+            q = None
+            qoff = -1
+        else:
+            t = self._targets.get(idx)
+            if t is None:
+                t = self._target(idx)
+            q = t[1]
+            qoff = q.next_offset
+            head = _tail_idx_pack(rtype, FLAG_INDEX, now, len(hdr), t[6], t[3], t[4], t[5], qoff, t[7]) + t[2] + hdr
+        size = 8 + len(head) + len(body)
+        if size > self.segment_size:
+            raise ValueError(f"record of {size} bytes exceeds segment size {self.segment_size}")
+        batch = self._batch
+        groups = batch.groups
+        pos = self._next_pos
+        if pos + size > self._seg_limit:
+            pos = self._seg_limit
+            self._seg_limit += self.segment_size
+            groups.append([pos, bytearray(), []])
+        elif not groups:
+            groups.append([pos, bytearray(), []])
+        g = groups[-1]
+        buf = g[1]
+        buf += _prefix_pack(size, _crc32(body, _crc32(head)))
+        buf += head
+        buf += body
+        g[2].append(pos)
+        if q is not None:
+            e = _entry_pack(pos, size, t[3], now) if t[4] < 0 else _entry_pack(t[4], t[5], t[3], now)
+            ent = batch.qentries.get(q)
+            if ent is None:
+                batch.qentries[q] = [qoff, bytearray(e)]
+            else:
+                ent[1] += e
+            q.next_offset = qoff + 1
+        self._next_pos = pos + size
+        batch.count += 1
+        batch.newest_ms = now
+        batch.end = pos + size
+        futs = batch.futures
+        return _make_stored(Stored, (pos, size, now, qoff)), futs[0] if futs else self._batch_future(batch)
 
     async def append_batch(self, records: Sequence[NewRecord | NewBundle]) -> list[Stored]:
         """Append records (one write, one fsync) and wait until they are durable."""
