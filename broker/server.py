@@ -168,6 +168,7 @@ class Broker:
         self._send_records: list[NewRecord | NewBundle] = []
         self._send_entries: list[tuple] = []
         self._send_count = 0  # messages (Stored rows) in _send_records
+        self._bundle_bytes = _BUNDLE_BYTES
         self._sends_scheduled = False
         # pending half message -> (queue, tag hash, size of its record)
         self._half_meta: dict[str, tuple[int, int, int]] = {}
@@ -195,6 +196,8 @@ class Broker:
             flush_interval=cfg.flush_interval,
             retention=cfg.retention,
         )
+        # a bundle must fit in a segment (whose size may be small, or kept from an older store)
+        self._bundle_bytes = min(_BUNDLE_BYTES, self.store.segment_size // 4)
         try:
             await self._recover()
             self.store.set_retention_guard(self._retention_guard)
@@ -468,7 +471,7 @@ class Broker:
         first = self._send_count
         self._send_count = first + len(msgs)
         rr = self._rr[topic]
-        if not half and len(msgs) >= _BUNDLE_MIN and sum(map(len, bodies := [m[0] for m in msgs])) <= _BUNDLE_BYTES:
+        if not half and len(msgs) >= _BUNDLE_MIN and sum(map(len, bodies := [m[0] for m in msgs])) <= self._bundle_bytes:
             # one record for the lot, in one queue (as a RocketMQ batch): one encoding, one CRC
             qid = rr % nq
             self._rr[topic] = rr + 1

@@ -60,3 +60,19 @@ async def test_batch_members_are_retried_dead_lettered_looked_up_and_resent(brok
                 assert r.status == 200
         await wait_for(lambda: len(rec.messages) > n, what="the resent message")
     assert rec.messages[-1].msg_id == poison and rec.messages[-1].body == b"m7"
+
+
+async def test_a_batch_bigger_than_a_quarter_segment_is_stored_per_message(broker_factory):
+    b = broker_factory("--segment-size", "65536")
+    items = [bytes([i]) * 1024 for i in range(80)]  # 80 KiB: more than one segment
+    async with Producer(b.address) as p:
+        before = await _stats(b)
+        results = await p.send_batch("big", items)
+        after = await _stats(b)
+    assert after["store"]["bundles"] == before["store"]["bundles"]
+    assert after["store"]["records"] - before["store"]["records"] == 80
+    rec = Recorder()
+    async with PushConsumer(b.address, group="g", topic="big", listener=rec):
+        await wait_for(lambda: len(rec.messages) == 80, what="80 deliveries")
+    got = {m.msg_id: m.body for m in rec.messages}
+    assert [got[r.msg_id] for r in results] == items
