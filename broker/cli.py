@@ -56,6 +56,9 @@ def broker_main(argv: list[str]) -> int:
         except DataDirLockedError as exc:
             print(f"halfmq broker: {exc}", file=sys.stderr)
             return 1
+        except ConfigError as exc:
+            print(f"halfmq broker: {exc}", file=sys.stderr)
+            return 2
         except OSError as exc:
             print(f"halfmq broker: cannot start: {exc}", file=sys.stderr)
             return 1

@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from broker.config import BrokerConfig
+from broker.config import BrokerConfig, ConfigError
 from broker.connection import ClientConnection
 from broker.delivery import (
     H_EPOCH,
@@ -91,11 +91,12 @@ _CODE_OUTCOMES = {v: k for k, v in _OUTCOME_CODES.items()}
 _REPLY_STATES = {TxState.COMMITTED: "COMMITTED", TxState.ROLLED_BACK: "ROLLED_BACK", TxState.ABANDONED: "ABANDONED"}
 
 
-#: A SEND of at least _BUNDLE_MIN plain messages (a send_batch, a big micro-batch) with up
-#: to _BUNDLE_BYTES of bodies in all is stored as one bundle record (see storage.log), in
+#: A SEND of _BUNDLE_MIN to _BUNDLE_MAX plain messages (a send_batch, a big micro-batch) with
+#: up to _BUNDLE_BYTES of bodies in all is stored as one bundle record (see storage.log), in
 #: one queue; otherwise one record per message, round robin over the queues. (Measured:
 #: for a few messages per SEND, bundling gains nothing.)
 _BUNDLE_MIN = 16
+_BUNDLE_MAX = 1000
 _BUNDLE_BYTES = 1 << 20
 
 
@@ -196,8 +197,26 @@ class Broker:
             flush_interval=cfg.flush_interval,
             retention=cfg.retention,
         )
-        # a bundle must fit in a segment (whose size may be small, or kept from an older store)
-        self._bundle_bytes = min(_BUNDLE_BYTES, self.store.segment_size // 4)
+        # one record of the largest message must fit in a segment (whose size may also have
+        # been kept from an older store): refuse to start rather than fail sends later
+        seg = self.store.segment_size
+        need = cfg.max_message_size + FRAME_OVERHEAD + 4096
+        if seg < need:
+            await self.store.close()
+            self.store = None
+            raise ConfigError(
+                f"--segment-size {seg} (of the store in {self.data_dir}) cannot hold a message of "
+                f"--max-message-size {cfg.max_message_size}: segments need at least {need} bytes; "
+                "raise --segment-size (new stores only) or lower --max-message-size")
+        # a bundle must fit in a segment too: it holds at most one SEND frame's messages
+        # plus per-member framing (bounded by _BUNDLE_MAX members), so bundles are only
+        # made when a segment has room for two whole frames and that framing
+        if seg >= 2 * (cfg.max_message_size + FRAME_OVERHEAD) + (256 << 10):
+            self._bundle_bytes = _BUNDLE_BYTES
+        else:
+            self._bundle_bytes = -1
+            log.info("segments of %d bytes are too small to store send_batch messages as one "
+                     "record: one record per message", seg)
         try:
             await self._recover()
             self.store.set_retention_guard(self._retention_guard)
@@ -471,7 +490,8 @@ class Broker:
         first = self._send_count
         self._send_count = first + len(msgs)
         rr = self._rr[topic]
-        if not half and len(msgs) >= _BUNDLE_MIN and sum(map(len, bodies := [m[0] for m in msgs])) <= self._bundle_bytes:
+        if (not half and _BUNDLE_MIN <= len(msgs) <= _BUNDLE_MAX
+                and sum(map(len, bodies := [m[0] for m in msgs])) <= self._bundle_bytes):
             # one record for the lot, in one queue (as a RocketMQ batch): one encoding, one CRC
             qid = rr % nq
             self._rr[topic] = rr + 1

@@ -135,6 +135,17 @@ def test_bad_option_value_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "tx_timeout" in r.stderr and "soon" in r.stderr
 
 
+def test_segments_too_small_for_the_largest_message_are_refused_at_start(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "broker", "--segment-size", "128KiB", "--data-dir", str(tmp_path),
+                        "--port", "0", "--http-port", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "ready" not in r.stdout
+    assert "--segment-size 131072" in r.stderr and "--max-message-size 4194304" in r.stderr
+    # the data directory is not left locked; the store keeps its segment size, and a
+    # smaller largest message fits it
+    assert _ready_data_dir(["--data-dir", str(tmp_path), "--max-message-size", "32KiB"], {}, ROOT)
+
+
 async def test_malformed_frames_close_only_that_connection(broker):
     good = await RawClient.connect(broker.address)
     for garbage in [b"\x00\x00\x00\x03\xc1\xc1\xc1", (1 << 30).to_bytes(4, "big"), b"\x00\x00\x00\x02\x92\x01"]:

@@ -62,17 +62,18 @@ async def test_batch_members_are_retried_dead_lettered_looked_up_and_resent(brok
     assert rec.messages[-1].msg_id == poison and rec.messages[-1].body == b"m7"
 
 
-async def test_a_batch_bigger_than_a_quarter_segment_is_stored_per_message(broker_factory):
-    b = broker_factory("--segment-size", "65536")
-    items = [bytes([i]) * 1024 for i in range(80)]  # 80 KiB: more than one segment
+async def test_with_small_segments_a_batch_is_stored_one_record_per_message(broker_factory):
+    # 256 KiB segments hold one 16 KiB message with its frame overhead, not two whole frames
+    b = broker_factory("--segment-size", "256KiB", "--max-message-size", "16KiB")
+    items = [bytes([i]) * 512 for i in range(30)]
     async with Producer(b.address) as p:
         before = await _stats(b)
-        results = await p.send_batch("big", items)
+        results = await p.send_batch("small", items)
         after = await _stats(b)
     assert after["store"]["bundles"] == before["store"]["bundles"]
-    assert after["store"]["records"] - before["store"]["records"] == 80
+    assert after["store"]["records"] - before["store"]["records"] == 30
     rec = Recorder()
-    async with PushConsumer(b.address, group="g", topic="big", listener=rec):
-        await wait_for(lambda: len(rec.messages) == 80, what="80 deliveries")
+    async with PushConsumer(b.address, group="g", topic="small", listener=rec):
+        await wait_for(lambda: len(rec.messages) == 30, what="30 deliveries")
     got = {m.msg_id: m.body for m in rec.messages}
     assert [got[r.msg_id] for r in results] == items
