@@ -494,35 +494,36 @@ class Broker:
                 and sum(map(len, bodies := [m[0] for m in msgs])) <= self._bundle_bytes):
             # one record for the lot, in one queue (as a RocketMQ batch): one encoding, one CRC
             qid = rr % nq
-            self._rr[topic] = rr + 1
+            rr += 1
             records.append(NewBundle(
                 RT_MSG,
                 [[topic, tags, keys, props, born, epoch] for _b, tags, keys, props, born in msgs],
                 bodies,
-                BundleTarget(topic, qid, [tag_hash(m[1]) if m[1] else 0 for m in msgs]),
+                BundleTarget(topic, qid, [tag_hash(m[1]) for m in msgs]),
             ))
-            self._send_entries.append((conn, rid, half, topic, first, [qid] * len(msgs), msgs))
-            if not self._sends_scheduled:
-                self._sends_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush_sends)
-            return
-        qids = []
-        for body, tags, keys, props, born in msgs:
-            qid = rr % nq
-            rr += 1
-            if half:
-                header = [topic, tags, keys, props, born, epoch, conn.group, conn.client_id, qid]
-                records.append(NewRecord(RT_HALF, header, body, IndexTarget(HALF_TOPIC, 0)))
-            else:
-                header = [topic, tags, keys, props, born, epoch]
-                th = tag_hash(tags) if tags else 0
-                target = targets.get((topic, qid, th))
-                if target is None:
-                    target = targets[(topic, qid, th)] = IndexTarget(topic, qid, th)
-                records.append(NewRecord(RT_MSG, header, body, target))
-            qids.append(qid)
+            qids = [qid] * len(msgs)
+        else:
+            qids = []
+            for body, tags, keys, props, born in msgs:
+                qid = rr % nq
+                rr += 1
+                if half:
+                    header = [topic, tags, keys, props, born, epoch, conn.group, conn.client_id, qid]
+                    records.append(NewRecord(RT_HALF, header, body, IndexTarget(HALF_TOPIC, 0)))
+                else:
+                    header = [topic, tags, keys, props, born, epoch]
+                    th = tag_hash(tags) if tags else 0
+                    target = targets.get((topic, qid, th))
+                    if target is None:
+                        target = targets[(topic, qid, th)] = IndexTarget(topic, qid, th)
+                    records.append(NewRecord(RT_MSG, header, body, target))
+                qids.append(qid)
         self._rr[topic] = rr
         self._send_entries.append((conn, rid, half, topic, first, qids, msgs))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Have ``_flush_sends`` run once, at the end of this loop iteration."""
         if not self._sends_scheduled:
             self._sends_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_sends)
@@ -690,9 +691,7 @@ class Broker:
         self._send_count += len(records)
         if reply_to is not False:  # False: another outcome of the same request replies
             self._send_entries.append((None, reply_to or fut, False, "", 0, (), ()))
-        if not self._sends_scheduled:
-            self._sends_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_sends)
+        self._schedule_flush()
         return fut
 
     async def _tx_check_loop(self) -> None:

@@ -42,7 +42,7 @@ so that half messages whose time has come are checked right away.
 
 Memory: resolved entries are kept whole until ``forget_resolved(before)`` drops them
 (ABANDONED ones stay whole: the admin API lists them); after that only their final state
-and check count are remembered (``{msg_id: TxState}``, the most recent
+and check count are remembered (one int per ``msg_id``, the most recent
 ``forgotten_capacity`` of them), which is enough to answer a repeated END_TX. Resolved
 entries wait in a queue in the order they were resolved, so forgetting costs O(1) per
 entry, never a scan of the table; with ``resolved_keep`` set, only the most recent
@@ -300,12 +300,14 @@ class HalfMessageTable:
         Their final states stay answerable (``resolve``, ``state_of``, ``in``) as long as they
         are among the most recent ``forgotten_capacity`` forgotten ones.
         """
-        return self._forget(before, None)
+        return self._forget(before)
 
-    def _forget(self, before: float, limit: int | None) -> int:
+    def _forget(self, before: float, keep: int = 0) -> int:
+        """Forget resolved entries, oldest first, resolved before ``before`` and beyond the
+        ``keep`` most recent; return how many."""
         resolved = self._resolved
         n = 0
-        while resolved and (limit is None or n < limit):
+        while len(resolved) > keep:
             entry = resolved[0]
             if entry.resolved_at is not None and entry.resolved_at >= before:
                 break
@@ -375,10 +377,8 @@ class HalfMessageTable:
         entry.state = state
         entry.resolved_at = now
         self._resolved.append(entry)
-        keep = self.resolved_keep
-        if keep is not None:
-            while len(self._resolved) > keep:
-                self._forget(math.inf, 1)
+        if self.resolved_keep is not None:
+            self._forget(math.inf, self.resolved_keep)
 
     def _remember(self, msg_id: str, state: TxState, checks: int = 0) -> None:
         """Keep the final state of a forgotten transaction, evicting the oldest past capacity."""

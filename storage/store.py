@@ -72,10 +72,8 @@ import msgpack
 
 from .lock import DataDirLock
 from .log import (
-    FIXED,
     FLAG_BUNDLE,
     FLAG_INDEX,
-    IDX,
     MEMBER,
     MEMBER_BIT,
     PREFIX,
@@ -123,11 +121,9 @@ RETENTION_INTERVAL = 60.0
 CACHE_BYTES = 32 << 20
 SPAN_MAX = 1 << 22  # read_queue_records: largest single pread covering several entries
 _entry_pack = ENTRY.pack
-_member_pack = MEMBER.pack
 _prefix_pack = PREFIX.pack
 _tail_pack = TAIL.pack
 _tail_idx_pack = TAIL_IDX.pack
-_IDX_FIXED = FIXED + IDX.size
 _crc32 = zlib.crc32
 _make_stored = tuple.__new__  # Stored(...) without the named tuple's Python-level __new__
 _TARGETS_MAX = 4096  # cached index targets before the cache starts over
@@ -647,61 +643,9 @@ class MessageStore:
 
     async def append_one(self, record: NewRecord) -> Stored:
         """Append one record and wait until it is durable (per the flush mode)."""
-        stored, fut = self._append1(record)
+        stored, fut = self.append((record,))
         await fut
-        return stored
-
-    def _append1(self, record: NewRecord) -> tuple[Stored, asyncio.Future[None]]:
-        """:meth:`append` of one record, with less set-up (the same encoding and effects)."""
-        rtype, header, body, idx = record
-        if type(idx) is BundleTarget or self._closed or self._failed is not None:
-            stored, fut = self.append((record,))
-            return stored[0], fut
-        now = int(self._clock() * 1000)
-        hdr = self._packb(header)
-        if idx is None:
-            head = _tail_pack(rtype, 0, now, len(hdr)) + hdr
-            q = None
-            qoff = -1
-        else:
-            t = self._targets.get(idx)
-            if t is None:
-                t = self._target(idx)
-            q = t[1]
-            qoff = q.next_offset
-            head = _tail_idx_pack(rtype, FLAG_INDEX, now, len(hdr), t[6], t[3], t[4], t[5], qoff, t[7]) + t[2] + hdr
-        size = 8 + len(head) + len(body)
-        if size > self.segment_size:
-            raise ValueError(f"record of {size} bytes exceeds segment size {self.segment_size}")
-        batch = self._batch
-        groups = batch.groups
-        pos = self._next_pos
-        if pos + size > self._seg_limit:
-            pos = self._seg_limit
-            self._seg_limit += self.segment_size
-            groups.append([pos, bytearray(), []])
-        elif not groups:
-            groups.append([pos, bytearray(), []])
-        g = groups[-1]
-        buf = g[1]
-        buf += _prefix_pack(size, _crc32(body, _crc32(head)))
-        buf += head
-        buf += body
-        g[2].append(pos)
-        if q is not None:
-            e = _entry_pack(pos, size, t[3], now) if t[4] < 0 else _entry_pack(t[4], t[5], t[3], now)
-            ent = batch.qentries.get(q)
-            if ent is None:
-                batch.qentries[q] = [qoff, bytearray(e)]
-            else:
-                ent[1] += e
-            q.next_offset = qoff + 1
-        self._next_pos = pos + size
-        batch.count += 1
-        batch.newest_ms = now
-        batch.end = pos + size
-        futs = batch.futures
-        return _make_stored(Stored, (pos, size, now, qoff)), futs[0] if futs else self._batch_future(batch)
+        return stored[0]
 
     async def append_batch(self, records: Sequence[NewRecord | NewBundle]) -> list[Stored]:
         """Append records (one write, one fsync) and wait until they are durable."""
@@ -937,32 +881,51 @@ class MessageStore:
 
     async def _timed_fsync(self) -> None:
         """flush="async": fdatasync what was written since the last time, every
-        ``flush_interval``. The fdatasync (maybe many MB) runs in a thread without the write
-        lock, so appends go on meanwhile (measured: publish->deliver p99 with the writer
-        held up by it, 29-103 ms)."""
+        ``flush_interval``, without holding up appends (see :meth:`_sync_written`)."""
         if not self._dirty_segs or self._closed or self._failed is not None:
             return
-        async with self._sync_lock:  # (retention closes files)
+        try:
+            await self._sync_written()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._fail(exc, _Batch())
+            raise
+
+    async def _sync_written(self, final: bool = False, index: bool = False) -> tuple[int, list]:
+        """fdatasync the dirty segments (``final``: and the active one; ``index``: and the
+        dirty index files); return the log position and queue ends this covers.
+
+        What to sync is taken under the write lock; the fsyncs (maybe many MB) run in a
+        thread without it, so appends go on meanwhile (measured with flush="async":
+        publish->deliver p99 29-103 ms while the writer waited for them), but never beside
+        retention, which closes files. Not in the writer's thread: a big batch must not
+        queue behind them.
+        """
+        async with self._sync_lock:
             async with self._io_lock:
                 pos = self._written_end
+                queues = [[t, q, qi.end] for (t, q), qi in self._queues.items()] if index else []
+                dirty_q = [qi for qi in self._queues.values() if qi.dirty] if index else []
                 segs = list(self._dirty_segs)
                 self._dirty_segs.clear()  # a write from here on marks its segment again
+                if final:
+                    segs.append(self._log.segments[-1])
 
             def _sync() -> None:
                 for seg in segs:
                     _datasync(seg.fd)
+                for qi in dirty_q:
+                    qi.sync()  # (clears the flag before its fsync: a write meanwhile sets it again)
 
             try:
                 await self._loop.run_in_executor(None, _sync)
-            except asyncio.CancelledError:
+            except BaseException:
                 self._dirty_segs.update(segs)
-                raise
-            except BaseException as exc:
-                self._dirty_segs.update(segs)
-                self._fail(exc, _Batch())
                 raise
             self.stats["fsyncs"] += len(segs)
             self._synced_end = max(self._synced_end, pos)
+        return pos, queues
 
     async def _periodic(self, interval: float, fn: Callable[[], Any]) -> None:
         while True:
@@ -980,34 +943,8 @@ class MessageStore:
             return
         if not final and self._written_end == self._last_checkpoint:
             return
-        # The fsyncs run without the write lock (appends go on meanwhile: the index files
-        # can take tens of ms to sync after 5 s of writes), but never beside retention,
-        # which closes files.
-        async with self._sync_lock:
-            async with self._io_lock:
-                # what is written now is what this checkpoint covers
-                pos = self._written_end
-                queues = [[t, q, qi.end] for (t, q), qi in self._queues.items()]
-                dirty_q = [qi for qi in self._queues.values() if qi.dirty]
-                segs = list(self._dirty_segs)
-                self._dirty_segs.clear()  # a write from here on marks its segment again
-                if final:
-                    segs.append(self._log.segments[-1])
-
-            def _sync() -> None:
-                for s in segs:
-                    _datasync(s.fd)
-                for qi in dirty_q:
-                    qi.sync()  # (clears the flag before its fsync: a write meanwhile sets it again)
-
-            try:
-                # (not the writer's thread: a big batch must not queue behind these fsyncs)
-                await self._loop.run_in_executor(None, _sync)
-            except BaseException:
-                self._dirty_segs.update(segs)
-                raise
-            self.stats["fsyncs"] += len(segs)
-            self._synced_end = max(self._synced_end, pos)
+        # (the index files can take tens of ms to sync after 5 s of writes)
+        pos, queues = await self._sync_written(final=final, index=True)
         await self.metadata.put(CHECKPOINT_KEY, {"pos": pos, "queues": queues})
         self._last_checkpoint = pos
 
@@ -1033,21 +970,14 @@ class MessageStore:
         try:
             return self._log.read(pos)
         except CorruptRecordError:
-            # not a record start: a bundle member's marker?
-            seg = self._log.find(pos)
-            marker = os.pread(seg.fd, MEMBER.size, pos - seg.base)
-            if len(marker) < MEMBER.size or marker[:4] != b"\0\0\0\0":
+            marker = self._marker(pos)  # not a record start: a bundle member?
+            if marker is None:
                 raise
-            return self._member(pos, marker)
+            return member_record(self._bundle_at(pos, marker), pos)
 
-    def _member(self, pos: int, marker: bytes) -> Record:
-        """The bundle member at ``pos``, whose marker bytes are ``marker``."""
-        return member_record(self._bundle_at(pos, marker), pos)
-
-    def _bundle_of(self, pos: int) -> Record:
-        """The decoded bundle holding the member at ``pos`` (KeyError: not a written position)."""
-        if pos >= self._written_end:
-            raise KeyError(pos)
+    def _marker(self, pos: int) -> bytes | None:
+        """The member marker at written position ``pos`` (from the cache or the disk), or
+        None if the bytes there are not one."""
         marker = None
         if pos >= self._rc_lo:
             chunk = self._cache_chunk(pos)
@@ -1059,11 +989,19 @@ class MessageStore:
             if pos >= seg.base + seg.size:
                 raise KeyError(pos)
             marker = os.pread(seg.fd, MEMBER.size, pos - seg.base)
-        if len(marker) < MEMBER.size or marker[:4] != b"\0\0\0\0":
+        return marker if len(marker) == MEMBER.size and marker[:4] == b"\0\0\0\0" else None
+
+    def _bundle_of(self, pos: int) -> Record:
+        """The decoded bundle holding the member at ``pos`` (KeyError: not a written position)."""
+        if pos >= self._written_end:
+            raise KeyError(pos)
+        marker = self._marker(pos)
+        if marker is None:
             raise CorruptRecordError(f"position {pos} is not a bundle member")
         return self._bundle_at(pos, marker)
 
     def _bundle_at(self, pos: int, marker: bytes) -> Record:
+        """The decoded bundle that the member marker ``marker`` at ``pos`` points back to."""
         back = MEMBER.unpack_from(marker)[2]
         bpos = pos - back
         if back <= 0 or bpos < 0:
@@ -1174,12 +1112,11 @@ class MessageStore:
             for t in range(i, j):
                 p2 = ents[t][0]
                 off = p2 - pos
-                if buf[off : off + 4] == b"\0\0\0\0":  # a reference to a bundle member
-                    out.append((first + t, self.read(p2)))
-                    continue
-                out.append(
-                    (first + t, read_checked(buf, off, nb - off, seg_size - rel - off, p2, seg_end, next_base))
-                )
+                try:
+                    rec = read_checked(buf, off, nb - off, seg_size - rel - off, p2, seg_end, next_base)
+                except CorruptRecordError:
+                    rec = self.read(p2)  # a reference to a bundle member (else: raises again)
+                out.append((first + t, rec))
             i = j
         return out
 
@@ -1236,8 +1173,8 @@ class MessageStore:
         j = bisect.bisect_left(starts, pos)
         off = pos - lo
         if j == len(starts) or starts[j] != pos:
-            if data[off : off + 4] == b"\0\0\0\0":
-                return self._member(pos, data[off : off + MEMBER.size])
+            if data[off : off + 4] == b"\0\0\0\0":  # a bundle member
+                return member_record(self._bundle_at(pos, data[off : off + MEMBER.size]), pos)
             raise CorruptRecordError(f"position {pos} is not a record start")
         return read_checked(data, off, len(data) - off, self.segment_size - (pos - base), pos, seg_end, next_base, False)
 
