@@ -15,7 +15,7 @@ recovery finds the first record that does not check and cuts the file there.
 Record framing (little endian)::
 
     u32 length      total record size, this field included
-    u32 crc         zlib.crc32 of everything after this field
+    u32 crc         CRC-32 (zlib's) of everything after this field
     u8  rtype       opaque to the store
     u8  flags       bit 0: an index target follows
     u64 store_time  ms since epoch
@@ -42,7 +42,7 @@ it like a record's. :func:`member_record` decodes one member from its (decoded) 
 
 The index target is in the framing so that queue-index tails can be rebuilt from the log.
 The store encodes a record with one ``struct.pack`` of the fixed part (+ index target), a
-reused msgpack ``Packer`` and two chained ``zlib.crc32`` calls, appending straight into the
+reused msgpack ``Packer`` and two chained :func:`crc32` calls, appending straight into the
 batch's ``bytearray`` (see :func:`storage.store.MessageStore.append`); :func:`encode_record`
 is the same encoding as a standalone function. Decoding checks and unpacks the fixed part
 with one ``struct.unpack_from`` and builds :class:`Record` through a fast constructor.
@@ -56,7 +56,6 @@ from __future__ import annotations
 import bisect
 import os
 import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +99,13 @@ SEQ_WINDOW = 256 * 1024
 SCAN_CHUNK = 1 << 20
 
 _packb = msgpack.Packer(use_bin_type=True).pack
-_crc32 = zlib.crc32
+try:
+    # ISA-L's CRC-32: the same values as zlib.crc32 (so the same log format), computed with
+    # carry-less multiply instructions: 1 KiB + a 40-byte head in 0.07 us instead of 0.36
+    from isal.isal_zlib import crc32
+except ImportError:  # (a platform without the isal wheel: same results, slower)
+    from zlib import crc32
+_crc32 = crc32
 _prefix_pack = PREFIX.pack
 _tail_pack = TAIL.pack
 _frame_unpack = FRAME.unpack_from

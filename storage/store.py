@@ -19,6 +19,13 @@ data) and resolves the batch's future — one future, shared by every append int
 batch, so a thousand appends cost one future, not a thousand. With ``flush="async"`` it
 resolves after the write and a timer queues an fsync every ``flush_interval``.
 
+``append_one`` (one record, awaited) only queues its record: the queued records are encoded
+together, as one ``append``, when the writer takes the batch or when the next ``append``
+comes (so positions still follow call order). Its callers wait on one plain future per
+batch; a task waits on a plain future markedly faster than on the batch's uncancellable
+subclass, and a waiter's cancellation, which cancels the plain one, sends the others on to
+wait for the batch's own.
+
 Bundles: a :class:`NewBundle` (many messages of one queue) is encoded as *one* record —
 one msgpack call for all member headers, one CRC, one ``b"".join`` of the bodies — with
 one index entry per member pointing at the member's own position inside it (entry size
@@ -60,7 +67,6 @@ import math
 import os
 import struct
 import time
-import zlib
 from collections.abc import Callable, Generator, Iterator, Sequence
 from functools import lru_cache
 from itertools import accumulate, chain, repeat
@@ -84,6 +90,7 @@ from .log import (
     Segment,
     SegmentLog,
     bundle_entries,
+    crc32,
     decode_index_target,
     fsync_dir,
     member_record,
@@ -124,7 +131,7 @@ _entry_pack = ENTRY.pack
 _prefix_pack = PREFIX.pack
 _tail_pack = TAIL.pack
 _tail_idx_pack = TAIL_IDX.pack
-_crc32 = zlib.crc32
+_crc32 = crc32
 _make_stored = tuple.__new__  # Stored(...) without the named tuple's Python-level __new__
 _TARGETS_MAX = 4096  # cached index targets before the cache starts over
 _BUNDLES_MAX = 64  # decoded bundles kept for reads of their members ...
@@ -160,11 +167,25 @@ class _Batch:
     def __init__(self) -> None:
         self.groups: list[list[Any]] = []
         self.qentries: dict[QueueIndexFile, list[Any]] = {}  # q -> [first offset, bytearray]
-        self.futures: list[asyncio.Future[None]] = []  # empty, or the one shared future
+        # empty, or the one shared future (then maybe one of append_one's: see _Singles)
+        self.futures: list[asyncio.Future[None]] = []
         self.count = 0
         self.newest_ms = 0
         self.force_sync = False
         self.end = 0
+
+
+class _Singles:
+    """``append_one`` calls collected since the last encode: their records, and once
+    encoded into the current batch, one ``Stored`` (or the record's error) each."""
+
+    __slots__ = ("records", "stored", "fut", "batch_fut")
+
+    def __init__(self, fut: asyncio.Future[None], batch_fut: asyncio.Future[None]) -> None:
+        self.records: list[NewRecord] = []
+        self.stored: list[Any] = []
+        self.fut = fut  # a plain future: a task waits on it much faster than on a subclass
+        self.batch_fut = batch_fut  # the batch's own, which no waiter can cancel
 
 
 class _Opener:
@@ -207,6 +228,7 @@ class MessageStore:
         self._wake: asyncio.Future[None] | None = None
         self._queues: dict[tuple[str, int], QueueIndexFile] = {}
         self._inflight: _Batch | None = None
+        self._singles: _Singles | None = None
         self._dirty_segs: set[Segment] = set()
         self._close_lock = asyncio.Lock()
         self._lock: DataDirLock | None = None
@@ -478,6 +500,12 @@ class MessageStore:
         """
         if self._closed or self._failed is not None:
             raise StoreClosedError(f"store {self.data_dir} is {'failed' if self._failed else 'closed'}")
+        if self._singles is not None:
+            self._encode_singles()
+        return self._encode(records)
+
+    def _encode(self, records: Sequence[NewRecord | NewBundle]) -> tuple[list[Stored], asyncio.Future[None]]:
+        """:meth:`append` without its checks: encode ``records`` into the current batch."""
         now = int(self._clock() * 1000)
         seg_size = self.segment_size
         batch = self._batch
@@ -642,10 +670,49 @@ class MessageStore:
         return pos + size, limit, buf, starts  # type: ignore[return-value]
 
     async def append_one(self, record: NewRecord) -> Stored:
-        """Append one record and wait until it is durable (per the flush mode)."""
-        stored, fut = self.append((record,))
-        await fut
-        return stored[0]
+        """Append one record and wait until it is durable (per the flush mode).
+
+        Concurrent calls are encoded together, as one :meth:`append` of all of them, when
+        the writer takes the batch (or at the next ``append``, keeping call order): per
+        record that costs about half of an ``append`` of one. A bad record fails only its
+        own call, with the error ``append`` would raise.
+        """
+        g = self._singles
+        if g is None:
+            if self._closed or self._failed is not None:
+                raise StoreClosedError(f"store {self.data_dir} is {'failed' if self._failed else 'closed'}")
+            batch = self._batch
+            g = self._singles = _Singles(self._loop.create_future(), self._batch_future(batch))
+            batch.futures.append(g.fut)
+        k = len(g.records)
+        g.records.append(record)
+        try:
+            await g.fut
+        except asyncio.CancelledError:
+            # a cancelled waiter cancels the shared plain future for all: the others, not
+            # cancelled themselves, go on waiting for the batch
+            if not g.fut.cancelled() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+            await g.batch_fut
+        r = g.stored[k]
+        if type(r) is not Stored:
+            raise r
+        return r
+
+    def _encode_singles(self) -> None:
+        """Encode the pending ``append_one`` records into the current batch, all at once;
+        if one is bad, one at a time, so that only the bad one fails."""
+        g = self._singles
+        self._singles = None
+        try:
+            g.stored = self._encode(g.records)[0]
+        except Exception:
+            out = g.stored = []
+            for r in g.records:
+                try:
+                    out.append(self._encode((r,))[0][0])
+                except Exception as exc:
+                    out.append(exc)
 
     async def append_batch(self, records: Sequence[NewRecord | NewBundle]) -> list[Stored]:
         """Append records (one write, one fsync) and wait until they are durable."""
@@ -701,6 +768,8 @@ class MessageStore:
     async def _writer(self) -> None:
         loop = self._loop
         while True:
+            if self._singles is not None:
+                self._encode_singles()
             batch = self._batch
             if not batch.futures:
                 if self._closed:
@@ -870,6 +939,7 @@ class MessageStore:
                 if not f.done():
                     f.set_exception(err)
         self._batch = _Batch()
+        self._singles = None  # (their future was the current batch's)
 
     async def flush(self) -> None:
         """Write and fsync everything appended so far."""

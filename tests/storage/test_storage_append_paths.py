@@ -1,0 +1,127 @@
+"""Appends: concurrent ``append_one`` calls encoded together (one bad record fails alone,
+one cancelled waiter cancels no other), call order, and ``append`` of many records over
+several queues and segments; the CRC the log uses."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+
+import pytest
+
+from storage import IndexTarget, MessageStore, NewRecord
+from storage.log import crc32
+
+
+def _rec(i: int, q: int = 0, body: bytes | None = None) -> NewRecord:
+    return NewRecord(
+        3, {"i": i}, body if body is not None else f"body-{i}".encode() * 7, IndexTarget("t", q, i)
+    )
+
+
+def test_crc32_is_zlibs():
+    for data in (b"", b"x", bytes(range(256)) * 9, b"\xff" * 1500):
+        assert crc32(data) == zlib.crc32(data)
+        assert crc32(data, 0x1234_5678) == zlib.crc32(data, 0x1234_5678)
+
+
+async def test_concurrent_append_one_one_bad_record_fails_alone(tmp_path):
+    async with MessageStore.open(tmp_path, segment_size=64 * 1024) as s:
+        recs = [_rec(i, i % 3) for i in range(300)]
+        recs[123] = _rec(123, 0, body=b"x" * 70_000)  # larger than a segment
+        results = await asyncio.gather(*(s.append_one(r) for r in recs), return_exceptions=True)
+        assert isinstance(results[123], ValueError) and "exceeds segment size" in str(results[123])
+        good = [
+            (r, st) for r, st in zip(recs, results, strict=True) if not isinstance(st, Exception)
+        ]
+        assert len(good) == 299
+        # positions follow call order, and each queue's offsets run 0, 1, 2, ...
+        positions = [st.pos for _, st in good]
+        assert positions == sorted(positions)
+        for q in range(3):
+            offs = [st.queue_offset for r, st in good if r.index.queue_id == q]
+            assert offs == list(range(len(offs)))
+        for r, st in good:
+            got = s.read(st.pos)
+            assert (got.header, got.body) == (r.header, r.body)
+
+
+async def test_cancelled_append_one_does_not_cancel_the_others(tmp_path):
+    async with MessageStore.open(tmp_path) as s:
+        recs = [_rec(i) for i in range(50)]
+        async with s._io_lock:  # hold the writer before its write
+            tasks = [asyncio.create_task(s.append_one(r)) for r in recs]
+            deadline = asyncio.get_running_loop().time() + 5
+            queued = False
+            while True:  # until all 50 are queued, then until the writer took the batch
+                queued = queued or (s._singles is not None and len(s._singles.records) == 50)
+                if queued and s._singles is None and not s._batch.futures:
+                    break
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0)
+            assert all(not t.done() for t in tasks)
+            tasks[7].cancel()
+            await asyncio.sleep(0)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[7], asyncio.CancelledError)
+        stored = [st for k, st in enumerate(results) if k != 7]
+        assert all(not isinstance(st, BaseException) for st in stored)
+        for k, st in enumerate(results):
+            if k != 7:
+                assert s.read(st.pos).body == recs[k].body
+        # the cancelled one was already in the batch: it is stored too, in order
+        assert s.read_queue("t", 0, 0, 100)[7][1].pos > stored[6].pos
+
+
+async def test_append_one_then_append_keeps_call_order(tmp_path):
+    async with MessageStore.open(tmp_path) as s:
+        first = asyncio.create_task(s.append_one(_rec(0)))
+        await asyncio.sleep(0)  # it has queued its record (not yet encoded)
+        stored, fut = s.append([_rec(1)])
+        await fut
+        assert (await first).pos < stored[0].pos
+        assert [e.pos for _, e in s.read_queue("t", 0, 0, 10)] == [(await first).pos, stored[0].pos]
+
+
+@pytest.mark.parametrize("queues", [1, 3, 20])
+async def test_append_of_many_records_reads_back_per_queue(tmp_path, queues):
+    async with MessageStore.open(tmp_path) as s:
+        await s.append_batch([_rec(i, i % queues) for i in range(queues)])  # targets now known
+        recs = [_rec(i, (i * 7) % queues) for i in range(500)]
+        stored = await s.append_batch(recs)
+        assert [st.pos for st in stored] == sorted(st.pos for st in stored)
+        for q in range(queues):
+            mine = [(r, st) for r, st in zip(recs, stored, strict=True) if r.index.queue_id == q]
+            got = s.read_queue_records("t", q, 1, len(mine) + 5)
+            assert [g.body for _, g in got] == [r.body for r, _ in mine]
+            assert [st.queue_offset for _, st in mine] == list(range(1, len(mine) + 1))
+    async with MessageStore.open(tmp_path) as s:  # and after a reopen, from disk
+        for q in range(queues):
+            assert s.queue_end("t", q) == 1 + sum(1 for i in range(500) if (i * 7) % queues == q)
+
+
+async def test_append_of_many_records_across_a_segment_boundary(tmp_path):
+    async with MessageStore.open(tmp_path, segment_size=4096) as s:
+        await s.append_batch([_rec(0)])
+        recs = [_rec(i) for i in range(1, 200)]  # ~20 segments' worth
+        stored = await s.append_batch(recs)
+        assert {st.pos // 4096 for st in stored} == set(range(stored[-1].pos // 4096 + 1))
+        assert [r.body for _, r in s.read_queue_records("t", 0, 0, 300)] == [_rec(0).body] + [
+            r.body for r in recs
+        ]
+
+
+async def test_append_of_many_with_a_bad_header_stores_nothing(tmp_path):
+    async with MessageStore.open(tmp_path) as s:
+        await s.append_batch([_rec(0)])
+        end = s._next_pos
+        recs = [_rec(i) for i in range(1, 20)]
+        recs[5] = NewRecord(3, {"x": object()}, b"", IndexTarget("t", 0, 5))
+        with pytest.raises(TypeError):
+            s.append(recs)
+        assert s._next_pos == end and s.queue_end("t", 0) == 1
+        await s.append_batch([_rec(1)])
+        assert [r.body for _, r in s.read_queue_records("t", 0, 0, 5)] == [
+            _rec(0).body,
+            _rec(1).body,
+        ]
