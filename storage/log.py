@@ -302,16 +302,23 @@ class Segment:
     ``alloc`` the length of the file, which may run past ``size`` with zeros (the store
     zero-fills the active segment ahead of its appends)."""
 
-    __slots__ = ("base", "path", "fd", "size", "alloc", "newest_ms", "dirty")
+    __slots__ = ("base", "path", "fd", "dsync_fd", "size", "alloc", "newest_ms", "dirty")
 
     def __init__(self, base: int, path: Path, fd: int, size: int, newest_ms: int) -> None:
         self.base = base
         self.path = path
         self.fd = fd
+        self.dsync_fd = -1  # an O_DSYNC descriptor the store opens for big synced writes
         self.size = size
         self.alloc = size
         self.newest_ms = newest_ms
         self.dirty = False
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.dsync_fd >= 0:
+            os.close(self.dsync_fd)
+            self.dsync_fd = -1
 
     @property
     def end(self) -> int:
@@ -377,7 +384,7 @@ class SegmentLog:
         if i < 0:
             i = 0
         for seg in self.segments[i + 1 :]:
-            os.close(seg.fd)
+            seg.close()
             os.unlink(seg.path)
         self._rbuf = None
         del self.segments[i + 1 :]
@@ -407,7 +414,7 @@ class SegmentLog:
 
     def close(self) -> None:
         for seg in self.segments:
-            os.close(seg.fd)
+            seg.close()
         self.segments.clear()
         self.bases.clear()
 

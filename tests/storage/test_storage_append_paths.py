@@ -11,6 +11,7 @@ import pytest
 
 from storage import IndexTarget, MessageStore, NewRecord
 from storage.log import crc32
+from storage.store import StoreClosedError
 
 
 def _rec(i: int, q: int = 0, body: bytes | None = None) -> NewRecord:
@@ -125,3 +126,71 @@ async def test_append_of_many_with_a_bad_header_stores_nothing(tmp_path):
             _rec(0).body,
             _rec(1).body,
         ]
+
+
+KIB = b"k" * 1024
+
+
+async def test_many_appenders_hand_batches_off_and_publish_in_order(tmp_path):
+    async with MessageStore.open(tmp_path, flush="sync") as s:
+        recs = [_rec(i, i % 4, body=KIB) for i in range(3000)]
+        results = await asyncio.gather(*(s.append_one(r) for r in recs))
+        assert s.stats["handed_off"] >= 2, s.stats  # batches of 512 x 1 KiB: over 256 KiB
+        assert s.stats["fsyncs"] <= 20, s.stats
+        assert [st.pos for st in results] == sorted(st.pos for st in results)
+        for q in range(4):
+            got = s.read_queue_records("t", q, 0, 1000)
+            assert [r.header["i"] for _, r in got] == list(range(q, 3000, 4))
+        # a small append after handed-off batches is published after them
+        more = [asyncio.create_task(s.append_one(_rec(i, 0, body=KIB))) for i in range(3000, 4024)]
+        await asyncio.sleep(0)
+        stored, fut = s.append([_rec(9999, 0)])
+        await fut
+        assert s.queue_end("t", 0) == 750 + 1024 + 1  # everything before it is visible too
+        assert max(st.pos for st in await asyncio.gather(*more)) < stored[0].pos
+    async with MessageStore.open(tmp_path) as s:  # and read back from disk
+        assert s.queue_end("t", 0) == 750 + 1024 + 1
+        assert s.read(results[1234].pos).body == KIB
+
+
+async def test_a_failed_handed_off_write_fails_its_appends_and_the_store(tmp_path, monkeypatch):
+    import storage.store as store_mod
+
+    def broken(parts):
+        raise OSError(5, "Input/output error")
+
+    async with MessageStore.open(tmp_path, flush="sync") as s:
+        monkeypatch.setattr(store_mod, "_pwrite_all", broken)
+        results = await asyncio.gather(*(s.append_one(_rec(i, body=KIB)) for i in range(1024)), return_exceptions=True)
+        assert all(isinstance(r, OSError) for r in results), {type(r) for r in results}
+        with pytest.raises(StoreClosedError):
+            s.append([_rec(0)])
+        with pytest.raises(StoreClosedError):
+            await s.append_one(_rec(0))
+
+
+async def test_handed_off_appends_resolve_only_after_their_write(tmp_path, monkeypatch):
+    import threading
+
+    import storage.store as store_mod
+
+    gate = threading.Event()
+    real = store_mod._pwrite_all
+
+    def held(parts):
+        assert gate.wait(10)
+        real(parts)
+
+    async with MessageStore.open(tmp_path, flush="sync") as s:
+        monkeypatch.setattr(store_mod, "_pwrite_all", held)
+        tasks = [asyncio.create_task(s.append_one(_rec(i, body=KIB))) for i in range(1024)]
+        deadline = asyncio.get_running_loop().time() + 5
+        while s.stats["handed_off"] < 2:  # both batches of 512 handed off, neither written
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.001)
+        assert not any(t.done() for t in tasks)
+        assert s.queue_end("t", 0) == 0  # nothing visible yet
+        gate.set()
+        stored = await asyncio.gather(*tasks)
+        assert s.queue_end("t", 0) == 1024
+        assert s.read(stored[-1].pos).body == KIB

@@ -45,6 +45,22 @@ def body_for(n: int) -> bytes:
     return (b"%d:" % n) * (1 + (n % 100000) % 40)
 
 
+async def _run_and_kill(python, script, data, base: int, env, kill_after: int) -> list[bytes]:
+    """Run the child script until it has printed ``kill_after`` lines, kill -9 it, and
+    return every line it printed (those printed before the kill count too)."""
+    proc = await asyncio.create_subprocess_exec(python, str(script), str(data), str(base), env=env, stdout=subprocess.PIPE)
+    lines = []
+    while len(lines) < kill_after:
+        line = await asyncio.wait_for(proc.stdout.readline(), 15)
+        assert line, "child exited early"
+        lines.append(line.strip())
+    proc.send_signal(signal.SIGKILL)
+    lines += (await proc.stdout.read()).split()
+    await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return lines
+
+
 async def test_acked_appends_survive_kill9(tmp_path, python, child_env):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -53,21 +69,8 @@ async def test_acked_appends_survive_kill9(tmp_path, python, child_env):
     acked: set[int] = set()
     for round_no in range(20):
         base = round_no * 100000
-        proc = await asyncio.create_subprocess_exec(
-            python, str(script), str(data), str(base), env=child_env, stdout=subprocess.PIPE
-        )
-        kill_after = rng.randint(1, 300)
-        got = 0
-        while got < kill_after:
-            line = await asyncio.wait_for(proc.stdout.readline(), 15)
-            assert line, "child exited early"
-            acked.add(int(line))
-            got += 1
-        proc.send_signal(signal.SIGKILL)
-        rest = await proc.stdout.read()  # acks printed before the kill count too
-        acked.update(int(x) for x in rest.split())
-        await proc.wait()
-        assert proc.returncode == -signal.SIGKILL
+        lines = await _run_and_kill(python, script, data, base, child_env, rng.randint(1, 300))
+        acked.update(int(x) for x in lines)
         async with MessageStore.open(data, segment_size=16384) as s:
             assert not s.recovered_clean
             seen = {}
@@ -83,6 +86,57 @@ async def test_acked_appends_survive_kill9(tmp_path, python, child_env):
             for q in range(3):
                 for _, r in s.read_queue_records("k", q, 0, 100000):
                     assert r.body == body_for(r.header["n"])
+
+
+CHILD_MANY = r"""
+import asyncio, sys
+from storage import MessageStore, NewRecord, IndexTarget
+
+async def main():
+    base = int(sys.argv[2])
+    store = await MessageStore.open(sys.argv[1], flush="sync")
+    out = sys.stdout
+    told = False
+    async def worker(w):
+        nonlocal told
+        i = w
+        while True:
+            n = base + i
+            await store.append_one(NewRecord(1, {"n": n}, b"%09d" % n * 110, IndexTarget("m", w % 4)))
+            out.write(f"{n}\n")
+            if not told and store.stats["handed_off"]:
+                told = True
+                out.write("handed\n")
+            out.flush()
+            i += 1024
+    await asyncio.gather(*(worker(w) for w in range(1024)))
+
+asyncio.run(main())
+"""
+
+
+async def test_acked_appends_of_many_appenders_survive_kill9(tmp_path, python, child_env):
+    """1,024 appenders of 1 KiB: batches are handed to the writer thread (O_DSYNC writes,
+    several in flight); every acknowledged one must survive kill -9."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD_MANY)
+    data = tmp_path / "data"
+    rng = random.Random(99)
+    acked: set[int] = set()
+    handed = False
+    for round_no in range(4):
+        base = round_no * 10_000_000
+        lines = await _run_and_kill(python, script, data, base, child_env, rng.randint(2_000, 20_000))
+        handed = handed or b"handed" in lines
+        acked.update(int(x) for x in lines if x != b"handed")
+        async with MessageStore.open(data) as s:
+            assert not s.recovered_clean
+            seen = {r.header["n"]: r.body for r in s.iter_log()}
+            missing = acked - seen.keys()
+            assert not missing, f"round {round_no}: acked records lost: {sorted(missing)[:10]}"
+            assert all(seen[n] == b"%09d" % n * 110 for n in acked)
+            assert sum(s.queue_end("m", q) for q in range(4)) == len(seen)
+    assert handed, "no batch was handed off: the test did not exercise that path"
 
 
 def _records(n: int, rng: random.Random, tag: int) -> list[NewRecord]:
