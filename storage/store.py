@@ -4,9 +4,10 @@ How this works
 --------------
 ``append()`` is synchronous: in call order it assigns each record its global position
 (rolling to the next segment when a record does not fit), its store time and its queue
-offset, and encodes it once, straight into the *current batch*: one ``bytearray`` per
-segment touched (plus the list of record starts in it) and one ``bytearray`` of packed
-index entries per queue. A failing record (too large, unknown ``ref_pos``) rolls the
+offset, and encodes it once, straight into the *current batch*: one list of ``bytes``
+parts per segment touched (prefix, head and body of each record, joined once when the
+batch is written, and that one ``bytes`` is also what the recent-record cache keeps), the
+list of record starts in it, and one ``bytearray`` of packed index entries per queue. A failing record (too large, unknown ``ref_pos``) rolls the
 batch back to where the call started. It returns the ``Stored`` list and a future. One
 writer task takes the whole current batch (a fresh one starts collecting) and writes it
 with one ``pwrite`` per segment touched, writes the batch's queue-index entries (one
@@ -161,9 +162,9 @@ def _n_structs(n: int) -> tuple[Callable[..., bytes], Callable[..., bytes]]:
     return struct.Struct("<" + "IIII" * n).pack, struct.Struct("<" + "QIIQ" * n).pack
 
 
-def _pwrite_all(parts: list[tuple[int, int, bytearray]]) -> None:
+def _pwrite_all(writes: list[tuple[int, int, bytes]]) -> None:
     """``pwrite`` each ``(fd, offset, data)`` whole (the writer thread's job)."""
-    for fd, at, data in parts:
+    for fd, at, data in writes:
         with memoryview(data) as view:
             while view:
                 n = os.pwrite(fd, view, at)
@@ -187,7 +188,8 @@ class _BatchFuture(asyncio.Future):
 
 
 class _Batch:
-    """Records collected for one write: ``[start_pos, bytearray, record starts]`` per segment."""
+    """Records collected for one write: ``[start_pos, parts, record starts]`` per segment,
+    ``parts`` holding three ``bytes`` per record (prefix, head, body), joined once to write."""
 
     __slots__ = ("groups", "qentries", "futures", "count", "newest_ms", "force_sync", "end")
 
@@ -208,16 +210,16 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 
 
 class _Handed:
-    """A batch handed to the writer thread: its job, the segment ends it writes, and the
-    copies of its bytes for the recent-record cache."""
+    """A batch handed to the writer thread: its job, the segment ends it writes, and its
+    bytes (for the recent-record cache)."""
 
-    __slots__ = ("batch", "job", "touched", "frozen")
+    __slots__ = ("batch", "job", "touched", "datas")
 
-    def __init__(self, batch: _Batch, job: asyncio.Future[None], touched: list, frozen: list[bytes]) -> None:
+    def __init__(self, batch: _Batch, job: asyncio.Future[None], touched: list, datas: list[bytes]) -> None:
         self.batch = batch
         self.job = job
         self.touched = touched
-        self.frozen = frozen
+        self.datas = datas
 
 
 class _Singles:
@@ -577,18 +579,18 @@ class MessageStore:
         n_groups = len(groups)
         if groups:
             g = groups[-1]
-            buf: bytearray = g[1]
+            parts: list[bytes] = g[1]
             starts: list[int] = g[2]
-            mark_buf = len(buf)
+            mark_parts = len(parts)
             mark_starts = len(starts)
         else:
-            buf = starts = None  # type: ignore[assignment]
-            mark_buf = mark_starts = 0
+            parts = starts = None  # type: ignore[assignment]
+            mark_parts = mark_starts = 0
         try:
             for rtype, header, body, idx in records:
                 if type(idx) is BundleTarget:
-                    pos, limit, buf, starts = self._append_bundle(
-                        rtype, header, body, idx, now, pos, limit, buf, starts, local, out)
+                    pos, limit, parts, starts = self._append_bundle(
+                        rtype, header, body, idx, now, pos, limit, parts, starts, local, out)
                     continue
                 hdr = packb(header)
                 if idx is None:
@@ -612,14 +614,12 @@ class MessageStore:
                 if pos + size > limit:
                     pos = limit
                     limit += seg_size
-                    buf = None  # type: ignore[assignment]
-                if buf is None:
-                    buf = bytearray()
+                    parts = None  # type: ignore[assignment]
+                if parts is None:
+                    parts = []
                     starts = []
-                    groups.append([pos, buf, starts])
-                buf += prefix_pack(size, crc32(body, crc32(head)))
-                buf += head
-                buf += body
+                    groups.append([pos, parts, starts])
+                parts += (prefix_pack(size, crc32(body, crc32(head))), head, body)
                 starts.append(pos)
                 if q is not None:
                     e = entry_pack(pos, size, tag, now) if ref_pos < 0 else entry_pack(ref_pos, ref_size, tag, now)
@@ -636,7 +636,7 @@ class MessageStore:
             del groups[n_groups:]
             if n_groups:
                 g = groups[-1]
-                del g[1][mark_buf:]
+                del g[1][mark_parts:]
                 del g[2][mark_starts:]
             for q, n in local.items():
                 ent = qentries[q]
@@ -657,8 +657,8 @@ class MessageStore:
 
     def _append_bundle(
         self, rtype: int, headers: list, bodies: list[bytes], idx: BundleTarget, now: int, pos: int,
-        limit: int, buf: bytearray | None, starts: list[int] | None, local: dict, out: list[Stored],
-    ) -> tuple[int, int, bytearray, list[int]]:
+        limit: int, parts: list[bytes] | None, starts: list[int] | None, local: dict, out: list[Stored],
+    ) -> tuple[int, int, list[bytes], list[int]]:
         """Encode one :class:`NewBundle` into the current batch (part of :meth:`append`)."""
         n = len(bodies)
         tags = idx.tag_hashes
@@ -683,7 +683,7 @@ class MessageStore:
         if pos + size > limit:
             pos = limit
             limit += seg_size
-            buf = None
+            parts = None
         # everything per member below runs in C (map/zip/struct over whole lists)
         offs = list(accumulate(lens, initial=first_body))
         offs.pop()
@@ -697,16 +697,14 @@ class MessageStore:
             e = structs[1](*chain.from_iterable(zip(vps, e_sizes, tags, repeat(now, n), strict=True)))
         except struct.error as exc:
             raise ValueError(f"bad bundle: {exc} (tag hashes are 0 .. 2**32-1)") from None
-        if buf is None:
-            buf = bytearray()
+        if parts is None:
+            parts = []
             starts = []
-            self._batch.groups.append([pos, buf, starts])
-        parts = [markers]
-        parts += bodies
-        data = b"".join(parts)
-        buf += _prefix_pack(size, _crc32(data, _crc32(head)))
-        buf += head
-        buf += data
+            self._batch.groups.append([pos, parts, starts])
+        pieces = [markers]
+        pieces += bodies
+        data = b"".join(pieces)
+        parts += (_prefix_pack(size, _crc32(data, _crc32(head))), head, data)
         starts.append(pos)  # type: ignore[union-attr]
         out += map(_make_stored, repeat(Stored, n), zip(vps, sizes, repeat(now, n), range(qoff, qoff + n), strict=True))
         qentries = self._batch.qentries
@@ -717,7 +715,7 @@ class MessageStore:
             ent[1] += e
         local[q] = nl + n
         self.stats["bundles"] += 1
-        return pos + size, limit, buf, starts  # type: ignore[return-value]
+        return pos + size, limit, parts, starts  # type: ignore[return-value]
 
     async def append_one(self, record: NewRecord) -> Stored:
         """Append one record and wait until it is durable (per the flush mode).
@@ -805,11 +803,10 @@ class MessageStore:
         for batch in (self._inflight, *(h.batch for h in self._handed), *self._sealed, self._batch):
             if batch is None:
                 continue
-            for start, buf, starts in batch.groups:
-                if start <= ref_pos < start + len(buf):
-                    k = bisect.bisect_left(starts, ref_pos)
-                    if k < len(starts) and starts[k] == ref_pos:
-                        return PREFIX.unpack_from(buf, ref_pos - start)[0]
+            for _start, parts, starts in batch.groups:
+                k = bisect.bisect_left(starts, ref_pos)
+                if k < len(starts) and starts[k] == ref_pos:
+                    return PREFIX.unpack_from(parts[3 * k])[0]
         raise KeyError(f"ref_pos {ref_pos} is not a record position")
 
     def _batch_future(self, batch: _Batch) -> asyncio.Future[None]:
@@ -847,14 +844,16 @@ class MessageStore:
                     self._wake = loop.create_future()
                     await self._wake
                     continue
-                nbytes = sum(len(g[1]) for g in batch.groups)
+                # one bytes per segment: what is written, and (immutable) what the cache keeps
+                datas = [b"".join(g[1]) for g in batch.groups]
+                nbytes = sum(map(len, datas))
                 if self._sync and nbytes > _INLINE_BYTES and not batch.force_sync and self._in_active(batch):
-                    await self._hand_off(batch)
+                    await self._hand_off(batch, datas)
                     continue
                 while handed:  # what was handed off first is published first
                     await asyncio.wait((handed[0].job,))
                     self._finish_handed()
-                await self._write(batch, nbytes)
+                await self._write(batch, datas, nbytes)
         except BaseException as exc:  # a write failed (or the writer was cancelled)
             self._fail(exc, *(h.batch for h in handed))
             for h in handed:  # (their errors, if any, are this one's)
@@ -880,7 +879,7 @@ class MessageStore:
         base = self._log.bases[-1]
         return all(start - start % self.segment_size == base for start, _, _ in batch.groups)
 
-    async def _hand_off(self, batch: _Batch) -> None:
+    async def _hand_off(self, batch: _Batch, datas: list[bytes]) -> None:
         """flush="sync", a big batch in the active segment: write its index entries here
         and hand its log bytes to the writer thread as one ``pwrite`` on an ``O_DSYNC`` file
         descriptor (written and synced in one syscall), without waiting for it.
@@ -900,20 +899,19 @@ class MessageStore:
                 seg.dsync_fd = os.open(seg.path, os.O_WRONLY | getattr(os, "O_DSYNC", os.O_SYNC))
             for q, (first, entries) in batch.qentries.items():
                 q.write_entries(first, entries)
-            parts = [(seg.dsync_fd, start - seg.base, buf) for start, buf, _ in batch.groups]
-            frozen = [bytes(buf) for _, buf, _ in batch.groups] if self._rc_limit else []
-            job = self._loop.run_in_executor(self._executor, _pwrite_all, parts)
+            writes = [(seg.dsync_fd, g[0] - seg.base, data) for g, data in zip(batch.groups, datas, strict=True)]
+            job = self._loop.run_in_executor(self._executor, _pwrite_all, writes)
             self.stats["handed_off"] += 1
-            self._handed.append(_Handed(batch, job, [(seg, at + len(buf)) for _, at, buf in parts], frozen))
+            self._handed.append(_Handed(batch, job, [(seg, at + len(data)) for _, at, data in writes], datas))
 
     def _finish_handed(self) -> None:
         """Publish the oldest handed-off batch, whose job is done (raises its error)."""
         h = self._handed[0]
         h.job.result()
         self._handed.popleft()
-        self._publish(h.batch, h.touched, h.frozen, True, len(h.touched), len(h.touched))
+        self._publish(h.batch, h.touched, h.datas, True, len(h.touched), len(h.touched))
 
-    async def _write(self, batch: _Batch, nbytes: int) -> None:
+    async def _write(self, batch: _Batch, datas: list[bytes], nbytes: int) -> None:
         """Write (and with flush="sync" or ``force_sync``, fdatasync) ``batch`` and publish it."""
         loop = self._loop
         lg = self._log
@@ -922,10 +920,10 @@ class MessageStore:
                 await self._wait_zero_job()
             self._inflight = batch
             plan = []
-            for start, buf, _starts in batch.groups:
+            for (start, _, _), data in zip(batch.groups, datas, strict=True):
                 base = start - start % self.segment_size
                 seg = lg.segments[-1] if lg.bases[-1] == base else None
-                plan.append((seg, base, start - base, buf))
+                plan.append((seg, base, start - base, data))
             sync = self._sync or batch.force_sync
             dirty = list(self._dirty_segs) if batch.force_sync else []
             try:
@@ -941,10 +939,10 @@ class MessageStore:
                     # p50 0.727 -> 0.651 ms, e2e 17,096 -> 24,786, tx 10,109 -> 13,812.
                     # Only big batches go to the thread, so the loop keeps serving.
                     t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
-                    new_segs, touched, frozen = self._write_batch(plan, batch.qentries, sync, dirty, batch.newest_ms)
+                    new_segs, touched = self._write_batch(plan, batch.qentries, sync, dirty, batch.newest_ms)
                     self.stats["loop_disk_wait_ns"] += time.perf_counter_ns() - t0 - (time.thread_time_ns() - c0)
                 else:
-                    new_segs, touched, frozen = await loop.run_in_executor(
+                    new_segs, touched = await loop.run_in_executor(
                         self._executor, self._write_batch, plan, batch.qentries, sync, dirty, batch.newest_ms
                     )
             except BaseException as exc:
@@ -954,11 +952,11 @@ class MessageStore:
                 self._inflight = None
             for seg in new_segs:
                 lg.register(seg)
-            self._publish(batch, touched, frozen, sync, len(plan), len(touched) + len(dirty))
+            self._publish(batch, touched, datas, sync, len(plan), len(touched) + len(dirty))
         if self._prealloc and nbytes <= _INLINE_BYTES:
             self._maybe_zero_fill()
 
-    def _publish(self, batch: _Batch, touched: list, frozen: list[bytes], sync: bool, writes: int, fsyncs: int) -> None:
+    def _publish(self, batch: _Batch, touched: list, datas: list[bytes], sync: bool, writes: int, fsyncs: int) -> None:
         """A batch is written (and synced): make it visible to readers, resolve its futures."""
         for seg, size in touched:
             seg.size = size
@@ -972,7 +970,7 @@ class MessageStore:
         if batch.groups:
             self._written_end = batch.end
             if self._rc_limit:
-                self._cache_add(batch.groups, frozen)
+                self._cache_add(batch.groups, datas)
         if sync:
             self._synced_end = self._written_end
         st = self.stats
@@ -1034,7 +1032,7 @@ class MessageStore:
 
     def _write_batch(
         self, plan: list, qentries: dict, sync: bool, dirty: list[Segment], now_ms: int
-    ) -> tuple[list[Segment], list[tuple[Segment, int]], list[bytes]]:
+    ) -> tuple[list[Segment], list[tuple[Segment, int]]]:
         new_segs = []
         touched: list[tuple[Segment, int]] = []
         for seg, base, rel, data in plan:
@@ -1063,9 +1061,7 @@ class MessageStore:
             for seg in dirty:
                 if all(seg is not s for s, _ in touched):
                     _datasync(seg.fd)
-        # immutable copies for the recent-record cache (made here, off the event loop)
-        frozen = [bytes(data) for _, _, _, data in plan] if self._rc_limit else []
-        return new_segs, touched, frozen
+        return new_segs, touched
 
     def _fail(self, exc: BaseException, *batches: _Batch) -> None:
         """The store is failed: every waiting append gets the error (or StoreClosedError)."""
@@ -1332,9 +1328,9 @@ class MessageStore:
         return out
 
     # ------------------------------------------------------------------ recent-record cache
-    def _cache_add(self, groups: list[list[Any]], frozen: list[bytes]) -> None:
+    def _cache_add(self, groups: list[list[Any]], datas: list[bytes]) -> None:
         starts_l = self._rc_starts
-        for (start, _buf, starts), data in zip(groups, frozen, strict=True):
+        for (start, _parts, starts), data in zip(groups, datas, strict=True):
             if not data:
                 continue
             starts_l.append(start)
