@@ -601,13 +601,10 @@ class MessageStore:
                     t = targets.get(idx)
                     if t is None:
                         t = self._target(idx)
-                    q = t[1]
+                    _, q, topic_b, tag, ref_pos, ref_size, qid, tlen = t
                     n = local.get(q, 0)
                     qoff = q.next_offset + n
-                    tag = t[3]
-                    ref_pos = t[4]
-                    ref_size = t[5]
-                    head = tail_idx_pack(rtype, FLAG_INDEX, now, len(hdr), t[6], tag, ref_pos, ref_size, qoff, t[7]) + t[2] + hdr
+                    head = tail_idx_pack(rtype, FLAG_INDEX, now, len(hdr), qid, tag, ref_pos, ref_size, qoff, tlen) + topic_b + hdr
                 size = 8 + len(head) + len(body)
                 if size > seg_size:
                     raise ValueError(f"record of {size} bytes exceeds segment size {seg_size}")
