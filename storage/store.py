@@ -7,18 +7,19 @@ How this works
 offset, and encodes it once, straight into the *current batch*: one list of ``bytes``
 parts per segment touched (prefix, head and body of each record, joined once when the
 batch is written, and that one ``bytes`` is also what the recent-record cache keeps), the
-list of record starts in it, and one ``bytearray`` of packed index entries per queue. A failing record (too large, unknown ``ref_pos``) rolls the
-batch back to where the call started. It returns the ``Stored`` list and a future. One
-writer task takes the whole current batch (a fresh one starts collecting) and writes it
-with one ``pwrite`` per segment touched, writes the batch's queue-index entries (one
-``pwrite`` per queue), and with ``flush="sync"`` fdatasyncs once. A batch of up to 256 KiB
-is written on the loop thread (cheaper than a thread round trip); a bigger one in a worker
-thread, while the loop keeps accepting appends. Either way, what arrives during a write
-goes into the next batch — so batches grow with load (group commit). Back on the loop the
-writer publishes the new end of the log and of each queue (readers never see unwritten
-data) and resolves the batch's future — one future, shared by every append into that
-batch, so a thousand appends cost one future, not a thousand. With ``flush="async"`` it
-resolves after the write and a timer queues an fsync every ``flush_interval``.
+list of record starts in it, and one ``bytearray`` of packed index entries per queue. A
+failing record (too large, unknown ``ref_pos``) rolls the batch back to where the call
+started. It returns the ``Stored`` list and a future. One writer task takes the whole
+current batch (a fresh one starts collecting) and writes it with one ``pwrite`` per
+segment touched, writes the batch's queue-index entries (one ``pwrite`` per queue), and
+with ``flush="sync"`` fdatasyncs once. A batch of up to 256 KiB is written on the loop
+thread (cheaper than a thread round trip); a bigger one in a worker thread, while the loop
+keeps accepting appends. Either way, what arrives during a write goes into the next batch
+— so batches grow with load (group commit). Back on the loop the writer publishes the new
+end of the log and of each queue (readers never see unwritten data) and resolves the
+batch's future — one future, shared by every append into that batch, so a thousand
+appends cost one future, not a thousand. With ``flush="async"`` it resolves after the
+write and a timer queues an fsync every ``flush_interval``.
 
 Hand-off: with ``flush="sync"`` a batch of more than 256 KiB in the active segment is not
 waited for: its index entries are written on the loop, its log bytes go to the writer
@@ -165,11 +166,17 @@ def _n_structs(n: int) -> tuple[Callable[..., bytes], Callable[..., bytes]]:
 def _pwrite_all(writes: list[tuple[int, int, bytes]]) -> None:
     """``pwrite`` each ``(fd, offset, data)`` whole (the writer thread's job)."""
     for fd, at, data in writes:
-        with memoryview(data) as view:
-            while view:
-                n = os.pwrite(fd, view, at)
-                view = view[n:]
-                at += n
+        _pwrite_whole(fd, data, at)
+
+
+def _pwrite_whole(fd: int, data: bytes, at: int) -> int:
+    """``pwrite`` all of ``data`` at ``at`` (looping on short writes); return the end."""
+    with memoryview(data) as view:
+        while view:
+            n = os.pwrite(fd, view, at)
+            view = view[n:]
+            at += n
+    return at
 
 
 class StoreClosedError(RuntimeError):
@@ -1043,13 +1050,7 @@ class MessageStore:
                 prev.alloc = prev_end
                 seg = self._log.open_segment(base, now_ms)
                 new_segs.append(seg)
-            at = rel
-            with memoryview(data) as view:
-                while view:
-                    n = os.pwrite(seg.fd, view, at)
-                    view = view[n:]
-                    at += n
-            touched.append((seg, at))
+            touched.append((seg, _pwrite_whole(seg.fd, data, rel)))
         for q, (first, entries) in qentries.items():
             q.write_entries(first, entries)
         if sync:
