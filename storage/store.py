@@ -578,7 +578,9 @@ class MessageStore:
         prefix_pack = _prefix_pack
         entry_pack = _entry_pack
         make_stored = _make_stored
-        local: dict[QueueIndexFile, int] = {}
+        # per queue: [records of this call, their packed index entries]; merged into the
+        # batch at the end, so that a failing record leaves the batch's entries untouched
+        local: dict[QueueIndexFile, list[Any]] = {}
         out: list[Stored] = []
         add = out.append
         pos = self._next_pos
@@ -609,8 +611,10 @@ class MessageStore:
                     if t is None:
                         t = self._target(idx)
                     _, q, topic_b, tag, ref_pos, ref_size, qid, tlen = t
-                    n = local.get(q, 0)
-                    qoff = q.next_offset + n
+                    lq = local.get(q)
+                    if lq is None:
+                        lq = local[q] = [0, bytearray()]
+                    qoff = q.next_offset + lq[0]
                     head = tail_idx_pack(rtype, FLAG_INDEX, now, len(hdr), qid, tag, ref_pos, ref_size, qoff, tlen) + topic_b + hdr
                 size = 8 + len(head) + len(body)
                 if size > seg_size:
@@ -626,13 +630,8 @@ class MessageStore:
                 parts += (prefix_pack(size, crc32(body, crc32(head))), head, body)
                 starts.append(pos)
                 if q is not None:
-                    e = entry_pack(pos, size, tag, now) if ref_pos < 0 else entry_pack(ref_pos, ref_size, tag, now)
-                    ent = qentries.get(q)
-                    if ent is None:
-                        qentries[q] = [qoff, bytearray(e)]
-                    else:
-                        ent[1] += e
-                    local[q] = n + 1
+                    lq[1] += entry_pack(pos, size, tag, now) if ref_pos < 0 else entry_pack(ref_pos, ref_size, tag, now)
+                    lq[0] += 1
                 add(make_stored(Stored, (pos, size, now, qoff)))
                 pos += size
         except BaseException:
@@ -642,15 +641,15 @@ class MessageStore:
                 g = groups[-1]
                 del g[1][mark_parts:]
                 del g[2][mark_starts:]
-            for q, n in local.items():
-                ent = qentries[q]
-                del ent[1][len(ent[1]) - n * ENTRY.size :]
-                if not ent[1]:
-                    del qentries[q]
             raise
         futs = batch.futures
         fut = futs[0] if futs else self._batch_future(batch)
-        for q, n in local.items():
+        for q, (n, entries) in local.items():
+            ent = qentries.get(q)
+            if ent is None:
+                qentries[q] = [q.next_offset, entries]
+            else:
+                ent[1] += entries
             q.next_offset += n
         self._next_pos = pos
         self._seg_limit = limit
@@ -673,8 +672,10 @@ class MessageStore:
         if t is None:
             t = self._target(key)
         q = t[1]
-        nl = local.get(q, 0)
-        qoff = q.next_offset + nl
+        lq = local.get(q)
+        if lq is None:
+            lq = local[q] = [0, bytearray()]
+        qoff = q.next_offset + lq[0]
         hdr = self._packb([headers, tags])
         head = _tail_idx_pack(rtype, FLAG_INDEX | FLAG_BUNDLE, now, len(hdr), t[6], 0, -1, n, qoff, t[7]) + t[2] + hdr
         lens = list(map(len, bodies))
@@ -711,13 +712,8 @@ class MessageStore:
         parts += (_prefix_pack(size, _crc32(data, _crc32(head))), head, data)
         starts.append(pos)  # type: ignore[union-attr]
         out += map(_make_stored, repeat(Stored, n), zip(vps, sizes, repeat(now, n), range(qoff, qoff + n), strict=True))
-        qentries = self._batch.qentries
-        ent = qentries.get(q)
-        if ent is None:
-            qentries[q] = [qoff, bytearray(e)]
-        else:
-            ent[1] += e
-        local[q] = nl + n
+        lq[1] += e
+        lq[0] += n
         self.stats["bundles"] += 1
         return pos + size, limit, parts, starts  # type: ignore[return-value]
 
