@@ -1044,6 +1044,9 @@ class MessageStore:
                     os.ftruncate(prev.fd, prev_end)
                     os.fsync(prev.fd)
                 prev.alloc = prev_end
+                if prev.dsync_fd >= 0:  # (no hand-off is in flight: they end before this write)
+                    os.close(prev.dsync_fd)
+                    prev.dsync_fd = -1
                 seg = self._log.open_segment(base, now_ms)
                 new_segs.append(seg)
             touched.append((seg, _pwrite_whole(seg.fd, data, rel)))

@@ -194,3 +194,14 @@ async def test_handed_off_appends_resolve_only_after_their_write(tmp_path, monke
         stored = await asyncio.gather(*tasks)
         assert s.queue_end("t", 0) == 1024
         assert s.read(stored[-1].pos).body == KIB
+
+
+async def test_a_full_segment_gives_up_its_synced_write_descriptor(tmp_path):
+    async with MessageStore.open(tmp_path, flush="sync", segment_size=2 << 20) as s:
+        for _ in range(6):  # ~6 MiB over 2 MiB segments, in batches of 512 KiB
+            await asyncio.gather(*(s.append_one(_rec(i, body=KIB)) for i in range(1024)))
+        segs = s._log.segments
+        assert len(segs) >= 3 and s.stats["handed_off"] >= 6
+        assert all(seg.dsync_fd == -1 for seg in segs[:-1])
+    async with MessageStore.open(tmp_path) as s:
+        assert s.queue_end("t", 0) == 6 * 1024
