@@ -6,8 +6,10 @@ Routes
 - ``GET /`` — the console: an HTML page of topics, groups and prepared/abandoned
   transactions (see :mod:`broker.console`)
 - ``GET /healthz`` — ``{"status": "ok"}``
-- ``GET /api/stats`` — store counters (batches, records, writes, fsyncs, ``loop_disk_wait_ns``: time
-  the event loop spent waiting for the disk in writes and fdatasyncs done on it) and messages sent
+- ``GET /api/stats`` — store counters (batches, records, writes, fsyncs, bundles,
+  ``handed_off``: synced batches written by the writer thread while the loop went on,
+  ``loop_disk_wait_ns``: time the event loop spent waiting for the disk in writes and
+  fdatasyncs done on it) and messages sent
 - ``GET /api/topics`` — topics with their queues and message counts
 - ``GET /api/groups`` — per group and topic: delivered, acked, in-flight, waiting retry,
   dead-lettered, lag
