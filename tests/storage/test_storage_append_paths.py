@@ -205,3 +205,34 @@ async def test_a_full_segment_gives_up_its_synced_write_descriptor(tmp_path):
         assert all(seg.dsync_fd == -1 for seg in segs[:-1])
     async with MessageStore.open(tmp_path) as s:
         assert s.queue_end("t", 0) == 6 * 1024
+
+
+async def test_close_waits_for_handed_off_batches(tmp_path, monkeypatch):
+    import threading
+
+    import storage.store as store_mod
+
+    gate = threading.Event()
+    real = store_mod._pwrite_all
+
+    def held(parts):
+        assert gate.wait(10)
+        real(parts)
+
+    s = await MessageStore.open(tmp_path, flush="sync")
+    monkeypatch.setattr(store_mod, "_pwrite_all", held)
+    tasks = [asyncio.create_task(s.append_one(_rec(i, body=KIB))) for i in range(1024)]
+    deadline = asyncio.get_running_loop().time() + 5
+    while s.stats["handed_off"] < 2:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.001)
+    closing = asyncio.create_task(s.close())
+    await asyncio.sleep(0.01)
+    assert not closing.done()  # it waits for the writes in flight
+    gate.set()
+    await closing
+    stored = await asyncio.gather(*tasks)
+    async with MessageStore.open(tmp_path) as s2:
+        assert s2.recovered_clean
+        assert s2.queue_end("t", 0) == 1024
+        assert s2.read(stored[-1].pos).body == KIB
