@@ -1,6 +1,7 @@
 """Appends: concurrent ``append_one`` calls encoded together (one bad record fails alone,
-one cancelled waiter cancels no other), call order, and ``append`` of many records over
-several queues and segments; the CRC the log uses."""
+one cancelled waiter cancels no other), call order, ``append`` of many records over several
+queues and segments, big synced batches handed to the writer thread (publish order, a
+failed write, resolving only after the write, close, descriptors); the CRC the log uses."""
 
 from __future__ import annotations
 
