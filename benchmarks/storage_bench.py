@@ -4,7 +4,7 @@ How this works: every scenario opens a fresh store in a temporary directory on t
 of ``--dir`` and measures 1 KiB records, built before the timing starts (one row repeats
 the 1,024-appender scenario with each record built in the loop); the raw fsync rate of the
 same disk (write 1 KiB + fsync in a loop) is measured in the same run, so the sync numbers
-can be compared to it.
+can be compared to it. The garbage collector is set up as the broker sets it up.
 
     python benchmarks/storage_bench.py [--dir DIR] [--count N]
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import shutil
 import sys
@@ -177,6 +178,9 @@ async def reads(d: Path, count: int) -> tuple[float, float, float, float]:
 
 
 async def main() -> None:
+    # the garbage collector as the broker sets it up (broker/cli.py)
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default=".", help="directory on the disk to measure (default: current)")
     ap.add_argument("--count", type=int, default=100_000, help="records per throughput scenario")
