@@ -1093,6 +1093,13 @@ async def _e2e_steps(flushes: tuple[str, ...], producers: int, consumers: int, w
                                   [_producer_params(s, warmup=0.0) for _ in range(producers)],
                                   [_consumer_params(s) for _ in range(consumers)])
             res["e2e"] = {**_e2e_numbers(flow), **_cell_metrics(flow, srv)}
+            # the same at half that rate: publish→deliver without a backlog building up
+            half = res["e2e"]["produce_rate"] / 2
+            flow = await run_flow(srv, conn,
+                                  [_producer_params(s, warmup=0.0, rate=half / producers)
+                                   for _ in range(producers)],
+                                  [_consumer_params(s) for _ in range(consumers)])
+            res["e2e_half"] = {**_e2e_numbers(flow), "target_rate": half}
             # transactional sends beside normal ones, same broker
             flow = await run_flow(srv, conn,
                                   [_producer_params(s, mode="tx", warmup=0.0) for _ in range(producers)],
@@ -1130,7 +1137,7 @@ def render_e2e_steps(out: dict[str, Any]) -> str:
              f"{out['consumers']} consumer process(es); 1 KiB bodies; {out['duration']} s per step; "
              f"disk: {out['fsync_per_s']:,.0f} 1 KiB write+fsync/s", ""]
     for flush, r in out["modes"].items():
-        e, t, th, lat = r["e2e"], r["tx"], r["tx_half"], r["latency"]
+        e, eh, t, th, lat = r["e2e"], r["e2e_half"], r["tx"], r["tx_half"], r["latency"]
         lines += [
             f"--flush {flush}",
             f"  publish (no consumer)     {r['publish']['rate']:>10,.0f} msgs/s   "
@@ -1142,6 +1149,8 @@ def render_e2e_steps(out: dict[str, Any]) -> str:
             f"  publish→deliver           p50 {_fmt_ms(e['p50'])} ms  p99 {_fmt_ms(e['p99'])} ms  "
             f"p99.9 {_fmt_ms(e['p999'])} ms   broker RSS {e['rss_mb']} MB",
             f"                            {_fmt_cpu(e['cpu'])}; saturated: {e['saturated']}",
+            f"  e2e at half rate ({eh['target_rate']:,.0f}/s)  publish→deliver p50 {_fmt_ms(eh['p50'])} ms  "
+            f"p99 {_fmt_ms(eh['p99'])} ms  p99.9 {_fmt_ms(eh['p999'])} ms",
             f"  tx e2e                    {t['rate']:>10,.0f} msgs/s ({100 * t['rate'] / max(e['rate'], 1):.0f}% "
             f"of normal e2e)  send→deliver p50 {_fmt_ms(t['p50'])} ms  p99 {_fmt_ms(t['p99'])} ms",
             f"  tx at half rate ({th['target_rate']:,.0f}/s)  send→deliver p50 {_fmt_ms(th['p50'])} ms  "
