@@ -46,6 +46,21 @@ def test_bench_smoke_writes_reports(tmp_path: Path) -> None:
     assert "## publish" in proc.stdout
 
 
+@pytest.mark.skipif(importlib.util.find_spec("psutil") is None,
+                    reason="the harness samples CPU with psutil (pip install psutil)")
+def test_e2e_benchmark_writes_every_step(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "benchmarks.e2e", "--flush", "async", "--duration", "0.3",
+           "--backlog", "0", "--out-dir", str(tmp_path), "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=45)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "e2e-latest.txt").read_text()
+    for line in ("publish (no consumer)", "one-at-a-time publish", "e2e at half rate", "tx at half rate"):
+        assert line in text, line
+    res = json.loads((tmp_path / "e2e-latest.json").read_text())["modes"]["async"]
+    for step in ("publish", "latency", "e2e", "e2e_half", "tx", "tx_half"):
+        assert res[step]["rate" if step in ("publish", "latency") else "p50"] > 0, step
+
+
 def test_a_loop_busy_or_blocked_in_its_own_writes_is_the_saturated_side() -> None:
     from benchmarks.harness import _saturation
 
