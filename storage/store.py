@@ -895,10 +895,14 @@ class MessageStore:
             if batch.end > self._zero_from:  # the batch reaches the zero-fill running
                 await self._wait_zero_job()
             seg = self._log.segments[-1]
-            if seg.dsync_fd < 0:
-                seg.dsync_fd = os.open(seg.path, os.O_WRONLY | getattr(os, "O_DSYNC", os.O_SYNC))
-            for q, (first, entries) in batch.qentries.items():
-                q.write_entries(first, entries)
+            try:
+                if seg.dsync_fd < 0:
+                    seg.dsync_fd = os.open(seg.path, os.O_WRONLY | getattr(os, "O_DSYNC", os.O_SYNC))
+                for q, (first, entries) in batch.qentries.items():
+                    q.write_entries(first, entries)
+            except BaseException as exc:
+                self._fail(exc, batch)
+                raise
             writes = [(seg.dsync_fd, g[0] - seg.base, data) for g, data in zip(batch.groups, datas, strict=True)]
             job = self._loop.run_in_executor(self._executor, _pwrite_all, writes)
             self.stats["handed_off"] += 1

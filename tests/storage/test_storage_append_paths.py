@@ -237,3 +237,24 @@ async def test_close_waits_for_handed_off_batches(tmp_path, monkeypatch):
         assert s2.recovered_clean
         assert s2.queue_end("t", 0) == 1024
         assert s2.read(stored[-1].pos).body == KIB
+
+
+async def test_a_hand_off_that_cannot_start_fails_its_appends(tmp_path, monkeypatch):
+    import storage.store as store_mod
+
+    real_open = store_mod.os.open
+
+    def no_dsync(path, flags, *a):
+        if flags & store_mod.os.O_DSYNC:
+            raise OSError(24, "Too many open files")
+        return real_open(path, flags, *a)
+
+    async with MessageStore.open(tmp_path, flush="sync") as s:
+        monkeypatch.setattr(store_mod.os, "open", no_dsync)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(s.append_one(_rec(i, body=KIB)) for i in range(1024)), return_exceptions=True), 10
+        )
+        monkeypatch.undo()
+        assert all(isinstance(r, OSError) and r.errno == 24 for r in results), {type(r) for r in results}
+        with pytest.raises(StoreClosedError):
+            s.append([_rec(0)])
