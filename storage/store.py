@@ -912,8 +912,8 @@ class MessageStore:
         """Publish the oldest handed-off batch, whose job is done (raises its error)."""
         h = self._handed[0]
         h.job.result()
-        self._handed.popleft()
         self._publish(h.batch, h.touched, h.datas, True, len(h.touched), len(h.touched))
+        self._handed.popleft()  # (only now: if anything above raised, the writer fails it)
 
     async def _write(self, batch: _Batch, datas: list[bytes], nbytes: int) -> None:
         """Write (and with flush="sync" or ``force_sync``, fdatasync) ``batch`` and publish it."""
@@ -949,14 +949,14 @@ class MessageStore:
                     new_segs, touched = await loop.run_in_executor(
                         self._executor, self._write_batch, plan, batch.qentries, sync, dirty, batch.newest_ms
                     )
+                for seg in new_segs:
+                    lg.register(seg)
+                self._publish(batch, touched, datas, sync, len(plan), len(touched) + len(dirty))
             except BaseException as exc:
                 self._fail(exc, batch)
                 raise
             finally:
                 self._inflight = None
-            for seg in new_segs:
-                lg.register(seg)
-            self._publish(batch, touched, datas, sync, len(plan), len(touched) + len(dirty))
         if self._prealloc and nbytes <= _INLINE_BYTES:
             self._maybe_zero_fill()
 
