@@ -726,11 +726,11 @@ class MessageStore:
         own call, with the error ``append`` would raise.
         """
         g = self._singles
-        if g is None or len(g.records) >= _SINGLES_MAX:
+        if g is None or len(g.records) >= _SINGLES_MAX or self._closed:
+            if self._closed or self._failed is not None:  # (a failure also drops the queue)
+                raise StoreClosedError(f"store {self.data_dir} is {'failed' if self._failed else 'closed'}")
             if g is not None:
                 self._seal()
-            if self._closed or self._failed is not None:
-                raise StoreClosedError(f"store {self.data_dir} is {'failed' if self._failed else 'closed'}")
             batch = self._batch
             g = self._singles = _Singles(self._loop.create_future(), self._batch_future(batch))
             batch.futures.append(g.fut)

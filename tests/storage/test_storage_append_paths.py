@@ -258,3 +258,24 @@ async def test_a_hand_off_that_cannot_start_fails_its_appends(tmp_path, monkeypa
         assert all(isinstance(r, OSError) and r.errno == 24 for r in results), {type(r) for r in results}
         with pytest.raises(StoreClosedError):
             s.append([_rec(0)])
+
+
+async def test_append_one_after_close_began_is_refused_and_queued_ones_are_written(tmp_path):
+    s = await MessageStore.open(tmp_path)
+    async with s._io_lock:  # the writer takes the first batch and waits here
+        first, fut = s.append([_rec(0)])
+        deadline = asyncio.get_running_loop().time() + 5
+        while s._batch.futures:  # until the writer took it
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0)
+        queued = [asyncio.create_task(s.append_one(_rec(i))) for i in range(1, 11)]
+        await asyncio.sleep(0)  # all ten queued behind it, not encoded yet
+        assert s._singles is not None and len(s._singles.records) == 10
+        closing = asyncio.create_task(s.close())
+        await asyncio.sleep(0)  # close has begun
+        with pytest.raises(StoreClosedError):
+            await asyncio.wait_for(s.append_one(_rec(99)), 5)
+    await closing
+    assert len(await asyncio.gather(fut, *queued)) == 11
+    async with MessageStore.open(tmp_path) as s2:
+        assert s2.queue_end("t", 0) == 11
