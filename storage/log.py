@@ -42,8 +42,8 @@ it like a record's. :func:`member_record` decodes one member from its (decoded) 
 
 The index target is in the framing so that queue-index tails can be rebuilt from the log.
 The store encodes a record with one ``struct.pack`` of the fixed part (+ index target), a
-reused msgpack ``Packer`` and two chained :func:`crc32` calls, appending straight into the
-batch's ``bytearray`` (see :func:`storage.store.MessageStore.append`); :func:`encode_record`
+reused msgpack ``Packer`` and two chained :func:`crc32` calls, appending the parts straight
+to the batch (see :func:`storage.store.MessageStore.append`); :func:`encode_record`
 is the same encoding as a standalone function. Decoding checks and unpacks the fixed part
 with one ``struct.unpack_from`` and builds :class:`Record` through a fast constructor.
 :meth:`SegmentLog.read` keeps its last ``pread`` buffer (written bytes never change; it is

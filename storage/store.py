@@ -203,7 +203,7 @@ class _Batch:
     def __init__(self) -> None:
         self.groups: list[list[Any]] = []
         self.qentries: dict[QueueIndexFile, list[Any]] = {}  # q -> [first offset, bytearray]
-        # empty, or the one shared future (then maybe one of append_one's: see _Singles)
+        # empty, or the one shared future first (then append_one's plain ones: see _Singles)
         self.futures: list[asyncio.Future[None]] = []
         self.count = 0
         self.newest_ms = 0
@@ -844,16 +844,15 @@ class MessageStore:
                     self._wake = loop.create_future()
                     await self._wake
                     continue
-                # one bytes per segment: what is written, and (immutable) what the cache keeps
-                datas = [b"".join(g[1]) for g in batch.groups]
-                nbytes = sum(map(len, datas))
-                if self._sync and nbytes > _INLINE_BYTES and not batch.force_sync and self._in_active(batch):
-                    await self._hand_off(batch, datas)
+                plan = self._plan(batch)
+                nbytes = sum(len(data) for _, _, _, data in plan)
+                if self._sync and nbytes > _INLINE_BYTES and not batch.force_sync and all(p[0] for p in plan):
+                    await self._hand_off(batch, plan)  # (all in the active segment)
                     continue
                 while handed:  # what was handed off first is published first
                     await asyncio.wait((handed[0].job,))
                     self._finish_handed()
-                await self._write(batch, datas, nbytes)
+                await self._write(batch, plan, nbytes)
         except BaseException as exc:  # a write failed (or the writer was cancelled)
             self._fail(exc, *(h.batch for h in handed))
             for h in handed:  # (their errors, if any, are this one's)
@@ -875,11 +874,19 @@ class MessageStore:
         self._batch = _Batch()
         return batch
 
-    def _in_active(self, batch: _Batch) -> bool:
-        base = self._log.bases[-1]
-        return all(start - start % self.segment_size == base for start, _, _ in batch.groups)
+    def _plan(self, batch: _Batch) -> list[tuple[Segment | None, int, int, bytes]]:
+        """Per segment the batch touches: ``(segment, or None for one still to create, its
+        base, offset in it, bytes)``. The bytes, one join of the records' parts, are both
+        what is written and (immutable) what the recent-record cache keeps."""
+        lg = self._log
+        plan = []
+        for start, parts, _starts in batch.groups:
+            base = start - start % self.segment_size
+            seg = lg.segments[-1] if lg.bases[-1] == base else None
+            plan.append((seg, base, start - base, b"".join(parts)))
+        return plan
 
-    async def _hand_off(self, batch: _Batch, datas: list[bytes]) -> None:
+    async def _hand_off(self, batch: _Batch, plan: list) -> None:
         """flush="sync", a big batch in the active segment: write its index entries here
         and hand its log bytes to the writer thread as one ``pwrite`` on an ``O_DSYNC`` file
         descriptor (written and synced in one syscall), without waiting for it.
@@ -894,7 +901,7 @@ class MessageStore:
         async with self._io_lock:
             if batch.end > self._zero_from:  # the batch reaches the zero-fill running
                 await self._wait_zero_job()
-            seg = self._log.segments[-1]
+            seg = plan[0][0]
             try:
                 if seg.dsync_fd < 0:
                     seg.dsync_fd = os.open(seg.path, os.O_WRONLY | getattr(os, "O_DSYNC", os.O_SYNC))
@@ -903,10 +910,11 @@ class MessageStore:
             except BaseException as exc:
                 self._fail(exc, batch)
                 raise
-            writes = [(seg.dsync_fd, g[0] - seg.base, data) for g, data in zip(batch.groups, datas, strict=True)]
+            writes = [(seg.dsync_fd, rel, data) for _, _, rel, data in plan]
             job = self._loop.run_in_executor(self._executor, _pwrite_all, writes)
             self.stats["handed_off"] += 1
-            self._handed.append(_Handed(batch, job, [(seg, at + len(data)) for _, at, data in writes], datas))
+            touched = [(seg, rel + len(data)) for _, _, rel, data in plan]
+            self._handed.append(_Handed(batch, job, touched, [data for *_, data in plan]))
 
     def _finish_handed(self) -> None:
         """Publish the oldest handed-off batch, whose job is done (raises its error)."""
@@ -915,19 +923,13 @@ class MessageStore:
         self._publish(h.batch, h.touched, h.datas, True, len(h.touched), len(h.touched))
         self._handed.popleft()  # (only now: if anything above raised, the writer fails it)
 
-    async def _write(self, batch: _Batch, datas: list[bytes], nbytes: int) -> None:
+    async def _write(self, batch: _Batch, plan: list, nbytes: int) -> None:
         """Write (and with flush="sync" or ``force_sync``, fdatasync) ``batch`` and publish it."""
         loop = self._loop
-        lg = self._log
         async with self._io_lock:
             if batch.end > self._zero_from:  # the batch reaches the zero-fill running
                 await self._wait_zero_job()
             self._inflight = batch
-            plan = []
-            for (start, _, _), data in zip(batch.groups, datas, strict=True):
-                base = start - start % self.segment_size
-                seg = lg.segments[-1] if lg.bases[-1] == base else None
-                plan.append((seg, base, start - base, data))
             sync = self._sync or batch.force_sync
             dirty = list(self._dirty_segs) if batch.force_sync else []
             try:
@@ -950,8 +952,8 @@ class MessageStore:
                         self._executor, self._write_batch, plan, batch.qentries, sync, dirty, batch.newest_ms
                     )
                 for seg in new_segs:
-                    lg.register(seg)
-                self._publish(batch, touched, datas, sync, len(plan), len(touched) + len(dirty))
+                    self._log.register(seg)
+                self._publish(batch, touched, [data for *_, data in plan], sync, len(plan), len(touched) + len(dirty))
             except BaseException as exc:
                 self._fail(exc, batch)
                 raise
