@@ -6,19 +6,43 @@ failed write, resolving only after the write, close, descriptors); the CRC the l
 from __future__ import annotations
 
 import asyncio
+import threading
 import zlib
 
 import pytest
 
+import storage.store as store_mod
 from storage import IndexTarget, MessageStore, NewRecord
 from storage.log import crc32
 from storage.store import StoreClosedError
 
+KIB = b"k" * 1024
 
 def _rec(i: int, q: int = 0, body: bytes | None = None) -> NewRecord:
     return NewRecord(
         3, {"i": i}, body if body is not None else f"body-{i}".encode() * 7, IndexTarget("t", q, i)
     )
+
+
+async def _until(cond, what: str) -> None:
+    """Let the loop turn until ``cond()`` holds (at most 5 s)."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, f"still waiting: {what}"
+        await asyncio.sleep(0)
+
+
+def _hold_writer_thread(monkeypatch) -> threading.Event:
+    """Hand-off jobs wait in the writer thread until the returned event is set."""
+    gate = threading.Event()
+    real = store_mod._pwrite_all
+
+    def held(writes):
+        assert gate.wait(10)
+        real(writes)
+
+    monkeypatch.setattr(store_mod, "_pwrite_all", held)
+    return gate
 
 
 def test_crc32_is_zlibs():
@@ -53,14 +77,8 @@ async def test_cancelled_append_one_does_not_cancel_the_others(tmp_path):
         recs = [_rec(i) for i in range(50)]
         async with s._io_lock:  # hold the writer before its write
             tasks = [asyncio.create_task(s.append_one(r)) for r in recs]
-            deadline = asyncio.get_running_loop().time() + 5
-            queued = False
-            while True:  # until all 50 are queued, then until the writer took the batch
-                queued = queued or (s._singles is not None and len(s._singles.records) == 50)
-                if queued and s._singles is None and not s._batch.futures:
-                    break
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0)
+            await _until(lambda: s._singles is not None and len(s._singles.records) == 50, "all queued")
+            await _until(lambda: s._singles is None and not s._batch.futures, "the writer took the batch")
             assert all(not t.done() for t in tasks)
             tasks[7].cancel()
             await asyncio.sleep(0)
@@ -129,8 +147,6 @@ async def test_append_of_many_with_a_bad_header_stores_nothing(tmp_path):
         ]
 
 
-KIB = b"k" * 1024
-
 
 async def test_many_appenders_hand_batches_off_and_publish_in_order(tmp_path):
     async with MessageStore.open(tmp_path, flush="sync") as s:
@@ -155,8 +171,6 @@ async def test_many_appenders_hand_batches_off_and_publish_in_order(tmp_path):
 
 
 async def test_a_failed_handed_off_write_fails_its_appends_and_the_store(tmp_path, monkeypatch):
-    import storage.store as store_mod
-
     def broken(parts):
         raise OSError(5, "Input/output error")
 
@@ -171,24 +185,11 @@ async def test_a_failed_handed_off_write_fails_its_appends_and_the_store(tmp_pat
 
 
 async def test_handed_off_appends_resolve_only_after_their_write(tmp_path, monkeypatch):
-    import threading
-
-    import storage.store as store_mod
-
-    gate = threading.Event()
-    real = store_mod._pwrite_all
-
-    def held(parts):
-        assert gate.wait(10)
-        real(parts)
-
     async with MessageStore.open(tmp_path, flush="sync") as s:
-        monkeypatch.setattr(store_mod, "_pwrite_all", held)
+        gate = _hold_writer_thread(monkeypatch)
         tasks = [asyncio.create_task(s.append_one(_rec(i, body=KIB))) for i in range(1024)]
-        deadline = asyncio.get_running_loop().time() + 5
-        while s.stats["handed_off"] < 2:  # both batches of 512 handed off, neither written
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.001)
+        # both batches of 512 handed off, neither written
+        await _until(lambda: s.stats["handed_off"] >= 2, "two hand-offs")
         assert not any(t.done() for t in tasks)
         assert s.queue_end("t", 0) == 0  # nothing visible yet
         gate.set()
@@ -209,24 +210,10 @@ async def test_a_full_segment_gives_up_its_synced_write_descriptor(tmp_path):
 
 
 async def test_close_waits_for_handed_off_batches(tmp_path, monkeypatch):
-    import threading
-
-    import storage.store as store_mod
-
-    gate = threading.Event()
-    real = store_mod._pwrite_all
-
-    def held(parts):
-        assert gate.wait(10)
-        real(parts)
-
     s = await MessageStore.open(tmp_path, flush="sync")
-    monkeypatch.setattr(store_mod, "_pwrite_all", held)
+    gate = _hold_writer_thread(monkeypatch)
     tasks = [asyncio.create_task(s.append_one(_rec(i, body=KIB))) for i in range(1024)]
-    deadline = asyncio.get_running_loop().time() + 5
-    while s.stats["handed_off"] < 2:
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.001)
+    await _until(lambda: s.stats["handed_off"] >= 2, "two hand-offs")
     closing = asyncio.create_task(s.close())
     await asyncio.sleep(0.01)
     assert not closing.done()  # it waits for the writes in flight
@@ -240,8 +227,6 @@ async def test_close_waits_for_handed_off_batches(tmp_path, monkeypatch):
 
 
 async def test_a_hand_off_that_cannot_start_fails_its_appends(tmp_path, monkeypatch):
-    import storage.store as store_mod
-
     real_open = store_mod.os.open
 
     def no_dsync(path, flags, *a):
@@ -264,10 +249,7 @@ async def test_append_one_after_close_began_is_refused_and_queued_ones_are_writt
     s = await MessageStore.open(tmp_path)
     async with s._io_lock:  # the writer takes the first batch and waits here
         first, fut = s.append([_rec(0)])
-        deadline = asyncio.get_running_loop().time() + 5
-        while s._batch.futures:  # until the writer took it
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0)
+        await _until(lambda: not s._batch.futures, "the writer took it")
         queued = [asyncio.create_task(s.append_one(_rec(i))) for i in range(1, 11)]
         await asyncio.sleep(0)  # all ten queued behind it, not encoded yet
         assert s._singles is not None and len(s._singles.records) == 10
