@@ -217,16 +217,14 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 
 
 class _Handed:
-    """A batch handed to the writer thread: its job, the segment ends it writes, and its
-    bytes (for the recent-record cache)."""
+    """A batch handed to the writer thread: its job and its write plan (see ``_plan``)."""
 
-    __slots__ = ("batch", "job", "touched", "datas")
+    __slots__ = ("batch", "job", "plan")
 
-    def __init__(self, batch: _Batch, job: asyncio.Future[None], touched: list, datas: list[bytes]) -> None:
+    def __init__(self, batch: _Batch, job: asyncio.Future[None], plan: list) -> None:
         self.batch = batch
         self.job = job
-        self.touched = touched
-        self.datas = datas
+        self.plan = plan
 
 
 class _Singles:
@@ -913,14 +911,14 @@ class MessageStore:
             writes = [(seg.dsync_fd, rel, data) for _, _, rel, data in plan]
             job = self._loop.run_in_executor(self._executor, _pwrite_all, writes)
             self.stats["handed_off"] += 1
-            touched = [(seg, rel + len(data)) for _, _, rel, data in plan]
-            self._handed.append(_Handed(batch, job, touched, [data for *_, data in plan]))
+            self._handed.append(_Handed(batch, job, plan))
 
     def _finish_handed(self) -> None:
         """Publish the oldest handed-off batch, whose job is done (raises its error)."""
         h = self._handed[0]
         h.job.result()
-        self._publish(h.batch, h.touched, h.datas, True, len(h.touched), len(h.touched))
+        touched = [(seg, rel + len(data)) for seg, _, rel, data in h.plan]
+        self._publish(h.batch, touched, [data for *_, data in h.plan], True, len(touched), len(touched))
         self._handed.popleft()  # (only now: if anything above raised, the writer fails it)
 
     async def _write(self, batch: _Batch, plan: list, nbytes: int) -> None:
