@@ -6,7 +6,7 @@
         b.http_url   # "http://127.0.0.1:PORT"
 """
 
+from broker.app import Broker
 from broker.config import BrokerConfig, load_config
-from broker.server import Broker
 
 __all__ = ["Broker", "BrokerConfig", "load_config"]

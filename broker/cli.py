@@ -35,8 +35,8 @@ def _install_uvloop() -> None:
 
 def broker_main(argv: list[str]) -> int:
     """Run the broker until SIGTERM/SIGINT; returns the exit status."""
+    from broker.app import Broker
     from broker.config import ConfigError, load_config
-    from broker.server import Broker
     from storage import DataDirLockedError
 
     try:

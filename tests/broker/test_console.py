@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from broker.console import render_console
+from broker.frontends.http.console import render_console
 from consumer_sdk import ConsumeResult, PushConsumer
 from producer_sdk import LocalTransactionState, Producer, TransactionListener, TransactionProducer
 from tests.conftest import wait_for

@@ -6,7 +6,8 @@ from collections import Counter
 
 import pytest
 
-from broker.delivery import RT_DLQ, RT_MSG, RT_RETRY, GroupDelivery, tag_hash
+from broker.core.delivery import GroupDelivery
+from broker.core.records import RT_DLQ, RT_MSG, RT_RETRY, tag_hash
 from storage import IndexEntry, NewRecord, Record
 
 

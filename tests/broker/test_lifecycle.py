@@ -1,4 +1,4 @@
-"""broker.lifecycle: every (state, event) pair of both tables is either allowed or refused."""
+"""broker.core.lifecycle: every (state, event) pair of both tables is either allowed or refused."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.lifecycle import (
+from broker.core.lifecycle import (
     DELIVERY_TRANSITIONS,
     TX_TRANSITIONS,
     DeliveryEvent,

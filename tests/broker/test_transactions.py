@@ -1,4 +1,4 @@
-"""broker.transactions: the half-message table, with a made-up clock (no I/O, no sleeps)."""
+"""broker.core.transactions: the half-message table, with a made-up clock (no I/O, no sleeps)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from broker.lifecycle import TxState
-from broker.transactions import HalfMessage, HalfMessageTable
+from broker.core.lifecycle import TxState
+from broker.core.transactions import HalfMessage, HalfMessageTable
 from protocol.errors import TransactionStateError
 
 C, R, A, P = TxState.COMMITTED, TxState.ROLLED_BACK, TxState.ABANDONED, TxState.PREPARED

@@ -35,78 +35,29 @@ to send and records to append.
 from __future__ import annotations
 
 import itertools
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from broker.lifecycle import DELIVERY_TRANSITIONS, DeliveryEvent, DeliveryState, transition
+from broker.core.lifecycle import DELIVERY_TRANSITIONS, DeliveryEvent, DeliveryState, transition
+from broker.core.records import (
+    H_TAGS,
+    RT_DLQ,
+    RT_RETRY,
+    parse_tags,
+    retry_topic,
+    tag_hash,
+)
 from protocol.names import dlq_topic
 from storage import IndexEntry, IndexTarget, NewRecord, Record
 
 __all__ = [
-    "RETRY_PREFIX",
-    "H_TOPIC",
-    "H_TAGS",
-    "H_KEYS",
-    "H_PROPS",
-    "H_BORN",
-    "H_EPOCH",
-    "H_PGROUP",
-    "H_PCLIENT",
-    "H_QUEUE",
-    "RT_MSG",
-    "RT_HALF",
-    "RT_TX_OP",
-    "RT_RETRY",
-    "RT_DLQ",
     "QueueReader",
     "Delivery",
     "GroupDelivery",
     "PendingRecord",
-    "retry_topic",
-    "parse_tags",
-    "tag_hash",
 ]
-
-# Record types of the broker's log records.
-RT_MSG = 1  # a normal message: header [topic, tags, keys, properties, born, epoch] ; body
-RT_HALF = 2  # a half message: the same + [producer group, producer id, queue]
-RT_TX_OP = 3  # a transaction outcome: id, s ("C" | "R" | "A"), hp (half pos)
-RT_RETRY = 4  # a retry: id, rp (message pos), rt (reconsume times), ot, oq, oo, g
-RT_DLQ = 5  # a dead letter: id, rp, g, ot, oq, oo, rt ; indexed by ref into %DLQ%<group>
-RT_COMMIT_REF = 6  # carrier of the index entry that makes a committed half message visible
-
-RETRY_PREFIX = "%RETRY%"
-
-# Positions in the header of a message record (a msgpack array: cheaper than a map to
-# build, encode and decode, and built once per message on the hot path).
-H_TOPIC, H_TAGS, H_KEYS, H_PROPS, H_BORN, H_EPOCH, H_PGROUP, H_PCLIENT, H_QUEUE = range(9)
-
-
-def retry_topic(group: str) -> str:
-    """The retry topic of a group: ``%RETRY%<group>``."""
-    return RETRY_PREFIX + group
-
-
-def tag_hash(tag: str | None) -> int:
-    """The 32-bit hash stored in queue-index entries for tag filtering (0: no tag)."""
-    if not tag:
-        return 0
-    return zlib.crc32(tag.encode()) or 1
-
-
-def parse_tags(expr: str | None) -> frozenset[str] | None:
-    """``"*"``/empty -> None (all); ``"A || B"`` -> {"A", "B"}."""
-    if expr is None:
-        return None
-    expr = expr.strip()
-    if expr in ("", "*"):
-        return None
-    tags = frozenset(t.strip() for t in expr.split("||") if t.strip())
-    return tags or None
-
 
 class QueueReader(Protocol):
     """What the core needs from storage."""

@@ -17,7 +17,7 @@ A transaction (half message)::
 
 Terminal states refuse every event, including the outcome they already hold: repeating
 an outcome is idempotent, but that is decided by the owner of the state (see
-``broker.transactions``), not by pretending the repeat is a transition.
+``broker.core.transactions``), not by pretending the repeat is a transition.
 
 A delivery (one message for one consumer group)::
 

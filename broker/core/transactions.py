@@ -59,7 +59,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from broker.lifecycle import TX_TRANSITIONS, TxEvent, TxState, transition
+from broker.core.lifecycle import TX_TRANSITIONS, TxEvent, TxState, transition
 from protocol.errors import TransactionStateError
 
 __all__ = ["HalfMessage", "HalfMessageTable", "TxState"]

@@ -1,0 +1,80 @@
+"""``Broker``: one engine and the front ends that serve it.
+
+How this works
+--------------
+``Broker.start`` starts the engine (the embedded one: open the data directory and
+recover), then the front ends — the native protocol on ``--port`` and the admin HTTP API
+on ``--http-port`` — and is ready. ``stop`` goes the other way: no new connections, the
+engine finishes and persists what is in flight (sends fsynced, progress saved), then the
+client connections and the HTTP API close.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from broker.config import BrokerConfig
+from broker.engines.embedded import EmbeddedEngine
+from broker.frontends.native.listener import NativeListener
+
+__all__ = ["Broker"]
+
+log = logging.getLogger("halfmq.broker")
+
+
+class Broker:
+    """A halfmq broker; ``async with Broker(BrokerConfig(...)) as b`` runs it in this loop."""
+
+    def __init__(self, config: BrokerConfig | None = None) -> None:
+        self.config = config or BrokerConfig()
+        self.engine = EmbeddedEngine(self.config)
+        self.native = NativeListener(self.engine, self.config)
+        self.broker_id = uuid.uuid4().hex[:12]
+        self.data_dir = self.engine.data_dir
+        self.address = ""
+        self.http_url = ""
+        self.port = 0
+        self.http_port = 0
+        self._http: Any = None
+        self._started = False
+        self._stopping = False
+
+    async def __aenter__(self) -> Broker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start the engine and listen. Raises ``DataDirLockedError`` if the data directory
+        is locked, ``ConfigError`` for a configuration the data directory cannot serve."""
+        cfg = self.config
+        await self.engine.start()
+        try:
+            self.port = await self.native.start()
+            self.address = f"{cfg.host}:{self.port}"
+            from broker.frontends.http.admin import start_admin_http
+
+            self._http, self.http_port = await start_admin_http(self, cfg.host, cfg.http_port)
+            self.http_url = f"http://{cfg.host}:{self.http_port}"
+        except BaseException:
+            self.native.stop()
+            await self.engine.stop()
+            raise
+        self._started = True
+        log.info("broker started tcp=%s http=%s data=%s flush=%s", self.address, self.http_url, self.data_dir, cfg.flush)
+
+    async def stop(self) -> None:
+        """Graceful stop: no new connections, writes finished and fsynced, progress persisted."""
+        if self._stopping or not self._started:
+            return
+        self._stopping = True
+        self.native.stop()
+        await self.engine.stop()
+        self.native.close_all()
+        if self._http is not None:
+            await self._http.cleanup()
+        log.info("broker stopped")

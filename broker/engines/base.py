@@ -1,0 +1,116 @@
+"""The boundary between front ends and engines.
+
+How this works
+--------------
+A front end (the native TCP protocol, the admin HTTP API) turns what a client asks into
+calls on an :class:`Engine`; the engine keeps what must survive and answers through the
+client's :class:`Session`. Calls are plain method calls on the event loop — no task per
+request — and an engine answers a request later, when what it asked for is durable, with
+``session.reply(rid, payload)`` or ``session.error(rid, exc)``. Payloads have the shapes of
+the native protocol (docs/protocol.md), so the native front end forwards them unchanged.
+
+The front end validates what it receives before calling the engine (names, types, sizes,
+the limits of ``BrokerConfig``): an engine may assume well-formed arguments, and a request
+refused by the front end never reaches it, so nothing is stored for it.
+
+Admin queries are coroutines returning JSON-able values; they are not on the data path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+from protocol.errors import HalfMQError
+
+__all__ = ["Engine", "Session", "Subscription"]
+
+
+class Session(Protocol):
+    """One client connection, as an engine sees it (implemented by each front end)."""
+
+    conn_id: str  # unique within the broker process
+    client_id: str | None  # from the handshake
+    role: str | None  # "producer" | "consumer"
+    group: str | None  # the producer group of the handshake
+    peer: str  # "ip:port" of the client
+    closed: bool
+
+    @property
+    def writable(self) -> bool:
+        """False while the client does not read fast enough: deliver nothing more to it."""
+        ...
+
+    def reply(self, rid: int, payload: Any) -> None:
+        """Answer request ``rid`` (nothing when rid is 0)."""
+        ...
+
+    def error(self, rid: int, exc: HalfMQError) -> None:
+        """Answer request ``rid`` with an error."""
+        ...
+
+    def deliver(self, items: list[list[Any]]) -> None:
+        """Send deliveries ``[[token, wire message], ...]`` to a consumer."""
+        ...
+
+    def request(self, op: int, payload: Any) -> asyncio.Future[Any]:
+        """A broker-initiated request (a check-back); resolves with the client's answer."""
+        ...
+
+    def flush(self) -> None:
+        """Write what is queued for the client now rather than at the end of the iteration."""
+        ...
+
+
+class Subscription(Protocol):
+    """What a consumer asked for (see ``SUBSCRIBE`` in docs/protocol.md)."""
+
+    group: str
+    topic: str
+    tags: str | None
+    start: str
+    prefetch: int
+    max_reconsume_times: int
+
+
+class Engine(Protocol):
+    """What a broker does, whatever keeps its data."""
+
+    async def start(self) -> None:
+        """Open or connect to the storage and recover; raise if that is impossible."""
+        ...
+
+    async def stop(self) -> None:
+        """Finish and persist what is in flight (SPEC §2's graceful stop)."""
+        ...
+
+    def session_opened(self, s: Session) -> None: ...
+
+    def session_closed(self, s: Session) -> None:
+        """The connection is gone: no more deliveries to it; its leases expire later (C5)."""
+        ...
+
+    def producer_hello(self, s: Session) -> None:
+        """``s`` is a producer (of ``s.group``, if set): check-backs may be sent to it."""
+        ...
+
+    def send(self, s: Session, rid: int, topic: str, msgs: list[list[Any]], half: bool) -> None:
+        """Store ``msgs`` (validated wire rows ``[body, tags, keys, properties, born]``) in
+        ``topic``; reply ``{"p": prefix, "r": [[pos, queue_id, queue_offset], ...]}`` once durable."""
+        ...
+
+    def end_tx(self, s: Session, rid: int, items: list[tuple[str, str]], single: bool) -> None:
+        """Record transaction outcomes (T6); reply when every changed outcome is durable."""
+        ...
+
+    def subscribe(self, s: Session, rid: int, sub: Subscription) -> None: ...
+
+    def unsubscribe(self, s: Session, rid: int) -> None: ...
+
+    def ack(self, s: Session, rid: int, acks: list[tuple[int, bool]]) -> None:
+        """Results of deliveries (``ok``: SUCCESS); reply (when rid) once they are durable."""
+        ...
+
+    def session_writable(self, s: Session) -> None:
+        """The client reads again: deliveries may resume."""
+        ...

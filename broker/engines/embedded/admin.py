@@ -1,0 +1,260 @@
+"""The admin views and actions of the embedded engine (served by the admin HTTP API).
+
+How this works
+--------------
+Read-only views are computed from what the engine already holds — the store's queue
+indexes, the groups' cursors and leases, the transaction table — never from a second copy
+kept for the admin API. Each returns JSON-able values. The actions (resend a dead letter,
+resolve a transaction by hand) go through the same paths as the data plane: records
+appended with the group commit, outcomes recorded once (T6).
+
+Nothing here is on the hot path; views that walk queues are bounded by their ``limit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from broker.core.lifecycle import TxState
+from broker.core.records import (
+    H_KEYS,
+    H_QUEUE,
+    H_TAGS,
+    H_TOPIC,
+    RETRY_PREFIX,
+    RT_HALF,
+    RT_MSG,
+    RT_RETRY,
+    build_wire,
+    parse_msg_id,
+    record_msg_id,
+    retry_topic,
+    tag_hash,
+    wire_json,
+)
+from protocol import DLQ_PREFIX, validate_name
+from storage import IndexTarget, NewRecord, Record
+
+if TYPE_CHECKING:
+    from broker.core.delivery import GroupDelivery
+    from broker.engines.embedded.engine import EmbeddedEngine
+
+__all__ = ["EmbeddedAdmin"]
+
+
+class EmbeddedAdmin:
+    """The admin views and actions of :class:`EmbeddedEngine` (see the module docstring)."""
+
+    # -- views ----------------------------------------------------------------------------
+
+    async def admin_stats(self: EmbeddedEngine) -> dict[str, Any]:
+        """Store counters and messages sent."""
+        assert self.store is not None
+        return {"store": dict(self.store.stats), "sent": self.stats.get("sent", 0)}
+
+    async def admin_topics(self: EmbeddedEngine) -> list[dict[str, Any]]:
+        """Topics (``%DLQ%`` ones included) with their queues and message counts."""
+        store = self.store
+        assert store is not None
+        names = set(self.topics)
+        names.update(t for t, _q in store.queues() if t.startswith(DLQ_PREFIX))
+        out = []
+        for name in sorted(names):
+            queues = []
+            for q in range(self.queue_count(name)):
+                start, end = store.queue_start(name, q), store.queue_end(name, q)
+                queues.append({"queue_id": q, "min_offset": start, "max_offset": end, "messages": end - start})
+            out.append({"topic": name, "queues": queues, "messages": sum(q["messages"] for q in queues)})
+        return out
+
+    async def admin_groups(self: EmbeddedEngine) -> list[dict[str, Any]]:
+        """Per group: topics, members, delivered, acked, failed, expired, in flight,
+        waiting retry, dead-lettered, lag."""
+        store = self.store
+        assert store is not None
+        out = []
+        for name, gd in sorted(self.groups.items()):
+            dlq = DLQ_PREFIX + name
+            out.append({
+                "group": name,
+                "topics": sorted(gd.topics()),
+                "members": len(gd.members),
+                "delivered": gd.stats["delivered"],
+                "acked": gd.stats["acked"],
+                "failed": gd.stats["failed"],
+                "expired": gd.stats["expired"],
+                "in_flight": len(gd.leases),
+                "waiting_retry": gd.waiting_retry(),
+                "dead_lettered": store.queue_end(dlq, 0) - store.queue_start(dlq, 0),
+                "lag": gd.lag(),
+            })
+        return out
+
+    async def admin_transactions(self: EmbeddedEngine, state: TxState) -> list[dict[str, Any]]:
+        """Half messages in ``state`` (committed / rolled back: the most recent 1,000)."""
+        now = time.time()
+        return [
+            {
+                "msg_id": hm.msg_id,
+                "topic": hm.topic,
+                "keys": list(hm.keys),
+                "group": hm.group,
+                "producer_id": hm.producer_id,
+                "state": hm.state.name,
+                "age": round(now - hm.prepared_at, 3),
+                "checks": hm.checks,
+                "next_check_at": hm.next_check_at if hm.state is TxState.PREPARED else None,
+            }
+            for hm in self.tx.list(state)
+        ]
+
+    def read_message(self: EmbeddedEngine, msg_id: str) -> Record:
+        """The stored record of a message id; KeyError if there is none."""
+        assert self.store is not None
+        try:
+            pos = parse_msg_id(msg_id)
+            rec = self.store.read(pos)
+        except (ValueError, KeyError, OSError) as exc:
+            raise KeyError(msg_id) from exc
+        if rec.rtype not in (RT_MSG, RT_HALF) or record_msg_id(rec) != msg_id:
+            raise KeyError(msg_id)
+        return rec
+
+    async def admin_message(self: EmbeddedEngine, msg_id: str) -> dict[str, Any] | None:
+        """The message, its transaction state if it was a half message, and its state in
+        each group; None if there is no such message."""
+        try:
+            rec = self.read_message(msg_id)
+        except KeyError:
+            return None
+        h = rec.header
+        topic = h[H_TOPIC]
+        if rec.rtype == RT_HALF:
+            qid, off = h[H_QUEUE], -1
+        else:
+            qid, off = self._locate(topic, rec)
+        body = wire_json(build_wire(rec, topic, qid, off, 0))
+        tx_state = self.tx.state_of(msg_id)
+        if tx_state is not None:
+            body["transaction"] = {"state": tx_state.name, "checks": self.tx.checks_of(msg_id)}
+        body["groups"] = self._group_states(msg_id, rec)
+        return body
+
+    def _locate(self: EmbeddedEngine, topic: str, rec: Record) -> tuple[int, int]:
+        """``(queue_id, queue_offset)`` of a stored message, or (-1, -1) if no queue holds
+        it. Entries of a queue are in store-time order, so a binary search on the record's
+        store time finds the few entries of that millisecond."""
+        store = self.store
+        assert store is not None
+        for q in range(self.queue_count(topic)):
+            lo, hi = store.queue_start(topic, q), store.queue_end(topic, q)
+            while lo < hi:  # first offset whose entry is not older than the record
+                mid = (lo + hi) // 2
+                entries = store.read_queue(topic, q, mid, 1)
+                if entries and entries[0][1].store_time < rec.store_time:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            for off, entry in store.read_queue(topic, q, lo, 4096):
+                if entry.store_time > rec.store_time:
+                    break
+                if entry.pos == rec.pos:
+                    return q, off
+        return -1, -1
+
+    def _done_in_origin_queue(self: EmbeddedEngine, gd: GroupDelivery, topic: str, rec: Record) -> bool:
+        """Whether the group is past the message in its original queue (acked or filtered)."""
+        qid, off = self._locate(topic, rec)
+        cur = gd.cursors.get((topic, qid)) if qid >= 0 else None
+        if cur is None:
+            return False
+        return off < cur.committed or (off < cur.next_offset and off not in cur.inflight)
+
+    def _group_states(self: EmbeddedEngine, msg_id: str, rec: Record) -> dict[str, Any]:
+        """The message's state in each group, from leases, retry queues, DLQ and cursors."""
+        store = self.store
+        assert store is not None
+        topic = rec.header[H_TOPIC]
+        states: dict[str, Any] = {}
+        delays = self.config.retry_delays
+        for name, gd in self.groups.items():
+            if topic not in gd.topics():
+                continue
+            st: dict[str, Any] = {"deliveries": 0, "state": "pending"}
+            retries = []
+            rt = RETRY_PREFIX + name
+            for (t, q), cur in gd.cursors.items():
+                if t != rt:
+                    continue
+                for off, r in self._scan_queue(t, q):
+                    if r.header.get("id") == msg_id:
+                        due = r.store_time / 1000.0 + (delays[q] if q < len(delays) else 0.0)
+                        retries.append((r.header["rt"], due, off >= cur.next_offset))
+            dlq = DLQ_PREFIX + name
+            dead = any(record_msg_id(r) == msg_id for _o, r in self._scan_queue(dlq, 0))
+            leases = list(gd.lease_of(msg_id))
+            st["deliveries"] = max([r[0] for r in retries], default=0) + (1 if (retries or leases or dead) else 0)
+            if dead:
+                st["state"] = "dead_lettered"
+            elif leases:
+                st["state"] = "in_flight"
+                st["lease_deadline"] = leases[0].deadline
+            elif any(r[2] for r in retries):
+                st["state"] = "retrying"
+                st["retry_at"] = min(r[1] for r in retries if r[2])
+            else:
+                done = self._done_in_origin_queue(gd, topic, rec)
+                st["state"] = "acked" if done else "pending"
+                if done and not st["deliveries"]:
+                    st["deliveries"] = 1
+            states[name] = st
+        return states
+
+    async def admin_find(self: EmbeddedEngine, topic: str, key: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Messages of ``topic`` carrying business key ``key`` (at most ``limit``)."""
+        out: list[dict[str, Any]] = []
+        for q in range(self.queue_count(topic)):
+            for o, rec in self._scan_queue(topic, q):
+                if key in rec.header[H_KEYS]:
+                    out.append(wire_json(build_wire(rec, topic, q, o, 0)))
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    # -- actions --------------------------------------------------------------------------
+
+    def resend_from_dlq(self: EmbeddedEngine, group: str, msg_id: str) -> asyncio.Future[Any]:
+        """Send a dead-lettered message back to its original topic for ``group`` only.
+
+        Raises ``KeyError`` if it is not in ``%DLQ%<group>``, ``InvalidNameError`` for a
+        bad group name. The returned future resolves when the retry record is durable.
+        """
+        assert self.store is not None
+        validate_name(group, "group")
+        dlq = DLQ_PREFIX + group
+        found = next((rec for _o, rec in self._scan_queue(dlq, 0) if record_msg_id(rec) == msg_id), None)
+        if found is None:
+            raise KeyError(msg_id)
+        h = found.header
+        topic = h[H_TOPIC]
+        level = len(self.config.retry_delays)
+        rec = NewRecord(RT_RETRY, {"id": msg_id, "rp": found.pos, "rt": 0, "ot": topic,
+                                   "oq": h[H_QUEUE] if len(h) > H_QUEUE else 0,
+                                   "oo": -1, "g": group, "resent": True},
+                        b"", IndexTarget(retry_topic(group), level, tag_hash(h[H_TAGS])))
+        self._group(group)
+        _, fut = self.store.append([rec])
+        fut.add_done_callback(lambda f: self.schedule_dispatch())
+        return fut
+
+    async def admin_resend(self: EmbeddedEngine, group: str, msg_id: str) -> None:
+        """:meth:`resend_from_dlq`, awaited until durable."""
+        await self.resend_from_dlq(group, msg_id)
+
+    async def admin_resolve(self: EmbeddedEngine, msg_id: str, state: TxState) -> None:
+        """Resolve a prepared transaction by hand (``TransactionStateError`` if it cannot be)."""
+        fut = self.resolve_transaction(msg_id, state)
+        if fut is not None:
+            await fut

@@ -1,0 +1,312 @@
+"""The embedded engine: one data directory, the ``storage/`` log, and the cores around it.
+
+How this works
+--------------
+``EmbeddedEngine`` opens the ``MessageStore`` (which recovers the log), rebuilds the
+transaction table from the ``%HALF%`` and ``%OP%`` queues and the consumer groups from
+their saved offsets and the ``%ACK%`` queue, then serves the calls of
+:class:`broker.engines.base.Engine`. Its parts, one file each:
+
+- **sending** (:mod:`.sending`): SENDs are turned into log records and appended in one
+  ``store.append`` per loop iteration; replies go out from the append future's callback
+  (after the fsync in ``--flush sync``), with no task per message.
+- **transactions** (:mod:`.transactions`): a half message is an ``RT_HALF`` record indexed
+  in ``%HALF%``; its state lives in ``HalfMessageTable`` (``broker.core.transactions``).
+  COMMIT appends an outcome record plus an index entry in the real topic that points at
+  the stored half record — the body is never written twice. A timer asks producers about
+  old PREPARED ones (check-back) on their own connections.
+- **delivering** (:mod:`.delivering`): one ``GroupDelivery`` per consumer group
+  (``broker.core.delivery``) decides what goes to whom; this shell runs it when something
+  changed, sends the deliveries, and appends the retry / dead-letter / ack records it
+  returns.
+- **admin** (:mod:`.admin`): the read-only views and the operator's actions of the admin API.
+
+This file holds what they share: start, recovery, stop, topics and groups, sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from broker.config import BrokerConfig, ConfigError
+from broker.core.delivery import GroupDelivery
+from broker.core.lifecycle import TxState
+from broker.core.records import (
+    H_KEYS,
+    H_PCLIENT,
+    H_PGROUP,
+    H_QUEUE,
+    H_TAGS,
+    H_TOPIC,
+    HALF_TOPIC,
+    OP_TOPIC,
+    RETRY_PREFIX,
+    record_msg_id,
+    tag_hash,
+)
+from broker.core.transactions import HalfMessageTable
+from broker.engines.base import Session
+from broker.engines.embedded.admin import EmbeddedAdmin
+from broker.engines.embedded.delivering import EmbeddedDelivering
+from broker.engines.embedded.sending import EmbeddedSending
+from broker.engines.embedded.transactions import CODE_OUTCOMES, EmbeddedTransactions
+from protocol import DLQ_PREFIX, FRAME_OVERHEAD, TopicNotFoundError
+from storage import IndexTarget, MessageStore, NewBundle, NewRecord
+
+__all__ = ["EmbeddedEngine"]
+
+log = logging.getLogger("halfmq.broker")
+
+#: ... at most this many resolved transactions stay in full (listed by the admin API).
+#: Kept small: a long-lived object per transaction is what the garbage collector walks
+#: (measured at 20,000 transactions/s with everything kept 60 s: gen0 pauses of 10-21 ms
+#: and a 71 ms gen2 pause within 10 s; tx send->deliver p99 at half rate 23 -> 3.2 ms).
+_RESOLVED_LISTED = 1000
+
+#: A SEND of _BUNDLE_MIN to _BUNDLE_MAX plain messages with up to _BUNDLE_BYTES of bodies
+#: in all is stored as one bundle record (see storage.log) in one queue (see .sending).
+_BUNDLE_BYTES = 1 << 20
+
+
+class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, EmbeddedAdmin):
+    """The default engine: everything in one local data directory (see the module docstring)."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.data_dir = str(Path(config.data_dir).resolve())
+        self.store: MessageStore | None = None
+        self.topics: dict[str, int] = {}
+        self.groups: dict[str, GroupDelivery] = {}
+        self.tx = HalfMessageTable(
+            tx_timeout=config.tx_timeout,
+            tx_check_interval=config.tx_check_interval,
+            tx_check_max=config.tx_check_max,
+            # final states kept to answer a repeated END_TX: ~30 MB at most
+            forgotten_capacity=200_000,
+            resolved_keep=_RESOLVED_LISTED,
+        )
+        self.producers_by_id: dict[str, Session] = {}
+        self.producers_by_group: dict[str, set[Session]] = defaultdict(set)
+        self.stats = {"sent": 0}
+        self._stopping = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._saved_offsets: dict[str, dict[tuple[str, int], int]] = {}
+        # sending
+        self._rr: dict[str, int] = defaultdict(int)
+        self._send_records: list[NewRecord | NewBundle] = []
+        self._send_entries: list[tuple[Any, ...]] = []
+        self._send_count = 0  # messages (Stored rows) in _send_records
+        self._bundle_bytes = _BUNDLE_BYTES
+        self._sends_scheduled = False
+        self._targets: dict[tuple[str, int, int], IndexTarget] = {}  # shared, immutable
+        # transactions: pending half message -> (queue, tag hash, size of its record)
+        self._half_meta: dict[str, tuple[int, int, int]] = {}
+        self._checks_in_flight: dict[str, asyncio.Future[Any]] = {}
+        self._next_forget = 0.0
+        # delivering
+        self._consumers: dict[str, Session] = {}  # conn_id -> subscribed session
+        self._subscriptions: dict[str, tuple[str, str]] = {}  # conn_id -> (group, topic)
+        self._dispatch_scheduled = False
+        self._last_saved: dict[str, list[Any]] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and recover. Raises ``DataDirLockedError`` if the directory is
+        locked, ``ConfigError`` if its segments cannot hold the largest message."""
+        cfg = self.config
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.store = await MessageStore.open(
+            self.data_dir,
+            segment_size=cfg.segment_size,
+            flush=cfg.flush,
+            flush_interval=cfg.flush_interval,
+            retention=cfg.retention,
+        )
+        # one record of the largest message must fit in a segment (whose size may also have
+        # been kept from an older store): refuse to start rather than fail sends later
+        seg = self.store.segment_size
+        need = cfg.max_message_size + FRAME_OVERHEAD + 4096
+        if seg < need:
+            await self.store.close()
+            self.store = None
+            raise ConfigError(
+                f"--segment-size {seg} (of the store in {self.data_dir}) cannot hold a message of "
+                f"--max-message-size {cfg.max_message_size}: segments need at least {need} bytes; "
+                "raise --segment-size (new stores only) or lower --max-message-size")
+        # a bundle must fit in a segment too: it holds at most one SEND frame's messages
+        # plus per-member framing (bounded by the bundle size), so bundles are only made
+        # when a segment has room for two whole frames and that framing
+        if seg < 2 * (cfg.max_message_size + FRAME_OVERHEAD) + (256 << 10):
+            self._bundle_bytes = -1
+            log.info("segments of %d bytes are too small to store send_batch messages as one "
+                     "record: one record per message", seg)
+        try:
+            await self._recover()
+            self.store.set_retention_guard(self._retention_guard)
+            self._tasks = [
+                asyncio.create_task(self._tick_loop(), name="halfmq-tick"),
+                asyncio.create_task(self._tx_check_loop(), name="halfmq-tx-check"),
+                asyncio.create_task(self._checkpoint_loop(), name="halfmq-checkpoint"),
+            ]
+        except BaseException:
+            await self.store.close()
+            raise
+
+    async def stop(self) -> None:
+        """Stop the timers, then finish and fsync the writes and persist group progress."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.store is not None:
+            await self.store.flush()
+            await self._persist_offsets()
+            await self.store.close()
+
+    async def _recover(self) -> None:
+        store = self.store
+        assert store is not None
+        md = store.metadata
+        self.topics = dict(await md.get_topics())
+        await self._load_offsets()
+        # transactions: outcomes first, then halves
+        outcomes: dict[str, tuple[TxState, float]] = {}
+        for _o, rec in self._scan_queue(OP_TOPIC, 0):
+            outcomes[rec.header["id"]] = (CODE_OUTCOMES[rec.header["s"]], rec.store_time / 1000.0)
+        n_prepared = 0
+        for _o, rec in self._scan_queue(HALF_TOPIC, 0):
+            h = rec.header
+            msg_id = record_msg_id(rec)
+            self.tx.replay_prepared(
+                msg_id, topic=h[H_TOPIC], group=h[H_PGROUP], producer_id=h[H_PCLIENT], keys=tuple(h[H_KEYS]),
+                pos=rec.pos, prepared_at=rec.store_time / 1000.0,
+            )
+            if msg_id in outcomes:
+                state, at = outcomes[msg_id]
+                self.tx.replay_outcome(msg_id, state, at)
+            else:
+                n_prepared += 1
+                self._half_meta[msg_id] = (h[H_QUEUE], tag_hash(h[H_TAGS]), rec.size)
+        self.tx.after_replay(time.time())
+        for group in self._saved_offsets:
+            self._group(group)
+        if n_prepared:
+            log.info("recovered %d unresolved half messages", n_prepared)
+
+    def _scan_queue(self, topic: str, qid: int, start: int | None = None) -> Any:
+        """Every ``(offset, record)`` of a queue from ``start`` (default: its first) on."""
+        store = self.store
+        assert store is not None
+        end = store.queue_end(topic, qid)
+        off = store.queue_start(topic, qid) if start is None else max(start, store.queue_start(topic, qid))
+        while off < end:
+            recs = store.read_queue_records(topic, qid, off, 1024)
+            if not recs:
+                entries = store.read_queue(topic, qid, off, 1024)
+                if not entries:
+                    return
+                off = entries[-1][0] + 1  # records gone (retention): step over them
+                continue
+            for o, rec in recs:
+                off = o + 1
+                yield o, rec
+
+    def _retention_guard(self) -> int:
+        assert self.store is not None
+        low = self.store.end_pos
+        p = self.tx.min_pending_pos()
+        if p is not None:
+            low = min(low, p)
+        for gd in self.groups.values():
+            for (topic, qid), off in gd.committed_offsets().items():
+                entries = self.store.read_queue(topic, qid, off, 1)
+                if entries:
+                    low = min(low, entries[0][1].pos)
+                    if topic.startswith(RETRY_PREFIX):
+                        rec = self.store.read(entries[0][1].pos)
+                        low = min(low, rec.header.get("rp", low))
+        return low
+
+    # -- topics and groups ------------------------------------------------------------
+
+    def queue_count(self, topic: str) -> int:
+        """Queues of a topic (system topics included); 0 if it does not exist."""
+        n = self.topics.get(topic)
+        if n is not None:
+            return n
+        if topic.startswith(DLQ_PREFIX) or topic in (HALF_TOPIC, OP_TOPIC):
+            return 1
+        if topic.startswith(RETRY_PREFIX):
+            return len(self.config.retry_delays) + 1
+        return 0
+
+    def _ensure_topic(self, topic: str) -> int:
+        n = self.topics.get(topic)
+        if n is not None:
+            return n
+        if not self.config.auto_create_topics:
+            raise TopicNotFoundError(f"topic {topic!r} does not exist and auto-create is off")
+        n = self.topics[topic] = self.config.default_queues
+        assert self.store is not None
+        asyncio.get_running_loop().create_task(self.store.metadata.put_topic(topic, n))
+        log.info("created topic %s with %d queues", topic, n)
+        for gd in self.groups.values():
+            if topic in gd.topics():
+                gd.ensure_topic(topic)
+        return n
+
+    def _group(self, group: str) -> GroupDelivery:
+        gd = self.groups.get(group)
+        if gd is None:
+            assert self.store is not None
+            gd = self.groups[group] = GroupDelivery(
+                group,
+                self.store,
+                queue_counts=self.queue_count,
+                retry_delays=tuple(self.config.retry_delays),
+                ack_timeout=self.config.ack_timeout,
+                offsets=self._saved_offsets.get(group),
+            )
+            saved = self._saved_offsets.get(group) or {}
+            for t in {k[0] for k in saved}:
+                if not t.startswith(RETRY_PREFIX):
+                    gd.ensure_topic(t)
+        return gd
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def session_opened(self, s: Session) -> None:
+        """A client connected (nothing to do until it says who it is)."""
+
+    def session_closed(self, s: Session) -> None:
+        """The connection is gone: its subscription ends, its leases expire later (C5)."""
+        if s.client_id and self.producers_by_id.get(s.client_id) is s:
+            del self.producers_by_id[s.client_id]
+        if s.group:
+            self.producers_by_group.get(s.group, set()).discard(s)
+        self._consumers.pop(s.conn_id, None)
+        sub = self._subscriptions.pop(s.conn_id, None)
+        if sub is not None:
+            gd = self.groups.get(sub[0])
+            if gd is not None:
+                gd.member_gone(s.conn_id)
+
+    def producer_hello(self, s: Session) -> None:
+        """Register a producer for check-backs (by instance id and by group)."""
+        if s.client_id:
+            self.producers_by_id[s.client_id] = s
+        if s.group:
+            self.producers_by_group[s.group].add(s)

@@ -1,0 +1,241 @@
+"""Transactions on the embedded engine: outcomes in the log, check-backs on producers' connections.
+
+How this works
+--------------
+The rules live in ``HalfMessageTable`` (``broker.core.transactions``); this shell gives them
+I/O. An outcome that changes a transaction (END_TX from the producer, a check-back answer,
+an operator, abandonment) appends an ``RT_TX_OP`` record to ``%OP%``; a COMMIT also
+appends an ``RT_COMMIT_REF`` record whose index entry, in the topic's queue, points at the
+stored half record — so the committed message is delivered from the bytes the producer
+sent, never copied. Both go into the same iteration's append as the sends
+(``_queue_records``) and the producer is answered once they are durable. A repeated
+outcome is answered at once with the recorded state (T6).
+
+Check-backs: a timer wakes at the next due check (at least every ``--tx-check-interval``)
+and asks, for each due half message, the producer instance that sent it — else any live
+producer of its group — with a CHECK request on that producer's own connection. At most
+one check per transaction is outstanding; a check counts only when it reached a producer
+(answered, or unanswered on a live connection for ``_check_timeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from broker.core.lifecycle import TxState
+from broker.core.records import (
+    H_QUEUE,
+    H_TAGS,
+    OP_TOPIC,
+    RT_COMMIT_REF,
+    RT_TX_OP,
+    build_wire,
+    tag_hash,
+)
+from broker.engines.base import Session
+from protocol import (
+    BadRequestError,
+    BrokerUnavailableError,
+    Op,
+    RequestTimeoutError,
+    TransactionStateError,
+)
+from protocol.errors import HalfMQError
+from storage import IndexTarget, NewRecord
+
+if TYPE_CHECKING:
+    from broker.engines.embedded.engine import EmbeddedEngine
+
+__all__ = ["EmbeddedTransactions", "CODE_OUTCOMES"]
+
+log = logging.getLogger("halfmq.broker")
+
+#: Seconds a resolved transaction stays in full before only its final state and check
+#: count are kept (enough for a repeated END_TX and the admin API).
+_RESOLVED_KEPT = 60.0
+_OUTCOME_CODES = {TxState.COMMITTED: "C", TxState.ROLLED_BACK: "R", TxState.ABANDONED: "A"}
+CODE_OUTCOMES = {v: k for k, v in _OUTCOME_CODES.items()}
+_REPLY_STATES = {TxState.COMMITTED: "COMMITTED", TxState.ROLLED_BACK: "ROLLED_BACK", TxState.ABANDONED: "ABANDONED"}
+_REQUESTED = {"COMMIT": TxState.COMMITTED, "ROLLBACK": TxState.ROLLED_BACK}
+
+
+def _time_out(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(RequestTimeoutError("no answer to the check-back in time"))
+
+
+class EmbeddedTransactions:
+    """The transaction shell of :class:`EmbeddedEngine` (see the module docstring)."""
+
+    def end_tx(self: EmbeddedEngine, s: Session, rid: int, items: list[tuple[str, str]], single: bool) -> None:
+        """Record outcomes (T6). ``single``: one item, answered ``{"state": ...}`` or with
+        its error; otherwise ``{"r": [...]}`` with, per item, the recorded state or
+        ``[code, message]``. The answer goes out once every changed outcome is durable."""
+        now = time.time()
+        if single:
+            msg_id, outcome = items[0]
+            state = _REQUESTED[outcome]
+            recorded, changed = self.tx.resolve(msg_id, state, now)  # raises for the client
+            reply = {"state": _REPLY_STATES[recorded]}
+            if changed:
+                self._append_outcome(msg_id, recorded, reply_to=(s, rid, reply))
+            else:
+                s.reply(rid, reply)
+            return
+        results: list[Any] = []
+        reply_many = {"r": results}
+        last_changed: tuple[str, TxState] | None = None
+        for item in items:
+            try:
+                msg_id, outcome = item
+                state = _REQUESTED.get(outcome) if isinstance(msg_id, str) else None
+                if state is None:
+                    raise BadRequestError("each item must be [msg_id, 'COMMIT' | 'ROLLBACK']")
+                recorded, changed = self.tx.resolve(msg_id, state, now)
+            except HalfMQError as exc:
+                results.append([exc.code, str(exc)])
+                continue
+            except (TypeError, ValueError) as exc:
+                results.append([BadRequestError.code, f"malformed item: {exc!r}"])
+                continue
+            results.append(_REPLY_STATES[recorded])
+            if changed:
+                if last_changed is not None:
+                    self._append_outcome(*last_changed, reply_to=False)
+                last_changed = (msg_id, recorded)
+        if last_changed is None:
+            s.reply(rid, reply_many)
+        else:  # the last record of the batch carries the reply: all share one append
+            self._append_outcome(*last_changed, reply_to=(s, rid, reply_many))
+
+    def resolve_transaction(self: EmbeddedEngine, msg_id: str, state: TxState) -> asyncio.Future[Any] | None:
+        """Record an outcome once (T6). Returns the append future, or None if nothing changed.
+
+        Raises ``TransactionStateError`` for an unknown id or a conflicting outcome.
+        """
+        recorded, changed = self.tx.resolve(msg_id, state, time.time())
+        if not changed:
+            return None
+        return self._append_outcome(msg_id, recorded)
+
+    def _append_outcome(self: EmbeddedEngine, msg_id: str, state: TxState,
+                        reply_to: tuple[Session, int, dict[str, Any]] | None | bool = None) -> asyncio.Future[Any] | None:
+        """Queue the outcome record (and, for COMMIT, the index entry pointing at the stored
+        half record) into this loop iteration's append. When durable: the client request
+        ``reply_to`` is answered, or (without one) the returned future resolves; with
+        ``reply_to=False`` another outcome of the same request answers."""
+        hm = self.tx.get(msg_id)
+        assert hm is not None and self.store is not None
+        records = [NewRecord(RT_TX_OP, {"id": msg_id, "s": _OUTCOME_CODES[state], "hp": hm.pos}, b"",
+                             IndexTarget(OP_TOPIC, 0))]
+        meta = self._half_meta.pop(msg_id, None)
+        if state is TxState.COMMITTED:
+            topic = hm.topic
+            if meta is None:  # not remembered (e.g. recovered from an older log): read the header
+                half = self.store.read(hm.pos)
+                meta = (half.header[H_QUEUE], tag_hash(half.header[H_TAGS]), half.size)
+            nq = self._ensure_topic(topic)
+            records.append(NewRecord(RT_COMMIT_REF, {"id": msg_id}, b"",
+                                     IndexTarget(topic, meta[0] % nq, meta[1], ref_pos=hm.pos, ref_size=meta[2])))
+        fut = asyncio.get_running_loop().create_future() if reply_to is None else None
+        self._queue_records(records, None if reply_to is False else (reply_to or fut))
+        return fut
+
+    async def _tx_check_loop(self: EmbeddedEngine) -> None:
+        interval = self.config.tx_check_interval
+        while True:
+            # wake at the next due check (so a check comes soon after --tx-timeout), at
+            # least every --tx-check-interval
+            due = self.tx.next_due_at()
+            delay = interval if due is None else min(interval, max(0.01, due - time.time()))
+            await asyncio.sleep(delay)
+            try:
+                now = time.time()
+                if now >= self._next_forget:
+                    # resolved transactions keep only their final state after a minute
+                    # (enough to answer a repeated END_TX), so memory does not grow per message
+                    self.tx.forget_resolved(now - _RESOLVED_KEPT)
+                    self._next_forget = now + _RESOLVED_KEPT / 2
+                self.run_tx_checks()
+            except Exception:
+                log.exception("transaction check failed")
+
+    def run_tx_checks(self: EmbeddedEngine) -> None:
+        """One check-back scan: abandon overdue ones, ask producers about due ones.
+
+        At most one check per transaction is outstanding; a check is counted when it was
+        answered (UNKNOWN or a listener failure) or went unanswered for ``_check_timeout``
+        on a live connection -- never merely for being sent, so a slow producer is not
+        flooded and a late but real answer is not overtaken by abandonment.
+        """
+        now = time.time()
+        for hm in self.tx.abandon_overdue(now):
+            self._abandoned(hm.msg_id)
+        for hm in self.tx.due_checks(now):
+            if hm.msg_id in self._checks_in_flight:
+                continue
+            conn = self.producers_by_id.get(hm.producer_id)
+            if conn is None or conn.closed:
+                live = [c for c in self.producers_by_group.get(hm.group, ()) if not c.closed]
+                conn = live[0] if live else None
+            # the next check is scheduled now; it is counted only when answered
+            self.tx.check_unreached(hm.msg_id, now)
+            if conn is None:
+                continue
+            try:
+                rec = self.store.read(hm.pos)  # type: ignore[union-attr]
+            except Exception:
+                log.exception("cannot read half message %s", hm.msg_id)
+                continue
+            wire = build_wire(rec, hm.topic, rec.header[H_QUEUE], -1, 0)
+            fut = conn.request(Op.CHECK, {"m": wire})
+            timer = asyncio.get_running_loop().call_later(self._check_timeout, _time_out, fut)
+            self._checks_in_flight[hm.msg_id] = fut
+            fut.add_done_callback(lambda f, mid=hm.msg_id, t=timer: self._check_answered(mid, f, t))
+
+    @property
+    def _check_timeout(self: EmbeddedEngine) -> float:
+        """How long a check-back may go unanswered before it counts as an UNKNOWN answer."""
+        return max(5.0, 2 * self.config.tx_check_interval)
+
+    def _check_answered(self: EmbeddedEngine, msg_id: str, fut: asyncio.Future[Any],
+                        timer: asyncio.TimerHandle | None = None) -> None:
+        if timer is not None:
+            timer.cancel()
+        self._checks_in_flight.pop(msg_id, None)
+        now = time.time()
+        state = None
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or isinstance(exc, BrokerUnavailableError):
+            return  # the connection went away: the check did not reach anyone, not counted
+        if exc is None:
+            answer = fut.result()
+            state = answer.get("state") if isinstance(answer, dict) else None
+        # answered (or timed out on a live connection): one check that reached a producer
+        self.tx.check_reached(msg_id, now)
+        try:
+            if state == "COMMIT":
+                self.resolve_transaction(msg_id, TxState.COMMITTED)
+                return
+            if state == "ROLLBACK":
+                self.resolve_transaction(msg_id, TxState.ROLLED_BACK)
+                return
+        except TransactionStateError as err:
+            recorded = self.tx.state_of(msg_id)
+            if recorded is TxState.ABANDONED:
+                log.warning("check-back answered %s for %s after it was abandoned: the outcome "
+                            "stays ABANDONED (%s)", state, msg_id, err)
+            return  # resolved meanwhile by an END_TX: the recorded outcome stands
+        # UNKNOWN, a failing listener, or no answer in time
+        if self.tx.check_unknown(msg_id, now) is TxState.ABANDONED:
+            self._abandoned(msg_id)
+
+    def _abandoned(self: EmbeddedEngine, msg_id: str) -> None:
+        hm = self.tx.get(msg_id)
+        log.warning("transaction %s abandoned after %d check-backs (topic %s, group %s): never delivered",
+                    msg_id, hm.checks if hm else -1, hm.topic if hm else "?", hm.group if hm else "?")
+        self._append_outcome(msg_id, TxState.ABANDONED)
+

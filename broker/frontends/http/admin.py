@@ -1,0 +1,140 @@
+"""The admin HTTP API (aiohttp, JSON, plus one HTML console page) on ``--http-port``: for
+people and tools, never the data plane.
+
+Routes
+------
+- ``GET /`` — the console: an HTML page of topics, groups and prepared/abandoned
+  transactions (see :mod:`broker.frontends.http.console`)
+- ``GET /healthz`` — ``{"status": "ok"}``
+- ``GET /api/stats`` — store counters (batches, records, writes, fsyncs, bundles,
+  ``handed_off``: synced batches written by the writer thread while the loop went on,
+  ``loop_disk_wait_ns``: time the event loop spent waiting for the disk in writes and
+  fdatasyncs done on it) and messages sent
+- ``GET /api/topics`` — topics with their queues and message counts
+- ``GET /api/groups`` — per group and topic: delivered, acked, in-flight, waiting retry,
+  dead-lettered, lag
+- ``GET /api/messages/{msg_id}`` — the message and its state in each group
+- ``GET /api/messages?topic=T&key=K`` — messages of a topic carrying a business key
+- ``POST /api/dlq/{group}/messages/{msg_id}/resend`` — back to its original topic for that group
+- ``GET /api/transactions?state=prepared|abandoned|committed|rolled_back`` — half messages
+- ``POST /api/transactions/{msg_id}/commit`` and ``.../rollback`` — resolve one by hand
+
+Every route is a thin translation onto the engine's admin calls.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from broker.core.lifecycle import TxState
+from broker.frontends.http.console import render_console
+from protocol import DLQ_PREFIX, HalfMQError, TransactionStateError
+
+if TYPE_CHECKING:
+    from broker.app import Broker
+
+__all__ = ["start_admin_http", "build_app"]
+
+
+def build_app(broker: Broker) -> web.Application:
+    """The aiohttp application serving the admin API of ``broker``."""
+    engine: Any = broker.engine
+    routes = web.RouteTableDef()
+
+    def err(status: int, message: str) -> web.Response:
+        return web.json_response({"error": message}, status=status)
+
+    @routes.get("/healthz")
+    async def healthz(_req: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "broker_id": broker.broker_id, "data_dir": broker.data_dir})
+
+    @routes.get("/")
+    async def console(_req: web.Request) -> web.Response:
+        page = render_console(
+            broker_id=broker.broker_id, data_dir=str(broker.data_dir), topics=await engine.admin_topics(),
+            groups=await engine.admin_groups(), prepared=await engine.admin_transactions(TxState.PREPARED),
+            abandoned=await engine.admin_transactions(TxState.ABANDONED),
+        )
+        return web.Response(text=page, content_type="text/html")
+
+    @routes.get("/api/stats")
+    async def stats(_req: web.Request) -> web.Response:
+        return web.json_response(await engine.admin_stats())
+
+    @routes.get("/api/topics")
+    async def topics(_req: web.Request) -> web.Response:
+        return web.json_response({"topics": await engine.admin_topics()})
+
+    @routes.get("/api/groups")
+    async def groups(_req: web.Request) -> web.Response:
+        return web.json_response({"groups": await engine.admin_groups()})
+
+    @routes.get("/api/messages/{msg_id}")
+    async def message(req: web.Request) -> web.Response:
+        msg_id = req.match_info["msg_id"]
+        body = await engine.admin_message(msg_id)
+        if body is None:
+            return err(404, f"no message {msg_id}")
+        return web.json_response(body)
+
+    @routes.get("/api/messages")
+    async def by_key(req: web.Request) -> web.Response:
+        topic = req.query.get("topic")
+        key = req.query.get("key")
+        if not topic or not key:
+            return err(400, "query parameters topic and key are required")
+        return web.json_response({"messages": await engine.admin_find(topic, key)})
+
+    @routes.post("/api/dlq/{group}/messages/{msg_id}/resend")
+    async def resend(req: web.Request) -> web.Response:
+        group, msg_id = req.match_info["group"], req.match_info["msg_id"]
+        try:
+            await engine.admin_resend(group, msg_id)
+        except KeyError:
+            return err(404, f"message {msg_id} is not in {DLQ_PREFIX}{group}")
+        except HalfMQError as exc:
+            return err(400, str(exc))
+        return web.json_response({"resent": msg_id, "group": group})
+
+    @routes.get("/api/transactions")
+    async def transactions(req: web.Request) -> web.Response:
+        name = req.query.get("state", "prepared").upper()
+        try:
+            state = TxState[name]
+        except KeyError:
+            return err(400, "state must be prepared, committed, rolled_back or abandoned")
+        return web.json_response({"transactions": await engine.admin_transactions(state)})
+
+    async def resolve(req: web.Request, state: TxState) -> web.Response:
+        msg_id = req.match_info["msg_id"]
+        try:
+            await engine.admin_resolve(msg_id, state)
+        except TransactionStateError as exc:
+            return err(409, str(exc))
+        return web.json_response({"msg_id": msg_id, "state": state.name})
+
+    @routes.post("/api/transactions/{msg_id}/commit")
+    async def commit(req: web.Request) -> web.Response:
+        return await resolve(req, TxState.COMMITTED)
+
+    @routes.post("/api/transactions/{msg_id}/rollback")
+    async def rollback(req: web.Request) -> web.Response:
+        return await resolve(req, TxState.ROLLED_BACK)
+
+    app = web.Application()
+    app.add_routes(routes)
+    return app
+
+
+async def start_admin_http(broker: Broker, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start the admin API; returns the runner (for cleanup) and the bound port."""
+    runner = web.AppRunner(build_app(broker), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor for the bound port
+    assert server is not None
+    bound = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, bound

@@ -1,0 +1,353 @@
+"""One client connection on the broker side: frames in, requests checked and passed to the
+engine, frames out.
+
+How this works
+--------------
+``ClientConnection`` is an ``asyncio.Protocol`` and the engine's :class:`Session` for that
+client. Bytes go through a ``FrameDecoder``; each request frame is checked here — the
+handshake first, then names, types, sizes and limits — and handed to the engine, which
+answers with ``reply`` / ``error`` now or later (when the log has the records). A request
+refused here never reaches the engine, so nothing is stored for it. Outgoing frames are
+collected in a list and written with one ``transport.write`` per loop iteration, so many
+replies and deliveries share a syscall.
+
+A malformed frame (undecodable, too large, not ``[op, rid, payload]``) is answered with an
+ERROR frame and the connection is closed; other connections are not affected. A malformed
+*request* inside a good frame gets an ERROR and the connection stays open. The broker may
+also send requests (check-backs) on the connection: ``request`` returns a future resolved
+by the client's REPLY or ERROR.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from protocol import (
+    PROTOCOL_VERSION,
+    BadRequestError,
+    FrameDecoder,
+    HalfMQError,
+    MessageTooLargeError,
+    Op,
+    ProtocolError,
+    encode_frame,
+    error_from_code,
+    validate_name,
+    validate_send_topic,
+    validate_subscribe_topic,
+)
+from protocol.errors import BrokerUnavailableError
+
+if TYPE_CHECKING:
+    from broker.config import BrokerConfig
+    from broker.engines.base import Engine
+    from broker.frontends.native.listener import NativeListener
+
+__all__ = ["ClientConnection", "SubscribeRequest"]
+
+log = logging.getLogger("halfmq.broker")
+
+
+@dataclass(slots=True)
+class SubscribeRequest:
+    """A checked SUBSCRIBE (see :class:`broker.engines.base.Subscription`)."""
+
+    group: str
+    topic: str
+    tags: str | None
+    start: str
+    prefetch: int
+    max_reconsume_times: int
+
+
+class ClientConnection(asyncio.Protocol):
+    """A client's TCP connection (producer or consumer) and its engine session."""
+
+    def __init__(self, listener: NativeListener) -> None:
+        self.listener = listener
+        self.engine: Engine = listener.engine
+        self.config: BrokerConfig = listener.config
+        self.decoder = FrameDecoder(listener.max_frame_size)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.client_id: str | None = None
+        self.role: str | None = None
+        self.group: str | None = None
+        self.conn_id = ""
+        self.closed = False
+        self.paused = False
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
+        self._rid = 0
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self.subscribed = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.listener.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except HalfMQError as exc:
+            log.warning("closing %s: %s", self.peer, exc)
+            self.error(0, exc)
+            self.close()
+            return
+        for op, rid, payload in frames:
+            if self.closed:
+                return
+            if op == Op.REPLY or op == Op.ERROR:
+                self._resolve(op, rid, payload)
+                continue
+            try:
+                self._handle(op, rid, payload)
+            except HalfMQError as exc:
+                self.error(rid, exc)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                self.error(rid, ProtocolError(f"malformed {_op_name(op)} request: {exc!r}"))
+            except Exception as exc:  # a bug must not take the broker down
+                log.exception("error handling %s from %s", _op_name(op), self.peer)
+                self.error(rid, HalfMQError(f"internal error: {exc!r}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(BrokerUnavailableError("connection closed"))
+        self._pending.clear()
+        self.listener.closed(self)
+        log.info("connection %s (%s) closed", self.peer, self.client_id)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.engine.session_writable(self)
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _handle(self, op: int, rid: int, p: Any) -> None:
+        """Check one request frame and pass it to the engine (raises HalfMQError for the client)."""
+        engine = self.engine
+        if op == Op.SEND:
+            if self.client_id is None:
+                raise BadRequestError("the first frame must be HELLO")
+            topic, msgs, half = self._check_send(p)
+            engine.send(self, rid, topic, msgs, half)
+        elif op == Op.ACK:
+            if not self.subscribed:
+                raise BadRequestError("ACK without a subscription")
+            engine.ack(self, rid, [(token, bool(ok)) for token, ok in p["a"]])
+        elif op == Op.HELLO:
+            self._hello(rid, p)
+        elif self.client_id is None:
+            raise BadRequestError("the first frame must be HELLO")
+        elif op == Op.END_TX:
+            items, single = _check_end_tx(p)
+            engine.end_tx(self, rid, items, single)
+        elif op == Op.SUBSCRIBE:
+            sub = self._check_subscribe(p)
+            engine.subscribe(self, rid, sub)
+            self.subscribed = True
+        elif op == Op.UNSUBSCRIBE:
+            engine.unsubscribe(self, rid)
+        elif op == Op.PING:
+            self.reply(rid, {})
+        else:
+            raise BadRequestError(f"unknown operation {op}")
+
+    def _hello(self, rid: int, p: Any) -> None:
+        if self.client_id is not None:
+            raise BadRequestError("HELLO was already received on this connection")
+        if not isinstance(p, dict):
+            raise BadRequestError("HELLO payload must be a map")
+        if p.get("version") != PROTOCOL_VERSION:
+            raise BadRequestError(f"unsupported protocol version {p.get('version')!r}; this broker speaks {PROTOCOL_VERSION}")
+        client_id = p.get("client_id")
+        if not isinstance(client_id, str) or not client_id or len(client_id) > 256:
+            raise BadRequestError("client_id must be a non-empty string of at most 256 characters")
+        role = p.get("role")
+        if role not in ("producer", "consumer"):
+            raise BadRequestError("role must be 'producer' or 'consumer'")
+        group = p.get("group")
+        if group is not None:
+            validate_name(group, "group")
+        self.client_id, self.role, self.group = client_id, role, group
+        log.info("%s %s connected from %s%s", role, client_id, self.peer, f" (group {group})" if group else "")
+        if role == "producer":
+            self.engine.producer_hello(self)
+        self.reply(rid, {"version": PROTOCOL_VERSION, "max_message_size": self.config.max_message_size})
+
+    def _check_send(self, p: Any) -> tuple[str, list[list[Any]], bool]:
+        """The topic, messages and half flag of a SEND, checked whole before anything is stored."""
+        topic = p["topic"]
+        msgs = p["msgs"]
+        half = bool(p.get("half", False))
+        valid = self.listener.valid_topics
+        if topic not in valid:
+            validate_send_topic(topic)
+            if len(valid) < 100_000:
+                valid.add(topic)
+        if type(msgs) is not list or not msgs:
+            raise BadRequestError("msgs must be a non-empty list")
+        if half and not self.group:
+            raise BadRequestError("half messages need a producer group in the handshake")
+        limit = self.config.max_message_size
+        for m in msgs:
+            if type(m) is not list or len(m) != 5:
+                raise BadRequestError("each message must be [body, tags, keys, properties, born_timestamp]")
+            body, tags, keys, props, born = m
+            if (type(body) is bytes and len(body) <= limit and (tags is None or type(tags) is str)
+                    and type(keys) is list and not keys and type(props) is dict and not props and type(born) is int):
+                continue  # the common case, checked at once
+            _check_message(body, tags, keys, props, born, limit)
+        return topic, msgs, half
+
+    def _check_subscribe(self, p: Any) -> SubscribeRequest:
+        if self.subscribed:
+            raise BadRequestError("this connection already has a subscription")
+        group = validate_name(p["group"], "group")
+        topic = validate_subscribe_topic(p["topic"])
+        tags = p.get("tags", "*")
+        if tags is not None and not isinstance(tags, str):
+            raise BadRequestError("tags must be a string")
+        start = p.get("start", "earliest")
+        if start not in ("earliest", "latest"):
+            raise BadRequestError("start must be 'earliest' or 'latest'")
+        prefetch = p.get("prefetch", 64)
+        max_re = p.get("max_reconsume_times", 16)
+        if type(prefetch) is not int or type(max_re) is not int:
+            raise BadRequestError("prefetch and max_reconsume_times must be integers")
+        if prefetch < 1 or max_re < 0:
+            raise BadRequestError("prefetch must be >= 1 and max_reconsume_times >= 0")
+        return SubscribeRequest(group, topic, tags, start, prefetch, max_re)
+
+    # -- output (the Session side) ------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        """False while the transport is paused (the client does not read fast enough)."""
+        return not self.paused and not self.closed
+
+    def send_frame(self, op: int, rid: int, payload: Any) -> None:
+        """Queue one frame; frames queued in the same loop iteration go out in one write."""
+        if self.closed:
+            return
+        frame = encode_frame(op, rid, payload)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if self._out_bytes >= 64 * 1024:
+            self.flush()  # one write's worth: send it now rather than at the end of the iteration
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every queued frame now (otherwise they go at the end of the loop iteration)."""
+        self._flush_scheduled = False
+        self._out_bytes = 0
+        if self._out and not self.closed and self.transport is not None:
+            out = self._out
+            self._out = []
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def reply(self, rid: int, payload: Any) -> None:
+        """Answer the client's request ``rid`` (nothing when rid is 0)."""
+        if rid:
+            self.send_frame(Op.REPLY, rid, payload)
+
+    def error(self, rid: int, exc: HalfMQError) -> None:
+        """Answer the client's request ``rid`` with an ERROR frame (also sent for rid 0)."""
+        self.send_frame(Op.ERROR, rid, {"code": exc.code, "message": str(exc)})
+
+    def deliver(self, items: list[list[Any]]) -> None:
+        """Send deliveries ``[[token, wire message], ...]`` in one DELIVER frame."""
+        self.send_frame(Op.DELIVER, 0, {"d": items})
+
+    def request(self, op: int, payload: Any) -> asyncio.Future[Any]:
+        """Send a broker-initiated request; the future resolves with the client's reply payload."""
+        self._rid += 1
+        fut = asyncio.get_running_loop().create_future()
+        if self.closed:
+            fut.set_exception(BrokerUnavailableError("connection closed"))
+            return fut
+        self._pending[self._rid] = fut
+        self.send_frame(op, self._rid, payload)
+        return fut
+
+    def _resolve(self, op: int, rid: int, payload: Any) -> None:
+        fut = self._pending.pop(rid, None)
+        if fut is None or fut.done():
+            return
+        if op == Op.REPLY:
+            fut.set_result(payload)
+        else:
+            code = payload.get("code", 1) if isinstance(payload, dict) else 1
+            msg = payload.get("message", "") if isinstance(payload, dict) else ""
+            fut.set_exception(error_from_code(code if type(code) is int else 1, str(msg)))
+
+    def close(self) -> None:
+        """Flush queued frames and close the transport."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.flush()
+            self.transport.close()
+        self.closed = True
+
+
+def _check_message(body: Any, tags: Any, keys: Any, props: Any, born: Any, limit: int) -> None:
+    """Raise a clear error for the first thing wrong with one message of a SEND."""
+    if type(body) is not bytes:
+        raise BadRequestError("body must be bytes")
+    if len(body) > limit:
+        raise MessageTooLargeError(f"body of {len(body)} bytes exceeds --max-message-size {limit}")
+    if tags is not None and type(tags) is not str:
+        raise BadRequestError("tags must be a string or nil")
+    if type(keys) is not list:
+        raise BadRequestError("keys must be a list of strings")
+    for k in keys:
+        if type(k) is not str:
+            raise BadRequestError("keys must be a list of strings")
+    if type(props) is not dict:
+        raise BadRequestError("properties must map strings to strings")
+    for k, v in props.items():
+        if type(k) is not str or type(v) is not str:
+            raise BadRequestError("properties must map strings to strings")
+    if type(born) is not int:
+        raise BadRequestError("born timestamp must be an integer")
+
+
+def _check_end_tx(p: Any) -> tuple[list[Any], bool]:
+    """The items of an END_TX and whether it was the single form. Raises BadRequestError
+    for a malformed payload; the engine answers malformed *items* of the list form one by one."""
+    if not isinstance(p, dict):
+        raise BadRequestError("END_TX payload must be a map")
+    items = p.get("items")
+    if items is None:
+        msg_id, outcome = p.get("msg_id"), p.get("outcome")
+        if outcome not in ("COMMIT", "ROLLBACK"):
+            raise BadRequestError("outcome must be COMMIT or ROLLBACK")
+        if not isinstance(msg_id, str):
+            raise BadRequestError("msg_id must be a string")
+        return [(msg_id, outcome)], True
+    if type(items) is not list or not items:
+        raise BadRequestError("items must be a non-empty list of [msg_id, outcome]")
+    return items, False
+
+
+def _op_name(op: int) -> str:
+    try:
+        return Op(op).name
+    except ValueError:
+        return f"op {op}"
