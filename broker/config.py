@@ -328,6 +328,23 @@ OPTIONS: tuple[Option, ...] = (
            "log segments older than this are deleted (default: 72h)"),
     Option("segment_size", _parse_positive_size, "BYTES",
            "size at which a log segment is rolled over (default: 128MiB)"),
+    Option("max_connections", _parse_positive_int, "N",
+           "client connections at once; more are refused with an error (default: 10000)"),
+    Option("max_topics", _parse_positive_int, "N",
+           "topics (not counting system topics); creating one more is refused (default: 10000)"),
+    Option("max_groups", _parse_positive_int, "N",
+           "consumer groups; subscribing with one more is refused (default: 10000)"),
+    Option("max_prefetch", _parse_positive_int, "N",
+           "largest prefetch a consumer may ask for; larger is refused (default: 4096)"),
+    Option("max_client_buffer", _parse_positive_size, "BYTES",
+           "output to one client not yet written to its socket; past it the client is "
+           "disconnected (default: 64MiB)"),
+    Option("max_inflight_requests", _parse_positive_int, "N",
+           "requests of one connection awaiting their reply; past it the broker stops reading "
+           "that connection until replies go out (default: 4096)"),
+    Option("max_inflight_bytes", _parse_positive_size, "BYTES",
+           "message bytes of one connection's sends not yet stored; past it the broker stops "
+           "reading that connection until they are (default: 64MiB)"),
 )
 
 _OPTIONS_BY_NAME = {opt.name: opt for opt in OPTIONS}
@@ -361,6 +378,13 @@ class BrokerConfig:
     auto_create_topics: bool = True
     retention: float = 72 * 3600.0
     segment_size: int = 128 * 1024 * 1024
+    max_connections: int = 10000
+    max_topics: int = 10000
+    max_groups: int = 10000
+    max_prefetch: int = 4096
+    max_client_buffer: int = 64 * 1024 * 1024
+    max_inflight_requests: int = 4096
+    max_inflight_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for opt in OPTIONS:

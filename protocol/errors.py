@@ -18,7 +18,8 @@ The tree::
     ├── TransactionStateError        (code 6)
     ├── AuthError                    (code 7)
     ├── BadRequestError              (code 8: malformed frame or request)
-    └── TopicNotFoundError           (code 9: auto-create is off)
+    ├── TopicNotFoundError           (code 9: auto-create is off)
+    └── LimitExceededError           (code 10: a documented limit of the broker)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "AuthError",
     "BadRequestError",
     "TopicNotFoundError",
+    "LimitExceededError",
     "ERRORS_BY_CODE",
     "error_from_code",
 ]
@@ -95,6 +97,13 @@ class TopicNotFoundError(HalfMQError):
     code = 9
 
 
+class LimitExceededError(HalfMQError):
+    """A request goes past a documented limit of the broker (``--max-topics``,
+    ``--max-prefetch``, ``--max-connections``, ...); the message names the limit."""
+
+    code = 10
+
+
 ERRORS_BY_CODE: dict[int, type[HalfMQError]] = {
     cls.code: cls
     for cls in (
@@ -107,6 +116,7 @@ ERRORS_BY_CODE: dict[int, type[HalfMQError]] = {
         AuthError,
         BadRequestError,
         TopicNotFoundError,
+        LimitExceededError,
     )
 }
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -117,6 +117,9 @@ class Member:
     max_reconsume_times: int
     leases: dict[int, Delivery] = field(default_factory=dict)
     active: bool = True
+    #: bytes of records that may still be leased to it in the current poll (set by the
+    #: shell from the connection's unsent output: 0 while the client does not read)
+    budget: int = 1 << 62
 
 
 @dataclass(slots=True)
@@ -145,6 +148,8 @@ class GroupDelivery:
         retry_delays: tuple[float, ...],
         ack_timeout: float,
         offsets: dict[tuple[str, int], int] | None = None,
+        acked: Iterable[tuple[str, int, int]] = (),
+        dead: Mapping[str, int] | None = None,
     ) -> None:
         self.group = group
         self.reader = reader
@@ -164,15 +169,25 @@ class GroupDelivery:
         self.tags: frozenset[str] | None = None
         self.stats = {"delivered": 0, "acked": 0, "failed": 0, "expired": 0, "dead_lettered": 0}
         self._skip: dict[tuple[str, int], set[int]] = {}
+        #: offsets acked since the last ``take_acked`` (the shell logs them durably)
+        self.acked: list[list[Any]] = []
         for level in range(len(self.retry_delays) + 1):
             self._cursor((self.retry_topic, level), start="earliest")
-        self._recover_pending_retries()
+        self.replay_acked(acked)
+        self._recover_pending_retries(dead or {})
 
-    def _recover_pending_retries(self) -> None:
-        """After a restart: messages with a retry record not yet redelivered are not read again
-        from their original queue, even when the committed offset of that queue was saved
-        before the retry was written (kill -9 between two checkpoints)."""
+    def _recover_pending_retries(self, dead: Mapping[str, int]) -> None:
+        """After a restart, from the retry records not yet redelivered:
+
+        - a message with a retry record is not read again from its original queue, even
+          when the committed offset of that queue was saved before the retry was written;
+        - of a message's retry records only the newest is kept: each failure wrote one,
+          and the older ones were done when the next was durable;
+        - none is kept for a message dead-lettered at or after it (``dead``: msg_id ->
+          store time in ms of its newest dead-letter entry).
+        """
         rt = self.retry_topic
+        newest: dict[str, tuple[int, int, int]] = {}  # msg_id -> (pos, level, offset)
         for level in range(len(self.retry_delays) + 1):
             cur = self.cursors[(rt, level)]
             off = cur.next_offset
@@ -183,9 +198,37 @@ class GroupDelivery:
                     break
                 for o, entry in entries:
                     off = o + 1
+                    # (an acked one, already skipped, still supersedes the older ones)
                     h = self.reader.read(entry.pos).header
                     if h.get("oo", -1) >= 0:
                         self._skip.setdefault((h["ot"], h["oq"]), set()).add(h["oo"])
+                    msg_id = h["id"]
+                    died = dead.get(msg_id)
+                    if died is not None and died >= entry.store_time:
+                        cur.skip.add(o)
+                        continue
+                    prev = newest.get(msg_id)
+                    if prev is None or prev[0] < entry.pos:
+                        newest[msg_id] = (entry.pos, level, o)
+                        if prev is not None:
+                            self.cursors[(rt, prev[1])].skip.add(prev[2])
+                    else:
+                        cur.skip.add(o)
+
+    def replay_acked(self, acked: Iterable[tuple[str, int, int]]) -> None:
+        """After a restart: offsets acked after the saved committed offsets (from the
+        durable ack records) are not delivered again."""
+        for topic, qid, off in acked:
+            cur = self.cursors.get((topic, qid))
+            if cur is None:
+                self._skip.setdefault((topic, qid), set()).add(off)
+            elif off >= cur.next_offset:
+                cur.skip.add(off)
+
+    def take_acked(self) -> list[list[Any]]:
+        """The ``[topic, queue, offset]`` of every delivery acked since the last call."""
+        acked, self.acked = self.acked, []
+        return acked
 
     # -- membership -------------------------------------------------------------------
 
@@ -227,7 +270,7 @@ class GroupDelivery:
             else:
                 off = self.reader.queue_start(*qkey)
             cur = self.cursors[qkey] = QueueCursor(off)
-            skip = self._skip.pop(qkey, None) if qkey[0] != self.retry_topic else None
+            skip = self._skip.pop(qkey, None)
             if skip:
                 cur.skip = {o for o in skip if o >= off}
         return cur
@@ -257,7 +300,7 @@ class GroupDelivery:
         ``wake_at`` is when the next retry becomes due (None if none is waiting).
         """
         out: list[tuple[str, int, list[Any]]] = []
-        members = [m for m in self.members.values() if m.active and len(m.leases) < m.prefetch]
+        members = [m for m in self.members.values() if m.active and len(m.leases) < m.prefetch and m.budget > 0]
         if not members:
             return out, None
         by_topic: dict[str, list[Member]] = {}
@@ -272,16 +315,16 @@ class GroupDelivery:
         n = len(members)
         if n == 1:
             m = members[0]
-            return m if len(m.leases) < m.prefetch else None
+            return m if len(m.leases) < m.prefetch and m.budget > 0 else None
         for i in range(n):
             m = members[(self._rr + i) % n]
-            if len(m.leases) < m.prefetch:
+            if len(m.leases) < m.prefetch and m.budget > 0:
                 self._rr = (self._rr + i + 1) % max(n, 1)
                 return m
         return None
 
     def _room(self, members: list[Member]) -> int:
-        return sum(m.prefetch - len(m.leases) for m in members)
+        return sum(m.prefetch - len(m.leases) for m in members if m.budget > 0)
 
     def _poll_topic(self, topic: str, now: float, members: list[Member], build: MessageBuilder, out: list) -> None:
         nq = self.queue_counts(topic)
@@ -308,16 +351,19 @@ class GroupDelivery:
                     continue
                 advanced = True
                 for off, rec in recs:
-                    cur.next_offset = off + 1
                     if cur.skip and off in cur.skip:
                         cur.skip.discard(off)
-                        continue  # its retry record is pending in the retry queue
+                        cur.next_offset = off + 1
+                        continue  # acked before a restart, or its retry record is pending
                     if tags is not None and rec.header[H_TAGS] not in tags:
+                        cur.next_offset = off + 1
                         continue  # filtered out: done for this group (C6)
                     m = self._pick(members)
-                    assert m is not None
+                    if m is None:
+                        return  # every member's byte budget is spent
+                    cur.next_offset = off + 1
                     out.append(self._lease(m, (topic, qid), off, rec, now, 0, topic, qid, off, build, topic))
-                    room -= 1
+                    room -= 1 if m.budget > 0 else 1 + m.prefetch - len(m.leases)
                     if room <= 0:
                         return
 
@@ -335,6 +381,10 @@ class GroupDelivery:
                     break
                 stop = False
                 for off, entry in entries:
+                    if cur.skip and off in cur.skip:
+                        cur.skip.discard(off)
+                        cur.next_offset = off + 1
+                        continue  # acked before a restart, or superseded by a newer retry
                     due = entry.store_time / 1000.0 + delay
                     if due > now:
                         wake_at = due if wake_at is None else min(wake_at, due)
@@ -344,13 +394,12 @@ class GroupDelivery:
                     h = rec.header
                     topic = h["ot"]
                     tmembers = by_topic.get(topic)
-                    if not tmembers or self._room(tmembers) <= 0:
+                    m = self._pick(tmembers) if tmembers else None
+                    if m is None:
                         stop = True
                         break
                     cur.next_offset = off + 1
                     msg = reader.read(h["rp"])
-                    m = self._pick(tmembers)
-                    assert m is not None
                     out.append(self._lease(m, (rt, level), off, msg, now, h["rt"], topic, h["oq"], h["oo"], build, topic))
                 if stop:
                     break
@@ -365,6 +414,7 @@ class GroupDelivery:
         d = Delivery(token, m.member_id, qkey, off, rec.pos, wire[0], topic, oq, oo, reconsume,
                      now + self.ack_timeout, wire[3])
         self.cursors[qkey].inflight.add(off)
+        m.budget -= rec.size
         m.leases[token] = d
         self.leases[token] = d
         self.stats["delivered"] += 1
@@ -382,6 +432,7 @@ class GroupDelivery:
             d.state = transition(DELIVERY_TRANSITIONS, d.state, DeliveryEvent.ACK)
             self.stats["acked"] += 1
             self.cursors[d.qkey].inflight.discard(d.offset)
+            self.acked.append([d.qkey[0], d.qkey[1], d.offset])
             return None
         self.stats["failed"] += 1
         return self._fail(d, expired=False)

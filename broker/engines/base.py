@@ -41,6 +41,11 @@ class Session(Protocol):
         """False while the client does not read fast enough: deliver nothing more to it."""
         ...
 
+    def output_room(self) -> int:
+        """Bytes of deliveries that may still be queued for the client before it must
+        read (0 or less: deliver nothing more now; ``Engine.session_writable`` follows)."""
+        ...
+
     def reply(self, rid: int, payload: Any) -> None:
         """Answer request ``rid`` (nothing when rid is 0)."""
         ...

@@ -258,14 +258,18 @@ def test_every_option_has_an_env_variable():
            "HALFMQ_TX_CHECK_MAX": "3", "HALFMQ_RETRY_DELAYS": "1s,2s", "HALFMQ_ACK_TIMEOUT": "4s",
            "HALFMQ_MAX_MESSAGE_SIZE": "100", "HALFMQ_DEFAULT_QUEUES": "2",
            "HALFMQ_AUTO_CREATE_TOPICS": "no", "HALFMQ_RETENTION": "5m",
-           "HALFMQ_SEGMENT_SIZE": "4KiB"}
+           "HALFMQ_SEGMENT_SIZE": "4KiB", "HALFMQ_MAX_CONNECTIONS": "5", "HALFMQ_MAX_TOPICS": "6",
+           "HALFMQ_MAX_GROUPS": "7", "HALFMQ_MAX_PREFETCH": "8", "HALFMQ_MAX_CLIENT_BUFFER": "1MiB",
+           "HALFMQ_MAX_INFLIGHT_REQUESTS": "9", "HALFMQ_MAX_INFLIGHT_BYTES": "2MiB"}
     assert {o.env for o in OPTIONS} == set(env)
     c = load_config([], env)
     assert c == BrokerConfig(data_dir="d", host="::1", port=1, http_port=2, flush="async",
                              flush_interval=1.0, tx_timeout=1.0, tx_check_interval=2.0,
                              tx_check_max=3, retry_delays=(1.0, 2.0), ack_timeout=4.0,
                              max_message_size=100, default_queues=2, auto_create_topics=False,
-                             retention=300.0, segment_size=4096)
+                             retention=300.0, segment_size=4096, max_connections=5, max_topics=6,
+                             max_groups=7, max_prefetch=8, max_client_buffer=1 << 20,
+                             max_inflight_requests=9, max_inflight_bytes=2 << 20)
 
 
 def test_toml_file_values_may_be_strings_numbers_lists_and_booleans(tmp_path):

@@ -8,13 +8,22 @@ iteration (``schedule_dispatch``) when something changed — new records stored,
 member with room, a session that drains — and on a 50 ms tick that also expires leases and
 releases due retries. Deliveries go out as one DELIVER frame per member per dispatch.
 
-A failed delivery (RECONSUME_LATER, an expired lease) becomes a retry or dead-letter
-record that the core returns; the shell appends it and tells the core when it is durable,
-and only then is the source offset done.
+A member gets deliveries only while its connection reads: before each poll its byte
+budget is set from the connection's unsent output (``Session.output_room``), so a client
+that stops reading stops being leased to, whatever its prefetch.
 
-Group progress (committed offsets) is persisted to metadata every second and at
-shutdown; after a crash a group resumes from them, so only the last window's acks may be
-redelivered (C8).
+**Durable acks.** Acks are written with the log's group commit: the offsets acked in a
+loop iteration go, per group, into one ``RT_ACK`` record indexed in ``%ACK%``, in the same
+append as that iteration's sends, and an ACK that asked for a reply (a barrier) is answered
+once that append is durable. A failed delivery (RECONSUME_LATER, an expired lease) becomes
+a retry or dead-letter record that the core returns, appended the same way; the core is
+told when it is durable, and only then is the source offset done.
+
+Group progress (committed offsets) is also saved to metadata every second and at
+shutdown, with the end of ``%ACK%`` and of each group's DLQ at that moment. After a crash a
+group resumes from its saved offsets, skips what the ack records written since then say
+was acked, and keeps only the newest retry record of each message (see
+``GroupDelivery``): only deliveries that were in flight come again (C8).
 """
 
 from __future__ import annotations
@@ -25,10 +34,11 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from broker.core.delivery import GroupDelivery
-from broker.core.records import build_wire
+from broker.core.delivery import GroupDelivery, PendingRecord
+from broker.core.records import ACK_TOPIC, RT_ACK, build_wire, record_msg_id
 from broker.engines.base import Session, Subscription
-from protocol import BadRequestError
+from protocol import DLQ_PREFIX, BadRequestError, LimitExceededError
+from storage import IndexTarget, NewRecord
 
 if TYPE_CHECKING:
     from broker.engines.embedded.engine import EmbeddedEngine
@@ -45,6 +55,9 @@ class EmbeddedDelivering:
         """Make ``s`` a member of ``sub.group`` consuming ``sub.topic``; deliveries follow."""
         if s.conn_id in self._subscriptions:
             raise BadRequestError("this connection already has a subscription")
+        if sub.group not in self.groups and len(self.groups) >= self.config.max_groups:
+            raise LimitExceededError(f"group {sub.group!r} not created: the broker holds "
+                                     f"--max-groups {self.config.max_groups} groups")
         if not sub.topic.startswith("%"):
             self._ensure_topic(sub.topic)
         gd = self._group(sub.group)
@@ -76,30 +89,40 @@ class EmbeddedDelivering:
             r = gd.ack(s.conn_id, token, ok, now)
             if r is not None:
                 pending.append(r)
+        if gd.acked:
+            self._acked_groups.add(gd)
         if pending:
-            fut = self._append_pending(gd, pending)
-            if rid:
-                fut.add_done_callback(lambda f: s.reply(rid, {}))
-        else:
-            s.reply(rid, {})
+            self._append_pending(gd, pending)
+        # the reply (a barrier) waits for this iteration's append: every ack and retry of
+        # this connection until now is then durable
+        self._queue_records([], (s, rid, {}) if rid else None)
         self.schedule_dispatch()
 
     def session_writable(self: EmbeddedEngine, s: Session) -> None:
         """``s`` drained its output: deliveries may resume."""
         self.schedule_dispatch()
 
-    def _append_pending(self: EmbeddedEngine, gd: GroupDelivery, pending: list[Any]) -> asyncio.Future[Any]:
-        assert self.store is not None
-        _, fut = self.store.append([pr.record for pr in pending])
+    def _append_pending(self: EmbeddedEngine, gd: GroupDelivery, pending: list[PendingRecord]) -> None:
+        """Append the retry / dead-letter records of failed deliveries; once durable, their
+        source offsets are done."""
 
-        def done(f: asyncio.Future[Any]) -> None:
-            if f.exception() is None:
+        def done(exc: BaseException | None) -> None:
+            if exc is None:
                 for pr in pending:
                     gd.record_durable(pr.qkey, pr.offset)
             self.schedule_dispatch()
 
-        fut.add_done_callback(done)
-        return fut
+        self._queue_records([pr.record for pr in pending], done)
+
+    def _ack_records(self: EmbeddedEngine) -> list[NewRecord]:
+        """One ``RT_ACK`` record per group with acks since the last call."""
+        records = []
+        for gd in self._acked_groups:
+            acked = gd.take_acked()
+            if acked:
+                records.append(NewRecord(RT_ACK, {"g": gd.group, "a": acked}, b"", IndexTarget(ACK_TOPIC, 0)))
+        self._acked_groups.clear()
+        return records
 
     def schedule_dispatch(self: EmbeddedEngine) -> None:
         """Run ``dispatch`` soon (once per loop iteration however often it is asked)."""
@@ -116,6 +139,9 @@ class EmbeddedDelivering:
         for gd in self.groups.values():
             if not gd.members:
                 continue
+            for mid, m in gd.members.items():
+                c = consumers.get(mid)
+                m.budget = c.output_room() if c is not None else 0
             try:
                 out, _wake = gd.poll(now, build_wire)
             except Exception:
@@ -145,10 +171,41 @@ class EmbeddedDelivering:
             self.dispatch()
 
     async def _load_offsets(self: EmbeddedEngine) -> None:
-        assert self.store is not None
-        for key, value in (await self.store.metadata.items("off/")).items():
+        """Saved group progress, then what the log holds since: acks and dead letters."""
+        store = self.store
+        assert store is not None
+        md = store.metadata
+        for key, value in (await md.items("off/")).items():
             group = key[4:]
             self._saved_offsets[group] = {(t, q): o for t, q, o in value}
+        ack_from = await md.get("ackoff", 0)
+        dlq_from: dict[str, int] = await md.get("dlqoff", {})
+        n = 0
+        for _o, rec in self._scan_queue(ACK_TOPIC, 0, ack_from):
+            group = rec.header["g"]
+            if group:
+                self._replay_acks.setdefault(group, []).extend(rec.header["a"])
+                n += len(rec.header["a"])
+        groups = set(self._saved_offsets) | set(self._replay_acks)
+        for group in groups:
+            # dead letters since: their pending retries are not delivered again (the entry's
+            # time is the dead-letter record's; it points at the message record)
+            dead = self._replay_dead.setdefault(group, {})
+            dlq = DLQ_PREFIX + group
+            off, end = max(dlq_from.get(group, 0), store.queue_start(dlq, 0)), store.queue_end(dlq, 0)
+            while off < end:
+                entries = store.read_queue(dlq, 0, off, 1024)
+                if not entries:
+                    break
+                for o, entry in entries:
+                    off = o + 1
+                    try:
+                        msg_id = record_msg_id(store.read(entry.pos))
+                    except (KeyError, ValueError):
+                        continue  # the message record is gone (retention)
+                    dead[msg_id] = max(dead.get(msg_id, 0), entry.store_time)
+        if n:
+            log.info("recovered %d acks written since the last saved group progress", n)
 
     async def _checkpoint_loop(self: EmbeddedEngine) -> None:
         while True:
@@ -159,14 +216,21 @@ class EmbeddedDelivering:
                 log.exception("checkpoint failed")
 
     async def _persist_offsets(self: EmbeddedEngine) -> None:
-        assert self.store is not None
-        items = {}
+        """Save every group's committed offsets, with the ends of ``%ACK%`` and of each
+        group's DLQ now: after a crash only what the log holds from there is replayed."""
+        store = self.store
+        assert store is not None
+        # read the ends first: anything acked or dead-lettered later lies at or after them
+        items: dict[str, Any] = {"ackoff": store.queue_end(ACK_TOPIC, 0),
+                                 "dlqoff": {g: store.queue_end(DLQ_PREFIX + g, 0) for g in self.groups}}
         for name, gd in self.groups.items():
             offs = gd.committed_offsets()
             value = [[t, q, o] for (t, q), o in offs.items()]
             if self._last_saved.get(name) != value:
                 items[f"off/{name}"] = value
                 self._last_saved[name] = value
-        if items:
-            await self.store.metadata.put_many(items)
+        marks = (items["ackoff"], items["dlqoff"])
+        if len(items) > 2 or marks != self._last_marks:
+            await store.metadata.put_many(items)
+            self._last_marks = marks
 

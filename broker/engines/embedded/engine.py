@@ -56,7 +56,7 @@ from broker.engines.embedded.admin import EmbeddedAdmin
 from broker.engines.embedded.delivering import EmbeddedDelivering
 from broker.engines.embedded.sending import EmbeddedSending
 from broker.engines.embedded.transactions import CODE_OUTCOMES, EmbeddedTransactions
-from protocol import DLQ_PREFIX, FRAME_OVERHEAD, TopicNotFoundError
+from protocol import DLQ_PREFIX, FRAME_OVERHEAD, LimitExceededError, TopicNotFoundError
 from storage import IndexTarget, MessageStore, NewBundle, NewRecord
 
 __all__ = ["EmbeddedEngine"]
@@ -114,6 +114,12 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         self._subscriptions: dict[str, tuple[str, str]] = {}  # conn_id -> (group, topic)
         self._dispatch_scheduled = False
         self._last_saved: dict[str, list[Any]] = {}
+        self._last_marks: tuple[Any, ...] = ()
+        self._acked_groups: set[GroupDelivery] = set()
+        # recovery: acks (group -> [[topic, queue, offset], ...]) and dead letters (group ->
+        # msg_id -> store time ms) logged since the saved group progress
+        self._replay_acks: dict[str, list[Any]] = {}
+        self._replay_dead: dict[str, dict[str, int]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -201,8 +207,9 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
                 n_prepared += 1
                 self._half_meta[msg_id] = (h[H_QUEUE], tag_hash(h[H_TAGS]), rec.size)
         self.tx.after_replay(time.time())
-        for group in self._saved_offsets:
+        for group in set(self._saved_offsets) | set(self._replay_acks):
             self._group(group)
+        self._replay_dead.clear()
         if n_prepared:
             log.info("recovered %d unresolved half messages", n_prepared)
 
@@ -259,6 +266,9 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
             return n
         if not self.config.auto_create_topics:
             raise TopicNotFoundError(f"topic {topic!r} does not exist and auto-create is off")
+        if len(self.topics) >= self.config.max_topics:
+            raise LimitExceededError(
+                f"topic {topic!r} not created: the broker holds --max-topics {self.config.max_topics} topics")
         n = self.topics[topic] = self.config.default_queues
         assert self.store is not None
         asyncio.get_running_loop().create_task(self.store.metadata.put_topic(topic, n))
@@ -269,6 +279,7 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         return n
 
     def _group(self, group: str) -> GroupDelivery:
+        """The delivery state of ``group``, created if needed."""
         gd = self.groups.get(group)
         if gd is None:
             assert self.store is not None
@@ -279,6 +290,8 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
                 retry_delays=tuple(self.config.retry_delays),
                 ack_timeout=self.config.ack_timeout,
                 offsets=self._saved_offsets.get(group),
+                acked=self._replay_acks.pop(group, ()),
+                dead=self._replay_dead.get(group),
             )
             saved = self._saved_offsets.get(group) or {}
             for t in {k[0] for k in saved}:

@@ -16,6 +16,10 @@ Messages go round robin over the topic's queues. A SEND of ``_BUNDLE_MIN`` to
 one CRC); each member keeps its own id and queue offset. A half message is an ``RT_HALF``
 record indexed only in ``%HALF%``; it joins the transaction table once durable.
 
+Records of the engine's own join the same append (``_queue_records``): transaction
+outcomes, retry and dead-letter records, and the ack records of the iteration (see
+``.delivering``), so one fsync makes them all durable.
+
 A failing append (disk error) fails every request of the batch with a clear error.
 """
 
@@ -26,7 +30,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from broker.core.records import HALF_TOPIC, RT_HALF, RT_MSG, tag_hash
+from broker.core.records import HALF_TOPIC, RT_ACK, RT_HALF, RT_MSG, tag_hash
 from broker.engines.base import Session
 from protocol.errors import HalfMQError
 from storage import BundleTarget, IndexTarget, NewBundle, NewRecord
@@ -117,9 +121,15 @@ class EmbeddedSending:
         """Append every record queued in this loop iteration (all connections) in one store
         call; answer each request when the records are durable."""
         self._sends_scheduled = False
+        if self._acked_groups:
+            self._send_records.extend(self._ack_records())  # last: the sends' row numbers stay
         records, entries = self._send_records, self._send_entries
         if not records:
-            return
+            if not entries:
+                return
+            # only waiters (a barrier): an empty record whose durability implies that of
+            # everything appended before it
+            records = [NewRecord(RT_ACK, {"g": "", "a": []}, b"", None)]
         self._send_records, self._send_entries = [], []
         self._send_count = 0
         store = self.store

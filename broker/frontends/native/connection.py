@@ -11,6 +11,18 @@ refused here never reaches the engine, so nothing is stored for it. Outgoing fra
 collected in a list and written with one ``transport.write`` per loop iteration, so many
 replies and deliveries share a syscall.
 
+Limits, so that no client can hurt the broker (each in the README's table):
+
+- **Back-pressure on input.** Requests awaiting their reply (``--max-inflight-requests``)
+  and message bytes of SENDs not yet stored (``--max-inflight-bytes``) are counted; past
+  either, the broker stops reading the socket until replies have gone out — the client
+  waits, nothing is refused, and memory stays bounded.
+- **Bounded output.** The transport's write buffer is capped at ``DELIVERY_WINDOW`` for
+  deliveries: past it the engine leases nothing more to the connection
+  (``output_room`` is 0) until the client reads. Output that still piles up (replies to
+  a client that never reads) past ``--max-client-buffer`` gets the client disconnected,
+  with a WARNING saying why.
+
 A malformed frame (undecodable, too large, not ``[op, rid, payload]``) is answered with an
 ERROR frame and the connection is closed; other connections are not affected. A malformed
 *request* inside a good frame gets an ERROR and the connection stays open. The broker may
@@ -30,6 +42,7 @@ from protocol import (
     BadRequestError,
     FrameDecoder,
     HalfMQError,
+    LimitExceededError,
     MessageTooLargeError,
     Op,
     ProtocolError,
@@ -46,9 +59,12 @@ if TYPE_CHECKING:
     from broker.engines.base import Engine
     from broker.frontends.native.listener import NativeListener
 
-__all__ = ["ClientConnection", "SubscribeRequest"]
+__all__ = ["ClientConnection", "SubscribeRequest", "DELIVERY_WINDOW"]
 
 log = logging.getLogger("halfmq.broker")
+
+#: Unsent output (bytes) past which a connection gets no more deliveries until it reads.
+DELIVERY_WINDOW = 1 << 20
 
 
 @dataclass(slots=True)
@@ -85,11 +101,16 @@ class ClientConnection(asyncio.Protocol):
         self._rid = 0
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self.subscribed = False
+        self._inflight = 0  # requests awaiting their reply
+        self._inflight_bytes = 0  # message bytes of SENDs awaiting their reply
+        self._send_sizes: dict[int, int] = {}  # rid -> message bytes of that SEND
+        self._reading = True
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(high=DELIVERY_WINDOW, low=DELIVERY_WINDOW // 4)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.listener.opened(self)
@@ -141,10 +162,19 @@ class ClientConnection(asyncio.Protocol):
     def _handle(self, op: int, rid: int, p: Any) -> None:
         """Check one request frame and pass it to the engine (raises HalfMQError for the client)."""
         engine = self.engine
+        if rid:
+            self._inflight += 1  # until its reply or error (see _answered)
+            if self._inflight >= self.config.max_inflight_requests and self._reading:
+                self._pause_reading()
         if op == Op.SEND:
             if self.client_id is None:
                 raise BadRequestError("the first frame must be HELLO")
-            topic, msgs, half = self._check_send(p)
+            topic, msgs, half, size = self._check_send(p)
+            if rid:
+                self._send_sizes[rid] = self._send_sizes.get(rid, 0) + size
+                self._inflight_bytes += size
+                if self._inflight_bytes >= self.config.max_inflight_bytes and self._reading:
+                    self._pause_reading()
             engine.send(self, rid, topic, msgs, half)
         elif op == Op.ACK:
             if not self.subscribed:
@@ -190,8 +220,9 @@ class ClientConnection(asyncio.Protocol):
             self.engine.producer_hello(self)
         self.reply(rid, {"version": PROTOCOL_VERSION, "max_message_size": self.config.max_message_size})
 
-    def _check_send(self, p: Any) -> tuple[str, list[list[Any]], bool]:
-        """The topic, messages and half flag of a SEND, checked whole before anything is stored."""
+    def _check_send(self, p: Any) -> tuple[str, list[list[Any]], bool, int]:
+        """The topic, messages, half flag and body bytes of a SEND, checked whole before
+        anything is stored."""
         topic = p["topic"]
         msgs = p["msgs"]
         half = bool(p.get("half", False))
@@ -205,15 +236,18 @@ class ClientConnection(asyncio.Protocol):
         if half and not self.group:
             raise BadRequestError("half messages need a producer group in the handshake")
         limit = self.config.max_message_size
+        size = 0
         for m in msgs:
             if type(m) is not list or len(m) != 5:
                 raise BadRequestError("each message must be [body, tags, keys, properties, born_timestamp]")
             body, tags, keys, props, born = m
-            if (type(body) is bytes and len(body) <= limit and (tags is None or type(tags) is str)
+            if (type(body) is bytes and (n := len(body)) <= limit and (tags is None or type(tags) is str)
                     and type(keys) is list and not keys and type(props) is dict and not props and type(born) is int):
+                size += n
                 continue  # the common case, checked at once
             _check_message(body, tags, keys, props, born, limit)
-        return topic, msgs, half
+            size += len(body)
+        return topic, msgs, half, size
 
     def _check_subscribe(self, p: Any) -> SubscribeRequest:
         if self.subscribed:
@@ -232,6 +266,8 @@ class ClientConnection(asyncio.Protocol):
             raise BadRequestError("prefetch and max_reconsume_times must be integers")
         if prefetch < 1 or max_re < 0:
             raise BadRequestError("prefetch must be >= 1 and max_reconsume_times >= 0")
+        if prefetch > self.config.max_prefetch:
+            raise LimitExceededError(f"prefetch {prefetch} exceeds the broker's --max-prefetch {self.config.max_prefetch}")
         return SubscribeRequest(group, topic, tags, start, prefetch, max_re)
 
     # -- output (the Session side) ------------------------------------------------------
@@ -240,6 +276,29 @@ class ClientConnection(asyncio.Protocol):
     def writable(self) -> bool:
         """False while the transport is paused (the client does not read fast enough)."""
         return not self.paused and not self.closed
+
+    def output_room(self) -> int:
+        """Bytes of deliveries that may still be queued before the client must read."""
+        if self.paused or self.closed or self.transport is None:
+            return 0
+        return DELIVERY_WINDOW - self.transport.get_write_buffer_size() - self._out_bytes
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def _answered(self, rid: int) -> None:
+        """Request ``rid`` got its reply or error: maybe read again."""
+        self._inflight -= 1
+        size = self._send_sizes.pop(rid, 0) if self._send_sizes else 0
+        if size:
+            self._inflight_bytes -= size
+        if (not self._reading and not self.closed and self.transport is not None
+                and self._inflight <= self.config.max_inflight_requests // 2
+                and self._inflight_bytes <= self.config.max_inflight_bytes // 2):
+            self._reading = True
+            self.transport.resume_reading()
 
     def send_frame(self, op: int, rid: int, payload: Any) -> None:
         """Queue one frame; frames queued in the same loop iteration go out in one write."""
@@ -258,19 +317,30 @@ class ClientConnection(asyncio.Protocol):
         """Write every queued frame now (otherwise they go at the end of the loop iteration)."""
         self._flush_scheduled = False
         self._out_bytes = 0
-        if self._out and not self.closed and self.transport is not None:
+        transport = self.transport
+        if self._out and not self.closed and transport is not None:
             out = self._out
             self._out = []
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            unsent = transport.get_write_buffer_size()
+            if unsent > self.config.max_client_buffer:
+                log.warning("disconnecting %s (%s): %d bytes of output unsent, over --max-client-buffer "
+                            "%d: the client does not read its socket", self.peer, self.client_id,
+                            unsent, self.config.max_client_buffer)
+                self.closed = True
+                transport.abort()
 
     def reply(self, rid: int, payload: Any) -> None:
         """Answer the client's request ``rid`` (nothing when rid is 0)."""
         if rid:
             self.send_frame(Op.REPLY, rid, payload)
+            self._answered(rid)
 
     def error(self, rid: int, exc: HalfMQError) -> None:
         """Answer the client's request ``rid`` with an ERROR frame (also sent for rid 0)."""
         self.send_frame(Op.ERROR, rid, {"code": exc.code, "message": str(exc)})
+        if rid:
+            self._answered(rid)
 
     def deliver(self, items: list[list[Any]]) -> None:
         """Send deliveries ``[[token, wire message], ...]`` in one DELIVER frame."""

@@ -7,24 +7,57 @@ one :class:`ClientConnection` per accepted client; each gets a broker-unique ``c
 and is announced to the engine (``session_opened``) and withdrawn when it closes
 (``session_closed``). ``stop`` stops accepting; ``close_all`` closes every connection
 (after the engine has answered what it could).
+
+Descriptors: at start the soft ``RLIMIT_NOFILE`` is raised to the hard limit, and
+``--max-connections`` is lowered (with a WARNING) if the limit could not hold that many
+connections plus ``FD_RESERVE`` for the broker's own files (log segments, index files,
+metadata, listening sockets): clients can never starve the broker of descriptors. A
+client past the limit gets an ERROR frame (``LimitExceededError``) and is disconnected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from broker.frontends.native.connection import ClientConnection
-from protocol import FRAME_OVERHEAD
+from protocol import FRAME_OVERHEAD, LimitExceededError
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - not on POSIX
+    resource = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
     from broker.engines.base import Engine
 
-__all__ = ["NativeListener"]
+__all__ = ["NativeListener", "FD_RESERVE", "connection_limit"]
 
 log = logging.getLogger("halfmq.broker")
+
+#: Descriptors kept for the broker's own files whatever the number of clients.
+FD_RESERVE = 512
+
+
+def connection_limit(wanted: int) -> int:
+    """How many client connections this process can hold: ``wanted``, or fewer if the
+    descriptor limit (raised to its hard value first) leaves less after ``FD_RESERVE``."""
+    if resource is None:
+        return wanted
+    inf = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != inf and (hard == inf or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == inf:
+        return wanted
+    return max(1, min(wanted, soft - FD_RESERVE))
 
 
 class NativeListener:
@@ -37,6 +70,9 @@ class NativeListener:
         self.connections: set[ClientConnection] = set()
         self.valid_topics: set[str] = set()  # topic names already checked (bounded)
         self.accepted = 0
+        self.refused = 0
+        self.max_connections = config.max_connections
+        self._warned_at = 0.0
         self.port = 0
         self._seq = 0
         self._server: asyncio.AbstractServer | None = None
@@ -44,6 +80,12 @@ class NativeListener:
 
     async def start(self) -> int:
         """Listen; return the bound port."""
+        limit = connection_limit(self.config.max_connections)
+        if limit < self.config.max_connections:
+            log.warning("--max-connections %d lowered to %d: the descriptor limit (ulimit -n) leaves "
+                        "room for %d clients after %d for the broker's own files",
+                        self.config.max_connections, limit, limit, FD_RESERVE)
+        self.max_connections = limit
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: ClientConnection(self), self.config.host, self.config.port, reuse_address=True)
@@ -64,6 +106,17 @@ class NativeListener:
     def opened(self, conn: ClientConnection) -> None:
         """A client connected."""
         if self._stopping:
+            conn.close()
+            return
+        if len(self.connections) >= self.max_connections:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._warned_at >= 1.0:
+                self._warned_at = now
+                log.warning("refusing connection from %s: %d connections, the limit (--max-connections) "
+                            "(%d refused so far)", conn.peer, self.max_connections, self.refused)
+            conn.error(0, LimitExceededError(
+                f"too many connections: the broker serves at most {self.max_connections} (--max-connections)"))
             conn.close()
             return
         self._seq += 1
