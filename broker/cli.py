@@ -181,22 +181,26 @@ def _admin_main(argv: list[str]) -> int:
     for verb in ("commit", "rollback"):
         v = sub.add_parser(verb, help=f"{verb} a prepared transaction by hand")
         v.add_argument("msg_id")
+    for lister in (sub.choices["topics"], sub.choices["groups"], k, t):
+        lister.add_argument("--limit", type=int, default=100, help="entries per page, at most 1000 (default 100)")
+        lister.add_argument("--after", help="the 'next' cursor of the previous page")
     a = p.parse_args(argv)
     base = a.http.rstrip("/")
+    from urllib.parse import urlencode
+
+    paging = {"limit": getattr(a, "limit", 100), **({"after": a.after} if getattr(a, "after", None) else {})}
     if a.cmd == "topics":
-        out = _http("GET", f"{base}/api/topics")
+        out = _http("GET", f"{base}/api/topics?" + urlencode(paging))
     elif a.cmd == "groups":
-        out = _http("GET", f"{base}/api/groups")
+        out = _http("GET", f"{base}/api/groups?" + urlencode(paging))
     elif a.cmd == "message":
         out = _http("GET", f"{base}/api/messages/{a.msg_id}")
     elif a.cmd == "find":
-        from urllib.parse import urlencode
-
-        out = _http("GET", f"{base}/api/messages?" + urlencode({"topic": a.topic, "key": a.key}))
+        out = _http("GET", f"{base}/api/messages?" + urlencode({"topic": a.topic, "key": a.key, **paging}))
     elif a.cmd == "resend":
         out = _http("POST", f"{base}/api/dlq/{a.group}/messages/{a.msg_id}/resend")
     elif a.cmd == "transactions":
-        out = _http("GET", f"{base}/api/transactions?state={a.state}")
+        out = _http("GET", f"{base}/api/transactions?" + urlencode({"state": a.state, **paging}))
     else:
         out = _http("POST", f"{base}/api/transactions/{a.msg_id}/{a.cmd}")
     print(json.dumps(out, indent=2))

@@ -41,7 +41,7 @@ def test_send_consume_and_admin_round_trip(broker):
     assert one["msg_id"] == msg_id and one["keys"] == ["k1", "k2"] and one["groups"]["cli"]["state"] == "acked"
     found = json.loads(halfmq("admin", *http, "find", "orders", "k2").stdout)["messages"]
     assert [f["msg_id"] for f in found] == [msg_id]
-    assert json.loads(halfmq("admin", *http, "transactions").stdout) == {"transactions": []}
+    assert json.loads(halfmq("admin", *http, "transactions").stdout) == {"transactions": [], "next": None}
     missing = halfmq("admin", *http, "message", "000000000000000000000000")
     assert missing.returncode != 0 and "404" in missing.stderr
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
 import urllib.request
 
 from consumer_sdk import ConsumeResult, PushConsumer
@@ -176,3 +177,26 @@ async def test_admin_message_shows_queue_and_offset_of_a_plain_message(broker):
         r = await p.send("where", b"this one")
     body = admin(broker.http_url, f"/api/messages/{r.msg_id}")
     assert (body["queue_id"], body["queue_offset"]) == (r.queue_id, r.queue_offset)
+
+
+async def test_admin_lists_are_paginated_and_bounded(broker):
+    async with Producer(broker.address) as p:
+        for i in range(5):
+            await p.send(f"page{i}", b"m", keys=["k"])
+        for _ in range(3):
+            await p.send("page0", b"m", keys=["k"])
+    first = admin(broker.http_url, "/api/topics?limit=2")
+    assert [t["topic"] for t in first["topics"]] == ["page0", "page1"] and first["next"] == "page1"
+    rest = admin(broker.http_url, f"/api/topics?limit=1000&after={first['next']}")
+    assert [t["topic"] for t in rest["topics"]] == ["page2", "page3", "page4"] and rest["next"] is None
+    found = admin(broker.http_url, "/api/messages?topic=page0&key=k&limit=3")
+    assert len(found["messages"]) == 3 and found["next"] is not None
+    tail = admin(broker.http_url, f"/api/messages?topic=page0&key=k&after={found['next']}")
+    assert len(tail["messages"]) == 1 and tail["next"] is None
+    for bad in ("limit=0", "limit=1001", "limit=x"):
+        try:
+            admin(broker.http_url, f"/api/groups?{bad}")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 400
+        else:
+            raise AssertionError(f"{bad} was accepted")

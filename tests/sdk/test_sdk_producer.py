@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(30)
 
 def test_exports_are_pinned():
     errors = ["HalfMQError", "BrokerUnavailableError", "InvalidNameError", "MessageTooLargeError",
-              "RequestTimeoutError", "TransactionStateError", "AuthError"]
+              "RequestTimeoutError", "TransactionStateError", "AuthError", "LimitExceededError"]
     assert sorted(producer_sdk.__all__) == sorted(
         ["Producer", "TransactionProducer", "TransactionListener", "LocalTransactionState",
          "SendResult", "Message", *errors,

@@ -19,6 +19,10 @@ Routes
 - ``GET /api/transactions?state=prepared|abandoned|committed|rolled_back`` — half messages
 - ``POST /api/transactions/{msg_id}/commit`` and ``.../rollback`` — resolve one by hand
 
+Lists are paginated and bounded: ``?limit=N`` (default 100, at most 1,000) and
+``?after=CURSOR``; the response's ``next`` is the cursor of the following page, or null.
+Topics and groups page by name, transactions and messages by msg_id.
+
 Every route is a thin translation onto the engine's admin calls.
 """
 
@@ -35,7 +39,31 @@ from protocol import DLQ_PREFIX, HalfMQError, TransactionStateError
 if TYPE_CHECKING:
     from broker.app import Broker
 
-__all__ = ["start_admin_http", "build_app"]
+__all__ = ["start_admin_http", "build_app", "PAGE_DEFAULT", "PAGE_MAX"]
+
+PAGE_DEFAULT = 100
+PAGE_MAX = 1000
+
+
+class _BadQuery(ValueError):
+    """A query parameter the route cannot use (answered with HTTP 400)."""
+
+
+def _page(req: web.Request, items: list[dict[str, Any]], key: str, name: str) -> dict[str, Any]:
+    """One page of ``items`` ordered by ``key``: ``{name: [...], "next": cursor | None}``."""
+    raw = req.query.get("limit", str(PAGE_DEFAULT))
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise _BadQuery(f"limit must be an integer, got {raw!r}") from None
+    if not 1 <= limit <= PAGE_MAX:
+        raise _BadQuery(f"limit must be between 1 and {PAGE_MAX}")
+    after = req.query.get("after")
+    items = sorted(items, key=lambda item: item[key])
+    if after is not None:
+        items = [item for item in items if item[key] > after]
+    page = items[:limit]
+    return {name: page, "next": page[-1][key] if len(items) > limit else None}
 
 
 def build_app(broker: Broker) -> web.Application:
@@ -63,13 +91,20 @@ def build_app(broker: Broker) -> web.Application:
     async def stats(_req: web.Request) -> web.Response:
         return web.json_response(await engine.admin_stats())
 
+    @web.middleware
+    async def bad_queries(req: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(req)  # type: ignore[no-any-return]
+        except _BadQuery as exc:
+            return err(400, str(exc))
+
     @routes.get("/api/topics")
-    async def topics(_req: web.Request) -> web.Response:
-        return web.json_response({"topics": await engine.admin_topics()})
+    async def topics(req: web.Request) -> web.Response:
+        return web.json_response(_page(req, await engine.admin_topics(), "topic", "topics"))
 
     @routes.get("/api/groups")
-    async def groups(_req: web.Request) -> web.Response:
-        return web.json_response({"groups": await engine.admin_groups()})
+    async def groups(req: web.Request) -> web.Response:
+        return web.json_response(_page(req, await engine.admin_groups(), "group", "groups"))
 
     @routes.get("/api/messages/{msg_id}")
     async def message(req: web.Request) -> web.Response:
@@ -85,7 +120,8 @@ def build_app(broker: Broker) -> web.Application:
         key = req.query.get("key")
         if not topic or not key:
             return err(400, "query parameters topic and key are required")
-        return web.json_response({"messages": await engine.admin_find(topic, key)})
+        found = await engine.admin_find(topic, key, PAGE_MAX * 10)
+        return web.json_response(_page(req, found, "msg_id", "messages"))
 
     @routes.post("/api/dlq/{group}/messages/{msg_id}/resend")
     async def resend(req: web.Request) -> web.Response:
@@ -105,7 +141,7 @@ def build_app(broker: Broker) -> web.Application:
             state = TxState[name]
         except KeyError:
             return err(400, "state must be prepared, committed, rolled_back or abandoned")
-        return web.json_response({"transactions": await engine.admin_transactions(state)})
+        return web.json_response(_page(req, await engine.admin_transactions(state), "msg_id", "transactions"))
 
     async def resolve(req: web.Request, state: TxState) -> web.Response:
         msg_id = req.match_info["msg_id"]
@@ -123,7 +159,7 @@ def build_app(broker: Broker) -> web.Application:
     async def rollback(req: web.Request) -> web.Response:
         return await resolve(req, TxState.ROLLED_BACK)
 
-    app = web.Application()
+    app = web.Application(middlewares=[bad_queries])
     app.add_routes(routes)
     return app
 
