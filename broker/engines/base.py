@@ -14,6 +14,10 @@ the limits of ``BrokerConfig``): an engine may assume well-formed arguments, and
 refused by the front end never reaches it, so nothing is stored for it.
 
 Admin queries are coroutines returning JSON-able values; they are not on the data path.
+Settings (``settings_get`` / ``settings_put`` / ...) are a small key-value space of the
+engine for configuration that must be shared and survive: users and rights, tokens,
+webhooks, per-group settings. Keys are plain strings; features use their own prefix
+(``users/``, ``webhooks/``, ...).
 """
 
 from __future__ import annotations
@@ -118,4 +122,23 @@ class Engine(Protocol):
 
     def session_writable(self, s: Session) -> None:
         """The client reads again: deliveries may resume."""
+        ...
+
+    # -- settings: small, slow-changing configuration kept by the engine (users, rights,
+    #    tokens, webhooks, per-group settings), shared by every broker on the same storage
+
+    async def settings_get(self, key: str, default: Any = None) -> Any:
+        """The value stored under ``key`` (msgpack-able), or ``default``."""
+        ...
+
+    async def settings_put(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key``, durably, before returning."""
+        ...
+
+    async def settings_delete(self, key: str) -> None:
+        """Remove ``key`` (no error if absent)."""
+        ...
+
+    async def settings_items(self, prefix: str) -> dict[str, Any]:
+        """Every key starting with ``prefix``, with its value, in key order."""
         ...

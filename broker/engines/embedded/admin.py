@@ -41,7 +41,11 @@ if TYPE_CHECKING:
     from broker.core.delivery import GroupDelivery
     from broker.engines.embedded.engine import EmbeddedEngine
 
-__all__ = ["EmbeddedAdmin"]
+__all__ = ["EmbeddedAdmin", "SETTINGS_PREFIX"]
+
+#: Settings live in the data directory's metadata under this prefix (so an offline tool
+#: can read and write them with ``storage.Metadata`` while the broker is stopped).
+SETTINGS_PREFIX = "cfg/"
 
 
 class EmbeddedAdmin:
@@ -258,3 +262,26 @@ class EmbeddedAdmin:
         fut = self.resolve_transaction(msg_id, state)
         if fut is not None:
             await fut
+
+    # -- settings (see broker.engines.base) ----------------------------------------------
+
+    async def settings_get(self: EmbeddedEngine, key: str, default: Any = None) -> Any:
+        """The value stored under ``key``, or ``default``."""
+        assert self.store is not None
+        return await self.store.metadata.get(SETTINGS_PREFIX + key, default)
+
+    async def settings_put(self: EmbeddedEngine, key: str, value: Any) -> None:
+        """Store ``value`` under ``key`` (in the data directory's metadata)."""
+        assert self.store is not None
+        await self.store.metadata.put(SETTINGS_PREFIX + key, value)
+
+    async def settings_delete(self: EmbeddedEngine, key: str) -> None:
+        """Remove ``key`` (no error if absent)."""
+        assert self.store is not None
+        await self.store.metadata.delete(SETTINGS_PREFIX + key)
+
+    async def settings_items(self: EmbeddedEngine, prefix: str) -> dict[str, Any]:
+        """Every key starting with ``prefix``, with its value, in key order."""
+        assert self.store is not None
+        n = len(SETTINGS_PREFIX)
+        return {k[n:]: v for k, v in (await self.store.metadata.items(SETTINGS_PREFIX + prefix)).items()}
