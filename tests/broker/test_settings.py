@@ -1,0 +1,15 @@
+"""Engine settings: the key-value space kept for shared configuration."""
+
+async def test_engine_settings_survive_a_restart(tmp_path):
+    from broker import Broker, BrokerConfig
+
+    cfg = BrokerConfig(data_dir=str(tmp_path / "d"), port=0, http_port=0)
+    async with Broker(cfg) as b:
+        await b.engine.settings_put("users/alice", {"rights": ["publish:*"]})
+        await b.engine.settings_put("users/bob", {"rights": []})
+        await b.engine.settings_put("webhooks/w", 1)
+        await b.engine.settings_delete("users/bob")
+    async with Broker(cfg) as b:
+        assert await b.engine.settings_items("users/") == {"users/alice": {"rights": ["publish:*"]}}
+        assert await b.engine.settings_get("webhooks/w") == 1
+        assert await b.engine.settings_get("nothing", "default") == "default"
