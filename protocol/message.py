@@ -1,7 +1,9 @@
 """The ``Message`` a consumer receives, and ``SendResult`` a producer gets back.
 
 On the wire a message is a flat msgpack array (``Message.to_wire`` / ``Message.from_wire``)
-in the field order below; bodies stay ``bytes`` and are never decoded by the broker.
+in the field order below; bodies stay ``bytes`` and are never decoded by the broker. A
+message of a FIFO message group, or one that was scheduled, carries a twelfth element: a
+map with ``"g"`` (its message group) and/or ``"at"`` (the time it was due, epoch ms).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ WIRE_FIELDS = (
     "reconsume_times",
 )
 
+#: The optional twelfth wire element's keys, and the fields they fill.
+_EXTRAS = (("g", "message_group"), ("at", "deliver_at"))
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -41,9 +46,14 @@ class Message:
     queue_id: int = 0
     queue_offset: int = 0
     reconsume_times: int = 0
+    #: FIFO: the message group it was sent with (delivered in order within it)
+    message_group: str | None = None
+    #: a scheduled message: when it was due (epoch milliseconds)
+    deliver_at: int | None = None
 
     def to_wire(self) -> list[Any]:
         """Return the flat list that ``from_wire`` accepts."""
+        extras = {k: getattr(self, name) for k, name in _EXTRAS if getattr(self, name) is not None}
         return [
             self.msg_id,
             self.topic,
@@ -56,16 +66,22 @@ class Message:
             self.queue_id,
             self.queue_offset,
             self.reconsume_times,
+            *([extras] if extras else []),
         ]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> Message:
         """Build a ``Message`` from its wire list; raises ``ValueError`` on a malformed one."""
-        if not isinstance(w, (list, tuple)) or len(w) != len(WIRE_FIELDS):
+        n = len(WIRE_FIELDS)
+        if not isinstance(w, (list, tuple)) or not n <= len(w) <= n + 1:
             raise ValueError("malformed message")
-        return cls(
-            w[0], w[1], w[2], w[3], tuple(w[4] or ()), dict(w[5] or {}), w[6], w[7], w[8], w[9], w[10]
-        )
+        if len(w) == n:
+            return cls(w[0], w[1], w[2], w[3], tuple(w[4] or ()), dict(w[5] or {}), w[6], w[7], w[8], w[9], w[10])
+        extras = w[n]
+        if not isinstance(extras, dict):
+            raise ValueError("malformed message extras")
+        return cls(w[0], w[1], w[2], w[3], tuple(w[4] or ()), dict(w[5] or {}), w[6], w[7], w[8], w[9], w[10],
+                   extras.get("g"), extras.get("at"))
 
     @property
     def text(self) -> str:
