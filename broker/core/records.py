@@ -10,6 +10,10 @@ decode, and built once per message on the hot path); the other records have smal
   the body as the record body. Indexed in its topic's queue.
 - ``RT_HALF``: a half message, the same header plus ``[producer group, producer id,
   queue]``; indexed in ``%HALF%`` only, so no consumer sees it.
+- Either header may carry, at ``H_EXT`` (a plain message's header is padded with nils to
+  reach it), a map of extras: ``"g"`` the FIFO message group, ``"at"`` the epoch ms a
+  scheduled message is due, ``"d"`` the delay in ms of a half message (counted from its
+  commit). Messages without extras keep the short header.
 - ``RT_TX_OP``: a transaction outcome ``{id, s: "C"|"R"|"A", hp: half position}``,
   indexed in ``%OP%``.
 - ``RT_COMMIT_REF``: carries the index entry that makes a committed half message visible:
@@ -54,13 +58,16 @@ __all__ = [
     "H_PGROUP",
     "H_PCLIENT",
     "H_QUEUE",
+    "H_EXT",
     "build_wire",
+    "message_header",
     "make_msg_id",
     "parse_msg_id",
     "parse_tags",
     "record_msg_id",
     "retry_topic",
     "tag_hash",
+    "header_ext",
     "wire_json",
 ]
 
@@ -78,7 +85,20 @@ OP_TOPIC = "%OP%"
 ACK_TOPIC = "%ACK%"
 
 # Positions in the header of a message record.
-H_TOPIC, H_TAGS, H_KEYS, H_PROPS, H_BORN, H_EPOCH, H_PGROUP, H_PCLIENT, H_QUEUE = range(9)
+H_TOPIC, H_TAGS, H_KEYS, H_PROPS, H_BORN, H_EPOCH, H_PGROUP, H_PCLIENT, H_QUEUE, H_EXT = range(10)
+
+
+def message_header(topic: str, tags: str | None, keys: list[str], props: dict[str, str], born: int,
+                   epoch: int, ext: dict[str, Any] | None = None) -> list[Any]:
+    """The header of an ``RT_MSG`` record (extras, if any, at ``H_EXT``)."""
+    if not ext:
+        return [topic, tags, keys, props, born, epoch]
+    return [topic, tags, keys, props, born, epoch, None, None, None, ext]
+
+
+def header_ext(header: list[Any]) -> dict[str, Any] | None:
+    """The extras of a message record's header, or None."""
+    return header[H_EXT] if len(header) > H_EXT else None
 
 
 def retry_topic(group: str) -> str:
@@ -124,10 +144,17 @@ def record_msg_id(rec: Record) -> str:
 def build_wire(rec: Record, topic: str, qid: int, off: int, reconsume: int, _unused: Any = None) -> list[Any]:
     """The wire form (``protocol.Message.to_wire``) of the message in ``rec`` as delivered
     from ``topic``; a message delivered from another topic (a DLQ) carries ``ORIGIN_TOPIC``."""
-    t, g, k, props, born, epoch = rec.header[:6]
+    h = rec.header
+    t, g, k, props, born, epoch = h[:6]
     if topic != t:
         props = {**props, "ORIGIN_TOPIC": t}
-    return [f"{epoch:08X}{rec.pos:016X}", topic, rec.body, g, k, props, born, rec.store_time, qid, off, reconsume]
+    wire = [f"{epoch:08X}{rec.pos:016X}", topic, rec.body, g, k, props, born, rec.store_time, qid, off, reconsume]
+    if len(h) > H_EXT:
+        ext = h[H_EXT]
+        extras = {key: ext[key] for key in ("g", "at") if key in ext}
+        if extras:
+            wire.append(extras)
+    return wire
 
 
 def wire_json(wire: list[Any]) -> dict[str, Any]:
