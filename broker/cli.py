@@ -150,8 +150,10 @@ def _consume_main(argv: list[str]) -> int:
     return asyncio.run(run())
 
 
-def _http(method: str, url: str) -> Any:
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+def _http(method: str, url: str, body: Any = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    req = urllib.request.Request(url, method=method, data=data,
+                                 headers={"Content-Type": "application/json"} if body is not None else {})
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
@@ -178,6 +180,11 @@ def _admin_main(argv: list[str]) -> int:
     r.add_argument("msg_id")
     t = sub.add_parser("transactions", help="half messages by state")
     t.add_argument("--state", default="prepared", choices=["prepared", "abandoned", "committed", "rolled_back"])
+    gs = sub.add_parser("group-settings", help="show or change a consumer group's settings")
+    gs.add_argument("group")
+    gs.add_argument("--fifo", choices=["on", "off"], help="deliver each message group in order, one at a time")
+    gs.add_argument("--max-attempts", type=int, help="deliveries before the dead-letter queue")
+    gs.add_argument("--retry-delays", help="the group's retry delay ladder, e.g. 1s,10s,1m")
     for verb in ("commit", "rollback"):
         v = sub.add_parser(verb, help=f"{verb} a prepared transaction by hand")
         v.add_argument("msg_id")
@@ -199,6 +206,12 @@ def _admin_main(argv: list[str]) -> int:
         out = _http("GET", f"{base}/api/messages?" + urlencode({"topic": a.topic, "key": a.key, **paging}))
     elif a.cmd == "resend":
         out = _http("POST", f"{base}/api/dlq/{a.group}/messages/{a.msg_id}/resend")
+    elif a.cmd == "group-settings":
+        changes = {k: v for k, v in (("fifo", None if a.fifo is None else a.fifo == "on"),
+                                     ("max_attempts", a.max_attempts), ("retry_delays", a.retry_delays))
+                   if v is not None}
+        url = f"{base}/api/groups/{a.group}/settings"
+        out = _http("POST", url, changes) if changes else _http("GET", url)
     elif a.cmd == "transactions":
         out = _http("GET", f"{base}/api/transactions?" + urlencode({"state": a.state, **paging}))
     else:

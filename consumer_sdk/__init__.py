@@ -1,8 +1,10 @@
-"""halfmq consumer SDK: ``PushConsumer``.
+"""halfmq consumer SDK: ``PushConsumer`` (the broker pushes) and ``SimpleConsumer`` (you pull).
 
-How this works: a consumer subscribes a group to a topic over one connection (shared
+How this works: a push consumer subscribes a group to a topic over one connection (shared
 client code in ``producer_sdk.connection``); the broker pushes deliveries, a bounded pool
-of workers runs the listener, and results are acked in batches.
+of workers runs the listener, and results are acked in batches. A simple consumer asks for
+batches of messages, each leased for its own invisible duration, and acks each by its
+receipt handle.
 
     from consumer_sdk import PushConsumer, ConsumeResult
 
@@ -16,6 +18,7 @@ of workers runs the listener, and results are acked in batches.
 
 from consumer_sdk.consumer import PushConsumer
 from consumer_sdk.dedup import apply_once, claim_key, create_dedup_table
+from consumer_sdk.simple import ReceivedMessage, SimpleConsumer
 from protocol import (
     AuthError,
     BrokerUnavailableError,
@@ -26,11 +29,15 @@ from protocol import (
     Message,
     MessageTooLargeError,
     RequestTimeoutError,
+    StaleReceiptError,
     TransactionStateError,
 )
 
 __all__ = [
     "PushConsumer",
+    "SimpleConsumer",
+    "ReceivedMessage",
+    "StaleReceiptError",
     "ConsumeResult",
     "Message",
     "HalfMQError",

@@ -20,8 +20,9 @@ re-subscribes; deliveries from the old connection that did not start are dropped
 for them are not sent (the broker redelivers those after ``--ack-timeout``).
 
 ``close()`` (C9): ``UNSUBSCRIBE`` (no new deliveries), wait up to ``close_grace`` (10 s)
-for the listener calls already running, send their acks followed by a barrier (an ``ACK``
-request, whose reply means the broker processed them all), then close the connection.
+for the listener calls already running, send their acks as a barrier (an ``ACK`` request,
+whose reply means the broker processed every ack and stored it durably), then close the
+connection.
 Deliveries received but not started are not acked.
 """
 
@@ -83,6 +84,8 @@ class PushConsumer:
     * ``prefetch`` — unacked deliveries the broker may push to this consumer [64].
     * ``client_id`` — identifies this client to the broker [``host@pid@random``].
     * ``close_grace`` — seconds ``close()`` waits for running listener calls [10].
+    * ``fifo`` — a *new* group is created FIFO: the messages of one message group come
+      one at a time, in send order (an existing group is made FIFO with the admin API) [False].
 
     Use as ``async with PushConsumer(...) as c:`` or call ``start()``/``close()``.
     """
@@ -101,6 +104,7 @@ class PushConsumer:
         prefetch: int = 64,
         client_id: str | None = None,
         close_grace: float = CLOSE_GRACE,
+        fifo: bool = False,
     ) -> None:
         validate_name(group, "consumer group")
         validate_subscribe_topic(topic)
@@ -134,6 +138,8 @@ class PushConsumer:
             "prefetch": prefetch,
             "max_reconsume_times": max_reconsume_times,
         }
+        if fifo:
+            self._subscription["fifo"] = True
         self._conn = Connection(
             address,
             role=Role.CONSUMER,
@@ -219,7 +225,7 @@ class PushConsumer:
             acks = self._take_acks()
             if self._conn.connected:
                 try:
-                    if acks:
+                    if self._started:  # an ACK request's reply: every ack so far is durable
                         await self._conn.request(Op.ACK, {"a": acks}, timeout=CONTROL_TIMEOUT)
                     else:
                         await self._conn.request(Op.PING, {}, timeout=CONTROL_TIMEOUT)

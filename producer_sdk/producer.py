@@ -128,6 +128,13 @@ def _request_for_all(
     rf.add_done_callback(lambda r: hand_out(r, futs))
 
 
+def _encode_options(message_group: str | None) -> dict[str, Any]:
+    """The option map of a SEND message row (docs/protocol.md)."""
+    if not isinstance(message_group, str) or not 0 < len(message_group) <= 256:
+        raise ValueError("message_group must be a string of 1 to 256 characters")
+    return {"group": message_group}
+
+
 def _encode_tags(tags: str | None) -> str | None:
     if tags is not None and not isinstance(tags, str):
         raise TypeError(f"message tags must be a str, not {type(tags).__name__}")
@@ -214,10 +221,13 @@ class Producer:
         tags: str | None = None,
         keys: str | Iterable[str] | None = None,
         properties: Mapping[str, str] | None = None,
+        message_group: str | None = None,
     ) -> SendResult:
         """Store one message on ``topic``; return its ``SendResult`` (msg_id, queue, offset).
 
         ``body`` is ``bytes`` or a ``str`` (encoded UTF-8); ``keys`` is one key or several.
+        ``message_group`` (FIFO): every message of one group goes to one queue, in send
+        order, and a FIFO consumer group gets them one at a time, in that order.
         Raises ``InvalidNameError`` (bad or reserved topic, checked before sending),
         ``MessageTooLargeError``, ``BrokerUnavailableError``/``RequestTimeoutError`` once the
         retries are used up, or the broker's error.
@@ -235,6 +245,8 @@ class Producer:
             )
         item = [data, _encode_tags(tags), _encode_keys(keys) if keys else [],
                 _encode_properties(properties) if properties else {}, int(time.time() * 1000)]
+        if message_group is not None:
+            item.append(_encode_options(message_group))
         loop = conn._loop
         if loop is None:
             raise HalfMQError("producer is not started; call start() or use 'async with'")
@@ -318,7 +330,7 @@ class Producer:
         """Store many messages on ``topic`` in one round trip; return their results in order.
 
         Each item is a body (``bytes``/``str``) or a dict with ``body`` and optionally
-        ``tags``, ``keys``, ``properties``. The bodies together must fit the broker's message
+        ``tags``, ``keys``, ``properties``, ``message_group``. The bodies together must fit the broker's message
         size limit (``MessageTooLargeError`` otherwise; split the batch). Raises like ``send``.
         """
         validate_send_topic(topic)
@@ -327,14 +339,18 @@ class Producer:
         total = 0
         for item in items:
             if isinstance(item, Mapping):
-                unknown = set(item) - {"body", "tags", "keys", "properties"}
+                unknown = set(item) - {"body", "tags", "keys", "properties", "message_group"}
                 if unknown or "body" not in item:
                     raise TypeError(
-                        "a batch item dict needs 'body' and may have 'tags', 'keys', 'properties'"
+                        "a batch item dict needs 'body' and may have 'tags', 'keys', 'properties', "
+                        "'message_group'"
                     )
                 data = _encode_body(item["body"])
-                msgs.append([data, _encode_tags(item.get("tags")), _encode_keys(item.get("keys")),
-                             _encode_properties(item.get("properties")), born])
+                row = [data, _encode_tags(item.get("tags")), _encode_keys(item.get("keys")),
+                       _encode_properties(item.get("properties")), born]
+                if item.get("message_group") is not None:
+                    row.append(_encode_options(item["message_group"]))
+                msgs.append(row)
             else:
                 data = _encode_body(item)
                 msgs.append([data, None, [], {}, born])

@@ -19,7 +19,8 @@ The tree::
     ├── AuthError                    (code 7)
     ├── BadRequestError              (code 8: malformed frame or request)
     ├── TopicNotFoundError           (code 9: auto-create is off)
-    └── LimitExceededError           (code 10: a documented limit of the broker)
+    ├── LimitExceededError           (code 10: a documented limit of the broker)
+    └── StaleReceiptError            (code 11: a receipt handle whose lease ended or changed)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "BadRequestError",
     "TopicNotFoundError",
     "LimitExceededError",
+    "StaleReceiptError",
     "ERRORS_BY_CODE",
     "error_from_code",
 ]
@@ -104,6 +106,13 @@ class LimitExceededError(HalfMQError):
     code = 10
 
 
+class StaleReceiptError(HalfMQError):
+    """A receipt handle whose lease was acked, failed, expired or changed, or that an
+    earlier run of the broker issued: the message is (or will be) delivered again."""
+
+    code = 11
+
+
 ERRORS_BY_CODE: dict[int, type[HalfMQError]] = {
     cls.code: cls
     for cls in (
@@ -117,6 +126,7 @@ ERRORS_BY_CODE: dict[int, type[HalfMQError]] = {
         BadRequestError,
         TopicNotFoundError,
         LimitExceededError,
+        StaleReceiptError,
     )
 }
 

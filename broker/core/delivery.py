@@ -11,40 +11,53 @@ to send and records to append.
   retry queues) a ``QueueCursor`` keeps ``next_offset`` (the next entry to read) and the
   set of offsets still in flight. The group's committed offset for that queue is the
   lowest offset in flight, or ``next_offset`` when none is: everything below it is done.
-  The shell persists committed offsets every second and at shutdown; after a crash the
-  group restarts from them, so only the last window's acks may be redelivered (C8).
-- **Clustering.** Members of the group share the queues: ``poll`` hands the next entries
-  to members that have room (``prefetch`` leases each), round-robin, so a message is
-  leased to one member at a time (C2).
-- **Leases.** A delivery is a lease with a deadline (``ack_timeout``). ``ack(ok=True)``
-  finishes it. ``ack(ok=False)``, or a lease that expires (``expire``), is a failed
-  attempt: the core returns a retry record for ``%RETRY%<group>`` (or, when the
-  delivery was the last allowed, a dead-letter record for ``%DLQ%<group>``) and the
-  offset stays in flight until the shell reports the record durable (``record_durable``).
+  Every offset done above it is reported through ``take_acked`` so the shell can log it
+  durably (acks, and sources of durable retry and dead-letter records); after a crash the
+  group restarts from its saved committed offsets and skips what the log says was done
+  (``replay_acked``), so only deliveries in flight come again (C8).
+- **Members.** Push consumers subscribe (``subscribe``) and get up to ``prefetch`` leases
+  each; a pull request (``add_receiver``) is a one-shot member asking for up to N messages,
+  each leased for its own *invisible duration*. ``poll`` hands the next entries to members
+  with room, round-robin, so a message is leased to one member at a time (C2), and never
+  more bytes than a member's ``budget`` (what its connection can take now).
+- **Leases** (``broker.core.leases``). A push delivery's deadline is ``ack_timeout``, a
+  pulled one's its invisible duration; ``settle`` acks, nacks or moves a lease by receipt
+  handle, from any connection of the group. ``ack(ok=False)``, a nack that runs out, or a
+  lease that expires (``expire``) is a failed attempt: the core returns a retry record for
+  ``%RETRY%<group>`` (or, when the delivery was the last allowed, a dead-letter record for
+  ``%DLQ%<group>``) and the offset stays in flight until the shell reports the record
+  durable (``durable``).
 - **Retry queues.** ``%RETRY%<group>`` has one queue per delay level: queue ``n`` holds
-  retries after the ``n``-th failure and waits ``retry_delays[n]``; the last queue
-  (``len(retry_delays)``) holds expired leases and waits nothing (the ack timeout already
-  waited). Within a queue entries are in store order and share one delay, so the head is
-  always the next one due: no timer per message, and retries survive a restart because
-  they are ordinary log records.
+  retries after the ``n``-th failure and waits ``retry_delays[n]``; queue
+  ``EXPIRED_LEVEL`` holds expired leases and waits nothing (the lease already waited).
+  Within a queue entries are in store order and share one delay, so the head is always
+  the next one due: no timer per message, and retries survive a restart because they are
+  ordinary log records. After a restart only the newest retry record of a message counts.
+- **FIFO** (``broker.core.fifo``): in a FIFO group the messages of one message group go
+  out one at a time, in queue order; a failing one holds its group through its retries.
 - **Dead letters.** The DLQ record's index entry points at the original message record,
   so the body is not copied; it is delivered from ``%DLQ%<group>`` with property
   ``ORIGIN_TOPIC``.
+
+Per-group settings (FIFO, max attempts, retry delays) can be given at construction and
+changed with ``configure``; otherwise each subscription's ``max_reconsume_times`` applies.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from broker.core.lifecycle import DELIVERY_TRANSITIONS, DeliveryEvent, DeliveryState, transition
+from broker.core.fifo import LOOKAHEAD, FifoOrder
+from broker.core.leases import Delivery, LeaseTable, StaleHandleError
+from broker.core.lifecycle import DELIVERY_TRANSITIONS, DeliveryEvent, transition
 from broker.core.records import (
     H_TAGS,
     RT_DLQ,
     RT_RETRY,
+    header_ext,
     parse_tags,
     retry_topic,
     tag_hash,
@@ -57,7 +70,16 @@ __all__ = [
     "Delivery",
     "GroupDelivery",
     "PendingRecord",
+    "StaleHandleError",
+    "EXPIRED_LEVEL",
+    "DEFAULT_MAX_RECONSUME",
 ]
+
+#: The retry queue of expired leases (and nacks): redelivered as soon as they are stored.
+EXPIRED_LEVEL = 255
+#: Redeliveries allowed when neither the group nor a subscription says.
+DEFAULT_MAX_RECONSUME = 16
+
 
 class QueueReader(Protocol):
     """What the core needs from storage."""
@@ -79,7 +101,7 @@ class QueueCursor:
 
     next_offset: int
     inflight: set[int] = field(default_factory=set)
-    skip: set[int] = field(default_factory=set)  # already handed to the retry queue (see recover)
+    skip: set[int] = field(default_factory=set)  # done before a restart, or retried (see recovery)
 
     @property
     def committed(self) -> int:
@@ -88,27 +110,8 @@ class QueueCursor:
 
 
 @dataclass(slots=True)
-class Delivery:
-    """One lease: a message handed to a member, until ack, failure or expiry."""
-
-    token: int
-    member: str
-    qkey: tuple[str, int]
-    offset: int
-    msg_pos: int
-    msg_id: str
-    topic: str
-    origin_queue: int
-    origin_offset: int
-    reconsume_times: int
-    deadline: float
-    tags: str | None
-    state: DeliveryState = DeliveryState.LEASED
-
-
-@dataclass(slots=True)
 class Member:
-    """A subscribed consumer connection."""
+    """A subscribed consumer connection, or one pull request (``receiver``)."""
 
     member_id: str
     topic: str
@@ -120,20 +123,28 @@ class Member:
     #: bytes of records that may still be leased to it in the current poll (set by the
     #: shell from the connection's unsent output: 0 while the client does not read)
     budget: int = 1 << 62
+    receiver: bool = False
+    invisible: float = 0.0  # a receiver's lease duration
 
 
 @dataclass(slots=True)
 class PendingRecord:
-    """A record the shell must append; when durable, call ``record_durable(qkey, offset)``."""
+    """A record the shell must append; when durable, call ``durable(pending)``."""
 
     record: NewRecord
     qkey: tuple[str, int]
     offset: int
     dead_letter: bool
+    mgroup: str | None = None
 
 
 # A function that turns (record read, delivery metadata) into a wire message list.
 MessageBuilder = Callable[[Record, str, int, int, int, str | None], list[Any]]
+
+
+def _mgroup(rec: Record) -> str | None:
+    ext = header_ext(rec.header) if type(rec.header) is list else None  # type: ignore[arg-type]
+    return ext.get("g") if ext else None
 
 
 class GroupDelivery:
@@ -150,6 +161,8 @@ class GroupDelivery:
         offsets: dict[tuple[str, int], int] | None = None,
         acked: Iterable[tuple[str, int, int]] = (),
         dead: Mapping[str, int] | None = None,
+        fifo: bool = False,
+        max_reconsume_times: int | None = None,
     ) -> None:
         self.group = group
         self.reader = reader
@@ -157,24 +170,40 @@ class GroupDelivery:
         self.retry_delays = tuple(retry_delays)
         self.ack_timeout = ack_timeout
         self.retry_topic = retry_topic(group)
+        self.max_reconsume_times = max_reconsume_times
+        self.fifo: FifoOrder | None = FifoOrder() if fifo else None
         self.cursors: dict[tuple[str, int], QueueCursor] = {}
         self._saved = dict(offsets or {})
         self.members: dict[str, Member] = {}
-        # live leases in lease order; with one ack timeout for the group their deadlines are
-        # in the same order, so the oldest lease is the next to expire (no heap, and memory
-        # holds only live leases, never acked ones)
-        self.leases: OrderedDict[int, Delivery] = OrderedDict()
+        self.leases = LeaseTable()
         self._tokens = itertools.count(1)
         self._rr = 0
         self.tags: frozenset[str] | None = None
         self.stats = {"delivered": 0, "acked": 0, "failed": 0, "expired": 0, "dead_lettered": 0}
         self._skip: dict[tuple[str, int], set[int]] = {}
-        #: offsets acked since the last ``take_acked`` (the shell logs them durably)
+        #: offsets done since the last ``take_acked`` (the shell logs them durably)
         self.acked: list[list[Any]] = []
-        for level in range(len(self.retry_delays) + 1):
-            self._cursor((self.retry_topic, level), start="earliest")
+        self._retry_levels: list[int] = []
+        self._ensure_levels()
+        for (t, q) in self._saved:
+            if t == self.retry_topic and (t, q) not in self.cursors:
+                self._retry_levels.append(q)
+                self._cursor((t, q))
         self.replay_acked(acked)
         self._recover_pending_retries(dead or {})
+
+    def _ensure_levels(self) -> None:
+        """A cursor for every retry level of the current delays (and the expired level; the
+        level just past the delays held expired leases in older stores)."""
+        n = len(self.retry_delays)
+        for level in [*range(n + 1), EXPIRED_LEVEL]:
+            if (self.retry_topic, level) not in self.cursors:
+                self._retry_levels.append(level)
+                self._cursor((self.retry_topic, level), start="earliest")
+        self._retry_levels.sort()
+
+    def _level_delay(self, level: int) -> float:
+        return self.retry_delays[level] if level < len(self.retry_delays) else 0.0
 
     def _recover_pending_retries(self, dead: Mapping[str, int]) -> None:
         """After a restart, from the retry records not yet redelivered:
@@ -184,11 +213,12 @@ class GroupDelivery:
         - of a message's retry records only the newest is kept: each failure wrote one,
           and the older ones were done when the next was durable;
         - none is kept for a message dead-lettered at or after it (``dead``: msg_id ->
-          store time in ms of its newest dead-letter entry).
+          store time in ms of its newest dead-letter entry);
+        - in a FIFO group, a message whose newest retry is still pending holds its group.
         """
         rt = self.retry_topic
-        newest: dict[str, tuple[int, int, int]] = {}  # msg_id -> (pos, level, offset)
-        for level in range(len(self.retry_delays) + 1):
+        newest: dict[str, tuple[int, int, int, int]] = {}  # msg_id -> (pos, level, offset, msg pos)
+        for level in self._retry_levels:
             cur = self.cursors[(rt, level)]
             off = cur.next_offset
             end = self.reader.queue_end(rt, level)
@@ -209,14 +239,20 @@ class GroupDelivery:
                         continue
                     prev = newest.get(msg_id)
                     if prev is None or prev[0] < entry.pos:
-                        newest[msg_id] = (entry.pos, level, o)
+                        newest[msg_id] = (entry.pos, level, o, h["rp"])
                         if prev is not None:
                             self.cursors[(rt, prev[1])].skip.add(prev[2])
                     else:
                         cur.skip.add(o)
+        if self.fifo is not None:
+            for _pos, level, o, msg_pos in newest.values():
+                if o not in self.cursors[(rt, level)].skip:
+                    mg = _mgroup(self.reader.read(msg_pos))
+                    if mg is not None:
+                        self.fifo.block(mg)
 
     def replay_acked(self, acked: Iterable[tuple[str, int, int]]) -> None:
-        """After a restart: offsets acked after the saved committed offsets (from the
+        """After a restart: offsets done after the saved committed offsets (from the
         durable ack records) are not delivered again."""
         for topic, qid, off in acked:
             cur = self.cursors.get((topic, qid))
@@ -226,9 +262,21 @@ class GroupDelivery:
                 cur.skip.add(off)
 
     def take_acked(self) -> list[list[Any]]:
-        """The ``[topic, queue, offset]`` of every delivery acked since the last call."""
+        """The ``[topic, queue, offset]`` of every offset done since the last call."""
         acked, self.acked = self.acked, []
         return acked
+
+    def configure(self, *, fifo: bool | None = None, max_reconsume_times: int | None = -1,
+                  retry_delays: tuple[float, ...] | None = None) -> None:
+        """Change the group's settings (``-1``: leave as is; ``None`` max: per subscription).
+        FIFO order applies to deliveries made after the change."""
+        if fifo is not None and fifo != (self.fifo is not None):
+            self.fifo = FifoOrder() if fifo else None
+        if max_reconsume_times != -1:
+            self.max_reconsume_times = max_reconsume_times
+        if retry_delays is not None:
+            self.retry_delays = tuple(retry_delays)
+            self._ensure_levels()
 
     # -- membership -------------------------------------------------------------------
 
@@ -253,6 +301,17 @@ class GroupDelivery:
         )
         self.tags = parse_tags(tags)
         self.ensure_topic(topic, start=start)
+
+    def add_receiver(self, member_id: str, topic: str, *, tags: str | None, max_messages: int,
+                     invisible: float) -> None:
+        """A pull request: a one-shot member for up to ``max_messages`` messages, each
+        leased for ``invisible`` seconds. Remove it with ``member_gone`` once answered."""
+        self.members[member_id] = Member(
+            member_id, topic, parse_tags(tags), max(1, max_messages), DEFAULT_MAX_RECONSUME,
+            receiver=True, invisible=invisible,
+        )
+        self.tags = parse_tags(tags)
+        self.ensure_topic(topic)
 
     def ensure_topic(self, topic: str, *, start: str = "earliest") -> None:
         """Make sure every queue of ``topic`` has a cursor (topics may grow)."""
@@ -282,7 +341,8 @@ class GroupDelivery:
             m.active = False
 
     def member_gone(self, member_id: str) -> None:
-        """The member's connection closed: no more deliveries; its leases expire normally (C5)."""
+        """The member's connection closed (or a pull request was answered): no more
+        deliveries to it; its leases expire normally (C5)."""
         m = self.members.pop(member_id, None)
         if m is not None:
             m.active = False
@@ -306,6 +366,8 @@ class GroupDelivery:
         by_topic: dict[str, list[Member]] = {}
         for m in members:
             by_topic.setdefault(m.topic, []).append(m)
+        if self.fifo is not None and self.fifo.ready:
+            self._poll_ready(now, by_topic, build, out)
         wake_at = self._poll_retries(now, by_topic, build, out)
         for topic, tmembers in by_topic.items():
             self._poll_topic(topic, now, tmembers, build, out)
@@ -330,6 +392,7 @@ class GroupDelivery:
         nq = self.queue_counts(topic)
         reader = self.reader
         tags = self.tags
+        fifo = self.fifo
         room = self._room(members)
         advanced = True
         while room > 0 and advanced:
@@ -341,6 +404,11 @@ class GroupDelivery:
                 if cur.next_offset >= reader.queue_end(topic, qid):
                     continue
                 per_queue = max(1, min(room, 256) // nq)
+                if fifo is not None:
+                    ahead = LOOKAHEAD - (cur.next_offset - cur.committed)
+                    if ahead <= 0:
+                        continue  # held groups wait: read no further (bounded memory)
+                    per_queue = min(per_queue, ahead)
                 recs = reader.read_queue_records(topic, qid, cur.next_offset, per_queue)
                 if not recs:
                     # the records of these entries are gone (retention): step over them
@@ -354,26 +422,52 @@ class GroupDelivery:
                     if cur.skip and off in cur.skip:
                         cur.skip.discard(off)
                         cur.next_offset = off + 1
-                        continue  # acked before a restart, or its retry record is pending
+                        continue  # done before a restart, or its retry record is pending
                     if tags is not None and rec.header[H_TAGS] not in tags:
                         cur.next_offset = off + 1
                         continue  # filtered out: done for this group (C6)
+                    mg = None
+                    if fifo is not None:
+                        mg = _mgroup(rec)
+                        if mg is not None and fifo.is_blocked(mg):
+                            fifo.park(mg, (topic, qid), off)  # its turn comes after the holder
+                            cur.inflight.add(off)
+                            cur.next_offset = off + 1
+                            continue
                     m = self._pick(members)
                     if m is None:
                         return  # every member's byte budget is spent
                     cur.next_offset = off + 1
-                    out.append(self._lease(m, (topic, qid), off, rec, now, 0, topic, qid, off, build, topic))
+                    out.append(self._lease(m, (topic, qid), off, rec, now, 0, topic, qid, off, build, topic, mg))
                     room -= 1 if m.budget > 0 else 1 + m.prefetch - len(m.leases)
                     if room <= 0:
                         return
+
+    def _poll_ready(self, now: float, by_topic: dict[str, list[Member]], build: MessageBuilder, out: list) -> None:
+        """FIFO: deliver the messages whose group's holder finished, in order."""
+        assert self.fifo is not None
+        ready = self.fifo.ready
+        while ready:
+            qkey, off, mg = ready[0]
+            tmembers = by_topic.get(qkey[0])
+            m = self._pick(tmembers) if tmembers else None
+            if m is None:
+                return
+            ready.popleft()
+            recs = self.reader.read_queue_records(qkey[0], qkey[1], off, 1)
+            if not recs or recs[0][0] != off:  # gone (retention): done
+                self.cursors[qkey].inflight.discard(off)
+                self.fifo.done(mg)
+                continue
+            out.append(self._lease(m, qkey, off, recs[0][1], now, 0, qkey[0], qkey[1], off, build, qkey[0], mg))
 
     def _poll_retries(self, now: float, by_topic: dict[str, list[Member]], build: MessageBuilder, out: list) -> float | None:
         wake_at: float | None = None
         reader = self.reader
         rt = self.retry_topic
-        for level in range(len(self.retry_delays) + 1):
-            delay = self.retry_delays[level] if level < len(self.retry_delays) else 0.0
-            cur = self._cursor((rt, level))
+        for level in self._retry_levels:
+            delay = self._level_delay(level)
+            cur = self.cursors[(rt, level)]
             end = reader.queue_end(rt, level)
             while cur.next_offset < end:
                 entries = reader.read_queue(rt, level, cur.next_offset, 64)
@@ -384,7 +478,7 @@ class GroupDelivery:
                     if cur.skip and off in cur.skip:
                         cur.skip.discard(off)
                         cur.next_offset = off + 1
-                        continue  # acked before a restart, or superseded by a newer retry
+                        continue  # done before a restart, or superseded by a newer retry
                     due = entry.store_time / 1000.0 + delay
                     if due > now:
                         wake_at = due if wake_at is None else min(wake_at, due)
@@ -400,39 +494,75 @@ class GroupDelivery:
                         break
                     cur.next_offset = off + 1
                     msg = reader.read(h["rp"])
-                    out.append(self._lease(m, (rt, level), off, msg, now, h["rt"], topic, h["oq"], h["oo"], build, topic))
+                    mg = _mgroup(msg) if self.fifo is not None else None
+                    out.append(self._lease(m, (rt, level), off, msg, now, h["rt"], topic, h["oq"], h["oo"], build,
+                                           topic, mg))
                 if stop:
                     break
         return wake_at
 
     def _lease(
         self, m: Member, qkey: tuple[str, int], off: int, rec: Record, now: float, reconsume: int,
-        topic: str, oq: int, oo: int, build: MessageBuilder, deliver_topic: str,
+        topic: str, oq: int, oo: int, build: MessageBuilder, deliver_topic: str, mgroup: str | None = None,
     ) -> tuple[str, int, list[Any]]:
         token = next(self._tokens)
         wire = build(rec, deliver_topic, oq, oo, reconsume, None)
         d = Delivery(token, m.member_id, qkey, off, rec.pos, wire[0], topic, oq, oo, reconsume,
-                     now + self.ack_timeout, wire[3])
+                     now + (m.invisible if m.receiver else self.ack_timeout), wire[3], mgroup=mgroup)
         self.cursors[qkey].inflight.add(off)
         m.budget -= rec.size
         m.leases[token] = d
-        self.leases[token] = d
+        self.leases.add(d)
+        if mgroup is not None and self.fifo is not None:
+            self.fifo.hold(mgroup, token)
         self.stats["delivered"] += 1
         return m.member_id, token, wire
 
     # -- outcomes ---------------------------------------------------------------------
 
     def ack(self, member_id: str, token: int, ok: bool, now: float) -> PendingRecord | None:
-        """A member's result for a delivery. Unknown or expired tokens are ignored (None)."""
+        """A push member's result for a delivery. Unknown or expired tokens are ignored (None)."""
         d = self.leases.get(token)
         if d is None or d.member != member_id:
             return None
+        return self._finish(d, ok)
+
+    def settle(self, handle: object, action: str, ms: int, now: float) -> tuple[PendingRecord | None, str | None]:
+        """Act on a lease by its receipt handle, from any connection of the group:
+        ``"ack"``; ``"nack"`` (redeliver once ``ms`` milliseconds have passed; a negative
+        ``ms`` waits the group's retry delay); ``"cid"`` (the lease now ends ``ms`` ms from
+        now). Returns a record to append (if any) and, for ``"cid"``, the new handle.
+        Raises ``StaleHandleError`` for a handle whose lease ended, expired or changed."""
+        d = self.leases.by_handle(handle)
+        if action == "ack":
+            return self._finish(d, True), None
+        if action == "nack":
+            if ms < 0:
+                delays = self.retry_delays
+                ms = int(1000 * delays[min(d.reconsume_times, len(delays) - 1)]) if delays else 0
+            self.leases.change_deadline(d, now + ms / 1000.0)  # it runs out: a failed attempt
+            return None, None
+        if action == "cid":
+            self.leases.change_deadline(d, now + ms / 1000.0)
+            return None, self.leases.handle(d)
+        raise ValueError(f"unknown action {action!r}: expected 'ack', 'nack' or 'cid'")
+
+    def handle(self, token: int) -> str:
+        """The receipt handle of the live lease ``token``."""
+        d = self.leases.get(token)
+        if d is None:
+            raise StaleHandleError("no such lease")
+        return self.leases.handle(d)
+
+    def _finish(self, d: Delivery, ok: bool) -> PendingRecord | None:
         self._release(d)
         if ok:
             d.state = transition(DELIVERY_TRANSITIONS, d.state, DeliveryEvent.ACK)
             self.stats["acked"] += 1
             self.cursors[d.qkey].inflight.discard(d.offset)
             self.acked.append([d.qkey[0], d.qkey[1], d.offset])
+            if d.mgroup is not None and self.fifo is not None:
+                self.fifo.done(d.mgroup)
             return None
         self.stats["failed"] += 1
         return self._fail(d, expired=False)
@@ -440,34 +570,34 @@ class GroupDelivery:
     def expire(self, now: float) -> list[PendingRecord]:
         """Leases past their deadline count as failed attempts (C5)."""
         out: list[PendingRecord] = []
-        leases = self.leases
-        while leases:
-            d = next(iter(leases.values()))
-            if d.deadline > now:
-                break
-            self._release(d)
+        for d in self.leases.expired(now):
+            m = self.members.get(d.member)
+            if m is not None:
+                m.leases.pop(d.token, None)
             self.stats["expired"] += 1
             out.append(self._fail(d, expired=True))
         return out
 
     def next_expiry(self) -> float | None:
         """Deadline of the earliest live lease."""
-        return next(iter(self.leases.values())).deadline if self.leases else None
+        return self.leases.next_deadline()
 
     def _release(self, d: Delivery) -> None:
-        self.leases.pop(d.token, None)
+        self.leases.pop(d.token)
         m = self.members.get(d.member)
         if m is not None:
             m.leases.pop(d.token, None)
 
     def _max_reconsume(self, d: Delivery) -> int:
+        if self.max_reconsume_times is not None:
+            return self.max_reconsume_times
         m = self.members.get(d.member)
-        if m is not None:
+        if m is not None and not m.receiver:
             return m.max_reconsume_times
         for other in self.members.values():
-            if other.topic == d.topic:
+            if other.topic == d.topic and not other.receiver:
                 return other.max_reconsume_times
-        return 16
+        return DEFAULT_MAX_RECONSUME
 
     def _fail(self, d: Delivery, *, expired: bool) -> PendingRecord:
         event = DeliveryEvent.EXPIRE if expired else DeliveryEvent.FAIL
@@ -485,17 +615,28 @@ class GroupDelivery:
             self.stats["dead_lettered"] += 1
             header["rt"] = d.reconsume_times
             rec = NewRecord(RT_DLQ, header, b"", IndexTarget(dlq_topic(self.group), 0, tag_hash(d.tags), ref_pos=d.msg_pos))
-            return PendingRecord(rec, d.qkey, d.offset, True)
+            return PendingRecord(rec, d.qkey, d.offset, True, d.mgroup)
         d.state = transition(DELIVERY_TRANSITIONS, d.state, event)
-        level = len(self.retry_delays) if expired else min(d.reconsume_times, len(self.retry_delays) - 1)
+        if d.mgroup is not None and self.fifo is not None:
+            self.fifo.block(d.mgroup)  # held through its retry: nothing of its group overtakes it
+        n = len(self.retry_delays)
+        level = EXPIRED_LEVEL if expired or not n else min(d.reconsume_times, n - 1)
         rec = NewRecord(RT_RETRY, header, b"", IndexTarget(self.retry_topic, level, tag_hash(d.tags)))
-        return PendingRecord(rec, d.qkey, d.offset, False)
+        return PendingRecord(rec, d.qkey, d.offset, False, d.mgroup)
+
+    def durable(self, pr: PendingRecord) -> None:
+        """The retry / dead-letter record ``pr`` is stored: its source offset is done (and
+        logged as such), and a dead-lettered FIFO message releases its group."""
+        cur = self.cursors.get(pr.qkey)
+        if cur is not None:
+            cur.inflight.discard(pr.offset)
+        self.acked.append([pr.qkey[0], pr.qkey[1], pr.offset])
+        if pr.dead_letter and pr.mgroup is not None and self.fifo is not None:
+            self.fifo.done(pr.mgroup)
 
     def record_durable(self, qkey: tuple[str, int], offset: int) -> None:
-        """The retry/DLQ record for a failed delivery is stored: its source offset is done."""
-        cur = self.cursors.get(qkey)
-        if cur is not None:
-            cur.inflight.discard(offset)
+        """:meth:`durable` for a record known only by its source (no FIFO group)."""
+        self.durable(PendingRecord(NewRecord(0, {}), qkey, offset, False))
 
     # -- state for persistence and the admin API --------------------------------------
 

@@ -80,6 +80,7 @@ class Subscription(Protocol):
     start: str
     prefetch: int
     max_reconsume_times: int
+    fifo: bool  # the group is (or, if new, becomes) FIFO
 
 
 class Engine(Protocol):
@@ -122,6 +123,18 @@ class Engine(Protocol):
 
     def session_writable(self, s: Session) -> None:
         """The client reads again: deliveries may resume."""
+        ...
+
+    def receive(self, s: Session, rid: int, *, group: str, topic: str, tags: str | None,
+                max_messages: int, invisible_ms: int, wait_ms: int) -> None:
+        """A long poll: lease up to ``max_messages`` messages, each for ``invisible_ms``;
+        reply ``{"m": [[receipt handle, message], ...]}`` as soon as there are some, or
+        ``{"m": []}`` after ``wait_ms``."""
+        ...
+
+    def settle(self, s: Session, rid: int, group: str, items: list[Any]) -> None:
+        """Ack / nack / change visibility by receipt handle (docs/protocol.md, SETTLE),
+        from any connection of the group; reply once the acks are durable."""
         ...
 
     # -- settings: small, slow-changing configuration kept by the engine (users, rights,

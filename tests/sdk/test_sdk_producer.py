@@ -30,7 +30,8 @@ def test_exports_are_pinned():
         ["Producer", "TransactionProducer", "TransactionListener", "LocalTransactionState",
          "SendResult", "Message", *errors,
          "TxLogChecker", "TxLogListener", "record_commit", "create_tx_log", "AlreadyRolledBackError"])
-    assert sorted(consumer_sdk.__all__) == sorted(["PushConsumer", "ConsumeResult", "Message",
+    assert sorted(consumer_sdk.__all__) == sorted(["PushConsumer", "SimpleConsumer", "ReceivedMessage",
+                                                   "StaleReceiptError", "ConsumeResult", "Message",
                                                    *errors, "apply_once", "claim_key", "create_dedup_table"])
     for name in producer_sdk.__all__:
         assert getattr(producer_sdk, name) is not None

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from broker.core.delivery import GroupDelivery, PendingRecord
 from broker.core.records import ACK_TOPIC, RT_ACK, build_wire, record_msg_id
 from broker.engines.base import Session, Subscription
-from protocol import DLQ_PREFIX, BadRequestError, LimitExceededError
+from protocol import DLQ_PREFIX, BadRequestError
 from storage import IndexTarget, NewRecord
 
 if TYPE_CHECKING:
@@ -55,11 +55,16 @@ class EmbeddedDelivering:
         """Make ``s`` a member of ``sub.group`` consuming ``sub.topic``; deliveries follow."""
         if s.conn_id in self._subscriptions:
             raise BadRequestError("this connection already has a subscription")
-        if sub.group not in self.groups and len(self.groups) >= self.config.max_groups:
-            raise LimitExceededError(f"group {sub.group!r} not created: the broker holds "
-                                     f"--max-groups {self.config.max_groups} groups")
+        self._check_group_room(sub.group)
+        fifo = getattr(sub, "fifo", False)
+        if fifo and not self._group_is_fifo(sub.group):
+            if sub.group in self.groups:
+                raise BadRequestError(f"group {sub.group!r} exists and is not FIFO: make it FIFO with "
+                                      "the admin API (halfmq admin group-settings GROUP --fifo on)")
         if not sub.topic.startswith("%"):
             self._ensure_topic(sub.topic)
+        if fifo and not self._group_is_fifo(sub.group):
+            self._set_group_settings_now(sub.group, {"fifo": True})
         gd = self._group(sub.group)
         gd.subscribe(s.conn_id, sub.topic, tags=sub.tags, prefetch=sub.prefetch,
                      max_reconsume_times=sub.max_reconsume_times, start=sub.start)
@@ -109,7 +114,9 @@ class EmbeddedDelivering:
         def done(exc: BaseException | None) -> None:
             if exc is None:
                 for pr in pending:
-                    gd.record_durable(pr.qkey, pr.offset)
+                    gd.durable(pr)
+                self._acked_groups.add(gd)  # their sources are done: logged with the next acks
+                self._schedule_flush()
             self.schedule_dispatch()
 
         self._queue_records([pr.record for pr in pending], done)
@@ -136,11 +143,12 @@ class EmbeddedDelivering:
         self._dispatch_scheduled = False
         now = time.time()
         consumers = self._consumers
+        receivers = self._receivers
         for gd in self.groups.values():
             if not gd.members:
                 continue
             for mid, m in gd.members.items():
-                c = consumers.get(mid)
+                c = receivers[mid][0] if m.receiver and mid in receivers else consumers.get(mid)
                 m.budget = c.output_room() if c is not None else 0
             try:
                 out, _wake = gd.poll(now, build_wire)
@@ -153,6 +161,9 @@ class EmbeddedDelivering:
             for member_id, token, wire in out:
                 per_conn[member_id].append([token, wire])
             for member_id, items in per_conn.items():
+                if member_id in receivers:
+                    self._answer_receiver(gd, member_id, items)
+                    continue
                 c = consumers.get(member_id)
                 if c is not None:
                     c.deliver(items)

@@ -19,6 +19,8 @@ their saved offsets and the ``%ACK%`` queue, then serves the calls of
   (``broker.core.delivery``) decides what goes to whom; this shell runs it when something
   changed, sends the deliveries, and appends the retry / dead-letter / ack records it
   returns.
+- **pulling** (:mod:`.pulling`): pull requests (RECEIVE) with per-message leases and
+  receipt handles (SETTLE), and per-group settings (FIFO, max attempts, retry delays).
 - **admin** (:mod:`.admin`): the read-only views and the operator's actions of the admin API.
 
 This file holds what they share: start, recovery, stop, topics and groups, sessions.
@@ -54,6 +56,7 @@ from broker.core.transactions import HalfMessageTable
 from broker.engines.base import Session
 from broker.engines.embedded.admin import EmbeddedAdmin
 from broker.engines.embedded.delivering import EmbeddedDelivering
+from broker.engines.embedded.pulling import EmbeddedPulling
 from broker.engines.embedded.sending import EmbeddedSending
 from broker.engines.embedded.transactions import CODE_OUTCOMES, EmbeddedTransactions
 from protocol import DLQ_PREFIX, FRAME_OVERHEAD, LimitExceededError, TopicNotFoundError
@@ -74,7 +77,7 @@ _RESOLVED_LISTED = 1000
 _BUNDLE_BYTES = 1 << 20
 
 
-class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, EmbeddedAdmin):
+class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, EmbeddedPulling, EmbeddedAdmin):
     """The default engine: everything in one local data directory (see the module docstring)."""
 
     def __init__(self, config: BrokerConfig) -> None:
@@ -120,6 +123,10 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         # msg_id -> store time ms) logged since the saved group progress
         self._replay_acks: dict[str, list[Any]] = {}
         self._replay_dead: dict[str, dict[str, int]] = {}
+        # pulling: pending pull requests (member id -> (session, rid, timer, group)), settings
+        self._receivers: dict[str, tuple[Session, int, asyncio.TimerHandle, GroupDelivery]] = {}
+        self._receiver_seq = 0
+        self._group_settings: dict[str, dict[str, Any]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -187,6 +194,7 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         assert store is not None
         md = store.metadata
         self.topics = dict(await md.get_topics())
+        await self._load_group_settings()
         await self._load_offsets()
         # transactions: outcomes first, then halves
         outcomes: dict[str, tuple[TxState, float]] = {}
@@ -283,15 +291,17 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         gd = self.groups.get(group)
         if gd is None:
             assert self.store is not None
+            kw: dict[str, Any] = {"retry_delays": tuple(self.config.retry_delays),
+                                  **self._apply_group_settings(group)}
             gd = self.groups[group] = GroupDelivery(
                 group,
                 self.store,
                 queue_counts=self.queue_count,
-                retry_delays=tuple(self.config.retry_delays),
                 ack_timeout=self.config.ack_timeout,
                 offsets=self._saved_offsets.get(group),
                 acked=self._replay_acks.pop(group, ()),
                 dead=self._replay_dead.get(group),
+                **kw,
             )
             saved = self._saved_offsets.get(group) or {}
             for t in {k[0] for k in saved}:
@@ -311,6 +321,8 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         if s.group:
             self.producers_by_group.get(s.group, set()).discard(s)
         self._consumers.pop(s.conn_id, None)
+        if self._receivers:
+            self._drop_receivers(s)
         sub = self._subscriptions.pop(s.conn_id, None)
         if sub is not None:
             gd = self.groups.get(sub[0])

@@ -28,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from typing import TYPE_CHECKING, Any
 
-from broker.core.records import HALF_TOPIC, RT_ACK, RT_HALF, RT_MSG, tag_hash
+from broker.core.records import HALF_TOPIC, RT_ACK, RT_HALF, RT_MSG, message_header, tag_hash
 from broker.engines.base import Session
 from protocol.errors import HalfMQError
 from storage import BundleTarget, IndexTarget, NewBundle, NewRecord
@@ -66,6 +67,9 @@ class EmbeddedSending:
         first = self._send_count
         self._send_count = first + len(msgs)
         rr = self._rr[topic]
+        if any(len(m) > 5 for m in msgs):  # with options (message group): one record each
+            self._send_with_options(s, rid, topic, msgs, half, nq, epoch, first)
+            return
         if (not half and _BUNDLE_MIN <= len(msgs) <= _BUNDLE_MAX
                 and sum(map(len, bodies := [m[0] for m in msgs])) <= self._bundle_bytes):
             # one record for the lot, in one queue (as a RocketMQ batch): one encoding, one CRC
@@ -96,6 +100,38 @@ class EmbeddedSending:
                 qids.append(qid)
         self._rr[topic] = rr
         self._send_entries.append((s, rid, half, topic, first, qids, msgs))
+        self._schedule_flush()
+
+    def _send_with_options(self: EmbeddedEngine, s: Session, rid: int, topic: str, msgs: list[list[Any]],
+                           half: bool, nq: int, epoch: int, first: int) -> None:
+        """Messages with options: a message group picks its queue (all of one group in one
+        queue, in send order) and travels in the header's extras."""
+        records = self._send_records
+        rr = self._rr[topic]
+        qids = []
+        rows = []
+        for m in msgs:
+            body, tags, keys, props, born = m[:5]
+            opts = m[5] if len(m) > 5 else None
+            ext = {}
+            if opts and "group" in opts:
+                ext["g"] = opts["group"]
+                qid = zlib.crc32(opts["group"].encode()) % nq
+            else:
+                qid = rr % nq
+                rr += 1
+            if half:
+                header = [topic, tags, keys, props, born, epoch, s.group, s.client_id, qid]
+                if ext:
+                    header.append(ext)
+                records.append(NewRecord(RT_HALF, header, body, IndexTarget(HALF_TOPIC, 0)))
+            else:
+                header = message_header(topic, tags, keys, props, born, epoch, ext)
+                records.append(NewRecord(RT_MSG, header, body, IndexTarget(topic, qid, tag_hash(tags))))
+            qids.append(qid)
+            rows.append(m[:5])
+        self._rr[topic] = rr
+        self._send_entries.append((s, rid, half, topic, first, qids, rows))
         self._schedule_flush()
 
     def _queue_records(self: EmbeddedEngine, records: list[NewRecord], waiter: Any) -> None:

@@ -18,6 +18,8 @@ Routes
 - ``POST /api/dlq/{group}/messages/{msg_id}/resend`` — back to its original topic for that group
 - ``GET /api/transactions?state=prepared|abandoned|committed|rolled_back`` — half messages
 - ``POST /api/transactions/{msg_id}/commit`` and ``.../rollback`` — resolve one by hand
+- ``GET /api/groups/{group}/settings`` and ``POST`` (JSON ``{"fifo": bool, "max_attempts":
+  int, "retry_delays": [seconds, ...] | "1s,5s"}``, each optional) — a group's settings
 
 Lists are paginated and bounded: ``?limit=N`` (default 100, at most 1,000) and
 ``?after=CURSOR``; the response's ``next`` is the cursor of the following page, or null.
@@ -32,9 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from broker.config import parse_duration_list
 from broker.core.lifecycle import TxState
 from broker.frontends.http.console import render_console
-from protocol import DLQ_PREFIX, HalfMQError, TransactionStateError
+from protocol import DLQ_PREFIX, BadRequestError, HalfMQError, TransactionStateError, validate_name
 
 if TYPE_CHECKING:
     from broker.app import Broker
@@ -105,6 +108,40 @@ def build_app(broker: Broker) -> web.Application:
     @routes.get("/api/groups")
     async def groups(req: web.Request) -> web.Response:
         return web.json_response(_page(req, await engine.admin_groups(), "group", "groups"))
+
+    @routes.get("/api/groups/{group}/settings")
+    async def group_settings(req: web.Request) -> web.Response:
+        group = req.match_info["group"]
+        try:
+            validate_name(group, "group")
+        except HalfMQError as exc:
+            return err(400, str(exc))
+        return web.json_response(await engine.admin_group_settings(group))
+
+    @routes.post("/api/groups/{group}/settings")
+    async def set_group_settings(req: web.Request) -> web.Response:
+        group = req.match_info["group"]
+        try:
+            validate_name(group, "group")
+            body = await req.json() if req.can_read_body else {}
+            if not isinstance(body, dict) or set(body) - {"fifo", "max_attempts", "retry_delays"}:
+                raise BadRequestError("the body must be a JSON object with fifo, max_attempts, retry_delays")
+            fifo, attempts, delays = body.get("fifo"), body.get("max_attempts"), body.get("retry_delays")
+            if fifo is not None and type(fifo) is not bool:
+                raise BadRequestError("fifo must be true or false")
+            if attempts is not None and type(attempts) is not int:
+                raise BadRequestError("max_attempts must be an integer")
+            if delays is not None:
+                try:
+                    delays = list(parse_duration_list(delays))
+                except ValueError as exc:
+                    raise BadRequestError(f"retry_delays: {exc}") from None
+            out = await engine.admin_set_group_settings(group, fifo=fifo, max_attempts=attempts, retry_delays=delays)
+        except ValueError as exc:  # a body that is not JSON
+            return err(400, f"malformed body: {exc}")
+        except HalfMQError as exc:
+            return err(400, str(exc))
+        return web.json_response(out)
 
     @routes.get("/api/messages/{msg_id}")
     async def message(req: web.Request) -> web.Response:

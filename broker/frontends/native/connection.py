@@ -77,6 +77,12 @@ class SubscribeRequest:
     start: str
     prefetch: int
     max_reconsume_times: int
+    fifo: bool = False
+
+
+#: RECEIVE bounds: invisible duration and long-poll wait, in milliseconds.
+INVISIBLE_MS = (100, 12 * 3600 * 1000)
+WAIT_MS_MAX = 60_000
 
 
 class ClientConnection(asyncio.Protocol):
@@ -191,6 +197,14 @@ class ClientConnection(asyncio.Protocol):
             sub = self._check_subscribe(p)
             engine.subscribe(self, rid, sub)
             self.subscribed = True
+        elif op == Op.RECEIVE:
+            engine.receive(self, rid, **self._check_receive(p))  # type: ignore[attr-defined]
+        elif op == Op.SETTLE:
+            group = validate_name(p["group"], "group")
+            items = p["s"]
+            if type(items) is not list or not items:
+                raise BadRequestError("s must be a non-empty list of [handle, action, ms]")
+            engine.settle(self, rid, group, items)  # type: ignore[attr-defined]
         elif op == Op.UNSUBSCRIBE:
             engine.unsubscribe(self, rid)
         elif op == Op.PING:
@@ -239,7 +253,11 @@ class ClientConnection(asyncio.Protocol):
         size = 0
         for m in msgs:
             if type(m) is not list or len(m) != 5:
-                raise BadRequestError("each message must be [body, tags, keys, properties, born_timestamp]")
+                if type(m) is not list or len(m) != 6:
+                    raise BadRequestError("each message must be [body, tags, keys, properties, born_timestamp"
+                                          "(, options)]")
+                _check_options(m[5])
+                m = m[:5]
             body, tags, keys, props, born = m
             if (type(body) is bytes and (n := len(body)) <= limit and (tags is None or type(tags) is str)
                     and type(keys) is list and not keys and type(props) is dict and not props and type(born) is int):
@@ -268,7 +286,33 @@ class ClientConnection(asyncio.Protocol):
             raise BadRequestError("prefetch must be >= 1 and max_reconsume_times >= 0")
         if prefetch > self.config.max_prefetch:
             raise LimitExceededError(f"prefetch {prefetch} exceeds the broker's --max-prefetch {self.config.max_prefetch}")
-        return SubscribeRequest(group, topic, tags, start, prefetch, max_re)
+        fifo = p.get("fifo", False)
+        if type(fifo) is not bool:
+            raise BadRequestError("fifo must be a boolean")
+        return SubscribeRequest(group, topic, tags, start, prefetch, max_re, fifo)
+
+    def _check_receive(self, p: Any) -> dict[str, Any]:
+        """The arguments of a RECEIVE (a long poll of up to ``max`` messages)."""
+        if not isinstance(p, dict):
+            raise BadRequestError("RECEIVE payload must be a map")
+        group = validate_name(p.get("group"), "group")
+        topic = validate_subscribe_topic(p.get("topic"))
+        tags = p.get("tags", "*")
+        if tags is not None and not isinstance(tags, str):
+            raise BadRequestError("tags must be a string")
+        n, invisible, wait = p.get("max", 32), p.get("invisible_ms", 30_000), p.get("wait_ms", 20_000)
+        if type(n) is not int or type(invisible) is not int or type(wait) is not int:
+            raise BadRequestError("max, invisible_ms and wait_ms must be integers")
+        if n < 1:
+            raise BadRequestError("max must be >= 1")
+        if n > self.config.max_prefetch:
+            raise LimitExceededError(f"max {n} exceeds the broker's --max-prefetch {self.config.max_prefetch}")
+        if not INVISIBLE_MS[0] <= invisible <= INVISIBLE_MS[1]:
+            raise BadRequestError(f"invisible_ms must be between {INVISIBLE_MS[0]} and {INVISIBLE_MS[1]}")
+        if not 0 <= wait <= WAIT_MS_MAX:
+            raise BadRequestError(f"wait_ms must be between 0 and {WAIT_MS_MAX}")
+        return {"group": group, "topic": topic, "tags": tags, "max_messages": n, "invisible_ms": invisible,
+                "wait_ms": wait}
 
     # -- output (the Session side) ------------------------------------------------------
 
@@ -396,6 +440,20 @@ def _check_message(body: Any, tags: Any, keys: Any, props: Any, born: Any, limit
             raise BadRequestError("properties must map strings to strings")
     if type(born) is not int:
         raise BadRequestError("born timestamp must be an integer")
+
+
+def _check_options(opts: Any) -> None:
+    """Check the option map of one SEND message (docs/protocol.md)."""
+    if type(opts) is not dict:
+        raise BadRequestError("message options must be a map")
+    for key, value in opts.items():
+        if key == "group":
+            if type(value) is not str or not 0 < len(value) <= 256:
+                raise BadRequestError("the message group must be a string of 1 to 256 characters")
+        elif key in ("delay", "at"):
+            raise BadRequestError("delayed messages are not supported by this broker")
+        else:
+            raise BadRequestError(f"unknown message option {key!r}")
 
 
 def _check_end_tx(p: Any) -> tuple[list[Any], bool]:

@@ -1,0 +1,140 @@
+"""Leases: one message handed to a consumer until it is acked, fails, or its time runs out.
+
+How this works
+--------------
+A :class:`Delivery` is one lease. Each has its own deadline: a push consumer's is
+``--ack-timeout`` after the delivery, a pulled message's is the *invisible duration* its
+receiver asked for, and ``change_deadline`` moves it (a pull consumer extending its work,
+or a ``nack`` that asks for redelivery later). :class:`LeaseTable` holds the live leases by
+token and a heap of ``(deadline, token, version)``; a changed or finished lease leaves a
+stale heap entry behind that ``expired`` skips, so every operation is O(log n) and the
+table holds only live leases, never finished ones.
+
+A lease's *receipt handle* (``handle``) names it from any connection of the group:
+``<boot>.<token>.<version>``. ``boot`` changes at every broker start (leases are not kept
+across a restart: the message is simply delivered again) and ``version`` at every
+deadline change, so a handle goes stale when its lease ends, expires or changes, and a
+stale one is refused rather than acting on the wrong lease.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from broker.core.lifecycle import DeliveryState
+
+__all__ = ["Delivery", "LeaseTable", "StaleHandleError"]
+
+
+class StaleHandleError(ValueError):
+    """A receipt handle whose lease has ended, expired or changed (or a malformed one)."""
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One lease: a message handed to a member, until ack, failure or expiry."""
+
+    token: int
+    member: str
+    qkey: tuple[str, int]
+    offset: int
+    msg_pos: int
+    msg_id: str
+    topic: str
+    origin_queue: int
+    origin_offset: int
+    reconsume_times: int
+    deadline: float
+    tags: str | None
+    state: DeliveryState = DeliveryState.LEASED
+    version: int = 0
+    mgroup: str | None = None  # FIFO: the message group it holds
+
+
+class LeaseTable:
+    """Live leases by token, with their deadlines in a heap (see the module docstring)."""
+
+    __slots__ = ("boot", "_by_token", "_heap")
+
+    def __init__(self) -> None:
+        self.boot = os.urandom(4).hex()
+        self._by_token: dict[int, Delivery] = {}
+        self._heap: list[tuple[float, int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._by_token)
+
+    def __contains__(self, token: object) -> bool:
+        return token in self._by_token
+
+    def get(self, token: int) -> Delivery | None:
+        """The live lease ``token``, or None."""
+        return self._by_token.get(token)
+
+    def values(self) -> Iterator[Delivery]:
+        """Every live lease."""
+        return iter(self._by_token.values())
+
+    def add(self, d: Delivery) -> None:
+        """A new lease."""
+        self._by_token[d.token] = d
+        heapq.heappush(self._heap, (d.deadline, d.token, d.version))
+
+    def pop(self, token: int) -> Delivery | None:
+        """End the lease ``token`` (its heap entry goes stale)."""
+        return self._by_token.pop(token, None)
+
+    def change_deadline(self, d: Delivery, deadline: float) -> None:
+        """Move a live lease's deadline; its old receipt handle goes stale."""
+        d.deadline = deadline
+        d.version += 1
+        heapq.heappush(self._heap, (deadline, d.token, d.version))
+
+    def expired(self, now: float) -> Iterator[Delivery]:
+        """Pop and yield every live lease whose deadline is ``now`` or earlier."""
+        heap = self._heap
+        by_token = self._by_token
+        while heap and heap[0][0] <= now:
+            _deadline, token, version = heapq.heappop(heap)
+            d = by_token.get(token)
+            if d is not None and d.version == version:
+                del by_token[token]
+                yield d
+        if len(heap) > 64 and len(heap) > 4 * len(by_token):  # mostly stale: rebuild
+            self._heap = [(d.deadline, d.token, d.version) for d in by_token.values()]
+            heapq.heapify(self._heap)
+
+    def next_deadline(self) -> float | None:
+        """The earliest live deadline, or None."""
+        heap = self._heap
+        while heap:
+            deadline, token, version = heap[0]
+            d = self._by_token.get(token)
+            if d is not None and d.version == version:
+                return deadline
+            heapq.heappop(heap)
+        return None
+
+    def handle(self, d: Delivery) -> str:
+        """The receipt handle of a live lease."""
+        return f"{self.boot}.{d.token}.{d.version}"
+
+    def by_handle(self, handle: object) -> Delivery:
+        """The live lease a receipt handle names; ``StaleHandleError`` if there is none."""
+        if not isinstance(handle, str):
+            raise StaleHandleError("a receipt handle must be a string")
+        parts = handle.split(".")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            raise StaleHandleError(f"malformed receipt handle {handle!r}")
+        if parts[0] != self.boot:
+            raise StaleHandleError("stale receipt handle: the broker restarted since it was issued "
+                                   "(the message is delivered again)")
+        d = self._by_token.get(int(parts[1]))
+        if d is None:
+            raise StaleHandleError("stale receipt handle: its lease was acked, failed or expired")
+        if d.version != int(parts[2]):
+            raise StaleHandleError("stale receipt handle: its lease was changed (use the newer handle)")
+        return d
