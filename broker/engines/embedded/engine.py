@@ -32,7 +32,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,10 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         self.producers_by_id: dict[str, Session] = {}
         self.producers_by_group: dict[str, set[Session]] = defaultdict(set)
         self.stats = {"sent": 0}
+        # for the metrics: messages and bytes stored per topic (at most METRIC_TOPICS topics
+        # by name, the rest under "_other"), and event counters (see admin.metrics_snapshot)
+        self.topic_counts: dict[str, list[int]] = {}
+        self.counters: Counter[str] = Counter()
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._saved_offsets: dict[str, dict[tuple[str, int], int]] = {}

@@ -39,7 +39,10 @@ from storage import BundleTarget, IndexTarget, NewBundle, NewRecord
 if TYPE_CHECKING:
     from broker.engines.embedded.engine import EmbeddedEngine
 
-__all__ = ["EmbeddedSending"]
+__all__ = ["EmbeddedSending", "METRIC_TOPICS"]
+
+#: Topics counted by name in the metrics; the others share the label ``_other``.
+METRIC_TOPICS = 200
 
 log = logging.getLogger("halfmq.broker")
 
@@ -174,6 +177,7 @@ class EmbeddedSending:
             stored, fut = store.append(records)
         except Exception as exc:
             log.exception("store append failed")
+            self.counters["sends_failed"] += sum(1 for e in entries if e[0] is not None)
             failure = HalfMQError(f"store failed: {exc}")
             for s, rid, *_ in entries:
                 if s is None:
@@ -182,6 +186,7 @@ class EmbeddedSending:
                     s.error(rid, failure)
             return
         prefix = f"{store.epoch:08X}"
+        stored_counts = [(e[3], len(e[5]), sum(len(m[0]) for m in e[6])) for e in entries if e[0] is not None]
         replies = []
         any_plain = False
         now = 0.0
@@ -216,9 +221,18 @@ class EmbeddedSending:
                 if answered_by is not None:
                     answered.add(answered_by)
             if failure is not None:
+                self.counters["sends_failed"] += len(replies)
                 for s, rid, _ in replies:
                     s.error(rid, failure)
                 return
+            self.counters["sends_ok"] += len(replies)
+            counts = self.topic_counts
+            for topic, n, size in stored_counts:
+                c = counts.get(topic)
+                if c is None:
+                    c = counts[topic] = [0, 0] if len(counts) < METRIC_TOPICS else counts.setdefault("_other", [0, 0])
+                c[0] += n
+                c[1] += size
             for s, rid, reply in replies:
                 s.reply(rid, reply)
                 answered.add(s)

@@ -81,6 +81,7 @@ class EmbeddedTransactions:
             recorded, changed = self.tx.resolve(msg_id, state, now)  # raises for the client
             reply = {"state": _REPLY_STATES[recorded]}
             if changed:
+                self.counters[f"tx_{recorded.value}_producer"] += 1
                 self._append_outcome(msg_id, recorded, reply_to=(s, rid, reply))
             else:
                 s.reply(rid, reply)
@@ -103,6 +104,7 @@ class EmbeddedTransactions:
                 continue
             results.append(_REPLY_STATES[recorded])
             if changed:
+                self.counters[f"tx_{recorded.value}_producer"] += 1
                 if last_changed is not None:
                     self._append_outcome(*last_changed, reply_to=False)
                 last_changed = (msg_id, recorded)
@@ -111,14 +113,17 @@ class EmbeddedTransactions:
         else:  # the last record of the batch carries the reply: all share one append
             self._append_outcome(*last_changed, reply_to=(s, rid, reply_many))
 
-    def resolve_transaction(self: EmbeddedEngine, msg_id: str, state: TxState) -> asyncio.Future[Any] | None:
-        """Record an outcome once (T6). Returns the append future, or None if nothing changed.
+    def resolve_transaction(self: EmbeddedEngine, msg_id: str, state: TxState,
+                            by: str = "operator") -> asyncio.Future[Any] | None:
+        """Record an outcome once (T6), decided ``by`` "operator" or "check" (a check-back
+        answer). Returns the append future, or None if nothing changed.
 
         Raises ``TransactionStateError`` for an unknown id or a conflicting outcome.
         """
         recorded, changed = self.tx.resolve(msg_id, state, time.time())
         if not changed:
             return None
+        self.counters[f"tx_{recorded.value}_{by}"] += 1
         return self._append_outcome(msg_id, recorded)
 
     def _append_outcome(self: EmbeddedEngine, msg_id: str, state: TxState,
@@ -184,6 +189,7 @@ class EmbeddedTransactions:
             # the next check is scheduled now; it is counted only when answered
             self.tx.check_unreached(hm.msg_id, now)
             if conn is None:
+                self.counters["checks_unreached"] += 1
                 continue
             try:
                 rec = self.store.read(hm.pos)  # type: ignore[union-attr]
@@ -192,6 +198,7 @@ class EmbeddedTransactions:
                 continue
             wire = build_wire(rec, hm.topic, rec.header[H_QUEUE], -1, 0)
             fut = conn.request(Op.CHECK, {"m": wire})
+            self.counters["checks_sent"] += 1
             timer = asyncio.get_running_loop().call_later(self._check_timeout, _time_out, fut)
             self._checks_in_flight[hm.msg_id] = fut
             fut.add_done_callback(lambda f, mid=hm.msg_id, t=timer: self._check_answered(mid, f, t))
@@ -210,18 +217,22 @@ class EmbeddedTransactions:
         state = None
         exc = None if fut.cancelled() else fut.exception()
         if fut.cancelled() or isinstance(exc, BrokerUnavailableError):
+            self.counters["checks_lost"] += 1
             return  # the connection went away: the check did not reach anyone, not counted
         if exc is None:
             answer = fut.result()
             state = answer.get("state") if isinstance(answer, dict) else None
+            self.counters["checks_answered"] += 1
+        else:
+            self.counters["checks_failed"] += 1  # no answer in time, or the listener failed
         # answered (or timed out on a live connection): one check that reached a producer
         self.tx.check_reached(msg_id, now)
         try:
             if state == "COMMIT":
-                self.resolve_transaction(msg_id, TxState.COMMITTED)
+                self.resolve_transaction(msg_id, TxState.COMMITTED, by="check")
                 return
             if state == "ROLLBACK":
-                self.resolve_transaction(msg_id, TxState.ROLLED_BACK)
+                self.resolve_transaction(msg_id, TxState.ROLLED_BACK, by="check")
                 return
         except TransactionStateError as err:
             recorded = self.tx.state_of(msg_id)
@@ -237,5 +248,6 @@ class EmbeddedTransactions:
         hm = self.tx.get(msg_id)
         log.warning("transaction %s abandoned after %d check-backs (topic %s, group %s): never delivered",
                     msg_id, hm.checks if hm else -1, hm.topic if hm else "?", hm.group if hm else "?")
+        self.counters["tx_abandoned_check"] += 1
         self._append_outcome(msg_id, TxState.ABANDONED)
 

@@ -6,6 +6,7 @@ Routes
 - ``GET /`` — the console: an HTML page of topics, groups and prepared/abandoned
   transactions (see :mod:`broker.frontends.http.console`)
 - ``GET /healthz`` — ``{"status": "ok"}``
+- ``GET /metrics`` — Prometheus text format (see :mod:`broker.frontends.http.metrics`)
 - ``GET /api/stats`` — store counters (batches, records, writes, fsyncs, bundles,
   ``handed_off``: synced batches written by the writer thread while the loop went on,
   ``loop_disk_wait_ns``: time the event loop spent waiting for the disk in writes and
@@ -37,6 +38,8 @@ from aiohttp import web
 from broker.config import parse_duration_list
 from broker.core.lifecycle import TxState
 from broker.frontends.http.console import render_console
+from broker.frontends.http.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
+from broker.frontends.http.metrics import render_metrics
 from protocol import DLQ_PREFIX, BadRequestError, HalfMQError, TransactionStateError, validate_name
 
 if TYPE_CHECKING:
@@ -89,6 +92,11 @@ def build_app(broker: Broker) -> web.Application:
             abandoned=await engine.admin_transactions(TxState.ABANDONED),
         )
         return web.Response(text=page, content_type="text/html")
+
+    @routes.get("/metrics")
+    async def metrics(_req: web.Request) -> web.Response:
+        body = render_metrics(broker)
+        return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     @routes.get("/api/stats")
     async def stats(_req: web.Request) -> web.Response:

@@ -383,6 +383,8 @@ class ClientConnection(asyncio.Protocol):
     def error(self, rid: int, exc: HalfMQError) -> None:
         """Answer the client's request ``rid`` with an ERROR frame (also sent for rid 0)."""
         self.send_frame(Op.ERROR, rid, {"code": exc.code, "message": str(exc)})
+        errors = self.listener.errors
+        errors[exc.code] = errors.get(exc.code, 0) + 1
         if rid:
             self._answered(rid)
 

@@ -71,6 +71,7 @@ class NativeListener:
         self.valid_topics: set[str] = set()  # topic names already checked (bounded)
         self.accepted = 0
         self.refused = 0
+        self.errors: dict[int, int] = {}  # requests answered with an error, by error code
         self.max_connections = config.max_connections
         self._warned_at = 0.0
         self.port = 0
