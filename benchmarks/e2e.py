@@ -88,7 +88,7 @@ async def _produce(client: Any, p: dict[str, Any]) -> dict[str, Any]:
         publish_batch = client.publish_batch
         per_call = batch
     else:
-        publish = client.publish_tx if mode == "tx" else client.publish
+        publish = {"tx": client.publish_tx, "fifo": getattr(client, "publish_fifo", None)}.get(mode, client.publish)
         per_call = 1
 
     start = now()
@@ -169,7 +169,7 @@ async def _consume(client: Any, p: dict[str, Any]) -> dict[str, Any]:
             lat.append(t - unpack(body)[0])
 
     await client.open_consumer(on_body, prefetch=int(p.get("prefetch", 256)),
-                               delay=float(p.get("delay", 0.0)))
+                               delay=float(p.get("delay", 0.0)), **({"mode": p["mode"]} if "mode" in p else {}))
     _emit("READY")
     stop = asyncio.ensure_future(_read_line())
     reported = -1

@@ -41,7 +41,7 @@ __all__ = [
     "percentile", "fsync_rate", "machine_info",
 ]
 
-SCENARIOS = ("publish", "latency", "e2e", "tx", "batch")
+SCENARIOS = ("publish", "latency", "e2e", "tx", "batch", "fifo", "pull")
 SYSTEMS = ("halfmq-sync", "halfmq-async", "rabbitmq", "nats", "redis")
 #: A process is called saturated when it used at least this share of its CPU capacity.
 SATURATED = 0.85
@@ -53,6 +53,8 @@ SCENARIO_TITLES = {
     "e2e": "e2e — producer and consumer processes, consumer acks each message",
     "tx": "tx — half → no-op local transaction → commit → deliver → ack",
     "batch": "batch — send_batch of {batch} ({batch_window} batches in flight)",
+    "fifo": "fifo — e2e with 1,000 message groups, a FIFO consumer group (one message per group at a time)",
+    "pull": "pull — e2e with a SimpleConsumer: receive batches of 32, ack each batch in one request",
 }
 
 
@@ -517,9 +519,11 @@ async def run_cell(server: Any, scenario: str, cell: str, s: Settings) -> dict[s
             out.update(_lat_stats(r["lat_us"]))
             out.update(_cell_metrics(flow, server))
             return out
-        if scenario == "e2e":
-            flow = await run_flow(server, conn, [_producer_params(s, warmup=0.0)],
-                                  [_consumer_params(s)], drain_timeout=s.drain_timeout)
+        if scenario in ("e2e", "fifo", "pull"):
+            mode = {"e2e": "publish", "fifo": "fifo", "pull": "publish"}[scenario]
+            consumer = _consumer_params(s) if scenario == "e2e" else _consumer_params(s, mode=scenario)
+            flow = await run_flow(server, conn, [_producer_params(s, mode=mode, warmup=0.0)],
+                                  [consumer], drain_timeout=s.drain_timeout)
             out = _e2e_numbers(flow)
             out.update(_cell_metrics(flow, server))
             return out
@@ -745,7 +749,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     f"{_fmt_ms(r.get('p999'))} | {_fmt_range(r.get('p50_min'), r.get('p50_max'), _fmt_ms)} | "
                     f"{_fmt_rate(r.get('rate'))} | {cpu.get('server', 0):.0f} | "
                     f"{cpu.get('producer', 0):.0f} | {_mach(cpu)} | {r['saturated']} |")
-        elif scenario in ("e2e", "tx"):
+        elif scenario in ("e2e", "tx", "fifo", "pull"):
             extra = " p50 @½ rate ms | p99 @½ rate ms |" if scenario == "tx" else ""
             extra_sep = "---:|---:|" if scenario == "tx" else ""
             lines += ["| system | durability | msgs/s | min–max | produce msgs/s | consume msgs/s | "

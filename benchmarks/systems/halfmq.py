@@ -25,6 +25,7 @@ from benchmarks.systems.base import Server as BaseServer
 __all__ = ["Server", "Client", "start_broker", "BrokerProcess"]
 
 READY_PREFIX = "halfmq broker ready "
+FIFO_GROUPS = tuple(f"group-{i}" for i in range(1000))
 START_TIMEOUT = 20.0
 
 
@@ -112,7 +113,7 @@ def topic_name(cell: str) -> str:
 
 
 class Server(BaseServer):
-    scenarios = frozenset({"publish", "latency", "e2e", "batch", "tx"})
+    scenarios = frozenset({"publish", "latency", "e2e", "batch", "tx", "fifo", "pull"})
     client_module = "halfmq"
 
     def __init__(self, flush: str = "sync", *, profile_dir: str | None = None,
@@ -223,9 +224,18 @@ class Client(BaseClient):
     async def publish_tx(self, body: bytes) -> None:
         await self.producer.send_in_transaction(self.topic, body)
 
-    async def open_consumer(self, on_body: OnBody, *, prefetch: int, delay: float = 0.0) -> None:
+    async def publish_fifo(self, body: bytes) -> None:
+        """One message of one of 1,000 message groups (round robin)."""
+        self._n = n = getattr(self, "_n", -1) + 1
+        await self._send(self._topic, body, message_group=FIFO_GROUPS[n % len(FIFO_GROUPS)])
+
+    async def open_consumer(self, on_body: OnBody, *, prefetch: int, delay: float = 0.0,
+                            mode: str = "push") -> None:
         from consumer_sdk import ConsumeResult, PushConsumer
 
+        if mode == "pull":
+            await self._open_puller(on_body)
+            return
         success = ConsumeResult.SUCCESS
         if delay > 0:
             async def listener(message: Any) -> Any:
@@ -238,12 +248,34 @@ class Client(BaseClient):
                 on_body(message.body)
                 return success
             concurrency = 32
-        self.consumer = PushConsumer(self.address, group="bench_consumer", topic=self.topic,
-                                     listener=listener, prefetch=prefetch,
-                                     concurrency=concurrency, close_grace=2.0)
+        self.consumer = PushConsumer(self.address, group="bench_fifo" if mode == "fifo" else "bench_consumer",
+                                     topic=self.topic, listener=listener, prefetch=prefetch,
+                                     concurrency=concurrency, close_grace=2.0, fifo=mode == "fifo")
         await self.consumer.start()
 
+    async def _open_puller(self, on_body: OnBody) -> None:
+        """A SimpleConsumer loop: receive up to 32, hand each body on, ack the batch at once."""
+        from consumer_sdk import SimpleConsumer
+
+        self.puller = SimpleConsumer(self.address, group="bench_pull", topic=self.topic, wait=1.0)
+        await self.puller.start()
+
+        async def loop() -> None:
+            while True:
+                got = await self.puller.receive(max_messages=32)
+                for m in got:
+                    on_body(m.body)
+                if got:
+                    await self.puller.ack_many(got)
+
+        self.pull_task = asyncio.ensure_future(loop())
+
     async def close(self) -> None:
+        if getattr(self, "pull_task", None) is not None:
+            self.pull_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.pull_task
+            await self.puller.close()
         if self.consumer is not None:
             await self.consumer.close()
         if self.producer is not None:
