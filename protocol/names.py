@@ -9,7 +9,9 @@ from protocol.errors import InvalidNameError
 __all__ = [
     "NAME_PATTERN",
     "DLQ_PREFIX",
+    "WEBHOOK_GROUP_PREFIX",
     "dlq_topic",
+    "validate_group_ref",
     "validate_name",
     "validate_send_topic",
     "validate_subscribe_topic",
@@ -17,6 +19,10 @@ __all__ = [
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,127}")
 DLQ_PREFIX = "%DLQ%"
+
+#: The consumer group of webhook ``NAME`` is ``webhook:NAME``: ``:`` is outside the name
+#: pattern, so no client's group can ever be called that (see ``broker.webhooks``).
+WEBHOOK_GROUP_PREFIX = "webhook:"
 
 
 def dlq_topic(group: str) -> str:
@@ -31,6 +37,15 @@ def validate_name(name: object, what: str = "name") -> str:
     return name
 
 
+def validate_group_ref(group: object, what: str = "group") -> str:
+    """A group an operator or a DLQ topic may name: a client's group (``validate_name``)
+    or a webhook's group ``webhook:NAME``. Raise ``InvalidNameError`` otherwise."""
+    if isinstance(group, str) and group.startswith(WEBHOOK_GROUP_PREFIX):
+        validate_name(group[len(WEBHOOK_GROUP_PREFIX):], f"webhook name in {what}")
+        return group
+    return validate_name(group, what)
+
+
 def validate_send_topic(topic: object) -> str:
     """A topic a producer may send to: a plain name, never a reserved ``%`` system topic."""
     if isinstance(topic, str) and topic.startswith("%"):
@@ -39,8 +54,9 @@ def validate_send_topic(topic: object) -> str:
 
 
 def validate_subscribe_topic(topic: object) -> str:
-    """A topic a consumer may subscribe to: a plain name or ``%DLQ%<group>``."""
+    """A topic a consumer may subscribe to: a plain name or ``%DLQ%<group>`` (of a
+    client's group or a webhook's)."""
     if isinstance(topic, str) and topic.startswith(DLQ_PREFIX):
-        validate_name(topic[len(DLQ_PREFIX) :], "group in DLQ topic")
+        validate_group_ref(topic[len(DLQ_PREFIX) :], "group in DLQ topic")
         return topic
     return validate_name(topic, "topic")

@@ -34,7 +34,8 @@ from broker.core.records import (
     tag_hash,
     wire_json,
 )
-from protocol import DLQ_PREFIX, validate_name
+from protocol import DLQ_PREFIX
+from protocol.names import validate_group_ref
 from storage import IndexTarget, NewRecord, Record
 
 if TYPE_CHECKING:
@@ -259,7 +260,7 @@ class EmbeddedAdmin:
         bad group name. The returned future resolves when the retry record is durable.
         """
         assert self.store is not None
-        validate_name(group, "group")
+        validate_group_ref(group, "group")
         dlq = DLQ_PREFIX + group
         found = next((rec for _o, rec in self._scan_queue(dlq, 0) if record_msg_id(rec) == msg_id), None)
         if found is None:
