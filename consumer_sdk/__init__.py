@@ -4,7 +4,8 @@ How this works: a push consumer subscribes a group to a topic over one connectio
 client code in ``producer_sdk.connection``); the broker pushes deliveries, a bounded pool
 of workers runs the listener, and results are acked in batches. A simple consumer asks for
 batches of messages, each leased for its own invisible duration, and acks each by its
-receipt handle.
+receipt handle. ``WebhookVerifier`` checks the requests of a broker webhook on the
+receiving side (``consumer_sdk.webhook``).
 
     from consumer_sdk import PushConsumer, ConsumeResult
 
@@ -19,6 +20,7 @@ receipt handle.
 from consumer_sdk.consumer import PushConsumer
 from consumer_sdk.dedup import apply_once, claim_key, create_dedup_table
 from consumer_sdk.simple import ReceivedMessage, SimpleConsumer
+from consumer_sdk.webhook import WebhookRequest, WebhookVerificationError, WebhookVerifier
 from protocol import (
     AuthError,
     BrokerUnavailableError,
@@ -51,4 +53,7 @@ __all__ = [
     "apply_once",
     "claim_key",
     "create_dedup_table",
+    "WebhookVerifier",
+    "WebhookRequest",
+    "WebhookVerificationError",
 ]

@@ -32,7 +32,9 @@ def test_exports_are_pinned():
          "TxLogChecker", "TxLogListener", "record_commit", "create_tx_log", "AlreadyRolledBackError"])
     assert sorted(consumer_sdk.__all__) == sorted(["PushConsumer", "SimpleConsumer", "ReceivedMessage",
                                                    "StaleReceiptError", "ConsumeResult", "Message",
-                                                   *errors, "apply_once", "claim_key", "create_dedup_table"])
+                                                   *errors, "apply_once", "claim_key", "create_dedup_table",
+                                                   "WebhookVerifier", "WebhookRequest",
+                                                   "WebhookVerificationError"])
     for name in producer_sdk.__all__:
         assert getattr(producer_sdk, name) is not None
     for name in consumer_sdk.__all__:
