@@ -3,10 +3,11 @@
 How this works
 --------------
 ``Broker.start`` starts the engine (the embedded one: open the data directory and
-recover), then the front ends — the native protocol on ``--port`` and the admin HTTP API
-on ``--http-port`` — and is ready. ``stop`` goes the other way: no new connections, the
-engine finishes and persists what is in flight (sends fsynced, progress saved), then the
-client connections and the HTTP API close.
+recover) and the webhooks it keeps (``broker.webhooks``), then the front ends — the
+native protocol on ``--port`` and the admin HTTP API on ``--http-port`` — and is ready.
+``stop`` goes the other way: no new connections, the webhooks finish their requests under
+way, the engine finishes and persists what is in flight (sends fsynced, progress saved),
+then the client connections and the HTTP API close.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from broker.config import BrokerConfig
 from broker.engines.embedded import EmbeddedEngine
 from broker.frontends.native.listener import NativeListener
+from broker.webhooks import Webhooks
 
 __all__ = ["Broker"]
 
@@ -31,6 +33,7 @@ class Broker:
         self.config = config or BrokerConfig()
         self.engine = EmbeddedEngine(self.config)
         self.native = NativeListener(self.engine, self.config)
+        self.webhooks = Webhooks(self.engine, self.config)
         self.broker_id = uuid.uuid4().hex[:12]
         self.data_dir = self.engine.data_dir
         self.address = ""
@@ -54,6 +57,7 @@ class Broker:
         cfg = self.config
         await self.engine.start()
         try:
+            await self.webhooks.start()
             self.port = await self.native.start()
             self.address = f"{cfg.host}:{self.port}"
             from broker.frontends.http.admin import start_admin_http
@@ -62,6 +66,7 @@ class Broker:
             self.http_url = f"http://{cfg.host}:{self.http_port}"
         except BaseException:
             self.native.stop()
+            await self.webhooks.stop()
             await self.engine.stop()
             raise
         self._started = True
@@ -73,6 +78,7 @@ class Broker:
             return
         self._stopping = True
         self.native.stop()
+        await self.webhooks.stop()
         await self.engine.stop()
         self.native.close_all()
         if self._http is not None:

@@ -1,4 +1,4 @@
-"""The ``halfmq`` command: ``broker``, ``send``, ``consume``, ``admin``, ``demo``, ``bench``.
+"""The ``halfmq`` command: ``broker``, ``send``, ``consume``, ``admin``, ``webhook``, ``demo``, ``bench``.
 
 How this works
 --------------
@@ -220,6 +220,12 @@ def _admin_main(argv: list[str]) -> int:
     return 0
 
 
+def _webhook_main(argv: list[str]) -> int:
+    from broker.webhooks.cli import webhook_main
+
+    return webhook_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``halfmq`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -228,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "send": _send_main,
         "consume": _consume_main,
         "admin": _admin_main,
+        "webhook": _webhook_main,
     }
     try:
         from examples.bank.demo import demo_main
@@ -247,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
               "  send      send one message: halfmq send TOPIC BODY [--tags T] [--keys K,...]\n"
               "  consume   print and ack messages: halfmq consume TOPIC --group G\n"
               "  admin     query the admin API: topics | groups | message ID | resend GROUP ID | transactions\n"
+              "  webhook   POST a topic's messages to a URL: add | list | show | remove | rotate | delivery | resend\n"
               "  demo      the bank transfer example with an embedded broker\n"
               "  bench     the benchmark harness",
               file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)

@@ -21,6 +21,8 @@ Routes
 - ``POST /api/transactions/{msg_id}/commit`` and ``.../rollback`` — resolve one by hand
 - ``GET /api/groups/{group}/settings`` and ``POST`` (JSON ``{"fifo": bool, "max_attempts":
   int, "retry_delays": [seconds, ...] | "1s,5s"}``, each optional) — a group's settings
+- ``/api/webhooks...`` — webhooks: list, add, show, remove, rotate a secret, one message's
+  delivery (see :mod:`broker.webhooks.routes`)
 
 Lists are paginated and bounded: ``?limit=N`` (default 100, at most 1,000) and
 ``?after=CURSOR``; the response's ``next`` is the cursor of the following page, or null.
@@ -40,6 +42,7 @@ from broker.core.lifecycle import TxState
 from broker.frontends.http.console import render_console
 from broker.frontends.http.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from broker.frontends.http.metrics import render_metrics
+from broker.webhooks.routes import add_webhook_routes
 from protocol import DLQ_PREFIX, BadRequestError, HalfMQError, TransactionStateError, validate_name
 
 if TYPE_CHECKING:
@@ -203,6 +206,8 @@ def build_app(broker: Broker) -> web.Application:
     @routes.post("/api/transactions/{msg_id}/rollback")
     async def rollback(req: web.Request) -> web.Response:
         return await resolve(req, TxState.ROLLED_BACK)
+
+    add_webhook_routes(routes, broker.webhooks, page=_page)
 
     app = web.Application(middlewares=[bad_queries])
     app.add_routes(routes)

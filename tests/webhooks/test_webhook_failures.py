@@ -1,0 +1,125 @@
+"""What a failing endpoint does to a webhook and to the others: DLQ and resend, the
+circuit breaker, isolation between endpoints."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from consumer_sdk import ConsumeResult, PushConsumer
+from producer_sdk import Producer
+from tests.conftest import wait_for
+from tests.webhooks.conftest import add_webhook, api, delivery
+from tests.webhooks.receiver import HANG
+
+pytestmark = pytest.mark.timeout(40)
+
+
+async def test_dead_lettered_after_max_attempts_then_resent_with_the_dlq_route(hook_broker, receivers):
+    failing = True
+    rx = await receivers(answer=lambda n, hit: 500 if failing else 200)
+    http = hook_broker.http_url
+    await add_webhook(http, "dlq-hook", rx.url, max_attempts=3)
+    async with Producer(hook_broker.address) as p:
+        r = await p.send("orders", b"to the DLQ", keys=["k-1"])
+
+    async def state(want: str):
+        rec = await delivery(http, "dlq-hook", r.msg_id)
+        return rec if rec["state"] == want else None
+
+    rec = await wait_for(lambda: state("dead_lettered"), what="the dead letter")
+    assert rec["attempts"] == 3 and rec["last_status"] == 500
+    assert [h.headers["halfmq-attempt"] for h in rx.hits] == ["1", "2", "3"]
+    topics = {t["topic"]: t["messages"] for t in (await api("GET", f"{http}/api/topics"))["topics"]}
+    assert topics["%DLQ%webhook:dlq-hook"] == 1
+    groups = {g["group"]: g for g in (await api("GET", f"{http}/api/groups"))["groups"]}
+    assert groups["webhook:dlq-hook"]["dead_lettered"] == 1
+    # the webhook's DLQ can be consumed like any DLQ
+    seen: list = []
+
+    async def on_dead(m):
+        seen.append(m)
+        return ConsumeResult.SUCCESS
+
+    async with PushConsumer(hook_broker.address, group="dlq-reader", topic="%DLQ%webhook:dlq-hook",
+                            listener=on_dead):
+        await wait_for(lambda: seen, what="the dead letter consumed")
+    assert seen[0].msg_id == r.msg_id and seen[0].properties["ORIGIN_TOPIC"] == "orders"
+    # the endpoint is fixed; the existing resend route sends it again, to this webhook only
+    failing = False
+    out = await api("POST", f"{http}/api/dlq/webhook:dlq-hook/messages/{r.msg_id}/resend")
+    assert out == {"resent": r.msg_id, "group": "webhook:dlq-hook"}
+    rec = await wait_for(lambda: state("delivered"), what="the resent message delivered")
+    assert rec["attempts"] == 4 and rec["last_status"] == 200
+    assert len(rx.accepted()) == 1 and rx.accepted()[0].headers["halfmq-attempt"] == "4"
+
+
+async def test_the_circuit_breaker_opens_probes_and_closes(hook_broker, receivers, caplog):
+    caplog.set_level(logging.INFO, logger="halfmq.webhooks")
+    healthy = False
+    rx = await receivers(answer=lambda n, hit: 204 if healthy else 500)
+    http = hook_broker.http_url
+    cooldown = 0.6
+    await add_webhook(http, "cb", rx.url, breaker_failures=3, breaker_cooldown=f"{cooldown}s", max_attempts=50)
+    async with Producer(hook_broker.address) as p:
+        ids = [(await p.send("orders", f"m{i}".encode())).msg_id for i in range(5)]
+
+    async def breaker(times_opened: int):
+        b = (await api("GET", f"{http}/api/webhooks/cb"))["status"]["breaker"]
+        return b if b["times_opened"] >= times_opened and b["state"] == "open" else None
+
+    first = await wait_for(lambda: breaker(1), what="the breaker open")
+    opened1 = first["opened_at"] / 1000 + 0.001  # (ms in the API: the end of that ms)
+    second = await wait_for(lambda: breaker(2), what="the probe failed, open again")
+    opened2 = second["opened_at"] / 1000 + 0.001
+    # while open, only the probe reached the endpoint, and not before the cool-down
+    after_open = [h for h in rx.hits if h.at > opened1 and h.at <= opened2]
+    assert len(after_open) == 1 and after_open[0].at >= opened1 + cooldown - 0.05
+    healthy = True
+    await wait_for(lambda: {h.headers["halfmq-id"] for h in rx.accepted()} == set(ids), what="all delivered")
+    after_second = sorted(h.at for h in rx.hits if h.at > opened2)
+    assert after_second[0] >= opened2 + cooldown - 0.05  # the probe, then the rest
+    b = (await api("GET", f"{http}/api/webhooks/cb"))["status"]["breaker"]
+    assert b["state"] == "closed" and b["consecutive_failures"] == 0
+    text = caplog.text
+    assert "circuit breaker open after 3 consecutive failures" in text
+    assert "circuit breaker closed" in text
+    assert text.count("webhook cb failing") == 1  # not one line per failure
+
+
+async def test_a_hanging_endpoint_does_not_stall_another_webhook(hook_broker, receivers):
+    stuck = await receivers(answer=lambda n, hit: HANG)
+    fast = await receivers()
+    http = hook_broker.http_url
+    await add_webhook(http, "stuck", stuck.url, timeout="8s", concurrency=2)
+    await add_webhook(http, "fast", fast.url)
+    async with Producer(hook_broker.address) as p:
+        await p.send_batch("orders", [f"m{i}".encode() for i in range(40)])
+    await wait_for(lambda: len(fast.accepted()) == 40, timeout=7, what="the healthy webhook's deliveries")
+    status = (await api("GET", f"{http}/api/webhooks/stuck"))["status"]
+    # the stuck one still waits on its first two requests (its concurrency), nothing more
+    assert status["in_flight"] == 2 and status["failed"] == 0 and len(stuck.hits) == 2
+
+
+async def test_tags_and_start_position(hook_broker, receivers):
+    rx_new = await receivers()
+    rx_all = await receivers()
+    http = hook_broker.http_url
+    async with Producer(hook_broker.address) as p:
+        before = await p.send("orders", b"before", tags="A")
+        await add_webhook(http, "new-a-b", rx_new.url, tags="A || B")
+        await add_webhook(http, "all-c", rx_all.url, tags="C", start="earliest")
+        await p.send("orders", b"a", tags="A")
+        c = await p.send("orders", b"c", tags="C")
+        await p.send("orders", b"b", tags="B")
+        # sentinels: one queue, read in order, so once they arrive every earlier message
+        # was either delivered or filtered out
+        await p.send("orders", b"end", tags="A")
+        await p.send("orders", b"end", tags="C")
+    await wait_for(lambda: len(rx_new.accepted()) == 3 and len(rx_all.accepted()) == 2, what="deliveries")
+    assert sorted(h.body for h in rx_new.hits) == [b"a", b"b", b"end"]
+    assert sorted(h.body for h in rx_all.hits) == [b"c", b"end"]
+    # a message the webhook never had to deliver is said so, from the broker's own view
+    assert (await delivery(http, "new-a-b", before.msg_id))["state"] == "before_this_webhook"
+    assert (await delivery(http, "new-a-b", c.msg_id))["state"] == "not_for_this_webhook"
