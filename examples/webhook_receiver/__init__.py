@@ -1,0 +1,1 @@
+"""An example webhook receiver: verifies halfmq's signatures and applies each message once."""
