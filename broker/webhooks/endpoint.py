@@ -4,15 +4,18 @@ How this works
 --------------
 A ``WebhookEndpoint`` is a :class:`broker.engines.base.Session` with no socket behind it.
 It subscribes the webhook's consumer group (``webhook:<name>``) to the topic with a
-prefetch of the webhook's concurrency, so the engine leases it at most that many messages
-at once, with the leases, retry ladder (``--retry-delays``), DLQ and admin views of any
-group. ``deliver`` queues the deliveries; ``concurrency`` worker tasks (made once, not
-per message) take them and POST each with an aiohttp client session of the endpoint's
-own (its own connection pool, so a slow endpoint ties up only its own connections).
-Results are acked to the engine in one ``engine.ack`` per loop iteration: a 2xx acks;
-any other status, a timeout or a connection error fails the delivery, which the engine
-retries after the next delay or, on the last allowed attempt, moves to
-``%DLQ%webhook:<name>``. Redirects are not followed (a 3xx is a failure).
+prefetch of twice the webhook's concurrency (``PREFETCH_FACTOR``: a worker that finishes
+finds its next delivery waiting), with the leases, retry ladder (``--retry-delays``), DLQ
+and admin views of any group. ``deliver`` queues the deliveries; ``concurrency`` worker
+tasks (made once, not per message) take them and POST each with an aiohttp client
+session of the endpoint's own (its own connection pool, so a slow endpoint ties up only
+its own connections). A 2xx acks; any other status, a timeout or a connection error fails
+the delivery, which the engine retries after the next delay or, on the last allowed
+attempt, moves to ``%DLQ%webhook:<name>``. Redirects are not followed (a 3xx is a
+failure). Results are acked together — once ``concurrency`` are waiting or ``ACK_DELAY``
+(5 ms) after the first — because every ``engine.ack`` is one durable append, an fsync
+with ``--flush sync`` (measured at concurrency 8, ``--flush sync``: a drain reached 30 % of
+the same run's raw HTTP rate with each result acked on its own, 66 % batched).
 
 The circuit breaker (:mod:`.breaker`) gates the endpoint: while it is open the session has
 no output room (``output_room`` is 0), so the engine leases nothing to it — messages wait
@@ -56,7 +59,7 @@ from protocol.webhooks import (
     signature_header,
 )
 
-__all__ = ["WebhookEndpoint"]
+__all__ = ["ACK_DELAY", "PREFETCH_FACTOR", "STOP_GRACE", "WebhookEndpoint"]
 
 log = logging.getLogger("halfmq.webhooks")
 
@@ -67,6 +70,13 @@ FAILING_LOG_INTERVAL = 60.0
 #: A "probe failed, still open" line at most this often per webhook (seconds).
 PROBE_LOG_INTERVAL = 300.0
 USER_AGENT = "halfmq-webhook/1"
+#: Deliveries leased per request slot: one under way, one waiting, so a worker that
+#: finishes finds its next delivery without waiting for the engine's next dispatch.
+PREFETCH_FACTOR = 2
+#: Results of deliveries wait at most this long (seconds) to be acked with others: every
+#: ``engine.ack`` is one durable append (one fsync with ``--flush sync``), and requests end
+#: one by one. A crash may forget these acks: their messages are delivered again.
+ACK_DELAY = 0.005
 #: At a stop, requests under way get at most this long (seconds) to finish; a request cut
 #: short is not acked, so its message is delivered again (at least once).
 STOP_GRACE = 3.0
@@ -134,10 +144,10 @@ class WebhookEndpoint:
         self._dead_since_report = 0
         self._last_dead: tuple[str, str | None] | None = None
         self._queue: deque[tuple[int, list[Any], float]] = deque()
-        self._changed = asyncio.Event()
+        self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for work
         self._busy = 0
         self._acks: list[tuple[int, bool]] = []
-        self._acks_scheduled = False
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._http: aiohttp.ClientSession | None = None
         self._rid = 0
@@ -183,7 +193,7 @@ class WebhookEndpoint:
             return
         now = time.monotonic()
         self._queue.extend((token, wire, now) for token, wire in items)
-        self._wake()
+        self._wake(len(items))
 
     def request(self, op: int, payload: Any) -> asyncio.Future[Any]:
         """Broker-initiated requests (check-backs) go to producers, never to a webhook."""
@@ -216,7 +226,7 @@ class WebhookEndpoint:
         try:
             self.engine.subscribe(self, rid, SubscribeRequest(
                 group=spec.group, topic=spec.topic, tags=spec.tags, start=spec.start,
-                prefetch=spec.concurrency, max_reconsume_times=spec.max_attempts - 1))
+                prefetch=spec.concurrency * PREFETCH_FACTOR, max_reconsume_times=spec.max_attempts - 1))
             await asyncio.wait_for(fut, 10.0)
         except BaseException:
             self._replies.pop(rid, None)
@@ -250,6 +260,9 @@ class WebhookEndpoint:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         rid, fut = self._ask()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         acks, self._acks = self._acks, []
         try:
             self.engine.ack(self, rid, acks)  # the reply says they are durable
@@ -264,10 +277,16 @@ class WebhookEndpoint:
 
     # -- workers ---------------------------------------------------------------------------
 
-    def _wake(self) -> None:
-        """Wake every waiting worker (something changed: deliveries, breaker, stopping)."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def _wake(self, n: int | None = None) -> None:
+        """Wake ``n`` waiting workers (new deliveries), or all of them (the breaker
+        changed, stopping)."""
+        idle = self._idle
+        while idle and (n is None or n > 0):
+            fut = idle.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                if n is not None:
+                    n -= 1
 
     async def _next(self) -> tuple[int, list[Any], Admission] | None:
         """The next delivery the breaker lets go, or None when stopping."""
@@ -283,7 +302,9 @@ class WebhookEndpoint:
                 if admission is not Admission.REFUSED:
                     token, wire, _at = self._queue.popleft()
                     return token, wire, admission
-            await self._changed.wait()
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._idle.append(fut)
+            await fut
 
     async def _work(self) -> None:
         while True:
@@ -348,14 +369,18 @@ class WebhookEndpoint:
             self.engine.session_writable(self)
 
     def _ack(self, token: int, ok: bool) -> None:
-        """Queue one result; the results of a loop iteration go to the engine in one call."""
+        """Queue one result. Results go to the engine together: once ``concurrency`` are
+        waiting, or ``ACK_DELAY`` after the first (each call is one durable append)."""
         self._acks.append((token, ok))
-        if not self._acks_scheduled:
-            self._acks_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_acks)
+        if len(self._acks) >= self.spec.concurrency:
+            self._send_acks()
+        elif self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._send_acks)
 
     def _send_acks(self) -> None:
-        self._acks_scheduled = False
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         acks, self._acks = self._acks, []
         if not acks or self.closed:
             return

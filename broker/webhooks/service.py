@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.core.records import parse_tags
 from broker.webhooks.deliveries import DeliveryLog
-from broker.webhooks.endpoint import WebhookEndpoint
+from broker.webhooks.endpoint import PREFETCH_FACTOR, WebhookEndpoint
 from broker.webhooks.spec import WebhookSpec
 from protocol.errors import HalfMQError
 
@@ -182,7 +182,8 @@ class Webhooks:
         if isinstance(fields, dict) and fields.get("secret") is None:
             generated = secrets.token_urlsafe(32)
             fields = {**fields, "secret": generated}
-        spec = WebhookSpec.parse(fields, ack_timeout=self.config.ack_timeout, max_prefetch=self.config.max_prefetch)
+        spec = WebhookSpec.parse(fields, ack_timeout=self.config.ack_timeout,
+                                 max_prefetch=self.config.max_prefetch // PREFETCH_FACTOR)
         async with self._lock:
             if spec.name in self.specs:
                 raise WebhookConflictError(f"webhook {spec.name!r} exists (remove it first)")

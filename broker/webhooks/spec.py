@@ -135,8 +135,9 @@ class WebhookSpec:
     def parse(cls, fields: Any, *, ack_timeout: float, max_prefetch: int) -> WebhookSpec:
         """A checked definition from the operator's fields (see ``_FIELDS``).
 
-        ``ack_timeout`` / ``max_prefetch``: the broker's; the timeout must be shorter than
-        the lease of a delivery and the concurrency within the prefetch limit.
+        ``ack_timeout``: the broker's lease of a delivery, which the timeout must be
+        shorter than; ``max_prefetch``: the highest concurrency the broker's prefetch
+        limit allows.
         Raises :class:`WebhookSpecError`.
         """
         if not isinstance(fields, dict):
