@@ -111,3 +111,47 @@ async def test_a_refused_connection_counts_as_a_failure(hook_broker):
     await wait_for(dead, what="the message dead-lettered")
     rec = await delivery(hook_broker.http_url, "nobody", r.msg_id)
     assert rec["attempts"] == 2 and rec["last_status"] is None and "cannot connect" in rec["last_error"]
+
+
+async def test_odd_answers_and_odd_messages_do_no_harm(hook_broker, receivers):
+    """A redirect is a failure; a huge answer is cut off (the connection closed, nothing
+    kept); a content-type property that is not a clean header value is not sent as one."""
+    import time
+
+    from aiohttp import web
+
+    from tests.webhooks.receiver import Hit, Receiver
+
+    class Odd(Receiver):
+        async def _handle(self, request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            self.hits.append(Hit(time.time(), dict(request.headers), body))
+            n = len(self.hits)
+            if n == 1:
+                raise web.HTTPFound("/elsewhere")
+            if n == 2:
+                return web.Response(status=200, body=b"x" * (3 << 20))
+            return web.Response(status=204)
+
+    rx = Odd()
+    await rx.start()
+    try:
+        http = hook_broker.http_url
+        await add_webhook(http, "odd", rx.url, concurrency=1)
+        async with Producer(hook_broker.address) as p:
+            r1 = await p.send("orders", b"one")
+            r2 = await p.send("orders", b"two", properties={"content-type": "text/plain\r\nX-Evil: 1"})
+
+        async def delivered(msg_id: str):
+            rec = await delivery(http, "odd", msg_id)
+            return rec if rec["state"] == "delivered" else None
+
+        rec1 = await wait_for(lambda: delivered(r1.msg_id), what="the first message")
+        rec2 = await wait_for(lambda: delivered(r2.msg_id), what="the second message")
+        assert rec1["attempts"] + rec2["attempts"] == 3  # the redirect cost one attempt
+        bodies = [(h.body, h.headers["Content-Type"]) for h in rx.hits]
+        assert (b"two", "application/octet-stream") in bodies
+        assert not any("X-Evil" in h.headers for h in rx.hits)
+    finally:
+        await rx.stop()
+

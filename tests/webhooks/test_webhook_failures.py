@@ -123,3 +123,23 @@ async def test_tags_and_start_position(hook_broker, receivers):
     # a message the webhook never had to deliver is said so, from the broker's own view
     assert (await delivery(http, "new-a-b", before.msg_id))["state"] == "before_this_webhook"
     assert (await delivery(http, "new-a-b", c.msg_id))["state"] == "not_for_this_webhook"
+
+
+async def test_removing_a_webhook_whose_endpoint_hangs_takes_at_most_the_stop_grace(hook_broker, receivers):
+    import time
+
+    from broker.webhooks.endpoint import STOP_GRACE
+
+    stuck = await receivers(answer=lambda n, hit: HANG)
+    http = hook_broker.http_url
+    await add_webhook(http, "gone", stuck.url, timeout="8s")
+    async with Producer(hook_broker.address) as p:
+        await p.send("orders", b"never answered")
+    await wait_for(lambda: stuck.hits, what="the request under way")
+    t0 = time.monotonic()
+    assert await api("DELETE", f"{http}/api/webhooks/gone") == {"removed": "gone"}
+    assert time.monotonic() - t0 < STOP_GRACE + 1.5
+    assert (await api("GET", f"{http}/api/webhooks"))["webhooks"] == []
+    # the group stays, like any group: its progress, and the message still to deliver
+    groups = {g["group"]: g for g in (await api("GET", f"{http}/api/groups"))["groups"]}
+    assert groups["webhook:gone"]["members"] == 0
