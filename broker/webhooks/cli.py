@@ -2,7 +2,7 @@
 
     halfmq webhook add NAME --topic T --url URL [--secret S] [--tags EXPR] [--max-attempts N]
                        [--timeout 5s] [--concurrency 8] [--start latest|earliest]
-                       [--breaker-failures 5] [--breaker-cooldown 30s] [--http URL]
+                       [--breaker-failures 5] [--breaker-cooldown 30s] [--fifo] [--http URL]
     halfmq webhook list | show NAME | remove NAME
     halfmq webhook rotate NAME [--secret S] [--overlap 24h]
     halfmq webhook delivery NAME MSG_ID      # whether and when that message was delivered
@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--start", choices=["latest", "earliest"], help="new messages only (default) or the retained backlog too")
     add.add_argument("--breaker-failures", type=int, help="consecutive failures that open the circuit breaker (default 5)")
     add.add_argument("--breaker-cooldown", help="how long an open breaker makes no request (default 30s)")
+    add.add_argument("--fifo", action="store_true", default=None,
+                     help="deliver each message group in order, one message at a time")
     sub.add_parser("list", parents=[common], help="every webhook with its state")
     for verb, what in (("show", "one webhook with its state"), ("remove", "stop and delete a webhook")):
         sub.add_parser(verb, parents=[common], help=what).add_argument("name")
@@ -93,7 +95,7 @@ def webhook_main(argv: list[str]) -> int:
             fields = {"name": a.name, "topic": a.topic, "url": a.url, "secret": a.secret, "tags": a.tags,
                       "max_attempts": a.max_attempts, "timeout": a.timeout, "concurrency": a.concurrency,
                       "start": a.start, "breaker_failures": a.breaker_failures,
-                      "breaker_cooldown": a.breaker_cooldown}
+                      "breaker_cooldown": a.breaker_cooldown, "fifo": a.fifo}
             out = _call("POST", api, {k: v for k, v in fields.items() if v is not None})
         elif a.cmd == "list":
             out = _call("GET", f"{api}?" + urlencode({"limit": 1000}))

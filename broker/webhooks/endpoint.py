@@ -226,7 +226,8 @@ class WebhookEndpoint:
         try:
             self.engine.subscribe(self, rid, SubscribeRequest(
                 group=spec.group, topic=spec.topic, tags=spec.tags, start=spec.start,
-                prefetch=spec.concurrency * PREFETCH_FACTOR, max_reconsume_times=spec.max_attempts - 1))
+                prefetch=spec.concurrency * PREFETCH_FACTOR, max_reconsume_times=spec.max_attempts - 1,
+                fifo=spec.fifo))
             await asyncio.wait_for(fut, 10.0)
         except BaseException:
             self._replies.pop(rid, None)

@@ -5,7 +5,7 @@ Routes
 - ``GET /api/webhooks`` — every webhook (paginated by name, as the other lists)
 - ``POST /api/webhooks`` — add one: JSON ``{"name", "topic", "url", "secret", "tags",
   "max_attempts", "timeout", "concurrency", "start", "breaker_failures",
-  "breaker_cooldown"}`` (name, topic and url required); 201 with the webhook, 400 for a
+  "breaker_cooldown", "fifo"}`` (name, topic and url required); 201 with the webhook, 400 for a
   bad field, 409 if the name exists or the broker holds too many
 - ``GET /api/webhooks/{name}`` — its definition (never the secret) and state
 - ``DELETE /api/webhooks/{name}`` — remove it

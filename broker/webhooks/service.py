@@ -193,6 +193,7 @@ class Webhooks:
             dlog = DeliveryLog()
             endpoint = WebhookEndpoint(self.engine, spec, lease_timeout=self.config.ack_timeout,
                                        deliveries=dlog, clock=self.clock)
+            await self._configure_group(spec)
             await endpoint.start()
             try:
                 await self.engine.settings_put(SETTINGS_PREFIX + spec.name, spec.to_settings())
@@ -207,6 +208,15 @@ class Webhooks:
         if generated is not None:
             out["secret"] = generated
         return out
+
+    async def _configure_group(self, spec: WebhookSpec) -> None:
+        """Make the webhook's group FIFO or not, as the definition says, where the engine
+        has group settings (the group of an earlier webhook of that name may differ; a new
+        group takes it from the subscription)."""
+        get = getattr(self.engine, "admin_group_settings", None)
+        put = getattr(self.engine, "admin_set_group_settings", None)
+        if get is not None and put is not None and bool((await get(spec.group)).get("fifo")) != spec.fifo:
+            await put(spec.group, fifo=spec.fifo)
 
     async def remove(self, name: str) -> None:
         """Stop the webhook and delete its definition and delivery record (its group, with

@@ -54,7 +54,7 @@ MAX_TAGS_LENGTH = 1024
 MAX_SECRETS = 3
 
 _FIELDS = {"name", "topic", "url", "secret", "tags", "max_attempts", "timeout", "concurrency",
-           "start", "breaker_failures", "breaker_cooldown"}
+           "start", "breaker_failures", "breaker_cooldown", "fifo"}
 
 
 class WebhookSpecError(HalfMQError):
@@ -123,6 +123,7 @@ class WebhookSpec:
     start: str = "latest"
     breaker_failures: int = DEFAULT_BREAKER_FAILURES
     breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN
+    fifo: bool = False  # the group is FIFO: each message group delivered in order
     created_at: int = field(default_factory=lambda: int(time.time() * 1000))
 
     @property
@@ -166,12 +167,16 @@ class WebhookSpec:
                 f"timeout {timeout:g}s must be shorter than the broker's --ack-timeout {ack_timeout:g}s "
                 "(the lease of a delivery)")
         concurrency = _int(fields, "concurrency", DEFAULT_CONCURRENCY, 1, min(MAX_CONCURRENCY, max_prefetch))
+        fifo = fields.get("fifo", False)
+        if type(fifo) is not bool:
+            raise WebhookSpecError("fifo must be true or false")
         return cls(
             name=name, topic=topic, url=url, secrets=((secret, None),), tags=tags,
             max_attempts=_int(fields, "max_attempts", DEFAULT_MAX_ATTEMPTS, 1, MAX_ATTEMPTS),
             timeout=timeout, concurrency=concurrency, start=start,
             breaker_failures=_int(fields, "breaker_failures", DEFAULT_BREAKER_FAILURES, 1, 10_000),
             breaker_cooldown=_duration(fields, "breaker_cooldown", DEFAULT_BREAKER_COOLDOWN, 0.01, 86_400.0),
+            fifo=fifo,
         )
 
     def signing_secrets(self, now_ms: int) -> list[str]:
@@ -202,7 +207,7 @@ class WebhookSpec:
             "secrets": [[s, until] for s, until in self.secrets], "tags": self.tags,
             "max_attempts": self.max_attempts, "timeout": self.timeout, "concurrency": self.concurrency,
             "start": self.start, "breaker_failures": self.breaker_failures,
-            "breaker_cooldown": self.breaker_cooldown, "created_at": self.created_at,
+            "breaker_cooldown": self.breaker_cooldown, "fifo": self.fifo, "created_at": self.created_at,
         }
 
     @classmethod
@@ -215,6 +220,7 @@ class WebhookSpec:
             concurrency=int(value["concurrency"]), start=value.get("start", "latest"),
             breaker_failures=int(value.get("breaker_failures", DEFAULT_BREAKER_FAILURES)),
             breaker_cooldown=float(value.get("breaker_cooldown", DEFAULT_BREAKER_COOLDOWN)),
+            fifo=bool(value.get("fifo", False)),
             created_at=int(value.get("created_at", 0)),
         )
 
@@ -225,5 +231,5 @@ class WebhookSpec:
             "tags": self.tags, "max_attempts": self.max_attempts, "timeout": self.timeout,
             "concurrency": self.concurrency, "start": self.start,
             "breaker_failures": self.breaker_failures, "breaker_cooldown": self.breaker_cooldown,
-            "created_at": self.created_at, "signing_secrets": len(self.signing_secrets(now_ms)),
+            "fifo": self.fifo, "created_at": self.created_at, "signing_secrets": len(self.signing_secrets(now_ms)),
         }
