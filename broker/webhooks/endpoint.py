@@ -80,7 +80,7 @@ ACK_DELAY = 0.005
 #: At a stop, requests under way get at most this long (seconds) to finish; a request cut
 #: short is not acked, so its message is delivered again (at least once).
 STOP_GRACE = 3.0
-_NO_ROOM_LIMIT = 1 << 30
+_UNLIMITED_ROOM = 1 << 30
 
 
 def _content_type(props: dict[str, str]) -> str:
@@ -168,7 +168,7 @@ class WebhookEndpoint:
             return 0
         state = self.breaker.state
         if state is BreakerState.CLOSED:
-            return _NO_ROOM_LIMIT
+            return _UNLIMITED_ROOM
         if state is BreakerState.HALF_OPEN and not self.breaker.probe_out and not self._queue:
             return 1
         return 0
@@ -315,6 +315,8 @@ class WebhookEndpoint:
             self._busy += 1
             try:
                 await self._attempt(*got)
+            except Exception:  # a bug must not cost the webhook a worker (the lease expires)
+                log.exception("webhook %s: delivery of %s failed", self.spec.name, got[1][0])
             finally:
                 self._busy -= 1
 
