@@ -1,11 +1,8 @@
 """A dead letter resent to a group that has its own, shorter retry ladder.
 
-``EmbeddedAdmin.resend_from_dlq`` (broker/engines/embedded/admin.py) writes the resent
-message's retry record at level ``len(config.retry_delays)`` — the broker's ladder — but
-a group with its own ladder of n delays reads only levels 0..n and ``EXPIRED_LEVEL``
-(``GroupDelivery._ensure_levels``): with n shorter than the broker's ladder the resent
-message lands on a level nobody reads and is never delivered. (With a longer ladder it
-waits that level's delay instead of none.)
+A resent message's retry record goes to ``EXPIRED_LEVEL``, which every group reads with
+no delay (it once went to level ``len(config.retry_delays)``, the broker's ladder, which
+a group with a shorter ladder of its own never read).
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from tests.webhooks.conftest import api
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.mark.xfail(strict=True, reason="resend_from_dlq uses the broker's ladder length as the retry level")
 async def test_a_resent_dead_letter_reaches_a_group_with_a_short_ladder(broker):
     http = broker.http_url  # the broker's ladder: 200ms,400ms (two delays)
     await api("POST", f"{http}/api/groups/short/settings", {"max_attempts": 1, "retry_delays": "100ms"})

@@ -17,6 +17,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+from broker.core.delivery import EXPIRED_LEVEL
 from broker.core.lifecycle import TxState
 from broker.core.records import (
     H_KEYS,
@@ -186,10 +187,10 @@ class EmbeddedAdmin:
         assert store is not None
         topic = rec.header[H_TOPIC]
         states: dict[str, Any] = {}
-        delays = self.config.retry_delays
         for name, gd in self.groups.items():
             if topic not in gd.topics():
                 continue
+            delays = gd.retry_delays
             st: dict[str, Any] = {"deliveries": 0, "state": "pending"}
             retries = []
             rt = RETRY_PREFIX + name
@@ -267,7 +268,7 @@ class EmbeddedAdmin:
             raise KeyError(msg_id)
         h = found.header
         topic = h[H_TOPIC]
-        level = len(self.config.retry_delays)
+        level = EXPIRED_LEVEL  # no delay: read by the group whatever its own retry ladder
         rec = NewRecord(RT_RETRY, {"id": msg_id, "rp": found.pos, "rt": 0, "ot": topic,
                                    "oq": h[H_QUEUE] if len(h) > H_QUEUE else 0,
                                    "oo": -1, "g": group, "resent": True},
