@@ -16,9 +16,15 @@ decode, and built once per message on the hot path); the other records have smal
   commit). Messages without extras keep the short header.
 - ``RT_TX_OP``: a transaction outcome ``{id, s: "C"|"R"|"A", hp: half position}``,
   indexed in ``%OP%``.
-- ``RT_COMMIT_REF``: carries the index entry that makes a committed half message visible:
-  the entry in the topic's queue points at the stored half record (``ref_pos``), so the
-  body is never written twice.
+- ``RT_COMMIT_REF``: carries the index entry that makes a stored message visible: the
+  entry in the topic's queue points at the stored record (``ref_pos``), so the body is
+  never written twice. Header ``{id}`` for a committed half message, ``{rel: pos}`` for a
+  released scheduled message.
+- ``RT_SCHEDULE`` / ``RT_RELEASE`` / ``RT_RECALL``: the schedule of delayed messages,
+  indexed in ``%SCHED%`` (see ``broker.core.schedule``): the messages due in one second
+  (a scheduled message itself is an ``RT_MSG`` record that no topic queue indexes until
+  it is released), the messages released at once (followed by their ``RT_COMMIT_REF``
+  records), a recall ``{r: pos, t: topic}``.
 - ``RT_RETRY`` / ``RT_DLQ``: a failed delivery waiting for its retry, or dead-lettered
   (see ``broker.core.delivery``); a DLQ entry points at the original message record.
 - ``RT_ACK``: acknowledgements of one consumer group ``{g, a: [[topic, queue, offset],
@@ -45,7 +51,11 @@ __all__ = [
     "RT_DLQ",
     "RT_COMMIT_REF",
     "RT_ACK",
+    "RT_SCHEDULE",
+    "RT_RELEASE",
+    "RT_RECALL",
     "RETRY_PREFIX",
+    "SCHED_TOPIC",
     "HALF_TOPIC",
     "OP_TOPIC",
     "ACK_TOPIC",
@@ -78,11 +88,15 @@ RT_RETRY = 4  # a retry: id, rp (message pos), rt (reconsume times), ot, oq, oo,
 RT_DLQ = 5  # a dead letter: id, rp, g, ot, oq, oo, rt ; indexed by ref into %DLQ%<group>
 RT_COMMIT_REF = 6  # carrier of the index entry that makes a committed half message visible
 RT_ACK = 7  # acks of one group: g, a ([[topic, queue, offset], ...]) ; indexed in %ACK%
+RT_SCHEDULE = 8  # messages due in one second: s, p (previous record of its slot), e ; in %SCHED%
+RT_RELEASE = 9  # scheduled messages released: r ([[pos, topic], ...]) ; in %SCHED%
+RT_RECALL = 10  # a scheduled message recalled: r (pos), t (topic) ; in %SCHED%
 
 RETRY_PREFIX = "%RETRY%"
 HALF_TOPIC = "%HALF%"
 OP_TOPIC = "%OP%"
 ACK_TOPIC = "%ACK%"
+SCHED_TOPIC = "%SCHED%"
 
 # Positions in the header of a message record.
 H_TOPIC, H_TAGS, H_KEYS, H_PROPS, H_BORN, H_EPOCH, H_PGROUP, H_PCLIENT, H_QUEUE, H_EXT = range(10)
