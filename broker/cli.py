@@ -90,16 +90,25 @@ def _send_main(argv: list[str]) -> int:
     p.add_argument("body")
     p.add_argument("--tags", default=None, help="one tag (default: none)")
     p.add_argument("--keys", default="", help="comma-separated business keys")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--delay", default=None, help="deliver after this long, e.g. 30s, 1h (default: now)")
+    when.add_argument("--deliver-at", type=float, default=None, help="deliver at this epoch time in seconds")
     p.add_argument("--address", default="127.0.0.1:7600", help="broker address (default 127.0.0.1:7600)")
     a = p.parse_args(argv)
+    from broker.config import parse_duration
     from producer_sdk import HalfMQError, Producer
+
+    try:
+        delay = None if a.delay is None else parse_duration(a.delay)
+    except ValueError as exc:
+        p.error(str(exc))
 
     async def run() -> int:
         try:
             async with Producer(a.address) as prod:
                 keys = [k for k in a.keys.split(",") if k]
-                r = await prod.send(a.topic, a.body, tags=a.tags, keys=keys)
-        except HalfMQError as exc:
+                r = await prod.send(a.topic, a.body, tags=a.tags, keys=keys, delay=delay, deliver_at=a.deliver_at)
+        except (HalfMQError, ValueError) as exc:
             print(f"halfmq send: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         print(json.dumps({"msg_id": r.msg_id, "queue_id": r.queue_id, "queue_offset": r.queue_offset}))
@@ -175,6 +184,11 @@ def _admin_main(argv: list[str]) -> int:
     k = sub.add_parser("find", help="messages of a topic carrying a key")
     k.add_argument("topic")
     k.add_argument("key")
+    rc = sub.add_parser("recall", help="cancel a scheduled message not yet due")
+    rc.add_argument("msg_id")
+    sc = sub.add_parser("scheduled", help="scheduled messages: per topic, and the next ones due")
+    sc.add_argument("--topic", default=None)
+    sc.add_argument("--limit", type=int, default=100, help="next messages listed, at most 1000 (default 100)")
     r = sub.add_parser("resend", help="send a dead-lettered message back to its topic for a group")
     r.add_argument("group")
     r.add_argument("msg_id")
@@ -204,6 +218,10 @@ def _admin_main(argv: list[str]) -> int:
         out = _http("GET", f"{base}/api/messages/{a.msg_id}")
     elif a.cmd == "find":
         out = _http("GET", f"{base}/api/messages?" + urlencode({"topic": a.topic, "key": a.key, **paging}))
+    elif a.cmd == "recall":
+        out = _http("POST", f"{base}/api/messages/{a.msg_id}/recall")
+    elif a.cmd == "scheduled":
+        out = _http("GET", f"{base}/api/scheduled?" + urlencode({"limit": a.limit, **({"topic": a.topic} if a.topic else {})}))
     elif a.cmd == "resend":
         out = _http("POST", f"{base}/api/dlq/{a.group}/messages/{a.msg_id}/resend")
     elif a.cmd == "group-settings":
@@ -251,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: halfmq {" + ",".join(commands) + "} [OPTIONS]\n\n"
               "  broker    run the broker (halfmq broker --help for every option)\n"
-              "  send      send one message: halfmq send TOPIC BODY [--tags T] [--keys K,...]\n"
+              "  send      send one message: halfmq send TOPIC BODY [--tags T] [--keys K,...] [--delay 30s]\n"
               "  consume   print and ack messages: halfmq consume TOPIC --group G\n"
               "  admin     query the admin API: topics | groups | message ID | resend GROUP ID | transactions\n"
+              "            | scheduled [--topic T] | recall ID\n"
               "  webhook   POST a topic's messages to a URL: add | list | show | remove | rotate | delivery | resend\n"
               "  demo      the bank transfer example with an embedded broker\n"
               "  bench     the benchmark harness",

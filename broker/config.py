@@ -345,6 +345,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_inflight_bytes", _parse_positive_size, "BYTES",
            "message bytes of one connection's sends not yet stored; past it the broker stops "
            "reading that connection until they are (default: 64MiB)"),
+    Option("max_delay", _parse_positive_duration, "DUR",
+           "longest delay of a scheduled message (delay or deliver-at); further ahead is "
+           "refused (default: 3d)"),
 )
 
 _OPTIONS_BY_NAME = {opt.name: opt for opt in OPTIONS}
@@ -385,6 +388,7 @@ class BrokerConfig:
     max_client_buffer: int = 64 * 1024 * 1024
     max_inflight_requests: int = 4096
     max_inflight_bytes: int = 64 * 1024 * 1024
+    max_delay: float = 3 * 86400.0
 
     def __post_init__(self) -> None:
         for opt in OPTIONS:

@@ -17,11 +17,16 @@ After that the last error is raised (``BrokerUnavailableError`` or
 ``RequestTimeoutError``). Non-retriable errors (bad name, too large, ...) raise at once.
 A retry after a lost reply may store the message twice: delivery is at least once, so
 consumers de-duplicate by a business key.
+
+A message sent with ``delay`` or ``deliver_at`` carries a map of options as a sixth row
+element (``{"delay": ms}`` or ``{"at": epoch_ms}``); it shares the SEND frame with the
+others. ``recall`` is one ``RECALL`` request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -46,6 +51,9 @@ _MAX_MICRO_BATCH = 64
 
 #: Pause before retrying an error the broker itself reported as retriable (e.g. shutting down).
 _RETRY_PAUSE = 0.05
+
+#: What a ``send_batch`` item dict may hold.
+_BATCH_ITEM_KEYS = frozenset(("body", "tags", "keys", "properties", "message_group", "delay", "deliver_at"))
 
 
 def _encode_body(body: bytes | bytearray | memoryview | str) -> bytes:
@@ -128,11 +136,32 @@ def _request_for_all(
     rf.add_done_callback(lambda r: hand_out(r, futs))
 
 
-def _encode_options(message_group: str | None) -> dict[str, Any]:
-    """The option map of a SEND message row (docs/protocol.md)."""
-    if not isinstance(message_group, str) or not 0 < len(message_group) <= 256:
-        raise ValueError("message_group must be a string of 1 to 256 characters")
-    return {"group": message_group}
+def _encode_options(message_group: str | None = None, delay: float | None = None,
+                    deliver_at: float | None = None) -> dict[str, Any] | None:
+    """The option map of a SEND message row (docs/protocol.md), or None if it has none."""
+    opts: dict[str, Any] = {}
+    if message_group is not None:
+        if not isinstance(message_group, str) or not 0 < len(message_group) <= 256:
+            raise ValueError("message_group must be a string of 1 to 256 characters")
+        opts["group"] = message_group
+    if delay is not None or deliver_at is not None:
+        opts.update(_schedule_options(delay, deliver_at))
+    return opts or None
+
+
+def _schedule_options(delay: float | None, deliver_at: float | None) -> dict[str, int]:
+    """The SEND options of a delay (seconds from now) or a delivery time (epoch seconds),
+    in whole milliseconds rounded up (never earlier than asked)."""
+    if delay is not None and deliver_at is not None:
+        raise ValueError("give delay or deliver_at, not both")
+    value = delay if delay is not None else deliver_at
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TypeError(f"{'delay' if delay is not None else 'deliver_at'} must be a number of seconds")
+    if delay is not None:
+        if delay <= 0:
+            raise ValueError(f"delay must be positive, got {delay}")
+        return {"delay": max(1, math.ceil(delay * 1000))}
+    return {"at": math.ceil(value * 1000)}
 
 
 def _encode_tags(tags: str | None) -> str | None:
@@ -222,14 +251,22 @@ class Producer:
         keys: str | Iterable[str] | None = None,
         properties: Mapping[str, str] | None = None,
         message_group: str | None = None,
+        delay: float | None = None,
+        deliver_at: float | None = None,
     ) -> SendResult:
         """Store one message on ``topic``; return its ``SendResult`` (msg_id, queue, offset).
 
         ``body`` is ``bytes`` or a ``str`` (encoded UTF-8); ``keys`` is one key or several.
         ``message_group`` (FIFO): every message of one group goes to one queue, in send
         order, and a FIFO consumer group gets them one at a time, in that order.
+        ``delay`` (seconds from now) or ``deliver_at`` (epoch seconds, the broker's clock
+        decides) schedules the message: it is stored now and delivered at that time, never
+        earlier (``queue_offset`` is then -1: it joins a queue when it is due); 1 ms to the
+        broker's ``--max-delay`` (default 3 days) ahead. ``recall(msg_id)`` cancels it.
         Raises ``InvalidNameError`` (bad or reserved topic, checked before sending),
-        ``MessageTooLargeError``, ``BrokerUnavailableError``/``RequestTimeoutError`` once the
+        ``MessageTooLargeError``, ``ValueError``/``TypeError`` (both or a bad delay),
+        ``BadRequestError`` (a delivery time the broker refuses: past, or beyond
+        ``--max-delay``), ``BrokerUnavailableError``/``RequestTimeoutError`` once the
         retries are used up, or the broker's error.
         """
         if topic not in self._topics_ok:
@@ -243,10 +280,10 @@ class Producer:
                 f"message body of {len(data)} bytes exceeds the broker's limit of "
                 f"{conn.max_message_size} bytes"
             )
-        item = [data, _encode_tags(tags), _encode_keys(keys) if keys else [],
+        item: list[Any] = [data, _encode_tags(tags), _encode_keys(keys) if keys else [],
                 _encode_properties(properties) if properties else {}, int(time.time() * 1000)]
-        if message_group is not None:
-            item.append(_encode_options(message_group))
+        if message_group is not None or delay is not None or deliver_at is not None:
+            item.append(_encode_options(message_group, delay, deliver_at))
         loop = conn._loop
         if loop is None:
             raise HalfMQError("producer is not started; call start() or use 'async with'")
@@ -330,8 +367,10 @@ class Producer:
         """Store many messages on ``topic`` in one round trip; return their results in order.
 
         Each item is a body (``bytes``/``str``) or a dict with ``body`` and optionally
-        ``tags``, ``keys``, ``properties``, ``message_group``. The bodies together must fit the broker's message
-        size limit (``MessageTooLargeError`` otherwise; split the batch). Raises like ``send``.
+        ``tags``, ``keys``, ``properties``, ``message_group``, ``delay`` or ``deliver_at``
+        (as in ``send``). The bodies together must fit the broker's message size limit
+        (``MessageTooLargeError`` otherwise; split the batch). Raises like ``send``; nothing
+        is stored if one item is refused.
         """
         validate_send_topic(topic)
         born = int(time.time() * 1000)
@@ -339,17 +378,18 @@ class Producer:
         total = 0
         for item in items:
             if isinstance(item, Mapping):
-                unknown = set(item) - {"body", "tags", "keys", "properties", "message_group"}
+                unknown = set(item) - _BATCH_ITEM_KEYS
                 if unknown or "body" not in item:
                     raise TypeError(
                         "a batch item dict needs 'body' and may have 'tags', 'keys', 'properties', "
-                        "'message_group'"
+                        "'message_group', 'delay', 'deliver_at'"
                     )
                 data = _encode_body(item["body"])
-                row = [data, _encode_tags(item.get("tags")), _encode_keys(item.get("keys")),
-                       _encode_properties(item.get("properties")), born]
-                if item.get("message_group") is not None:
-                    row.append(_encode_options(item["message_group"]))
+                row: list[Any] = [data, _encode_tags(item.get("tags")), _encode_keys(item.get("keys")),
+                                  _encode_properties(item.get("properties")), born]
+                options = _encode_options(item.get("message_group"), item.get("delay"), item.get("deliver_at"))
+                if options is not None:
+                    row.append(options)
                 msgs.append(row)
             else:
                 data = _encode_body(item)
@@ -365,6 +405,16 @@ class Producer:
             )
         reply = await self._send_request({"topic": topic, "msgs": msgs, "half": False})
         return self._results(topic, reply, len(msgs))
+
+    async def recall(self, msg_id: str) -> None:
+        """Cancel the scheduled message ``msg_id`` (sent with ``delay`` or ``deliver_at``)
+        before its time; returns once the broker has recorded it durably (recalling it
+        again is no error). Raises ``MessageStateError`` if there is no such message, it
+        was not scheduled, or its time has come (it is delivered), and like ``send``.
+        """
+        if not isinstance(msg_id, str):
+            raise TypeError(f"msg_id must be a str, not {type(msg_id).__name__}")
+        await self._send_request({"msg_id": msg_id}, op=Op.RECALL)
 
     # -- internals ---------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from producer_sdk.producer import (
     _encode_tags,
     _fail_all,
     _request_for_all,
+    _schedule_options,
 )
 from protocol import (
     BadRequestError,
@@ -182,8 +183,12 @@ class TransactionProducer(Producer):
         tags: str | None = None,
         keys: str | Iterable[str] | None = None,
         properties: Mapping[str, str] | None = None,
+        delay: float | None = None,
     ) -> SendResult:
         """Send a half message, run the local transaction, report its outcome.
+
+        ``delay`` (seconds): once committed, the message is delivered that long after the
+        commit (not after the send), never earlier; 1 ms to the broker's ``--max-delay``.
 
         Returns a ``SendResult`` whose ``state`` is the ``LocalTransactionState`` reported
         (or, for UNKNOWN, left to check-back); ``queue_offset`` is -1 (a half message).
@@ -202,7 +207,9 @@ class TransactionProducer(Producer):
         key_list = _encode_keys(keys)
         props = _encode_properties(properties)
         born = int(time.time() * 1000)
-        item = [data, tags, key_list, props, born]
+        item: list[Any] = [data, tags, key_list, props, born]
+        if delay is not None:
+            item.append(_schedule_options(delay, None))
         half = None
         if self._conn.ready_to_send:
             try:  # joins this loop iteration's half-message SEND frame for the topic

@@ -20,7 +20,8 @@ The tree::
     ├── BadRequestError              (code 8: malformed frame or request)
     ├── TopicNotFoundError           (code 9: auto-create is off)
     ├── LimitExceededError           (code 10: a documented limit of the broker)
-    └── StaleReceiptError            (code 11: a receipt handle whose lease ended or changed)
+    ├── StaleReceiptError            (code 11: a receipt handle whose lease ended or changed)
+    └── MessageStateError            (code 12: unknown message, or not in a state that allows the request)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "TopicNotFoundError",
     "LimitExceededError",
     "StaleReceiptError",
+    "MessageStateError",
     "ERRORS_BY_CODE",
     "error_from_code",
 ]
@@ -113,6 +115,13 @@ class StaleReceiptError(HalfMQError):
     code = 11
 
 
+class MessageStateError(HalfMQError):
+    """The message is unknown, or not in a state that allows the request (a recall of a
+    message that was not scheduled, or whose time has come); the message says which."""
+
+    code = 12
+
+
 ERRORS_BY_CODE: dict[int, type[HalfMQError]] = {
     cls.code: cls
     for cls in (
@@ -127,6 +136,7 @@ ERRORS_BY_CODE: dict[int, type[HalfMQError]] = {
         TopicNotFoundError,
         LimitExceededError,
         StaleReceiptError,
+        MessageStateError,
     )
 }
 

@@ -105,12 +105,20 @@ class Engine(Protocol):
         ...
 
     def send(self, s: Session, rid: int, topic: str, msgs: list[list[Any]], half: bool) -> None:
-        """Store ``msgs`` (validated wire rows ``[body, tags, keys, properties, born]``) in
-        ``topic``; reply ``{"p": prefix, "r": [[pos, queue_id, queue_offset], ...]}`` once durable."""
+        """Store ``msgs`` (validated wire rows ``[body, tags, keys, properties, born]``, some
+        with a sixth element, the normalized options map: ``at`` the due epoch ms of a plain
+        message, ``delay`` ms after the commit of a half message, ``group``) in ``topic``;
+        reply ``{"p": prefix, "r": [[pos, queue_id, queue_offset], ...]}`` once durable
+        (``queue_offset`` -1 for a half or scheduled message)."""
         ...
 
     def end_tx(self, s: Session, rid: int, items: list[tuple[str, str]], single: bool) -> None:
         """Record transaction outcomes (T6); reply when every changed outcome is durable."""
+        ...
+
+    def recall(self, s: Session, rid: int, msg_id: str) -> None:
+        """Cancel a scheduled message not yet due; reply ``{"state": "RECALLED"}`` once that
+        is durable. Raises ``MessageStateError`` (unknown, not scheduled, already due)."""
         ...
 
     def subscribe(self, s: Session, rid: int, sub: Subscription) -> None: ...

@@ -148,6 +148,7 @@ def test_defaults_match_spec():
     assert c.auto_create_topics is True
     assert c.retention == 72 * 3600.0
     assert c.segment_size == 128 * 1024 * 1024
+    assert c.max_delay == 3 * 86400.0
 
 
 def test_fields_are_the_options():
@@ -260,7 +261,8 @@ def test_every_option_has_an_env_variable():
            "HALFMQ_AUTO_CREATE_TOPICS": "no", "HALFMQ_RETENTION": "5m",
            "HALFMQ_SEGMENT_SIZE": "4KiB", "HALFMQ_MAX_CONNECTIONS": "5", "HALFMQ_MAX_TOPICS": "6",
            "HALFMQ_MAX_GROUPS": "7", "HALFMQ_MAX_PREFETCH": "8", "HALFMQ_MAX_CLIENT_BUFFER": "1MiB",
-           "HALFMQ_MAX_INFLIGHT_REQUESTS": "9", "HALFMQ_MAX_INFLIGHT_BYTES": "2MiB"}
+           "HALFMQ_MAX_INFLIGHT_REQUESTS": "9", "HALFMQ_MAX_INFLIGHT_BYTES": "2MiB",
+           "HALFMQ_MAX_DELAY": "1d"}
     assert {o.env for o in OPTIONS} == set(env)
     c = load_config([], env)
     assert c == BrokerConfig(data_dir="d", host="::1", port=1, http_port=2, flush="async",
@@ -269,7 +271,7 @@ def test_every_option_has_an_env_variable():
                              max_message_size=100, default_queues=2, auto_create_topics=False,
                              retention=300.0, segment_size=4096, max_connections=5, max_topics=6,
                              max_groups=7, max_prefetch=8, max_client_buffer=1 << 20,
-                             max_inflight_requests=9, max_inflight_bytes=2 << 20)
+                             max_inflight_requests=9, max_inflight_bytes=2 << 20, max_delay=86400.0)
 
 
 def test_toml_file_values_may_be_strings_numbers_lists_and_booleans(tmp_path):

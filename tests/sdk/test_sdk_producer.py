@@ -25,7 +25,8 @@ pytestmark = pytest.mark.timeout(30)
 
 def test_exports_are_pinned():
     errors = ["HalfMQError", "BrokerUnavailableError", "InvalidNameError", "MessageTooLargeError",
-              "RequestTimeoutError", "TransactionStateError", "AuthError", "LimitExceededError"]
+              "RequestTimeoutError", "TransactionStateError", "AuthError", "LimitExceededError",
+              "MessageStateError"]
     assert sorted(producer_sdk.__all__) == sorted(
         ["Producer", "TransactionProducer", "TransactionListener", "LocalTransactionState",
          "SendResult", "Message", *errors,

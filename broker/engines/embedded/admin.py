@@ -29,6 +29,7 @@ from broker.core.records import (
     RT_MSG,
     RT_RETRY,
     build_wire,
+    header_ext,
     parse_msg_id,
     record_msg_id,
     retry_topic,
@@ -64,18 +65,22 @@ class EmbeddedAdmin:
         return {"store": dict(self.store.stats), "sent": self.stats.get("sent", 0)}
 
     async def admin_topics(self: EmbeddedEngine) -> list[dict[str, Any]]:
-        """Topics (``%DLQ%`` ones included) with their queues and message counts."""
+        """Topics (``%DLQ%`` ones included) with their queues and message counts, and their
+        scheduled messages: how many, and the next one's delivery time (epoch ms or None)."""
         store = self.store
         assert store is not None
         names = set(self.topics)
         names.update(t for t, _q in store.queues() if t.startswith(DLQ_PREFIX))
+        scheduled = self.scheduled_by_topic()
         out = []
         for name in sorted(names):
             queues = []
             for q in range(self.queue_count(name)):
                 start, end = store.queue_start(name, q), store.queue_end(name, q)
                 queues.append({"queue_id": q, "min_offset": start, "max_offset": end, "messages": end - start})
-            out.append({"topic": name, "queues": queues, "messages": sum(q["messages"] for q in queues)})
+            n, next_due = scheduled.get(name, (0, None))
+            out.append({"topic": name, "queues": queues, "messages": sum(q["messages"] for q in queues),
+                        "scheduled": n, "next_due": next_due})
         return out
 
     async def admin_groups(self: EmbeddedEngine) -> list[dict[str, Any]]:
@@ -145,6 +150,9 @@ class EmbeddedAdmin:
         else:
             qid, off = self._locate(topic, rec)
         body = wire_json(build_wire(rec, topic, qid, off, 0))
+        sched = self.schedule_state(rec)
+        if sched is not None:
+            body["schedule"] = sched
         tx_state = self.tx.state_of(msg_id)
         if tx_state is not None:
             body["transaction"] = {"state": tx_state.name, "checks": self.tx.checks_of(msg_id)}
@@ -154,20 +162,23 @@ class EmbeddedAdmin:
     def _locate(self: EmbeddedEngine, topic: str, rec: Record) -> tuple[int, int]:
         """``(queue_id, queue_offset)`` of a stored message, or (-1, -1) if no queue holds
         it. Entries of a queue are in store-time order, so a binary search on the record's
-        store time finds the few entries of that millisecond."""
+        store time finds the few entries of that millisecond. A scheduled message joined its
+        queue at its delivery time or later: the search starts there and looks further."""
         store = self.store
         assert store is not None
+        due = (header_ext(rec.header) or {}).get("at") if rec.rtype == RT_MSG else None  # type: ignore[arg-type]
+        since = rec.store_time if due is None else due
         for q in range(self.queue_count(topic)):
             lo, hi = store.queue_start(topic, q), store.queue_end(topic, q)
             while lo < hi:  # first offset whose entry is not older than the record
                 mid = (lo + hi) // 2
                 entries = store.read_queue(topic, q, mid, 1)
-                if entries and entries[0][1].store_time < rec.store_time:
+                if entries and entries[0][1].store_time < since:
                     lo = mid + 1
                 else:
                     hi = mid
             for off, entry in store.read_queue(topic, q, lo, 4096):
-                if entry.store_time > rec.store_time:
+                if entry.store_time > since and due is None:
                     break
                 if entry.pos == rec.pos:
                     return q, off
@@ -281,6 +292,13 @@ class EmbeddedAdmin:
     async def admin_resend(self: EmbeddedEngine, group: str, msg_id: str) -> None:
         """:meth:`resend_from_dlq`, awaited until durable."""
         await self.resend_from_dlq(group, msg_id)
+
+    async def admin_recall(self: EmbeddedEngine, msg_id: str) -> None:
+        """Recall a scheduled message not yet due, awaited until durable (``MessageStateError``
+        if it cannot be: unknown, not scheduled, or due)."""
+        fut = self.recall_scheduled(msg_id)
+        if fut is not None:
+            await fut
 
     async def admin_resolve(self: EmbeddedEngine, msg_id: str, state: TxState) -> None:
         """Resolve a prepared transaction by hand (``TransactionStateError`` if it cannot be)."""

@@ -21,6 +21,9 @@ their saved offsets and the ``%ACK%`` queue, then serves the calls of
   returns.
 - **pulling** (:mod:`.pulling`): pull requests (RECEIVE) with per-message leases and
   receipt handles (SETTLE), and per-group settings (FIFO, max attempts, retry delays).
+- **scheduling** (:mod:`.scheduling`): delayed and scheduled messages: stored once, found
+  again through a timer wheel whose chains live in the log (``broker.core.schedule``),
+  released at their millisecond by an index entry in the topic's queue.
 - **admin** (:mod:`.admin`): the read-only views and the operator's actions of the admin API.
 
 This file holds what they share: start, recovery, stop, topics and groups, sessions.
@@ -49,6 +52,8 @@ from broker.core.records import (
     HALF_TOPIC,
     OP_TOPIC,
     RETRY_PREFIX,
+    SCHED_TOPIC,
+    header_ext,
     record_msg_id,
     tag_hash,
 )
@@ -57,6 +62,7 @@ from broker.engines.base import Session
 from broker.engines.embedded.admin import EmbeddedAdmin
 from broker.engines.embedded.delivering import EmbeddedDelivering
 from broker.engines.embedded.pulling import EmbeddedPulling
+from broker.engines.embedded.scheduling import EmbeddedScheduling
 from broker.engines.embedded.sending import EmbeddedSending
 from broker.engines.embedded.transactions import CODE_OUTCOMES, EmbeddedTransactions
 from protocol import DLQ_PREFIX, FRAME_OVERHEAD, LimitExceededError, TopicNotFoundError
@@ -77,7 +83,8 @@ _RESOLVED_LISTED = 1000
 _BUNDLE_BYTES = 1 << 20
 
 
-class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, EmbeddedPulling, EmbeddedAdmin):
+class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, EmbeddedPulling,
+                     EmbeddedScheduling, EmbeddedAdmin):
     """The default engine: everything in one local data directory (see the module docstring)."""
 
     def __init__(self, config: BrokerConfig) -> None:
@@ -131,6 +138,7 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         self._receivers: dict[str, tuple[Session, int, asyncio.TimerHandle, GroupDelivery]] = {}
         self._receiver_seq = 0
         self._group_settings: dict[str, dict[str, Any]] = {}
+        self._init_scheduling()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -171,7 +179,9 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
                 asyncio.create_task(self._tick_loop(), name="halfmq-tick"),
                 asyncio.create_task(self._tx_check_loop(), name="halfmq-tx-check"),
                 asyncio.create_task(self._checkpoint_loop(), name="halfmq-checkpoint"),
+                asyncio.create_task(self._schedule_persist_loop(), name="halfmq-schedule"),
             ]
+            self._arm_walker()
         except BaseException:
             await self.store.close()
             raise
@@ -181,6 +191,8 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         if self._stopping:
             return
         self._stopping = True
+        if self._walk_handle is not None:
+            self._walk_handle.cancel()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -191,6 +203,10 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         if self.store is not None:
             await self.store.flush()
             await self._persist_offsets()
+            try:
+                await self._persist_schedule()
+            except Exception:
+                log.exception("schedule: persisting the wheel at stop failed (the log has it)")
             await self.store.close()
 
     async def _recover(self) -> None:
@@ -218,12 +234,16 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
             else:
                 n_prepared += 1
                 self._half_meta[msg_id] = (h[H_QUEUE], tag_hash(h[H_TAGS]), rec.size)
+                delay = (header_ext(h) or {}).get("d")  # type: ignore[arg-type]
+                if delay:
+                    self._half_delays[msg_id] = delay
         self.tx.after_replay(time.time())
         for group in set(self._saved_offsets) | set(self._replay_acks):
             self._group(group)
         self._replay_dead.clear()
         if n_prepared:
             log.info("recovered %d unresolved half messages", n_prepared)
+        await self._recover_schedule()
 
     def _scan_queue(self, topic: str, qid: int, start: int | None = None) -> Any:
         """Every ``(offset, record)`` of a queue from ``start`` (default: its first) on."""
@@ -249,6 +269,9 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         p = self.tx.min_pending_pos()
         if p is not None:
             low = min(low, p)
+        p = self._schedule_guard()
+        if p is not None:
+            low = min(low, p)
         for gd in self.groups.values():
             for (topic, qid), off in gd.committed_offsets().items():
                 entries = self.store.read_queue(topic, qid, off, 1)
@@ -266,7 +289,7 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         n = self.topics.get(topic)
         if n is not None:
             return n
-        if topic.startswith(DLQ_PREFIX) or topic in (HALF_TOPIC, OP_TOPIC):
+        if topic.startswith(DLQ_PREFIX) or topic in (HALF_TOPIC, OP_TOPIC, SCHED_TOPIC):
             return 1
         if topic.startswith(RETRY_PREFIX):
             return len(self.config.retry_delays) + 1

@@ -124,15 +124,23 @@ class EmbeddedSending:
                 qid = rr % nq
                 rr += 1
             if half:
+                if opts and "delay" in opts:  # delivered that long after the commit (see .scheduling)
+                    ext["d"] = opts["delay"]
                 header = [topic, tags, keys, props, born, epoch, s.group, s.client_id, qid]
                 if ext:
                     header.append(ext)
                 records.append(NewRecord(RT_HALF, header, body, IndexTarget(HALF_TOPIC, 0)))
+            elif opts and "at" in opts:
+                # scheduled: stored now, in no queue until the walker releases it (see .scheduling)
+                ext["at"] = at = opts["at"]
+                th = tag_hash(tags)
+                self._sched_rows.append((first + len(qids), topic, qid, th, at, epoch))
+                records.append(NewRecord(RT_MSG, message_header(topic, tags, keys, props, born, epoch, ext), body))
             else:
                 header = message_header(topic, tags, keys, props, born, epoch, ext)
                 records.append(NewRecord(RT_MSG, header, body, IndexTarget(topic, qid, tag_hash(tags))))
             qids.append(qid)
-            rows.append(m[:5])
+            rows.append(m)
         self._rr[topic] = rr
         self._send_entries.append((s, rid, half, topic, first, qids, rows))
         self._schedule_flush()
@@ -171,6 +179,8 @@ class EmbeddedSending:
             records = [NewRecord(RT_ACK, {"g": "", "a": []}, b"", None)]
         self._send_records, self._send_entries = [], []
         self._send_count = 0
+        sched_rows = self._sched_rows
+        self._sched_rows = []
         store = self.store
         assert store is not None
         try:
@@ -185,6 +195,8 @@ class EmbeddedSending:
                 else:
                     s.error(rid, failure)
             return
+        if sched_rows:  # their schedule records, now that the messages have positions
+            fut = self._schedule_sent(sched_rows, stored, fut)
         prefix = f"{store.epoch:08X}"
         stored_counts = [(e[3], len(e[5]), sum(len(m[0]) for m in e[6])) for e in entries if e[0] is not None]
         replies = []
@@ -204,6 +216,8 @@ class EmbeddedSending:
                     self.tx.add(msg_id, topic=topic, group=s.group, producer_id=s.client_id,
                                 keys=tuple(m[2]), pos=st.pos, now=now)
                     self._half_meta[msg_id] = (qid, tag_hash(m[1]), st.size)
+                    if len(m) > 5 and "delay" in m[5]:
+                        self._half_delays[msg_id] = m[5]["delay"]
                     result.append([st.pos, qid, -1])
             else:
                 any_plain = True

@@ -7,7 +7,8 @@ I/O. An outcome that changes a transaction (END_TX from the producer, a check-ba
 an operator, abandonment) appends an ``RT_TX_OP`` record to ``%OP%``; a COMMIT also
 appends an ``RT_COMMIT_REF`` record whose index entry, in the topic's queue, points at the
 stored half record — so the committed message is delivered from the bytes the producer
-sent, never copied. Both go into the same iteration's append as the sends
+sent, never copied. A half message sent with a delay is scheduled at its commit instead
+(see :mod:`.scheduling`): the delay counts from the commit. Both go into the same iteration's append as the sends
 (``_queue_records``) and the producer is answered once they are durable. A repeated
 outcome is answered at once with the recorded state (T6).
 
@@ -33,6 +34,7 @@ from broker.core.records import (
     RT_COMMIT_REF,
     RT_TX_OP,
     build_wire,
+    header_ext,
     tag_hash,
 )
 from broker.engines.base import Session
@@ -137,14 +139,19 @@ class EmbeddedTransactions:
         records = [NewRecord(RT_TX_OP, {"id": msg_id, "s": _OUTCOME_CODES[state], "hp": hm.pos}, b"",
                              IndexTarget(OP_TOPIC, 0))]
         meta = self._half_meta.pop(msg_id, None)
+        delay = self._half_delays.pop(msg_id, None)
         if state is TxState.COMMITTED:
             topic = hm.topic
             if meta is None:  # not remembered (e.g. recovered from an older log): read the header
                 half = self.store.read(hm.pos)
                 meta = (half.header[H_QUEUE], tag_hash(half.header[H_TAGS]), half.size)
-            nq = self._ensure_topic(topic)
-            records.append(NewRecord(RT_COMMIT_REF, {"id": msg_id}, b"",
-                                     IndexTarget(topic, meta[0] % nq, meta[1], ref_pos=hm.pos, ref_size=meta[2])))
+                delay = (header_ext(half.header) or {}).get("d")  # type: ignore[arg-type]
+            if delay:  # delayed from the commit: scheduled (its record goes first), not visible yet
+                self._schedule_commit(hm, meta, delay)
+            else:
+                nq = self._ensure_topic(topic)
+                records.append(NewRecord(RT_COMMIT_REF, {"id": msg_id}, b"",
+                                         IndexTarget(topic, meta[0] % nq, meta[1], ref_pos=hm.pos, ref_size=meta[2])))
         fut = asyncio.get_running_loop().create_future() if reply_to is None else None
         self._queue_records(records, None if reply_to is False else (reply_to or fut))
         return fut

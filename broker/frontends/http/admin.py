@@ -11,10 +11,14 @@ Routes
   ``handed_off``: synced batches written by the writer thread while the loop went on,
   ``loop_disk_wait_ns``: time the event loop spent waiting for the disk in writes and
   fdatasyncs done on it) and messages sent
-- ``GET /api/topics`` — topics with their queues and message counts
+- ``GET /api/topics`` — topics with their queues and message counts, scheduled messages
+  and the next one's delivery time
 - ``GET /api/groups`` — per group and topic: delivered, acked, in-flight, waiting retry,
   dead-lettered, lag
-- ``GET /api/messages/{msg_id}`` — the message and its state in each group
+- ``GET /api/messages/{msg_id}`` — the message and its state in each group (a scheduled
+  one: its delivery time and whether it is scheduled, released or recalled)
+- ``POST /api/messages/{msg_id}/recall`` — cancel a scheduled message not yet due
+- ``GET /api/scheduled?topic=T`` — scheduled messages: how many per topic, the next ones
 - ``GET /api/messages?topic=T&key=K`` — messages of a topic carrying a business key
 - ``POST /api/dlq/{group}/messages/{msg_id}/resend`` — back to its original topic for that group
 - ``GET /api/transactions?state=prepared|abandoned|committed|rolled_back`` — half messages
@@ -43,7 +47,14 @@ from broker.frontends.http.console import render_console
 from broker.frontends.http.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from broker.frontends.http.metrics import render_metrics
 from broker.webhooks.routes import add_webhook_routes
-from protocol import DLQ_PREFIX, BadRequestError, HalfMQError, TransactionStateError, validate_name
+from protocol import (
+    DLQ_PREFIX,
+    BadRequestError,
+    HalfMQError,
+    MessageStateError,
+    TransactionStateError,
+    validate_name,
+)
 
 if TYPE_CHECKING:
     from broker.app import Broker
@@ -58,8 +69,8 @@ class _BadQuery(ValueError):
     """A query parameter the route cannot use (answered with HTTP 400)."""
 
 
-def _page(req: web.Request, items: list[dict[str, Any]], key: str, name: str) -> dict[str, Any]:
-    """One page of ``items`` ordered by ``key``: ``{name: [...], "next": cursor | None}``."""
+def _limit(req: web.Request) -> int:
+    """The ``limit`` query parameter (default ``PAGE_DEFAULT``, at most ``PAGE_MAX``)."""
     raw = req.query.get("limit", str(PAGE_DEFAULT))
     try:
         limit = int(raw)
@@ -67,6 +78,12 @@ def _page(req: web.Request, items: list[dict[str, Any]], key: str, name: str) ->
         raise _BadQuery(f"limit must be an integer, got {raw!r}") from None
     if not 1 <= limit <= PAGE_MAX:
         raise _BadQuery(f"limit must be between 1 and {PAGE_MAX}")
+    return limit
+
+
+def _page(req: web.Request, items: list[dict[str, Any]], key: str, name: str) -> dict[str, Any]:
+    """One page of ``items`` ordered by ``key``: ``{name: [...], "next": cursor | None}``."""
+    limit = _limit(req)
     after = req.query.get("after")
     items = sorted(items, key=lambda item: item[key])
     if after is not None:
@@ -170,6 +187,20 @@ def build_app(broker: Broker) -> web.Application:
             return err(400, "query parameters topic and key are required")
         found = await engine.admin_find(topic, key, PAGE_MAX * 10)
         return web.json_response(_page(req, found, "msg_id", "messages"))
+
+    @routes.post("/api/messages/{msg_id}/recall")
+    async def recall(req: web.Request) -> web.Response:
+        msg_id = req.match_info["msg_id"]
+        try:
+            await engine.admin_recall(msg_id)
+        except MessageStateError as exc:
+            return err(404 if str(exc).startswith("no message") else 409, str(exc))
+        return web.json_response({"msg_id": msg_id, "state": "RECALLED"})
+
+    @routes.get("/api/scheduled")
+    async def scheduled(req: web.Request) -> web.Response:
+        topic = req.query.get("topic") or None
+        return web.json_response(await engine.admin_scheduled(topic, _limit(req)))
 
     @routes.post("/api/dlq/{group}/messages/{msg_id}/resend")
     async def resend(req: web.Request) -> web.Response:

@@ -2,10 +2,11 @@
 
 How this works
 --------------
-The page is rendered on the server from the same data the JSON routes return (topics,
-groups, prepared and abandoned transactions), every value escaped, no JavaScript; it
-reloads itself every few seconds. It only shows: acting on a message (resend from a DLQ,
-commit or roll back a transaction) stays with the JSON API and ``halfmq admin``.
+The page is rendered on the server from the same data the JSON routes return (topics with
+their scheduled messages, groups, prepared and abandoned transactions), every value
+escaped, no JavaScript; it reloads itself every few seconds. It only shows: acting on a
+message (resend from a DLQ, recall a scheduled one, commit or roll back a transaction)
+stays with the JSON API and ``halfmq admin``.
 Abandoned transactions are listed on purpose — RocketMQ's dashboard cannot show them.
 """
 
@@ -50,6 +51,11 @@ def _table(headers: Iterable[str], rows: Iterable[Iterable[Any]], empty: str) ->
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _due_in(due_ms: int | None, now: float) -> float | None:
+    """Seconds from ``now`` until a delivery time in epoch ms (None: nothing scheduled)."""
+    return None if due_ms is None else max(0.0, due_ms / 1000.0 - now)
+
+
 def render_console(
     *,
     broker_id: str,
@@ -62,7 +68,8 @@ def render_console(
 ) -> str:
     """The console page for the given data (as the JSON routes return it)."""
     now = time.time() if now is None else now
-    topic_rows = [(t["topic"], len(t["queues"]), t["messages"]) for t in topics]
+    topic_rows = [(t["topic"], len(t["queues"]), t["messages"], t.get("scheduled", 0),
+                   _due_in(t.get("next_due"), now)) for t in topics]
     group_rows = [
         (g["group"], g["topics"], g["members"], g["delivered"], g["acked"], g["in_flight"],
          g["waiting_retry"], g["dead_lettered"], g["lag"])
@@ -81,10 +88,11 @@ def render_console(
         f"<title>halfmq {html.escape(broker_id)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>halfmq broker {html.escape(broker_id)}</h1>",
         f"<p>data {html.escape(data_dir)} · {stamp} · reloads every {REFRESH_SECONDS} s · "
-        'JSON: <a href="/api/topics">topics</a>, <a href="/api/groups">groups</a>, '
+        'JSON: <a href="/api/topics">topics</a>, <a href="/api/scheduled">scheduled</a>, '
+        '<a href="/api/groups">groups</a>, '
         '<a href="/api/transactions?state=prepared">transactions</a></p>',
         f"<h2>Topics ({len(topic_rows)})</h2>",
-        _table(("topic", "queues", "messages"), topic_rows, "no topics yet"),
+        _table(("topic", "queues", "messages", "scheduled", "next due in s"), topic_rows, "no topics yet"),
         f"<h2>Consumer groups ({len(group_rows)})</h2>",
         _table(("group", "topics", "members", "delivered", "acked", "in flight", "waiting retry",
                 "dead-lettered", "lag"), group_rows, "no consumer groups yet"),

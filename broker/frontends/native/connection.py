@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from broker.engines.base import Engine
     from broker.frontends.native.listener import NativeListener
 
-__all__ = ["ClientConnection", "SubscribeRequest", "DELIVERY_WINDOW"]
+__all__ = ["ClientConnection", "SubscribeRequest", "DELIVERY_WINDOW", "SEND_OPTIONS", "check_send_options"]
 
 log = logging.getLogger("halfmq.broker")
 
@@ -209,6 +210,8 @@ class ClientConnection(asyncio.Protocol):
             engine.unsubscribe(self, rid)
         elif op == Op.PING:
             self.reply(rid, {})
+        elif op == Op.RECALL:
+            engine.recall(self, rid, _check_recall(p))
         else:
             raise BadRequestError(f"unknown operation {op}")
 
@@ -251,14 +254,22 @@ class ClientConnection(asyncio.Protocol):
             raise BadRequestError("half messages need a producer group in the handshake")
         limit = self.config.max_message_size
         size = 0
+        now_ms = 0
         for m in msgs:
-            if type(m) is not list or len(m) != 5:
-                if type(m) is not list or len(m) != 6:
-                    raise BadRequestError("each message must be [body, tags, keys, properties, born_timestamp"
-                                          "(, options)]")
-                _check_options(m[5])
-                m = m[:5]
-            body, tags, keys, props, born = m
+            if type(m) is list and len(m) == 5:
+                body, tags, keys, props, born = m
+            elif type(m) is list and len(m) == 6:
+                now_ms = now_ms or int(time.time() * 1000)
+                opts = check_send_options(m[5], half=half, max_delay_ms=int(self.config.max_delay * 1000),
+                                          now_ms=now_ms)
+                if opts is None:
+                    del m[5]
+                else:
+                    m[5] = opts
+                body, tags, keys, props, born = m[:5]
+            else:
+                raise BadRequestError("each message must be [body, tags, keys, properties, "
+                                      "born_timestamp] and optionally a map of options")
             if (type(body) is bytes and (n := len(body)) <= limit and (tags is None or type(tags) is str)
                     and type(keys) is list and not keys and type(props) is dict and not props and type(born) is int):
                 size += n
@@ -444,18 +455,60 @@ def _check_message(body: Any, tags: Any, keys: Any, props: Any, born: Any, limit
         raise BadRequestError("born timestamp must be an integer")
 
 
-def _check_options(opts: Any) -> None:
-    """Check the option map of one SEND message (docs/protocol.md)."""
+#: The options a SEND message may carry (docs/protocol.md).
+SEND_OPTIONS = frozenset(("group", "delay", "at"))
+
+
+def check_send_options(opts: Any, *, half: bool, max_delay_ms: int, now_ms: int) -> dict[str, Any] | None:
+    """The options map of one SEND message, checked whole and normalized (None if empty).
+
+    ``delay`` (ms) of a plain message becomes ``at``, the epoch ms it is due by the
+    broker's clock; a half message keeps ``delay``, counted from its commit, and may not
+    name an ``at``. ``delay`` and ``at`` exclude each other; a delivery time must lie 1 ms
+    to ``max_delay_ms`` ahead. Raises ``BadRequestError`` saying what is wrong.
+    """
     if type(opts) is not dict:
         raise BadRequestError("message options must be a map")
-    for key, value in opts.items():
-        if key == "group":
-            if type(value) is not str or not 0 < len(value) <= 256:
-                raise BadRequestError("the message group must be a string of 1 to 256 characters")
-        elif key in ("delay", "at"):
-            raise BadRequestError("delayed messages are not supported by this broker")
+    unknown = set(opts) - SEND_OPTIONS
+    if unknown:
+        raise BadRequestError(f"unknown message options {sorted(map(str, unknown))}; known: {sorted(SEND_OPTIONS)}")
+    out: dict[str, Any] = {}
+    group = opts.get("group")
+    if group is not None:
+        if type(group) is not str or not group or len(group) > 256:
+            raise BadRequestError("the message group must be a string of 1 to 256 characters")
+        out["group"] = group
+    delay, at = opts.get("delay"), opts.get("at")
+    if delay is not None and at is not None:
+        raise BadRequestError("a message takes a delay or a delivery time (at), not both")
+    if delay is not None:
+        if type(delay) is not int:
+            raise BadRequestError("delay must be an integer number of milliseconds")
+        if not 1 <= delay <= max_delay_ms:
+            raise BadRequestError(f"delay of {delay} ms is out of range: 1 ms to --max-delay ({max_delay_ms} ms)")
+        if half:
+            out["delay"] = delay
         else:
-            raise BadRequestError(f"unknown message option {key!r}")
+            out["at"] = now_ms + delay
+    elif at is not None:
+        if half:
+            raise BadRequestError("a transactional message takes a delay (counted from its commit), "
+                                  "not a delivery time")
+        if type(at) is not int:
+            raise BadRequestError("at must be an integer epoch time in milliseconds")
+        if at <= now_ms:
+            raise BadRequestError(f"delivery time {at} is not in the future (the broker's clock: {now_ms})")
+        if at - now_ms > max_delay_ms:
+            raise BadRequestError(f"delivery time {at} is {at - now_ms} ms ahead, beyond --max-delay "
+                                  f"({max_delay_ms} ms)")
+        out["at"] = at
+    return out or None
+
+
+def _check_recall(p: Any) -> str:
+    if not isinstance(p, dict) or not isinstance(p.get("msg_id"), str):
+        raise BadRequestError("RECALL payload must be {\"msg_id\": str}")
+    return p["msg_id"]  # type: ignore[no-any-return]
 
 
 def _check_end_tx(p: Any) -> tuple[list[Any], bool]:
