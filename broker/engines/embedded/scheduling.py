@@ -127,7 +127,7 @@ class EmbeddedScheduling:
         self._sched_unwritten: dict[int, dict[str, Any]] = {}  # pos -> header, until written
         self._sched_next_off = 0  # the %SCHED% offset of the next record
         self._sched_dirty = False
-        self._sched_replay_pos = 0  # where replay starts with the persisted snapshot
+        self._sched_replay_off = 0  # the %SCHED% offset replay starts at with the persisted snapshot
         self._walk_handle: asyncio.TimerHandle | None = None
         self._half_delays = {}  # pending half message -> delay ms after commit
         self._next_due_cache: tuple[float, dict[str, int]] = (0.0, {})
@@ -333,15 +333,15 @@ class EmbeddedScheduling:
                 break
             await asyncio.sleep(0)
         self._sched_dirty = False
-        pos = store.end_pos  # records past the snapshot lie at or after this position
-        data = self.schedule.to_bytes({"off": self._sched_next_off, "pos": pos})
+        off = self._sched_next_off
+        data = self.schedule.to_bytes({"off": off})
         try:
             await store.flush()
             await asyncio.to_thread(_write_file, Path(self.data_dir) / SNAPSHOT_FILE, data)
         except BaseException:
             self._sched_dirty = True
             raise
-        self._sched_replay_pos = pos
+        self._sched_replay_off = off
 
     async def _schedule_persist_loop(self: EmbeddedEngine) -> None:
         while True:
@@ -363,14 +363,12 @@ class EmbeddedScheduling:
             data = await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:
             data = None
-        self._sched_replay_pos = 0  # until a snapshot is written: keep everything
         if data is not None:
             try:
                 wheel, extra = ScheduleWheel.from_bytes(data)
                 off = int(extra["off"])
                 if not start <= off <= end:
                     raise SnapshotError(f"it reflects %SCHED% up to {off}, the log holds {start}..{end}")
-                self._sched_replay_pos = int(extra["pos"])
             except (SnapshotError, KeyError, TypeError, ValueError) as exc:
                 log.warning("schedule: %s unusable (%s): rebuilding the schedule from the log", path, exc)
                 wheel, off = None, start
@@ -378,6 +376,7 @@ class EmbeddedScheduling:
             first = next(iter(self._scan_queue(SCHED_TOPIC, 0, start)), None)
             cursor = (first[1].store_time // 1000 - 1) if first is not None else int(time.time()) - 1
             wheel = ScheduleWheel(slots=wheel_slots(self.config.max_delay), cursor=cursor)
+        self._sched_replay_off = off  # (until the next snapshot is written)
         replayed = self._replay_schedule(wheel, off)
         slots = wheel_slots(self.config.max_delay)
         if wheel.slots != slots:
@@ -456,9 +455,14 @@ class EmbeddedScheduling:
         return not e[E_TX] or self.tx.state_of(make_msg_id(e[E_EPOCH], e[E_POS])) is TxState.COMMITTED
 
     def _schedule_guard(self: EmbeddedEngine) -> int | None:
-        """The lowest log position the schedule needs (retention keeps it and after)."""
+        """The lowest log position the schedule needs (retention keeps it and after): its
+        chains and messages, and the records a recovery from the snapshot would replay."""
+        assert self.store is not None
         low = self.schedule.low_pos()
-        return self._sched_replay_pos if low is None else min(low, self._sched_replay_pos)
+        first = self.store.read_queue(SCHED_TOPIC, 0, self._sched_replay_off, 1)
+        if first:
+            low = first[0][1].pos if low is None else min(low, first[0][1].pos)
+        return low
 
     # -- admin views ----------------------------------------------------------------------
 
