@@ -68,3 +68,16 @@ def test_a_loop_busy_or_blocked_in_its_own_writes_is_the_saturated_side() -> Non
         "server (event loop: CPU 60% + waiting for its own disk writes 35%)")
     assert _saturation({"server": 60.0, "server_disk_wait": 10.0, "producer": 30.0}, 100.0).startswith("none")
     assert _saturation({"server": 90.0, "producer": 30.0}, 100.0) == "server"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("psutil") is None,
+                    reason="the benchmark samples the broker's CPU with psutil (pip install psutil)")
+def test_scheduled_benchmark_writes_its_report(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "benchmarks.scheduled", "--rate", "500", "--seconds", "0.5", "--lead", "2",
+           "--batch", "100", "--out-dir", str(tmp_path), "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "scheduled-latest.json").read_text())
+    assert res["scheduled"]["received"] == res["plain"]["received"] == 250
+    assert res["scheduled"]["early"] == 0 and res["scheduled"]["p50"] >= 0
+    assert "scheduled" in (tmp_path / "scheduled-latest.txt").read_text()
