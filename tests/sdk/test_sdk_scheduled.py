@@ -175,3 +175,18 @@ def test_cli_send_delay_and_admin_recall(broker):
     assert bad.returncode != 0 and "invalid duration" in bad.stderr
     far = cli("send", "clit", "x", "--delay", "4d", "--address", broker.address)
     assert far.returncode == 1 and "max-delay" in far.stderr
+
+
+async def test_tags_filter_scheduled_messages_and_fifo_groups_keep_them(broker):
+    """A released message keeps its tag (filtering) and its message group (queue)."""
+    rec = Arrivals()
+    async with Producer(broker.address) as p:
+        tagged = [await p.send("tg", f"a{k}", tags="A", delay=0.3, message_group="g1") for k in range(3)]
+        others = [await p.send("tg", f"b{k}", tags="B", delay=0.3, message_group="g1") for k in range(3)]
+        async with PushConsumer(broker.address, group="only-a", topic="tg", tags="A", listener=rec):
+            await wait_for(lambda: len(rec.messages) == 3, timeout=10, what="the three tagged A")
+            sentinel = await p.send("tg", "s", tags="A", message_group="g1")  # same queue: after them
+            await wait_for(lambda: sentinel.msg_id in rec.ids(), timeout=10, what="the sentinel")
+    assert sorted(rec.ids()) == sorted([r.msg_id for r in tagged] + [sentinel.msg_id])
+    assert {m.message_group for _, m in rec.messages} == {"g1"}
+    assert len({m.queue_id for _, m in rec.messages} | {r.queue_id for r in others}) == 1

@@ -80,7 +80,7 @@ from broker.core.schedule import (
     SnapshotError,
 )
 from broker.engines.base import Session
-from protocol import MessageStateError
+from protocol import HalfMQError, MessageStateError
 from storage import IndexTarget, NewRecord, Record, Stored
 from storage.log import fsync_dir
 
@@ -144,25 +144,34 @@ class EmbeddedScheduling:
             by_second[due // 1000].append((due, st.pos, st.size, topic, qid, th, epoch, 0))
         return self._append_schedule(by_second) or fut
 
-    def _schedule_commit(self: EmbeddedEngine, hm: HalfMessage, meta: tuple[int, int, int], delay_ms: int) -> None:
-        """A delayed half message is committed: schedule its stored record ``delay_ms``
-        from now (appended now, before the outcome record)."""
+    def _schedule_commit(self: EmbeddedEngine, hm: HalfMessage, meta: tuple[int, int, int], delay_ms: int,
+                         outcome: list[NewRecord]) -> None:
+        """A delayed half message is committed: schedule its stored record ``delay_ms`` from
+        now. Its schedule record and then the ``outcome`` records are appended now, in one
+        append (the wheel never reflects a commit that is not in the store)."""
         due = int(time.time() * 1000) + delay_ms
         epoch = int(hm.msg_id[:8], 16)
         self._ensure_topic(hm.topic)
-        self._append_schedule({due // 1000: [(due, hm.pos, meta[2], hm.topic, meta[0], meta[1], epoch, 1)]})
+        self._append_schedule({due // 1000: [(due, hm.pos, meta[2], hm.topic, meta[0], meta[1], epoch, 1)]},
+                              outcome)
 
-    def _append_schedule(self: EmbeddedEngine, by_second: dict[int, list[Entry]]) -> asyncio.Future[Any] | None:
+    def _append_schedule(self: EmbeddedEngine, by_second: dict[int, list[Entry]],
+                         trailing: list[NewRecord] | None = None) -> asyncio.Future[Any] | None:
         """One schedule record per second, each appended and linked before the next is
-        built (a record names the previous one of its slot); return the last future."""
+        built (a record names the previous one of its slot), the ``trailing`` records in the
+        last one's append; return the last future."""
         store = self.store
         assert store is not None
         wheel = self.schedule
         fut = None
         armed = False
-        for second in sorted(by_second):
+        seconds = sorted(by_second)
+        for second in seconds:
             header = wheel.place(second, by_second[second])
-            stored, fut = store.append([NewRecord(RT_SCHEDULE, header, b"", IndexTarget(SCHED_TOPIC, 0))])
+            records = [NewRecord(RT_SCHEDULE, header, b"", IndexTarget(SCHED_TOPIC, 0))]
+            if trailing and second == seconds[-1]:
+                records += trailing
+            stored, fut = store.append(records)
             pos = stored[0].pos
             self._sched_next_off += 1
             if wheel.placed(header, pos):
@@ -238,7 +247,7 @@ class EmbeddedScheduling:
             records = [NewRecord(RT_RELEASE, {"r": [[e[E_POS], e[E_TOPIC]] for e in chunk]}, b"",
                                  IndexTarget(SCHED_TOPIC, 0))]
             for _due, pos, size, topic, qid, th, _epoch, _tx in chunk:
-                nq = self.topics.get(topic) or self._ensure_topic(topic)
+                nq = self.topics.get(topic) or self._topic_for_release(topic)
                 records.append(NewRecord(RT_COMMIT_REF, {"rel": pos}, b"",
                                          IndexTarget(topic, qid % nq, th, ref_pos=pos, ref_size=size)))
             try:
@@ -249,6 +258,19 @@ class EmbeddedScheduling:
             self._sched_next_off += 1
             self._sched_dirty = True
             fut.add_done_callback(self._released)
+
+    def _topic_for_release(self: EmbeddedEngine, topic: str) -> int:
+        """The queue count of a topic a message was accepted for but that the broker does
+        not know now (its creation was lost in a crash): created again, whatever
+        ``--auto-create-topics`` and ``--max-topics`` say, rather than losing the message."""
+        try:
+            return self._ensure_topic(topic)
+        except HalfMQError as exc:
+            log.warning("schedule: topic %s re-created to release its scheduled messages (%s)", topic, exc)
+            n = self.topics[topic] = self.config.default_queues
+            assert self.store is not None
+            asyncio.get_running_loop().create_task(self.store.metadata.put_topic(topic, n))
+            return n
 
     def _released(self: EmbeddedEngine, fut: asyncio.Future[Any]) -> None:
         exc = fut.exception()
@@ -326,12 +348,8 @@ class EmbeddedScheduling:
         store = self.store
         if store is None or not self._sched_dirty:
             return
-        # records of this iteration not appended yet (an outcome after its schedule record)
-        # must be in the store before the state that assumes them is captured
-        for _ in range(100):
-            if not (self._send_records or self._send_entries or self._sched_rows):
-                break
-            await asyncio.sleep(0)
+        # (every change of the wheel is appended to the store in the same step, so the state
+        # captured here is that of the records appended so far)
         self._sched_dirty = False
         off = self._sched_next_off
         data = self.schedule.to_bytes({"off": off})

@@ -146,8 +146,9 @@ class EmbeddedTransactions:
                 half = self.store.read(hm.pos)
                 meta = (half.header[H_QUEUE], tag_hash(half.header[H_TAGS]), half.size)
                 delay = (header_ext(half.header) or {}).get("d")  # type: ignore[arg-type]
-            if delay:  # delayed from the commit: scheduled (its record goes first), not visible yet
-                self._schedule_commit(hm, meta, delay)
+            if delay:  # delayed from the commit: scheduled, not visible yet; its schedule
+                self._schedule_commit(hm, meta, delay, records)  # record and the outcome: one append
+                records = []
             else:
                 nq = self._ensure_topic(topic)
                 records.append(NewRecord(RT_COMMIT_REF, {"id": msg_id}, b"",
