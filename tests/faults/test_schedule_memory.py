@@ -1,9 +1,12 @@
 """Many scheduled messages keep the broker's memory bounded: the schedule lives in the log.
 
 The broker's RSS is read with psutil. While sending, the store's cache of recent records
-(32 MiB) fills up whatever is sent; after a ``kill -9`` and a restart that cache is empty
-and the schedule is recovered from its snapshot and the log, so the RSS then shows what
-the scheduled messages themselves cost -- next to nothing per message. 200,000 run in CI;
+(32 MiB) fills up whatever is sent. The broker is then killed (``kill -9``) and restarted:
+every message must still be scheduled. Recovering after a crash reads back what was
+written since the last checkpoints (transient memory, whose high-water mark the allocator
+keeps), so the RSS is measured after one more, graceful, restart: the cache is empty and
+the schedule is loaded from its snapshot, and the RSS shows what the scheduled messages
+themselves cost -- next to nothing per message. 200,000 run in CI;
 a million (about 1.5 minutes) only when asked for::
 
     HALFMQ_TEST_MILLION=1 python -m pytest -m slow tests/faults/test_schedule_memory.py
@@ -29,8 +32,9 @@ def _rss(pid: int) -> int:
 
 
 async def _fill_and_restart(broker_factory, n: int) -> tuple[int, int, int]:
-    """Schedule ``n`` messages (due in 1-2 h) on a new broker, kill -9 it, restart it.
-    Return the RSS (bytes) of the fresh broker, after sending, and after the restart."""
+    """Schedule ``n`` messages (due in 1-2 h) on a new broker, kill -9 it, restart it, restart
+    it again gracefully. Return the RSS (bytes) of the fresh broker, after sending, and
+    after the restarts."""
     b = broker_factory()
     async with Producer(b.address, send_timeout=30) as p:
         await p.send("mem", "warm-up")
@@ -45,6 +49,8 @@ async def _fill_and_restart(broker_factory, n: int) -> tuple[int, int, int]:
     b.start(timeout=120)
     view = topic_view(b.http_url, "mem")
     assert view["scheduled"] == n and view["messages"] == 1  # every one still scheduled, none released
+    b.restart()
+    assert topic_view(b.http_url, "mem")["scheduled"] == n
     return fresh, sent, _rss(b.proc.pid)
 
 
@@ -55,7 +61,7 @@ async def test_200k_scheduled_messages_keep_memory_bounded(broker_factory):
     # while sending: the record cache (32 MiB) and allocator slack, not 200k objects
     assert sent - fresh < 80 * MB, f"RSS grew {(sent - fresh) / MB:.1f} MB while sending"
     # after the restart the schedule costs its fixed-size wheel, not a Python object per message
-    assert restarted - fresh < 20 * MB, f"RSS after restart {(restarted - fresh) / MB:.1f} MB over a fresh broker"
+    assert restarted - fresh < 10 * MB, f"RSS after restart {(restarted - fresh) / MB:.1f} MB over a fresh broker"
 
 
 @pytest.mark.slow
@@ -66,4 +72,4 @@ async def test_a_million_scheduled_messages_keep_memory_bounded(broker_factory):
     fresh, sent, restarted = await _fill_and_restart(broker_factory, 1_000_000)
     print(f"RSS fresh {fresh / MB:.1f} MB, sent {sent / MB:.1f} MB, restarted {restarted / MB:.1f} MB")
     assert sent - fresh < 80 * MB, f"RSS grew {(sent - fresh) / MB:.1f} MB while sending"
-    assert restarted - fresh < 20 * MB, f"RSS after restart {(restarted - fresh) / MB:.1f} MB over a fresh broker"
+    assert restarted - fresh < 10 * MB, f"RSS after restart {(restarted - fresh) / MB:.1f} MB over a fresh broker"
