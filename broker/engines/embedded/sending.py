@@ -14,7 +14,9 @@ Messages go round robin over the topic's queues. A SEND of ``_BUNDLE_MIN`` to
 ``_BUNDLE_MAX`` plain messages (a ``send_batch``, a big SDK micro-batch) with up to
 ``_bundle_bytes`` of bodies is stored as one bundle record in one queue (one encoding,
 one CRC); each member keeps its own id and queue offset. A half message is an ``RT_HALF``
-record indexed only in ``%HALF%``; it joins the transaction table once durable.
+record indexed only in ``%HALF%``; it joins the transaction table once durable. A message
+with a delivery time (option ``at``) is a record in no queue; its schedule record is
+appended right after the iteration's append, in the same batch (see ``.scheduling``).
 
 Records of the engine's own join the same append (``_queue_records``): transaction
 outcomes, retry and dead-letter records, and the ack records of the iteration (see
