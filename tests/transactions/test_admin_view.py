@@ -23,11 +23,6 @@ class _CommitLater(TransactionListener):
         return LocalTransactionState.COMMIT
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "broker/engines/embedded/admin.py, _locate (line ~179): the queue entry of a committed half "
-    "message is searched by the half record's store time and the scan stops at the first later "
-    "entry; the commit's entry is later, so it is not found and a group that acked the message "
-    "is shown as 'pending'"))
 async def test_view_of_a_committed_transaction_shows_the_group_acked(broker):
     rec = Arrivals()
     async with PushConsumer(broker.address, group="g", topic="txview", listener=rec):

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 __all__ = ["EmbeddedAdmin", "SETTINGS_PREFIX", "METRIC_GROUPS"]
 
+#: Entries ``_locate`` reads, at most, looking for a message whose entry came later.
+_LOCATE_SCAN = 100_000
+
 #: Consumer groups reported by name in the metrics (the first ones by name).
 METRIC_GROUPS = 200
 
@@ -145,10 +148,9 @@ class EmbeddedAdmin:
             return None
         h = rec.header
         topic = h[H_TOPIC]
-        if rec.rtype == RT_HALF:
+        qid, off = self._locate(topic, rec)
+        if rec.rtype == RT_HALF and qid < 0:  # not (or not yet) visible: where it will go
             qid, off = h[H_QUEUE], -1
-        else:
-            qid, off = self._locate(topic, rec)
         body = wire_json(build_wire(rec, topic, qid, off, 0))
         sched = self.schedule_state(rec)
         if sched is not None:
@@ -161,28 +163,56 @@ class EmbeddedAdmin:
 
     def _locate(self: EmbeddedEngine, topic: str, rec: Record) -> tuple[int, int]:
         """``(queue_id, queue_offset)`` of a stored message, or (-1, -1) if no queue holds
-        it. Entries of a queue are in store-time order, so a binary search on the record's
-        store time finds the few entries of that millisecond. A scheduled message joined its
-        queue at its delivery time or later: the search starts there and looks further."""
+        it. Entries of a queue are in store-time order, so a binary search on the time the
+        entry was written finds it among the few of that millisecond: the record's store
+        time for a plain message; for a scheduled one its delivery time (or later); for a
+        committed half message its commit time, or, once the transaction table has
+        forgotten that, up to ``_LOCATE_SCAN`` entries from the half's store time."""
         store = self.store
         assert store is not None
-        due = (header_ext(rec.header) or {}).get("at") if rec.rtype == RT_MSG else None  # type: ignore[arg-type]
-        since = rec.store_time if due is None else due
+        exact = True
+        since = rec.store_time
+        if rec.rtype == RT_MSG:
+            due = (header_ext(rec.header) or {}).get("at")  # type: ignore[arg-type]
+            if due is not None:
+                since, exact = due, False
+        elif rec.rtype == RT_HALF:
+            hm = self.tx.get(record_msg_id(rec))
+            if hm is not None and hm.resolved_at is not None:
+                since = int(hm.resolved_at * 1000) - 1
+            exact = False
         for q in range(self.queue_count(topic)):
             lo, hi = store.queue_start(topic, q), store.queue_end(topic, q)
-            while lo < hi:  # first offset whose entry is not older than the record
+            while lo < hi:  # first offset whose entry is not older than ``since``
                 mid = (lo + hi) // 2
                 entries = store.read_queue(topic, q, mid, 1)
                 if entries and entries[0][1].store_time < since:
                     lo = mid + 1
                 else:
                     hi = mid
-            for off, entry in store.read_queue(topic, q, lo, 4096):
-                if entry.store_time > since and due is None:
-                    break
-                if entry.pos == rec.pos:
-                    return q, off
+            found = self._scan_for(topic, q, lo, rec.pos, since if exact else None)
+            if found >= 0:
+                return q, found
         return -1, -1
+
+    def _scan_for(self: EmbeddedEngine, topic: str, q: int, off: int, pos: int, until: int | None) -> int:
+        """The offset, from ``off`` on, of the entry pointing at ``pos``: up to the first entry
+        written after ``until`` (ms), or without ``until`` up to ``_LOCATE_SCAN`` entries; -1."""
+        store = self.store
+        assert store is not None
+        scanned = 0
+        while scanned < _LOCATE_SCAN:
+            chunk = store.read_queue(topic, q, off, 4096)
+            if not chunk:
+                return -1
+            for o, entry in chunk:
+                if until is not None and entry.store_time > until:
+                    return -1
+                if entry.pos == pos:
+                    return o
+            scanned += len(chunk)
+            off = chunk[-1][0] + 1
+        return -1
 
     def _done_in_origin_queue(self: EmbeddedEngine, gd: GroupDelivery, topic: str, rec: Record) -> bool:
         """Whether the group is past the message in its original queue (acked or filtered)."""
