@@ -1,0 +1,565 @@
+"""The outbox relay: claims pending rows, sends them with ``send_batch``, records the outcome.
+
+How this works
+--------------
+A relay is one loop on one database connection::
+
+    claim a batch -> plan it -> send its runs -> record the outcome -> again at once while
+    there is work; else wait for a wake-up (PostgreSQL NOTIFY, an in-process ``add()``,
+    or ``poll_interval``)
+
+* **Claiming** (``table.OutboxTable``): with row locks (``FOR UPDATE SKIP LOCKED``) the
+  batch is one transaction, open while its rows are sent, committed with their outcome;
+  with leases (SQLite) claiming and recording are two short transactions and the rows
+  are leased in between. Either way two relays never hold the same row at once.
+* **Planning and sending** (``plan``): rows held back for per-key order stay pending;
+  poison rows fail alone; runs of one topic go out with ``send_batch`` in id order, and
+  the first failed run stops the batch.
+* **Confirmed means recorded.** A row is SENT once the broker acknowledged it *and* the
+  outcome committed. If the relay dies in between (kill -9), the row is pending again
+  (row locks: at once; leases: when the lease runs out) and is sent again: the only
+  duplicates are of sends that were never confirmed, and they carry the same keys and
+  ``OUTBOX_ID`` for the consumer to de-duplicate (``consumer_sdk.apply_once``).
+* **Leases and clocks.** A lease ends at ``lease_until`` on the database's clock, the one
+  clock all relays share. The holder measures its own lease with a monotonic clock from
+  *before* it asked for it, and starts a send only if the send (``send_timeout`` at most)
+  ends well inside the lease; it records only rows still leased to it. A relay stopped
+  for longer than its lease (a frozen VM) finds its rows taken and records nothing.
+* **Cancellation** records what is known (acknowledged rows become SENT) before the
+  relay stops; ``stop()`` finishes the current batch first.
+* **Errors.** A transient failure (broker unreachable, timeout) leaves the rows pending and
+  backs off (``max_backoff``); a database error closes the connection and reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from producer_sdk.outbox.plan import (
+    POISON,
+    TRANSIENT,
+    BatchOutcome,
+    OutboxRow,
+    PoisonRowError,
+    classify,
+    decode_row,
+    describe_error,
+    hold_back,
+    runs,
+)
+from producer_sdk.outbox.sql import (
+    MYSQL,
+    POSTGRES,
+    SqlConn,
+    has_skip_locked,
+    is_undefined_table,
+)
+from producer_sdk.outbox.table import OutboxStatus
+from producer_sdk.producer import Producer
+from protocol import MessageTooLargeError
+
+if TYPE_CHECKING:
+    from producer_sdk.outbox.outbox import Outbox
+
+__all__ = ["OutboxRelay", "RelayStats", "OutboxTableMissingError", "CLAIM_MODES", "SKIP_LOCKED", "LEASE"]
+
+log = logging.getLogger("halfmq.outbox")
+
+SKIP_LOCKED = "skip-locked"
+LEASE = "lease"
+#: ``claim=`` values: ``auto`` picks ``skip-locked`` where the server has it, else ``lease``.
+CLAIM_MODES = ("auto", SKIP_LOCKED, LEASE)
+#: Rows deleted (or archived) per transaction by the retention clean-up.
+CLEANUP_CHUNK = 1000
+#: Re-polls after an in-process ``add()`` found nothing yet (its transaction had not committed).
+_HINT_RECHECKS = (0.005, 0.02, 0.05)
+#: Seconds allowed for recording an outcome after the relay was cancelled.
+_RECORD_ON_CANCEL_TIMEOUT = 5.0
+
+
+def _owner_id() -> str:
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class RelayStats:
+    """What a relay did since it started (counters only grow).
+
+    ``sent``: rows recorded SENT; ``failed``: rows marked FAILED; ``retried``: attempts
+    counted for rows left pending after a suspect error; ``send_errors``: failed
+    ``send_batch`` calls; ``batches``: batches that claimed rows; ``lease_lost``: sent rows
+    whose lease had been taken before the send was recorded (they may be sent twice);
+    ``removed``: rows deleted or archived by retention; ``last_error``: the latest send or
+    database error (``None`` once a batch went through again).
+    """
+
+    sent: int = 0
+    failed: int = 0
+    retried: int = 0
+    send_errors: int = 0
+    batches: int = 0
+    lease_lost: int = 0
+    removed: int = 0
+    last_error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class OutboxTableMissingError(LookupError):
+    """The outbox table does not exist: create it with ``Outbox.create_table()``."""
+
+
+class _Transient(Exception):
+    """A send failed for a reason that is not the rows' fault: back off, keep them pending."""
+
+
+class OutboxRelay:
+    """Relays one ``Outbox`` through one ``Producer``; ``await relay.run()`` until cancelled.
+
+    Options (keyword-only, defaults in brackets):
+
+    * ``batch_size`` — rows claimed per batch [500].
+    * ``max_batch_bytes`` — bodies per ``send_batch`` call [1 MiB]; halved by itself when
+      the broker's message size limit is smaller.
+    * ``poll_interval`` — seconds between polls while idle [0.1]; PostgreSQL is also woken
+      by NOTIFY at once, and an ``add()`` in the same process wakes a relay too.
+    * ``claim`` — ``"auto"``, ``"skip-locked"`` or ``"lease"`` [auto: skip-locked on
+      PostgreSQL, MySQL 8 and MariaDB 10.6+, else lease].
+    * ``lease`` — seconds a leased row is ours [30]; at least 2 × the producer's
+      ``send_timeout``.
+    * ``retention`` — seconds SENT and DISCARDED rows are kept before deletion (or the
+      archive, see ``Outbox(archive=True)``) [3600]; ``cleanup_interval`` — how often
+      that runs [60].
+    * ``max_attempts`` — sends of one row failing with an unexplained error before it is
+      marked FAILED [10] (a poison row — too large, bad topic — fails at once).
+    * ``max_backoff`` — longest pause after an error [5].
+    * ``clock`` — monotonic clock for leases and timers [``time.monotonic``].
+    """
+
+    def __init__(self, outbox: Outbox, producer: Producer, *, batch_size: int = 500,
+                 max_batch_bytes: int = 1 << 20, poll_interval: float = 0.1,
+                 claim: str = "auto", lease: float = 30.0, retention: float = 3600.0,
+                 cleanup_interval: float = 60.0, max_attempts: int = 10,
+                 max_backoff: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if claim not in CLAIM_MODES:
+            raise ValueError(f"claim must be one of {CLAIM_MODES}, not {claim!r}")
+        if batch_size < 1 or max_batch_bytes < 1 or max_attempts < 1:
+            raise ValueError("batch_size, max_batch_bytes and max_attempts must be >= 1")
+        if poll_interval <= 0 or cleanup_interval <= 0 or max_backoff <= 0 or retention < 0:
+            raise ValueError("poll_interval, cleanup_interval and max_backoff must be > 0, "
+                             "retention >= 0")
+        if lease < 2 * producer.send_timeout:
+            raise ValueError(f"lease ({lease}s) must be at least twice the producer's "
+                             f"send_timeout ({producer.send_timeout}s)")
+        self.outbox = outbox
+        self.producer = producer
+        self.batch_size = batch_size
+        self.max_batch_bytes = max_batch_bytes
+        self.poll_interval = poll_interval
+        self.claim = claim
+        self.lease = lease
+        self.retention = retention
+        self.cleanup_interval = cleanup_interval
+        self.max_attempts = max_attempts
+        self.max_backoff = max_backoff
+        self.clock = clock
+        self.owner = _owner_id()
+        self.stats = RelayStats()
+        #: the claim mode in use once connected (``"skip-locked"`` or ``"lease"``)
+        self.mode: str | None = None
+        self._conn: SqlConn | None = None
+        self._wake = asyncio.Event()
+        self._rechecks: list[float] = []
+        self._stopping = False
+        self._backoff = 0.0
+        self._next_cleanup = 0.0
+        self._error_logged: str | None = None
+
+    # -- control -------------------------------------------------------------------------
+
+    def hint(self) -> None:
+        """Rows were added in this process: look soon (their transaction may still be open)."""
+        self._rechecks = list(_HINT_RECHECKS)
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Ask ``run()`` to return after the batch in progress is recorded."""
+        self._stopping = True
+        self._wake.set()
+
+    async def prepare(self) -> OutboxStatus:
+        """Connect to the database and pick the claim mode (``self.mode``) now rather than
+        in ``run()``; return the table's status. Raises ``OutboxTableMissingError`` if the
+        table does not exist, and the driver's error if the database cannot be reached."""
+        conn = await self._connection()
+        return await self.outbox.table.status(conn)
+
+    async def run(self) -> None:
+        """Relay until cancelled or ``stop()`` is called; returns ``None``.
+
+        Database and broker errors are logged and retried with backoff, never raised.
+        Raises ``OutboxTableMissingError`` at once if the outbox table does not exist.
+        """
+        self._stopping = False
+        self.outbox._relays.add(self)
+        listener: asyncio.Task[None] | None = None
+        try:
+            while not self._stopping:
+                try:
+                    conn = await self._connection()
+                    if listener is None and self.outbox.dialect == POSTGRES and self.outbox.notify:
+                        channel = await self.outbox.table.notify_channel(conn)
+                        listener = asyncio.create_task(self._listen(channel or ""))
+                    if self.clock() >= self._next_cleanup:
+                        await self._cleanup(conn)
+                    self._wake.clear()  # a wake-up from now on means: look again
+                    progressed = await self._batch(conn)
+                except asyncio.CancelledError:
+                    raise
+                except OutboxTableMissingError:
+                    raise
+                except _Transient:
+                    await self._pause()
+                    continue
+                except Exception as exc:  # noqa: BLE001 - the database: reconnect and go on
+                    self._note_error(f"database error: {describe_error(exc)}",
+                                     traceback=not isinstance(exc, OSError))
+                    await self._drop_connection()
+                    await self._pause()
+                    continue
+                self._backoff = 0.0
+                if progressed:
+                    continue
+                await self._idle()
+        finally:
+            self.outbox._relays.discard(self)
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await listener
+            await self._drop_connection()
+
+    # -- one batch -----------------------------------------------------------------------
+
+    async def _batch(self, conn: SqlConn) -> int:
+        """Claim, send and record one batch; return how many rows changed state."""
+        table = self.outbox.table
+        if self.mode == SKIP_LOCKED:
+            await conn.begin()
+            outcome = BatchOutcome()
+            try:
+                raw = await table.claim_locked(conn, self.batch_size)
+                if not raw:
+                    await conn.rollback()
+                    return 0
+                rows = await self._plan(conn, raw, outcome)
+                try:
+                    transient = await self._send(rows, outcome, None)
+                except asyncio.CancelledError:
+                    await self._record_on_cancel(conn, outcome, None)
+                    raise
+                await table.record(conn, outcome, None)
+                await conn.commit()
+            except BaseException:
+                await self._rollback(conn)
+                raise
+            return self._after(outcome, len(outcome.sent), transient)
+        claimed_at = self.clock()  # before the lease starts: our view of it ends early
+        outcome = BatchOutcome()
+        await conn.begin()
+        try:
+            raw = await table.claim_leased(conn, self.batch_size, self.owner,
+                                           int(self.lease * 1000))
+            rows = await self._plan(conn, raw, outcome) if raw else []
+            await conn.commit()
+        except BaseException:
+            await self._rollback(conn)
+            raise
+        if not raw:
+            return 0
+        try:
+            transient = await self._send(rows, outcome, claimed_at)
+        except asyncio.CancelledError:
+            await self._record_on_cancel(conn, outcome, self.owner)
+            raise
+        await conn.begin()
+        try:
+            marked = await table.record(conn, outcome, self.owner)
+            await conn.commit()
+        except BaseException:
+            await self._rollback(conn)
+            raise
+        if marked < len(outcome.sent):
+            self.stats.lease_lost += len(outcome.sent) - marked
+            log.warning("outbox relay %s: %d sent rows were leased to another relay before "
+                        "their send was recorded (their lease of %.1fs ran out); they may be "
+                        "sent twice", self.owner, len(outcome.sent) - marked, self.lease)
+        return self._after(outcome, marked, transient)
+
+    async def _plan(self, conn: SqlConn, raw: Sequence[Sequence[Any]],
+                    outcome: BatchOutcome) -> list[OutboxRow]:
+        """Decode claimed rows; fail poison ones, hold back rows whose key must wait;
+        return the rows to send (ascending ids)."""
+        self.stats.batches += 1
+        decoded: list[OutboxRow] = []
+        poison: dict[int, str] = {}
+        keys = {r[2] for r in raw if r[2] is not None}
+        earliest = await self.outbox.table.earliest_unsent(conn, sorted(keys)) if keys else {}
+        for r in raw:
+            try:
+                decoded.append(decode_row(r))
+            except PoisonRowError as exc:
+                poison[int(r[0])] = f"PoisonRowError: {exc}"
+                decoded.append(OutboxRow(int(r[0]), "", r[2], b"", None, (), {}))
+        _ready, held = hold_back(decoded, earliest)
+        held_ids = {row.id for row in held}
+        to_send = []
+        for row in decoded:  # id order: a failure blocks only later rows of its key
+            if row.id in poison:
+                outcome.fail(row, poison[row.id], final=True)
+            elif row.id in held_ids or outcome.blocks(row):
+                outcome.leave(row)
+            else:
+                to_send.append(row)
+        return to_send
+
+    async def _send(self, rows: list[OutboxRow], outcome: BatchOutcome,
+                    claimed_at: float | None) -> BaseException | None:
+        """Send ``rows`` run by run, filling ``outcome``; return the transient error that
+        stopped the batch, if any. Every row ends up in one of ``outcome``'s lists, except,
+        when cancelled, the rows whose send was in flight (their send may have been stored:
+        in lease mode they keep their lease)."""
+        in_flight: list[int] = []
+        try:
+            return await self._send_runs(rows, outcome, claimed_at, in_flight)
+        except asyncio.CancelledError:
+            done = {*outcome.sent, *outcome.failed, *outcome.retry, *outcome.untouched,
+                    *in_flight}
+            outcome.untouched.extend(r.id for r in rows if r.id not in done)
+            raise
+
+    async def _send_runs(self, rows: list[OutboxRow], outcome: BatchOutcome,
+                         claimed_at: float | None, in_flight: list[int]) -> BaseException | None:
+        groups = [(run.topic, run.rows) for run in
+                  runs(rows, max_count=self.batch_size, max_bytes=self.max_batch_bytes)]
+        return await self._send_groups(groups, outcome, claimed_at, in_flight)
+
+    async def _send_groups(self, groups: list[tuple[str, list[OutboxRow]]],
+                           outcome: BatchOutcome, claimed_at: float | None,
+                           in_flight: list[int]) -> BaseException | None:
+        """One ``send_batch`` per group, in order. A group refused for a reason other than
+        a transient one is sent again row by row, so only the guilty row fails. Returns
+        the transient error that stopped the sends, if any (the rest are left pending)."""
+        transient: BaseException | None = None
+        for topic, rows in groups:
+            batch = []
+            for r in rows:
+                if transient is not None or outcome.blocks(r) or not self._lease_left(claimed_at):
+                    outcome.leave(r)
+                else:
+                    batch.append(r)
+            if not batch:
+                continue
+            results, exc = await self._send_batch(topic, batch, in_flight)
+            if exc is None:
+                for r, res in zip(batch, results, strict=True):
+                    outcome.sent[r.id] = res.msg_id
+            elif classify(exc) == TRANSIENT:
+                transient = exc
+                for r in batch:
+                    outcome.leave(r)
+            elif len(batch) == 1:
+                self._row_failed(batch[0], exc, outcome)
+            else:
+                if isinstance(exc, MessageTooLargeError):
+                    size = sum(len(r.body) for r in batch)
+                    self.max_batch_bytes = max(1024, size // 2)
+                    log.info("outbox relay: the broker refused a batch of %d bytes (%s); "
+                             "sending at most %d bytes per batch from now on", size, exc,
+                             self.max_batch_bytes)
+                transient = await self._send_groups([(r.topic, [r]) for r in batch], outcome,
+                                                    claimed_at, in_flight)
+        return transient
+
+    async def _send_batch(self, topic: str, batch: list[OutboxRow], in_flight: list[int]
+                          ) -> tuple[list[Any], BaseException | None]:
+        """``send_batch`` once: ``(results, None)`` or ``([], error)``. While it runs,
+        ``in_flight`` holds the rows' ids (left there if cancelled)."""
+        in_flight[:] = [r.id for r in batch]
+        try:
+            results = await self.producer.send_batch(topic, [r.item() for r in batch])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - sorted by classify()
+            in_flight.clear()
+            self.stats.send_errors += 1
+            return [], exc
+        in_flight.clear()
+        return results, None
+
+    def _row_failed(self, row: OutboxRow, exc: BaseException, outcome: BatchOutcome) -> None:
+        final = classify(exc) == POISON or row.attempts + 1 >= self.max_attempts
+        error = describe_error(exc)
+        outcome.fail(row, error, final=final)
+        if final:
+            log.warning("outbox row %d (topic %s, key %s) FAILED after %d attempt(s): %s; "
+                        "later rows of its key wait. Fix it and run "
+                        "'halfmq outbox-relay --db URL --retry-failed %d', or discard it "
+                        "with '--discard %d'", row.id, row.topic, row.order_key,
+                        row.attempts + 1, error, row.id, row.id)
+
+    def _lease_left(self, claimed_at: float | None) -> bool:
+        """Lease mode: whether a send started now ends well inside our lease."""
+        if claimed_at is None:
+            return True
+        return self.clock() - claimed_at + self.producer.send_timeout < self.lease * 0.9
+
+    def _after(self, outcome: BatchOutcome, marked: int,
+               transient: BaseException | None) -> int:
+        """Count a recorded batch; return how many rows changed state. Raises ``_Transient``
+        (back off) if a transient error stopped the batch before anything was sent."""
+        self.stats.sent += marked
+        self.stats.failed += len(outcome.failed)
+        self.stats.retried += len(outcome.retry)
+        if marked and self.stats.last_error is not None:
+            log.info("outbox relay: sending again after: %s", self.stats.last_error)
+            self.stats.last_error = None
+            self._error_logged = None
+        if transient is not None:
+            self._note_error(f"send failed, rows stay pending: {describe_error(transient)}")
+            if not outcome.sent:
+                raise _Transient() from transient
+        return marked + len(outcome.failed) + len(outcome.retry)
+
+    async def _record_on_cancel(self, conn: SqlConn, outcome: BatchOutcome,
+                                owner: str | None) -> None:
+        """Cancelled mid-batch: record the acknowledged rows (so they are not sent again)."""
+        if not (outcome.sent or outcome.failed or outcome.retry or outcome.untouched):
+            return
+
+        async def record() -> None:
+            if owner is not None:
+                await conn.begin()
+            await self.outbox.table.record(conn, outcome, owner)
+            await conn.commit()
+
+        task = asyncio.ensure_future(record())
+        try:
+            await asyncio.wait_for(asyncio.shield(task), _RECORD_ON_CANCEL_TIMEOUT)
+            self.stats.sent += len(outcome.sent)
+        except BaseException as exc:  # noqa: BLE001 - best effort: the rows stay pending
+            log.warning("outbox relay cancelled; could not record %d acknowledged rows "
+                        "(they will be sent again): %s", len(outcome.sent), exc)
+
+    # -- connection, waiting, clean-up -------------------------------------------------------
+
+    async def _connection(self) -> SqlConn:
+        if self._conn is not None:
+            return self._conn
+        conn = await self.outbox.open_connection()
+        try:
+            if self.mode is None:
+                self.mode = await self._claim_mode(conn)
+            status = await self.outbox.table.status(conn)
+        except Exception as exc:
+            await conn.close()
+            if is_undefined_table(exc):
+                raise OutboxTableMissingError(f"the outbox table {self.outbox.table.t} does not exist in "
+                                 f"{self.outbox.describe}; create it with "
+                                 "Outbox.create_table()") from None
+            raise
+        self._conn = conn
+        log.info("outbox relay %s connected to %s (table %s, claim %s): %s", self.owner,
+                 self.outbox.describe, self.outbox.table.t, self.mode, status.describe())
+        return conn
+
+    async def _claim_mode(self, conn: SqlConn) -> str:
+        if self.claim != "auto":
+            return self.claim
+        if conn.dialect == MYSQL:
+            version = str((await conn.fetch("SELECT VERSION()"))[0][0])
+            await conn.commit()
+            return SKIP_LOCKED if has_skip_locked(MYSQL, version) else LEASE
+        return SKIP_LOCKED if has_skip_locked(conn.dialect, "") else LEASE
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    async def _rollback(self, conn: SqlConn) -> None:
+        try:
+            await asyncio.wait_for(conn.rollback(), 5.0)
+        except BaseException:  # noqa: BLE001 - a broken connection: start over
+            await self._drop_connection()
+
+    def _note_error(self, text: str, *, traceback: bool = False) -> None:
+        self.stats.last_error = text
+        if text != self._error_logged:  # once per distinct error, not once per retry
+            self._error_logged = text
+            log.warning("outbox relay: %s (retrying with backoff up to %.1fs)", text,
+                        self.max_backoff, exc_info=traceback)
+
+    async def _pause(self) -> None:
+        self._backoff = min(self.max_backoff, max(0.05, self._backoff * 2))
+        await asyncio.sleep(self._backoff)
+
+    async def _idle(self) -> None:
+        timeout = self._rechecks.pop(0) if self._rechecks else self.poll_interval
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _cleanup(self, conn: SqlConn) -> None:
+        """Delete (or archive) SENT and DISCARDED rows older than ``retention``."""
+        self._next_cleanup = self.clock() + self.cleanup_interval
+        table = self.outbox.table
+        removed = 0
+        while True:
+            await conn.begin()
+            try:
+                ids = await table.expired_ids(conn, int(self.retention * 1000), CLEANUP_CHUNK,
+                                              self.mode == SKIP_LOCKED)
+                removed += await table.remove(conn, ids) if ids else 0
+                await conn.commit()
+            except BaseException:
+                await self._rollback(conn)
+                raise
+            if len(ids) < CLEANUP_CHUNK:
+                break
+        if removed:
+            self.stats.removed += removed
+            log.info("outbox relay: %s %d rows sent or discarded more than %.0fs ago",
+                     "archived" if table.archive_table else "deleted", removed, self.retention)
+
+    async def _listen(self, channel: str) -> None:
+        """PostgreSQL: wake the relay on every NOTIFY from the insert trigger; reconnect."""
+        if not channel:
+            return
+        delay = 0.1
+        while True:
+            try:
+                conn = await self.outbox.open_connection()
+                try:
+                    closed = asyncio.Event()
+                    conn.raw.add_termination_listener(lambda _c, ev=closed: ev.set())
+                    await conn.raw.add_listener(channel, lambda *_a: self._wake.set())
+                    self._wake.set()  # notifications sent while we were not listening
+                    delay = 0.1
+                    await closed.wait()
+                finally:
+                    await conn.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - polling goes on meanwhile
+                log.warning("outbox relay: LISTEN %s failed (%s); polling every %.2fs until "
+                            "it is back", channel, describe_error(exc), self.poll_interval)
+            await asyncio.sleep(delay)
+            delay = min(self.max_backoff, delay * 2)
