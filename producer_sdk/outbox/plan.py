@@ -5,10 +5,11 @@ How this works
 A relay claims rows in ``id`` order and sends them with ``Producer.send_batch``. Four
 rules, all pure functions here, decide what it sends and what it records afterwards:
 
-1. **Per key, in order.** ``hold_back(rows, earliest)`` keeps out of the batch every row
+1. **Per key, in order.** ``hold_back(rows, unsent)`` keeps out of the batch every row
    whose ``order_key`` has an earlier row that is not sent yet and not in this batch —
-   claimed by another relay, or FAILED. ``earliest`` is the smallest unsent id per key,
-   read from the table. Rows without a key are never held.
+   claimed by another relay (even one between two of our rows), FAILED, or committed after
+   our claim. ``unsent`` lists, per key, the unsent ids up to our largest id, read from the
+   table after the claim. Rows without a key are never held.
 2. **One send per run of one topic.** ``send_batch`` takes one topic, so ``runs()`` cuts
    the rows into consecutive runs of the same topic, at most ``max_count`` rows and
    ``max_bytes`` of bodies each. Runs are sent in order; the first run that fails stops
@@ -145,22 +146,25 @@ def decode_row(raw: Sequence[Any]) -> OutboxRow:
                      int(attempts))
 
 
-def hold_back(rows: Sequence[OutboxRow], earliest: Mapping[str, int]
+def hold_back(rows: Sequence[OutboxRow], unsent: Mapping[str, Iterable[int]]
               ) -> tuple[list[OutboxRow], list[OutboxRow]]:
     """Split claimed ``rows`` (ascending ids) into ``(ready, held)``.
 
-    A row is held when ``earliest[row.order_key]`` (the smallest id of that key that is
-    not sent: pending or FAILED) is smaller than the smallest id of that key in ``rows``:
-    an earlier row of the key is elsewhere, so this one must wait.
+    ``unsent[key]``: ids of that key that are not sent (pending or FAILED) and smaller than
+    the largest claimed id — ``rows``' own ids among them. A row is held when an unsent id
+    of its key that is *not* in ``rows`` comes before it: that earlier row is elsewhere
+    (claimed by another relay, FAILED, or committed after our claim), so this one waits.
     """
-    first: dict[str, int] = {}
-    for row in rows:
-        if row.order_key is not None and row.order_key not in first:
-            first[row.order_key] = row.id
+    mine = {row.id for row in rows}
+    gap: dict[str, int] = {}
+    for key, ids in unsent.items():
+        others = [i for i in ids if i not in mine]
+        if others:
+            gap[key] = min(others)
     ready, held = [], []
     for row in rows:
-        key = row.order_key
-        if key is not None and earliest.get(key, first[key]) < first[key]:
+        order_key = row.order_key
+        if order_key is not None and order_key in gap and gap[order_key] < row.id:
             held.append(row)
         else:
             ready.append(row)

@@ -310,23 +310,24 @@ class OutboxRelay:
         return the rows to send (ascending ids)."""
         self.stats.batches += 1
         decoded: list[OutboxRow] = []
-        poison: dict[int, str] = {}
+        poison: dict[int, PoisonRowError] = {}
         keys = {r[2] for r in raw if r[2] is not None}
-        earliest = await self.outbox.table.earliest_unsent(conn, sorted(keys)) if keys else {}
+        unsent = (await self.outbox.table.unsent_ids(conn, sorted(keys), int(raw[0][0]),
+                                                     int(raw[-1][0])) if keys else {})
         for r in raw:
             try:
                 decoded.append(decode_row(r))
             except PoisonRowError as exc:
-                poison[int(r[0])] = f"PoisonRowError: {exc}"
-                decoded.append(OutboxRow(int(r[0]), "", r[2], b"", None, (), {}))
-        _ready, held = hold_back(decoded, earliest)
+                poison[int(r[0])] = exc
+                decoded.append(OutboxRow(int(r[0]), str(r[1]), r[2], b"", None, (), {}, int(r[7])))
+        _ready, held = hold_back(decoded, unsent)
         held_ids = {row.id for row in held}
         to_send = []
         for row in decoded:  # id order: a failure blocks only later rows of its key
-            if row.id in poison:
-                outcome.fail(row, poison[row.id], final=True)
-            elif row.id in held_ids or outcome.blocks(row):
+            if row.id in held_ids or outcome.blocks(row):
                 outcome.leave(row)
+            elif row.id in poison:
+                self._row_failed(row, poison[row.id], outcome)
             else:
                 to_send.append(row)
         return to_send

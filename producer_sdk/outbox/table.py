@@ -176,14 +176,22 @@ class OutboxTable:
                              "WHERE id IN ({ids})", (r[0] for r in rows), (owner, lease_ms))
         return rows
 
-    async def earliest_unsent(self, conn: SqlConn, keys: Sequence[str]) -> dict[str, int]:
-        """The smallest id per key among rows that are PENDING or FAILED."""
-        out: dict[str, int] = {}
-        for chunk in _chunks(list(keys)):
+    async def unsent_ids(self, conn: SqlConn, keys: Sequence[str], low: int,
+                         high: int) -> dict[str, list[int]]:
+        """For each of ``keys``: the smallest unsent (PENDING or FAILED) id below ``low``,
+        and every unsent id from ``low`` to ``high`` (a claimed batch's range: bounded by
+        the rows claimed by all relays at once)."""
+        out: dict[str, list[int]] = {}
+        for chunk in _chunks(list(keys), _CHUNK // 2):
+            marks = _marks(len(chunk))
             rows = await conn.fetch(
                 f"SELECT order_key, MIN(id) FROM {self.t} WHERE status IN ('PENDING', 'FAILED') "
-                f"AND order_key IN ({_marks(len(chunk))}) GROUP BY order_key", tuple(chunk))
-            out.update((k, int(v)) for k, v in rows)
+                f"AND order_key IN ({marks}) AND id < ? GROUP BY order_key "
+                f"UNION ALL SELECT order_key, id FROM {self.t} WHERE status IN "
+                f"('PENDING', 'FAILED') AND order_key IN ({marks}) AND id >= ? AND id <= ?",
+                (*chunk, low, *chunk, low, high))
+            for key, row_id in rows:
+                out.setdefault(key, []).append(int(row_id))
         return out
 
     # -- recording a batch ---------------------------------------------------------------
