@@ -202,6 +202,20 @@ class OutboxRelay:
         conn = await self._connection()
         return await self.outbox.table.status(conn)
 
+    async def run_once(self) -> int:
+        """Claim, send and record one batch now (no waiting, no clean-up); return how many
+        rows changed state. Errors are raised, not retried (a send that failed for a
+        transient reason raises that error, after the batch was recorded)."""
+        try:
+            return await self._batch(await self._connection())
+        except _Transient as exc:
+            raise exc.__cause__ or exc from None
+
+    async def close(self) -> None:
+        """Close the database connection opened by ``prepare()`` or ``run_once()`` (``run()``
+        closes its own when it ends)."""
+        await self._drop_connection()
+
     async def run(self) -> None:
         """Relay until cancelled or ``stop()`` is called; returns ``None``.
 

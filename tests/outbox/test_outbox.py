@@ -313,3 +313,97 @@ async def test_a_missing_table_is_reported(outbox_db, broker):
     async with Producer(broker.address) as producer:
         with pytest.raises(OutboxTableMissingError, match="nowhere"):
             await asyncio.wait_for(outbox.relay(producer), 10)
+
+
+class GatedProducer(RecordingProducer):
+    """Holds its ``hold``-th ``send_batch`` (1-based) until ``gate`` is set: a send in
+    flight, frozen, for as long as the test wants. ``entered`` is set when it is held."""
+
+    def __init__(self, *args: Any, hold: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hold, self.started = hold, 0
+        self.gate, self.entered = asyncio.Event(), asyncio.Event()
+
+    async def send_batch(self, topic, items):
+        self.started += 1
+        if self.started == self.hold:
+            self.entered.set()
+            await self.gate.wait()
+        return await super().send_batch(topic, items)
+
+
+async def test_a_leased_relay_stops_sending_before_its_lease_may_run_out(broker, tmp_path):
+    db = OutboxDb("sqlite", f"sqlite:{tmp_path / 'app.db'}")
+    outbox = db.outbox()
+    await outbox.create_table()
+    ids = await db.add_rows(outbox, [spec(i, topic="a" if i < 10 or i >= 20 else "b")
+                                     for i in range(30)], 30)  # three runs: a, b, a
+    now = [0.0]
+
+    class SlowSends(RecordingProducer):
+        async def send_batch(self, topic, items):
+            now[0] += 25.0  # each send takes 25 s on the relay's monotonic clock
+            return await super().send_batch(topic, items)
+
+    async with SlowSends(broker.address, send_timeout=3.0) as producer:
+        relay = OutboxRelay(outbox, producer, lease=30.0, clock=lambda: now[0])
+        try:
+            assert await relay.run_once() == 10
+        finally:
+            await relay.close()
+        assert relay.mode == "lease"
+    # the second run would have ended after 25 + 3 s of a 30 s lease (less 10 %): not sent,
+    # and its rows and the third run's were released for the next batch at once
+    rows = await db.query(outbox, f"SELECT id, status, lease_owner FROM {outbox.table.t} ORDER BY id")
+    assert [(r[1], r[2]) for r in rows] == [("SENT", None)] * 10 + [("PENDING", None)] * 20
+    assert [c["ids"] for c in producer.calls] == [ids[:10]]
+
+
+async def test_a_relay_that_lost_its_lease_records_nothing_and_says_so(broker, tmp_path, caplog):
+    db = OutboxDb("sqlite", f"sqlite:{tmp_path / 'app.db'}")
+    outbox = db.outbox()
+    await outbox.create_table()
+    ids = await db.add_rows(outbox, [spec(i) for i in range(10)], 10)
+    async with GatedProducer(broker.address, send_timeout=0.4, hold=1) as frozen, \
+            RecordingProducer(broker.address, send_timeout=0.4) as healthy:
+        a = OutboxRelay(outbox, frozen, lease=1.0)
+        stuck = asyncio.create_task(a.run_once())
+        await asyncio.wait_for(frozen.entered.wait(), 10)
+        # relay A is frozen mid-send for longer than its lease: on the database's clock
+        # the lease is over (set here instead of waited for), and relay B takes the rows
+        await db.query(outbox, f"UPDATE {outbox.table.t} SET lease_until = 0")
+        b = OutboxRelay(outbox, healthy, lease=1.0)
+        try:
+            assert await b.run_once() == 10
+            frozen.gate.set()
+            assert await stuck == 0
+        finally:
+            await a.close()
+            await b.close()
+    assert a.stats.lease_lost == 10 and a.stats.sent == 0 and b.stats.sent == 10
+    assert "may be sent twice" in caplog.text
+    rows = await db.query(outbox, f"SELECT id, status, msg_id FROM {outbox.table.t} ORDER BY id")
+    assert [(int(r[0]), r[1], r[2]) for r in rows] == [
+        (i, "SENT", m) for i, m in zip(ids, healthy.calls[0]["msg_ids"], strict=True)]
+
+
+async def test_a_cancelled_relay_records_the_rows_acknowledged_before(outbox_db, broker):
+    db = outbox_db
+    outbox = db.outbox()
+    await outbox.create_table()
+    ids = await db.add_rows(outbox, [spec(i, topic="a" if i < 10 or i >= 20 else "b")
+                                     for i in range(30)], 30)  # three runs: a, b, a
+    async with GatedProducer(broker.address, hold=2) as producer:
+        relay = OutboxRelay(outbox, producer)
+        task = asyncio.create_task(relay.run())
+        await asyncio.wait_for(producer.entered.wait(), 10)  # the second run is in flight
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    rows = await db.query(outbox, f"SELECT id, status, lease_owner FROM {outbox.table.t} ORDER BY id")
+    statuses = [r[1] for r in rows]
+    assert statuses == ["SENT"] * 10 + ["PENDING"] * 20  # acknowledged: recorded
+    leased = [int(r[0]) for r in rows if r[2] is not None]
+    # lease mode: the run in flight keeps its lease (its send may have been stored), the
+    # third run is released; row locks: the database released them all
+    assert leased == (ids[10:20] if relay.mode == "lease" else [])
