@@ -25,7 +25,6 @@ from typing import Any
 from consumer_sdk import ConsumeResult, Message, apply_once, create_dedup_table
 from producer_sdk import Outbox, Producer
 from producer_sdk.outbox import OUTBOX_ID
-from producer_sdk.outbox.sql import SqlConn
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -261,30 +260,31 @@ class RelayProcess:
 
     def stop(self) -> int:
         """SIGTERM; return the exit status (0 when it stopped gracefully)."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._close()
-        return self.proc.returncode
+        return terminate(self.proc) if self.proc is not None else 0
 
     def _close(self) -> None:
         if self.proc is not None and self.proc.stdout is not None and not self.proc.stdout.closed:
             self.proc.stdout.close()
 
 
-async def pending_count(db: OutboxDb, outbox: Outbox) -> int:
-    return (await outbox.status()).pending
+def terminate(proc: subprocess.Popen[str]) -> int:
+    """SIGTERM ``proc`` (SIGKILL if it is still there after 20 s), close its stdout pipe and
+    return its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    if proc.stdout is not None and not proc.stdout.closed:
+        proc.stdout.close()
+    return proc.returncode
 
 
 async def sent_ids(db: OutboxDb, outbox: Outbox) -> set[int]:
     return {i for i, s in (await db.statuses(outbox)).items() if s == "SENT"}
 
 
-__all__ = ["OutboxDb", "RecordingProducer", "Collector", "RelayProcess", "SqlConn",
-           "order_violations", "read_calls", "spec", "pending_count", "sent_ids"]
+__all__ = ["OutboxDb", "RecordingProducer", "Collector", "RelayProcess",
+           "order_violations", "read_calls", "spec", "sent_ids", "terminate"]

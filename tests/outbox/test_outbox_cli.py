@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from producer_sdk.outbox.cli import build_parser
 from tests.conftest import wait_for
-from tests.outbox.outbox_helpers import ROOT, OutboxDb, spec
+from tests.outbox.outbox_helpers import ROOT, OutboxDb, spec, terminate
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -39,16 +38,7 @@ class RelayCommand:
         return self.proc.stdout.readline()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return self.proc.returncode
+        return terminate(self.proc)
 
     def text(self) -> str:
         return self.log.read_text()
