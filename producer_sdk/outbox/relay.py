@@ -61,6 +61,7 @@ from producer_sdk.outbox.sql import (
     POSTGRES,
     SqlConn,
     has_skip_locked,
+    is_lock_conflict,
     is_undefined_table,
 )
 from producer_sdk.outbox.table import OutboxStatus
@@ -82,6 +83,8 @@ CLAIM_MODES = ("auto", SKIP_LOCKED, LEASE)
 CLEANUP_CHUNK = 1000
 #: Re-polls after an in-process ``add()`` found nothing yet (its transaction had not committed).
 _HINT_RECHECKS = (0.005, 0.02, 0.05)
+#: Attempts at recording a batch's outcome when the database reports a lock conflict.
+_RECORD_ATTEMPTS = 5
 #: Seconds allowed for recording an outcome after the relay was cancelled.
 _RECORD_ON_CANCEL_TIMEOUT = 5.0
 
@@ -244,6 +247,9 @@ class OutboxRelay:
                     await self._pause()
                     continue
                 except Exception as exc:  # noqa: BLE001 - the database: reconnect and go on
+                    if is_lock_conflict(exc):  # a deadlock while claiming: just try again
+                        await self._pause()
+                        continue
                     self._note_error(f"database error: {describe_error(exc)}",
                                      traceback=not isinstance(exc, OSError))
                     await self._drop_connection()
@@ -266,57 +272,64 @@ class OutboxRelay:
     async def _batch(self, conn: SqlConn) -> int:
         """Claim, send and record one batch; return how many rows changed state."""
         table = self.outbox.table
-        if self.mode == SKIP_LOCKED:
-            await conn.begin()
-            outcome = BatchOutcome()
-            try:
-                raw = await table.claim_locked(conn, self.batch_size)
-                if not raw:
-                    await conn.rollback()
-                    return 0
-                rows = await self._plan(conn, raw, outcome)
-                try:
-                    transient = await self._send(rows, outcome, None)
-                except asyncio.CancelledError:
-                    await self._record_on_cancel(conn, outcome, None)
-                    raise
-                await table.record(conn, outcome, None)
-                await conn.commit()
-            except BaseException:
-                await self._rollback(conn)
-                raise
-            return self._after(outcome, len(outcome.sent), transient)
-        claimed_at = self.clock()  # before the lease starts: our view of it ends early
         outcome = BatchOutcome()
+        locked = self.mode == SKIP_LOCKED
+        claimed_at = None if locked else self.clock()  # before the lease starts: ends early
         await conn.begin()
         try:
-            raw = await table.claim_leased(conn, self.batch_size, self.owner,
-                                           int(self.lease * 1000))
+            if locked:
+                raw = await table.claim_locked(conn, self.batch_size)
+            else:
+                raw = await table.claim_leased(conn, self.batch_size, self.owner,
+                                               int(self.lease * 1000))
             rows = await self._plan(conn, raw, outcome) if raw else []
-            await conn.commit()
+            if not raw:
+                await conn.rollback()
+                return 0
+            if not locked:
+                await conn.commit()  # the leases; row locks stay held until the outcome
+            try:
+                transient = await self._send(rows, outcome, claimed_at)
+            except asyncio.CancelledError:
+                await self._record_on_cancel(conn, outcome, self.owner if not locked else None)
+                raise
         except BaseException:
             await self._rollback(conn)
             raise
-        if not raw:
-            return 0
-        try:
-            transient = await self._send(rows, outcome, claimed_at)
-        except asyncio.CancelledError:
-            await self._record_on_cancel(conn, outcome, self.owner)
-            raise
-        await conn.begin()
-        try:
-            marked = await table.record(conn, outcome, self.owner)
-            await conn.commit()
-        except BaseException:
-            await self._rollback(conn)
-            raise
+        marked = await self._record(conn, outcome, None if locked else self.owner,
+                                    in_transaction=locked)
         if marked < len(outcome.sent):
             self.stats.lease_lost += len(outcome.sent) - marked
-            log.warning("outbox relay %s: %d sent rows were leased to another relay before "
-                        "their send was recorded (their lease of %.1fs ran out); they may be "
-                        "sent twice", self.owner, len(outcome.sent) - marked, self.lease)
+            log.warning("outbox relay %s: %d sent rows were claimed by another relay before "
+                        "their send was recorded (%s); they may be sent twice", self.owner,
+                        len(outcome.sent) - marked,
+                        "their lease ran out" if not locked else "the first record failed")
         return self._after(outcome, marked, transient)
+
+    async def _record(self, conn: SqlConn, outcome: BatchOutcome, owner: str | None, *,
+                      in_transaction: bool) -> int:
+        """Record a batch's outcome and commit; return how many sent rows were marked.
+
+        A lock conflict (a deadlock with another relay or the application) is retried in a
+        fresh transaction: the rows were acknowledged, and recording them is what keeps
+        them from being sent again. Rows another relay took meanwhile are left alone.
+        """
+        for attempt in range(_RECORD_ATTEMPTS):
+            try:
+                if not in_transaction:
+                    await conn.begin()
+                marked = await self.outbox.table.record(conn, outcome, owner)
+                await conn.commit()
+                return marked
+            except BaseException as exc:
+                await self._rollback(conn)
+                if attempt + 1 >= _RECORD_ATTEMPTS or not is_lock_conflict(exc):
+                    raise
+                log.info("outbox relay: recording a batch met a lock conflict (%s); trying "
+                         "again", describe_error(exc))
+            in_transaction = False
+            await asyncio.sleep(0.005 * 2 ** attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _plan(self, conn: SqlConn, raw: Sequence[Sequence[Any]],
                     outcome: BatchOutcome) -> list[OutboxRow]:

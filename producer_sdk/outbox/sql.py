@@ -25,7 +25,7 @@ import re
 import sqlite3
 from typing import Any
 
-from producer_sdk.local_tx import check_identifier, sql_dialect
+from producer_sdk.local_tx import check_identifier, is_lock_timeout, sql_dialect
 
 __all__ = [
     "SQLITE",
@@ -35,6 +35,8 @@ __all__ = [
     "SqlConn",
     "dialect_of",
     "has_skip_locked",
+    "is_lock_conflict",
+    "is_undefined_table",
 ]
 
 SQLITE = "sqlite"
@@ -254,6 +256,18 @@ class Dialect:
             f"AND tgrelid = '{t}'::regclass) THEN CREATE TRIGGER {fn} AFTER INSERT ON {t} "
             f"FOR EACH STATEMENT EXECUTE FUNCTION {fn}(); END IF; END $do$",
         ]
+
+
+#: PostgreSQL: deadlock_detected, lock_not_available, serialization_failure.
+_PG_LOCK_STATES = {"40P01", "55P03", "40001"}
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is a deadlock or a lock wait that gave up (any driver): the
+    transaction was rolled back and may simply be tried again."""
+    if is_lock_timeout(exc):  # SQLite busy/locked, MySQL 1205 / 1213
+        return True
+    return getattr(exc, "sqlstate", None) in _PG_LOCK_STATES
 
 
 def is_undefined_table(exc: BaseException) -> bool:

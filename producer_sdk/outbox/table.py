@@ -211,7 +211,8 @@ class OutboxTable:
             pairs = [x for pair in chunk for x in pair]
             marked += await conn.execute(
                 f"UPDATE {self.t} SET status = 'SENT', done_at = {self.now}, last_error = NULL, "
-                f"msg_id = CASE id {case} END{free} WHERE id IN ({_marks(len(ids))}){mine}",
+                f"msg_id = CASE id {case} END{free} WHERE id IN ({_marks(len(ids))}) "
+                f"AND status = 'PENDING'{mine}",
                 (*pairs, *ids, *mine_args))
         for status, by_error in (("FAILED", outcome.failed), (None, outcome.retry)):
             errors: dict[str, list[int]] = {}
