@@ -74,6 +74,10 @@ _POISON_ERRORS = (InvalidNameError, MessageTooLargeError, BadRequestError, Topic
 MAX_ERROR_TEXT = 500
 
 
+#: Topics already found valid (a relay sees the same few topics over and over).
+_VALID_TOPICS: set[str] = set()
+
+
 class PoisonRowError(ValueError):
     """A row that can never become a message (its columns are malformed)."""
 
@@ -127,13 +131,16 @@ def decode_row(raw: Sequence[Any]) -> OutboxRow:
     Raises ``PoisonRowError`` (with the reason) if the row cannot become a message.
     """
     row_id, topic, order_key, body, tags, msg_keys, properties, attempts = raw
-    try:
-        validate_send_topic(topic)
-    except InvalidNameError as exc:
-        raise PoisonRowError(str(exc)) from None
+    if topic not in _VALID_TOPICS:
+        try:
+            validate_send_topic(topic)
+        except InvalidNameError as exc:
+            raise PoisonRowError(str(exc)) from None
+        if len(_VALID_TOPICS) < 10_000:
+            _VALID_TOPICS.add(topic)
     try:
         keys = json.loads(msg_keys)
-        props = json.loads(properties)
+        props = {} if properties == "{}" else json.loads(properties)
     except (TypeError, ValueError) as exc:
         raise PoisonRowError(f"malformed msg_keys or properties column: {exc}") from None
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
