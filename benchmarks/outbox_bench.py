@@ -7,7 +7,7 @@ round a fresh outbox table is made, and two scenarios run:
 * ``drain`` — ``--rows`` rows are inserted first (transactions of 500 rows); then one relay
   starts: rows/s from its start until the broker acknowledged the last row (its
   ``send_batch`` returned), and until the last row is recorded SENT.
-* ``live`` — ``--writers`` application tasks insert the rows with ``Outbox.add`` in
+* ``live`` — ``--writers`` application tasks (SQLite: one) insert the rows with ``Outbox.add`` in
   transactions of ``--tx-rows`` rows, as fast as they can, while ``--relays`` relays run:
   rows/s from the first insert to the last acknowledgement, and per row the time from
   its transaction's commit to the broker's acknowledgement (p50 / p99; when the writers
@@ -71,7 +71,7 @@ class Database:
 
 
 async def _postgres(url: str) -> tuple[Database, str]:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     name = "halfmq_bench_" + uuid.uuid4().hex[:10]
     conn = await asyncpg.connect(url, timeout=5)
@@ -84,7 +84,7 @@ async def _postgres(url: str) -> tuple[Database, str]:
 
 
 async def _drop_postgres(url: str, name: str) -> None:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     conn = await asyncpg.connect(url, timeout=5)
     try:
@@ -191,13 +191,14 @@ async def live(db: Database, outbox: Outbox, address: str,
 
     tasks = await _relays(outbox, producers, args.batch_size)
     commits: dict[int, float] = {}
-    per_writer = args.rows // args.writers
+    writers = 1 if db.kind == "sqlite" else args.writers  # SQLite has one writer at a time
+    per_writer = args.rows // writers
     t0 = time.monotonic()
     try:
         watcher = asyncio.create_task(watch())
         await asyncio.gather(*(
-            _insert(outbox, per_writer if w < args.writers - 1 else args.rows - per_writer * w,
-                    args.tx_rows, body, w * per_writer, commits) for w in range(args.writers)))
+            _insert(outbox, per_writer if w < writers - 1 else args.rows - per_writer * w,
+                    args.tx_rows, body, w * per_writer, commits) for w in range(writers)))
         inserted = time.monotonic() - t0
         await asyncio.wait_for(ack_all.wait(), args.timeout)
         acked = time.monotonic() - t0
@@ -259,7 +260,7 @@ def report(cells: dict[str, dict[str, list[dict[str, float]]]], args: argparse.N
              f"{meta['cpus']} CPUs, load average {meta['load_before']} before and "
              f"{meta['load_after']} after; Python {meta['python']}; embedded broker "
              f"--flush sync; {args.rows:,} rows of {args.size} B per cell; batch "
-             f"{args.batch_size}; live: {args.writers} writer(s), {args.tx_rows} rows per "
+             f"{args.batch_size}; live: {args.writers} writer(s) (SQLite: 1), {args.tx_rows} rows per "
              f"transaction, {args.relays} relay(s); median of {args.rounds} round(s) (min–max)",
              f"; paced: {args.paced_rows} rows, one per transaction, at {args.paced_rate:g}/s "
              "from another Outbox object",
@@ -343,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=500, help="relay batch size [500]")
     p.add_argument("--tx-rows", type=int, default=10,
                    help="live: rows per application transaction [10]")
-    p.add_argument("--writers", type=int, default=1,
-                   help="live: concurrent application writers [1]")
+    p.add_argument("--writers", type=int, default=4,
+                   help="live: concurrent application writers (SQLite: always 1) [4]")
     p.add_argument("--relays", type=int, default=1, help="live: relays running [1]")
     p.add_argument("--paced-rows", type=int, default=500, help="paced: rows [500]")
     p.add_argument("--paced-rate", type=float, default=100.0, help="paced: rows/s [100]")

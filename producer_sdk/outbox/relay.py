@@ -12,9 +12,9 @@ A relay is one loop on one database connection::
   batch is one transaction, open while its rows are sent, committed with their outcome;
   with leases (SQLite) claiming and recording are two short transactions and the rows
   are leased in between. Either way two relays never hold the same row at once.
-* **Planning and sending** (``plan``): rows held back for per-key order stay pending;
-  poison rows fail alone; runs of one topic go out with ``send_batch`` in id order, and
-  the first failed run stops the batch.
+* **Planning and sending** (``plan``, ``sending``): rows held back for per-key order
+  stay pending; poison rows fail alone; runs of one topic go out with ``send_batch`` in id
+  order, and the first failed run stops the batch.
 * **Confirmed means recorded.** A row is SENT once the broker acknowledged it *and* the
   outcome committed. If the relay dies in between (kill -9), the row is pending again
   (row locks: at once; leases: when the lease runs out) and is sent again: the only
@@ -41,21 +41,17 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from producer_sdk.outbox.plan import (
-    POISON,
-    TRANSIENT,
     BatchOutcome,
     OutboxRow,
     PoisonRowError,
-    classify,
     decode_row,
     describe_error,
     hold_back,
-    runs,
 )
+from producer_sdk.outbox.sending import BatchSender, RelayStats
 from producer_sdk.outbox.sql import (
     MYSQL,
     POSTGRES,
@@ -66,7 +62,6 @@ from producer_sdk.outbox.sql import (
 )
 from producer_sdk.outbox.table import OutboxStatus
 from producer_sdk.producer import Producer
-from protocol import MessageTooLargeError
 
 if TYPE_CHECKING:
     from producer_sdk.outbox.outbox import Outbox
@@ -91,29 +86,6 @@ _RECORD_ON_CANCEL_TIMEOUT = 5.0
 
 def _owner_id() -> str:
     return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-@dataclass
-class RelayStats:
-    """What a relay did since it started (counters only grow).
-
-    ``sent``: rows recorded SENT; ``failed``: rows marked FAILED; ``retried``: attempts
-    counted for rows left pending after a suspect error; ``send_errors``: failed
-    ``send_batch`` calls; ``batches``: batches that claimed rows; ``lease_lost``: sent rows
-    whose lease had been taken before the send was recorded (they may be sent twice);
-    ``removed``: rows deleted or archived by retention; ``last_error``: the latest send or
-    database error (``None`` once a batch went through again).
-    """
-
-    sent: int = 0
-    failed: int = 0
-    retried: int = 0
-    send_errors: int = 0
-    batches: int = 0
-    lease_lost: int = 0
-    removed: int = 0
-    last_error: str | None = None
-    started: float = field(default_factory=time.monotonic)
 
 
 class OutboxTableMissingError(LookupError):
@@ -165,17 +137,18 @@ class OutboxRelay:
         self.outbox = outbox
         self.producer = producer
         self.batch_size = batch_size
-        self.max_batch_bytes = max_batch_bytes
         self.poll_interval = poll_interval
         self.claim = claim
         self.lease = lease
         self.retention = retention
         self.cleanup_interval = cleanup_interval
-        self.max_attempts = max_attempts
         self.max_backoff = max_backoff
         self.clock = clock
         self.owner = _owner_id()
         self.stats = RelayStats()
+        self.sender = BatchSender(producer, self.stats, batch_size=batch_size,
+                                  max_batch_bytes=max_batch_bytes, lease=lease,
+                                  max_attempts=max_attempts, clock=clock)
         #: the claim mode in use once connected (``"skip-locked"`` or ``"lease"``)
         self.mode: str | None = None
         self._conn: SqlConn | None = None
@@ -289,7 +262,7 @@ class OutboxRelay:
             if not locked:
                 await conn.commit()  # the leases; row locks stay held until the outcome
             try:
-                transient = await self._send(rows, outcome, claimed_at)
+                transient = await self.sender.send(rows, outcome, claimed_at)
             except asyncio.CancelledError:
                 await self._record_on_cancel(conn, outcome, self.owner if not locked else None)
                 raise
@@ -354,101 +327,10 @@ class OutboxRelay:
             if row.id in held_ids or outcome.blocks(row):
                 outcome.leave(row)
             elif row.id in poison:
-                self._row_failed(row, poison[row.id], outcome)
+                self.sender.fail(row, poison[row.id], outcome)
             else:
                 to_send.append(row)
         return to_send
-
-    async def _send(self, rows: list[OutboxRow], outcome: BatchOutcome,
-                    claimed_at: float | None) -> BaseException | None:
-        """Send ``rows`` run by run, filling ``outcome``; return the transient error that
-        stopped the batch, if any. Every row ends up in one of ``outcome``'s lists, except,
-        when cancelled, the rows whose send was in flight (their send may have been stored:
-        in lease mode they keep their lease)."""
-        in_flight: list[int] = []
-        try:
-            return await self._send_runs(rows, outcome, claimed_at, in_flight)
-        except asyncio.CancelledError:
-            done = {*outcome.sent, *outcome.failed, *outcome.retry, *outcome.untouched,
-                    *in_flight}
-            outcome.untouched.extend(r.id for r in rows if r.id not in done)
-            raise
-
-    async def _send_runs(self, rows: list[OutboxRow], outcome: BatchOutcome,
-                         claimed_at: float | None, in_flight: list[int]) -> BaseException | None:
-        groups = [(run.topic, run.rows) for run in
-                  runs(rows, max_count=self.batch_size, max_bytes=self.max_batch_bytes)]
-        return await self._send_groups(groups, outcome, claimed_at, in_flight)
-
-    async def _send_groups(self, groups: list[tuple[str, list[OutboxRow]]],
-                           outcome: BatchOutcome, claimed_at: float | None,
-                           in_flight: list[int]) -> BaseException | None:
-        """One ``send_batch`` per group, in order. A group refused for a reason other than
-        a transient one is sent again row by row, so only the guilty row fails. Returns
-        the transient error that stopped the sends, if any (the rest are left pending)."""
-        transient: BaseException | None = None
-        for topic, rows in groups:
-            batch = []
-            for r in rows:
-                if transient is not None or outcome.blocks(r) or not self._lease_left(claimed_at):
-                    outcome.leave(r)
-                else:
-                    batch.append(r)
-            if not batch:
-                continue
-            results, exc = await self._send_batch(topic, batch, in_flight)
-            if exc is None:
-                for r, res in zip(batch, results, strict=True):
-                    outcome.sent[r.id] = res.msg_id
-            elif classify(exc) == TRANSIENT:
-                transient = exc
-                for r in batch:
-                    outcome.leave(r)
-            elif len(batch) == 1:
-                self._row_failed(batch[0], exc, outcome)
-            else:
-                if isinstance(exc, MessageTooLargeError):
-                    size = sum(len(r.body) for r in batch)
-                    self.max_batch_bytes = max(1024, size // 2)
-                    log.info("outbox relay: the broker refused a batch of %d bytes (%s); "
-                             "sending at most %d bytes per batch from now on", size, exc,
-                             self.max_batch_bytes)
-                transient = await self._send_groups([(r.topic, [r]) for r in batch], outcome,
-                                                    claimed_at, in_flight)
-        return transient
-
-    async def _send_batch(self, topic: str, batch: list[OutboxRow], in_flight: list[int]
-                          ) -> tuple[list[Any], BaseException | None]:
-        """``send_batch`` once: ``(results, None)`` or ``([], error)``. While it runs,
-        ``in_flight`` holds the rows' ids (left there if cancelled)."""
-        in_flight[:] = [r.id for r in batch]
-        try:
-            results = await self.producer.send_batch(topic, [r.item() for r in batch])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - sorted by classify()
-            in_flight.clear()
-            self.stats.send_errors += 1
-            return [], exc
-        in_flight.clear()
-        return results, None
-
-    def _row_failed(self, row: OutboxRow, exc: BaseException, outcome: BatchOutcome) -> None:
-        final = classify(exc) == POISON or row.attempts + 1 >= self.max_attempts
-        error = describe_error(exc)
-        outcome.fail(row, error, final=final)
-        if final:
-            log.warning("outbox row %d (topic %s, key %s) FAILED after %d attempt(s): %s; "
-                        "later rows of its key wait. Fix it and run "
-                        "'halfmq outbox-relay --db URL --retry-failed %d', or discard it "
-                        "with '--discard %d'", row.id, row.topic, row.order_key,
-                        row.attempts + 1, error, row.id, row.id)
-
-    def _lease_left(self, claimed_at: float | None) -> bool:
-        """Lease mode: whether a send started now ends well inside our lease."""
-        if claimed_at is None:
-            return True
-        return self.clock() - claimed_at + self.producer.send_timeout < self.lease * 0.9
 
     def _after(self, outcome: BatchOutcome, marked: int,
                transient: BaseException | None) -> int:
@@ -496,7 +378,7 @@ class OutboxRelay:
         try:
             if self.mode is None:
                 self.mode = await self._claim_mode(conn)
-            status = await self.outbox.table.status(conn)
+            pending, failed, _oldest = await self.outbox.table.backlog(conn)
         except Exception as exc:
             await conn.close()
             if is_undefined_table(exc):
@@ -505,8 +387,9 @@ class OutboxRelay:
                                  "Outbox.create_table()") from None
             raise
         self._conn = conn
-        log.info("outbox relay %s connected to %s (table %s, claim %s): %s", self.owner,
-                 self.outbox.describe, self.outbox.table.t, self.mode, status.describe())
+        log.info("outbox relay %s connected to %s (table %s, claim %s): %d rows pending, %d "
+                 "FAILED", self.owner, self.outbox.describe, self.outbox.table.t, self.mode,
+                 pending, failed)
         return conn
 
     async def _claim_mode(self, conn: SqlConn) -> str:

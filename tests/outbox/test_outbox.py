@@ -229,7 +229,7 @@ async def test_a_batch_over_the_broker_limit_is_sent_row_by_row_and_the_relay_ad
                                               "keys": [f"k{i}"]} for i in range(12)], 12)
             all_ids += ids
             await wait_for(lambda i=ids: all_status(db, outbox, "SENT", i), what="all SENT")
-    assert relay.max_batch_bytes == 60_000 and relay.stats.failed == 0
+    assert relay.sender.max_batch_bytes == 60_000 and relay.stats.failed == 0
     assert sorted(i for c in producer.calls for i in c["ids"]) == all_ids
     assert [len(c["ids"]) for c in producer.calls[-4:]] == [3, 3, 3, 3]
 
