@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "MariaDB 10.6+) or lease (a lease column; SQLite) [auto]")
     p.add_argument("--lease", type=_duration, default=30.0, metavar="DUR",
                    help="lease mode: how long claimed rows are ours; a crashed relay's rows "
-                        "are sent by another after it; at least 2 x --send-timeout [30s]")
+                        "are sent by another after it (at once by one on the same machine); "
+                        "at least 2 x --send-timeout [30s]")
     p.add_argument("--send-timeout", type=_duration, default=3.0, metavar="DUR",
                    help="a send_batch call, retries included, gives up after this [3s]")
     p.add_argument("--retention", type=_duration, default=3600.0, metavar="DUR",
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "is marked FAILED; a poison row (too large, bad topic) fails at once [10]")
     p.add_argument("--max-backoff", type=_duration, default=5.0, metavar="DUR",
                    help="longest pause after an error [5s]")
+    p.add_argument("--message-groups", action="store_true",
+                   help="send each row's order key as its message group, so a FIFO consumer "
+                        "group receives a key's rows in order too (slower on the broker)")
     p.add_argument("--no-notify", action="store_true",
                    help="PostgreSQL: do not LISTEN for the insert trigger's NOTIFY (poll only)")
     p.add_argument("--progress-interval", type=_duration, default=10.0, metavar="DUR",
@@ -171,7 +175,8 @@ async def _relay(outbox: Outbox, args: argparse.Namespace) -> int:
             outbox, producer, batch_size=args.batch_size, max_batch_bytes=args.max_batch_bytes,
             poll_interval=args.poll_interval, claim=args.claim, lease=args.lease,
             retention=args.retention, cleanup_interval=args.cleanup_interval,
-            max_attempts=args.max_attempts, max_backoff=args.max_backoff)
+            max_attempts=args.max_attempts, max_backoff=args.max_backoff,
+            message_groups=args.message_groups)
     except ValueError as exc:
         print(f"halfmq outbox-relay: {exc}", file=sys.stderr)
         return 2

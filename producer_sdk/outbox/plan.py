@@ -95,10 +95,14 @@ class OutboxRow:
     properties: dict[str, str]
     attempts: int = 0
 
-    def item(self) -> dict[str, Any]:
-        """The row as a ``send_batch`` item (properties include ``OUTBOX_ID``)."""
-        return {"body": self.body, "tags": self.tags, "keys": list(self.keys),
+    def item(self, *, message_group: bool = False) -> dict[str, Any]:
+        """The row as a ``send_batch`` item (properties include ``OUTBOX_ID``); with
+        ``message_group``, its order key is the message's message group."""
+        item = {"body": self.body, "tags": self.tags, "keys": list(self.keys),
                 "properties": {**self.properties, OUTBOX_ID: str(self.id)}}
+        if message_group and self.order_key is not None:
+            item["message_group"] = self.order_key
+        return item
 
 
 def encode_keys(keys: str | Iterable[str] | None) -> str:

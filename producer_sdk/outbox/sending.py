@@ -74,10 +74,11 @@ class RelayStats:
 class BatchSender:
     """Sends planned batches through ``producer`` (see the module docstring), counting in
     ``stats``. Options as ``OutboxRelay``'s: ``batch_size``, ``max_batch_bytes`` (may
-    shrink), ``lease`` (seconds), ``max_attempts``, ``clock``."""
+    shrink), ``lease`` (seconds), ``max_attempts``, ``message_groups``, ``clock``."""
 
     def __init__(self, producer: Producer, stats: RelayStats, *, batch_size: int,
                  max_batch_bytes: int, lease: float, max_attempts: int,
+                 message_groups: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.producer = producer
         self.stats = stats
@@ -85,6 +86,7 @@ class BatchSender:
         self.max_batch_bytes = max_batch_bytes
         self.lease = lease
         self.max_attempts = max_attempts
+        self.message_groups = message_groups
         self.clock = clock
 
     async def send(self, rows: list[OutboxRow], outcome: BatchOutcome,
@@ -151,7 +153,8 @@ class BatchSender:
         ``in_flight`` holds the rows' ids (left there if cancelled)."""
         in_flight[:] = [r.id for r in batch]
         try:
-            results = await self.producer.send_batch(topic, [r.item() for r in batch])
+            results = await self.producer.send_batch(
+                topic, [r.item(message_group=self.message_groups) for r in batch])
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - sorted by classify()

@@ -176,6 +176,20 @@ class OutboxTable:
                              "WHERE id IN ({ids})", (r[0] for r in rows), (owner, lease_ms))
         return rows
 
+    async def live_lease_owners(self, conn: SqlConn) -> list[str]:
+        """The owners of leases that have not run out on pending rows."""
+        rows = await conn.fetch(
+            f"SELECT DISTINCT lease_owner FROM {self.t} WHERE status = 'PENDING' "
+            f"AND lease_owner IS NOT NULL AND lease_until >= {self.now}")
+        return [str(r[0]) for r in rows]
+
+    async def end_leases(self, conn: SqlConn, owner: str) -> int:
+        """Inside an open write transaction: end every lease of ``owner`` now (a relay known
+        to be dead); return how many rows are free again."""
+        return await conn.execute(
+            f"UPDATE {self.t} SET lease_owner = NULL, lease_until = NULL "
+            "WHERE lease_owner = ? AND status = 'PENDING'", (owner,))
+
     async def unsent_ids(self, conn: SqlConn, keys: Sequence[str], low: int,
                          high: int) -> dict[str, list[int]]:
         """For each of ``keys``: the smallest unsent (PENDING or FAILED) id below ``low``,

@@ -407,3 +407,30 @@ async def test_a_cancelled_relay_records_the_rows_acknowledged_before(outbox_db,
     # lease mode: the run in flight keeps its lease (its send may have been stored), the
     # third run is released; row locks: the database released them all
     assert leased == (ids[10:20] if relay.mode == "lease" else [])
+
+
+async def test_with_message_groups_a_fifo_consumer_gets_each_keys_rows_in_order(broker, tmp_path):
+    db = OutboxDb("sqlite", f"sqlite:{tmp_path / 'app.db'}")
+    outbox = db.outbox()
+    await outbox.create_table()
+    ids = await db.add_rows(outbox, [spec(i, keys=5) for i in range(150)], 25)
+    got: list[tuple[str | None, int]] = []
+
+    async def listener(message):
+        from consumer_sdk import ConsumeResult
+
+        got.append((message.message_group, int(message.properties[OUTBOX_ID])))
+        await asyncio.sleep(0)  # let other deliveries interleave
+        return ConsumeResult.SUCCESS
+
+    async with Producer(broker.address) as producer, \
+            PushConsumer(broker.address, group="fifo_g", topic="orders", listener=listener,
+                         fifo=True), \
+            relaying(outbox, producer, batch_size=7, message_groups=True):
+        await wait_for(lambda: len(got) >= len(ids), timeout=30, what="every row delivered")
+    by_key: dict[str | None, list[int]] = {}
+    for key, row_id in got:
+        by_key.setdefault(key, []).append(row_id)
+    assert sorted(by_key) == [f"acct-{k}" for k in range(5)]  # the order key is the group
+    for key, delivered in by_key.items():
+        assert delivered == sorted(delivered), key

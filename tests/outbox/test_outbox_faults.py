@@ -123,3 +123,28 @@ async def test_two_relays_racing_send_every_row_once_in_order_per_key(any_claim_
     assert sent_a and sent_b, (len(sent_a), len(sent_b))  # both relays really raced
     for key_of in groups:
         assert order_violations(calls_a + calls_b, key_of) == []
+
+
+async def test_a_dead_relays_leases_are_taken_over_at_once(broker, tmp_path):
+    """SQLite (leases): a relay killed with its rows leased for 30 s; the next relay on the
+    same machine sees the owner's process is gone and sends them now."""
+    from tests.outbox.outbox_helpers import OutboxDb
+
+    db = OutboxDb("sqlite", f"sqlite:{tmp_path / 'app.db'}")
+    outbox = db.outbox()
+    await outbox.create_table()
+    ids = await db.add_rows(outbox, [spec(i) for i in range(100)], 100)
+    logs = [tmp_path / "relay0.log", tmp_path / "relay1.log"]
+    first = RelayProcess(db, broker.address, logs[0], kill_after=1, batch_size=50,
+                         lease=30.0).start()
+    assert await asyncio.to_thread(first.wait) == -signal.SIGKILL
+    leased = await db.query(outbox, f"SELECT COUNT(*) FROM {outbox.table.t} WHERE "
+                                    "lease_owner IS NOT NULL AND status = 'PENDING'")
+    assert leased == [(50,)]  # the dead relay's batch, leased for 30 s
+    second = RelayProcess(db, broker.address, logs[1], batch_size=50, lease=30.0).start()
+    try:
+        await wait_for(lambda: _count_at_least(db, outbox, len(ids)), timeout=10,
+                       what="every row SENT long before the 30 s lease ends")
+    finally:
+        assert await asyncio.to_thread(second.stop) == 0
+    assert "is gone; took over its 50 leased rows" in logs[1].with_suffix(".stderr").read_text()

@@ -143,3 +143,38 @@ def test_placeholders_and_identifiers():
         Dialect("oracle", "t")
     for name in (SQLITE, MYSQL, POSTGRES):
         assert all("IF NOT EXISTS" in s for s in Dialect(name, "ob").create_statements())
+
+
+def test_owner_ids_name_this_machine_and_dead_local_relays_are_recognised():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from producer_sdk.outbox.owner import is_dead_local_owner, machine_id, owner_id
+
+    me = owner_id()
+    assert len(me) <= 64 and me != owner_id()
+    machine = machine_id()
+    if machine is None:
+        pytest.skip("the machine cannot be named here (no /proc)")
+    assert me.split(":")[1] == machine and me.split(":")[2] == str(os.getpid())
+    assert not is_dead_local_owner(me, me=me)
+    alive = f"h:{machine}:{os.getppid()}:abcd1234"
+    assert not is_dead_local_owner(alive, me=me)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner = f"h:{machine}:{child.pid}:abcd1234"
+        assert not is_dead_local_owner(owner, me=me)   # running
+        child.kill()
+        deadline = time.monotonic() + 10
+        while not is_dead_local_owner(owner, me=me):  # dead, not reaped yet: a zombie
+            assert time.monotonic() < deadline, "the killed child never showed as dead"
+            time.sleep(0.01)
+    finally:
+        child.kill()
+        child.wait(10)
+    assert is_dead_local_owner(owner, me=me)  # reaped: gone
+    assert not is_dead_local_owner(f"h:000000000000:{child.pid}:abcd1234", me=me)  # elsewhere
+    assert not is_dead_local_owner("garbage", me=me)
+    assert not is_dead_local_owner(f"h:{machine}:notapid:abcd1234", me=me)
