@@ -261,9 +261,9 @@ def report(cells: dict[str, dict[str, list[dict[str, float]]]], args: argparse.N
              f"{meta['load_after']} after; Python {meta['python']}; embedded broker "
              f"--flush sync; {args.rows:,} rows of {args.size} B per cell; batch "
              f"{args.batch_size}; live: {args.writers} writer(s) (SQLite: 1), {args.tx_rows} rows per "
-             f"transaction, {args.relays} relay(s); median of {args.rounds} round(s) (min–max)",
-             f"; paced: {args.paced_rows} rows, one per transaction, at {args.paced_rate:g}/s "
-             "from another Outbox object",
+             f"transaction, {args.relays} relay(s); paced: {args.paced_rows} rows, one per "
+             f"transaction, at {args.paced_rate:g}/s from another Outbox object; median of "
+             f"{args.rounds} round(s) (min–max)",
              "", "| database | drain: acked rows/s | drain: recorded rows/s | live: acked rows/s "
              "| live: inserted rows/s | live commit→ack p50 / p99 ms | paced commit→ack p50 / "
              "p99 ms |",
@@ -325,7 +325,8 @@ async def main(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             if pg_name:
                 await _drop_postgres(args.postgres, pg_name)
     meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return report(cells, args, meta), {"meta": meta, "settings": vars(args), "cells": cells}
+    settings = {k: v for k, v in vars(args).items() if k != "out_dir"}
+    return report(cells, args, meta), {"meta": meta, "settings": settings, "cells": cells}
 
 
 def write_reports(out_dir: str, text: str, payload: dict[str, Any]) -> None:
