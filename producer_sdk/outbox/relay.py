@@ -181,8 +181,9 @@ class OutboxRelay:
 
     async def run_once(self) -> int:
         """Claim, send and record one batch now (no waiting, no clean-up); return how many
-        rows changed state. Errors are raised, not retried (a send that failed for a
-        transient reason raises that error, after the batch was recorded)."""
+        rows changed state. Errors are raised, not retried; a send that failed for a
+        transient reason is noted in ``stats.last_error``, and raised (after the batch was
+        recorded) if nothing of the batch was sent."""
         try:
             return await self._batch(await self._connection())
         except _Transient as exc:

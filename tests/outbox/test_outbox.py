@@ -434,3 +434,39 @@ async def test_with_message_groups_a_fifo_consumer_gets_each_keys_rows_in_order(
     assert sorted(by_key) == [f"acct-{k}" for k in range(5)]  # the order key is the group
     for key, delivered in by_key.items():
         assert delivered == sorted(delivered), key
+
+
+async def test_a_batch_failing_half_way_keeps_each_keys_order(outbox_db, broker):
+    """The second send of a batch fails (the broker is unreachable for it): the first run
+    is recorded SENT, the failed run and everything after it stay pending, and when they
+    go out no row of a key has overtaken an earlier one."""
+    from protocol import BrokerUnavailableError
+
+    class FailsOnce(RecordingProducer):
+        calls_started = 0
+
+        async def send_batch(self, topic, items):
+            self.calls_started += 1
+            if self.calls_started == 2:
+                raise BrokerUnavailableError("injected: connection lost before the send")
+            return await super().send_batch(topic, items)
+
+    db = outbox_db
+    outbox = db.outbox()
+    await outbox.create_table()
+    topics = ["a"] * 10 + ["b"] * 10 + ["a"] * 10  # three runs per batch
+    specs = [spec(i, keys=4, topic=t) for i, t in enumerate(topics)]
+    ids = await db.add_rows(outbox, specs, 30)
+    async with FailsOnce(broker.address) as producer:
+        relay = OutboxRelay(outbox, producer, batch_size=30)
+        try:
+            assert await relay.run_once() == 10  # the first run; the error is noted
+            statuses = await db.statuses(outbox)
+            assert [statuses[i] for i in ids] == ["SENT"] * 10 + ["PENDING"] * 20
+            assert relay.stats.last_error and "injected" in relay.stats.last_error
+            assert await relay.run_once() == 20
+        finally:
+            await relay.close()
+    key_of = {i: s["order_key"] for i, s in zip(ids, specs, strict=True)}
+    assert [i for c in producer.calls for i in c["ids"]] == ids
+    assert order_violations(producer.calls, key_of) == []
