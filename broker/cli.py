@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "consume": _consume_main,
         "admin": _admin_main,
         "webhook": _webhook_main,
+        "outbox-relay": lambda a: __import__("producer_sdk.outbox.cli", fromlist=["*"]).outbox_relay_main(a),
     }
     try:
         from examples.bank.demo import demo_main

@@ -1,4 +1,5 @@
-"""halfmq producer SDK: ``Producer`` for plain messages, ``TransactionProducer`` for half messages.
+"""halfmq producer SDK: ``Producer`` for plain messages, ``TransactionProducer`` for half messages,
+``Outbox`` for messages written in the application's own database transaction.
 
 How this works: each producer owns one ``producer_sdk.connection.Connection`` (handshake,
 pipelined requests, automatic reconnect); ``Producer.send`` is one ``SEND`` frame and one
@@ -17,6 +18,7 @@ from producer_sdk.local_tx import (
     create_tx_log,
     record_commit,
 )
+from producer_sdk.outbox import Outbox
 from producer_sdk.producer import Producer
 from producer_sdk.transaction import TransactionListener, TransactionProducer
 from protocol import (
@@ -55,4 +57,5 @@ __all__ = [
     "record_commit",
     "create_tx_log",
     "AlreadyRolledBackError",
+    "Outbox",
 ]

@@ -16,14 +16,22 @@ If the outcome is lost (bank1 crashes after its commit, the network fails, or th
 answers UNKNOWN), the broker checks back and the ready-made ``TxLogListener`` answers from
 ``halfmq_tx_log``: there is no hand-written ``check_local_transaction`` in this file.
 
+``--mode outbox`` ships the same message another way: the debit and a row of the outbox
+table (``producer_sdk.Outbox``) commit in one local transaction, and a relay — in this
+process, or ``halfmq outbox-relay`` with ``--no-relay`` — sends the row to the broker. No
+half message, no check-back: a crash after the commit leaves the row in the table, and the
+relay ships it when it runs again.
+
 Replies: 200 committed; 202 outcome left to check-back; 400 bad request; 404 no such source
-account; 409 insufficient balance or tx_no already used; 503 broker unavailable.
+account; 409 insufficient balance or tx_no already used; 503 broker unavailable (transaction
+mode; in outbox mode a transfer never waits for the broker).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -43,13 +51,15 @@ from producer_sdk import (
     HalfMQError,
     LocalTransactionState,
     Message,
+    Outbox,
+    Producer,
     RequestTimeoutError,
     TransactionProducer,
 )
 from producer_sdk.local_tx import TxLogListener, record_commit
 
-__all__ = ["Bank1Service", "TransferListener", "TransferRequest", "TransferRefused", "main",
-           "TOPIC", "PRODUCER_GROUP", "SEED", "FAULTS"]
+__all__ = ["Bank1Service", "TransferListener", "OutboxTransfer", "TransferRequest",
+           "TransferRefused", "debit", "main", "TOPIC", "PRODUCER_GROUP", "SEED", "FAULTS", "MODES"]
 
 log = logging.getLogger("halfmq.examples.bank1")
 
@@ -59,6 +69,8 @@ SEED = [(1, "zhangsan", "100.00")]
 #: Fault injection for tests and the demo: the local transaction commits, then the outcome is
 #: lost — answered UNKNOWN, or the process is killed with SIGKILL before reporting it.
 FAULTS = ("unknown-outcome", "kill-after-commit")
+#: ``transaction``: a half message and check-back; ``outbox``: a row of the outbox table.
+MODES = ("transaction", "outbox")
 
 
 class TransferRefused(Exception):
@@ -85,6 +97,22 @@ class TransferRequest:
                            "money": str(self.money)}).encode()
 
 
+async def debit(db: BankDatabase, conn: Any, request: TransferRequest) -> None:
+    """bank1's part of a transfer, inside the open transaction on ``conn``: record ``tx_no``
+    in ``tx_duplication``, lock the account, check the balance, debit it. Raises
+    ``TransferRefused`` (409 already made or insufficient balance, 404 no such account)."""
+    if not await db.claim_tx_no(conn, request.tx_no):
+        raise TransferRefused(409, f"transfer {request.tx_no} was already made")
+    account = await db.lock_account(conn, request.from_id)
+    if account is None:
+        raise TransferRefused(404, f"no account {request.from_id} in bank1")
+    if account.balance < request.money:
+        raise TransferRefused(
+            409, f"insufficient balance: account {account.id} has {account.balance}, "
+                 f"the transfer needs {request.money}")
+    await db.set_balance(conn, account.id, account.balance - request.money)
+
+
 class TransferListener(TxLogListener):
     """The local transaction of a transfer. ``check_local_transaction`` is inherited."""
 
@@ -99,16 +127,7 @@ class TransferListener(TxLogListener):
             async with db.transaction() as conn:
                 # first statement: a check-back arriving now waits for this transaction
                 await record_commit(conn, message.msg_id)
-                if not await db.claim_tx_no(conn, request.tx_no):
-                    raise TransferRefused(409, f"transfer {request.tx_no} was already made")
-                account = await db.lock_account(conn, request.from_id)
-                if account is None:
-                    raise TransferRefused(404, f"no account {request.from_id} in bank1")
-                if account.balance < request.money:
-                    raise TransferRefused(
-                        409, f"insufficient balance: account {account.id} has {account.balance}, "
-                             f"the transfer needs {request.money}")
-                await db.set_balance(conn, account.id, account.balance - request.money)
+                await debit(db, conn, request)
         except TransferRefused as exc:
             request.refused = exc
             log.info("transfer %s refused: %s", request.tx_no, exc.reason)
@@ -117,8 +136,7 @@ class TransferListener(TxLogListener):
         # because a failed COMMIT may or may not have committed.
         fault = self.service.fault
         if fault == "kill-after-commit":
-            log.warning("fault injection: SIGKILL after the local commit of %s", request.tx_no)
-            os.kill(os.getpid(), signal.SIGKILL)
+            _kill_after_commit(request)
         if fault == "unknown-outcome":
             log.warning("fault injection: answering UNKNOWN after the local commit of %s",
                         request.tx_no)
@@ -126,33 +144,75 @@ class TransferListener(TxLogListener):
         return LocalTransactionState.COMMIT
 
 
-class Bank1Service:
-    """bank1: its database, its transactional producer and its HTTP API.
+def _kill_after_commit(request: TransferRequest) -> None:
+    log.warning("fault injection: SIGKILL after the local commit of %s", request.tx_no)
+    os.kill(os.getpid(), signal.SIGKILL)
 
-    ``fault`` (one of ``FAULTS`` or ``None``) may be changed while running.
-    ``port=0`` picks a free port; ``url`` is the base URL once started.
+
+class OutboxTransfer:
+    """The local transaction of a transfer in outbox mode: the debit and the outbox row
+    commit together (or neither does)."""
+
+    def __init__(self, service: Bank1Service) -> None:
+        self.service = service
+
+    async def execute(self, request: TransferRequest) -> int:
+        """Debit and add the transfer message to the outbox; return the outbox row's id.
+        Raises ``TransferRefused`` (nothing is kept), or what the database raised."""
+        service = self.service
+        assert service.outbox is not None
+        async with service.db.transaction() as conn:
+            await debit(service.db, conn, request)
+            return await service.outbox.add(conn, service.topic, request.body(),
+                                            tags="transfer", keys=[request.tx_no])
+
+
+class Bank1Service:
+    """bank1: its database, its producer (transactional, or the outbox's relay) and its HTTP API.
+
+    ``mode``: one of ``MODES``. ``relay`` (outbox mode): run the outbox relay in this
+    process [True]; with ``False`` run ``halfmq outbox-relay`` beside it. ``fault`` (one of
+    ``FAULTS`` or ``None``; outbox mode: ``kill-after-commit`` only) may be changed while
+    running. ``port=0`` picks a free port; ``url`` is the base URL once started.
     """
 
     def __init__(self, db_url: str, broker: str, *, host: str = "127.0.0.1", port: int = 8081,
                  topic: str = TOPIC, group: str = PRODUCER_GROUP, fault: str | None = None,
-                 reset: bool = False) -> None:
+                 reset: bool = False, mode: str = "transaction", relay: bool = True) -> None:
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        if mode == "outbox" and fault == "unknown-outcome":
+            raise ValueError("outbox mode has no outcome to lose: its fault is kill-after-commit")
         self.db = BankDatabase(db_url, seed=SEED)
         self.broker = broker
         self.host, self.port = host, port
         self.topic, self.group = topic, group
         self.fault = fault
         self.reset = reset
+        self.mode, self.relay = mode, relay
         self.url = ""
         self.producer: TransactionProducer | None = None
+        self.outbox: Outbox | None = None
+        self.outbox_transfer = OutboxTransfer(self)
+        self.relay_producer: Producer | None = None
+        self._relay_task: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> Bank1Service:
         await self.db.open(reset=self.reset)
-        self.producer = TransactionProducer(self.broker, group=self.group,
-                                            listener=TransferListener(self))
-        await self.producer.start()
+        if self.mode == "outbox":
+            self.outbox = self.db.outbox()
+            await self.outbox.create_table()
+            if self.relay:
+                self.relay_producer = Producer(self.broker, group=self.group)
+                await self.relay_producer.start()
+                self.start_relay()
+        else:
+            self.producer = TransactionProducer(self.broker, group=self.group,
+                                                listener=TransferListener(self))
+            await self.producer.start()
         app = web.Application()
         routes = web.RouteTableDef()
         routes.post("/v1/bank1/transfer")(self._transfer)
@@ -166,13 +226,30 @@ class Bank1Service:
         self.url = f"http://{self.host}:{self.port}"
         return self
 
+    def start_relay(self) -> None:
+        """Outbox mode: run the outbox relay in this process (again)."""
+        assert self.outbox is not None and self.relay_producer is not None
+        if self._relay_task is None:
+            self._relay_task = asyncio.create_task(
+                self.outbox.relay(self.relay_producer, poll_interval=0.05))
+
+    async def stop_relay(self) -> None:
+        """Outbox mode: stop the relay of this process (rows wait in the table)."""
+        task, self._relay_task = self._relay_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self.producer is not None:
-            await self.producer.close()
-            self.producer = None
+        await self.stop_relay()
+        for producer in (self.producer, self.relay_producer):
+            if producer is not None:
+                await producer.close()
+        self.producer = self.relay_producer = None
         await self.db.close()
 
     async def __aenter__(self) -> Bank1Service:
@@ -185,6 +262,8 @@ class Bank1Service:
                        tx_no: str | None = None) -> tuple[int, dict[str, Any]]:
         """Run one transfer; return ``(http_status, reply)`` as the HTTP API does."""
         request = TransferRequest(tx_no or uuid.uuid4().hex, from_id, to_id, money)
+        if self.mode == "outbox":
+            return await self._transfer_by_outbox(request)
         assert self.producer is not None
         try:
             result = await self.producer.send_in_transaction(
@@ -207,6 +286,20 @@ class Bank1Service:
             reply["message"] = "debited; delivery will be confirmed by the broker's check-back"
             return 202, reply
         return 200, reply
+
+    async def _transfer_by_outbox(self, request: TransferRequest) -> tuple[int, dict[str, Any]]:
+        try:
+            outbox_id = await self.outbox_transfer.execute(request)
+        except TransferRefused as exc:
+            log.info("transfer %s refused: %s", request.tx_no, exc.reason)
+            return exc.status, {"txNo": request.tx_no, "state": "ROLLBACK", "error": exc.reason}
+        except Exception as exc:  # the local transaction failed; a failed COMMIT may still
+            log.exception("transfer %s: local transaction failed", request.tx_no)  # be durable
+            return 500, {"error": f"local transaction failed ({exc}); if it committed, the "
+                                  "outbox relay delivers it", "txNo": request.tx_no}
+        if self.fault == "kill-after-commit":
+            _kill_after_commit(request)
+        return 200, {"txNo": request.tx_no, "outboxId": outbox_id, "state": "COMMIT"}
 
     async def _transfer(self, req: web.Request) -> web.Response:
         try:
@@ -234,9 +327,10 @@ async def _run(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Bank1Service(args.db, args.broker, host=args.host, port=args.port,
-                            topic=args.topic, group=args.group, fault=args.fault) as bank:
-        print(f"bank1 ready http={bank.url} db={bank.db.url.describe()} broker={args.broker}",
-              flush=True)
+                            topic=args.topic, group=args.group, fault=args.fault,
+                            mode=args.mode, relay=not args.no_relay) as bank:
+        print(f"bank1 ready http={bank.url} db={bank.db.url.describe()} broker={args.broker} "
+              f"mode={bank.mode}", flush=True)
         await stop.wait()
 
 
@@ -250,8 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sqlite file or mysql://user:pass@host:3306/name [bank1.db]")
     p.add_argument("--topic", default=TOPIC, help=f"[{TOPIC}]")
     p.add_argument("--group", default=PRODUCER_GROUP, help=f"producer group [{PRODUCER_GROUP}]")
+    p.add_argument("--mode", choices=MODES, default="transaction",
+                   help="transaction: a half message and check-back; outbox: the message is a "
+                        "row of halfmq_outbox written in the debit's transaction [transaction]")
+    p.add_argument("--no-relay", action="store_true",
+                   help="outbox mode: do not relay in this process (run halfmq outbox-relay)")
     p.add_argument("--fault", choices=FAULTS, default=None,
-                   help="fault injection for tests: lose the outcome after the local commit")
+                   help="fault injection for tests: lose the outcome after the local commit "
+                        "(outbox mode: kill-after-commit only)")
     return p
 
 

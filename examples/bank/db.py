@@ -6,6 +6,7 @@ helper tables of the SDK::
     t_account(id, account, balance DECIMAL(10,2))   -- the accounts
     tx_duplication(tx_no, create_time)              -- transfers applied here (by tx_no)
     halfmq_tx_log(msg_id, state, created_at)        -- bank1: what check-backs read
+    halfmq_outbox(id, topic, body, ...)             -- bank1 in outbox mode: what the relay ships
 
 Money is ``Decimal`` end to end. SQLite has no decimal type (a ``DECIMAL`` column would
 store binary floats), so on SQLite the balance column holds the canonical text ``"80.00"``.
@@ -24,12 +25,14 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from aiohttp import web
 
 from consumer_sdk.dedup import claim_key, create_dedup_table
+from producer_sdk import Outbox
 from producer_sdk.local_tx import TxLogChecker, create_tx_log
+from producer_sdk.outbox import OUTBOX_TABLE
 
 __all__ = [
     "CENT",
@@ -169,7 +172,8 @@ class BankDatabase:
                 autocommit=False, minsize=1, maxsize=10)
         async with self.connection() as conn:
             if reset:
-                for table in ("t_account", "tx_duplication", "halfmq_tx_log"):
+                for table in ("t_account", "tx_duplication", "halfmq_tx_log", OUTBOX_TABLE,
+                              OUTBOX_TABLE + "_archive"):
                     await self._exec(conn, f"DROP TABLE IF EXISTS {table}", notes=False)
                 await conn.commit()
             if self.kind == "sqlite":
@@ -199,6 +203,14 @@ class BankDatabase:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def outbox(self) -> Outbox:
+        """The outbox of this database (``halfmq_outbox``), for bank1's outbox mode."""
+        u = self.url
+        if self.kind == "sqlite":
+            return Outbox.sqlite(u.path)
+        return Outbox.mysql(f"mysql://{quote(u.user)}:{quote(u.password)}@{u.host}:{u.port}/"
+                            f"{u.database}")
 
     def tx_log_checker(self) -> TxLogChecker:
         """The ready-made check-back for this database's ``halfmq_tx_log``."""

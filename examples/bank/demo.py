@@ -4,13 +4,16 @@ Starts an embedded broker (temporary data directory, short transaction timeout, 
 interval and retry delays), bank1 and bank2 on free ports with their own databases
 (temporary SQLite files, or MySQL with ``--db mysql://user:pass@host:3306/name``, which
 uses the databases ``name_bank1`` and ``name_bank2`` and resets the example's tables in
-them), then runs the five scenarios over HTTP and prints the balances after each:
+them), then runs the five scenarios over HTTP and prints the balances after each. With
+``--mode outbox`` bank1 writes the transfer message into its outbox table in the debit's
+transaction and a relay ships it (no half message):
 
 1. a transfer of 20 that goes through;
 2. a transfer of 100 refused for insufficient balance (nothing is delivered);
 3. a transfer of 5 to a missing account: retried, dead-lettered, resent after the account
    is created;
-4. a lost outcome: bank1 commits but answers UNKNOWN; the broker checks back;
+4. a lost outcome: bank1 commits but answers UNKNOWN; the broker checks back (outbox
+   mode: the relay is down when bank1 commits; the row waits and ships when it is back);
 5. a duplicate delivery (bank2's ack is lost once): credited once.
 
 After every scenario it checks that the money adds up and that every transfer credited in
@@ -32,7 +35,7 @@ from typing import Any
 
 import aiohttp
 
-from examples.bank.bank1 import Bank1Service
+from examples.bank.bank1 import MODES, Bank1Service
 from examples.bank.bank2 import CONSUMER_GROUP, Bank2Service
 from examples.bank.db import parse_db_url
 
@@ -92,6 +95,20 @@ class _Demo:
         self.bank1, self.bank2, self.admin_url, self.http, self.out = bank1, bank2, admin_url, http, out
         self.failures = 0
 
+    async def message_id(self, reply: dict[str, Any]) -> str:
+        """The broker's id of a transfer's message: in the reply (transaction mode), or
+        found by its key once the relay sent it (outbox mode)."""
+        if reply.get("msgId"):
+            return str(reply["msgId"])
+
+        async def found() -> str | None:
+            async with self.http.get(f"{self.admin_url}/api/messages",
+                                     params={"topic": self.bank1.topic, "key": reply["txNo"]}) as r:
+                messages = (await r.json())["messages"]
+            return messages[0]["msg_id"] if messages else None
+
+        return str(await wait_until(found, what=f"the message of {reply['txNo']} on the broker"))
+
     async def transfer(self, from_id: int, to_id: int, money: str) -> tuple[int, dict[str, Any]]:
         async with self.http.post(f"{self.bank1.url}/v1/bank1/transfer",
                                   json={"fromId": from_id, "toId": to_id, "money": money}) as r:
@@ -105,7 +122,7 @@ class _Demo:
         async with self.http.get(f"{self.bank2.url}/v1/bank2/accounts/{account_id}") as r:
             return Decimal((await r.json())["balance"]) if r.status == 200 else None
 
-    async def show(self, in_transit: Decimal = Decimal("0.00")) -> None:
+    async def show(self, in_transit: Decimal = Decimal("0.00"), where: str = "in the DLQ") -> None:
         a1 = await self.bank1.db.accounts()
         a2 = await self.bank2.db.accounts()
         line = " | ".join(
@@ -115,7 +132,7 @@ class _Demo:
         problems = await check_invariants(self.bank1, self.bank2, START_TOTAL - in_transit)
         self.failures += bool(problems)
         verdict = "ok" if not problems else "BROKEN: " + "; ".join(problems)
-        transit = f" + {in_transit} in the DLQ" if in_transit else ""
+        transit = f" + {in_transit} {where}" if in_transit else ""
         self.out(f"   balances: {line} | total {total}{transit} ({verdict})")
 
     async def run(self) -> int:
@@ -134,29 +151,33 @@ class _Demo:
 
         out("3. transfer 5 to account 3, which bank2 does not have: retried, then dead-lettered")
         _status, reply = await self.transfer(1, 3, "5")
-        await wait_dead_lettered(self.http, self.admin_url, reply["msgId"])
-        retries = [d for d in self.bank2.deliveries if d.msg_id == reply["msgId"]]
+        msg_id = await self.message_id(reply)
+        await wait_dead_lettered(self.http, self.admin_url, msg_id)
+        retries = [d for d in self.bank2.deliveries if d.msg_id == msg_id]
         out(f"   bank2 tried {len(retries)} times; the message is in %DLQ%{CONSUMER_GROUP}")
         await self.show(in_transit=Decimal("5.00"))
         async with self.http.post(f"{self.bank2.url}/v1/bank2/accounts",
                                   json={"id": 3, "account": "wangwu"}) as r:
             out(f"   POST /v1/bank2/accounts wangwu -> HTTP {r.status}")
         async with self.http.post(f"{self.admin_url}/api/dlq/{CONSUMER_GROUP}/messages/"
-                                  f"{reply['msgId']}/resend") as r:
-            out(f"   POST /api/dlq/{CONSUMER_GROUP}/messages/{reply['msgId']}/resend -> HTTP {r.status}")
+                                  f"{msg_id}/resend") as r:
+            out(f"   POST /api/dlq/{CONSUMER_GROUP}/messages/{msg_id}/resend -> HTTP {r.status}")
         await wait_until(lambda: self._is(3, Decimal("5.00")), what="wangwu credited")
         await self.show()
 
-        out("4. lost outcome: bank1 commits locally but reports UNKNOWN; the broker checks back")
-        self.bank1.fault = "unknown-outcome"
-        try:
-            t0 = time.monotonic()
-            await self.transfer(1, 2, "10")
-        finally:
-            self.bank1.fault = None
-        await wait_until(lambda: self._is(2, Decimal("30.00")), what="check-back and credit")
-        out(f"   check-back answered COMMIT from halfmq_tx_log; credited after "
-            f"{time.monotonic() - t0:.1f}s")
+        if self.bank1.mode == "outbox":
+            await self._relay_down()
+        else:
+            out("4. lost outcome: bank1 commits locally but reports UNKNOWN; the broker checks back")
+            self.bank1.fault = "unknown-outcome"
+            try:
+                t0 = time.monotonic()
+                await self.transfer(1, 2, "10")
+            finally:
+                self.bank1.fault = None
+            await wait_until(lambda: self._is(2, Decimal("30.00")), what="check-back and credit")
+            out(f"   check-back answered COMMIT from halfmq_tx_log; credited after "
+                f"{time.monotonic() - t0:.1f}s")
         await self.show()
 
         out("5. duplicate delivery: bank2's ack is lost once, the message comes again")
@@ -174,12 +195,28 @@ class _Demo:
         out("done: every check held" if not self.failures else f"done: {self.failures} check(s) FAILED")
         return 0 if not self.failures else 1
 
+    async def _relay_down(self) -> None:
+        out, bank1 = self.out, self.bank1
+        assert bank1.outbox is not None
+        out("4. the outbox relay is down when bank1 commits: the row waits in halfmq_outbox")
+        await bank1.stop_relay()
+        await self.transfer(1, 2, "10")
+        out(f"   halfmq_outbox: {(await bank1.outbox.status()).describe()}; lisi still has "
+            f"{await self.balance2(2)}")
+        await self.show(in_transit=Decimal("10.00"), where="in bank1's outbox")
+        t0 = time.monotonic()
+        bank1.start_relay()
+        await wait_until(lambda: self._is(2, Decimal("30.00")), what="the relay and the credit")
+        out(f"   the relay is back: it sent the row; credited after {time.monotonic() - t0:.1f}s")
+
     async def _is(self, account_id: int, expected: Decimal) -> bool:
         return await self.balance2(account_id) == expected
 
 
-async def run_demo(db: str | None = None, out: Callable[[str], None] = print) -> int:
-    """Run the whole demo; ``db`` is ``None`` (temporary SQLite) or a ``mysql://`` URL."""
+async def run_demo(db: str | None = None, out: Callable[[str], None] = print, *,
+                   mode: str = "transaction") -> int:
+    """Run the whole demo; ``db`` is ``None`` (temporary SQLite) or a ``mysql://`` URL;
+    ``mode`` is how bank1 ships the message (``transaction`` or ``outbox``)."""
     from broker import Broker, BrokerConfig
 
     with tempfile.TemporaryDirectory(prefix="halfmq-demo-") as tmp:
@@ -193,17 +230,17 @@ async def run_demo(db: str | None = None, out: Callable[[str], None] = print) ->
                               tx_timeout=1.0, tx_check_interval=0.2, retry_delays=(0.2, 0.3),
                               ack_timeout=5.0)
         async with Broker(config) as broker:
-            bank1 = Bank1Service(db1, broker.address, port=0, reset=True)
+            bank1 = Bank1Service(db1, broker.address, port=0, reset=True, mode=mode)
             bank2 = Bank2Service(db2, broker.address, port=0, max_reconsume_times=2, reset=True)
             async with bank1, bank2, aiohttp.ClientSession() as http:
-                out(f"halfmq demo: broker {broker.address} (admin {broker.http_url}), "
+                out(f"halfmq demo ({mode} mode): broker {broker.address} (admin {broker.http_url}), "
                     f"bank1 {bank1.url} [{bank1.db.url.describe()}], "
                     f"bank2 {bank2.url} [{bank2.db.url.describe()}]")
                 return await _Demo(bank1, bank2, broker.http_url, http, out).run()
 
 
 def demo_main(argv: list[str]) -> int:
-    """``halfmq demo [--db mysql://user:pass@host:3306/name] [-v]``."""
+    """``halfmq demo [--db mysql://user:pass@host:3306/name] [--mode outbox] [-v]``."""
     parser = argparse.ArgumentParser(
         prog="halfmq demo",
         description="The bank transfer end to end: an embedded broker, bank1 and bank2, five "
@@ -211,6 +248,10 @@ def demo_main(argv: list[str]) -> int:
     parser.add_argument("--db", default=None,
                         help="mysql://user:pass@host:3306/name to use MySQL/MariaDB (databases "
                              "name_bank1 and name_bank2); default: temporary SQLite files")
+    parser.add_argument("--mode", choices=MODES, default="transaction",
+                        help="how bank1 ships the transfer: a transactional half message "
+                             "checked back by the broker, or a row of its outbox table sent by "
+                             "a relay [transaction]")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the banks do")
     args = parser.parse_args(argv)
     if args.db is not None and not args.db.startswith("mysql"):
@@ -225,7 +266,7 @@ def demo_main(argv: list[str]) -> int:
         runner = asyncio.Runner()
     started = time.monotonic()
     with runner:
-        status = runner.run(run_demo(args.db))
+        status = runner.run(run_demo(args.db, mode=args.mode))
     print(f"({time.monotonic() - started:.1f}s)")
     return status
 

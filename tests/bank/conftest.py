@@ -65,14 +65,20 @@ async def mysql_bank_dbs() -> AsyncIterator[tuple[str, str]]:
         yield pair
 
 
+@pytest.fixture(params=["transaction", "outbox"])
+def bank_mode(request: pytest.FixtureRequest) -> str:
+    """How bank1 ships the transfer: a transactional message, or an outbox row and its relay."""
+    return request.param
+
+
 @pytest.fixture
-async def banks(broker, bank_dbs):
+async def banks(broker, bank_dbs, bank_mode):
     """bank1 and bank2 running in this process against the ``broker`` subprocess."""
     from examples.bank.bank1 import Bank1Service
     from examples.bank.bank2 import Bank2Service
 
     db1, db2 = bank_dbs
-    bank1 = Bank1Service(db1, broker.address, port=0)
+    bank1 = Bank1Service(db1, broker.address, port=0, mode=bank_mode)
     bank2 = Bank2Service(db2, broker.address, port=0, max_reconsume_times=2)
     async with bank1, bank2:
         yield bank1, bank2

@@ -1,5 +1,6 @@
-"""Helpers for the bank soak test: a listener with injected outcomes, bank2 as a subprocess,
-the transfer plan and the ledger checks.
+"""Helpers for the bank soak test: a listener (transaction mode) and an outbox transfer
+(outbox mode) with injected outcomes, bank2 and the outbox relay as subprocesses, the
+transfer plan and the ledger checks.
 
 Nothing here sleeps to wait for something: processes are awaited through their ready line
 and their exit, and the test polls the databases and the admin API with deadlines.
@@ -20,7 +21,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from examples.bank.bank1 import Bank1Service, TransferListener, TransferRefused, TransferRequest
+from examples.bank.bank1 import (
+    Bank1Service,
+    OutboxTransfer,
+    TransferListener,
+    TransferRefused,
+    TransferRequest,
+)
 from producer_sdk import LocalTransactionState, Message
 from producer_sdk.local_tx import record_commit
 
@@ -133,6 +140,45 @@ class SoakListener(TransferListener):
             raise exc
 
 
+class SoakOutboxTransfer(OutboxTransfer):
+    """bank1's local transaction in outbox mode, with the outcome of each transfer taken from
+    the plan. ``COMMIT``: the debit and the outbox row commit. ``ROLLBACK`` /
+    ``RAISE_BEFORE``: all the writes, then a refusal / an exception inside the transaction:
+    nothing is kept. ``UNKNOWN`` / ``RAISE_AFTER``: the transaction commits, then an
+    exception (the client gets a 500, the relay still ships the committed row)."""
+
+    def __init__(self, service: Bank1Service, plan: Iterable[PlannedTransfer]) -> None:
+        super().__init__(service)
+        self.outcomes = {t.tx_no: t.outcome for t in plan}
+        self.executed: dict[str, int] = {}
+
+    async def execute(self, request: TransferRequest) -> int:
+        outcome = self.outcomes.get(request.tx_no, "COMMIT")
+        self.executed[outcome] = self.executed.get(outcome, 0) + 1
+        if outcome == "ROLLBACK":
+            await self._doomed(request, TransferRefused(409, "injected rollback"))
+        if outcome == "RAISE_BEFORE":
+            await self._doomed(request, InjectedFault(
+                f"injected failure before the commit of {request.tx_no}"))
+        row_id = await super().execute(request)
+        if outcome in ("UNKNOWN", "RAISE_AFTER"):
+            raise InjectedFault(f"injected failure after the local transaction of {request.tx_no}")
+        return row_id
+
+    async def _doomed(self, request: TransferRequest, exc: Exception) -> None:
+        """bank1's writes for the transfer, outbox row included, then ``exc``: rolled back."""
+        service = self.service
+        assert service.outbox is not None
+        db = service.db
+        async with db.transaction() as conn:
+            await db.claim_tx_no(conn, request.tx_no)
+            account = await db.lock_account(conn, request.from_id)
+            if account is not None and account.balance >= request.money:
+                await db.set_balance(conn, account.id, account.balance - request.money)
+            await service.outbox.add(conn, service.topic, request.body(), keys=[request.tx_no])
+            raise exc
+
+
 class QuietInjectedFaults(logging.Filter):
     """Drops bank1's tracebacks of ``InjectedFault`` (hundreds of expected ones); any
     other error is still logged. ``with QuietInjectedFaults(): ...``"""
@@ -151,28 +197,27 @@ class QuietInjectedFaults(logging.Filter):
         self.logger.removeFilter(self)
 
 
-class Bank2Process:
-    """``python -m examples.bank.bank2`` as a subprocess that can be ``kill -9``ed and restarted."""
+class ServiceProcess:
+    """A service as a subprocess that prints one ready line (starting with ``ready``) on
+    standard output when it serves; it can be ``kill -9``ed and restarted."""
 
-    def __init__(self, broker_address: str, db: str, log_path: Path) -> None:
-        self.broker_address, self.db, self.log_path = broker_address, db, log_path
+    def __init__(self, argv: list[str], ready: str, log_path: Path) -> None:
+        self.argv, self.ready, self.log_path = argv, ready, log_path
         self.proc: subprocess.Popen[str] | None = None
-        self.url = ""
+        self.ready_line = ""
         self.kills = 0
 
-    def start(self) -> Bank2Process:
+    def start(self) -> ServiceProcess:
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "examples.bank.bank2", "--broker", self.broker_address,
-                 "--port", "0", "--db", self.db],
-                cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                [sys.executable, *self.argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
+                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("bank2 ready"):
+        self.ready_line = self.proc.stdout.readline()
+        if not self.ready_line.startswith(self.ready):
             self._reap(signal.SIGKILL)
-            raise AssertionError(f"bank2 did not start: {line!r}; see {self.log_path}")
-        self.url = dict(p.split("=", 1) for p in line.split()[2:])["http"]
+            raise AssertionError(f"{self.argv[:3]} did not start: {self.ready_line!r}; "
+                                 f"see {self.log_path}")
         return self
 
     def kill9(self) -> None:
@@ -196,6 +241,31 @@ class Bank2Process:
         if proc.stdout is not None:
             proc.stdout.close()
         self.proc = None
+
+
+class Bank2Process(ServiceProcess):
+    """``python -m examples.bank.bank2`` as a subprocess; ``url`` once started."""
+
+    def __init__(self, broker_address: str, db: str, log_path: Path) -> None:
+        super().__init__(["-m", "examples.bank.bank2", "--broker", broker_address, "--port", "0",
+                          "--db", db], "bank2 ready", log_path)
+        self.url = ""
+
+    def start(self) -> Bank2Process:
+        super().start()
+        self.url = dict(p.split("=", 1) for p in self.ready_line.split()[2:])["http"]
+        return self
+
+
+class OutboxRelayProcess(ServiceProcess):
+    """``halfmq outbox-relay`` for bank1's database (outbox mode), with short settings: a
+    2 s lease (a killed relay's rows are sent again after it), 1 s send timeout."""
+
+    def __init__(self, broker_address: str, db: str, log_path: Path) -> None:
+        super().__init__(["-m", "broker.cli", "outbox-relay", "--db", db, "--broker",
+                          broker_address, "--lease", "2s", "--send-timeout", "1s",
+                          "--max-backoff", "200ms", "--poll-interval", "20ms",
+                          "--progress-interval", "1s"], "halfmq outbox-relay ready", log_path)
 
 
 def ledger_problems(plan: list[PlannedTransfer], start1: dict[int, Decimal],

@@ -8,24 +8,30 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from examples.bank.demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def test_demo_on_sqlite():
+@pytest.mark.parametrize("mode", ["transaction", "outbox"])
+async def test_demo_on_sqlite(mode):
     lines: list[str] = []
     started = time.monotonic()
-    assert await run_demo(None, out=lines.append) == 0, "\n".join(lines)
+    assert await run_demo(None, out=lines.append, mode=mode) == 0, "\n".join(lines)
     assert time.monotonic() - started < 30
     text = "\n".join(lines)
     assert "HTTP 409 ROLLBACK insufficient balance" in text
     assert "done: every check held" in text
+    if mode == "outbox":
+        assert "the row waits in halfmq_outbox" in text and "pending 1" in text
     assert lines[-2].strip().startswith("balances: bank1 1 zhangsan 64.00 | bank2 2 lisi 31.00 | "
                                         "bank2 3 wangwu 5.00 | total 100.00 (ok)")
 
 
-async def test_demo_on_mysql(mysql_bank_dbs):
+@pytest.mark.parametrize("mode", ["transaction", "outbox"])
+async def test_demo_on_mysql(mysql_bank_dbs, mode):
     db1, _db2 = mysql_bank_dbs
     from tests.bank.conftest import _mysql_admin
 
@@ -33,15 +39,17 @@ async def test_demo_on_mysql(mysql_bank_dbs):
     name = base.rsplit("/", 1)[1]
     lines: list[str] = []
     try:
-        assert await run_demo(base, out=lines.append) == 0, "\n".join(lines)
+        assert await run_demo(base, out=lines.append, mode=mode) == 0, "\n".join(lines)
     finally:
         await _mysql_admin(f"DROP DATABASE IF EXISTS {name}_bank1",
                            f"DROP DATABASE IF EXISTS {name}_bank2")
     assert "done: every check held" in "\n".join(lines)
 
 
-def test_halfmq_demo_command():
-    proc = subprocess.run([sys.executable, "-m", "broker.cli", "demo"], cwd=ROOT,
+@pytest.mark.parametrize("mode", ["transaction", "outbox"])
+def test_halfmq_demo_command(mode):
+    proc = subprocess.run([sys.executable, "-m", "broker.cli", "demo", "--mode", mode], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "done: every check held" in proc.stdout
+    assert f"({mode} mode)" in proc.stdout

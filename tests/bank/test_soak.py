@@ -1,26 +1,34 @@
 """Soak: 1,000 random transfers from 16 concurrent HTTP clients through bank1 -> halfmq -> bank2,
-with random listener outcomes, one ``kill -9`` of the broker and one of bank2 in the middle.
+with random listener outcomes, one ``kill -9`` of the broker and one of bank2 in the middle —
+in both of bank1's modes: transactional messages, and the outbox (then the relay runs as
+``halfmq outbox-relay`` and is ``kill -9``ed too).
 
 - The broker is a real subprocess with short settings; bank1 runs in this process with a
   listener whose outcome per transfer is drawn (seeded) from COMMIT / ROLLBACK / UNKNOWN /
   raise before or after the local commit; bank2 is a subprocess.
 - After ~300 answered transfers the broker is ``kill -9``ed and restarted at once on the
-  same data directory and ports; after ~600, bank2 is ``kill -9``ed and restarted.
+  same data directory and ports; after ~600, bank2 is ``kill -9``ed and restarted; in
+  outbox mode the relay is ``kill -9``ed and restarted after ~450.
+- Outbox mode: the same outcomes, drawn the same way, in bank1's local transaction (see
+  ``SoakOutboxTransfer``); UNKNOWN and RAISE_AFTER commit and then fail the request.
 - Clients treat errors and 5xx as "outcome unknown": the invariants are checked against
-  the databases, at quiescence (no PREPARED transaction, the group's lag, in-flight and
-  retries at 0, bank2's credited set equal to bank1's debited set).
+  the databases, at quiescence (no PREPARED transaction / no pending outbox row, the
+  group's lag, in-flight and retries at 0, bank2's credited set equal to bank1's debited
+  set).
 
 Checked then: the money adds up; every account's balance is its start balance moved by
 exactly the transfers in the banks' ``tx_duplication`` tables (so nothing is credited twice
 or lost); every credited tx_no was debited and every debited one credited; transfers whose
 local transaction rolled back are in neither; nothing PREPARED or abandoned; the broker
 committed only debited transfers and rolled back none of them; every client reply agrees
-with the databases.
+with the databases. Outbox mode instead of the broker's transactions: no outbox row
+pending or FAILED, and exactly one row per debited transfer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections import Counter
@@ -36,8 +44,10 @@ from tests.bank.soak_support import (
     NEVER_DEBITED,
     OUTCOMES,
     Bank2Process,
+    OutboxRelayProcess,
     QuietInjectedFaults,
     SoakListener,
+    SoakOutboxTransfer,
     ledger_problems,
     make_plan,
 )
@@ -49,6 +59,7 @@ TRANSFERS = 1000
 CLIENTS = 16
 KILL_BROKER_AT = 300
 KILL_BANK2_AT = 600
+KILL_RELAY_AT = 450  # outbox mode
 QUIESCENCE_TIMEOUT = 90.0
 
 #: bank1: five well-funded accounts and two that run dry early (insufficient balance).
@@ -93,6 +104,53 @@ async def _trace(http: aiohttp.ClientSession, admin: str, db1: BankDatabase,
     return out
 
 
+async def _transaction_problems(http: aiohttp.ClientSession, admin: str,
+                                db1: BankDatabase) -> list[str]:
+    """Transaction mode: nothing abandoned, and per half message (a half SEND retried across
+    the broker kill leaves an orphan half message with the same key, which check-back
+    rightly rolls back) the broker committed exactly what bank1's tx log says committed."""
+    problems = []
+    txs = {state: (await _get_json(http, f"{admin}/api/transactions?state={state}"))
+           ["transactions"] for state in ("abandoned", "committed", "rolled_back")}
+    if txs["abandoned"]:
+        problems.append(f"{len(txs['abandoned'])} abandoned transactions: {txs['abandoned'][:3]}")
+    async with db1.connection() as conn:
+        tx_log = dict(await db1._exec(conn, "SELECT msg_id, state FROM halfmq_tx_log"))
+    if bad := sorted(tx["msg_id"] for tx in txs["committed"]
+                     if tx_log.get(tx["msg_id"]) != "COMMITTED"):
+        problems.append(f"committed by the broker, not committed in bank1: {bad[:10]}")
+    if bad := sorted(tx["msg_id"] for tx in txs["rolled_back"]
+                     if tx_log.get(tx["msg_id"]) == "COMMITTED"):
+        problems.append(f"committed in bank1, rolled back by the broker: {bad[:10]}")
+    return problems
+
+
+async def _outbox_problems(bank1: Bank1Service, debited: set[str]) -> list[str]:
+    """Outbox mode: nothing pending or FAILED, exactly one SENT row per debited transfer."""
+    assert bank1.outbox is not None
+    problems = []
+    status = await bank1.outbox.status()
+    if status.pending or status.failed or status.discarded:
+        problems.append(f"outbox not drained: {status.describe()}; failed rows: "
+                        f"{(await bank1.outbox.failed())[:3]}")
+    keys = Counter(k for row in await _outbox_rows(bank1.db) for k in row[2])
+    if twice := sorted(k for k, n in keys.items() if n > 1):
+        problems.append(f"transfers with more than one outbox row: {twice[:10]}")
+    if set(keys) != debited:
+        problems.append(f"outbox rows {len(keys)} != debited transfers {len(debited)}: "
+                        f"{sorted(set(keys) ^ debited)[:10]}")
+    return problems
+
+
+async def _outbox_rows(db1: BankDatabase, tx_nos: list[str] | None = None) -> list[tuple]:
+    """``(id, status, keys, attempts, last_error)`` of bank1's outbox rows (of ``tx_nos``)."""
+    async with db1.connection() as conn:
+        rows = await db1._exec(conn, "SELECT id, status, msg_keys, attempts, last_error "
+                                     "FROM halfmq_outbox ORDER BY id")
+    out = [(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4]) for r in rows]
+    return out if tx_nos is None else [r for r in out if set(r[2]) & set(tx_nos)]
+
+
 async def _seed(url: str, accounts: dict[int, Decimal]) -> BankDatabase:
     db = BankDatabase(url, seed=[(i, f"soak{i}", str(b)) for i, b in accounts.items()])
     return await db.open()
@@ -101,7 +159,7 @@ async def _seed(url: str, accounts: dict[int, Decimal]) -> BankDatabase:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory, bank_dbs,
-                                                                 tmp_path):
+                                                                 bank_mode, tmp_path):
     t0 = time.monotonic()
     db1_url, db2_url = bank_dbs
     broker = broker_factory(*BROKER_ARGS)
@@ -110,16 +168,23 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
 
     await (await _seed(db1_url, START1)).close()  # before bank1 seeds its own account 1
     db2 = await _seed(db2_url, START2)            # kept open: the test reads bank2's database
-    bank1 = Bank1Service(db1_url, broker.address, port=0)
+    outbox_mode = bank_mode == "outbox"
+    bank1 = Bank1Service(db1_url, broker.address, port=0, mode=bank_mode, relay=False)
     bank2 = Bank2Process(broker.address, db2_url, tmp_path / "bank2.log")
+    relay = OutboxRelayProcess(broker.address, db1_url, tmp_path / "relay.log")
     results: dict[str, tuple[int | None, object]] = {}
     events: list[str] = []
     quiet_faults = QuietInjectedFaults().__enter__()
     try:
         await bank1.start()
-        listener = SoakListener(bank1, plan)
-        assert bank1.producer is not None
-        bank1.producer.listener = listener  # before the first transfer
+        listener: SoakListener | SoakOutboxTransfer
+        if outbox_mode:
+            listener = bank1.outbox_transfer = SoakOutboxTransfer(bank1, plan)
+            await asyncio.to_thread(relay.start)
+        else:
+            listener = SoakListener(bank1, plan)
+            assert bank1.producer is not None
+            bank1.producer.listener = listener  # before the first transfer
         await asyncio.to_thread(bank2.start)
 
         timeout = aiohttp.ClientTimeout(total=30)
@@ -127,7 +192,7 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
                                          connector=aiohttp.TCPConnector(limit=CLIENTS)) as http:
             pending = iter(plan)
             answered = 0
-            reached = {KILL_BROKER_AT: asyncio.Event(), KILL_BANK2_AT: asyncio.Event()}
+            reached = {n: asyncio.Event() for n in (KILL_BROKER_AT, KILL_RELAY_AT, KILL_BANK2_AT)}
 
             async def client() -> None:
                 nonlocal answered
@@ -148,6 +213,12 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
                 await asyncio.to_thread(broker.kill9)
                 await asyncio.to_thread(broker.start)
                 events.append(f"{time.monotonic() - t0:.1f}s broker restarted at {answered}")
+                if outbox_mode:
+                    await reached[KILL_RELAY_AT].wait()
+                    events.append(f"{time.monotonic() - t0:.1f}s kill -9 relay at {answered}")
+                    await asyncio.to_thread(relay.kill9)
+                    await asyncio.to_thread(relay.start)
+                    events.append(f"{time.monotonic() - t0:.1f}s relay restarted at {answered}")
                 await reached[KILL_BANK2_AT].wait()
                 events.append(f"{time.monotonic() - t0:.1f}s kill -9 bank2 at {answered}")
                 await asyncio.to_thread(bank2.kill9)
@@ -164,12 +235,20 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
             snapshot: dict[str, object] = {}
 
             async def settled() -> bool:
-                prepared = (await _get_json(
-                    http, f"{broker.http_url}/api/transactions?state=prepared"))["transactions"]
+                if outbox_mode:
+                    assert bank1.outbox is not None
+                    outbox_status = await bank1.outbox.status()
+                    snapshot.update(outbox=outbox_status)
+                    unsettled = outbox_status.pending
+                else:
+                    prepared = (await _get_json(
+                        http, f"{broker.http_url}/api/transactions?state=prepared"))["transactions"]
+                    snapshot.update(n_prepared=len(prepared), prepared=prepared[:3])
+                    unsettled = len(prepared)
                 groups = (await _get_json(http, f"{broker.http_url}/api/groups"))["groups"]
                 group = next((g for g in groups if g["group"] == CONSUMER_GROUP), None)
-                snapshot.update(n_prepared=len(prepared), prepared=prepared[:3], group=group)
-                return (not prepared and group is not None and group["lag"] == 0
+                snapshot.update(group=group)
+                return (not unsettled and group is not None and group["lag"] == 0
                         and group["in_flight"] == 0 and group["waiting_retry"] == 0)
 
             async def same_sets() -> bool:
@@ -180,8 +259,13 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
                 return debited == credited
 
             async def diagnose(exc: AssertionError) -> AssertionError:
-                lost = await _trace(http, broker.http_url, bank1.db, listener,
-                                    snapshot.get("debited_not_credited", [])[:3])  # type: ignore[index]
+                missing = snapshot.get("debited_not_credited", [])[:3]  # type: ignore[index]
+                if isinstance(listener, SoakOutboxTransfer):
+                    lost: object = await _outbox_rows(bank1.db, missing)
+                    return AssertionError(f"{exc}; last state: {snapshot}; events: {events}; "
+                                          f"outbox rows of lost transfers: {lost}; logs: "
+                                          f"{broker.log_path}, {bank2.log_path}, {relay.log_path}")
+                lost = await _trace(http, broker.http_url, bank1.db, listener, missing)
                 return AssertionError(
                     f"{exc}; last state: {snapshot}; events: {events}; check-backs answered "
                     f"by bank1: {listener.checks}, slowest {listener.slowest_check:.2f}s, at "
@@ -191,20 +275,17 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
 
             try:
                 await wait_for(settled, timeout=QUIESCENCE_TIMEOUT, interval=0.2,
-                               what="no PREPARED transaction and consumer_bank2 idle")
+                               what="no PREPARED transaction / pending outbox row and "
+                                    "consumer_bank2 idle")
                 await wait_for(same_sets, timeout=5, interval=0.2,
                                what="bank2's credited tx_nos to equal bank1's debited ones")
             except AssertionError as exc:
                 raise await diagnose(exc) from None
             events.append(f"{time.monotonic() - t0:.1f}s quiescent")
 
-            abandoned = (await _get_json(
-                http, f"{broker.http_url}/api/transactions?state=abandoned"))["transactions"]
-            committed = (await _get_json(
-                http, f"{broker.http_url}/api/transactions?state=committed"))["transactions"]
-            rolled_back = (await _get_json(
-                http, f"{broker.http_url}/api/transactions?state=rolled_back"))["transactions"]
             group = snapshot["group"]
+            if not outbox_mode:
+                shipping_problems = await _transaction_problems(http, broker.http_url, bank1.db)
 
         # -- the databases ---------------------------------------------------------------
         debited, credited = await bank1.db.tx_numbers(), await db2.tx_numbers()
@@ -212,21 +293,12 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
         balances2 = {a.id: a.balance for a in await db2.accounts()}
         problems = ledger_problems(plan, START1, START2, debited, credited, balances1, balances2)
 
-        # -- the broker's view agrees ------------------------------------------------------
-        if abandoned:
-            problems.append(f"{len(abandoned)} abandoned transactions: {abandoned[:3]}")
+        # -- the broker's view (or the outbox's) agrees ----------------------------------------
         if group["dead_lettered"]:  # type: ignore[index]
             problems.append(f"{group['dead_lettered']} transfers dead-lettered: {group}")  # type: ignore[index]
-        # per half message (a half SEND retried across the broker kill leaves an orphan half
-        # message with the same key, which check-back rightly rolls back): the broker
-        # committed exactly what bank1's tx log says committed
-        async with bank1.db.connection() as conn:
-            tx_log = dict(await bank1.db._exec(conn, "SELECT msg_id, state FROM halfmq_tx_log"))
-        if bad := sorted(tx["msg_id"] for tx in committed if tx_log.get(tx["msg_id"]) != "COMMITTED"):
-            problems.append(f"committed by the broker, not committed in bank1: {bad[:10]}")
-        if bad := sorted(tx["msg_id"] for tx in rolled_back
-                         if tx_log.get(tx["msg_id"]) == "COMMITTED"):
-            problems.append(f"committed in bank1, rolled back by the broker: {bad[:10]}")
+        if outbox_mode:
+            shipping_problems = await _outbox_problems(bank1, debited)
+        problems += shipping_problems
 
         # -- every client reply agrees with the databases -------------------------------------
         statuses = Counter(status for status, _ in results.values())
@@ -252,10 +324,13 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
         if twice := sorted(tx for tx, n in credit_lines.items() if n > 1):
             problems.append(f"bank2 credited these transfers more than once: {twice[:10]}")
 
-        summary = (f"events: {events}; client statuses: {dict(statuses)}; listener outcomes: "
-                   f"{listener.executed}; check-backs answered: {listener.checks} (slowest "
-                   f"{listener.slowest_check:.2f}s); debited: {len(debited)}; logs: "
-                   f"{broker.log_path}, {bank2.log_path}")
+        checks = ("" if isinstance(listener, SoakOutboxTransfer) else
+                  f"check-backs answered: {listener.checks} (slowest "
+                  f"{listener.slowest_check:.2f}s); ")
+        summary = (f"mode {bank_mode}; events: {events}; client statuses: {dict(statuses)}; "
+                   f"outcomes: {listener.executed}; {checks}debited: {len(debited)}; logs: "
+                   f"{broker.log_path}, {bank2.log_path}"
+                   + (f", {relay.log_path}" if outbox_mode else ""))
         assert problems == [], summary
 
         # -- the soak really exercised what it claims ------------------------------------------
@@ -265,10 +340,12 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
                       if s == 409 and "insufficient balance" in str(r))
         assert refused > 0, summary
         assert len(debited) > TRANSFERS // 3, summary
-        assert bank2.kills == 1 and len(events) >= 6, summary
+        assert bank2.kills == 1 and relay.kills == int(outbox_mode), summary
+        assert len(events) >= (8 if outbox_mode else 6), summary
         print(summary)
     finally:
         quiet_faults.__exit__()
+        await asyncio.to_thread(relay.stop)
         await asyncio.to_thread(bank2.stop)
         await bank1.close()
         await db2.close()

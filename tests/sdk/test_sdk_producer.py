@@ -30,7 +30,8 @@ def test_exports_are_pinned():
     assert sorted(producer_sdk.__all__) == sorted(
         ["Producer", "TransactionProducer", "TransactionListener", "LocalTransactionState",
          "SendResult", "Message", *errors,
-         "TxLogChecker", "TxLogListener", "record_commit", "create_tx_log", "AlreadyRolledBackError"])
+         "TxLogChecker", "TxLogListener", "record_commit", "create_tx_log", "AlreadyRolledBackError",
+         "Outbox"])
     assert sorted(consumer_sdk.__all__) == sorted(["PushConsumer", "SimpleConsumer", "ReceivedMessage",
                                                    "StaleReceiptError", "ConsumeResult", "Message",
                                                    *errors, "apply_once", "claim_key", "create_dedup_table",
