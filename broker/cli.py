@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
               "  admin     query the admin API: topics | groups | message ID | resend GROUP ID | transactions\n"
               "            | scheduled [--topic T] | recall ID\n"
               "  webhook   POST a topic's messages to a URL: add | list | show | remove | rotate | delivery | resend\n"
+              "  outbox-relay  ship a database's outbox table to the broker: halfmq outbox-relay --db URL --broker ADDR\n"
               "  demo      the bank transfer example with an embedded broker\n"
               "  bench     the benchmark harness",
               file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
