@@ -180,11 +180,9 @@ class GrpcClient:
 class GrpcClients:
     """Every known gRPC client (see the module docstring)."""
 
-    def __init__(self, engine: Engine, *, client_timeout: float = 30.0, release_ms: int = 1000,
-                 max_clients: int = 10000) -> None:
+    def __init__(self, engine: Engine, tuning: Any, *, max_clients: int = 10000) -> None:
         self.engine = engine
-        self.client_timeout = client_timeout
-        self.release_ms = release_ms
+        self.tuning = tuning  # a ServiceTuning: client_timeout, release
         self.max_clients = max_clients
         self.by_id: dict[str, GrpcClient] = {}
         #: receipt handle -> lease renewed by the broker (push consumers)
@@ -272,11 +270,17 @@ class GrpcClients:
 
     # -- going away -----------------------------------------------------------------------
 
+    @property
+    def release_ms(self) -> int:
+        """Milliseconds after which the leases of a vanished client are visible again."""
+        return int(self.tuning.release * 1000)
+
     def sweep(self, now: float) -> None:
         """Remove clients without a Telemetry stream that fell silent for ``client_timeout``."""
+        timeout = self.tuning.client_timeout
         for c in list(self.by_id.values()):
-            if not c.streams and now - c.last_seen > self.client_timeout:
-                self.remove(c, f"no heartbeat for {self.client_timeout:g} s")
+            if not c.streams and now - c.last_seen > timeout:
+                self.remove(c, f"no heartbeat for {timeout:g} s")
 
     def remove(self, c: GrpcClient, why: str) -> None:
         """``c`` is gone: close its sessions and release the leases renewed for it."""

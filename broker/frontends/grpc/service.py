@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -124,8 +125,7 @@ class MessagingService(grpc_pb.MessagingServiceServicer):  # type: ignore[misc, 
         self.config = config
         self.tuning = tuning or ServiceTuning()
         self.authenticator = authenticator
-        self.clients = GrpcClients(engine, client_timeout=self.tuning.client_timeout,
-                                   release_ms=int(self.tuning.release * 1000), max_clients=config.max_connections)
+        self.clients = GrpcClients(engine, self.tuning, max_clients=config.max_connections)
         self.clients.check_message = self._check_command
         self.schedules = hasattr(engine, "recall") and hasattr(config, "max_delay")
         self.max_delay_ms = int(config.max_delay * 1000) if self.schedules else None  # type: ignore[attr-defined]
@@ -215,7 +215,8 @@ class MessagingService(grpc_pb.MessagingServiceServicer):  # type: ignore[misc, 
             sub.long_polling_timeout.CopyFrom(_duration(self.tuning.long_polling))
             out.backoff_policy.CopyFrom(pb.RetryPolicy(
                 max_attempts=int(st.get("max_attempts") or _DEFAULT_MAX_ATTEMPTS),
-                customized_backoff=pb.CustomizedBackoff(next=[_duration(d) for d in delays])))
+                # the client reads whole seconds only: a sub-second delay would become 0
+                customized_backoff=pb.CustomizedBackoff(next=[_duration(math.ceil(d)) for d in delays])))
         return svc.TelemetryCommand(status=ok(), settings=out)
 
     async def Telemetry(self, request_iterator: Any, context: Any) -> None:
