@@ -45,6 +45,9 @@ __all__ = [
 
 #: Bytes of user properties (keys and values) one message may carry, as the proxy.
 MAX_PROPERTIES_SIZE = 16 * 1024
+#: Without scheduling, delivery times further ahead than this are still called illegal
+#: (a time in milliseconds given as seconds), the others unsupported.
+FAR_FUTURE_MS = 86_400_000
 #: Longest tag, key and message group, as the proxy.
 MAX_TEXT = 256 * 2
 
@@ -142,12 +145,13 @@ def send_row(msg: Any, *, now_ms: int, max_body: int, max_delay_ms: int | None) 
     if group is not None:
         row.append({"group": group})
     elif at is not None:
+        limit = max_delay_ms if max_delay_ms is not None else FAR_FUTURE_MS
+        if at - now_ms > limit:
+            raise GrpcError(Code.ILLEGAL_DELIVERY_TIME,
+                            f"delivery time {at} ms is more than {limit} ms ahead (--max-delay); "
+                            "delivery_timestamp is in seconds: a milliseconds value lands far in the future")
         if max_delay_ms is None:
             raise GrpcError(Code.UNSUPPORTED, "delayed messages are not supported by this broker")
-        if at - now_ms > max_delay_ms:
-            raise GrpcError(Code.ILLEGAL_DELIVERY_TIME,
-                            f"delivery time {at} ms is more than --max-delay ({max_delay_ms} ms) ahead "
-                            "(delivery_timestamp is in seconds: a milliseconds value lands far in the future)")
         if at > now_ms:
             row.append({"at": at})
     return topic, row, half
