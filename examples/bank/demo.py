@@ -15,6 +15,10 @@ them), then runs the five scenarios over HTTP and prints the balances after each
 
 After every scenario it checks that the money adds up and that every transfer credited in
 bank2 was debited in bank1. Exit status 0 when all checks hold.
+
+With ``--rocketmq-client`` the broker also serves RocketMQ 5's gRPC protocol and bank2
+consumes with the official Apache RocketMQ client (``examples.bank.bank2_rocketmq``)
+while bank1 stays on halfmq's SDK: the same five scenarios, across the two protocols.
 """
 
 from __future__ import annotations
@@ -178,8 +182,10 @@ class _Demo:
         return await self.balance2(account_id) == expected
 
 
-async def run_demo(db: str | None = None, out: Callable[[str], None] = print) -> int:
-    """Run the whole demo; ``db`` is ``None`` (temporary SQLite) or a ``mysql://`` URL."""
+async def run_demo(db: str | None = None, out: Callable[[str], None] = print, *,
+                   rocketmq_client: bool = False) -> int:
+    """Run the whole demo; ``db`` is ``None`` (temporary SQLite) or a ``mysql://`` URL;
+    ``rocketmq_client``: bank2 on the official RocketMQ client (needs the grpc extra)."""
     from broker import Broker, BrokerConfig
 
     with tempfile.TemporaryDirectory(prefix="halfmq-demo-") as tmp:
@@ -191,14 +197,23 @@ async def run_demo(db: str | None = None, out: Callable[[str], None] = print) ->
             db1, db2 = base + "_bank1", base + "_bank2"
         config = BrokerConfig(data_dir=str(Path(tmp) / "broker"), port=0, http_port=0,
                               tx_timeout=1.0, tx_check_interval=0.2, retry_delays=(0.2, 0.3),
-                              ack_timeout=5.0)
+                              ack_timeout=5.0, grpc_port=0 if rocketmq_client else None)
         async with Broker(config) as broker:
             bank1 = Bank1Service(db1, broker.address, port=0, reset=True)
-            bank2 = Bank2Service(db2, broker.address, port=0, max_reconsume_times=2, reset=True)
+            bank2: Bank2Service
+            if rocketmq_client:
+                from examples.bank.bank2_rocketmq import RocketMQBank2Service
+
+                # a RocketMQ client cannot say how often to retry: the group's setting does
+                await broker.engine.admin_set_group_settings(CONSUMER_GROUP, max_attempts=3)
+                bank2 = RocketMQBank2Service(db2, broker.grpc_address, port=0, reset=True)
+            else:
+                bank2 = Bank2Service(db2, broker.address, port=0, max_reconsume_times=2, reset=True)
             async with bank1, bank2, aiohttp.ClientSession() as http:
+                via = f" on the official RocketMQ client via gRPC {broker.grpc_address}" if rocketmq_client else ""
                 out(f"halfmq demo: broker {broker.address} (admin {broker.http_url}), "
                     f"bank1 {bank1.url} [{bank1.db.url.describe()}], "
-                    f"bank2 {bank2.url} [{bank2.db.url.describe()}]")
+                    f"bank2 {bank2.url} [{bank2.db.url.describe()}]{via}")
                 return await _Demo(bank1, bank2, broker.http_url, http, out).run()
 
 
@@ -212,6 +227,9 @@ def demo_main(argv: list[str]) -> int:
                         help="mysql://user:pass@host:3306/name to use MySQL/MariaDB (databases "
                              "name_bank1 and name_bank2); default: temporary SQLite files")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the banks do")
+    parser.add_argument("--rocketmq-client", action="store_true",
+                        help="bank2 consumes with the official RocketMQ 5 client through the broker's "
+                             "gRPC port (needs the grpc extra)")
     args = parser.parse_args(argv)
     if args.db is not None and not args.db.startswith("mysql"):
         parser.error("--db takes a mysql:// URL (SQLite is the default)")
@@ -225,7 +243,7 @@ def demo_main(argv: list[str]) -> int:
         runner = asyncio.Runner()
     started = time.monotonic()
     with runner:
-        status = runner.run(run_demo(args.db))
+        status = runner.run(run_demo(args.db, rocketmq_client=args.rocketmq_client))
     print(f"({time.monotonic() - started:.1f}s)")
     return status
 
