@@ -33,7 +33,7 @@ class Server(NativeServer):
 
     async def unavailable(self) -> str | None:
         try:
-            import grpc  # noqa: F401
+            import grpc  # type: ignore[import-untyped]  # noqa: F401
 
             from broker.frontends.grpc import stubs  # noqa: F401
         except ImportError as exc:
@@ -49,7 +49,7 @@ class Server(NativeServer):
 def _client_module() -> Any:
     """Import the official client with its logs in a temporary home (it writes ~/logs)."""
     os.environ["HOME"] = tempfile.mkdtemp(prefix="halfmq-bench-rmq-")
-    import rocketmq
+    import rocketmq  # type: ignore[import-untyped]
 
     return rocketmq
 
@@ -81,7 +81,7 @@ class Client(BaseClient):
         loop = asyncio.get_running_loop()
         success = rmq.ConsumeResult.SUCCESS
 
-        class Listener(rmq.MessageListener):  # type: ignore[misc]
+        class Listener(rmq.MessageListener):  # type: ignore[misc, name-defined]
             def consume(self, message: Any) -> Any:
                 loop.call_soon_threadsafe(on_body, message.body)
                 return success

@@ -41,7 +41,7 @@ class RocketMQBank2Service(Bank2Service):
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> RocketMQBank2Service:
-        from rocketmq import (
+        from rocketmq import (  # type: ignore[import-untyped]
             ClientConfiguration,
             Credentials,
             FilterExpression,
@@ -66,7 +66,7 @@ class RocketMQBank2Service(Bank2Service):
 
     def _consume(self, rm: Any) -> Any:
         """On a client thread: run the service's listener on its loop, wait for its answer."""
-        from rocketmq import ConsumeResult as RocketResult
+        from rocketmq import ConsumeResult as RocketResult  # type: ignore[import-untyped]
 
         message = Message(msg_id=rm.message_id, topic=rm.topic, body=rm.body, tags=rm.tag,
                           keys=tuple(sorted(rm.keys)), properties=dict(rm.properties),

@@ -32,6 +32,7 @@ that finds the queue full is dropped (a check-back then counts as not delivered)
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -237,7 +238,11 @@ class GrpcClients:
         if old is not None and not old.done():
             old.set_exception(BrokerUnavailableError("superseded by a newer check-back"))
         self.checks[msg_id] = fut
-        fut.add_done_callback(lambda f, m=msg_id: self.checks.pop(m, None) if self.checks.get(m) is f else None)
+        fut.add_done_callback(functools.partial(self._check_done, msg_id))
+
+    def _check_done(self, msg_id: str, fut: asyncio.Future[Any]) -> None:
+        if self.checks.get(msg_id) is fut:
+            del self.checks[msg_id]
 
     def answer_check(self, msg_id: str, state: str) -> None:
         """An EndTransaction(SOURCE_SERVER_CHECK) for ``msg_id``: COMMIT, ROLLBACK or UNKNOWN."""

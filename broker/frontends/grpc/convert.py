@@ -27,8 +27,8 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.duration_pb2 import Duration  # type: ignore[import-untyped]
+from google.protobuf.timestamp_pb2 import Timestamp  # type: ignore[import-untyped]
 
 from broker.frontends.grpc.codes import Code, GrpcError
 from broker.frontends.grpc.stubs import pb

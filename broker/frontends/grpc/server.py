@@ -19,7 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import grpc
+import grpc  # type: ignore[import-untyped]
 
 from broker.frontends.grpc.service import MessagingService, ServiceTuning
 from broker.frontends.grpc.stubs import grpc_pb, pb

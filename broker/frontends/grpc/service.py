@@ -42,7 +42,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from google.protobuf.duration_pb2 import Duration
+from google.protobuf.duration_pb2 import Duration  # type: ignore[import-untyped]
 
 from broker.frontends.grpc.clients import GrpcClient, GrpcClients, GrpcSession
 from broker.frontends.grpc.codes import Code, GrpcError, ok, status, status_of

@@ -40,8 +40,8 @@ def load() -> tuple[Any, Any, Any]:
     (``pip install 'halfmq[grpc]'``).
     """
     try:
-        import grpc  # noqa: F401
-        from google import protobuf  # noqa: F401
+        import grpc  # type: ignore[import-untyped]  # noqa: F401
+        from google import protobuf  # type: ignore[import-untyped]  # noqa: F401
     except ImportError as exc:
         raise StubsMissingError(f"the gRPC front end needs the grpc extra: pip install 'halfmq[grpc]' ({exc})") from None
     if f"{_PKG}.service_pb2_grpc" in sys.modules or _PKG in sys.modules:
