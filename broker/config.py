@@ -297,13 +297,13 @@ def _parse_positive_duration(s: str | int | float) -> float:
 
 
 def _parse_optional_port(s: str | int | None) -> int | None:
-    if s is None or (isinstance(s, str) and s.strip().lower() in ("", "off", "none")):
+    if s is None or (isinstance(s, str) and s.strip().lower() in ("", "off", "false", "none")):
         return None
     return _parse_port(s)
 
 
 def _parse_advertise(s: str | None) -> str | None:
-    if s is None or (isinstance(s, str) and not s.strip()):
+    if s is None or (isinstance(s, str) and s.strip().lower() in ("", "none")):
         return None
     text = _parse_str(s).strip()
     host, sep, port = text.rpartition(":")
@@ -323,8 +323,8 @@ OPTIONS: tuple[Option, ...] = (
            "RocketMQ 5 gRPC port (apache.rocketmq.v2.MessagingService) for the official "
            "RocketMQ clients; 0 picks a free port; needs the grpc extra (default: off)"),
     Option("advertise", _parse_advertise, "HOST:PORT",
-           "the gRPC address clients are told to use in topic routes, when it is not the "
-           "listening one (NAT, containers) (default: the --host and gRPC port)"),
+           "the gRPC address clients are told to use in topic routes, when it is not the one "
+           "they connected to (NAT, containers) (default: none)"),
     Option("flush", _parse_flush, "{sync,async}",
            "sync: a send is acknowledged after its record is fsynced (group commit); "
            "async: acknowledged after the write, fsynced every --flush-interval (default: sync)"),
