@@ -20,14 +20,11 @@ pytest.importorskip("grpc", reason="the grpc extra is not installed (pip install
 
 from tests.conftest import BrokerProcess  # noqa: E402
 
-_HOME = tempfile.mkdtemp(prefix="halfmq-rmq-home-")
-
-
-def _import_client() -> SimpleNamespace:
+def _import_client(home: str) -> SimpleNamespace:
     """Import the official client with HOME in a temporary folder: it creates
     ``~/logs/rocketmq_python`` and its log file when first imported."""
     old = os.environ.get("HOME")
-    os.environ["HOME"] = _HOME
+    os.environ["HOME"] = home
     try:
         import rocketmq
         from rocketmq.v5.exception import client_exception
@@ -44,9 +41,10 @@ def _import_client() -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def rmq() -> Any:
     """The official client's API (``rmq.Producer``, ``rmq.Message``, ..., ``rmq.errors``)."""
-    ns = _import_client()
+    home = tempfile.mkdtemp(prefix="halfmq-rmq-home-")
+    ns = _import_client(home)
     yield ns
-    shutil.rmtree(_HOME, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 class Clients:
