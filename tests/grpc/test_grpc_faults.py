@@ -26,6 +26,25 @@ needs_delay = pytest.mark.skipif(not _schedules(), reason="delayed messages (SEN
                                  "not in this engine yet: the gRPC front end answers DELAY sends UNSUPPORTED")
 
 
+def once_reachable(call: Any, deadline: float = 20.0) -> BaseException:
+    """The exception ``call`` raises once the broker is reachable again: the client's
+    channel reconnects with a back-off after the broker was down (UNAVAILABLE meanwhile)."""
+    import grpc
+
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            call()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > end:
+                return exc
+            time.sleep(0.1)  # the channel's own reconnect back-off: nothing to poll on
+        except Exception as exc:
+            return exc
+        else:
+            raise AssertionError("the call succeeded")
+
+
 def test_kill9_with_leases_and_a_half_message_outstanding(rmq, grpc_broker_process):
     broker, address = grpc_broker_process("--tx-timeout", "1s", "--tx-check-interval", "300ms")
     clients = Clients(rmq, address)
@@ -39,9 +58,8 @@ def test_kill9_with_leases_and_a_half_message_outstanding(rmq, grpc_broker_proce
         broker.kill9()
         broker.start()  # same data directory and ports
 
-        with pytest.raises(Exception) as err:  # a handle of the previous run is stale
-            c.ack(leased)
-        assert code_of(err.value) == 40013
+        err = once_reachable(lambda: c.ack(leased))  # a handle of the previous run is stale
+        assert code_of(err) == 40013
         checked: list[str] = []
 
         class Commit(rmq.TransactionChecker):
