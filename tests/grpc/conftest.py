@@ -20,6 +20,7 @@ pytest.importorskip("grpc", reason="the grpc extra is not installed (pip install
 
 from tests.conftest import BrokerProcess  # noqa: E402
 
+
 def _import_client(home: str) -> SimpleNamespace:
     """Import the official client with HOME in a temporary folder: it creates
     ``~/logs/rocketmq_python`` and its log file when first imported."""
