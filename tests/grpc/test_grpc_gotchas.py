@@ -264,3 +264,11 @@ async def test_refusals_answer_the_proxy_codes(stub):
     assert r.status.code == C.NOT_IMPLEMENTED
     with pytest.raises(grpc.aio.AioRpcError):  # gRPC-level errors stay for malformed bytes only
         await stub.channel.unary_unary("/apache.rocketmq.v2.MessagingService/SendMessage")(b"\xff\xff", metadata=md())
+
+
+async def test_recall_of_a_message_that_is_not_scheduled_is_not_found(stub, gbroker):
+    r = await send(stub, "rc", b"plain")
+    req = svc.RecallMessageRequest(topic=pb.Resource(name="rc"), recall_handle=r.entries[0].message_id)
+    r = await stub.api.RecallMessage(req, metadata=md())
+    expected = C.NOT_FOUND if gbroker.grpc.service.schedules else C.UNSUPPORTED
+    assert r.status.code == expected, r.status

@@ -22,6 +22,7 @@ from protocol.errors import (
     HalfMQError,
     InvalidNameError,
     LimitExceededError,
+    MessageStateError,
     MessageTooLargeError,
     RequestTimeoutError,
     StaleReceiptError,
@@ -47,6 +48,7 @@ _BY_CLASS: tuple[tuple[type[HalfMQError], int], ...] = (
     (TransactionStateError, Code.INVALID_TRANSACTION_ID),
     (MessageTooLargeError, Code.MESSAGE_BODY_TOO_LARGE),
     (TopicNotFoundError, Code.TOPIC_NOT_FOUND),
+    (MessageStateError, Code.NOT_FOUND),  # a recall of a message unknown, not scheduled or due
     (InvalidNameError, Code.BAD_REQUEST),
     (AuthError, Code.UNAUTHORIZED),
     (LimitExceededError, Code.FORBIDDEN),
