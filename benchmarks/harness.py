@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 SCENARIOS = ("publish", "latency", "e2e", "tx", "batch", "fifo", "pull")
-SYSTEMS = ("halfmq-sync", "halfmq-async", "rabbitmq", "nats", "redis")
+SYSTEMS = ("halfmq-sync", "halfmq-async", "halfmq-grpc", "rabbitmq", "nats", "redis")
 #: A process is called saturated when it used at least this share of its CPU capacity.
 SATURATED = 0.85
 LINE_LIMIT = 1 << 28
@@ -81,6 +81,10 @@ def make_server(name: str, *, profile_dir: str | None = None, profiler: str = "c
         from benchmarks.systems.halfmq import Server
 
         return Server(name.split("-", 1)[1], profile_dir=profile_dir, profiler=profiler)
+    if name == "halfmq-grpc":
+        from benchmarks.systems.halfmq_grpc import Server as GrpcServer
+
+        return GrpcServer(profile_dir=profile_dir, profiler=profiler)
     if name == "rabbitmq":
         from benchmarks.systems.rabbitmq import Server
     elif name == "nats":
@@ -381,8 +385,8 @@ async def run_flow(server: Any, conn: dict[str, Any], producers: list[dict[str, 
         for w in cons:
             await w.wait_ready()
         prods = []
-        for params in producers:
-            w = await spawn_worker(module, "producer", conn, params)
+        for params in producers:  # a producer may name its own client module ("system")
+            w = await spawn_worker(params.get("system", module), "producer", conn, params)
             workers.append(w)
             prods.append(w)
         for w in prods:

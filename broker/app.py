@@ -4,10 +4,11 @@ How this works
 --------------
 ``Broker.start`` starts the engine (the embedded one: open the data directory and
 recover) and the webhooks it keeps (``broker.webhooks``), then the front ends — the
-native protocol on ``--port`` and the admin HTTP API on ``--http-port`` — and is ready.
-``stop`` goes the other way: no new connections, the webhooks finish their requests under
-way, the engine finishes and persists what is in flight (sends fsynced, progress saved),
-then the client connections and the HTTP API close.
+native protocol on ``--port``, the admin HTTP API on ``--http-port`` and, with
+``--grpc-port``, RocketMQ 5's gRPC service — and is ready. ``stop`` goes the other way: no
+new connections, the webhooks finish their requests under way, the engine finishes and
+persists what is in flight (sends fsynced, progress saved), then the client connections
+and the HTTP API close.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class Broker:
         self.port = 0
         self.http_port = 0
         self._http: Any = None
+        self.grpc: Any = None  # the gRPC front end, with --grpc-port
+        self.grpc_port = 0
+        self.grpc_address = ""
         self._started = False
         self._stopping = False
 
@@ -64,13 +68,24 @@ class Broker:
 
             self._http, self.http_port = await start_admin_http(self, cfg.host, cfg.http_port)
             self.http_url = f"http://{cfg.host}:{self.http_port}"
+            if cfg.grpc_port is not None:
+                from broker.frontends.grpc.server import GrpcFrontend
+
+                self.grpc = GrpcFrontend(self.engine, cfg)
+                self.grpc_port = await self.grpc.start()
+                self.grpc_address = f"{cfg.host}:{self.grpc_port}"
         except BaseException:
+            if self.grpc is not None:
+                await self.grpc.stop(0)
+            if self._http is not None:
+                await self._http.cleanup()
             self.native.stop()
             await self.webhooks.stop()
             await self.engine.stop()
             raise
         self._started = True
-        log.info("broker started tcp=%s http=%s data=%s flush=%s", self.address, self.http_url, self.data_dir, cfg.flush)
+        log.info("broker started tcp=%s http=%s%s data=%s flush=%s", self.address, self.http_url,
+                 f" grpc={self.grpc_address}" if self.grpc is not None else "", self.data_dir, cfg.flush)
 
     async def stop(self) -> None:
         """Graceful stop: no new connections, writes finished and fsynced, progress persisted."""
@@ -78,6 +93,8 @@ class Broker:
             return
         self._stopping = True
         self.native.stop()
+        if self.grpc is not None:
+            await self.grpc.stop()
         await self.webhooks.stop()
         await self.engine.stop()
         self.native.close_all()

@@ -296,6 +296,22 @@ def _parse_positive_duration(s: str | int | float) -> float:
     return seconds
 
 
+def _parse_optional_port(s: str | int | None) -> int | None:
+    if s is None or (isinstance(s, str) and s.strip().lower() in ("", "off", "false", "none")):
+        return None
+    return _parse_port(s)
+
+
+def _parse_advertise(s: str | None) -> str | None:
+    if s is None or (isinstance(s, str) and s.strip().lower() in ("", "none")):
+        return None
+    text = _parse_str(s).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{s!r}: expected HOST:PORT, e.g. mq.example.com:8081")
+    return text
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("data_dir", _parse_nonempty, "DIR",
            "directory for the log and metadata; created if missing (default: ./halfmq-data)"),
@@ -303,6 +319,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", _parse_port, "N", "native protocol port; 0 picks a free port (default: 7600)"),
     Option("http_port", _parse_port, "N",
            "admin HTTP API and console port; 0 picks a free port (default: 7601)"),
+    Option("grpc_port", _parse_optional_port, "N",
+           "RocketMQ 5 gRPC port (apache.rocketmq.v2.MessagingService) for the official "
+           "RocketMQ clients; 0 picks a free port; needs the grpc extra (default: off)"),
+    Option("advertise", _parse_advertise, "HOST:PORT",
+           "the gRPC address clients are told to use in topic routes, when it is not the one "
+           "they connected to (NAT, containers) (default: none)"),
     Option("flush", _parse_flush, "{sync,async}",
            "sync: a send is acknowledged after its record is fsynced (group commit); "
            "async: acknowledged after the write, fsynced every --flush-interval (default: sync)"),
@@ -369,6 +391,8 @@ class BrokerConfig:
     host: str = "127.0.0.1"
     port: int = 7600
     http_port: int = 7601
+    grpc_port: int | None = None
+    advertise: str | None = None
     flush: str = "sync"
     flush_interval: float = 0.2
     tx_timeout: float = 6.0

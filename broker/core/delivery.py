@@ -531,8 +531,11 @@ class GroupDelivery:
         """Act on a lease by its receipt handle, from any connection of the group:
         ``"ack"``; ``"nack"`` (redeliver once ``ms`` milliseconds have passed; a negative
         ``ms`` waits the group's retry delay); ``"cid"`` (the lease now ends ``ms`` ms from
-        now). Returns a record to append (if any) and, for ``"cid"``, the new handle.
-        Raises ``StaleHandleError`` for a handle whose lease ended, expired or changed."""
+        now); ``"renew"`` (the same, keeping the handle: a broker renewing the lease of a
+        live push consumer); ``"dlq"`` (dead-letter it now, as a consumer that gave up on it
+        after its own retries). Returns a record to append (if any) and, for ``"cid"``, the
+        new handle. Raises ``StaleHandleError`` for a handle whose lease ended, expired or
+        changed."""
         d = self.leases.by_handle(handle)
         if action == "ack":
             return self._finish(d, True), None
@@ -545,7 +548,14 @@ class GroupDelivery:
         if action == "cid":
             self.leases.change_deadline(d, now + ms / 1000.0)
             return None, self.leases.handle(d)
-        raise ValueError(f"unknown action {action!r}: expected 'ack', 'nack' or 'cid'")
+        if action == "renew":
+            self.leases.renew(d, now + ms / 1000.0)
+            return None, None
+        if action == "dlq":
+            self._release(d)
+            self.stats["failed"] += 1
+            return self._fail(d, expired=False, dead=True), None
+        raise ValueError(f"unknown action {action!r}: expected 'ack', 'nack', 'cid', 'renew' or 'dlq'")
 
     def handle(self, token: int) -> str:
         """The receipt handle of the live lease ``token``."""
@@ -599,7 +609,7 @@ class GroupDelivery:
                 return other.max_reconsume_times
         return DEFAULT_MAX_RECONSUME
 
-    def _fail(self, d: Delivery, *, expired: bool) -> PendingRecord:
+    def _fail(self, d: Delivery, *, expired: bool, dead: bool = False) -> PendingRecord:
         event = DeliveryEvent.EXPIRE if expired else DeliveryEvent.FAIL
         header = {
             "id": d.msg_id,
@@ -610,7 +620,7 @@ class GroupDelivery:
             "oo": d.origin_offset,
             "g": self.group,
         }
-        if d.reconsume_times >= self._max_reconsume(d):
+        if dead or d.reconsume_times >= self._max_reconsume(d):
             d.state = transition(DELIVERY_TRANSITIONS, d.state, DeliveryEvent.DEAD_LETTER)
             self.stats["dead_lettered"] += 1
             header["rt"] = d.reconsume_times

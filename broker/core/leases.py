@@ -14,7 +14,9 @@ A lease's *receipt handle* (``handle``) names it from any connection of the grou
 ``<boot>.<token>.<version>``. ``boot`` changes at every broker start (leases are not kept
 across a restart: the message is simply delivered again) and ``version`` at every
 deadline change, so a handle goes stale when its lease ends, expires or changes, and a
-stale one is refused rather than acting on the wrong lease.
+stale one is refused rather than acting on the wrong lease. ``renew`` is the one deadline
+change that keeps the handle: a broker extending the lease of a push consumer that is
+still alive (the consumer holds that handle and acks with it later).
 """
 
 from __future__ import annotations
@@ -93,14 +95,19 @@ class LeaseTable:
         d.version += 1
         heapq.heappush(self._heap, (deadline, d.token, d.version))
 
+    def renew(self, d: Delivery, deadline: float) -> None:
+        """Move a live lease's deadline keeping its receipt handle (its version)."""
+        d.deadline = deadline
+        heapq.heappush(self._heap, (deadline, d.token, d.version))
+
     def expired(self, now: float) -> Iterator[Delivery]:
         """Pop and yield every live lease whose deadline is ``now`` or earlier."""
         heap = self._heap
         by_token = self._by_token
         while heap and heap[0][0] <= now:
-            _deadline, token, version = heapq.heappop(heap)
+            deadline, token, version = heapq.heappop(heap)
             d = by_token.get(token)
-            if d is not None and d.version == version:
+            if d is not None and d.version == version and d.deadline == deadline:
                 del by_token[token]
                 yield d
         if len(heap) > 64 and len(heap) > 4 * len(by_token):  # mostly stale: rebuild
@@ -113,7 +120,7 @@ class LeaseTable:
         while heap:
             deadline, token, version = heap[0]
             d = self._by_token.get(token)
-            if d is not None and d.version == version:
+            if d is not None and d.version == version and d.deadline == deadline:
                 return deadline
             heapq.heappop(heap)
         return None

@@ -141,8 +141,18 @@ class Engine(Protocol):
         ...
 
     def settle(self, s: Session, rid: int, group: str, items: list[Any]) -> None:
-        """Ack / nack / change visibility by receipt handle (docs/protocol.md, SETTLE),
-        from any connection of the group; reply once the acks are durable."""
+        """Ack / nack / change visibility / renew / dead-letter by receipt handle
+        (docs/protocol.md, SETTLE), from any connection of the group; reply once the acks
+        are durable."""
+        ...
+
+    def cancel_receive(self, s: Session, rid: int) -> None:
+        """Drop the pending pull request ``rid`` of ``s`` unanswered (its client gave up)."""
+        ...
+
+    def route(self, topic: str) -> int:
+        """The number of queues of ``topic`` (created if auto-create is on); raises
+        ``TopicNotFoundError`` or ``LimitExceededError``."""
         ...
 
     # -- settings: small, slow-changing configuration kept by the engine (users, rights,

@@ -79,6 +79,14 @@ class Bank2Service:
 
     async def start(self) -> Bank2Service:
         await self.db.open(reset=self.reset)
+        await self._start_http()
+        self.consumer = PushConsumer(self.broker, group=self.group, topic=self.topic, tags="*",
+                                     listener=self.on_message,
+                                     max_reconsume_times=self.max_reconsume_times)
+        await self.consumer.start()
+        return self
+
+    async def _start_http(self) -> None:
         app = web.Application()
         app.add_routes(account_routes(self.db, "bank2"))
         self._runner = web.AppRunner(app, access_log=None)
@@ -86,11 +94,6 @@ class Bank2Service:
         await web.TCPSite(self._runner, self.host, self.port).start()
         self.port = self._runner.addresses[0][1]
         self.url = f"http://{self.host}:{self.port}"
-        self.consumer = PushConsumer(self.broker, group=self.group, topic=self.topic, tags="*",
-                                     listener=self.on_message,
-                                     max_reconsume_times=self.max_reconsume_times)
-        await self.consumer.start()
-        return self
 
     async def close(self) -> None:
         if self.consumer is not None:

@@ -18,6 +18,10 @@ transaction and a relay ships it (no half message):
 
 After every scenario it checks that the money adds up and that every transfer credited in
 bank2 was debited in bank1. Exit status 0 when all checks hold.
+
+With ``--rocketmq-client`` the broker also serves RocketMQ 5's gRPC protocol and bank2
+consumes with the official Apache RocketMQ client (``examples.bank.bank2_rocketmq``)
+while bank1 stays on halfmq's SDK: the same five scenarios, across the two protocols.
 """
 
 from __future__ import annotations
@@ -214,9 +218,10 @@ class _Demo:
 
 
 async def run_demo(db: str | None = None, out: Callable[[str], None] = print, *,
-                   mode: str = "transaction") -> int:
+                   mode: str = "transaction", rocketmq_client: bool = False) -> int:
     """Run the whole demo; ``db`` is ``None`` (temporary SQLite) or a ``mysql://`` URL;
-    ``mode`` is how bank1 ships the message (``transaction`` or ``outbox``)."""
+    ``mode`` is how bank1 ships the message (``transaction`` or ``outbox``);
+    ``rocketmq_client``: bank2 on the official RocketMQ client (needs the grpc extra)."""
     from broker import Broker, BrokerConfig
 
     with tempfile.TemporaryDirectory(prefix="halfmq-demo-") as tmp:
@@ -228,14 +233,23 @@ async def run_demo(db: str | None = None, out: Callable[[str], None] = print, *,
             db1, db2 = base + "_bank1", base + "_bank2"
         config = BrokerConfig(data_dir=str(Path(tmp) / "broker"), port=0, http_port=0,
                               tx_timeout=1.0, tx_check_interval=0.2, retry_delays=(0.2, 0.3),
-                              ack_timeout=5.0)
+                              ack_timeout=5.0, grpc_port=0 if rocketmq_client else None)
         async with Broker(config) as broker:
             bank1 = Bank1Service(db1, broker.address, port=0, reset=True, mode=mode)
-            bank2 = Bank2Service(db2, broker.address, port=0, max_reconsume_times=2, reset=True)
+            bank2: Bank2Service
+            if rocketmq_client:
+                from examples.bank.bank2_rocketmq import RocketMQBank2Service
+
+                # a RocketMQ client cannot say how often to retry: the group's setting does
+                await broker.engine.admin_set_group_settings(CONSUMER_GROUP, max_attempts=3)
+                bank2 = RocketMQBank2Service(db2, broker.grpc_address, port=0, reset=True)
+            else:
+                bank2 = Bank2Service(db2, broker.address, port=0, max_reconsume_times=2, reset=True)
             async with bank1, bank2, aiohttp.ClientSession() as http:
+                via = f" on the official RocketMQ client via gRPC {broker.grpc_address}" if rocketmq_client else ""
                 out(f"halfmq demo ({mode} mode): broker {broker.address} (admin {broker.http_url}), "
                     f"bank1 {bank1.url} [{bank1.db.url.describe()}], "
-                    f"bank2 {bank2.url} [{bank2.db.url.describe()}]")
+                    f"bank2 {bank2.url} [{bank2.db.url.describe()}]{via}")
                 return await _Demo(bank1, bank2, broker.http_url, http, out).run()
 
 
@@ -253,6 +267,9 @@ def demo_main(argv: list[str]) -> int:
                              "checked back by the broker, or a row of its outbox table sent by "
                              "a relay [transaction]")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the banks do")
+    parser.add_argument("--rocketmq-client", action="store_true",
+                        help="bank2 consumes with the official RocketMQ 5 client through the broker's "
+                             "gRPC port (needs the grpc extra)")
     args = parser.parse_args(argv)
     if args.db is not None and not args.db.startswith("mysql"):
         parser.error("--db takes a mysql:// URL (SQLite is the default)")
@@ -266,7 +283,7 @@ def demo_main(argv: list[str]) -> int:
         runner = asyncio.Runner()
     started = time.monotonic()
     with runner:
-        status = runner.run(run_demo(args.db, mode=args.mode))
+        status = runner.run(run_demo(args.db, mode=args.mode, rocketmq_client=args.rocketmq_client))
     print(f"({time.monotonic() - started:.1f}s)")
     return status
 

@@ -262,7 +262,7 @@ def test_every_option_has_an_env_variable():
            "HALFMQ_SEGMENT_SIZE": "4KiB", "HALFMQ_MAX_CONNECTIONS": "5", "HALFMQ_MAX_TOPICS": "6",
            "HALFMQ_MAX_GROUPS": "7", "HALFMQ_MAX_PREFETCH": "8", "HALFMQ_MAX_CLIENT_BUFFER": "1MiB",
            "HALFMQ_MAX_INFLIGHT_REQUESTS": "9", "HALFMQ_MAX_INFLIGHT_BYTES": "2MiB",
-           "HALFMQ_MAX_DELAY": "1d"}
+           "HALFMQ_MAX_DELAY": "1d", "HALFMQ_GRPC_PORT": "8081", "HALFMQ_ADVERTISE": "mq.example:8081"}
     assert {o.env for o in OPTIONS} == set(env)
     c = load_config([], env)
     assert c == BrokerConfig(data_dir="d", host="::1", port=1, http_port=2, flush="async",
@@ -271,7 +271,8 @@ def test_every_option_has_an_env_variable():
                              max_message_size=100, default_queues=2, auto_create_topics=False,
                              retention=300.0, segment_size=4096, max_connections=5, max_topics=6,
                              max_groups=7, max_prefetch=8, max_client_buffer=1 << 20,
-                             max_inflight_requests=9, max_inflight_bytes=2 << 20, max_delay=86400.0)
+                             max_inflight_requests=9, max_inflight_bytes=2 << 20, max_delay=86400.0,
+                             grpc_port=8081, advertise="mq.example:8081")
 
 
 def test_toml_file_values_may_be_strings_numbers_lists_and_booleans(tmp_path):

@@ -173,3 +173,37 @@ def test_group_settings_override_the_subscription():
     assert gd.ack(m, tok, False, 0.0).dead_letter  # one attempt allowed by the group
     gd.configure(retry_delays=(1.0, 2.0, 3.0), max_reconsume_times=None)
     assert 2 in gd._retry_levels
+
+
+def test_renew_moves_the_deadline_and_keeps_the_handle():
+    store = MemoryStore()
+    send(store, b"m", None)
+    gd = GroupDelivery("g", store, queue_counts=lambda t: 1, retry_delays=(10.0,), ack_timeout=60.0)
+    gd.add_receiver("r", "t", tags="*", max_messages=1, invisible=5.0)
+    (_m, tok, _w), = gd.poll(0.0, build)[0]
+    gd.member_gone("r")
+    handle = gd.handle(tok)
+    assert gd.settle(handle, "renew", 10_000, 4.0) == (None, None)
+    assert gd.expire(5.0) == []  # the first deadline no longer counts
+    assert gd.next_expiry() == pytest.approx(14.0)
+    assert gd.handle(tok) == handle
+    assert gd.settle(handle, "ack", 0, 6.0) == (None, None)  # the same handle still acks
+    assert gd.expire(20.0) == []
+
+
+def test_dlq_action_dead_letters_at_once_and_releases_a_fifo_group():
+    store = MemoryStore()
+    send(store, b"a0", "A")
+    send(store, b"a1", "A")
+    gd = fifo_group(store)
+    gd.add_receiver("r", "t", tags="*", max_messages=5, invisible=30.0)
+    (_m, tok, w), = gd.poll(0.0, build)[0]
+    gd.member_gone("r")
+    assert w[2] == b"a0"
+    pr, new = gd.settle(gd.handle(tok), "dlq", 0, 1.0)
+    assert new is None and pr.dead_letter and pr.record.index.topic == "%DLQ%g"
+    with pytest.raises(StaleHandleError):
+        gd.handle(tok)
+    apply(store, gd, pr)
+    gd.add_receiver("r2", "t", tags="*", max_messages=5, invisible=30.0)
+    assert bodies(gd.poll(1.0, build)[0]) == [b"a1"]  # the group goes on after its dead letter

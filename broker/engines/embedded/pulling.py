@@ -71,6 +71,24 @@ class EmbeddedPulling:
             s.reply(rid, {"m": []})
             s.flush()
 
+    def cancel_receive(self: EmbeddedEngine, s: Session, rid: int) -> None:
+        """The client gave up on its pull request ``rid`` (call cancelled, deadline passed):
+        drop it without an answer, so nothing is leased to it any more."""
+        for mid, entry in self._receivers.items():
+            if entry[0] is s and entry[1] == rid:
+                del self._receivers[mid]
+                entry[2].cancel()
+                entry[3].member_gone(mid)
+                return
+
+    def route(self: EmbeddedEngine, topic: str) -> int:
+        """The number of queues of ``topic``, created first if auto-create is on (a client
+        asking for a topic's route is about to use it). Raises ``TopicNotFoundError`` or
+        ``LimitExceededError``."""
+        if topic.startswith("%"):
+            return max(1, self.queue_count(topic))
+        return self._ensure_topic(topic)
+
     def _drop_receivers(self: EmbeddedEngine, s: Session) -> None:
         """The session closed: its pending pull requests go (their leases stay)."""
         for mid in [mid for mid, entry in self._receivers.items() if entry[0] is s]:

@@ -1,0 +1,111 @@
+"""The gRPC front end's server: listening, the advertised address, the broker-side timers.
+
+How this works
+--------------
+``GrpcFrontend.start`` runs a ``grpc.aio`` server on the broker's own event loop, on
+``--host`` and ``--grpc-port``, serving :class:`~.service.MessagingService`. Topic routes
+tell clients where to send their RPCs: the address of ``--advertise`` when given (a
+broker behind NAT or in a container), else the address the client used (as the proxy).
+One timer task renews the leases of live push consumers and forgets clients that fell
+silent. ``stop`` lets running RPCs finish for a short grace, then cancels the rest
+(long polls) before the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import grpc  # type: ignore[import-untyped]
+
+from broker.frontends.grpc.service import MessagingService, ServiceTuning
+from broker.frontends.grpc.stubs import grpc_pb, pb
+
+if TYPE_CHECKING:
+    from broker.config import BrokerConfig
+    from broker.engines.base import Engine
+    from broker.frontends.grpc.auth import Authenticator
+
+__all__ = ["GrpcFrontend", "endpoints_of"]
+
+log = logging.getLogger("halfmq.broker")
+
+
+def endpoints_of(address: str) -> Any:
+    """``Endpoints`` for ``HOST:PORT`` (IPv4, IPv6 in brackets or not, or a DNS name)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        scheme = pb.AddressScheme.IPv6 if ipaddress.ip_address(host).version == 6 else pb.AddressScheme.IPv4
+    except ValueError:
+        scheme = pb.AddressScheme.DOMAIN_NAME
+    return pb.Endpoints(scheme=scheme, addresses=[pb.Address(host=host, port=int(port))])
+
+
+class GrpcFrontend:
+    """The RocketMQ 5 gRPC endpoint of a broker."""
+
+    def __init__(self, engine: Engine, config: BrokerConfig, *, tuning: ServiceTuning | None = None,
+                 authenticator: Authenticator | None = None) -> None:
+        self.engine = engine
+        self.config = config
+        self.service = MessagingService(engine, config, tuning=tuning, authenticator=authenticator)
+        self.port = 0
+        self._server: Any = None
+        self._timer: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        """Listen on ``--host``/``--grpc-port``; return the bound port. Raises ``OSError``
+        when the port cannot be bound."""
+        cfg = self.config
+        limit = cfg.max_message_size + (1 << 20)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                          ("grpc.max_send_message_length", limit),
+                                          ("grpc.so_reuseport", 0)])
+        grpc_pb.add_MessagingServiceServicer_to_server(self.service, server)
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        try:
+            self.port = server.add_insecure_port(f"{host}:{cfg.grpc_port}")
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on gRPC port {cfg.grpc_port}: {exc}") from None
+        if not self.port:
+            raise OSError(f"cannot listen on gRPC port {cfg.host}:{cfg.grpc_port}")
+        await server.start()
+        self._server = server
+        advertise = cfg.advertise
+        if advertise:
+            self.service.advertised = endpoints_of(advertise)
+        self.service.store_host = advertise or f"{cfg.host}:{self.port}"
+        self._timer = asyncio.create_task(self._tick(), name="halfmq-grpc-timers")
+        return self.port
+
+    async def _tick(self) -> None:
+        t = self.service.tuning
+        next_renew = 0.0
+        while True:
+            await asyncio.sleep(min(1.0, t.renew_period))
+            try:
+                now = time.monotonic()
+                self.service.clients.sweep(now)
+                if now >= next_renew:
+                    next_renew = now + t.renew_period
+                    self.service.renew_due()
+            except Exception:
+                log.exception("gRPC timers failed")
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop serving: running RPCs get ``grace`` seconds, then are cancelled."""
+        if self._timer is not None:
+            self._timer.cancel()
+            try:
+                await self._timer
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._timer = None
+        if self._server is not None:
+            server, self._server = self._server, None
+            self.service.clients.close_all()
+            await server.stop(grace)
