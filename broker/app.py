@@ -3,12 +3,13 @@
 How this works
 --------------
 ``Broker.start`` starts the engine (the embedded one: open the data directory and
-recover) and the webhooks it keeps (``broker.webhooks``), then the front ends — the
-native protocol on ``--port``, the admin HTTP API on ``--http-port`` and, with
-``--grpc-port``, RocketMQ 5's gRPC service — and is ready. ``stop`` goes the other way: no
-new connections, the webhooks finish their requests under way, the engine finishes and
-persists what is in flight (sends fsynced, progress saved), then the client connections
-and the HTTP API close.
+recover), loads users and applies protected mode (``broker.security``), starts the
+webhooks it keeps (``broker.webhooks``), then the front ends — the native protocol on
+``--port``, the admin HTTP API on ``--http-port`` and, with ``--grpc-port``, RocketMQ 5's
+gRPC service (which does not check logins yet, so it is refused while users exist) — and
+is ready. ``stop`` goes the other way: no new connections, the webhooks finish their
+requests under way, the engine finishes and persists what is in flight (sends fsynced,
+progress saved), then the client connections and the HTTP API close.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from broker.config import BrokerConfig
 from broker.engines.embedded import EmbeddedEngine
 from broker.frontends.native.listener import NativeListener
+from broker.security import BrokerSecurity
 from broker.webhooks import Webhooks
 
 __all__ = ["Broker"]
@@ -33,7 +35,8 @@ class Broker:
     def __init__(self, config: BrokerConfig | None = None) -> None:
         self.config = config or BrokerConfig()
         self.engine = EmbeddedEngine(self.config)
-        self.native = NativeListener(self.engine, self.config)
+        self.security = BrokerSecurity(self.engine, self.config)
+        self.native = NativeListener(self.engine, self.config, security=self.security)
         self.webhooks = Webhooks(self.engine, self.config)
         self.broker_id = uuid.uuid4().hex[:12]
         self.data_dir = self.engine.data_dir
@@ -62,15 +65,18 @@ class Broker:
         await self.engine.start()
         try:
             await self.webhooks.start()
+            await self.security.start()
             self.port = await self.native.start()
             self.address = f"{cfg.host}:{self.port}"
             from broker.frontends.http.admin import start_admin_http
 
             self._http, self.http_port = await start_admin_http(self, cfg.host, cfg.http_port)
-            self.http_url = f"http://{cfg.host}:{self.http_port}"
+            scheme = "https" if self.security.tls is not None else "http"
+            self.http_url = f"{scheme}://{cfg.host}:{self.http_port}"
             if cfg.grpc_port is not None:
                 from broker.frontends.grpc.server import GrpcFrontend
 
+                self.security.refuse_unchecked_frontend("--grpc-port (RocketMQ 5 gRPC)")
                 self.grpc = GrpcFrontend(self.engine, cfg)
                 self.grpc_port = await self.grpc.start()
                 self.grpc_address = f"{cfg.host}:{self.grpc_port}"

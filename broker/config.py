@@ -268,6 +268,12 @@ def _parse_nonempty(s: str | os.PathLike[str]) -> str:
     return s
 
 
+def _parse_optional_path(s: str | os.PathLike[str] | None) -> str | None:
+    if s is None:
+        return None
+    return _parse_nonempty(s)
+
+
 def _parse_port(s: str | int) -> int:
     port = _parse_int(s)
     if not 0 <= port <= 65535:
@@ -370,6 +376,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_delay", _parse_positive_duration, "DUR",
            "longest delay of a scheduled message (delay or deliver-at); further ahead is "
            "refused (default: 3d)"),
+    # security (README, "Security")
+    Option("tls_cert", _parse_optional_path, "FILE",
+           "PEM certificate chain: serve TLS on the native and HTTP ports (default: none)"),
+    Option("tls_key", _parse_optional_path, "FILE", "PEM private key of --tls-cert, if not in that file (default: none)"),
+    Option("tls_client_ca", _parse_optional_path, "FILE",
+           "PEM CA: clients must present a certificate it signed, mutual TLS (default: none)"),
+    Option("users_file", _parse_optional_path, "FILE",
+           "TOML file of users ([users.NAME] verifier, grants) added to the stored ones (default: none)"),
+    Option("allow_anonymous", parse_bool, None,
+           "serve clients without credentials on a non-loopback --host while no user exists; "
+           "without it such a broker refuses to start (default: off)", boolean=True),
 )
 
 _OPTIONS_BY_NAME = {opt.name: opt for opt in OPTIONS}
@@ -413,6 +430,11 @@ class BrokerConfig:
     max_inflight_requests: int = 4096
     max_inflight_bytes: int = 64 * 1024 * 1024
     max_delay: float = 3 * 86400.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    users_file: str | None = None
+    allow_anonymous: bool = False
 
     def __post_init__(self) -> None:
         for opt in OPTIONS:
@@ -421,6 +443,8 @@ class BrokerConfig:
             except ValueError as exc:
                 raise ConfigError(f"invalid value for {opt.name}: {exc}") from None
             setattr(self, opt.name, value)
+        if (self.tls_key or self.tls_client_ca) and not self.tls_cert:
+            raise ConfigError("--tls-key and --tls-client-ca need --tls-cert")
 
     def retry_delay(self, n: int) -> float:
         """Return the delay (seconds) before redelivery after the ``n``-th failure.

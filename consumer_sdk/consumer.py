@@ -33,6 +33,7 @@ import concurrent.futures
 import functools
 import inspect
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -86,6 +87,9 @@ class PushConsumer:
     * ``close_grace`` — seconds ``close()`` waits for running listener calls [10].
     * ``fifo`` — a *new* group is created FIFO: the messages of one message group come
       one at a time, in send order (an existing group is made FIFO with the admin API) [False].
+    * ``user``, ``password`` — log in [``HALFMQ_USER``/``HALFMQ_PASSWORD``, else none]; a
+      refused login raises ``AuthError`` from ``start()``.
+    * ``tls`` — True (the system's CAs) or an ``ssl.SSLContext`` [plain TCP].
 
     Use as ``async with PushConsumer(...) as c:`` or call ``start()``/``close()``.
     """
@@ -105,6 +109,9 @@ class PushConsumer:
         client_id: str | None = None,
         close_grace: float = CLOSE_GRACE,
         fifo: bool = False,
+        user: str | None = None,
+        password: str | None = None,
+        tls: bool | ssl.SSLContext | None = None,
     ) -> None:
         validate_name(group, "consumer group")
         validate_subscribe_topic(topic)
@@ -148,6 +155,9 @@ class PushConsumer:
             request_timeout=CONTROL_TIMEOUT,
             on_push=self._on_push,
             on_reconnect=self._on_reconnect,
+            user=user,
+            password=password,
+            tls=tls,
         )
         self._is_async = _is_async(listener)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None

@@ -5,9 +5,11 @@ How this works
 A ``Connection`` owns one TCP connection to the broker (an ``asyncio.Protocol``, not
 streams) and keeps it alive for as long as it is open:
 
-* **Handshake.** Every new TCP connection first sends ``HELLO`` (version, client id, role,
-  group) and waits for its reply before anything else is sent. The reply tells us the
-  broker's ``max_message_size``.
+* **Handshake.** Every new TCP connection (TLS when ``tls`` is set) first sends ``HELLO``
+  (version, client id, role, group) and waits for its reply before anything else is sent.
+  The reply tells us the broker's ``max_message_size``. With a user and password, the
+  HELLO also starts a SCRAM-SHA-256 login and an ``AUTH`` frame finishes it
+  (:mod:`producer_sdk.auth`); a refused login raises ``AuthError``.
 * **Requests.** ``request(op, payload)`` picks the next request id, registers a future in
   ``_pending`` and queues the frame; the reader resolves the future when the ``REPLY`` or
   ``ERROR`` with that id arrives, so many requests are in flight at once (pipelining) and
@@ -38,14 +40,17 @@ import heapq
 import logging
 import os
 import socket
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from producer_sdk.auth import ClientLogin, credentials, tls_context
 from protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     FRAME_OVERHEAD,
     PROTOCOL_VERSION,
+    AuthError,
     BrokerUnavailableError,
     FrameDecoder,
     HalfMQError,
@@ -147,6 +152,8 @@ class Connection:
     announced in the handshake. ``on_request(op, payload)`` answers broker requests
     (``CHECK``); ``on_push(op, payload)`` receives ``rid = 0`` frames (``DELIVER``);
     ``on_reconnect()`` runs after every successful *re*-connect (not the first one).
+    ``user``/``password`` log in (default: ``HALFMQ_USER``/``HALFMQ_PASSWORD``, else
+    none); ``tls`` is True (the system's CAs) or an ``ssl.SSLContext`` (default: plain TCP).
     """
 
     def __init__(
@@ -160,8 +167,13 @@ class Connection:
         on_request: RequestHandler | None = None,
         on_push: PushHandler | None = None,
         on_reconnect: ReconnectHook | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        tls: bool | ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
+        self._credentials = credentials(user, password)
+        self._ssl = tls_context(tls)
         self.host, self.port = parse_address(address)
         self.role = Role(role).value
         self.group = group
@@ -226,6 +238,9 @@ class Connection:
             try:
                 await self._connect_once(deadline)
                 return
+            except ssl.SSLError as exc:  # a certificate problem does not go away by retrying
+                self._opened = False
+                raise BrokerUnavailableError(f"TLS handshake with broker {self.address} failed: {exc}") from exc
             except (OSError, BrokerUnavailableError, RequestTimeoutError) as exc:
                 remaining = deadline - self._loop.time()
                 if remaining <= 0 or self._closed:
@@ -401,6 +416,8 @@ class Connection:
                 raise HalfMQError("connection closed")
             remaining = deadline - loop.time()
             if remaining <= 0:
+                if isinstance(self._last_error, AuthError):
+                    raise AuthError(str(self._last_error))
                 detail = f": {self._last_error}" if self._last_error else ""
                 raise BrokerUnavailableError(
                     f"not connected to broker {self.address}{detail}"
@@ -521,7 +538,7 @@ class Connection:
         loop = self._loop
         remaining = max(deadline - loop.time(), 0.01)
         transport, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: _ClientProtocol(self), self.host, self.port),
+            loop.create_connection(lambda: _ClientProtocol(self), self.host, self.port, ssl=self._ssl),
             remaining,
         )
         if self._closed:
@@ -542,8 +559,19 @@ class Connection:
             "role": self.role,
             "group": self.group,
         }
+        login = ClientLogin(*self._credentials) if self._credentials else None
+        if login is not None:
+            hello["auth"] = login.first()
         try:
             reply = await self._send_unchecked(Op.HELLO, hello, max(deadline, loop.time() + 1.0))
+            if login is not None and isinstance(reply, dict) and "auth" in reply:
+                final = login.final(reply["auth"])
+                reply = await self._send_unchecked(Op.AUTH, final, max(deadline, loop.time() + 1.0))
+                login.verify(reply.get("auth") if isinstance(reply, dict) else None)
+            elif login is not None:
+                raise AuthError(f"broker {self.address} did not run the login: not the broker meant?")
+            elif isinstance(reply, dict) and "auth" in reply:
+                raise AuthError("the broker asked for a login and this client has no credentials")
         except BaseException:
             if self._proto is proto:
                 transport.abort()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -179,6 +180,10 @@ class Producer:
     * ``send_timeout`` — seconds a send may take in total, retries included (default 3).
     * ``retries`` — how many times a retriable failure is retried (default 2).
     * ``client_id`` — identifies this client to the broker (default ``host@pid@random``).
+    * ``user``, ``password`` — log in (default: ``HALFMQ_USER``/``HALFMQ_PASSWORD``, else
+      none); a refused login raises ``AuthError`` from ``start()``.
+    * ``tls`` — True (check the broker's certificate against the system's CAs) or an
+      ``ssl.SSLContext`` (default: plain TCP).
 
     Use as ``async with Producer(...) as p:`` or call ``start()``/``close()``.
     """
@@ -191,6 +196,9 @@ class Producer:
         send_timeout: float = 3.0,
         retries: int = 2,
         client_id: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        tls: bool | ssl.SSLContext | None = None,
     ) -> None:
         if group is not None:
             validate_name(group, "producer group")
@@ -202,7 +210,7 @@ class Producer:
         self.group = group
         self.send_timeout = send_timeout
         self.retries = retries
-        self._conn = self._make_connection(client_id)
+        self._conn = self._make_connection(client_id, user=user, password=password, tls=tls)
         self._started = False
         self._topics_ok: set[str] = set()
         self._queued: dict[tuple[str, bool], tuple[list[list[Any]], list[asyncio.Future[Any]], list[int]]] = {}

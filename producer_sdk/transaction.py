@@ -32,6 +32,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -125,7 +126,8 @@ class TransactionProducer(Producer):
     Options (keyword-only): ``group`` (required, the producer group check-backs are
     addressed to), ``listener`` (a ``TransactionListener``), ``send_timeout`` (default 3 s,
     also bounds the outcome report), ``client_id``, ``check_workers`` (default 4: check-backs
-    answered at once; also the threads that run plain ``def`` check methods).
+    answered at once; also the threads that run plain ``def`` check methods), ``user``,
+    ``password`` and ``tls`` (as for ``Producer``).
     """
 
     def __init__(
@@ -138,6 +140,9 @@ class TransactionProducer(Producer):
         retries: int = 2,
         client_id: str | None = None,
         check_workers: int = 4,
+        user: str | None = None,
+        password: str | None = None,
+        tls: bool | ssl.SSLContext | None = None,
     ) -> None:
         validate_name(group, "producer group")
         if listener is None:
@@ -151,7 +156,7 @@ class TransactionProducer(Producer):
         self._outcomes: list[tuple[str, str, asyncio.Future[Any]]] = []  # END_TX micro-batch
         self._outcomes_scheduled = False
         super().__init__(address, group=group, send_timeout=send_timeout, retries=retries,
-                         client_id=client_id)
+                         client_id=client_id, user=user, password=password, tls=tls)
 
     def _make_connection(self, client_id: str | None, **extra: Any) -> Connection:
         # check-backs arrive as requests on the producer's own connection

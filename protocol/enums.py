@@ -21,6 +21,7 @@ class Op(enum.IntEnum):
     PING = 9  # either way request: liveness / ordering barrier
     REPLY = 10  # reply to the peer's request with the same rid
     ERROR = 11  # error reply to the peer's request with the same rid: {code, message}
+    AUTH = 12  # client -> broker request: the SCRAM client-final message of the handshake
     RECALL = 20  # producer -> broker request: cancel a scheduled message not yet due
     RECEIVE = 21  # consumer -> broker request: long-poll up to N messages, each leased
     SETTLE = 22  # consumer -> broker request: ack / nack / change visibility by receipt handle

@@ -11,7 +11,9 @@ A transactional send stores a *half message* in the log and registers it here wi
    record). The same outcome again is answered with the recorded state and
    ``changed=False`` -- nothing is appended twice. A *conflicting* outcome (ROLLBACK after
    COMMIT, anything but the same after ABANDONED) raises ``TransactionStateError`` and
-   changes nothing. This is where we beat RocketMQ, whose END_TX is fire-and-forget and
+   changes nothing. Only the producer group that sent a half message may report its
+   outcome (``group=``): another group gets ``AuthError`` and changes nothing, so a
+   producer can never resolve someone else's transaction (an operator passes ``OPERATOR``). This is where we beat RocketMQ, whose END_TX is fire-and-forget and
    can publish a late COMMIT twice.
 
 2. No outcome arrives. ``tx_timeout`` after ``prepared_at`` the half message is *due*:
@@ -60,9 +62,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from broker.core.lifecycle import TX_TRANSITIONS, TxEvent, TxState, transition
-from protocol.errors import TransactionStateError
+from protocol.errors import AuthError, TransactionStateError
 
-__all__ = ["HalfMessage", "HalfMessageTable", "TxState"]
+__all__ = ["HalfMessage", "HalfMessageTable", "TxState", "OPERATOR"]
+
+#: ``resolve(group=OPERATOR)``: an outcome set by an operator, not by a producer group
+#: (no group name can be ``*``).
+OPERATOR = "*"
 
 _STATES = tuple(TxState)
 _OUTCOME_EVENTS = {TxState.COMMITTED: TxEvent.COMMIT, TxState.ROLLED_BACK: TxEvent.ROLLBACK}
@@ -205,20 +211,29 @@ class HalfMessageTable:
             next_check_at=now + self.tx_timeout,
         ))
 
-    def resolve(self, msg_id: str, outcome: TxState, now: float) -> tuple[TxState, bool]:
-        """Apply an outcome (COMMITTED or ROLLED_BACK) reported for ``msg_id``.
+    def resolve(self, msg_id: str, outcome: TxState, now: float, *,
+                group: str | None = OPERATOR) -> tuple[TxState, bool]:
+        """Apply an outcome (COMMITTED or ROLLED_BACK) reported for ``msg_id`` by producer
+        ``group`` (``OPERATOR``: by hand, any transaction).
 
         Returns ``(recorded_state, changed)``: ``changed`` is True only the first time, when
         the shell must record the outcome (and deliver a commit). The same outcome again
         returns ``(outcome, False)``. Raises ``TransactionStateError`` -- changing nothing --
         for an unknown ``msg_id`` or an outcome that conflicts with the recorded one
-        (including any outcome for an ABANDONED transaction). Raises ``ValueError`` if
-        ``outcome`` is not COMMITTED or ROLLED_BACK.
+        (including any outcome for an ABANDONED transaction). Raises ``AuthError`` --
+        changing nothing -- if ``group`` is not the group that sent the half message (known
+        while the entry is held whole). Raises ``ValueError`` if ``outcome`` is not
+        COMMITTED or ROLLED_BACK.
         """
         event = _OUTCOME_EVENTS.get(outcome)
         if event is None:
             raise ValueError(f"an outcome must be COMMITTED or ROLLED_BACK, not {outcome!r}")
         entry = self._entries.get(msg_id)
+        if entry is not None and group != OPERATOR and group != entry.group:
+            raise AuthError(
+                f"transaction {msg_id!r} belongs to producer group {entry.group!r}: "
+                f"{'a producer without a group' if group is None else f'producer group {group!r}'} "
+                "may not resolve it; nothing changed")
         current = entry.state if entry is not None else self.state_of(msg_id)
         if current is None:
             raise TransactionStateError(f"unknown transaction {msg_id!r}: no such half message")

@@ -163,7 +163,7 @@ def test_help_states_every_default_correctly():
     for opt in OPTIONS:
         match = re.search(r"\(default: ([^)]*)\)", actions[opt.name].help)
         assert match, f"help of {opt.flag} does not state its default"
-        text = {"on": "true", "off": "false"}.get(match.group(1), match.group(1))
+        text = {"on": "true", "off": "false", "none": None}.get(match.group(1), match.group(1))
         assert opt.parse(text) == getattr(defaults, opt.name), opt.name
     assert "default: none" in actions["config"].help
 
@@ -262,7 +262,9 @@ def test_every_option_has_an_env_variable():
            "HALFMQ_SEGMENT_SIZE": "4KiB", "HALFMQ_MAX_CONNECTIONS": "5", "HALFMQ_MAX_TOPICS": "6",
            "HALFMQ_MAX_GROUPS": "7", "HALFMQ_MAX_PREFETCH": "8", "HALFMQ_MAX_CLIENT_BUFFER": "1MiB",
            "HALFMQ_MAX_INFLIGHT_REQUESTS": "9", "HALFMQ_MAX_INFLIGHT_BYTES": "2MiB",
-           "HALFMQ_MAX_DELAY": "1d", "HALFMQ_GRPC_PORT": "8081", "HALFMQ_ADVERTISE": "mq.example:8081"}
+           "HALFMQ_MAX_DELAY": "1d", "HALFMQ_GRPC_PORT": "8081", "HALFMQ_ADVERTISE": "mq.example:8081",
+           "HALFMQ_TLS_CERT": "c.pem", "HALFMQ_TLS_KEY": "k.pem", "HALFMQ_TLS_CLIENT_CA": "ca.pem",
+           "HALFMQ_USERS_FILE": "users.toml", "HALFMQ_ALLOW_ANONYMOUS": "yes"}
     assert {o.env for o in OPTIONS} == set(env)
     c = load_config([], env)
     assert c == BrokerConfig(data_dir="d", host="::1", port=1, http_port=2, flush="async",
@@ -272,7 +274,9 @@ def test_every_option_has_an_env_variable():
                              retention=300.0, segment_size=4096, max_connections=5, max_topics=6,
                              max_groups=7, max_prefetch=8, max_client_buffer=1 << 20,
                              max_inflight_requests=9, max_inflight_bytes=2 << 20, max_delay=86400.0,
-                             grpc_port=8081, advertise="mq.example:8081")
+                             grpc_port=8081, advertise="mq.example:8081",
+                             tls_cert="c.pem", tls_key="k.pem", tls_client_ca="ca.pem",
+                             users_file="users.toml", allow_anonymous=True)
 
 
 def test_toml_file_values_may_be_strings_numbers_lists_and_booleans(tmp_path):

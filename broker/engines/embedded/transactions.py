@@ -73,14 +73,15 @@ class EmbeddedTransactions:
     """The transaction shell of :class:`EmbeddedEngine` (see the module docstring)."""
 
     def end_tx(self: EmbeddedEngine, s: Session, rid: int, items: list[tuple[str, str]], single: bool) -> None:
-        """Record outcomes (T6). ``single``: one item, answered ``{"state": ...}`` or with
+        """Record outcomes (T6) reported by ``s``, a producer of the group that sent each half
+        message (another group's item is refused with ``AuthError``). ``single``: one item, answered ``{"state": ...}`` or with
         its error; otherwise ``{"r": [...]}`` with, per item, the recorded state or
         ``[code, message]``. The answer goes out once every changed outcome is durable."""
         now = time.time()
         if single:
             msg_id, outcome = items[0]
             state = _REQUESTED[outcome]
-            recorded, changed = self.tx.resolve(msg_id, state, now)  # raises for the client
+            recorded, changed = self.tx.resolve(msg_id, state, now, group=s.group)  # raises for the client
             reply = {"state": _REPLY_STATES[recorded]}
             if changed:
                 self.counters[f"tx_{recorded.value}_producer"] += 1
@@ -97,7 +98,7 @@ class EmbeddedTransactions:
                 state = _REQUESTED.get(outcome) if isinstance(msg_id, str) else None
                 if state is None:
                     raise BadRequestError("each item must be [msg_id, 'COMMIT' | 'ROLLBACK']")
-                recorded, changed = self.tx.resolve(msg_id, state, now)
+                recorded, changed = self.tx.resolve(msg_id, state, now, group=s.group)
             except HalfMQError as exc:
                 results.append([exc.code, str(exc)])
                 continue

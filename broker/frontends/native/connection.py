@@ -23,6 +23,12 @@ Limits, so that no client can hurt the broker (each in the README's table):
   a client that never reads) past ``--max-client-buffer`` gets the client disconnected,
   with a WARNING saying why.
 
+Security (``broker.security``): once users exist, HELLO starts a SCRAM-SHA-256 login that
+an AUTH frame finishes (docs/protocol.md); a failed login is answered with ``AuthError``
+and the connection closed. Each request is then checked against the client's rights
+before the engine sees it (SEND, SUBSCRIBE, END_TX; ACK only follows a checked
+subscription), and a change of users or grants re-checks what a connection holds.
+
 A malformed frame (undecodable, too large, not ``[op, rid, payload]``) is answered with an
 ERROR frame and the connection is closed; other connections are not affected. A malformed
 *request* inside a good frame gets an ERROR and the connection stays open. The broker may
@@ -40,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import (
     PROTOCOL_VERSION,
+    AuthError,
     BadRequestError,
     FrameDecoder,
     HalfMQError,
@@ -59,6 +66,8 @@ if TYPE_CHECKING:
     from broker.config import BrokerConfig
     from broker.engines.base import Engine
     from broker.frontends.native.listener import NativeListener
+    from broker.security import SessionAccess
+    from broker.security.scram import ScramLogin
 
 __all__ = ["ClientConnection", "SubscribeRequest", "DELIVERY_WINDOW", "SEND_OPTIONS", "check_send_options"]
 
@@ -108,6 +117,10 @@ class ClientConnection(asyncio.Protocol):
         self._rid = 0
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self.subscribed = False
+        self.access: SessionAccess | None = None  # the client's rights, once it is in
+        self._login: ScramLogin | None = None  # a login between HELLO and AUTH
+        self._hello_args: tuple[str, str, str | None] = ("", "", None)
+        self._subscription: tuple[str, str] | None = None  # (topic, group)
         self._inflight = 0  # requests awaiting their reply
         self._inflight_bytes = 0  # message bytes of SENDs awaiting their reply
         self._send_sizes: dict[int, int] = {}  # rid -> message bytes of that SEND
@@ -174,9 +187,10 @@ class ClientConnection(asyncio.Protocol):
             if self._inflight >= self.config.max_inflight_requests and self._reading:
                 self._pause_reading()
         if op == Op.SEND:
-            if self.client_id is None:
-                raise BadRequestError("the first frame must be HELLO")
+            if self.access is None:
+                raise self._not_in()
             topic, msgs, half, size = self._check_send(p)
+            self.listener.security.check_send(self.access, topic, self.group, half)
             if rid:
                 self._send_sizes[rid] = self._send_sizes.get(rid, 0) + size
                 self._inflight_bytes += size
@@ -189,15 +203,20 @@ class ClientConnection(asyncio.Protocol):
             engine.ack(self, rid, [(token, bool(ok)) for token, ok in p["a"]])
         elif op == Op.HELLO:
             self._hello(rid, p)
-        elif self.client_id is None:
-            raise BadRequestError("the first frame must be HELLO")
+        elif op == Op.AUTH:
+            self._auth(rid, p)
+        elif self.access is None:
+            raise self._not_in()
         elif op == Op.END_TX:
             items, single = _check_end_tx(p)
+            self.listener.security.check_active(self.access)
             engine.end_tx(self, rid, items, single)
         elif op == Op.SUBSCRIBE:
             sub = self._check_subscribe(p)
+            self.listener.security.check_subscribe(self.access, sub.topic, sub.group)
             engine.subscribe(self, rid, sub)
             self.subscribed = True
+            self._subscription = (sub.topic, sub.group)
         elif op == Op.RECEIVE:
             engine.receive(self, rid, **self._check_receive(p))  # type: ignore[attr-defined]
         elif op == Op.SETTLE:
@@ -215,8 +234,13 @@ class ClientConnection(asyncio.Protocol):
         else:
             raise BadRequestError(f"unknown operation {op}")
 
+    def _not_in(self) -> HalfMQError:
+        if self._login is not None:
+            return BadRequestError("the login is not finished: AUTH comes next")
+        return BadRequestError("the first frame must be HELLO")
+
     def _hello(self, rid: int, p: Any) -> None:
-        if self.client_id is not None:
+        if self.client_id is not None or self._login is not None:
             raise BadRequestError("HELLO was already received on this connection")
         if not isinstance(p, dict):
             raise BadRequestError("HELLO payload must be a map")
@@ -231,11 +255,75 @@ class ClientConnection(asyncio.Protocol):
         group = p.get("group")
         if group is not None:
             validate_name(group, "group")
+        security = self.listener.security
+        auth = p.get("auth")
+        if auth is None and not security.login_required:
+            self._welcome(rid, client_id, role, group, None, {})
+            return
+        try:
+            self._login, reply_auth = security.login_begin(self.peer, auth)
+        except AuthError as exc:
+            self._refuse(rid, exc)
+            return
+        self._hello_args = (client_id, role, group)
+        self.reply(rid, {"version": PROTOCOL_VERSION, "auth": reply_auth})
+
+    def _auth(self, rid: int, p: Any) -> None:
+        """The client-final message of a login begun by HELLO."""
+        login = self._login
+        if login is None:
+            raise BadRequestError("AUTH without a login in progress (HELLO with 'auth' comes first)")
+        self._login = None
+        message = p.get("message") if isinstance(p, dict) else None
+        try:
+            reply_auth = self.listener.security.login_end(self.peer, login, message)
+        except AuthError as exc:
+            self._refuse(rid, exc)
+            return
+        self._welcome(rid, *self._hello_args, login.user, {"auth": reply_auth, "user": login.user})
+
+    def _welcome(self, rid: int, client_id: str, role: str, group: str | None, user: str | None,
+                 extra: dict[str, Any]) -> None:
+        """The client is in (as ``user``, None: anonymous): register it and answer the handshake."""
+        security = self.listener.security
+        access = security.session(user)
+        if role == "producer" and group is not None:
+            try:
+                security.check_producer_group(access, group)
+            except AuthError as exc:
+                log.warning("refusing %s from %s: %s", client_id, self.peer, exc)
+                self._refuse(rid, exc)
+                return
+        self.access = access
         self.client_id, self.role, self.group = client_id, role, group
-        log.info("%s %s connected from %s%s", role, client_id, self.peer, f" (group {group})" if group else "")
+        log.info("%s %s connected from %s%s%s", role, client_id, self.peer, f" (group {group})" if group else "",
+                 f" as user {user}" if user else "")
         if role == "producer":
             self.engine.producer_hello(self)
-        self.reply(rid, {"version": PROTOCOL_VERSION, "max_message_size": self.config.max_message_size})
+        self.reply(rid, {"version": PROTOCOL_VERSION, "max_message_size": self.config.max_message_size, **extra})
+
+    def _refuse(self, rid: int, exc: HalfMQError) -> None:
+        """Answer ``exc`` and close the connection (a refused handshake)."""
+        self.error(rid, exc)
+        self.close()
+
+    def recheck_rights(self) -> None:
+        """Users or grants changed: close this connection if it lost what it holds."""
+        access = self.access
+        if access is None or self.closed:
+            return
+        rights = access.rights()
+        problem = None
+        if rights is None:
+            problem = "its user is gone" if access.user else "users now exist and it has no login"
+        elif self.role == "producer" and self.group and not rights.may_announce_producer_group(self.group):
+            problem = f"it may no longer act as producer group {self.group!r}"
+        elif self._subscription is not None and not rights.may_subscribe(*self._subscription):
+            problem = f"it may no longer subscribe to {self._subscription[0]!r} as {self._subscription[1]!r}"
+        if problem is not None:
+            log.warning("closing %s (%s, user %r): %s", self.peer, self.client_id, access.user, problem)
+            self.error(0, AuthError(f"rights changed: {problem}"))
+            self.close()
 
     def _check_send(self, p: Any) -> tuple[str, list[list[Any]], bool, int]:
         """The topic, messages, half flag and body bytes of a SEND, checked whole before

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - not on POSIX
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
     from broker.engines.base import Engine
+    from broker.security import BrokerSecurity
 
 __all__ = ["NativeListener", "FD_RESERVE", "connection_limit"]
 
@@ -63,9 +64,11 @@ def connection_limit(wanted: int) -> int:
 class NativeListener:
     """Accepts native-protocol clients for one engine."""
 
-    def __init__(self, engine: Engine, config: BrokerConfig) -> None:
+    def __init__(self, engine: Engine, config: BrokerConfig, *, security: BrokerSecurity) -> None:
         self.engine = engine
         self.config = config
+        self.security = security
+        security.on_change.append(self._rights_changed)
         self.max_frame_size = config.max_message_size + FRAME_OVERHEAD
         self.connections: set[ClientConnection] = set()
         self.valid_topics: set[str] = set()  # topic names already checked (bounded)
@@ -89,7 +92,8 @@ class NativeListener:
         self.max_connections = limit
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: ClientConnection(self), self.config.host, self.config.port, reuse_address=True)
+            lambda: ClientConnection(self), self.config.host, self.config.port, reuse_address=True,
+            ssl=self.security.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -125,6 +129,11 @@ class NativeListener:
         self.connections.add(conn)
         self.accepted += 1
         self.engine.session_opened(conn)
+
+    def _rights_changed(self) -> None:
+        """Users or grants changed: connections that lost what they hold are closed."""
+        for c in list(self.connections):
+            c.recheck_rights()
 
     def closed(self, conn: ClientConnection) -> None:
         """A client's connection is gone."""
