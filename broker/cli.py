@@ -1,4 +1,5 @@
-"""The ``halfmq`` command: ``broker``, ``send``, ``consume``, ``admin``, ``webhook``, ``demo``, ``bench``.
+"""The ``halfmq`` command: ``broker``, ``send``, ``consume``, ``admin``, ``webhook``, ``user``,
+``token``, ``demo``, ``bench``.
 
 How this works
 --------------
@@ -6,7 +7,8 @@ How this works
 option of SPEC §2 (flags > ``HALFMQ_*`` env > TOML file), runs a ``Broker`` on uvloop,
 prints exactly one ready line on standard output when it serves, and stops gracefully on
 SIGTERM/SIGINT (exit status 0). The other sub-commands are small clients for trying
-things by hand; ``admin`` talks to the admin HTTP API.
+things by hand; ``admin`` talks to the admin HTTP API; ``user`` and ``token`` manage logins
+(:mod:`broker.security.cli`, which also holds the login and TLS options of every client).
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ import json
 import logging
 import signal
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
+
+from broker.security.cli import (
+    add_client_options,
+    add_http_login_options,
+    client_kwargs,
+    http_call,
+    token_main,
+    user_main,
+)
 
 __all__ = ["main", "broker_main"]
 
@@ -98,6 +107,7 @@ def _send_main(argv: list[str]) -> int:
     when.add_argument("--delay", default=None, help="deliver after this long, e.g. 30s, 1h (default: now)")
     when.add_argument("--deliver-at", type=float, default=None, help="deliver at this epoch time in seconds")
     p.add_argument("--address", default="127.0.0.1:7600", help="broker address (default 127.0.0.1:7600)")
+    add_client_options(p)
     a = p.parse_args(argv)
     from broker.config import parse_duration
     from producer_sdk import HalfMQError, Producer
@@ -109,7 +119,7 @@ def _send_main(argv: list[str]) -> int:
 
     async def run() -> int:
         try:
-            async with Producer(a.address) as prod:
+            async with Producer(a.address, **client_kwargs(a)) as prod:
                 keys = [k for k in a.keys.split(",") if k]
                 r = await prod.send(a.topic, a.body, tags=a.tags, keys=keys, delay=delay, deliver_at=a.deliver_at)
         except (HalfMQError, ValueError) as exc:
@@ -129,6 +139,7 @@ def _consume_main(argv: list[str]) -> int:
     p.add_argument("--start", choices=["earliest", "latest"], default="earliest")
     p.add_argument("--count", type=int, default=0, help="exit after this many messages (default: run until Ctrl-C)")
     p.add_argument("--address", default="127.0.0.1:7600", help="broker address (default 127.0.0.1:7600)")
+    add_client_options(p)
     a = p.parse_args(argv)
     from consumer_sdk import ConsumeResult, HalfMQError, PushConsumer
 
@@ -153,7 +164,7 @@ def _consume_main(argv: list[str]) -> int:
             loop.add_signal_handler(sig, done.set)
         try:
             async with PushConsumer(a.address, group=a.group, topic=a.topic, tags=a.tags,
-                                    listener=on_message, start=a.start):
+                                    listener=on_message, start=a.start, **client_kwargs(a)):
                 await done.wait()
         except HalfMQError as exc:
             print(f"halfmq consume: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -163,23 +174,10 @@ def _consume_main(argv: list[str]) -> int:
     return asyncio.run(run())
 
 
-def _http(method: str, url: str, body: Any = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
-    req = urllib.request.Request(url, method=method, data=data,
-                                 headers={"Content-Type": "application/json"} if body is not None else {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        body = exc.read().decode("utf-8", "replace")
-        raise SystemExit(f"halfmq admin: HTTP {exc.code}: {body}") from None
-    except urllib.error.URLError as exc:
-        raise SystemExit(f"halfmq admin: cannot reach {url}: {exc.reason}") from None
-
-
 def _admin_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="halfmq admin", description="Query the broker's admin HTTP API.")
     p.add_argument("--http", default="http://127.0.0.1:7601", help="admin API base URL (default http://127.0.0.1:7601)")
+    add_http_login_options(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("topics", help="topics, queues, message counts")
     sub.add_parser("groups", help="consumer groups: delivered, acked, in flight, retrying, dead, lag")
@@ -212,6 +210,10 @@ def _admin_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     base = a.http.rstrip("/")
     from urllib.parse import urlencode
+
+
+    def _http(method: str, url: str, body: Any = None) -> Any:
+        return http_call(a, method, url, body, prog="halfmq admin")
 
     paging = {"limit": getattr(a, "limit", 100), **({"after": a.after} if getattr(a, "after", None) else {})}
     if a.cmd == "topics":
@@ -258,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         "admin": _admin_main,
         "webhook": _webhook_main,
         "outbox-relay": lambda a: __import__("producer_sdk.outbox.cli", fromlist=["*"]).outbox_relay_main(a),
+        "user": user_main,
+        "token": token_main,
     }
     try:
         from examples.bank.demo import demo_main
@@ -280,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
               "            | scheduled [--topic T] | recall ID\n"
               "  webhook   POST a topic's messages to a URL: add | list | show | remove | rotate | delivery | resend\n"
               "  outbox-relay  ship a database's outbox table to the broker: halfmq outbox-relay --db URL --broker ADDR\n"
+              "  user      users and rights: add | passwd | list | remove | grant | revoke | verifier\n"
+              "  token     bearer tokens for the admin API: create USER | list | revoke ID\n"
               "  demo      the bank transfer example with an embedded broker\n"
               "  bench     the benchmark harness",
               file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)

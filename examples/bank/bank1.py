@@ -173,12 +173,15 @@ class Bank1Service:
     ``mode``: one of ``MODES``. ``relay`` (outbox mode): run the outbox relay in this
     process [True]; with ``False`` run ``halfmq outbox-relay`` beside it. ``fault`` (one of
     ``FAULTS`` or ``None``; outbox mode: ``kill-after-commit`` only) may be changed while
-    running. ``port=0`` picks a free port; ``url`` is the base URL once started.
+    running. ``port=0`` picks a free port; ``url`` is the base URL once started. ``broker_options`` go to
+    the producers (``user``, ``password``, ``tls``; by default the SDK reads
+    ``HALFMQ_USER``/``HALFMQ_PASSWORD``).
     """
 
     def __init__(self, db_url: str, broker: str, *, host: str = "127.0.0.1", port: int = 8081,
                  topic: str = TOPIC, group: str = PRODUCER_GROUP, fault: str | None = None,
-                 reset: bool = False, mode: str = "transaction", relay: bool = True) -> None:
+                 reset: bool = False, mode: str = "transaction", relay: bool = True,
+                 broker_options: dict[str, Any] | None = None) -> None:
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS}")
         if mode not in MODES:
@@ -192,6 +195,7 @@ class Bank1Service:
         self.fault = fault
         self.reset = reset
         self.mode, self.relay = mode, relay
+        self.broker_options = broker_options or {}
         self.url = ""
         self.producer: TransactionProducer | None = None
         self.outbox: Outbox | None = None
@@ -206,12 +210,12 @@ class Bank1Service:
             self.outbox = self.db.outbox()
             await self.outbox.create_table()
             if self.relay:
-                self.relay_producer = Producer(self.broker, group=self.group)
+                self.relay_producer = Producer(self.broker, group=self.group, **self.broker_options)
                 await self.relay_producer.start()
                 self.start_relay()
         else:
             self.producer = TransactionProducer(self.broker, group=self.group,
-                                                listener=TransferListener(self))
+                                                listener=TransferListener(self), **self.broker_options)
             await self.producer.start()
         app = web.Application()
         routes = web.RouteTableDef()

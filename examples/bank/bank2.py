@@ -60,17 +60,20 @@ class Bank2Service:
     ``lose_ack_once``: when set, the next credited message is answered ``RECONSUME_LATER``
     after its local commit (as if the ack were lost), so it is delivered again — used by
     the demo and tests to show the de-duplication. ``deliveries`` records every call.
+    ``broker_options`` go to the consumer (``user``, ``password``, ``tls``; by default the
+    SDK reads ``HALFMQ_USER``/``HALFMQ_PASSWORD``).
     """
 
     def __init__(self, db_url: str, broker: str, *, host: str = "127.0.0.1", port: int = 8082,
                  topic: str = TOPIC, group: str = CONSUMER_GROUP, max_reconsume_times: int = 16,
-                 reset: bool = False) -> None:
+                 reset: bool = False, broker_options: dict[str, Any] | None = None) -> None:
         self.db = BankDatabase(db_url, seed=SEED)
         self.broker = broker
         self.host, self.port = host, port
         self.topic, self.group = topic, group
         self.max_reconsume_times = max_reconsume_times
         self.reset = reset
+        self.broker_options = broker_options or {}
         self.lose_ack_once = False
         self.deliveries: list[Delivery] = []
         self.url = ""
@@ -82,7 +85,8 @@ class Bank2Service:
         await self._start_http()
         self.consumer = PushConsumer(self.broker, group=self.group, topic=self.topic, tags="*",
                                      listener=self.on_message,
-                                     max_reconsume_times=self.max_reconsume_times)
+                                     max_reconsume_times=self.max_reconsume_times,
+                                     **self.broker_options)
         await self.consumer.start()
         return self
 

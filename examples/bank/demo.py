@@ -22,6 +22,12 @@ bank2 was debited in bank1. Exit status 0 when all checks hold.
 With ``--rocketmq-client`` the broker also serves RocketMQ 5's gRPC protocol and bank2
 consumes with the official Apache RocketMQ client (``examples.bank.bank2_rocketmq``)
 while bank1 stays on halfmq's SDK: the same five scenarios, across the two protocols.
+
+With ``--auth`` the broker has users before the banks start: ``bank1`` may publish the
+transfer topic as producer group ``producer_bank1``, ``bank2`` may consume it as
+``consumer_bank2``, and ``operator`` (admin) acts on the admin API with a bearer token;
+the demo first shows that a client without credentials, and bank2 trying to publish,
+are refused.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 import sys
 import tempfile
 import time
@@ -39,7 +46,7 @@ from typing import Any
 
 import aiohttp
 
-from examples.bank.bank1 import MODES, Bank1Service
+from examples.bank.bank1 import MODES, PRODUCER_GROUP, TOPIC, Bank1Service
 from examples.bank.bank2 import CONSUMER_GROUP, Bank2Service
 from examples.bank.db import parse_db_url
 
@@ -98,6 +105,8 @@ class _Demo:
                  http: aiohttp.ClientSession, out: Callable[[str], None]) -> None:
         self.bank1, self.bank2, self.admin_url, self.http, self.out = bank1, bank2, admin_url, http, out
         self.failures = 0
+        #: the admin API takes state changes only with this header (cross-site safety)
+        self.admin_headers = {"X-HalfMQ-Request": "halfmq-demo"}
 
     async def message_id(self, reply: dict[str, Any]) -> str:
         """The broker's id of a transfer's message: in the reply (transaction mode), or
@@ -164,7 +173,7 @@ class _Demo:
                                   json={"id": 3, "account": "wangwu"}) as r:
             out(f"   POST /v1/bank2/accounts wangwu -> HTTP {r.status}")
         async with self.http.post(f"{self.admin_url}/api/dlq/{CONSUMER_GROUP}/messages/"
-                                  f"{msg_id}/resend") as r:
+                                  f"{msg_id}/resend", headers=self.admin_headers) as r:
             out(f"   POST /api/dlq/{CONSUMER_GROUP}/messages/{msg_id}/resend -> HTTP {r.status}")
         await wait_until(lambda: self._is(3, Decimal("5.00")), what="wangwu credited")
         await self.show()
@@ -217,11 +226,41 @@ class _Demo:
         return await self.balance2(account_id) == expected
 
 
+async def _add_demo_users(broker: Any, out: Callable[[str], None]) -> dict[str, Any]:
+    """Users for ``--auth``: returns the banks' broker options and the operator's token."""
+    from producer_sdk import AuthError, Producer
+
+    directory = broker.security.directory
+    passwords = {name: secrets.token_urlsafe(12) for name in ("bank1", "bank2", "operator")}
+    for name, password in passwords.items():
+        await directory.add_user(name, password)
+    await directory.grant("bank1", "publish", TOPIC, PRODUCER_GROUP)
+    await directory.grant("bank2", "subscribe", TOPIC, CONSUMER_GROUP)
+    await directory.grant("operator", "admin", "*")
+    token, _ = await directory.create_token("operator")
+    for user in directory.list_users():
+        out(f"   user {user['user']}: {', '.join(user['grants'])}")
+    for who, options in (("no credentials", {}), ("bank2 publishing", {"user": "bank2", "password": passwords["bank2"]})):
+        try:
+            async with Producer(broker.address, **options) as p:
+                await p.send(TOPIC, b"{}")
+            out(f"   {who}: NOT refused")
+        except AuthError as exc:
+            out(f"   {who}: refused ({exc})")
+    return {
+        "bank1": {"user": "bank1", "password": passwords["bank1"]},
+        "bank2": {"user": "bank2", "password": passwords["bank2"]},
+        "headers": {"Authorization": f"Bearer {token}"},
+    }
+
+
 async def run_demo(db: str | None = None, out: Callable[[str], None] = print, *,
-                   mode: str = "transaction", rocketmq_client: bool = False) -> int:
+                   mode: str = "transaction", rocketmq_client: bool = False, auth: bool = False) -> int:
     """Run the whole demo; ``db`` is ``None`` (temporary SQLite) or a ``mysql://`` URL;
     ``mode`` is how bank1 ships the message (``transaction`` or ``outbox``);
-    ``rocketmq_client``: bank2 on the official RocketMQ client (needs the grpc extra)."""
+    ``rocketmq_client``: bank2 on the official RocketMQ client (needs the grpc extra);
+    ``auth``: with users and rights (see the module docstring; not with ``rocketmq_client``,
+    whose gRPC port does not check logins yet)."""
     from broker import Broker, BrokerConfig
 
     with tempfile.TemporaryDirectory(prefix="halfmq-demo-") as tmp:
@@ -235,7 +274,12 @@ async def run_demo(db: str | None = None, out: Callable[[str], None] = print, *,
                               tx_timeout=1.0, tx_check_interval=0.2, retry_delays=(0.2, 0.3),
                               ack_timeout=5.0, grpc_port=0 if rocketmq_client else None)
         async with Broker(config) as broker:
-            bank1 = Bank1Service(db1, broker.address, port=0, reset=True, mode=mode)
+            logins: dict[str, Any] = {}
+            if auth:
+                out("0. users and rights (--auth)")
+                logins = await _add_demo_users(broker, out)
+            bank1 = Bank1Service(db1, broker.address, port=0, reset=True, mode=mode,
+                                 broker_options=logins.get("bank1"))
             bank2: Bank2Service
             if rocketmq_client:
                 from examples.bank.bank2_rocketmq import RocketMQBank2Service
@@ -244,8 +288,9 @@ async def run_demo(db: str | None = None, out: Callable[[str], None] = print, *,
                 await broker.engine.admin_set_group_settings(CONSUMER_GROUP, max_attempts=3)
                 bank2 = RocketMQBank2Service(db2, broker.grpc_address, port=0, reset=True)
             else:
-                bank2 = Bank2Service(db2, broker.address, port=0, max_reconsume_times=2, reset=True)
-            async with bank1, bank2, aiohttp.ClientSession() as http:
+                bank2 = Bank2Service(db2, broker.address, port=0, max_reconsume_times=2, reset=True,
+                                     broker_options=logins.get("bank2"))
+            async with bank1, bank2, aiohttp.ClientSession(headers=logins.get("headers")) as http:
                 via = f" on the official RocketMQ client via gRPC {broker.grpc_address}" if rocketmq_client else ""
                 out(f"halfmq demo ({mode} mode): broker {broker.address} (admin {broker.http_url}), "
                     f"bank1 {bank1.url} [{bank1.db.url.describe()}], "
@@ -270,9 +315,14 @@ def demo_main(argv: list[str]) -> int:
     parser.add_argument("--rocketmq-client", action="store_true",
                         help="bank2 consumes with the official RocketMQ 5 client through the broker's "
                              "gRPC port (needs the grpc extra)")
+    parser.add_argument("--auth", action="store_true",
+                        help="with users and rights: bank1 may publish, bank2 may consume, the "
+                             "operator acts on the admin API with a token")
     args = parser.parse_args(argv)
     if args.db is not None and not args.db.startswith("mysql"):
         parser.error("--db takes a mysql:// URL (SQLite is the default)")
+    if args.auth and args.rocketmq_client:
+        parser.error("--auth cannot go with --rocketmq-client: the gRPC port does not check logins yet")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -283,7 +333,8 @@ def demo_main(argv: list[str]) -> int:
         runner = asyncio.Runner()
     started = time.monotonic()
     with runner:
-        status = runner.run(run_demo(args.db, mode=args.mode, rocketmq_client=args.rocketmq_client))
+        status = runner.run(run_demo(args.db, mode=args.mode, rocketmq_client=args.rocketmq_client,
+                                     auth=args.auth))
     print(f"({time.monotonic() - started:.1f}s)")
     return status
 

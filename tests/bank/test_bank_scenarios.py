@@ -139,7 +139,7 @@ async def test_3_missing_account_goes_to_dlq_and_is_resent(banks, http, broker):
     async with http.post(f"{bank2.url}/v1/bank2/accounts", json={"id": 3, "account": "wangwu"}) as r:
         assert r.status == 201
     url = f"{broker.http_url}/api/dlq/{CONSUMER_GROUP}/messages/{msg_id}/resend"
-    async with http.post(url) as r:
+    async with http.post(url, headers={"X-HalfMQ-Request": "test"}) as r:
         assert r.status == 200, await r.text()
     await _wait_balance(http, bank2, 3, D("5.00"))
     await _assert_credited_once(bank2, reply["txNo"])

@@ -56,7 +56,8 @@ async def test_batch_members_are_retried_dead_lettered_looked_up_and_resent(brok
             async with http.get(f"{broker.http_url}/api/messages", params={"topic": "bb", "key": "k9"}) as r:
                 assert [m["msg_id"] for m in (await r.json())["messages"]] == [results[9].msg_id]
             n = len(rec.messages)
-            async with http.post(f"{broker.http_url}/api/dlq/g/messages/{poison}/resend") as r:
+            async with http.post(f"{broker.http_url}/api/dlq/g/messages/{poison}/resend",
+                                 headers={"X-HalfMQ-Request": "test"}) as r:
                 assert r.status == 200
         await wait_for(lambda: len(rec.messages) > n, what="the resent message")
     assert rec.messages[-1].msg_id == poison and rec.messages[-1].body == b"m7"

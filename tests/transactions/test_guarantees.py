@@ -60,7 +60,8 @@ class Inbox:
 
 
 def http(method: str, url: str) -> dict:
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None,
+                                 headers={"X-HalfMQ-Request": "test"})
     with urllib.request.urlopen(req, timeout=5) as r:
         return json.loads(r.read())
 

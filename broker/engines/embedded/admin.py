@@ -36,6 +36,7 @@ from broker.core.records import (
     tag_hash,
     wire_json,
 )
+from broker.engines.embedded.settings import SETTINGS_PREFIX, MetadataSettings
 from protocol import DLQ_PREFIX
 from protocol.names import validate_group_ref
 from storage import IndexTarget, NewRecord, Record
@@ -52,9 +53,6 @@ _LOCATE_SCAN = 100_000
 #: Consumer groups reported by name in the metrics (the first ones by name).
 METRIC_GROUPS = 200
 
-#: Settings live in the data directory's metadata under this prefix (so an offline tool
-#: can read and write them with ``storage.Metadata`` while the broker is stopped).
-SETTINGS_PREFIX = "cfg/"
 
 
 class EmbeddedAdmin:
@@ -336,25 +334,24 @@ class EmbeddedAdmin:
         if fut is not None:
             await fut
 
-    # -- settings (see broker.engines.base) ----------------------------------------------
+    # -- settings (see broker.engines.base and .settings) ------------------------------
+
+    def _settings(self: EmbeddedEngine) -> MetadataSettings:
+        assert self.store is not None
+        return MetadataSettings(self.store.metadata)
 
     async def settings_get(self: EmbeddedEngine, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default``."""
-        assert self.store is not None
-        return await self.store.metadata.get(SETTINGS_PREFIX + key, default)
+        return await self._settings().settings_get(key, default)
 
     async def settings_put(self: EmbeddedEngine, key: str, value: Any) -> None:
         """Store ``value`` under ``key`` (in the data directory's metadata)."""
-        assert self.store is not None
-        await self.store.metadata.put(SETTINGS_PREFIX + key, value)
+        await self._settings().settings_put(key, value)
 
     async def settings_delete(self: EmbeddedEngine, key: str) -> None:
         """Remove ``key`` (no error if absent)."""
-        assert self.store is not None
-        await self.store.metadata.delete(SETTINGS_PREFIX + key)
+        await self._settings().settings_delete(key)
 
     async def settings_items(self: EmbeddedEngine, prefix: str) -> dict[str, Any]:
         """Every key starting with ``prefix``, with its value, in key order."""
-        assert self.store is not None
-        n = len(SETTINGS_PREFIX)
-        return {k[n:]: v for k, v in (await self.store.metadata.items(SETTINGS_PREFIX + prefix)).items()}
+        return await self._settings().settings_items(prefix)

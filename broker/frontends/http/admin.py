@@ -32,7 +32,10 @@ Lists are paginated and bounded: ``?limit=N`` (default 100, at most 1,000) and
 ``?after=CURSOR``; the response's ``next`` is the cursor of the following page, or null.
 Topics and groups page by name, transactions and messages by msg_id.
 
-Every route is a thin translation onto the engine's admin calls.
+Every route is a thin translation onto the engine's admin calls. Who may call which route
+(logins, rights, cross-site safety) is decided before it runs, in :mod:`.guard`; the
+routes of users and tokens are in :mod:`.users`. With ``--tls-cert`` the API is served
+over TLS.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ from aiohttp import web
 from broker.config import parse_duration_list
 from broker.core.lifecycle import TxState
 from broker.frontends.http.console import render_console
+from broker.frontends.http.guard import guard_middleware
 from broker.frontends.http.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from broker.frontends.http.metrics import render_metrics
+from broker.frontends.http.users import user_routes
 from broker.webhooks.routes import add_webhook_routes
 from protocol import (
     DLQ_PREFIX,
@@ -240,8 +245,9 @@ def build_app(broker: Broker) -> web.Application:
 
     add_webhook_routes(routes, broker.webhooks, page=_page)
 
-    app = web.Application(middlewares=[bad_queries])
+    app = web.Application(middlewares=[guard_middleware(broker), bad_queries])
     app.add_routes(routes)
+    app.add_routes(user_routes(broker.security.directory))
     return app
 
 
@@ -249,7 +255,7 @@ async def start_admin_http(broker: Broker, host: str, port: int) -> tuple[web.Ap
     """Start the admin API; returns the runner (for cleanup) and the bound port."""
     runner = web.AppRunner(build_app(broker), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=broker.security.tls)
     await site.start()
     server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor for the bound port
     assert server is not None

@@ -1,0 +1,150 @@
+"""Who may do what on the admin HTTP API: logins, rights per route, cross-site safety.
+
+How this works
+--------------
+One aiohttp middleware runs before every route but ``/healthz`` (left open for load
+balancers and probes):
+
+1. **Cross-site safety** for state changes (every one is a POST): a request whose
+   ``Origin`` is not this server's own is refused, and the request must carry the header
+   ``X-HalfMQ-Request`` (any value; a browser cannot add it to a cross-site form or
+   image request without a CORS preflight, which this server never grants) — or pass the
+   CSRF hook ``app[CSRF_CHECK]`` (a callable ``(request) -> bool``, None today), which
+   the console's own forms will use with a token of their page.
+2. **Login.** While the broker has no users everything is open (the zero-setup default).
+   Once users exist a request needs ``Authorization: Basic`` (user and password, checked
+   against the stored verifier) or ``Authorization: Bearer <token>`` (``halfmq token
+   create``); otherwise 401. Failures are logged at WARNING with the peer's address and
+   count against it in the broker's login throttle (429 while it must wait).
+3. **Rights** (``broker.security.rights``): GET needs ``read`` (or ``admin``), POST needs
+   ``admin``, on the topic the request concerns — the message's topic for routes with a
+   ``{msg_id}``, the ``topic`` query parameter for a search — and on ``*`` for everything
+   else (lists, stats, the console, users and tokens, routes added later). 403 otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from broker.security.rights import Rights
+from broker.security.service import NEEDS_LOGIN
+
+if TYPE_CHECKING:
+    from broker.app import Broker
+
+__all__ = ["guard_middleware", "CSRF_CHECK", "CSRF_HEADER", "USER_KEY"]
+
+log = logging.getLogger("halfmq.broker")
+
+#: Header a state-changing request must carry (any value), unless the CSRF hook passes it.
+CSRF_HEADER = "X-HalfMQ-Request"
+#: ``app[CSRF_CHECK]``: None, or ``(request) -> bool`` accepting a request without the header.
+CSRF_CHECK = web.AppKey("csrf_check", object)
+#: ``request[USER_KEY]``: the user a request acts as (None: anonymous, broker without users).
+USER_KEY = "halfmq_user"
+
+_OPEN_PATHS = frozenset({"/healthz"})
+_MSG_ROUTES = ("/api/messages/{msg_id}", "/api/dlq/{group}/messages/{msg_id}/resend",
+               "/api/transactions/{msg_id}/commit", "/api/transactions/{msg_id}/rollback")
+
+
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers or None)
+
+
+def _cross_site_refusal(req: web.Request) -> str | None:
+    """Why a state-changing request may come from another site (None: it cannot)."""
+    origin = req.headers.get("Origin")
+    if origin is not None and origin != f"{req.scheme}://{req.host}":
+        return f"cross-site request from origin {origin!r} refused"
+    if req.headers.get(CSRF_HEADER):
+        return None
+    check = req.app.get(CSRF_CHECK)
+    if callable(check) and check(req):
+        return None
+    return f"a state-changing request must carry the header {CSRF_HEADER} (any value)"
+
+
+def guard_middleware(broker: Broker) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The middleware for ``broker``'s admin API (see the module docstring)."""
+    security = broker.security
+    state = security.state
+
+    async def topic_of(req: web.Request) -> str:
+        """The topic a request concerns, or ``*`` (broker-wide, or unknown)."""
+        canonical = req.match_info.route.resource.canonical if req.match_info.route.resource else ""
+        if canonical in _MSG_ROUTES:
+            found = await broker.engine.admin_message(req.match_info["msg_id"])  # type: ignore[attr-defined]
+            return str(found["topic"]) if found else "*"
+        if canonical == "/api/messages" and req.query.get("topic"):
+            return req.query["topic"]
+        return "*"
+
+    def login(req: web.Request) -> tuple[str | None, Rights | None] | web.Response:
+        if state.open:
+            return None, state.rights_of(None)
+        peer = req.remote or "?"
+        wait = security.throttle.wait_left(peer, time.monotonic())
+        if wait > 0:
+            return _error(429, f"too many failed logins from {peer}: try again in {wait:.0f} s",
+                          **{"Retry-After": str(int(wait) + 1)})
+        header = req.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        user = None
+        name = "?"
+        if scheme.lower() == "basic":
+            try:
+                name, _, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                return _error(400, "malformed Basic credentials")
+            user = state.check_basic(name, password)
+        elif scheme.lower() == "bearer":
+            name = "token"
+            user = state.check_bearer(value.strip())
+        else:
+            return _error(401, NEEDS_LOGIN.replace("give user= and password= (or set HALFMQ_USER "
+                                                   "and HALFMQ_PASSWORD)", "HTTP Basic or a bearer token"),
+                          **{"WWW-Authenticate": 'Basic realm="halfmq", charset="UTF-8"'})
+        if user is None:
+            wait = security.throttle.failed(peer, time.monotonic())
+            log.warning("admin API: authentication failed for %r from %s (%d failures%s)", name, peer,
+                        security.throttle.failures(peer), f"; next attempt in {wait:.0f} s" if wait else "")
+            return _error(401, "authentication failed: unknown user, wrong password or revoked token",
+                          **{"WWW-Authenticate": 'Basic realm="halfmq", charset="UTF-8"'})
+        return user.name, user.rights
+
+    @web.middleware
+    async def guard(req: web.Request, handler: Any) -> web.StreamResponse:
+        if req.path in _OPEN_PATHS:
+            return await handler(req)  # type: ignore[no-any-return]
+        changing = req.method not in ("GET", "HEAD", "OPTIONS")
+        if changing:
+            refusal = _cross_site_refusal(req)
+            if refusal is not None:
+                return _error(403, refusal)
+        who = login(req)
+        if isinstance(who, web.Response):
+            return who
+        user, rights = who
+        if rights is None:
+            return _error(403, "no rights")
+        topic = "*"
+        if not (rights.may_admin("*") if changing else rights.may_read("*")):
+            topic = await topic_of(req)
+        allowed = rights.may_admin(topic) if changing else rights.may_read(topic)
+        if not allowed:
+            what = "act on" if changing else "read"
+            scope = "everything (a grant on *)" if topic == "*" else f"topic {topic!r}"
+            return _error(403, f"user {user!r} may not {what} {scope}: needs the "
+                               f"{'admin' if changing else 'read'} right")
+        req[USER_KEY] = user
+        return await handler(req)  # type: ignore[no-any-return]
+
+    return guard
