@@ -18,7 +18,7 @@ import os
 import ssl
 from collections.abc import Mapping
 
-from scramp import ScramClient, ScramException
+from scramp import ScramClient, ScramException  # type: ignore[import-untyped]
 
 from protocol.errors import AuthError
 

@@ -22,7 +22,7 @@ import hashlib
 import hmac
 from collections.abc import Callable
 
-from scramp import ScramException, ScramMechanism
+from scramp import ScramException, ScramMechanism  # type: ignore[import-untyped]
 
 from broker.security.users import ITERATIONS, MECHANISM, Verifier
 from protocol.errors import AuthError

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from scramp import ScramMechanism
+from scramp import ScramMechanism  # type: ignore[import-untyped]
 
 from broker.security.rights import Grant, Rights
 

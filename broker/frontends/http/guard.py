@@ -17,7 +17,7 @@ balancers and probes):
    create``); otherwise 401. Failures are logged at WARNING with the peer's address and
    count against it in the broker's login throttle (429 while it must wait).
 3. **Rights** (``broker.security.rights``): GET needs ``read`` (or ``admin``), POST needs
-   ``admin``, on the topic the request concerns — the message's topic for routes with a
+   ``admin`` (so do the lists of users and tokens), on the topic the request concerns — the message's topic for routes with a
    ``{msg_id}``, the ``topic`` query parameter for a search — and on ``*`` for everything
    else (lists, stats, the console, users and tokens, routes added later). 403 otherwise.
 """
@@ -28,7 +28,6 @@ import base64
 import binascii
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -51,6 +50,8 @@ CSRF_CHECK = web.AppKey("csrf_check", object)
 USER_KEY = "halfmq_user"
 
 _OPEN_PATHS = frozenset({"/healthz"})
+#: Reading these needs ``admin *`` too (who may log in is the admin's business).
+_ADMIN_PATHS = ("/api/users", "/api/tokens")
 _MSG_ROUTES = ("/api/messages/{msg_id}", "/api/dlq/{group}/messages/{msg_id}/resend",
                "/api/transactions/{msg_id}/commit", "/api/transactions/{msg_id}/rollback")
 
@@ -72,7 +73,7 @@ def _cross_site_refusal(req: web.Request) -> str | None:
     return f"a state-changing request must carry the header {CSRF_HEADER} (any value)"
 
 
-def guard_middleware(broker: Broker) -> Callable[..., Awaitable[web.StreamResponse]]:
+def guard_middleware(broker: Broker) -> Any:
     """The middleware for ``broker``'s admin API (see the module docstring)."""
     security = broker.security
     state = security.state
@@ -125,6 +126,7 @@ def guard_middleware(broker: Broker) -> Callable[..., Awaitable[web.StreamRespon
         if req.path in _OPEN_PATHS:
             return await handler(req)  # type: ignore[no-any-return]
         changing = req.method not in ("GET", "HEAD", "OPTIONS")
+        acting = changing or req.path.startswith(_ADMIN_PATHS)
         if changing:
             refusal = _cross_site_refusal(req)
             if refusal is not None:
@@ -136,14 +138,14 @@ def guard_middleware(broker: Broker) -> Callable[..., Awaitable[web.StreamRespon
         if rights is None:
             return _error(403, "no rights")
         topic = "*"
-        if not (rights.may_admin("*") if changing else rights.may_read("*")):
+        if not (rights.may_admin("*") if acting else rights.may_read("*")):
             topic = await topic_of(req)
-        allowed = rights.may_admin(topic) if changing else rights.may_read(topic)
+        allowed = rights.may_admin(topic) if acting else rights.may_read(topic)
         if not allowed:
-            what = "act on" if changing else "read"
+            what = "act on" if acting else "read"
             scope = "everything (a grant on *)" if topic == "*" else f"topic {topic!r}"
             return _error(403, f"user {user!r} may not {what} {scope}: needs the "
-                               f"{'admin' if changing else 'read'} right")
+                               f"{'admin' if acting else 'read'} right")
         req[USER_KEY] = user
         return await handler(req)  # type: ignore[no-any-return]
 
