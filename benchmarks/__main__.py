@@ -24,7 +24,7 @@ def _split(value: str, known: tuple[str, ...], what: str) -> list[str]:
         if item == "all":
             out.extend(known)
         elif item == "halfmq" and what == "system":
-            out.extend(("halfmq-sync", "halfmq-async"))
+            out.extend(("halfmq-sync", "halfmq-async", "halfmq-secure"))
         elif item in known:
             out.append(item)
         else:
@@ -42,7 +42,7 @@ def bench_main(argv: list[str]) -> int:
                     "loops, payloads and clocks. Writes benchmarks/results/latest.{md,json,png}.")
     ap.add_argument("--systems", default="all",
                     help="comma list of " + ", ".join(harness.SYSTEMS) + " (halfmq = both flush "
-                         "modes; default all); unreachable systems are skipped")
+                         "modes and halfmq-secure; default all); unreachable systems are skipped")
     ap.add_argument("--scenarios", default="all",
                     help="comma list of " + ", ".join(harness.SCENARIOS) + " (default all)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")

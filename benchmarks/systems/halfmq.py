@@ -2,6 +2,10 @@
 
 Durability: ``--flush sync`` acknowledges a send only after its record is fsynced (group
 commit); ``--flush async`` acknowledges after the write and fsyncs every 200 ms.
+
+``halfmq-secure`` is ``--flush sync`` with security on: a user with a SCRAM-SHA-256 login
+(made in the data dir before the broker starts) and TLS on both ports, with a test CA
+made by ``trustme`` for the run; every client logs in over TLS.
 """
 
 from __future__ import annotations
@@ -73,11 +77,15 @@ def _read_tail(path: str, size: int = 2000) -> str:
 
 async def start_broker(flush: str = "sync", *, workdir: str | None = None,
                        extra: list[str] | None = None,
-                       profile_out: str | None = None) -> BrokerProcess:
+                       profile_out: str | None = None,
+                       users: dict[str, tuple[str, list[tuple[str, str, str | None]]]] | None = None) -> BrokerProcess:
     """Start a broker on free ports with a fresh data dir under ``workdir`` (default: the
     system temp dir); return once it printed its ready line. ``profile_out``: run it under
-    cProfile and write the stats there when it stops."""
+    cProfile and write the stats there when it stops. ``users``: {name: (password,
+    [(right, topic, group), ...])} written into the data dir first."""
     data_dir = tempfile.mkdtemp(prefix="halfmq-bench-", dir=workdir)
+    if users:
+        await _add_users(data_dir, users)
     cmd = [sys.executable]
     if profile_out:
         cmd += ["-m", "cProfile", "-o", profile_out]
@@ -108,6 +116,45 @@ async def start_broker(flush: str = "sync", *, workdir: str | None = None,
     return BrokerProcess(proc, fields["tcp"], data_dir, True, stderr_path, fields.get("http", ""))
 
 
+async def _add_users(data_dir: str, users: dict[str, tuple[str, list[tuple[str, str, str | None]]]]) -> None:
+    from broker.security.cli import _offline
+
+    async def create(directory: Any) -> None:
+        for name, (password, grants) in users.items():
+            await directory.add_user(name, password)
+            for right, topic, group in grants:
+                await directory.grant(name, right, topic, group)
+
+    await _offline(data_dir, create)
+
+
+class _Secure:
+    """A CA and a server certificate for 127.0.0.1 (trustme, files in a temp dir) and the
+    benchmark's user, for ``halfmq-secure``."""
+
+    USER, PASSWORD = "bench", "bench-password"
+    GRANTS: list[tuple[str, str, str | None]] = [("publish", "*", "*"), ("subscribe", "*", "*"), ("read", "*", None)]
+
+    def __init__(self) -> None:
+        import trustme
+
+        self.dir = tempfile.mkdtemp(prefix="halfmq-bench-tls-")
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        self.ca_file = os.path.join(self.dir, "ca.pem")
+        self.cert_file = os.path.join(self.dir, "server.pem")
+        self.key_file = os.path.join(self.dir, "server.key")
+        ca.cert_pem.write_to_path(self.ca_file)
+        cert.cert_chain_pems[0].write_to_path(self.cert_file)
+        cert.private_key_pem.write_to_path(self.key_file)
+
+    def broker_args(self) -> list[str]:
+        return ["--tls-cert", self.cert_file, "--tls-key", self.key_file]
+
+    def conn(self) -> dict[str, Any]:
+        return {"user": self.USER, "password": self.PASSWORD, "ca_file": self.ca_file}
+
+
 def topic_name(cell: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"bench_{cell}")[:120]
 
@@ -117,13 +164,14 @@ class Server(BaseServer):
     client_module = "halfmq"
 
     def __init__(self, flush: str = "sync", *, profile_dir: str | None = None,
-                 profiler: str = "cprofile") -> None:
+                 profiler: str = "cprofile", secure: bool = False) -> None:
         self.flush = flush
-        self.name = f"halfmq-{flush}"
+        self.name = "halfmq-secure" if secure else f"halfmq-{flush}"
         self.durability = (
             "fsync before ack (group commit)" if flush == "sync"
             else "ack after write, fsync every 200 ms"
-        )
+        ) + ("; SCRAM login + TLS" if secure else "")
+        self.secure = _Secure() if secure else None
         self.profile_dir = profile_dir
         self.profiler = profiler
         self.broker: BrokerProcess | None = None
@@ -135,7 +183,10 @@ class Server(BaseServer):
         if self.profile_dir and self.profiler == "cprofile":
             out = os.path.join(self.profile_dir, f"profile-{topic_name(cell)}.prof")
             self.profiles.append(out)
-        self.broker = await start_broker(self.flush, workdir=workdir, profile_out=out)
+        sec = self.secure
+        self.broker = await start_broker(
+            self.flush, workdir=workdir, profile_out=out, extra=sec.broker_args() if sec else None,
+            users={sec.USER: (sec.PASSWORD, sec.GRANTS)} if sec else None)
         if self.profile_dir and self.profiler == "py-spy":
             out = os.path.join(self.profile_dir, f"profile-{topic_name(cell)}.pyspy.txt")
             self.profiles.append(out)
@@ -144,7 +195,7 @@ class Server(BaseServer):
                 "--format", "raw", "--output", out, "--nonblocking",
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
             await asyncio.sleep(0.3)  # let it attach
-        return {"address": self.broker.address, "topic": topic_name(cell)}
+        return {"address": self.broker.address, "topic": topic_name(cell), **(sec.conn() if sec else {})}
 
     async def stop_cell(self) -> None:
         if self.broker is not None:
@@ -166,10 +217,21 @@ class Server(BaseServer):
     async def loop_disk_wait_seconds(self) -> float | None:
         if self.broker is None or not self.broker.http:
             return None
-        url = f"http://{self.broker.http}/api/stats"
+        sec = self.secure
+        url = f"{'https' if sec else 'http'}://{self.broker.http}/api/stats"
+        headers = {}
+        ctx = None
+        if sec is not None:
+            import base64
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=sec.ca_file)
+            raw = f"{sec.USER}:{sec.PASSWORD}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
 
         def fetch() -> float:
-            with urllib.request.urlopen(url, timeout=5) as r:
+            req = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(req, timeout=5, context=ctx) as r:
                 return json.loads(r.read())["store"]["loop_disk_wait_ns"] / 1e9
 
         try:
@@ -197,6 +259,12 @@ class Client(BaseClient):
         super().__init__(conn)
         self.address = conn["address"]
         self.topic = conn["topic"]
+        self.login: dict[str, Any] = {}
+        if conn.get("user"):
+            import ssl
+
+            self.login = {"user": conn["user"], "password": conn["password"],
+                          "tls": ssl.create_default_context(cafile=conn["ca_file"])}
         self.producer: Any = None
         self.consumer: Any = None
 
@@ -208,9 +276,9 @@ class Client(BaseClient):
                 pass
 
             self.producer = TransactionProducer(self.address, group="bench_tx_producer",
-                                                listener=Noop(), send_timeout=30.0)
+                                                listener=Noop(), send_timeout=30.0, **self.login)
         else:
-            self.producer = Producer(self.address, group="bench_producer", send_timeout=30.0)
+            self.producer = Producer(self.address, group="bench_producer", send_timeout=30.0, **self.login)
         await self.producer.start()
         self._send = self.producer.send
         self._topic = self.topic
@@ -250,14 +318,15 @@ class Client(BaseClient):
             concurrency = 32
         self.consumer = PushConsumer(self.address, group="bench_fifo" if mode == "fifo" else "bench_consumer",
                                      topic=self.topic, listener=listener, prefetch=prefetch,
-                                     concurrency=concurrency, close_grace=2.0, fifo=mode == "fifo")
+                                     concurrency=concurrency, close_grace=2.0, fifo=mode == "fifo",
+                                     **self.login)
         await self.consumer.start()
 
     async def _open_puller(self, on_body: OnBody) -> None:
         """A SimpleConsumer loop: receive up to 32, hand each body on, ack the batch at once."""
         from consumer_sdk import SimpleConsumer
 
-        self.puller = SimpleConsumer(self.address, group="bench_pull", topic=self.topic, wait=1.0)
+        self.puller = SimpleConsumer(self.address, group="bench_pull", topic=self.topic, wait=1.0, **self.login)
         await self.puller.start()
 
         async def loop() -> None:

@@ -201,8 +201,9 @@ class ServiceProcess:
     """A service as a subprocess that prints one ready line (starting with ``ready``) on
     standard output when it serves; it can be ``kill -9``ed and restarted."""
 
-    def __init__(self, argv: list[str], ready: str, log_path: Path) -> None:
+    def __init__(self, argv: list[str], ready: str, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.argv, self.ready, self.log_path = argv, ready, log_path
+        self.env = env or {}  # added to this process's environment (e.g. a login)
         self.proc: subprocess.Popen[str] | None = None
         self.ready_line = ""
         self.kills = 0
@@ -211,7 +212,7 @@ class ServiceProcess:
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, *self.argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
-                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         assert self.proc.stdout is not None
         self.ready_line = self.proc.stdout.readline()
         if not self.ready_line.startswith(self.ready):
@@ -246,9 +247,9 @@ class ServiceProcess:
 class Bank2Process(ServiceProcess):
     """``python -m examples.bank.bank2`` as a subprocess; ``url`` once started."""
 
-    def __init__(self, broker_address: str, db: str, log_path: Path) -> None:
+    def __init__(self, broker_address: str, db: str, log_path: Path, env: dict[str, str] | None = None) -> None:
         super().__init__(["-m", "examples.bank.bank2", "--broker", broker_address, "--port", "0",
-                          "--db", db], "bank2 ready", log_path)
+                          "--db", db], "bank2 ready", log_path, env)
         self.url = ""
 
     def start(self) -> Bank2Process:
@@ -261,11 +262,11 @@ class OutboxRelayProcess(ServiceProcess):
     """``halfmq outbox-relay`` for bank1's database (outbox mode), with short settings: a
     2 s lease (a killed relay's rows are sent again after it), 1 s send timeout."""
 
-    def __init__(self, broker_address: str, db: str, log_path: Path) -> None:
+    def __init__(self, broker_address: str, db: str, log_path: Path, env: dict[str, str] | None = None) -> None:
         super().__init__(["-m", "broker.cli", "outbox-relay", "--db", db, "--broker",
                           broker_address, "--lease", "2s", "--send-timeout", "1s",
                           "--max-backoff", "200ms", "--poll-interval", "20ms",
-                          "--progress-interval", "1s"], "halfmq outbox-relay ready", log_path)
+                          "--progress-interval", "1s"], "halfmq outbox-relay ready", log_path, env)
 
 
 def ledger_problems(plan: list[PlannedTransfer], start1: dict[int, Decimal],

@@ -53,3 +53,15 @@ def test_halfmq_demo_command(mode):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "done: every check held" in proc.stdout
     assert f"({mode} mode)" in proc.stdout
+
+
+async def test_demo_with_auth():
+    """``halfmq demo --auth``: the same five scenarios with users and rights, after the
+    refusals of a client without credentials and of bank2 publishing."""
+    lines: list[str] = []
+    assert await run_demo(None, out=lines.append, auth=True) == 0, "\n".join(lines)
+    text = "\n".join(lines)
+    assert "user bank1: publish bank_transfer group=producer_bank1" in text
+    assert "no credentials: refused (this broker requires a login" in text
+    assert "bank2 publishing: refused (user 'bank2' may not publish" in text
+    assert "resend -> HTTP 200" in text and "done: every check held" in text

@@ -23,11 +23,17 @@ local transaction rolled back are in neither; nothing PREPARED or abandoned; the
 committed only debited transfers and rolled back none of them; every client reply agrees
 with the databases. Outbox mode instead of the broker's transactions: no outbox row
 pending or FAILED, and exactly one row per debited transfer.
+
+Each runs twice: on an open broker, and with auth on (bank1 may publish the topic as its
+producer group, bank2 may consume it as its consumer group — bank2 reads its login from
+``HALFMQ_USER``/``HALFMQ_PASSWORD``, as the outbox relay does as bank1 — and the test reads
+the admin API as a read-only user).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -52,6 +58,7 @@ from tests.bank.soak_support import (
     make_plan,
 )
 from tests.conftest import wait_for
+from tests.security.helpers import add_users
 
 D = Decimal
 SEED = 20240611
@@ -156,22 +163,39 @@ async def _seed(url: str, accounts: dict[int, Decimal]) -> BankDatabase:
     return await db.open()
 
 
+#: With auth on: users and rights of the soak.
+SOAK_USERS = {"bank1": ("pw-bank1", [("publish", "bank_transfer", "producer_bank1"),
+                                     ("publish", "bank_transfer", "outbox_relay")]),  # the relay's group
+              "bank2": ("pw-bank2", [("subscribe", "bank_transfer", CONSUMER_GROUP)]),
+              "watcher": ("pw-watcher", [("read", "*", None)])}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("auth", [False, True], ids=["open", "auth"])
 async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory, bank_dbs,
-                                                                 bank_mode, tmp_path):
+                                                                 bank_mode, tmp_path, auth):
     t0 = time.monotonic()
     db1_url, db2_url = bank_dbs
-    broker = broker_factory(*BROKER_ARGS)
+    data_dir = tmp_path / "broker"
+    if auth:
+        add_users(data_dir, SOAK_USERS)
+    broker = broker_factory(*BROKER_ARGS, data_dir=data_dir)
+    bank1_login = {"user": "bank1", "password": "pw-bank1"} if auth else None
+    bank2_env = {"HALFMQ_USER": "bank2", "HALFMQ_PASSWORD": "pw-bank2"} if auth else None
+    admin_headers = ({"Authorization": "Basic " + base64.b64encode(b"watcher:pw-watcher").decode()}
+                     if auth else None)
     plan = make_plan(SEED, TRANSFERS, list(START1), list(START2), MAX_CENTS)
     outcome_of = {t.tx_no: t.outcome for t in plan}
 
     await (await _seed(db1_url, START1)).close()  # before bank1 seeds its own account 1
     db2 = await _seed(db2_url, START2)            # kept open: the test reads bank2's database
     outbox_mode = bank_mode == "outbox"
-    bank1 = Bank1Service(db1_url, broker.address, port=0, mode=bank_mode, relay=False)
-    bank2 = Bank2Process(broker.address, db2_url, tmp_path / "bank2.log")
-    relay = OutboxRelayProcess(broker.address, db1_url, tmp_path / "relay.log")
+    bank1 = Bank1Service(db1_url, broker.address, port=0, mode=bank_mode, relay=False,
+                         broker_options=bank1_login)
+    bank2 = Bank2Process(broker.address, db2_url, tmp_path / "bank2.log", env=bank2_env)
+    relay_env = {"HALFMQ_USER": "bank1", "HALFMQ_PASSWORD": "pw-bank1"} if auth else None
+    relay = OutboxRelayProcess(broker.address, db1_url, tmp_path / "relay.log", env=relay_env)
     results: dict[str, tuple[int | None, object]] = {}
     events: list[str] = []
     quiet_faults = QuietInjectedFaults().__enter__()
@@ -188,7 +212,7 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
         await asyncio.to_thread(bank2.start)
 
         timeout = aiohttp.ClientTimeout(total=30)
-        async with aiohttp.ClientSession(timeout=timeout,
+        async with aiohttp.ClientSession(timeout=timeout, headers=admin_headers,
                                          connector=aiohttp.TCPConnector(limit=CLIENTS)) as http:
             pending = iter(plan)
             answered = 0

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(60)
                     reason="the harness samples CPU with psutil (pip install psutil)")
 def test_bench_smoke_writes_reports(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "benchmarks", "--systems", "halfmq-sync",
+    cmd = [sys.executable, "-m", "benchmarks", "--systems", "halfmq-sync,halfmq-secure",
            "--scenarios", "publish,latency,e2e,batch", "--rounds", "1", "--duration", "0.3",
            "--warmup", "0", "--window", "16", "--out-dir", str(out), "--workdir", str(tmp_path),
            "--quiet"]
@@ -32,12 +32,13 @@ def test_bench_smoke_writes_reports(tmp_path: Path) -> None:
     md = (out / "latest.md").read_text()
     assert "halfmq-sync" in md and "## Goals" in md
     report = json.loads((out / "latest.json").read_text())
-    assert report["systems"] == ["halfmq-sync"]
+    assert report["systems"] == ["halfmq-sync", "halfmq-secure"]
     assert not report["errors"], report["errors"]
-    summary = report["summary"]["halfmq-sync"]
-    for scenario in ("publish", "latency", "e2e", "batch"):
-        assert summary[scenario]["rate"] > 0, scenario
-    assert summary["e2e"]["samples"] > 0
+    for system in ("halfmq-sync", "halfmq-secure"):  # the latter: SCRAM logins and TLS
+        summary = report["summary"][system]
+        for scenario in ("publish", "latency", "e2e", "batch"):
+            assert summary[scenario]["rate"] > 0, (system, scenario)
+        assert summary["e2e"]["samples"] > 0
     # the broker reports the time its event loop waited for its own disk writes
     assert summary["publish"]["cpu"]["server_disk_wait"] > 0
     if importlib.util.find_spec("matplotlib") is not None:
