@@ -85,7 +85,9 @@ async def start_broker(flush: str = "sync", *, workdir: str | None = None,
     [(right, topic, group), ...])} written into the data dir first."""
     data_dir = tempfile.mkdtemp(prefix="halfmq-bench-", dir=workdir)
     if users:
-        await _add_users(data_dir, users)
+        from broker.security.cli import add_users_offline
+
+        await add_users_offline(data_dir, users)
     cmd = [sys.executable]
     if profile_out:
         cmd += ["-m", "cProfile", "-o", profile_out]
@@ -114,18 +116,6 @@ async def start_broker(flush: str = "sync", *, workdir: str | None = None,
         raise RuntimeError(f"broker did not start ({text!r}); stderr:\n{tail}")
     fields = dict(part.split("=", 1) for part in text[len(READY_PREFIX):].split())
     return BrokerProcess(proc, fields["tcp"], data_dir, True, stderr_path, fields.get("http", ""))
-
-
-async def _add_users(data_dir: str, users: dict[str, tuple[str, list[tuple[str, str, str | None]]]]) -> None:
-    from broker.security.cli import _offline
-
-    async def create(directory: Any) -> None:
-        for name, (password, grants) in users.items():
-            await directory.add_user(name, password)
-            for right, topic, group in grants:
-                await directory.grant(name, right, topic, group)
-
-    await _offline(data_dir, create)
 
 
 class _Secure:

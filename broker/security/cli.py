@@ -36,7 +36,8 @@ from broker.frontends.http.guard import CSRF_HEADER
 from broker.security.rights import RIGHTS
 from broker.security.tls import client_context
 
-__all__ = ["add_client_options", "client_kwargs", "http_call", "user_main", "token_main", "add_http_login_options"]
+__all__ = ["add_client_options", "add_http_login_options", "add_users_offline", "client_kwargs", "http_call",
+           "token_main", "user_main"]
 
 DEFAULT_DATA_DIR = "./halfmq-data"
 DEFAULT_HTTP = "http://127.0.0.1:7601"
@@ -160,6 +161,19 @@ async def _offline(data_dir: str, action: Any) -> Any:
             await md.close()
     finally:
         lock.release()
+
+
+async def add_users_offline(data_dir: str, users: dict[str, tuple[str, list[tuple[str, str, str | None]]]]) -> None:
+    """Create ``users`` ({name: (password, [(right, topic, group), ...])}) in the stopped
+    broker's ``data_dir`` (tests, benchmarks and scripts that set a broker up)."""
+
+    async def create(directory: Any) -> None:
+        for name, (password, grants) in users.items():
+            await directory.add_user(name, password)
+            for right, topic, group in grants:
+                await directory.grant(name, right, topic, group)
+
+    await _offline(data_dir, create)
 
 
 def _target_options(p: argparse.ArgumentParser) -> None:

@@ -21,16 +21,10 @@ GrantSpec = tuple[str, str, str | None]
 def add_users(data_dir: Path, users: dict[str, tuple[str, list[GrantSpec]]]) -> None:
     """Create ``users`` ({name: (password, grants)}) in ``data_dir`` as ``halfmq user``
     does offline (under the directory's lock). Call while no broker runs on it."""
-    from broker.security.cli import _offline
-
-    async def create(directory: Any) -> None:
-        for name, (password, grants) in users.items():
-            await directory.add_user(name, password)
-            for right, topic, group in grants:
-                await directory.grant(name, right, topic, group)
+    from broker.security.cli import add_users_offline
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # callable from a running loop too
-        pool.submit(asyncio.run, _offline(str(data_dir), create)).result()
+        pool.submit(asyncio.run, add_users_offline(str(data_dir), users)).result()
 
 
 @dataclass
