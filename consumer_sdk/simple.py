@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,9 @@ class SimpleConsumer:
     * ``invisible_duration`` — seconds each received message stays leased [30].
     * ``wait`` — seconds ``receive`` waits for messages when there are none [20].
     * ``client_id`` — identifies this client to the broker [``host@pid@random``].
+    * ``user``, ``password`` — log in [``HALFMQ_USER``/``HALFMQ_PASSWORD``, else none]; a
+      refused login raises ``AuthError`` from ``start()``.
+    * ``tls`` — True (the system's CAs) or an ``ssl.SSLContext`` [plain TCP].
 
     Use as ``async with SimpleConsumer(...) as c:`` or call ``start()``/``close()``.
     """
@@ -82,6 +86,9 @@ class SimpleConsumer:
         invisible_duration: float = 30.0,
         wait: float = 20.0,
         client_id: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        tls: bool | ssl.SSLContext | None = None,
     ) -> None:
         validate_name(group, "consumer group")
         validate_subscribe_topic(topic)
@@ -96,7 +103,7 @@ class SimpleConsumer:
         self.invisible_duration = invisible_duration
         self.wait = wait
         self._conn = Connection(address, role=Role.CONSUMER, group=group, client_id=client_id,
-                                request_timeout=SETTLE_TIMEOUT)
+                                request_timeout=SETTLE_TIMEOUT, user=user, password=password, tls=tls)
         self._handles: dict[str, str] = {}  # msg_id -> the newest handle of a changed lease
 
     @property

@@ -11,8 +11,8 @@ set); ``%DLQ%*`` matches every dead-letter topic. The rights:
                 a producer group matching it (HELLO), send half messages as that group and
                 resolve them (END_TX; the engine adds that only the group that sent a half
                 message may resolve it). Without one: plain sends only, no producer group.
-``subscribe``   SUBSCRIBE to a topic matching ``topic`` as a consumer group matching
-                ``group`` (required); then ACK what it was given.
+``subscribe``   SUBSCRIBE (push) or RECEIVE (pull) a topic matching ``topic`` as a consumer
+                group matching ``group`` (required); then ACK / SETTLE what it was given.
 ``read``        the admin API's views (GET) of messages of a topic matching ``topic``;
                 lists, stats and the console need ``read *``.
 ``admin``       everything ``read`` gives, plus the admin actions (resend from a DLQ,
@@ -128,6 +128,11 @@ class Rights:
         """SUBSCRIBE to ``topic`` as consumer ``group``."""
         return any(g.right == "subscribe" and glob_matches(g.topic, topic)
                    and g.group is not None and glob_matches(g.group, group) for g in self.grants)
+
+    def may_consume_as(self, group: str) -> bool:
+        """Act as consumer ``group`` on some topic (SETTLE of a pull consumer's leases)."""
+        return any(g.right == "subscribe" and g.group is not None and glob_matches(g.group, group)
+                   for g in self.grants)
 
     def may_read(self, topic: str = "*") -> bool:
         """Admin views of ``topic`` (``"*"``: everything, e.g. lists and stats)."""

@@ -197,6 +197,13 @@ class BrokerSecurity:
         if rights is None or not rights.may_subscribe(topic, group):
             self._refused(access, f"subscribe to topic {topic!r} as consumer group {group!r}")
 
+    def check_settle(self, access: SessionAccess, group: str) -> None:
+        """A SETTLE (ack / nack / change visibility by receipt handle) for consumer ``group``:
+        the user must be allowed to consume as that group (on some topic)."""
+        rights = access.rights()
+        if rights is None or not rights.may_consume_as(group):
+            self._refused(access, f"settle messages of consumer group {group!r}")
+
     def check_active(self, access: SessionAccess) -> None:
         """Any other request (END_TX, ACK, ...): the client must still have some rights
         (a removed user, or an anonymous client once users exist, has none)."""

@@ -365,3 +365,20 @@ async def test_online_changes_apply_at_once_and_offline_refuses_a_locked_directo
         assert c._conn.generation >= 1
     r = await asyncio.to_thread(_cli, "user", "list", "--http", secured.http_url, "--user", "ops", env=login)
     assert r.returncode == 0 and '"user": "carol"' in r.stdout and "subscribe" not in r.stdout.split('"carol"')[1][:120]
+
+
+async def test_pull_consumer_needs_the_subscribe_right(secured):
+    from consumer_sdk import SimpleConsumer
+
+    async with Producer(secured.address, **BANK1) as p:
+        await p.send("transfer", b"pull me")
+    async with SimpleConsumer(secured.address, group="g_other", topic="transfer", wait=0, **OTHER) as c:
+        with pytest.raises(AuthError, match="may not subscribe to topic 'transfer'"):
+            await c.receive()
+    async with SimpleConsumer(secured.address, group="consumer_bank2", topic="transfer", wait=2, **BANK2) as c:
+        [m] = await c.receive()
+        intruder = await raw_login(secured.address, "other", "pw-other", role="consumer", group="g_other")
+        op, err = await raw_request(intruder, Op.SETTLE, 3, {"group": "consumer_bank2", "s": [[m.receipt_handle, "ack", 0]]})
+        assert op == Op.ERROR and err["code"] == AuthError.code, err
+        await intruder.close()
+        await c.ack(m)  # the owner still holds the lease

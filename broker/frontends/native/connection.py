@@ -218,12 +218,15 @@ class ClientConnection(asyncio.Protocol):
             self.subscribed = True
             self._subscription = (sub.topic, sub.group)
         elif op == Op.RECEIVE:
-            engine.receive(self, rid, **self._check_receive(p))  # type: ignore[attr-defined]
+            receive = self._check_receive(p)
+            self.listener.security.check_subscribe(self.access, receive["topic"], receive["group"])
+            engine.receive(self, rid, **receive)  # type: ignore[attr-defined]
         elif op == Op.SETTLE:
             group = validate_name(p["group"], "group")
             items = p["s"]
             if type(items) is not list or not items:
                 raise BadRequestError("s must be a non-empty list of [handle, action, ms]")
+            self.listener.security.check_settle(self.access, group)
             engine.settle(self, rid, group, items)  # type: ignore[attr-defined]
         elif op == Op.UNSUBSCRIBE:
             engine.unsubscribe(self, rid)
