@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
+import ssl
 import time
 from typing import Any
 
@@ -68,15 +69,19 @@ class BrokerSecurity:
         self.throttle = LoginThrottle()
         self._dummy_key = secrets.token_bytes(32)
         self._warned_at: dict[str, float] = {}
-        self.tls = None
-        if config.tls_cert:
-            self.tls = server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+        self.tls: ssl.SSLContext | None = None
 
     async def start(self) -> None:
-        """Load users; refuse an unprotected non-loopback broker. Raises ``ConfigError``."""
+        """Load the TLS certificate and users; refuse an unprotected non-loopback broker.
+        Raises ``ConfigError``."""
         from broker.config import ConfigError
 
         cfg = self.config
+        if cfg.tls_cert:
+            try:
+                self.tls = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"--tls-cert/--tls-key/--tls-client-ca: cannot load: {exc}") from None
         if cfg.users_file:
             try:
                 self.directory.file_users = {u.name: u for u in load_users_file(cfg.users_file)}

@@ -222,9 +222,9 @@ async def test_admin_routes_need_their_rights(secured):
             for headers in ({}, basic("reader", "pw-reader"), basic("bank1", "pw-bank1")):
                 r = await http.post(base + path, json=body, headers={**headers, **CSRF})
                 assert r.status in (401, 403), (path, headers, r.status)
-            r = await http.post(base + path, json=body, headers=OPS)  # no cross-site header
+            r = await http.post(base + path, data="x", headers=OPS)  # what a cross-site form can send
             assert r.status == 403 and "X-HalfMQ-Request" in (await r.json())["error"]
-            r = await http.post(base + path, json=body, headers={**OPS, **CSRF, "Origin": "http://evil.example"})
+            r = await http.post(base + path, json=body, headers={**OPS, "Origin": "http://evil.example"})
             assert r.status == 403 and "cross-site" in (await r.json())["error"]
         # nothing changed
         assert await _prepared(http, base) == [half.msg_id]
@@ -298,6 +298,14 @@ def test_protected_mode(tmp_path):
         assert proc.stdout is not None and proc.stdout.readline().startswith("halfmq broker ready")
     finally:
         _stop(proc)
+
+
+def test_unreadable_certificate_is_a_clear_startup_error(tmp_path):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    proc = _run_broker(tmp_path / "d", "--tls-cert", str(bad))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and out == "" and "--tls-cert" in err and "cannot load" in err
 
 
 async def test_tls_with_logins_on_both_ports(tmp_path, broker_factory):

@@ -7,10 +7,12 @@ balancers and probes):
 
 1. **Cross-site safety** for state changes (every one is a POST): a request whose
    ``Origin`` is not this server's own is refused, and the request must carry the header
-   ``X-HalfMQ-Request`` (any value; a browser cannot add it to a cross-site form or
-   image request without a CORS preflight, which this server never grants) — or pass the
-   CSRF hook ``app[CSRF_CHECK]`` (a callable ``(request) -> bool``, None today), which
-   the console's own forms will use with a token of their page.
+   ``X-HalfMQ-Request`` (any value) or a JSON body (``Content-Type: application/json``):
+   a browser cannot send either cross-site without a CORS preflight, which this server
+   never grants (a cross-site form posts only ``text/plain``, ``multipart/form-data`` or
+   ``application/x-www-form-urlencoded``). Or the request passes the CSRF hook
+   ``app[CSRF_CHECK]`` (a callable ``(request) -> bool``, None today), which the
+   console's own forms will use with a token of their page.
 2. **Login.** While the broker has no users everything is open (the zero-setup default).
    Once users exist a request needs ``Authorization: Basic`` (user and password, checked
    against the stored verifier) or ``Authorization: Bearer <token>`` (``halfmq token
@@ -65,12 +67,13 @@ def _cross_site_refusal(req: web.Request) -> str | None:
     origin = req.headers.get("Origin")
     if origin is not None and origin != f"{req.scheme}://{req.host}":
         return f"cross-site request from origin {origin!r} refused"
-    if req.headers.get(CSRF_HEADER):
+    if req.headers.get(CSRF_HEADER) or req.content_type == "application/json":
         return None
     check = req.app.get(CSRF_CHECK)
     if callable(check) and check(req):
         return None
-    return f"a state-changing request must carry the header {CSRF_HEADER} (any value)"
+    return (f"a state-changing request must carry the header {CSRF_HEADER} (any value) "
+            "or a JSON body (Content-Type: application/json)")
 
 
 def guard_middleware(broker: Broker) -> Any:
