@@ -36,8 +36,8 @@ from broker.frontends.http.guard import CSRF_HEADER
 from broker.security.rights import RIGHTS
 from broker.security.tls import client_context
 
-__all__ = ["add_client_options", "add_http_login_options", "add_users_offline", "client_kwargs", "http_call",
-           "token_main", "user_main"]
+__all__ = ["add_client_options", "add_http_login_options", "add_users_offline", "client_kwargs", "env_login_headers",
+           "http_call", "token_main", "user_main"]
 
 DEFAULT_DATA_DIR = "./halfmq-data"
 DEFAULT_HTTP = "http://127.0.0.1:7601"
@@ -96,6 +96,18 @@ def client_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     if a.user:
         out["user"], out["password"] = a.user, _password_for(a.user)
     return out
+
+
+def env_login_headers() -> dict[str, str]:
+    """Admin API headers from the environment alone (``HALFMQ_TOKEN``, else ``HALFMQ_USER``
+    and ``HALFMQ_PASSWORD``), for commands without login options; plus the cross-site header."""
+    headers = {CSRF_HEADER: "cli"}
+    token, user, password = (os.environ.get(n) for n in ("HALFMQ_TOKEN", "HALFMQ_USER", "HALFMQ_PASSWORD"))
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    elif user and password:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return headers
 
 
 def http_call(a: argparse.Namespace, method: str, url: str, body: Any = None, prog: str = "halfmq") -> Any:

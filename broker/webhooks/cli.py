@@ -33,9 +33,11 @@ class _ApiError(Exception):
 
 
 def _call(method: str, url: str, body: Any = None) -> Any:
+    from broker.security.cli import env_login_headers
+
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, method=method, data=data,
-                                 headers={"Content-Type": "application/json"} if data is not None else {})
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    req = urllib.request.Request(url, method=method, data=data, headers={**headers, **env_login_headers()})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())

@@ -390,3 +390,11 @@ async def test_pull_consumer_needs_the_subscribe_right(secured):
         assert op == Op.ERROR and err["code"] == AuthError.code, err
         await intruder.close()
         await c.ack(m)  # the owner still holds the lease
+
+
+async def test_webhook_command_logs_in_from_the_environment(secured):
+    r = await asyncio.to_thread(_cli, "webhook", "list", "--http", secured.http_url)
+    assert r.returncode == 1 and "401" in r.stderr + r.stdout
+    r = await asyncio.to_thread(_cli, "webhook", "list", "--http", secured.http_url,
+                                env={"HALFMQ_USER": "ops", "HALFMQ_PASSWORD": "pw-ops"})
+    assert r.returncode == 0, r.stderr

@@ -50,7 +50,9 @@ async def receivers() -> AsyncIterator[Any]:
 
 async def api(method: str, url: str, body: Any = None, *, expect: int | None = 200) -> Any:
     """Call the admin API; check the status (unless ``expect`` is None) and return the JSON."""
-    async with aiohttp.ClientSession() as s, s.request(method, url, json=body) as r:
+    # X-HalfMQ-Request: the admin API takes a body-less POST only with it (cross-site safety)
+    async with aiohttp.ClientSession() as s, s.request(method, url, json=body,
+                                                      headers={"X-HalfMQ-Request": "test"}) as r:
         data = await r.json()
         if expect is not None:
             assert r.status == expect, (r.status, data)

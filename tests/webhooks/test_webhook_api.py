@@ -54,7 +54,7 @@ async def test_malformed_requests_and_unknown_names(hook_broker):
 
     http = hook_broker.http_url
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{http}/api/webhooks", data=b"{not json") as r:
+        async with s.post(f"{http}/api/webhooks", data=b"{not json", headers={"X-HalfMQ-Request": "test"}) as r:
             assert r.status == 400 and "JSON" in (await r.json())["error"]
     await add_webhook(http, "dup", "http://127.0.0.1:9/")
     status, data = await api("POST", f"{http}/api/webhooks", {**GOOD, "name": "dup"}, expect=None)

@@ -5,7 +5,9 @@ How this works
 One aiohttp middleware runs before every route but ``/healthz`` (left open for load
 balancers and probes):
 
-1. **Cross-site safety** for state changes (every one is a POST): a request whose
+1. **Cross-site safety** for state changes sent as POST (the one changing method a
+   browser sends cross-site without a CORS preflight; DELETE and PUT always need one,
+   which this server never grants): a request whose
    ``Origin`` is not this server's own is refused, and the request must carry the header
    ``X-HalfMQ-Request`` (any value) or a JSON body (``Content-Type: application/json``):
    a browser cannot send either cross-site without a CORS preflight, which this server
@@ -48,8 +50,9 @@ log = logging.getLogger("halfmq.broker")
 CSRF_HEADER = "X-HalfMQ-Request"
 #: ``app[CSRF_CHECK]``: None, or ``(request) -> bool`` accepting a request without the header.
 CSRF_CHECK = web.AppKey("csrf_check", object)
-#: ``request[USER_KEY]``: the user a request acts as (None: anonymous, broker without users).
-USER_KEY = "halfmq_user"
+#: ``request[USER_KEY]``: the user a request acts as (None: anonymous, broker without users);
+#: set where aiohttp has request keys (3.12 and later).
+USER_KEY = web.RequestKey("halfmq_user", object) if hasattr(web, "RequestKey") else None
 
 _OPEN_PATHS = frozenset({"/healthz"})
 #: Reading these needs ``admin *`` too (who may log in is the admin's business).
@@ -130,7 +133,7 @@ def guard_middleware(broker: Broker) -> Any:
             return await handler(req)  # type: ignore[no-any-return]
         changing = req.method not in ("GET", "HEAD", "OPTIONS")
         acting = changing or req.path.startswith(_ADMIN_PATHS)
-        if changing:
+        if req.method == "POST":  # the one changing method a cross-site page can send unasked
             refusal = _cross_site_refusal(req)
             if refusal is not None:
                 return _error(403, refusal)
@@ -149,7 +152,8 @@ def guard_middleware(broker: Broker) -> Any:
             scope = "everything (a grant on *)" if topic == "*" else f"topic {topic!r}"
             return _error(403, f"user {user!r} may not {what} {scope}: needs the "
                                f"{'admin' if acting else 'read'} right")
-        req[USER_KEY] = user
+        if USER_KEY is not None:
+            req[USER_KEY] = user
         return await handler(req)  # type: ignore[no-any-return]
 
     return guard
