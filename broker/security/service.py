@@ -209,6 +209,13 @@ class BrokerSecurity:
         if rights is None or not rights.may_consume_as(group):
             self._refused(access, f"settle messages of consumer group {group!r}")
 
+    def check_recall(self, access: SessionAccess) -> None:
+        """A RECALL of a scheduled message: the user must hold a publish right. (Not yet
+        scoped to the message's topic: the front end does not know it; the engine does.)"""
+        rights = access.rights()
+        if rights is None or not any(g.right == "publish" for g in rights.grants):
+            self._refused(access, "recall scheduled messages (needs a publish right)")
+
     def check_active(self, access: SessionAccess) -> None:
         """Any other request (END_TX, ACK, ...): the client must still have some rights
         (a removed user, or an anonymous client once users exist, has none)."""

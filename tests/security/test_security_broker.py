@@ -398,3 +398,14 @@ async def test_webhook_command_logs_in_from_the_environment(secured):
     r = await asyncio.to_thread(_cli, "webhook", "list", "--http", secured.http_url,
                                 env={"HALFMQ_USER": "ops", "HALFMQ_PASSWORD": "pw-ops"})
     assert r.returncode == 0, r.stderr
+
+
+async def test_recall_needs_a_publish_right(secured):
+    c = await raw_login(secured.address, "bank2", "pw-bank2", role="consumer", group="consumer_bank2")
+    op, err = await raw_request(c, Op.RECALL, 3, {"msg_id": "0" * 24})
+    assert op == Op.ERROR and err["code"] == AuthError.code and "recall" in err["message"], err
+    await c.close()
+    p = await raw_login(secured.address, "bank1", "pw-bank1")
+    op, err = await raw_request(p, Op.RECALL, 3, {"msg_id": "0" * 24})
+    assert op == Op.ERROR and err["code"] != AuthError.code, err  # past the rights check: no such message
+    await p.close()

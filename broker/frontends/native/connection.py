@@ -233,7 +233,9 @@ class ClientConnection(asyncio.Protocol):
         elif op == Op.PING:
             self.reply(rid, {})
         elif op == Op.RECALL:
-            engine.recall(self, rid, _check_recall(p))
+            msg_id = _check_recall(p)
+            self.listener.security.check_recall(self.access)
+            engine.recall(self, rid, msg_id)
         else:
             raise BadRequestError(f"unknown operation {op}")
 
