@@ -31,7 +31,8 @@ class Arrivals:
 
 def admin(http_url: str, path: str, method: str = "GET") -> tuple[int, Any]:
     """Call an admin API route; return (HTTP status, JSON body)."""
-    req = urllib.request.Request(f"{http_url}{path}", method=method, data=b"" if method == "POST" else None)
+    req = urllib.request.Request(f"{http_url}{path}", method=method, data=b"" if method == "POST" else None,
+                                 headers={"X-HalfMQ-Request": "test"})  # cross-site safety of POSTs
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
