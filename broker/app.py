@@ -6,8 +6,7 @@ How this works
 recover), loads users and applies protected mode (``broker.security``), starts the
 webhooks it keeps (``broker.webhooks``), then the front ends — the native protocol on
 ``--port``, the admin HTTP API on ``--http-port`` and, with ``--grpc-port``, RocketMQ 5's
-gRPC service (which does not check logins yet, so it is refused while users exist) — and
-is ready. ``stop`` goes the other way: no new connections, the webhooks finish their
+gRPC service (signed with a user's access key once users exist) — and is ready. ``stop`` goes the other way: no new connections, the webhooks finish their
 requests under way, the engine finishes and persists what is in flight (sends fsynced,
 progress saved), then the client connections and the HTTP API close.
 """
@@ -74,10 +73,10 @@ class Broker:
             scheme = "https" if self.security.tls is not None else "http"
             self.http_url = f"{scheme}://{cfg.host}:{self.http_port}"
             if cfg.grpc_port is not None:
+                from broker.frontends.grpc.auth import UserAccess
                 from broker.frontends.grpc.server import GrpcFrontend
 
-                self.security.refuse_unchecked_frontend("--grpc-port (RocketMQ 5 gRPC)")
-                self.grpc = GrpcFrontend(self.engine, cfg)
+                self.grpc = GrpcFrontend(self.engine, cfg, access=UserAccess(self.security))
                 self.grpc_port = await self.grpc.start()
                 self.grpc_address = f"{cfg.host}:{self.grpc_port}"
         except BaseException:

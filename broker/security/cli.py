@@ -235,9 +235,16 @@ def user_main(argv: list[str]) -> int:
         g.add_argument("--group", default=None,
                        help="glob on group names: the producer groups (publish) or consumer groups "
                             "(subscribe, required) it may use")
+    kc = sub.add_parser("key-create", help="a new access key and secret key for RocketMQ 5 (gRPC) clients "
+                                           "acting as NAME (the secret is printed once)")
+    kc.add_argument("name")
+    sub.add_parser("key-list", help="gRPC access keys: key, user, created")
+    kr = sub.add_parser("key-revoke", help="revoke a gRPC access key")
+    kr.add_argument("access_key")
     ver = sub.add_parser("verifier", help="print a SCRAM-SHA-256 verifier for a users file (no broker needed)")
     ver.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    for s in (add, passwd, sub.choices["list"], rm, sub.choices["grant"], sub.choices["revoke"]):
+    for s in (add, passwd, sub.choices["list"], rm, sub.choices["grant"], sub.choices["revoke"], kc,
+              sub.choices["key-list"], kr):
         _target_options(s)
     a = p.parse_args(argv)
     a.command = "user"
@@ -254,6 +261,17 @@ def user_main(argv: list[str]) -> int:
                         ("POST", f"/api/users/{a.name}/password", {"password": password}))
         if a.cmd == "list":
             return _run(a, lambda d: _value({"users": d.list_users()}), ("GET", "/api/users", None))
+        if a.cmd == "key-create":
+            async def create_key(d: Any) -> Any:
+                key = await d.create_access_key(a.name)
+                return {**key.describe(), "secret_key": key.secret}
+
+            return _run(a, create_key, ("POST", "/api/access-keys", {"user": a.name}))
+        if a.cmd == "key-list":
+            return _run(a, lambda d: _value({"access_keys": d.list_access_keys()}), ("GET", "/api/access-keys", None))
+        if a.cmd == "key-revoke":
+            return _run(a, lambda d: _done(d.revoke_access_key(a.access_key), {"revoked": a.access_key}),
+                        ("POST", f"/api/access-keys/{a.access_key}/revoke", None))
         if a.cmd == "remove":
             return _run(a, lambda d: _done(d.remove_user(a.name), {"removed": a.name}),
                         ("POST", f"/api/users/{a.name}/remove", None))

@@ -27,18 +27,22 @@ from typing import Any, Protocol
 from broker.security.rights import Grant
 from broker.security.state import SecurityState
 from broker.security.users import (
+    AccessKey,
     Token,
     User,
     Verifier,
     make_verifier,
+    new_access_key,
     new_token,
     validate_user_name,
 )
 
-__all__ = ["UserDirectory", "DirectoryError", "SettingsStore", "load_users_file", "USERS_PREFIX", "TOKENS_PREFIX"]
+__all__ = ["UserDirectory", "DirectoryError", "SettingsStore", "load_users_file", "USERS_PREFIX", "TOKENS_PREFIX",
+           "AKEYS_PREFIX"]
 
 USERS_PREFIX = "users/"
 TOKENS_PREFIX = "tokens/"
+AKEYS_PREFIX = "akeys/"
 
 
 class DirectoryError(ValueError):
@@ -101,7 +105,9 @@ class UserDirectory:
                 users[name] = User.from_stored(name, raw)
         tokens = [Token.from_stored(key[len(TOKENS_PREFIX):], raw)
                   for key, raw in (await self.settings.settings_items(TOKENS_PREFIX)).items()]
-        self.state.replace(users.values(), tokens)
+        keys = [AccessKey.from_stored(key[len(AKEYS_PREFIX):], raw)
+                for key, raw in (await self.settings.settings_items(AKEYS_PREFIX)).items()]
+        self.state.replace(users.values(), tokens, keys)
         for callback in self.on_change:
             callback()
         return self.state
@@ -157,6 +163,9 @@ class UserDirectory:
         for token in list(self.state.tokens.values()):
             if token.user == user.name:
                 await self.settings.settings_delete(TOKENS_PREFIX + token.token_id)
+        for key in list(self.state.access_keys.values()):
+            if key.user == user.name:
+                await self.settings.settings_delete(AKEYS_PREFIX + key.key_id)
         await self.settings.settings_delete(USERS_PREFIX + user.name)
         await self.load()
 
@@ -210,6 +219,31 @@ class UserDirectory:
     def list_tokens(self) -> list[dict[str, Any]]:
         """Every token (id, owner, creation time; never the secret)."""
         return [self.state.tokens[t].describe() for t in sorted(self.state.tokens)]
+
+
+    # -- access keys (RocketMQ 5 gRPC clients) ---------------------------------------------
+
+    async def create_access_key(self, user: str) -> AccessKey:
+        """A new gRPC access key and secret acting as ``user`` (the secret is shown once
+        by the commands, but kept: signatures are checked with it)."""
+        name = _checked_name(user)
+        if name not in self.state.users:
+            raise DirectoryError(f"no user {user!r}", 404)
+        key = new_access_key(name)
+        await self.settings.settings_put(AKEYS_PREFIX + key.key_id, key.to_stored())
+        await self.load()
+        return key
+
+    async def revoke_access_key(self, key_id: str) -> None:
+        """Remove an access key; ``DirectoryError`` (404) if there is none."""
+        if key_id not in self.state.access_keys:
+            raise DirectoryError(f"no access key {key_id!r}", 404)
+        await self.settings.settings_delete(AKEYS_PREFIX + key_id)
+        await self.load()
+
+    def list_access_keys(self) -> list[dict[str, Any]]:
+        """Every access key (key, user, created; never the secret)."""
+        return [self.state.access_keys[k].describe() for k in sorted(self.state.access_keys)]
 
 
 def _checked_name(name: str) -> str:

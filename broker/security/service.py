@@ -101,22 +101,6 @@ class BrokerSecurity:
                         "and admin API passwords (HTTP Basic) cross the network in clear; "
                         "set --tls-cert and --tls-key", cfg.host)
 
-    def refuse_unchecked_frontend(self, what: str) -> None:
-        """A front end that does not check logins yet may run only while no user exists:
-        raise ``ConfigError`` if one does; afterwards, warn when users appear."""
-        from broker.config import ConfigError
-
-        if self.login_required:
-            raise ConfigError(f"{what} does not check logins yet and users exist: anyone reaching it "
-                              "could do everything. Leave it off on a broker with users")
-
-        def warn() -> None:
-            if self.login_required:
-                log.warning("users exist now, but %s does not check logins: its clients may still "
-                            "do everything; restart without it", what)
-
-        self.on_change.append(warn)
-
     @property
     def login_required(self) -> bool:
         """True once a user exists: every client must log in."""

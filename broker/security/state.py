@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from broker.security.rights import ALL_RIGHTS, Rights
-from broker.security.users import Token, User, Verifier, check_password, parse_token
+from broker.security.users import AccessKey, Token, User, Verifier, check_password, parse_token
 
 __all__ = ["SecurityState", "SessionAccess"]
 
@@ -32,13 +32,15 @@ class SecurityState:
     def __init__(self, users: Iterable[User] = (), tokens: Iterable[Token] = ()) -> None:
         self.users: dict[str, User] = {u.name: u for u in users}
         self.tokens: dict[str, Token] = {t.token_id: t for t in tokens}
+        self.access_keys: dict[str, AccessKey] = {}
         self.version = 0
         self._basic_ok: dict[tuple[str, str], int] = {}  # (user, password) -> version checked
 
-    def replace(self, users: Iterable[User], tokens: Iterable[Token]) -> None:
-        """Take a new set of users and tokens (after a change); bumps ``version``."""
+    def replace(self, users: Iterable[User], tokens: Iterable[Token], access_keys: Iterable[AccessKey] = ()) -> None:
+        """Take a new set of users, tokens and access keys (after a change); bumps ``version``."""
         self.users = {u.name: u for u in users}
         self.tokens = {t.token_id: t for t in tokens}
+        self.access_keys = {k.key_id: k for k in access_keys if k.user in self.users}
         self.version += 1
         self._basic_ok.clear()
 

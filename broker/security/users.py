@@ -16,6 +16,11 @@ A :class:`User` is a name, a verifier and grants (:mod:`broker.security.rights`)
 stored form (engine settings ``users/<name>``) is a plain map. A bearer token is
 ``hmq_<id>_<secret>``: the broker keeps ``tokens/<id>`` with the owner and the SHA-256 of
 the secret, never the secret; a token acts with its owner's rights.
+
+An :class:`AccessKey` is what RocketMQ 5 clients sign their gRPC requests with: an access
+key and a secret key acting as a user. Their signature is an HMAC keyed by the secret, so
+the broker must keep the secret itself (``akeys/<access key>``), not a hash of it: protect
+the data directory, and revoke a key that may have leaked.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ __all__ = [
     "validate_user_name",
     "new_token",
     "parse_token",
+    "AccessKey",
+    "new_access_key",
 ]
 
 MECHANISM = "SCRAM-SHA-256"
@@ -190,6 +197,37 @@ def new_token(user: str, *, now: float | None = None) -> tuple[str, Token]:
     stored = Token(token_id, user, hashlib.sha256(secret.encode()).hexdigest(),
                    time.time() if now is None else now)
     return f"hmq_{token_id}_{secret}", stored
+
+
+@dataclass(frozen=True)
+class AccessKey:
+    """A gRPC access key acting as ``user``, with its secret key (kept as is)."""
+
+    key_id: str
+    user: str
+    secret: str
+    created: float
+
+    def to_stored(self) -> dict[str, Any]:
+        """The stored form (settings ``akeys/<access key>``)."""
+        return {"user": self.user, "secret": self.secret, "created": self.created}
+
+    @classmethod
+    def from_stored(cls, key_id: str, raw: Any) -> AccessKey:
+        """Read the stored form; raises ``ValueError`` if malformed."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("user"), str) or not isinstance(raw.get("secret"), str):
+            raise ValueError(f"access key {key_id!r}: stored record is malformed")
+        return cls(key_id, raw["user"], raw["secret"], float(raw.get("created", 0)))
+
+    def describe(self) -> dict[str, Any]:
+        """What ``user key-list`` shows (never the secret)."""
+        return {"access_key": self.key_id, "user": self.user, "created": self.created}
+
+
+def new_access_key(user: str, *, now: float | None = None) -> AccessKey:
+    """A new access key for ``user`` (``HMQ`` + 20 hex digits) and a random secret key."""
+    return AccessKey("HMQ" + secrets.token_hex(10).upper(), user, secrets.token_urlsafe(30),
+                     time.time() if now is None else now)
 
 
 def parse_token(text: str) -> tuple[str, str] | None:

@@ -46,3 +46,52 @@ async def test_official_client_signs_and_a_wrong_secret_is_unauthorized(rmq, cli
             bad.send(message(rmq, "auth-t", "unsigned"))
 
     await asyncio.to_thread(run)
+
+
+async def test_access_keys_of_users_and_their_rights(rmq, tmp_path):
+    """With users, gRPC requests must be signed with a user's access key (``halfmq user
+    key-create``), and each RPC is checked against that user's rights."""
+    from broker import Broker, BrokerConfig
+    from tests.grpc.conftest import Clients
+    from tests.security.helpers import add_users
+
+    data = tmp_path / "d"
+    add_users(data, {"ops": ("pw-ops", [("admin", "*", None)]),
+                     "bank1": ("pw-1", [("publish", "gtransfer", None)]),
+                     "bank2": ("pw-2", [("subscribe", "gtransfer", "gbank2")]),
+                     "nobody": ("pw-n", [])})
+    cfg = BrokerConfig(data_dir=str(data), port=0, http_port=0, grpc_port=0)
+    async with Broker(cfg) as b:
+        d = b.security.directory
+        k1 = await d.create_access_key("bank1")
+        k2 = await d.create_access_key("bank2")
+        assert {k["user"] for k in d.list_access_keys()} == {"bank1", "bank2"}
+        assert all("secret" not in str(k) for k in d.list_access_keys())
+        clients = Clients(rmq, b.grpc_address)
+
+        def run() -> None:
+            try:
+                p = clients.producer("gtransfer", config=clients.config(k1.key_id, k1.secret))
+                assert p.send(message(rmq, "gtransfer", "from bank1")).message_id
+                c = clients.simple("gbank2", "gtransfer", config=clients.config(k2.key_id, k2.secret))
+                got = []
+                for _ in range(5):
+                    got += c.receive(16, 30)
+                    if got:
+                        break
+                assert [m.body for m in got] == [b"from bank1"]
+                c.ack(got[0])
+                with pytest.raises(rmq.errors.UnauthorizedException):  # bank2 may not publish
+                    clients.producer("gtransfer", config=clients.config(k2.key_id, k2.secret)).send(
+                        message(rmq, "gtransfer", "from bank2"))
+                with pytest.raises(Exception, match="route"):  # a wrong secret: no route, nothing sent
+                    clients.producer("gtransfer", config=clients.config(k1.key_id, "wrong")).send(
+                        message(rmq, "gtransfer", "forged"))
+            finally:
+                clients.close()
+
+        await asyncio.to_thread(run)
+        await d.revoke_access_key(k1.key_id)
+        assert k1.key_id not in {k["access_key"] for k in d.list_access_keys()}
+        topics = {t["topic"]: t["messages"] for t in await b.engine.admin_topics()}
+        assert topics == {"gtransfer": 1}  # nothing stored for the refused sends

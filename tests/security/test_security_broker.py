@@ -410,11 +410,3 @@ async def test_recall_needs_a_publish_right(secured):
     assert op == Op.ERROR and err["code"] != AuthError.code, err  # past the rights check: no such message
     await p.close()
 
-
-def test_grpc_port_refused_while_users_exist(tmp_path):
-    """The RocketMQ gRPC front end does not check logins yet: with users it would let
-    anyone in, so the broker refuses to serve it."""
-    add_users(tmp_path / "d", {"ops": ("pw", [("admin", "*", None)])})
-    proc = _run_broker(tmp_path / "d", "--grpc-port", "0")
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 2 and out == "" and "--grpc-port" in err and "does not check logins" in err

@@ -16,6 +16,11 @@ refuses an unsigned request, an unknown key and a wrong signature with ``AuthErr
 
 The date-time is the client's local time labelled ``Z`` (not UTC), so it cannot bound
 a replay precisely; ``max_skew`` only refuses stamps more than a day off.
+
+:class:`UserAccess` ties this to the broker's users: while no user exists every request is
+served (as on the native port); once one does, a request must be signed with an access key
+of a user (``halfmq user key-create NAME``), and every RPC is checked against that user's
+rights, as the native front end checks its requests.
 """
 
 from __future__ import annotations
@@ -25,11 +30,11 @@ import re
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from hashlib import sha1
-from typing import Protocol
+from typing import Any, Protocol
 
 from protocol.errors import AuthError
 
-__all__ = ["AccessKeys", "Authenticator", "sign"]
+__all__ = ["AccessKeys", "Authenticator", "UserAccess", "sign"]
 
 _AUTH = re.compile(r"^MQv2-HMAC-SHA1 Credential=([^,\s]*), SignedHeaders=x-mq-date-time, Signature=([0-9a-fA-F]+)$")
 
@@ -78,3 +83,31 @@ class AccessKeys:
         if abs(self.clock() - stamp) > self.max_skew:
             raise AuthError(f"x-mq-date-time {date_time!r} is too far from the broker's clock")
         return principal
+
+
+class UserAccess:
+    """Logins and rights of gRPC requests, from the broker's users (see the module docstring)."""
+
+    def __init__(self, security: Any) -> None:
+        self.security = security  # a broker.security.BrokerSecurity
+        self.keys = AccessKeys(self._lookup)
+
+    def _lookup(self, access_key: str) -> tuple[str, str] | None:
+        key = self.security.state.access_keys.get(access_key)
+        return None if key is None else (key.user, key.secret)
+
+    def principal(self, metadata: Mapping[str, str]) -> str | None:
+        """The user a request acts as (None while no user exists); ``AuthError`` for an
+        unsigned or wrongly signed request once users exist."""
+        if not self.security.login_required:
+            return None
+        return self.keys.check(metadata)
+
+    def session(self, user: str | None) -> Any:
+        """A per-client view of ``user``'s rights (``broker.security.state.SessionAccess``)."""
+        return self.security.session(user)
+
+    def check(self, access: Any, what: str, *args: Any) -> None:
+        """Raise ``AuthError`` unless ``access`` may do ``what`` ("send", "subscribe",
+        "settle", "recall", "active") with ``args`` (as ``BrokerSecurity.check_*``)."""
+        getattr(self.security, f"check_{what}")(access, *args)

@@ -154,6 +154,8 @@ class GrpcClient:
     consumer: GrpcSession | None = None
     producers: dict[str, GrpcSession] = field(default_factory=dict)
     gone: bool = False
+    user: str | None = None  # who its requests act as (when users exist)
+    access: Any = None  # that user's rights (broker.security.state.SessionAccess)
 
     def consumer_session(self, group: str) -> GrpcSession:
         """The client's consumer session (for ``group``), opened on first use."""

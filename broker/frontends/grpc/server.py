@@ -27,7 +27,7 @@ from broker.frontends.grpc.stubs import grpc_pb, pb
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
     from broker.engines.base import Engine
-    from broker.frontends.grpc.auth import Authenticator
+    from broker.frontends.grpc.auth import Authenticator, UserAccess
 
 __all__ = ["GrpcFrontend", "endpoints_of"]
 
@@ -45,14 +45,27 @@ def endpoints_of(address: str) -> Any:
     return pb.Endpoints(scheme=scheme, addresses=[pb.Address(host=host, port=int(port))])
 
 
+def _credentials(cfg: BrokerConfig) -> Any:
+    """Server TLS credentials from ``--tls-cert``/``--tls-key`` (and ``--tls-client-ca``:
+    clients must present a certificate it signed)."""
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    ca = read(cfg.tls_client_ca) if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials([(read(cfg.tls_key or cfg.tls_cert), read(cfg.tls_cert))],
+                                       root_certificates=ca, require_client_auth=ca is not None)
+
+
 class GrpcFrontend:
     """The RocketMQ 5 gRPC endpoint of a broker."""
 
     def __init__(self, engine: Engine, config: BrokerConfig, *, tuning: ServiceTuning | None = None,
-                 authenticator: Authenticator | None = None) -> None:
+                 authenticator: Authenticator | None = None, access: UserAccess | None = None) -> None:
         self.engine = engine
         self.config = config
-        self.service = MessagingService(engine, config, tuning=tuning, authenticator=authenticator)
+        self.service = MessagingService(engine, config, tuning=tuning, authenticator=authenticator, access=access)
         self.port = 0
         self._server: Any = None
         self._timer: asyncio.Task[None] | None = None
@@ -68,7 +81,11 @@ class GrpcFrontend:
         grpc_pb.add_MessagingServiceServicer_to_server(self.service, server)
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         try:
-            self.port = server.add_insecure_port(f"{host}:{cfg.grpc_port}")
+            address = f"{host}:{cfg.grpc_port}"
+            if cfg.tls_cert:  # the same certificate (and client CA) as the other ports
+                self.port = server.add_secure_port(address, _credentials(cfg))
+            else:
+                self.port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on gRPC port {cfg.grpc_port}: {exc}") from None
         if not self.port:

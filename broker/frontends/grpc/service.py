@@ -53,7 +53,7 @@ from protocol.errors import HalfMQError, StaleReceiptError
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
     from broker.engines.base import Engine
-    from broker.frontends.grpc.auth import Authenticator
+    from broker.frontends.grpc.auth import Authenticator, UserAccess
 
 __all__ = ["MessagingService", "ServiceTuning"]
 
@@ -120,11 +120,12 @@ class MessagingService(grpc_pb.MessagingServiceServicer):  # type: ignore[misc, 
     """The RocketMQ 5 service over one engine (see the module docstring)."""
 
     def __init__(self, engine: Engine, config: BrokerConfig, *, tuning: ServiceTuning | None = None,
-                 authenticator: Authenticator | None = None) -> None:
+                 authenticator: Authenticator | None = None, access: UserAccess | None = None) -> None:
         self.engine = engine
         self.config = config
         self.tuning = tuning or ServiceTuning()
         self.authenticator = authenticator
+        self.access = access
         self.clients = GrpcClients(engine, self.tuning, max_clients=config.max_connections)
         self.clients.check_message = self._check_command
         self.schedules = hasattr(engine, "recall") and hasattr(config, "max_delay")
@@ -142,8 +143,19 @@ class MessagingService(grpc_pb.MessagingServiceServicer):  # type: ignore[misc, 
             raise GrpcError(Code.CLIENT_ID_REQUIRED, "the x-mq-client-id header is required")
         if self.authenticator is not None:
             self.authenticator.check(md)
+        user = self.access.principal(md) if self.access is not None else None
         peer = context.peer() or "?"
-        return self.clients.get(client_id, peer.split(":", 1)[1] if peer.startswith("ipv") else peer)
+        c = self.clients.get(client_id, peer.split(":", 1)[1] if peer.startswith("ipv") else peer)
+        if self.access is not None:
+            if c.access is None or c.user != user:
+                c.user, c.access = user, self.access.session(user)
+            self.access.check(c.access, "active")
+        return c
+
+    def _allowed(self, c: GrpcClient, what: str, *args: Any) -> None:
+        """Raise ``AuthError`` unless the client's user may do ``what`` (see UserAccess)."""
+        if self.access is not None:
+            self.access.check(c.access, what, *args)
 
     @staticmethod
     async def _wait(s: GrpcSession, rid: int, fut: asyncio.Future[Any]) -> Any:
@@ -283,6 +295,8 @@ class MessagingService(grpc_pb.MessagingServiceServicer):  # type: ignore[misc, 
                 raise GrpcError(Code.BAD_REQUEST, "the messages of one SendMessage must share their topic and type")
             topic, half = t, h
             rows.append(row)
+        # a gRPC producer's group is its topic (the proxy's convention)
+        self._allowed(c, "send", topic, topic if half else None, half)
         s = c.producer_session(topic)
         c.topics.add(topic)
         rid, fut = s.call()
@@ -336,6 +350,7 @@ class MessagingService(grpc_pb.MessagingServiceServicer):  # type: ignore[misc, 
         handle = request.recall_handle
         if not handle:
             raise GrpcError(Code.BAD_REQUEST, "recall handle is blank")
+        self._allowed(c, "recall")
         s = c.producer_session(topic)
         rid, fut = s.call()
         try:
@@ -369,6 +384,7 @@ class MessagingService(grpc_pb.MessagingServiceServicer):  # type: ignore[misc, 
             c = self._client(context)
             group = resource_name(request.group, "group")
             topic = resource_name(request.message_queue.topic, "topic", dlq_ok=True)
+            self._allowed(c, "subscribe", topic, group)
             tags = _check_tags(request.filter_expression)
             n = max(1, min(request.batch_size or 32, self.config.max_prefetch))
             auto = request.auto_renew
@@ -430,6 +446,7 @@ class MessagingService(grpc_pb.MessagingServiceServicer):  # type: ignore[misc, 
                 self.engine.settle(s, 0, group, lost)
 
     async def _settle(self, c: GrpcClient, group: str, items: list[list[Any]]) -> list[Any]:
+        self._allowed(c, "settle", group)
         s = c.consumer_session(group) if c.consumer is None or c.consumer.group == group else GrpcSession(c, "consumer", group)
         rid, fut = s.call()
         try:

@@ -12,6 +12,10 @@ Routes
 - ``GET /api/tokens`` — tokens (id, user, created; never the secret)
 - ``POST /api/tokens`` ``{"user"}`` — a new token, shown once: ``{"token", "id", "user"}``
 - ``POST /api/tokens/{id}/revoke``
+- ``GET /api/access-keys`` — gRPC access keys (key, user, created; never the secret)
+- ``POST /api/access-keys`` ``{"user"}`` — a new access key and secret key for RocketMQ 5
+  clients, shown once: ``{"access_key", "secret_key", "user", "created"}``
+- ``POST /api/access-keys/{key}/revoke``
 """
 
 from __future__ import annotations
@@ -124,6 +128,24 @@ def user_routes(directory: UserDirectory) -> web.RouteTableDef:
         async def act() -> Any:
             await directory.revoke_token(req.match_info["token_id"])
             return {"revoked": req.match_info["token_id"]}
+        return await run(act)
+
+    @routes.get("/api/access-keys")
+    async def list_keys(_req: web.Request) -> web.Response:
+        return web.json_response({"access_keys": directory.list_access_keys()})
+
+    @routes.post("/api/access-keys")
+    async def create_key(req: web.Request) -> web.Response:
+        async def act() -> Any:
+            key = await directory.create_access_key(_str(await _body(req), "user"))
+            return {**key.describe(), "secret_key": key.secret}
+        return await run(act)
+
+    @routes.post("/api/access-keys/{key}/revoke")
+    async def revoke_key(req: web.Request) -> web.Response:
+        async def act() -> Any:
+            await directory.revoke_access_key(req.match_info["key"])
+            return {"revoked": req.match_info["key"]}
         return await run(act)
 
     return routes
