@@ -181,3 +181,22 @@ async def test_topics_and_groups_past_the_limit_are_refused_and_nothing_is_store
             async with PushConsumer(b.address, group="g3", topic="t1", listener=on):
                 pass
     assert sorted(g["group"] for g in admin(b.http_url, "/api/groups")["groups"]) == ["g1", "g2"]
+
+
+async def test_a_connection_without_a_handshake_is_closed(tmp_path, monkeypatch):
+    """A client that connects and never finishes its handshake does not keep a slot."""
+    import broker.frontends.native.connection as native
+    from broker import Broker, BrokerConfig
+
+    monkeypatch.setattr(native, "HANDSHAKE_TIMEOUT", 0.3)
+    async with Broker(BrokerConfig(data_dir=str(tmp_path / "d"), port=0, http_port=0)) as b:
+        host, port = b.address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        data = await asyncio.wait_for(reader.read(), 10)  # until the broker closes it
+        frames = FrameDecoder().feed(data)
+        assert frames and frames[0][0] == Op.ERROR and "handshake" in frames[0][2]["message"]
+        writer.close()
+        await wait_for(lambda: not b.native.connections, what="the slot freed")
+        async with Producer(b.address) as p:  # a client that says hello in time is served
+            await asyncio.sleep(0.5)
+            await p.send("hs", b"ok")

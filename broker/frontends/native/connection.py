@@ -75,6 +75,8 @@ log = logging.getLogger("halfmq.broker")
 
 #: Unsent output (bytes) past which a connection gets no more deliveries until it reads.
 DELIVERY_WINDOW = 1 << 20
+#: Seconds a new connection has to finish its handshake (HELLO, and AUTH with users).
+HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass(slots=True)
@@ -134,6 +136,17 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.listener.opened(self)
+        if not self.closed:  # the handshake (HELLO, and AUTH when users exist) must end in time
+            self._handshake_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+                HANDSHAKE_TIMEOUT, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self.client_id is None and not self.closed:
+            log.warning("closing %s: no handshake within %.0f s", self.peer, HANDSHAKE_TIMEOUT)
+            self.error(0, BadRequestError(f"no handshake (HELLO, and AUTH when users exist) within "
+                                          f"{HANDSHAKE_TIMEOUT:.0f} s"))
+            self.close()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -163,6 +176,9 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        timer = getattr(self, "_handshake_timer", None)
+        if timer is not None:
+            timer.cancel()
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(BrokerUnavailableError("connection closed"))
@@ -301,6 +317,10 @@ class ClientConnection(asyncio.Protocol):
                 return
         self.access = access
         self.client_id, self.role, self.group = client_id, role, group
+        timer = getattr(self, "_handshake_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._handshake_timer = None
         log.info("%s %s connected from %s%s%s", role, client_id, self.peer, f" (group {group})" if group else "",
                  f" as user {user}" if user else "")
         if role == "producer":
