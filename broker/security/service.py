@@ -194,8 +194,8 @@ class BrokerSecurity:
             self._refused(access, f"settle messages of consumer group {group!r}")
 
     def check_recall(self, access: SessionAccess) -> None:
-        """A RECALL of a scheduled message: the user must hold a publish right. (Not yet
-        scoped to the message's topic: the front end does not know it; the engine does.)"""
+        """A RECALL of a scheduled message, before the engine looks it up: the user must
+        hold some publish right (the engine then asks for publish on the message's topic)."""
         rights = access.rights()
         if rights is None or not any(g.right == "publish" for g in rights.grants):
             self._refused(access, "recall scheduled messages (needs a publish right)")

@@ -410,3 +410,15 @@ async def test_recall_needs_a_publish_right(secured):
     assert op == Op.ERROR and err["code"] != AuthError.code, err  # past the rights check: no such message
     await p.close()
 
+
+
+async def test_recall_needs_publish_on_the_messages_own_topic(secured):
+    """``other`` may publish to its own topic but not to ``transfer``: it cannot recall a
+    message scheduled on ``transfer``, which stays scheduled."""
+    async with Producer(secured.address, **BANK1) as p:
+        msg_id = (await p.send("transfer", b"later", delay=3600)).msg_id
+    async with Producer(secured.address, **OTHER) as o:
+        with pytest.raises(AuthError, match="transfer"):
+            await o.recall(msg_id)
+    async with Producer(secured.address, **BANK1) as p:
+        await p.recall(msg_id)  # its own topic: allowed

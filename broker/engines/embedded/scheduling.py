@@ -50,6 +50,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -281,10 +282,12 @@ class EmbeddedScheduling:
 
     # -- recall ---------------------------------------------------------------------------
 
-    def recall(self: EmbeddedEngine, s: Session, rid: int, msg_id: str) -> None:
+    def recall(self: EmbeddedEngine, s: Session, rid: int, msg_id: str,
+               allowed: Callable[[str], None] | None = None) -> None:
         """Cancel the scheduled message ``msg_id``; reply ``{"state": "RECALLED"}`` once
-        that is durable. Raises ``MessageStateError`` (unknown, not scheduled, due)."""
-        fut = self.recall_scheduled(msg_id)
+        that is durable. Raises ``MessageStateError`` (unknown, not scheduled, due), or what
+        ``allowed(topic)`` raises for the message's topic (a front end's rights check)."""
+        fut = self.recall_scheduled(msg_id, allowed)
         reply = {"state": "RECALLED"}
         if fut is None:
             s.reply(rid, reply)
@@ -300,13 +303,17 @@ class EmbeddedScheduling:
 
         fut.add_done_callback(done)
 
-    def recall_scheduled(self: EmbeddedEngine, msg_id: str) -> asyncio.Future[Any] | None:
+    def recall_scheduled(self: EmbeddedEngine, msg_id: str,
+                         allowed: Callable[[str], None] | None = None) -> asyncio.Future[Any] | None:
         """Recall a scheduled message not yet due. Returns the append future of the recall
         record, or None if it was already recalled. Raises ``MessageStateError`` if there is
-        no such message, it was not scheduled, or its time has come."""
+        no such message, it was not scheduled, or its time has come; first, ``allowed``
+        (if given) is called with the message's topic and may raise."""
         store = self.store
         assert store is not None
         rec = self._message_record(msg_id)
+        if allowed is not None:
+            allowed(rec.header[H_TOPIC])
         ext = header_ext(rec.header) or {}  # type: ignore[arg-type]
         if rec.rtype == RT_HALF:
             if "d" in ext:

@@ -354,7 +354,9 @@ class MessagingService(grpc_pb.MessagingServiceServicer):  # type: ignore[misc, 
         s = c.producer_session(topic)
         rid, fut = s.call()
         try:
-            self.engine.recall(s, rid, handle)  # type: ignore[attr-defined]
+            allowed = None if self.access is None else (
+                lambda t: self._allowed(c, "send", t, None, False))  # the message's own topic
+            self.engine.recall(s, rid, handle, allowed)  # type: ignore[attr-defined]
         except BaseException:
             s.forget(rid)
             raise

@@ -250,8 +250,11 @@ class ClientConnection(asyncio.Protocol):
             self.reply(rid, {})
         elif op == Op.RECALL:
             msg_id = _check_recall(p)
-            self.listener.security.check_recall(self.access)
-            engine.recall(self, rid, msg_id)
+            security, access = self.listener.security, self.access
+            security.check_recall(access)
+            # the message's topic is the engine's to know: it asks before recalling
+            engine.recall(self, rid, msg_id,  # type: ignore[attr-defined]
+                          lambda topic: security.check_send(access, topic, None, False))
         else:
             raise BadRequestError(f"unknown operation {op}")
 
