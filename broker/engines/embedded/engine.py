@@ -346,7 +346,11 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         if s.client_id and self.producers_by_id.get(s.client_id) is s:
             del self.producers_by_id[s.client_id]
         if s.group:
-            self.producers_by_group.get(s.group, set()).discard(s)
+            members = self.producers_by_group.get(s.group)
+            if members is not None:
+                members.discard(s)
+                if not members:  # no empty set left behind per group name ever seen
+                    del self.producers_by_group[s.group]
         self._consumers.pop(s.conn_id, None)
         if self._receivers:
             self._drop_receivers(s)
