@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "outbox-relay": lambda a: __import__("producer_sdk.outbox.cli", fromlist=["*"]).outbox_relay_main(a),
         "user": user_main,
         "token": token_main,
+        "cluster": lambda a: __import__("broker.engines.jetstream.cli", fromlist=["*"]).cluster_main(a),
     }
     try:
         from examples.bank.demo import demo_main

