@@ -63,3 +63,31 @@ def cluster_factory(nats_server_binary: Path, tmp_path: Path) -> Iterator:
 def unique() -> str:
     """A name no other test uses (topic/group names: ``[A-Za-z0-9_-]``)."""
     return f"t{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+async def layer(nats_cluster):
+    """The data layer over the shared cluster: one connection, R3 streams, short deadlines."""
+    from broker.engines.jetstream.checkback import CheckRouter
+    from broker.engines.jetstream.client import EngineClient
+    from broker.engines.jetstream.groups import Groups
+    from broker.engines.jetstream.ledger import TxLedger
+    from broker.engines.jetstream.messages import MessageWriter
+    from broker.engines.jetstream.streams import StreamSet
+
+    class Layer:
+        pass
+
+    lay = Layer()
+    lay.client = EngineClient(nats_cluster.urls)
+    await lay.client.connect()
+    lay.streams = StreamSet(lay.client, replicas=3)
+    await lay.streams.ensure_shared()
+    lay.ledger = TxLedger(lay.client, lay.streams)
+    lay.groups = Groups(lay.client, lay.streams)
+    lay.writer = MessageWriter(lay.client, lay.streams)
+    lay.router = CheckRouter(lay.client, timeout=1.0)
+    try:
+        yield lay
+    finally:
+        await lay.client.close()

@@ -1,0 +1,81 @@
+"""Storing sends: normal messages and half messages, one publish each, pipelined.
+
+How this works
+--------------
+``MessageWriter.store(topic, msgs, half=...)`` ensures the topic's stream, picks a queue
+per message (round robin over ``queues``, per topic, as the embedded broker spreads an
+auto-created topic over ``--default-queues``), and publishes every message of the batch
+concurrently: a normal one on ``hmq.<T>.m.<queue>.<tag>``, a half on ``hmq.<T>.h.<queue>``
+with the producer's group and instance (check-backs need them). Each publish carries a
+``Nats-Msg-Id`` unique to this writer (a random writer id and a counter), so the
+publish's own retries during a failover store it once. It returns, in order, what the
+native SEND reply needs: ``(pos, queue, queue_offset)`` with ``pos`` = the stream sequence
+(``msg_id = prefix + f"{pos:016X}"``) and ``queue_offset`` the same sequence, or -1 for a
+half message (docs/protocol.md).
+
+Why one publish per message and not the engine's atomic batch: the reference measured
+the 2.12 atomic batch at 277–296 batches/s, far below pipelined single publishes; a
+batch is therefore not atomic in cluster mode (each message is stored or not on its own,
+and the reply waits for all of them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from typing import Any
+
+from broker.engines.jetstream import naming
+from broker.engines.jetstream.client import EngineClient
+from broker.engines.jetstream.records import encode_half, encode_message
+from broker.engines.jetstream.streams import StreamSet, TopicStream
+
+__all__ = ["MessageWriter"]
+
+
+class MessageWriter:
+    """Publishes sends. ``queues``: queues per topic (default 4); ``deadline``: seconds a
+    publish may retry through a failover (default 15)."""
+
+    def __init__(self, client: EngineClient, streams: StreamSet, *, queues: int = 4,
+                 deadline: float = 15.0) -> None:
+        self.client = client
+        self.streams = streams
+        self.queues = max(1, queues)
+        self.deadline = deadline
+        self._writer_id = os.urandom(6).hex()
+        self._ids = itertools.count(1)
+        self._next_queue: dict[str, int] = {}
+
+    def _queue(self, topic: str) -> int:
+        q = self._next_queue.get(topic, 0)
+        self._next_queue[topic] = (q + 1) % self.queues
+        return q
+
+    async def store(self, topic: str, msgs: list[list[Any]], *, half: bool = False,
+                    group: str | None = None, instance: str | None = None
+                    ) -> tuple[TopicStream, list[tuple[int, int, int]]]:
+        """Store ``msgs`` (``[body, tags, keys, properties, born_ms]`` each); returns the
+        topic stream and ``[(pos, queue, queue_offset), ...]`` in order.
+
+        Raises ``EngineUnavailableError``/``EngineAPIError`` if any message could not be
+        stored (the others may have been: a batch is not atomic here).
+        """
+        ts = await self.streams.ensure_topic(topic)
+        publishes = []
+        queues = []
+        for body, tags, keys, properties, born_ms in msgs:
+            q = self._queue(topic)
+            queues.append(q)
+            if half:
+                subject = naming.half_subject(topic, q)
+                payload = encode_half(body, tags, keys, properties, born_ms, group=group,
+                                      instance=instance)
+            else:
+                subject = naming.message_subject(topic, q, tags)
+                payload = encode_message(body, tags, keys, properties, born_ms)
+            publishes.append(self.client.publish(subject, payload, deadline=self.deadline,
+                                                 msg_id=f"s:{self._writer_id}:{next(self._ids)}"))
+        acks = await asyncio.gather(*publishes)
+        return ts, [(a.seq, q, -1 if half else a.seq) for a, q in zip(acks, queues, strict=True)]

@@ -1,0 +1,191 @@
+"""The engine's streams: one per topic, three shared ones, and the message-id prefixes.
+
+How this works
+--------------
+``StreamSet.ensure_topic(topic)`` makes sure ``HMQ_T_<topic>`` exists (creating it if
+not) and returns its ``TopicStream`` (name, topic, id prefix), cached for the process.
+Every stream is a file stream with ``replicas`` copies, ``allow_direct`` (any replica
+answers a get by sequence), ``discard: old``; topic streams keep messages ``retention``
+seconds (``--retention``) and deduplicate ``Nats-Msg-Id`` over ``dedup_window`` (10 min:
+long enough for any SDK retry; a retry later than that would store a second copy, which
+is still at-least-once). ``HMQ_TX`` keeps decisions and check counts ``tx_retention``
+seconds (1 h: it must outlast ``tx_timeout + tx_check_max × tx_check_interval``, 7.6 min
+with the defaults, and stays short because the server holds every subject's state in
+memory). ``HMQ_DLQ`` keeps dead letters ``retention`` seconds. ``HMQ_IDS`` keeps the
+id-prefix registry forever (one tiny record per topic stream ever created).
+
+Message-id prefixes: candidate ``k`` is ``naming.stream_id_prefix(stream, created, k)``.
+``ensure_topic`` reads ``hmq.ids.<candidate>`` from ``HMQ_IDS``: the same stream and
+creation time → that is its prefix; nothing → claim it with a compare-and-set (expected
+last subject sequence 0) and read again (another gateway may have claimed it first, for
+the same stream or another); another stream → try ``k + 1``. Every gateway walks the same
+candidates in the same order, so all agree without talking to each other.
+``topic_of_prefix`` answers the reverse question with one leader read, cached.
+
+Creating a stream that exists with the same configuration is a no-op for the server, so
+gateways racing to create a topic's stream all succeed. A stream that exists with a
+different configuration (retention changed between gateway runs) is used as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+from broker.engines.jetstream import naming
+from broker.engines.jetstream.client import (
+    ERR_STREAM_NOT_FOUND,
+    EngineAPIError,
+    EngineClient,
+    WrongLastSequenceError,
+)
+
+__all__ = ["StreamSet", "TopicStream"]
+
+_NANOS = 1_000_000_000
+ERR_STREAM_NAME_IN_USE = 10058
+
+
+@dataclass(frozen=True, slots=True)
+class TopicStream:
+    """A topic's stream and the prefix of its message ids."""
+
+    topic: str
+    name: str
+    prefix: str
+    created: str
+
+
+class StreamSet:
+    """The engine's streams, created on demand. Keyword options: ``replicas`` (3),
+    ``retention`` (72 h, seconds), ``tx_retention`` (3600 s), ``dedup_window`` (600 s)."""
+
+    def __init__(self, client: EngineClient, *, replicas: int = 3, retention: float = 72 * 3600.0,
+                 tx_retention: float = 3600.0, dedup_window: float = 600.0) -> None:
+        self.client = client
+        self.replicas = replicas
+        self.retention = retention
+        self.tx_retention = tx_retention
+        self.dedup_window = min(dedup_window, retention)
+        self._topics: dict[str, TopicStream] = {}
+        self._by_prefix: dict[str, TopicStream] = {}
+        self._creating: dict[str, asyncio.Future[TopicStream]] = {}
+
+    def _config(self, name: str, subjects: list[str], max_age: float,
+                dedup: float | None = None) -> dict[str, object]:
+        return {
+            "name": name, "subjects": subjects, "storage": "file", "retention": "limits",
+            "num_replicas": self.replicas, "max_age": int(max_age * _NANOS), "discard": "old",
+            "duplicate_window": int((dedup if dedup is not None else min(self.dedup_window, max_age)) * _NANOS),
+            "allow_direct": True, "max_msgs": -1, "max_bytes": -1, "max_msg_size": -1,
+            "max_msgs_per_subject": -1, "max_consumers": -1,
+        }
+
+    async def _ensure(self, config: dict[str, object]) -> dict[str, object]:
+        """Stream info of ``config['name']``, creating the stream if it does not exist."""
+        name = config["name"]
+        try:
+            return await self.client.api(f"STREAM.INFO.{name}")
+        except EngineAPIError as exc:
+            if exc.err_code != ERR_STREAM_NOT_FOUND:
+                raise
+        try:
+            return await self.client.api(f"STREAM.CREATE.{name}", config)
+        except EngineAPIError as exc:
+            if exc.err_code != ERR_STREAM_NAME_IN_USE:
+                raise
+            return await self.client.api(f"STREAM.INFO.{name}")
+
+    async def ensure_shared(self) -> None:
+        """Create ``HMQ_TX``, ``HMQ_DLQ`` and ``HMQ_IDS`` if missing."""
+        await self._ensure(self._config(naming.TX_STREAM, ["hmq.tx.>"], self.tx_retention))
+        await self._ensure(self._config(naming.DLQ_STREAM, ["hmq.dlq.>"], self.retention))
+        await self._ensure(self._config(naming.IDS_STREAM, ["hmq.ids.*"], 0, dedup=60.0))
+
+    async def ensure_topic(self, topic: str) -> TopicStream:
+        """The topic's stream, created if needed; raises ``EngineAPIError``/``EngineUnavailableError``."""
+        known = self._topics.get(topic)
+        if known is not None:
+            return known
+        pending = self._creating.get(topic)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[TopicStream] = asyncio.get_running_loop().create_future()
+        self._creating[topic] = fut
+        try:
+            ts = await self._ensure_topic(topic)
+            self._topics[topic] = ts
+            self._by_prefix[ts.prefix] = ts
+            fut.set_result(ts)
+            return ts
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters get it through shield
+            raise
+        finally:
+            del self._creating[topic]
+
+    async def _ensure_topic(self, topic: str) -> TopicStream:
+        name = naming.topic_stream(topic)
+        info = await self._ensure(self._config(name, [f"hmq.{topic}.>"], self.retention))
+        created = str(info["created"])
+        want = {"stream": name, "created": created}
+        for salt in range(64):
+            prefix = naming.stream_id_prefix(name, created, salt)
+            subject = naming.id_subject(prefix)
+            for _ in range(2):
+                found = await self.client.get_last(naming.IDS_STREAM, subject)
+                if found is not None:
+                    if json.loads(found.data) == want:
+                        return TopicStream(topic, name, prefix, created)
+                    break  # taken by another stream: next candidate
+                try:
+                    await self.client.publish(subject, json.dumps(want).encode(),
+                                              expected_last_subject_seq=0)
+                except WrongLastSequenceError:
+                    continue  # someone claimed it meanwhile: read who
+                return TopicStream(topic, name, prefix, created)
+        raise RuntimeError(f"no free message-id prefix for stream {name}")  # 64 collisions: never
+
+    async def topic_of_prefix(self, prefix: str) -> TopicStream | None:
+        """The topic stream a message-id prefix names, or None if none (or it was deleted)."""
+        known = self._by_prefix.get(prefix)
+        if known is not None:
+            return known
+        found = await self.client.get_last(naming.IDS_STREAM, naming.id_subject(prefix))
+        if found is None:
+            return None
+        entry = json.loads(found.data)
+        topic = naming.topic_of_stream(entry["stream"])
+        if topic is None:
+            return None
+        current = await self.ensure_topic_if_exists(topic)
+        if current is None or current.created != entry["created"]:
+            return None  # the stream was deleted (and maybe made again): its old ids are gone
+        return current
+
+    async def ensure_topic_if_exists(self, topic: str) -> TopicStream | None:
+        """The topic's stream if it exists (never creates it)."""
+        known = self._topics.get(topic)
+        if known is not None:
+            return known
+        try:
+            await self.client.api(f"STREAM.INFO.{naming.topic_stream(topic)}")
+        except EngineAPIError as exc:
+            if exc.err_code == ERR_STREAM_NOT_FOUND:
+                return None
+            raise
+        return await self.ensure_topic(topic)
+
+    async def topics(self) -> list[str]:
+        """Every topic that has a stream, sorted."""
+        out: list[str] = []
+        offset = 0
+        while True:
+            resp = await self.client.api("STREAM.NAMES", {"offset": offset})
+            names = resp.get("streams") or []
+            out.extend(t for n in names if (t := naming.topic_of_stream(n)) is not None)
+            offset += len(names)
+            if not names or offset >= int(resp.get("total", 0)):
+                return sorted(out)
