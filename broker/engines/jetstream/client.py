@@ -32,6 +32,7 @@ its server list). What it adds:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -119,6 +120,9 @@ class EngineClient:
         self.name = name
         self.attempt_timeout = attempt_timeout
         self._nc: NATS | None = None
+        self._reply_prefix: str | None = None
+        self._replies: dict[str, asyncio.Future[Msg]] = {}
+        self._tokens = itertools.count(1)
 
     @property
     def nc(self) -> NATS:
@@ -178,17 +182,85 @@ class EngineClient:
             hdrs["Nats-Msg-Id"] = msg_id
         if expected_last_subject_seq is not None:
             hdrs["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
+        (result,) = await self.publish_many([(subject, payload, hdrs or None)], deadline=deadline)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def publish_many(self, items: list[tuple[str, bytes, dict[str, str] | None]], *,
+                           deadline: float = 15.0) -> list[PubAck | EngineAPIError | EngineUnavailableError]:
+        """Store many messages, all in flight at once; returns, in order, each one's ``PubAck``
+        or the error that stopped it (never raises for one message's failure).
+
+        ``items``: ``(subject, payload, headers)``. Unanswered ones (timeout, no responders,
+        the same ``Nats-Msg-Id`` in flight) are sent again until ``deadline`` seconds pass.
+        No task per message: one reply subscription resolves a future per publish.
+        """
+        if self._reply_prefix is None:
+            await self._start_replies()
+        assert self._reply_prefix is not None
+        loop = asyncio.get_running_loop()
         end = time.monotonic() + deadline
-        while True:
-            msg = await self.request(subject, payload, headers=hdrs or None,
-                                     deadline=max(0.001, end - time.monotonic()))
-            resp = json.loads(msg.data)
-            if "error" not in resp:
-                return PubAck(resp["stream"], int(resp["seq"]), bool(resp.get("duplicate", False)))
-            err = _error_from(resp)
-            if err.err_code != ERR_DUPLICATE_IN_PROCESS or time.monotonic() > end:
-                raise err
-            await asyncio.sleep(0.005)  # the same id in flight: its outcome decides ours
+        results: list[PubAck | EngineAPIError | EngineUnavailableError | None] = [None] * len(items)
+        todo = list(range(len(items)))
+        nc = self.nc
+        while todo:
+            waiting: list[tuple[int, str, asyncio.Future[Msg]]] = []
+            for i in todo:
+                subject, payload, hdrs = items[i]
+                token = str(next(self._tokens))
+                fut: asyncio.Future[Msg] = loop.create_future()
+                self._replies[token] = fut
+                waiting.append((i, token, fut))
+                await nc.publish(subject, payload, reply=self._reply_prefix + token, headers=hdrs)
+            left = end - time.monotonic()
+            await asyncio.wait([w[2] for w in waiting], timeout=max(0.0, min(self.attempt_timeout, left)))
+            again: list[int] = []
+            pause = False
+            for i, token, fut in waiting:
+                self._replies.pop(token, None)
+                if not fut.done():
+                    fut.cancel()
+                    again.append(i)
+                    continue
+                msg = fut.result()
+                if not msg.data and (msg.headers or {}).get("Status") == "503":
+                    again.append(i)  # no responders: no stream leader right now
+                    pause = True
+                    continue
+                resp = json.loads(msg.data)
+                if "error" not in resp:
+                    results[i] = PubAck(resp["stream"], int(resp["seq"]), bool(resp.get("duplicate", False)))
+                    continue
+                err = _error_from(resp)
+                if err.err_code == ERR_DUPLICATE_IN_PROCESS:  # its outcome decides ours: ask again
+                    again.append(i)
+                    pause = True
+                else:
+                    results[i] = err
+            if again and time.monotonic() >= end:
+                for i in again:
+                    results[i] = EngineUnavailableError(
+                        f"no ack for a publish to {items[i][0]} within {deadline:g}s")
+                break
+            if again and pause:
+                await asyncio.sleep(min(0.05, max(0.0, end - time.monotonic())))
+            todo = again
+        return [r for r in results if r is not None]
+
+    async def _start_replies(self) -> None:
+        prefix = self.nc.new_inbox() + "."
+        replies = self._replies
+        skip = len(prefix)
+
+        async def on_reply(msg: Msg) -> None:
+            fut = replies.pop(msg.subject[skip:], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+        await self.nc.subscribe(prefix + "*", cb=on_reply, pending_msgs_limit=1_000_000,
+                                pending_bytes_limit=1024 * 1024 * 1024)
+        self._reply_prefix = prefix
 
     async def api(self, endpoint: str, body: dict[str, Any] | None = None, *,
                   deadline: float = 15.0) -> dict[str, Any]:

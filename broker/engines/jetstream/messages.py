@@ -21,13 +21,12 @@ and the reply waits for all of them).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 from typing import Any
 
 from broker.engines.jetstream import naming
-from broker.engines.jetstream.client import EngineClient
+from broker.engines.jetstream.client import EngineClient, PubAck
 from broker.engines.jetstream.records import encode_half, encode_message
 from broker.engines.jetstream.streams import StreamSet, TopicStream
 
@@ -63,7 +62,7 @@ class MessageWriter:
         stored (the others may have been: a batch is not atomic here).
         """
         ts = await self.streams.ensure_topic(topic)
-        publishes = []
+        items: list[tuple[str, bytes, dict[str, str] | None]] = []
         queues = []
         for body, tags, keys, properties, born_ms in msgs:
             q = self._queue(topic)
@@ -75,7 +74,11 @@ class MessageWriter:
             else:
                 subject = naming.message_subject(topic, q, tags)
                 payload = encode_message(body, tags, keys, properties, born_ms)
-            publishes.append(self.client.publish(subject, payload, deadline=self.deadline,
-                                                 msg_id=f"s:{self._writer_id}:{next(self._ids)}"))
-        acks = await asyncio.gather(*publishes)
-        return ts, [(a.seq, q, -1 if half else a.seq) for a, q in zip(acks, queues, strict=True)]
+            items.append((subject, payload, {"Nats-Msg-Id": f"{self._writer_id}:{next(self._ids)}"}))
+        acks = await self.client.publish_many(items, deadline=self.deadline)
+        rows = []
+        for ack, q in zip(acks, queues, strict=True):
+            if not isinstance(ack, PubAck):
+                raise ack
+            rows.append((ack.seq, q, -1 if half else ack.seq))
+        return ts, rows

@@ -71,6 +71,7 @@ class StreamSet:
         self._topics: dict[str, TopicStream] = {}
         self._by_prefix: dict[str, TopicStream] = {}
         self._creating: dict[str, asyncio.Future[TopicStream]] = {}
+        self._shared_ready = False
 
     def _config(self, name: str, subjects: list[str], max_age: float,
                 dedup: float | None = None) -> dict[str, object]:
@@ -102,6 +103,7 @@ class StreamSet:
         await self._ensure(self._config(naming.TX_STREAM, ["hmq.tx.>"], self.tx_retention))
         await self._ensure(self._config(naming.DLQ_STREAM, ["hmq.dlq.>"], self.retention))
         await self._ensure(self._config(naming.IDS_STREAM, ["hmq.ids.*"], 0, dedup=60.0))
+        self._shared_ready = True
 
     async def ensure_topic(self, topic: str) -> TopicStream:
         """The topic's stream, created if needed; raises ``EngineAPIError``/``EngineUnavailableError``."""
@@ -127,6 +129,8 @@ class StreamSet:
             del self._creating[topic]
 
     async def _ensure_topic(self, topic: str) -> TopicStream:
+        if not self._shared_ready:  # the id registry must exist before a prefix is claimed
+            await self.ensure_shared()
         name = naming.topic_stream(topic)
         info = await self._ensure(self._config(name, [f"hmq.{topic}.>"], self.retention))
         created = str(info["created"])
