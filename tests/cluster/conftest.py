@@ -86,7 +86,7 @@ async def layer(nats_cluster):
     lay.ledger = TxLedger(lay.client, lay.streams)
     lay.groups = Groups(lay.client, lay.streams)
     lay.writer = MessageWriter(lay.client, lay.streams)
-    lay.router = CheckRouter(lay.client, timeout=1.0)
+    lay.router = CheckRouter(lay.client, timeout=1.0, receipt_timeout=0.5)
     try:
         yield lay
     finally:

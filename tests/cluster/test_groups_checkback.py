@@ -197,14 +197,18 @@ async def test_check_back_routing(layer, nats_cluster, unique):
     asked: list[str] = []
 
     def answering(name: str, state: str | None):
-        async def handler(w):
+        async def handler(w):  # a gateway asking its producer: None when it has none
             assert w == wire
             asked.append(name)
-            return state
+            if state is None:
+                return None
+            answer = asyncio.get_running_loop().create_future()
+            answer.set_result({"state": state})
+            return answer
         return handler
 
     try:
-        ra, rb = CheckRouter(gw_a), CheckRouter(gw_b)
+        ra, rb = CheckRouter(gw_a, timeout=1.0), CheckRouter(gw_b, timeout=1.0)
         # the producer instance that sent the half is on gateway A; B has another member
         sub_i = await ra.serve_instance(f"i {unique}.x", answering("instance", "COMMIT"))
         sub_ga = await ra.serve_group(f"pg{unique}", answering("group-a", "ROLLBACK"))
@@ -229,7 +233,7 @@ async def test_check_back_routing(layer, nats_cluster, unique):
 
         # a producer that never answers: reached (counted), no state
         async def silent(w):
-            await asyncio.sleep(30)
+            return asyncio.get_running_loop().create_future()  # asked; never answers
         sub_slow = await rb.serve_group(f"pg{unique}", silent)
         await gw_b.nc.flush()
         r = await layer.router.check(wire, group=f"pg{unique}", instance=None)
