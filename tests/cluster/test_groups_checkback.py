@@ -190,8 +190,11 @@ async def test_check_back_routing(layer, nats_cluster, unique):
     r = await layer.router.check(wire, group=f"pg{unique}", instance=f"i-{unique}")
     assert (r.reached, r.state) == (False, None)
 
-    gw_a = EngineClient(nats_cluster.urls[1:])  # two other "gateways"
-    gw_b = EngineClient(nats_cluster.urls[2:])
+    # two other "gateways" on the asking one's server: interest changes are seen at once
+    # there (between servers they travel asynchronously: see the last part)
+    here = str(layer.client.nc.connected_url.geturl())
+    gw_a = EngineClient([here])
+    gw_b = EngineClient([here])
     await gw_a.connect()
     await gw_b.connect()
     asked: list[str] = []
@@ -239,6 +242,22 @@ async def test_check_back_routing(layer, nats_cluster, unique):
         r = await layer.router.check(wire, group=f"pg{unique}", instance=None)
         assert (r.reached, r.state) == (True, None)
         await sub_slow.unsubscribe()
+
+        # from a gateway on another server: reached once the interest has travelled there
+        sub_far = await rb.serve_group(f"pg{unique}", answering("far", "COMMIT"))
+        await gw_b.nc.flush()
+        elsewhere = EngineClient([u for u in nats_cluster.urls if u.split("//")[1] not in here][:1])
+        await elsewhere.connect()
+        try:
+            far = CheckRouter(elsewhere, timeout=1.0, receipt_timeout=0.5)
+            deadline = asyncio.get_running_loop().time() + 10
+            while (r := await far.check(wire, group=f"pg{unique}", instance=None)).state is None:
+                assert not r.reached
+                assert asyncio.get_running_loop().time() < deadline, "interest never arrived"
+            assert (r.reached, r.state, r.via) == (True, "COMMIT", "group")
+        finally:
+            await elsewhere.close()
+        await sub_far.unsubscribe()
     finally:
         await gw_a.close()
         await gw_b.close()
