@@ -91,3 +91,27 @@ async def layer(nats_cluster):
         yield lay
     finally:
         await lay.client.close()
+
+
+@pytest.fixture
+async def engine_factory(nats_cluster):
+    """``await engine_factory(**config)`` starts a ``JetStreamEngine`` on the shared cluster
+    (short delays for tests; ``cluster=`` another one); all are stopped at teardown."""
+    from broker.config import BrokerConfig
+    from broker.engines.jetstream.engine import JetStreamEngine
+
+    started: list = []
+
+    async def make(cluster=None, **overrides):
+        c = cluster or nats_cluster
+        cfg = {"tx_timeout": 0.5, "tx_check_interval": 0.5, "tx_check_max": 3,
+               "retry_delays": (0.4, 0.8), "ack_timeout": 2.0, **overrides}
+        engine = JetStreamEngine(BrokerConfig(**cfg), urls=c.urls, replicas=3,
+                                 monitor_urls=c.monitor_urls)
+        await engine.start()
+        started.append(engine)
+        return engine
+
+    yield make
+    for engine in started:
+        await engine.stop()

@@ -35,6 +35,7 @@ import asyncio
 import itertools
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,7 +188,7 @@ class EngineClient:
             raise result
         return result
 
-    async def publish_many(self, items: list[tuple[str, bytes, dict[str, str] | None]], *,
+    async def publish_many(self, items: Sequence[tuple[str, bytes, dict[str, str] | None]], *,
                            deadline: float = 15.0) -> list[PubAck | EngineAPIError | EngineUnavailableError]:
         """Store many messages, all in flight at once; returns, in order, each one's ``PubAck``
         or the error that stopped it (never raises for one message's failure).

@@ -92,8 +92,9 @@ class TxLedger:
         self.streams = streams
         self.margin = margin
 
-    async def half(self, msg_id: str) -> HalfRecord | None:
-        """The half message ``msg_id`` names, or None (malformed id, unknown stream, not a half)."""
+    async def lookup(self, msg_id: str) -> tuple[TopicStream, int, int, Record, int] | None:
+        """The record ``msg_id`` names: ``(stream, seq, queue, record, stored_ms)``, or None
+        (malformed id, unknown stream, no such record, not a message or half message)."""
         try:
             prefix, seq = naming.decode_msg_id(msg_id)
         except ValueError:
@@ -109,9 +110,17 @@ class TxLedger:
             record = decode_record(stored.data)
         except ValueError:
             return None
-        if kind != "h" or record.kind is not Kind.HALF:
+        if (kind, record.kind) not in (("h", Kind.HALF), ("m", Kind.MESSAGE)):
             return None
-        return HalfRecord(msg_id, stream, seq, queue, record, stored.time_ms)
+        return stream, seq, queue, record, stored.time_ms
+
+    async def half(self, msg_id: str) -> HalfRecord | None:
+        """The half message ``msg_id`` names, or None (see ``lookup``; or not a half)."""
+        found = await self.lookup(msg_id)
+        if found is None or found[3].kind is not Kind.HALF:
+            return None
+        stream, seq, queue, record, stored_ms = found
+        return HalfRecord(msg_id, stream, seq, queue, record, stored_ms)
 
     async def decision(self, msg_id: str) -> str | None:
         """The recorded decision code (``C``/``R``/``A``) or None, read from the leader."""

@@ -52,6 +52,20 @@ class MessageWriter:
         self._next_queue[topic] = (q + 1) % self.queues
         return q
 
+    def prepare(self, topic: str, row: list[Any], *, half: bool = False, group: str | None = None,
+                instance: str | None = None) -> tuple[tuple[str, bytes, dict[str, str]], int]:
+        """The publish of one message row ``[body, tags, keys, properties, born_ms]``:
+        ``((subject, payload, headers), queue)``. No I/O."""
+        body, tags, keys, properties, born_ms = row
+        q = self._queue(topic)
+        if half:
+            subject = naming.half_subject(topic, q)
+            payload = encode_half(body, tags, keys, properties, born_ms, group=group, instance=instance)
+        else:
+            subject = naming.message_subject(topic, q, tags)
+            payload = encode_message(body, tags, keys, properties, born_ms)
+        return (subject, payload, {"Nats-Msg-Id": f"{self._writer_id}:{next(self._ids)}"}), q
+
     async def store(self, topic: str, msgs: list[list[Any]], *, half: bool = False,
                     group: str | None = None, instance: str | None = None
                     ) -> tuple[TopicStream, list[tuple[int, int, int]]]:
@@ -62,22 +76,10 @@ class MessageWriter:
         stored (the others may have been: a batch is not atomic here).
         """
         ts = await self.streams.ensure_topic(topic)
-        items: list[tuple[str, bytes, dict[str, str] | None]] = []
-        queues = []
-        for body, tags, keys, properties, born_ms in msgs:
-            q = self._queue(topic)
-            queues.append(q)
-            if half:
-                subject = naming.half_subject(topic, q)
-                payload = encode_half(body, tags, keys, properties, born_ms, group=group,
-                                      instance=instance)
-            else:
-                subject = naming.message_subject(topic, q, tags)
-                payload = encode_message(body, tags, keys, properties, born_ms)
-            items.append((subject, payload, {"Nats-Msg-Id": f"{self._writer_id}:{next(self._ids)}"}))
-        acks = await self.client.publish_many(items, deadline=self.deadline)
+        prepared = [self.prepare(topic, row, half=half, group=group, instance=instance) for row in msgs]
+        acks = await self.client.publish_many([item for item, _q in prepared], deadline=self.deadline)
         rows = []
-        for ack, q in zip(acks, queues, strict=True):
+        for ack, (_item, q) in zip(acks, prepared, strict=True):
             if not isinstance(ack, PubAck):
                 raise ack
             rows.append((ack.seq, q, -1 if half else ack.seq))

@@ -36,6 +36,7 @@ import re
 __all__ = [
     "DLQ_STREAM",
     "IDS_STREAM",
+    "SETTINGS_STREAM",
     "TX_STREAM",
     "TXCHECK_CONSUMER",
     "decode_msg_id",
@@ -49,11 +50,13 @@ __all__ = [
     "message_subject",
     "parse_topic_subject",
     "resend_subject",
+    "settings_subject",
     "stream_id_prefix",
     "tag_filter_subjects",
     "topic_of_stream",
     "topic_stream",
     "token",
+    "transactional_subject",
     "tx_check_subject",
     "tx_decision_subject",
     "untoken",
@@ -62,6 +65,7 @@ __all__ = [
 TX_STREAM = "HMQ_TX"
 DLQ_STREAM = "HMQ_DLQ"
 IDS_STREAM = "HMQ_IDS"
+SETTINGS_STREAM = "HMQ_SETTINGS"
 TXCHECK_CONSUMER = "TXCHECK"
 _TOPIC_STREAM_PREFIX = "HMQ_T_"
 
@@ -194,6 +198,16 @@ def dlq_subject(group: str) -> str:
 def id_subject(prefix: str) -> str:
     """Subject recording which stream a message-id prefix names."""
     return f"hmq.ids.{prefix}"
+
+
+def transactional_subject(topic: str) -> str:
+    """Subject marking ``topic`` as one that holds half messages."""
+    return f"hmq.txt.{topic}"
+
+
+def settings_subject(key: str) -> str:
+    """Subject holding the engine setting ``key``."""
+    return f"hmq.set.{token(key)}"
 
 
 def stream_id_prefix(stream: str, created: str, salt: int = 0) -> str:

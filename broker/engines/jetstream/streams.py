@@ -12,7 +12,11 @@ is still at-least-once). ``HMQ_TX`` keeps decisions and check counts ``tx_retent
 seconds (1 h: it must outlast ``tx_timeout + tx_check_max × tx_check_interval``, 7.6 min
 with the defaults, and stays short because the server holds every subject's state in
 memory). ``HMQ_DLQ`` keeps dead letters ``retention`` seconds. ``HMQ_IDS`` keeps the
-id-prefix registry forever (one tiny record per topic stream ever created).
+id-prefix registry forever (one tiny record per topic stream ever created), and
+``hmq.txt.<topic>`` for each topic that ever held a half message (the topics whose
+check-backs every gateway runs).
+``HMQ_SETTINGS`` is the engine's small key-value space (users, tokens, webhooks: shared
+by every gateway): one subject per key, only its last value kept, msgpack values.
 
 Message-id prefixes: candidate ``k`` is ``naming.stream_id_prefix(stream, created, k)``.
 ``ensure_topic`` reads ``hmq.ids.<candidate>`` from ``HMQ_IDS``: the same stream and
@@ -32,6 +36,9 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
 
 from broker.engines.jetstream import naming
 from broker.engines.jetstream.client import (
@@ -72,6 +79,7 @@ class StreamSet:
         self._by_prefix: dict[str, TopicStream] = {}
         self._creating: dict[str, asyncio.Future[TopicStream]] = {}
         self._shared_ready = False
+        self._transactional: set[str] = set()
 
     def _config(self, name: str, subjects: list[str], max_age: float,
                 dedup: float | None = None) -> dict[str, object]:
@@ -102,7 +110,9 @@ class StreamSet:
         """Create ``HMQ_TX``, ``HMQ_DLQ`` and ``HMQ_IDS`` if missing."""
         await self._ensure(self._config(naming.TX_STREAM, ["hmq.tx.>"], self.tx_retention))
         await self._ensure(self._config(naming.DLQ_STREAM, ["hmq.dlq.>"], self.retention))
-        await self._ensure(self._config(naming.IDS_STREAM, ["hmq.ids.*"], 0, dedup=60.0))
+        await self._ensure(self._config(naming.IDS_STREAM, ["hmq.ids.*", "hmq.txt.*"], 0, dedup=60.0))
+        await self._ensure({**self._config(naming.SETTINGS_STREAM, ["hmq.set.*"], 0, dedup=0.0),
+                            "max_msgs_per_subject": 1})
         self._shared_ready = True
 
     async def ensure_topic(self, topic: str) -> TopicStream:
@@ -152,6 +162,19 @@ class StreamSet:
                 return TopicStream(topic, name, prefix, created)
         raise RuntimeError(f"no free message-id prefix for stream {name}")  # 64 collisions: never
 
+    async def mark_transactional(self, topic: str) -> None:
+        """Record (once, durably) that ``topic`` holds half messages: every gateway then
+        runs its check-backs (``transactional_topics``)."""
+        if topic in self._transactional:
+            return
+        await self.client.publish(naming.transactional_subject(topic), b"", msg_id=f"txt:{topic}")
+        self._transactional.add(topic)
+
+    async def transactional_topics(self) -> list[str]:
+        """Topics that ever held half messages, sorted."""
+        info = await self.client.api(f"STREAM.INFO.{naming.IDS_STREAM}", {"subjects_filter": "hmq.txt.*"})
+        return sorted(subject.split(".", 2)[2] for subject in (info["state"].get("subjects") or {}))
+
     async def topic_of_prefix(self, prefix: str) -> TopicStream | None:
         """The topic stream a message-id prefix names, or None if none (or it was deleted)."""
         known = self._by_prefix.get(prefix)
@@ -181,6 +204,34 @@ class StreamSet:
                 return None
             raise
         return await self.ensure_topic(topic)
+
+    # -- settings: one subject per key, the last value kept (SETTINGS_STREAM) ----------
+
+    async def settings_get(self, key: str, default: Any = None) -> Any:
+        """The value stored under ``key`` (leader read), or ``default``."""
+        found = await self.client.get_last(naming.SETTINGS_STREAM, naming.settings_subject(key))
+        return msgpack.unpackb(found.data) if found is not None else default
+
+    async def settings_put(self, key: str, value: Any) -> None:
+        """Store ``value`` (msgpack-able) under ``key``; returns once replicated."""
+        await self.client.publish(naming.settings_subject(key), msgpack.packb(value))
+
+    async def settings_delete(self, key: str) -> None:
+        """Remove ``key`` (a purge of its subject; no error if absent)."""
+        await self.client.api(f"STREAM.PURGE.{naming.SETTINGS_STREAM}",
+                              {"filter": naming.settings_subject(key)})
+
+    async def settings_items(self, prefix: str) -> dict[str, Any]:
+        """Every key starting with ``prefix``, with its value, in key order."""
+        info = await self.client.api(f"STREAM.INFO.{naming.SETTINGS_STREAM}", {"subjects_filter": "hmq.set.*"})
+        keys = sorted(k for subject in (info["state"].get("subjects") or {})
+                      if (k := naming.untoken(subject.split(".", 2)[2])).startswith(prefix))
+        out = {}
+        for k in keys:
+            found = await self.client.get_last(naming.SETTINGS_STREAM, naming.settings_subject(k))
+            if found is not None:
+                out[k] = msgpack.unpackb(found.data)
+        return out
 
     async def topics(self) -> list[str]:
         """Every topic that has a stream, sorted."""

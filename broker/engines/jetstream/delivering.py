@@ -1,0 +1,288 @@
+"""Deliveries of the JetStream engine: SUBSCRIBE, deliveries with prefetch, ACK.
+
+How this works
+--------------
+Members of one group on one topic, on this gateway, share one ``_Pump``: a task that
+fetches from the group's durable consumer (``groups.Groups.subscribe``) at most the
+members' free room — ``prefetch`` minus their unacked deliveries, writable members only
+(C10) — resolves each record to the wire message (a commit pointer costs one get of its
+half) and hands it to a member with room, round robin, with a token of that member's
+connection. Other gateways' members fetch from the same consumer: the engine gives each
+message to one fetch at a time (C2). A pump with nothing to do waits on an event set by
+an ack, a member arriving or a session draining its output.
+
+A delivery is an engine lease of ``--ack-timeout`` (the consumer's ack wait). ACK:
+
+- success → the engine ack; with a request id, the last ack of the request is sent as an
+  acknowledged ack and the reply waits for it (JetStream processes one connection's acks
+  of a consumer in order, so every earlier one is in too);
+- failure with ``attempt < max_reconsume_times`` → NAK with ``retry_delays[attempt]``
+  (the last one repeats): the engine redelivers it then, counted (C3, held across gateway
+  and engine restarts);
+- failure of the last allowed attempt → a copy to ``%DLQ%<group>`` and a terminate (C4).
+
+A lease that expires (the member died or is slow) comes back from the engine with the
+count raised (C5); one that arrives past ``max_reconsume_times`` is dead-lettered instead
+of delivered. A member that leaves keeps nothing: its leases expire in the engine.
+ACKs of one loop iteration are processed by one task (no task per ack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any
+
+from broker.engines.base import Session, Subscription
+from broker.engines.jetstream.groups import ConsumerHandle, Delivery, GroupSpec
+from broker.engines.jetstream.parts import EngineParts
+from protocol.errors import BadRequestError
+
+__all__ = ["JetStreamDelivering"]
+
+log = logging.getLogger("halfmq.engine")
+
+_FETCH_MAX = 256
+_FETCH_WAIT = 2.0
+
+
+class _Member:
+    __slots__ = ("session", "prefetch", "leases", "next_token", "active")
+
+    def __init__(self, session: Session, prefetch: int) -> None:
+        self.session = session
+        self.prefetch = prefetch
+        self.leases: dict[int, Delivery] = {}
+        self.next_token = 1
+        self.active = True
+
+    def room(self) -> int:
+        s = self.session
+        if not self.active or s.closed or not s.writable:
+            return 0
+        return self.prefetch - len(self.leases)
+
+
+class _Pump:
+    __slots__ = ("spec", "handle", "members", "wake", "task", "waiting", "rr")
+
+    def __init__(self, spec: GroupSpec) -> None:
+        self.spec = spec
+        self.handle: ConsumerHandle | None = None
+        self.members: dict[str, _Member] = {}
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[Any] | None = None
+        self.waiting: deque[tuple[Delivery, list[Any]]] = deque()  # fetched, no room left
+        self.rr = 0
+
+    def room(self) -> int:
+        return sum(max(0, m.room()) for m in self.members.values())
+
+    def pick(self) -> _Member | None:
+        members = list(self.members.values())
+        for i in range(len(members)):
+            m = members[(self.rr + i) % len(members)]
+            if m.room() > 0:
+                self.rr = (self.rr + i + 1) % len(members)
+                return m
+        return None
+
+
+class JetStreamDelivering(EngineParts):
+    """The delivery part of :class:`JetStreamEngine` (see the module docstring)."""
+
+    def _init_delivering(self) -> None:
+        self._pumps: dict[tuple[str, str], _Pump] = {}
+        self._member_of: dict[str, _Pump] = {}
+        self._acks: list[tuple[Session, int, list[tuple[int, bool]]]] = []
+        self._acks_scheduled = False
+
+    def subscribe(self, s: Session, rid: int, sub: Subscription) -> None:
+        """Make ``s`` a member of ``sub.group`` on ``sub.topic``; reply once the group's
+        consumer exists (so ``start="latest"`` counts from before the reply)."""
+        if s.conn_id in self._member_of:
+            raise BadRequestError("this connection already has a subscription")
+        key = (sub.group, sub.topic)
+        pump = self._pumps.get(key)
+        if pump is None:
+            spec = GroupSpec(sub.group, sub.topic, tags=sub.tags or "*", start=sub.start,
+                             ack_wait=self.config.ack_timeout,
+                             max_reconsume_times=sub.max_reconsume_times)
+            pump = self._pumps[key] = _Pump(spec)
+        pump.members[s.conn_id] = _Member(s, sub.prefetch)
+        self._member_of[s.conn_id] = pump
+        self._track(self._join(pump, s, rid), f"subscribe {sub.group}/{sub.topic}")
+
+    async def _join(self, pump: _Pump, s: Session, rid: int) -> None:
+        try:
+            if pump.handle is None:
+                pump.handle = await self.groups_api.subscribe(pump.spec)
+        except Exception as exc:
+            from broker.engines.jetstream.engine import as_client_error
+
+            pump.members.pop(s.conn_id, None)
+            self._member_of.pop(s.conn_id, None)
+            if not s.closed:
+                s.error(rid, as_client_error(exc))
+                s.flush()
+            return
+        if not s.closed:
+            s.reply(rid, {})
+            s.flush()
+        if pump.task is None and pump.members:
+            pump.task = asyncio.get_running_loop().create_task(self._pump_loop(pump))
+        pump.wake.set()
+
+    def unsubscribe(self, s: Session, rid: int) -> None:
+        """No new deliveries to ``s``; its leases stay until acked or expired."""
+        pump = self._member_of.get(s.conn_id)
+        if pump is not None and s.conn_id in pump.members:
+            pump.members[s.conn_id].active = False
+        s.reply(rid, {})
+
+    def session_writable(self, s: Session) -> None:
+        """``s`` drained its output: deliveries may resume."""
+        pump = self._member_of.get(s.conn_id)
+        if pump is not None:
+            pump.wake.set()
+
+    def _member_gone(self, s: Session) -> None:
+        pump = self._member_of.pop(s.conn_id, None)
+        if pump is None:
+            return
+        pump.members.pop(s.conn_id, None)  # its leases expire in the engine (C5)
+        if not pump.members:
+            self._pumps.pop((pump.spec.group, pump.spec.topic), None)
+            self._track(self._close_pump(pump), "close pump")
+        else:
+            pump.wake.set()
+
+    async def _close_pump(self, pump: _Pump) -> None:
+        if pump.task is not None:
+            pump.task.cancel()
+            try:
+                await pump.task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for d, _wire in pump.waiting:  # fetched, never delivered: give them back now
+            await d.msg.nak()
+        if pump.handle is not None:
+            await pump.handle.close()
+
+    async def _close_delivering(self) -> None:
+        for pump in list(self._pumps.values()):
+            await self._close_pump(pump)
+        self._pumps.clear()
+
+    # -- the pump -----------------------------------------------------------------------
+
+    async def _pump_loop(self, pump: _Pump) -> None:
+        handle = pump.handle
+        assert handle is not None
+        while pump.members:
+            try:
+                self._hand_out(pump)
+                room = pump.room() - len(pump.waiting)
+                if room <= 0:
+                    pump.wake.clear()
+                    await pump.wake.wait()
+                    continue
+                fetched = await handle.fetch(min(room, _FETCH_MAX), timeout=_FETCH_WAIT)
+                for d in fetched:
+                    if d.attempt > pump.spec.max_reconsume_times:  # lease expired past the limit
+                        wire = await d.resolve()
+                        if wire is not None:
+                            await d.dead_letter(wire)
+                        else:
+                            await d.terminate()
+                        continue
+                    wire = await d.resolve()
+                    if wire is None:  # a pointer whose half is gone (retention)
+                        await d.terminate()
+                        continue
+                    pump.waiting.append((d, wire))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the engine is failing over: wait, then go on
+                log.warning("deliveries of %s/%s paused: %r", pump.spec.group, pump.spec.topic, exc)
+                await asyncio.sleep(0.5)
+
+    def _hand_out(self, pump: _Pump) -> None:
+        """Give waiting deliveries to members with room, one DELIVER per member."""
+        out: dict[str, list[list[Any]]] = {}
+        while pump.waiting:
+            m = pump.pick()
+            if m is None:
+                break
+            d, wire = pump.waiting.popleft()
+            token = m.next_token
+            m.next_token += 1
+            m.leases[token] = d
+            out.setdefault(m.session.conn_id, []).append([token, wire])
+        for conn_id, items in out.items():
+            s = pump.members[conn_id].session
+            s.deliver(items)
+            s.flush()
+
+    # -- acks ---------------------------------------------------------------------------
+
+    def ack(self, s: Session, rid: int, acks: list[tuple[int, bool]]) -> None:
+        """Results of deliveries; reply (if ``rid``) once the engine has them."""
+        if s.conn_id not in self._member_of:
+            raise BadRequestError("ACK without a subscription")
+        self._acks.append((s, rid, acks))
+        if not self._acks_scheduled:
+            self._acks_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        batch, self._acks = self._acks, []
+        self._acks_scheduled = False
+        if batch:
+            self._track(self._settle(batch), "ack")
+
+    async def _settle(self, batch: list[tuple[Session, int, list[tuple[int, bool]]]]) -> None:
+        delays = self.config.retry_delays
+        for s, rid, acks in batch:
+            pump = self._member_of.get(s.conn_id)
+            member = pump.members.get(s.conn_id) if pump is not None else None
+            last_ok: Delivery | None = None
+            error: BaseException | None = None
+            for token, ok in acks:
+                d = member.leases.pop(token, None) if member is not None else None
+                if d is None:
+                    continue  # unknown or already settled token: nothing to do
+                try:
+                    if ok:
+                        if last_ok is not None:
+                            await last_ok.msg.ack()
+                        last_ok = d
+                    elif d.attempt < pump.spec.max_reconsume_times:  # type: ignore[union-attr]
+                        await d.retry(delays[min(d.attempt, len(delays) - 1)] if delays else 0.0)
+                    else:
+                        wire = await d.resolve()
+                        if wire is not None:
+                            await d.dead_letter(wire)
+                        else:
+                            await d.terminate()
+                except Exception as exc:
+                    error = exc
+            try:
+                if last_ok is not None:
+                    if rid:
+                        await last_ok.ack()
+                    else:
+                        await last_ok.msg.ack()
+            except Exception as exc:
+                error = exc
+            if pump is not None:
+                pump.wake.set()
+            if rid and not s.closed:
+                if error is None:
+                    s.reply(rid, {})
+                else:
+                    from broker.engines.jetstream.engine import as_client_error
+
+                    s.error(rid, as_client_error(error))
+                s.flush()

@@ -1,0 +1,337 @@
+"""``JetStreamEngine``: the operations of ``broker.engines.base.Engine`` on a JetStream cluster.
+
+How this works
+--------------
+A gateway keeps nothing that must survive: every call becomes engine reads and writes
+through the data layer (``messages``, ``ledger``, ``groups``, ``checkback``), and the
+answer goes back through the session once the engine has acknowledged what it stored.
+The parts, one file each (mixins of this class, as the embedded engine does):
+
+- here: start (the engine check, the connection, the shared streams), stop, sessions,
+  producers and the check-back subjects they answer, SEND, END_TX, settings;
+- ``delivering``: SUBSCRIBE / ACK / deliveries, one fetch loop per (group, topic) on this
+  gateway shared by its members;
+- ``txcheck``: the check-back loop, one TXCHECK fetch loop per topic;
+- ``admin``: the admin API's reads and actions from stream and consumer state.
+
+No task per message: SENDs of one loop iteration are stored by one task with one
+``publish_many`` (each request answered when its own messages are acked), ACKs likewise.
+END_TX runs one task per request: it is three engine round trips in sequence (read the
+half, compare-and-set the decision, publish the pointer), a transaction's cost anyway.
+
+Errors: an engine that does not answer within ``send_deadline`` (15 s: a failover pauses
+writes 4–9 s) gives ``BrokerUnavailableError`` (retriable: the SDK tries again, and the
+``Nats-Msg-Id`` of a re-sent publish keeps it from being stored twice within one
+gateway's retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Any
+
+from broker.config import BrokerConfig
+from broker.engines.base import Session
+from broker.engines.jetstream.admin import JetStreamAdmin
+from broker.engines.jetstream.check import check_engine
+from broker.engines.jetstream.checkback import CheckRouter
+from broker.engines.jetstream.client import (
+    EngineAPIError,
+    EngineClient,
+    EngineUnavailableError,
+    PubAck,
+)
+from broker.engines.jetstream.delivering import JetStreamDelivering
+from broker.engines.jetstream.groups import Groups
+from broker.engines.jetstream.ledger import TxLedger
+from broker.engines.jetstream.messages import MessageWriter
+from broker.engines.jetstream.streams import StreamSet
+from broker.engines.jetstream.txcheck import JetStreamTxCheck
+from protocol import Op
+from protocol.errors import (
+    BadRequestError,
+    BrokerUnavailableError,
+    HalfMQError,
+    TopicNotFoundError,
+)
+
+__all__ = ["JetStreamEngine", "as_client_error"]
+
+log = logging.getLogger("halfmq.engine")
+
+
+def as_client_error(exc: BaseException) -> HalfMQError:
+    """The ``HalfMQError`` a client gets for an engine failure."""
+    if isinstance(exc, HalfMQError):
+        return exc
+    if isinstance(exc, EngineUnavailableError | TimeoutError):
+        return BrokerUnavailableError(f"the engine did not answer in time: {exc}")
+    if isinstance(exc, EngineAPIError):
+        return HalfMQError(f"engine error: {exc}")
+    return HalfMQError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
+    """The engine of cluster mode (see the module docstring).
+
+    ``config``: the broker's options (timeouts, retry delays, queues, retention, limits).
+    Keyword options: ``urls`` (engine client URLs, required), ``replicas`` (3), ``fsync``
+    (``"always"``; ``"lazy"`` accepts JetStream's periodic sync), ``monitor_urls`` (the
+    monitoring endpoints the engine check reads; default port 8222 of each host),
+    ``check`` (run the engine check at start, default True), ``tx_retention`` (seconds
+    decisions are kept, 3600), ``send_deadline`` (seconds a write may wait through a
+    failover, 15).
+    """
+
+    def __init__(self, config: BrokerConfig, *, urls: list[str], replicas: int = 3,
+                 fsync: str = "always", monitor_urls: list[str] | None = None, check: bool = True,
+                 tx_retention: float = 3600.0, send_deadline: float = 15.0) -> None:
+        self.config = config
+        self.urls = list(urls)
+        self.replicas = replicas
+        self.fsync = fsync
+        self.monitor_urls = monitor_urls
+        self.run_check = check
+        self.send_deadline = send_deadline
+        self.data_dir = ""  # stateless: nothing on local disk
+        self.client = EngineClient(self.urls, name="halfmq gateway")
+        self.streams = StreamSet(self.client, replicas=replicas, retention=config.retention,
+                                 tx_retention=tx_retention)
+        self.ledger = TxLedger(self.client, self.streams)
+        self.groups_api = Groups(self.client, self.streams)
+        self.writer = MessageWriter(self.client, self.streams, queues=config.default_queues,
+                                    deadline=send_deadline)
+        self.router = CheckRouter(self.client, timeout=min(10.0, max(1.0, config.tx_check_interval)))
+        self.stats = {"sent": 0}
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[Any]] = []
+        self._sends: list[tuple[Session, int, str, list[list[Any]], bool]] = []
+        self._send_scheduled = False
+        # producers on this gateway, and the check-back subscriptions they need
+        self.producers_by_id: dict[str, Session] = {}
+        self.producers_by_group: dict[str, set[Session]] = defaultdict(set)
+        self._cb_subs: dict[str, Any] = {}
+        self._init_delivering()
+        self._init_txcheck()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the engine, connect, create the shared streams, start the check-back loop.
+
+        Raises ``EngineCheckError`` (refused engine) or ``EngineUnavailableError``."""
+        if self.run_check:
+            await check_engine(self.urls, replicas=self.replicas, fsync=self.fsync,
+                               monitor_urls=self.monitor_urls)
+        await self.client.connect()
+        try:
+            await self.streams.ensure_shared()
+            self._loops.append(asyncio.create_task(self._txcheck_discovery(), name="halfmq-txcheck"))
+        except BaseException:
+            await self.client.close()
+            raise
+
+    async def stop(self) -> None:
+        """Finish what is in flight (sends, outcomes, acks), stop the loops, disconnect."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._sends:
+            self._flush_sends()
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.send_deadline)
+        for t in self._loops + [t for t in self._tasks if not t.done()]:
+            t.cancel()
+        for t in self._loops:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self._close_delivering()
+        await self.client.close()
+
+    # -- sessions and producers ---------------------------------------------------------
+
+    def session_opened(self, s: Session) -> None:
+        """A client connected (nothing to do until it says who it is)."""
+
+    def session_closed(self, s: Session) -> None:
+        """The connection is gone: no more deliveries or check-backs to it; leases expire later."""
+        if s.client_id and self.producers_by_id.get(s.client_id) is s:
+            del self.producers_by_id[s.client_id]
+            self._unserve(f"i:{s.client_id}")
+        if s.group and s in self.producers_by_group.get(s.group, ()):
+            members = self.producers_by_group[s.group]
+            members.discard(s)
+            if not members:
+                del self.producers_by_group[s.group]
+                self._unserve(f"g:{s.group}")
+        self._member_gone(s)
+
+    def producer_hello(self, s: Session) -> None:
+        """Answer check-backs for ``s`` (its instance id, and its group) from now on."""
+        if s.client_id:
+            known = self.producers_by_id.get(s.client_id)
+            self.producers_by_id[s.client_id] = s
+            if known is None:
+                self._serve(f"i:{s.client_id}")
+        if s.group:
+            first = s.group not in self.producers_by_group
+            self.producers_by_group[s.group].add(s)
+            if first:
+                self._serve(f"g:{s.group}")
+
+    def _serve(self, key: str) -> None:
+        kind, name = key[0], key[2:]
+
+        async def handler(wire: list[Any]) -> asyncio.Future[Any] | None:
+            if kind == "i":
+                s = self.producers_by_id.get(name)
+            else:
+                s = next((p for p in self.producers_by_group.get(name, ()) if not p.closed), None)
+            if s is None or s.closed:
+                return None
+            fut = s.request(Op.CHECK, {"m": wire})
+            s.flush()
+            return fut
+
+        async def subscribe() -> None:
+            if kind == "i":
+                sub = await self.router.serve_instance(name, handler)
+            else:
+                sub = await self.router.serve_group(name, handler)
+            old = self._cb_subs.pop(key, None)
+            if old is not None:
+                await old.unsubscribe()
+            self._cb_subs[key] = sub
+
+        self._track(subscribe(), f"check-back subscription {key}")
+
+    def _unserve(self, key: str) -> None:
+        async def unsubscribe() -> None:
+            sub = self._cb_subs.pop(key, None)
+            if sub is not None:
+                await sub.unsubscribe()
+
+        if not self._stopping:
+            self._track(unsubscribe(), f"check-back unsubscription {key}")
+
+    # -- SEND ---------------------------------------------------------------------------
+
+    def send(self, s: Session, rid: int, topic: str, msgs: list[list[Any]], half: bool) -> None:
+        """Store ``msgs``; reply ``{"p": prefix, "r": [[pos, queue, offset], ...]}`` once acked."""
+        if self._stopping:
+            raise BrokerUnavailableError("the broker is stopping")
+        self._sends.append((s, rid, topic, msgs, half))
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_sends)
+
+    def _flush_sends(self) -> None:
+        batch, self._sends = self._sends, []
+        self._send_scheduled = False
+        if batch:
+            self._track(self._store_sends(batch), "send")
+
+    async def _store_sends(self, batch: list[tuple[Session, int, str, list[list[Any]], bool]]) -> None:
+        prefixes: dict[str, str | BaseException] = {}
+        half_topics = {b[2] for b in batch if b[4]}
+        for topic in {b[2] for b in batch}:
+            try:
+                ts = (await self.streams.ensure_topic(topic) if self.config.auto_create_topics
+                      else await self.streams.ensure_topic_if_exists(topic))
+                prefixes[topic] = ts.prefix if ts is not None else TopicNotFoundError(
+                    f"topic {topic!r} does not exist and auto-create is off")
+                if ts is not None and topic in half_topics:  # before its first half is stored
+                    await self.streams.mark_transactional(topic)
+            except Exception as exc:
+                prefixes[topic] = exc
+        items: list[tuple[str, bytes, dict[str, str] | None]] = []
+        spans: list[tuple[int, list[int]]] = []
+        for s, _rid, topic, msgs, half in batch:
+            start, queues = len(items), []
+            if half:
+                self._watch_topic(topic)  # check-backs of this topic from now on
+            if isinstance(prefixes[topic], str):
+                for row in msgs:
+                    item, q = self.writer.prepare(topic, row, half=half, group=s.group,
+                                                  instance=s.client_id)
+                    items.append(item)
+                    queues.append(q)
+            spans.append((start, queues))
+        acks = await self.client.publish_many(items, deadline=self.send_deadline) if items else []
+        for (s, rid, topic, _msgs, half), (start, queues) in zip(batch, spans, strict=True):
+            prefix = prefixes[topic]
+            if s.closed:
+                continue
+            if not isinstance(prefix, str):
+                s.error(rid, as_client_error(prefix))
+                s.flush()
+                continue
+            rows: list[list[int]] = []
+            failed: BaseException | None = None
+            for ack, q in zip(acks[start:start + len(queues)], queues, strict=True):
+                if not isinstance(ack, PubAck):
+                    failed = ack
+                    break
+                rows.append([ack.seq, q, -1 if half else ack.seq])
+            if failed is not None:
+                s.error(rid, as_client_error(failed))
+            else:
+                self.stats["sent"] += len(rows)
+                s.reply(rid, {"p": prefix, "r": rows})
+            s.flush()
+
+    # -- END_TX -------------------------------------------------------------------------
+
+    def end_tx(self, s: Session, rid: int, items: list[tuple[str, str]], single: bool) -> None:
+        """Record outcomes (T6); ``single``: ``{"state": ...}`` or an error, else
+        ``{"r": [state | [code, message], ...]}``, once every changed outcome is durable."""
+        if self._stopping:
+            raise BrokerUnavailableError("the broker is stopping")
+        self._track(self._end_tx(s, rid, items, single), "end_tx")
+
+    async def _end_one(self, msg_id: Any, outcome: Any) -> str | HalfMQError:
+        if not isinstance(msg_id, str) or outcome not in ("COMMIT", "ROLLBACK"):
+            return BadRequestError("each item must be [msg_id, 'COMMIT' | 'ROLLBACK']")
+        try:
+            return (await self.ledger.end(msg_id, outcome)).state
+        except Exception as exc:
+            return as_client_error(exc)
+
+    async def _end_tx(self, s: Session, rid: int, items: list[tuple[str, str]], single: bool) -> None:
+        results = [await self._end_one(msg_id, outcome) for msg_id, outcome in items]
+        if s.closed:
+            return
+        if single:
+            r = results[0]
+            if isinstance(r, HalfMQError):
+                s.error(rid, r)
+            else:
+                s.reply(rid, {"state": r})
+        else:
+            s.reply(rid, {"r": [[r.code, str(r)] if isinstance(r, HalfMQError) else r for r in results]})
+        s.flush()
+
+    # -- settings -----------------------------------------------------------------------
+
+    async def settings_get(self, key: str, default: Any = None) -> Any:
+        """The value stored under ``key``, or ``default``."""
+        return await self.streams.settings_get(key, default)
+
+    async def settings_put(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key`` (replicated, acked) before returning."""
+        await self.streams.settings_put(key, value)
+
+    async def settings_delete(self, key: str) -> None:
+        """Remove ``key`` (no error if absent)."""
+        await self.streams.settings_delete(key)
+
+    async def settings_items(self, prefix: str) -> dict[str, Any]:
+        """Every key starting with ``prefix``, with its value, in key order."""
+        return await self.streams.settings_items(prefix)
+
