@@ -31,10 +31,12 @@ to one gateway at a time for its check-back (``ledger``, ``checkback``).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 
 from broker.engines.jetstream import naming
@@ -124,10 +126,16 @@ class ConsumerHandle:
         self._sub = sub
 
     async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
-        """Up to ``batch`` deliveries, waiting at most ``timeout`` seconds for the first."""
+        """Up to ``batch`` deliveries, waiting at most ``timeout`` seconds for the first
+        (none while the consumer has no leader)."""
         try:
             msgs = await self._sub.fetch(batch, timeout=timeout)
         except (nats.errors.TimeoutError, TimeoutError):
+            return []
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+            # the consumer has no leader right now (a failover, or just created with a
+            # node down): nothing to hand out yet; do not spin
+            await asyncio.sleep(min(timeout, 0.25))
             return []
         out: list[Delivery] = []
         for m in msgs:
