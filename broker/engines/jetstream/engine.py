@@ -16,8 +16,9 @@ The parts, one file each (mixins of this class, as the embedded engine does):
 
 No task per message: SENDs of one loop iteration are stored by one task with one
 ``publish_many`` (each request answered when its own messages are acked), ACKs likewise.
-END_TX runs one task per request: it is three engine round trips in sequence (read the
-half, compare-and-set the decision, publish the pointer), a transaction's cost anyway.
+END_TX runs one task per request: it is two or three engine round trips in sequence
+(compare-and-set the decision, publish the pointer; read the half first unless this
+gateway stored it — it remembers the last 100,000 halves' queue and tags, no bodies).
 
 Errors: an engine that does not answer within ``send_deadline`` (15 s: a failover pauses
 writes 4–9 s) gives ``BrokerUnavailableError`` (retriable: the SDK tries again, and the
@@ -29,7 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+import time
+from collections import OrderedDict, defaultdict
 from typing import Any
 
 from broker.config import BrokerConfig
@@ -45,8 +47,9 @@ from broker.engines.jetstream.client import (
 )
 from broker.engines.jetstream.delivering import JetStreamDelivering
 from broker.engines.jetstream.groups import Groups
-from broker.engines.jetstream.ledger import TxLedger
+from broker.engines.jetstream.ledger import HalfRecord, TxLedger
 from broker.engines.jetstream.messages import MessageWriter
+from broker.engines.jetstream.records import Kind, Record
 from broker.engines.jetstream.streams import StreamSet
 from broker.engines.jetstream.txcheck import JetStreamTxCheck
 from protocol import Op
@@ -60,6 +63,9 @@ from protocol.errors import (
 __all__ = ["JetStreamEngine", "as_client_error"]
 
 log = logging.getLogger("halfmq.engine")
+
+#: halves remembered (tags and queue, no body) for END_TX on this gateway: ~20 MB at most
+_RECENT_HALVES = 100_000
 
 
 def as_client_error(exc: BaseException) -> HalfMQError:
@@ -109,6 +115,8 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._sends: list[tuple[Session, int, str, list[list[Any]], bool]] = []
+        # halves stored through this gateway, without bodies: END_TX need not read them back
+        self._recent_halves: OrderedDict[str, HalfRecord] = OrderedDict()
         self._send_scheduled = False
         # producers on this gateway, and the check-back subscriptions they need
         self.producers_by_id: dict[str, Session] = {}
@@ -282,9 +290,25 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
             if failed is not None:
                 s.error(rid, as_client_error(failed))
             else:
+                if half:
+                    self._remember_halves(topic, prefix, rows, _msgs, s.group)
                 self.stats["sent"] += len(rows)
                 s.reply(rid, {"p": prefix, "r": rows})
             s.flush()
+
+    def _remember_halves(self, topic: str, prefix: str, rows: list[list[int]],
+                         msgs: list[list[Any]], group: str | None) -> None:
+        ts = self.streams.known_topic(topic)
+        if ts is None:
+            return
+        now_ms = int(time.time() * 1000)
+        recent = self._recent_halves
+        for (seq, queue, _off), row in zip(rows, msgs, strict=True):
+            msg_id = prefix + f"{seq:016X}"
+            recent[msg_id] = HalfRecord(msg_id, ts, seq, queue,
+                                        Record(Kind.HALF, tags=row[1], producer_group=group), now_ms)
+        while len(recent) > _RECENT_HALVES:
+            recent.popitem(last=False)
 
     # -- END_TX -------------------------------------------------------------------------
 
@@ -299,7 +323,8 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
         if not isinstance(msg_id, str) or outcome not in ("COMMIT", "ROLLBACK"):
             return BadRequestError("each item must be [msg_id, 'COMMIT' | 'ROLLBACK']")
         try:
-            return (await self.ledger.end(msg_id, outcome)).state
+            known = self._recent_halves.pop(msg_id, None)
+            return (await self.ledger.end(msg_id, outcome, known=known)).state
         except Exception as exc:
             return as_client_error(exc)
 

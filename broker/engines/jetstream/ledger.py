@@ -159,16 +159,19 @@ class TxLedger:
         subject = naming.message_subject(half.topic, half.queue, half.record.tags)
         return await self.client.publish(subject, encode_pointer(half.seq), msg_id=f"c:{half.msg_id}")
 
-    async def end(self, msg_id: str, outcome: str, *, now_ms: int | None = None) -> Decision:
+    async def end(self, msg_id: str, outcome: str, *, now_ms: int | None = None,
+                  known: HalfRecord | None = None) -> Decision:
         """END_TX: record ``outcome`` (COMMIT/ROLLBACK/ABANDON) for half ``msg_id``, then the pointer.
 
-        Returns the recorded ``Decision``. Raises ``TransactionStateError`` for an unknown
-        id, a conflicting recorded decision, or a half too old to decide safely.
+        ``known``: the half as this gateway stored it (saves reading it back; its record
+        needs only the tags). Returns the recorded ``Decision``. Raises
+        ``TransactionStateError`` for an unknown id, a conflicting recorded decision, or a
+        half too old to decide safely.
         """
         code = CODES.get(outcome)
         if code is None:
             raise ValueError(f"outcome must be COMMIT, ROLLBACK or ABANDON, not {outcome!r}")
-        half = await self.half(msg_id)
+        half = known if known is not None and known.msg_id == msg_id else await self.half(msg_id)
         if half is None:
             raise TransactionStateError(f"unknown transaction {msg_id!r}: no such half message")
         now = now_ms if now_ms is not None else int(time.time() * 1000)

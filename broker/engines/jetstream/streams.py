@@ -115,6 +115,10 @@ class StreamSet:
                             "max_msgs_per_subject": 1})
         self._shared_ready = True
 
+    def known_topic(self, topic: str) -> TopicStream | None:
+        """The topic's stream if this process has already ensured it (no I/O)."""
+        return self._topics.get(topic)
+
     async def ensure_topic(self, topic: str) -> TopicStream:
         """The topic's stream, created if needed; raises ``EngineAPIError``/``EngineUnavailableError``."""
         known = self._topics.get(topic)
