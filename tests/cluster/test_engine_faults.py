@@ -119,3 +119,66 @@ async def test_kill9_of_the_stream_leader_during_sends_loses_no_acknowledged_sen
     assert lost == []
     assert duplicated == 0
     assert naming.decode_msg_id(ts.prefix + f"{max(acked):016X}")[1] == max(acked)
+
+
+async def test_decision_without_pointer_is_completed_by_the_check_back_loop(engine_factory, unique):
+    """A gateway died after recording COMMIT and before publishing the pointer: the TXCHECK
+    loop of any gateway finds the decision and publishes it, once."""
+    from tests.cluster.sessions import Sub
+    from tests.cluster.test_engine import _ids, _rows, _send, _subscribe
+    from tests.conftest import wait_for
+
+    engine = await engine_factory(tx_timeout=0.5)
+    p = RecordingSession(role="producer", group="pg")
+    engine.producer_hello(p)
+    (msg_id,) = _ids(await _send(engine, p, unique, _rows(b"half-done"), half=True))
+    assert (await engine.ledger.decide(msg_id, "C")).changed  # ... and the gateway dies here
+    c = RecordingSession(role="consumer")
+    await _subscribe(engine, c, Sub("g", unique))
+    await wait_for(lambda: c.deliveries, timeout=20, what="the pointer published by the check-back loop")
+    assert c.deliveries[0][1][0] == msg_id and c.deliveries[0][1][2] == b"half-done"
+    assert p.checks == []  # decided: nobody was asked
+    subject = naming.message_subject(unique, 0, None)
+    info = await engine.client.api(f"STREAM.INFO.{naming.topic_stream(unique)}",
+                                   {"subjects_filter": f"hmq.{unique}.m.>"})
+    assert info["state"]["subjects"] == {subject: 1}
+
+
+async def test_kill9_of_the_consumer_leader_loses_no_message(cluster_factory, engine_factory, unique):
+    from tests.cluster.sessions import Sub
+    from tests.cluster.test_engine import _rows, _send, _subscribe
+
+    cluster = await asyncio.to_thread(cluster_factory, 3)
+    engine = await engine_factory(cluster=cluster, ack_timeout=3.0)
+    p = RecordingSession(role="producer")
+    sent = set()
+    for i in range(4):
+        reply = await _send(engine, p, unique, _rows(*[b"%d-%d" % (i, j) for j in range(50)]))
+        sent.update(reply["p"] + f"{r[0]:016X}" for r in reply["r"])
+    c = RecordingSession(role="consumer")
+    await _subscribe(engine, c, Sub(f"g{unique}", unique, prefetch=50))
+    deadline = time.monotonic() + 20
+    while len(c.deliveries) < 50:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    info = await engine.client.api(
+        f"STREAM.INFO.{naming.topic_stream(unique)}")  # the stream and its consumer may lead apart
+    cinfo = await engine.client.api(f"CONSUMER.INFO.{naming.topic_stream(unique)}.G_g{unique}")
+    leader = cinfo["cluster"]["leader"]
+    await asyncio.to_thread(cluster.kill9, leader)
+    killed_at = time.monotonic()
+    acked: set[str] = set()
+    done = 0
+    deadline = time.monotonic() + 90
+    while acked != sent:
+        assert time.monotonic() < deadline, f"{len(sent - acked)} messages never delivered and acked"
+        batch = c.deliveries[done:]
+        done += len(batch)
+        if batch:
+            engine.ack(c, c.rid(), [(t, True) for t, _w in batch])  # acks into the failover may be lost
+            acked.update(w[0] for _t, w in batch)
+        await asyncio.sleep(0.02)
+    assert info["cluster"]["leader"]
+    print(f"\n[kill -9 consumer leader {leader}] {len(sent)} messages, {len(c.deliveries)} deliveries "
+          f"({len(c.deliveries) - len(sent)} redelivered), all acked "
+          f"{time.monotonic() - killed_at:.1f} s after the kill")
