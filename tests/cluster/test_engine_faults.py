@@ -182,3 +182,28 @@ async def test_kill9_of_the_consumer_leader_loses_no_message(cluster_factory, en
     print(f"\n[kill -9 consumer leader {leader}] {len(sent)} messages, {len(c.deliveries)} deliveries "
           f"({len(c.deliveries) - len(sent)} redelivered), all acked "
           f"{time.monotonic() - killed_at:.1f} s after the kill")
+
+
+async def test_no_quorum_fails_sends_after_the_deadline_then_recovers(cluster_factory, engine_factory, unique):
+    """Two of three nodes down: no quorum, so a send fails with the retriable
+    BrokerUnavailableError after the deadline, stores nothing acknowledged; once a node is
+    back, sends succeed again on the same engine connection."""
+    from tests.cluster.test_engine import _rows, _send
+
+    cluster = await asyncio.to_thread(cluster_factory, 3)
+    engine = await engine_factory(cluster=cluster)
+    p = RecordingSession(role="producer")
+    await _send(engine, p, unique, _rows(b"before"))
+    engine.send_deadline = 2.0
+    down = [n.name for n in cluster.nodes[1:]]
+    for name in down:
+        await asyncio.to_thread(cluster.kill9, name)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailableError):
+        await _send(engine, p, unique, _rows(b"during"))
+    assert 1.5 <= time.monotonic() - started < 15
+    await asyncio.to_thread(cluster.start_node, down[0])
+    engine.send_deadline = 30.0
+    reply = await _send(engine, p, unique, _rows(b"after"))
+    found = await engine.admin_message(reply["p"] + f"{reply['r'][0][0]:016X}")
+    assert found["body"] == "after"

@@ -164,11 +164,11 @@ class EngineClient:
             try:
                 return await self.nc.request(subject, payload, timeout=min(self.attempt_timeout, left),
                                              headers=headers)
-            except nats.errors.NoRespondersError as exc:
-                last = exc
-                await asyncio.sleep(min(0.05, max(0.0, end - time.monotonic())))
             except (nats.errors.TimeoutError, TimeoutError) as exc:
                 last = exc
+            except nats.errors.Error as exc:  # no responders, closed, reconnect buffer full
+                last = exc
+                await asyncio.sleep(min(0.05, max(0.0, end - time.monotonic())))
 
     async def publish(self, subject: str, payload: bytes, *, msg_id: str | None = None,
                       expected_last_subject_seq: int | None = None,
@@ -207,17 +207,23 @@ class EngineClient:
         nc = self.nc
         while todo:
             waiting: list[tuple[int, str, asyncio.Future[Msg]]] = []
+            again: list[int] = []
+            pause = False
             for i in todo:
                 subject, payload, hdrs = items[i]
                 token = str(next(self._tokens))
+                try:
+                    await nc.publish(subject, payload, reply=self._reply_prefix + token, headers=hdrs)
+                except nats.errors.Error:  # closed, draining, reconnect buffer full: later
+                    again.append(i)
+                    pause = True
+                    continue
                 fut: asyncio.Future[Msg] = loop.create_future()
                 self._replies[token] = fut
                 waiting.append((i, token, fut))
-                await nc.publish(subject, payload, reply=self._reply_prefix + token, headers=hdrs)
             left = end - time.monotonic()
-            await asyncio.wait([w[2] for w in waiting], timeout=max(0.0, min(self.attempt_timeout, left)))
-            again: list[int] = []
-            pause = False
+            if waiting:
+                await asyncio.wait([w[2] for w in waiting], timeout=max(0.0, min(self.attempt_timeout, left)))
             for i, token, fut in waiting:
                 self._replies.pop(token, None)
                 if not fut.done():

@@ -34,6 +34,8 @@ import time
 from collections import OrderedDict, defaultdict
 from typing import Any
 
+import nats.errors
+
 from broker.config import BrokerConfig
 from broker.engines.base import Session
 from broker.engines.jetstream.admin import JetStreamAdmin
@@ -72,7 +74,7 @@ def as_client_error(exc: BaseException) -> HalfMQError:
     """The ``HalfMQError`` a client gets for an engine failure."""
     if isinstance(exc, HalfMQError):
         return exc
-    if isinstance(exc, EngineUnavailableError | TimeoutError):
+    if isinstance(exc, EngineUnavailableError | TimeoutError | nats.errors.Error):
         return BrokerUnavailableError(f"the engine did not answer in time: {exc}")
     if isinstance(exc, EngineAPIError):
         return HalfMQError(f"engine error: {exc}")
@@ -246,6 +248,19 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
             self._track(self._store_sends(batch), "send")
 
     async def _store_sends(self, batch: list[tuple[Session, int, str, list[list[Any]], bool]]) -> None:
+        answered: set[int] = set()
+        try:
+            await self._store_batch(batch, answered)
+        except BaseException as exc:  # never leave a request unanswered
+            for i, (s, rid, *_rest) in enumerate(batch):
+                if i not in answered and not s.closed:
+                    s.error(rid, as_client_error(exc))
+                    s.flush()
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _store_batch(self, batch: list[tuple[Session, int, str, list[list[Any]], bool]],
+                           answered: set[int]) -> None:
         prefixes: dict[str, str | BaseException] = {}
         half_topics = {b[2] for b in batch if b[4]}
         for topic in {b[2] for b in batch}:
@@ -272,7 +287,8 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
                     queues.append(q)
             spans.append((start, queues))
         acks = await self.client.publish_many(items, deadline=self.send_deadline) if items else []
-        for (s, rid, topic, _msgs, half), (start, queues) in zip(batch, spans, strict=True):
+        for i, ((s, rid, topic, _msgs, half), (start, queues)) in enumerate(zip(batch, spans, strict=True)):
+            answered.add(i)
             prefix = prefixes[topic]
             if s.closed:
                 continue

@@ -70,6 +70,7 @@ class Node:
     http_port: int
     dir: Path
     proc: subprocess.Popen[bytes] | None = None
+    wanted: bool = False  # started and not deliberately killed or stopped
 
     @property
     def url(self) -> str:
@@ -226,6 +227,7 @@ class LocalCluster:
         node = self.node(name)
         if node.running:
             raise RuntimeError(f"node {name} is already running")
+        node.wanted = True
         with open(node.log_path, "ab") as log:
             node.proc = subprocess.Popen([str(self.binary), "-c", str(node.config_path)],
                                          stdout=log, stderr=subprocess.STDOUT,
@@ -235,15 +237,16 @@ class LocalCluster:
         return node
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Poll until every running node is healthy and knows the meta leader.
+        """Poll until every wanted node (started, not killed on purpose) is healthy and
+        knows the meta leader.
 
-        Raises ``ClusterStartError`` on timeout or if a node's process exited.
+        Raises ``ClusterStartError`` on timeout or if a wanted node's process exited.
         """
         deadline = time.monotonic() + timeout
         while True:
             pending = None
             for n in self.nodes:
-                if n.proc is None:
+                if n.proc is None or not n.wanted:
                     continue
                 if n.proc.poll() is not None:
                     raise ClusterStartError(
@@ -274,6 +277,7 @@ class LocalCluster:
     def kill9(self, name: str) -> None:
         """SIGKILL node ``name`` and reap it."""
         node = self.node(name)
+        node.wanted = False
         if node.proc is not None and node.proc.poll() is None:
             node.proc.send_signal(signal.SIGCONT)  # a paused process must die too
             node.proc.kill()
@@ -301,6 +305,7 @@ class LocalCluster:
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM every running node, SIGKILL any still alive after ``timeout`` seconds."""
         for n in self.nodes:
+            n.wanted = False
             if n.proc is not None and n.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     n.proc.send_signal(signal.SIGCONT)
