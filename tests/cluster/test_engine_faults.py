@@ -207,3 +207,105 @@ async def test_no_quorum_fails_sends_after_the_deadline_then_recovers(cluster_fa
     reply = await _send(engine, p, unique, _rows(b"after"))
     found = await engine.admin_message(reply["p"] + f"{reply['r'][0][0]:016X}")
     assert found["body"] == "after"
+
+
+async def test_kill9_during_transactions_keeps_one_decision_and_one_visible_copy(
+        cluster_factory, engine_factory, unique):
+    """Transactions (half, then COMMIT or ROLLBACK) while the topic stream's leader is
+    killed: every acknowledged outcome holds; every half ends with exactly one decision
+    (check-backs resolve those whose END_TX failed); exactly one visible record per commit
+    and none per rollback."""
+    cluster = await asyncio.to_thread(cluster_factory, 3)
+    engine = await engine_factory(cluster=cluster, tx_timeout=1.0, tx_check_interval=0.5,
+                                  tx_check_max=50)
+    engine.send_deadline = 30.0
+    engine.writer.deadline = 30.0
+    intended: dict[str, str] = {}  # msg_id -> COMMIT / ROLLBACK
+    p = RecordingSession(role="producer", group=f"pg{unique}",
+                         check_answer=lambda w: intended.get(w[0], "UNKNOWN"))
+    engine.producer_hello(p)
+    ts = await engine.streams.ensure_topic(unique)
+    acked_outcome: dict[str, str] = {}
+    failures: list[Exception] = []
+    stop = asyncio.Event()
+    n = 0
+
+    async def one_at_a_time() -> None:
+        nonlocal n
+        while not stop.is_set():
+            n += 1
+            outcome = "COMMIT" if n % 3 else "ROLLBACK"
+            rid = p.rid()
+            engine.send(p, rid, unique, [[b"tx-%d" % n, None, [], {}, 0]], True)
+            while not p.answered(rid):
+                await asyncio.sleep(0.005)
+            if rid in p.errors:
+                failures.append(p.errors[rid])
+                continue
+            msg_id = p.replies[rid]["p"] + f"{p.replies[rid]['r'][0][0]:016X}"
+            intended[msg_id] = outcome
+            rid = p.rid()
+            engine.end_tx(p, rid, [(msg_id, outcome)], True)
+            while not p.answered(rid):
+                await asyncio.sleep(0.005)
+            if rid in p.replies:
+                acked_outcome[msg_id] = p.replies[rid]["state"]
+            else:
+                failures.append(p.errors[rid])  # T10: the check-back decides it
+
+    workers = [asyncio.create_task(one_at_a_time()) for _ in range(16)]
+    try:
+        deadline = time.monotonic() + 30
+        while len(acked_outcome) < 200:
+            assert time.monotonic() < deadline, "no progress before the kill"
+            await asyncio.sleep(0.05)
+        leader = (await engine.client.api(f"STREAM.INFO.{ts.name}"))["cluster"]["leader"]
+        await asyncio.to_thread(cluster.kill9, leader)
+        killed_at = time.monotonic()
+        before = len(acked_outcome)
+        deadline = time.monotonic() + 60
+        while len(acked_outcome) < before + 200:
+            assert time.monotonic() < deadline, "transactions did not resume"
+            await asyncio.sleep(0.05)
+        resumed = time.monotonic() - killed_at
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*workers, return_exceptions=True), 90)
+    for msg_id, state in acked_outcome.items():  # acknowledged outcomes are what was asked
+        assert state == {"COMMIT": "COMMITTED", "ROLLBACK": "ROLLED_BACK"}[intended[msg_id]]
+    # every half reaches one decision (END_TX, or the check-back for the failed ones)
+    deadline = time.monotonic() + 60
+    pending = set(intended)
+    while pending:
+        assert time.monotonic() < deadline, f"{len(pending)} transactions never decided"
+        for msg_id in list(pending):
+            code = await engine.ledger.decision(msg_id)
+            if code is not None:
+                assert code == intended[msg_id][0], (msg_id, code)
+                pending.discard(msg_id)
+        await asyncio.sleep(0.2)
+    # one decision record each, one pointer per commit, none per rollback
+    tx = await engine.client.api(f"STREAM.INFO.{naming.TX_STREAM}", {"subjects_filter": "hmq.tx.d.>"})
+    decisions = {s.rsplit(".", 1)[1]: c for s, c in tx["state"]["subjects"].items()}
+    assert all(decisions[m] == 1 for m in intended)
+    handle = await engine.groups_api.subscribe(GroupSpec(f"verify{unique}", unique, ack_wait=60))
+    pointers: dict[str, int] = {}
+    try:
+        counts = await engine.client.api(f"STREAM.INFO.{ts.name}", {"subjects_filter": f"hmq.{unique}.m.>"})
+        visible = sum((counts["state"].get("subjects") or {}).values())
+        got = 0
+        deadline = time.monotonic() + 60
+        while got < visible:
+            assert time.monotonic() < deadline
+            for d in await handle.fetch(500, timeout=2):
+                got += 1
+                msg_id = naming.encode_msg_id(ts.prefix, d.record.half_seq)
+                pointers[msg_id] = pointers.get(msg_id, 0) + 1
+    finally:
+        await handle.close()
+    committed = {m for m, o in intended.items() if o == "COMMIT"}
+    assert pointers == {m: 1 for m in committed}
+    print(f"\n[kill -9 stream leader {leader} during transactions] {len(intended)} transactions, "
+          f"{len(acked_outcome)} outcomes acknowledged, {len(failures)} requests failed "
+          f"(decided by check-back), {len(committed)} commits, each visible once; "
+          f"200 more outcomes acknowledged {resumed:.1f} s after the kill")
