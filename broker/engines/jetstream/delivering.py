@@ -103,6 +103,8 @@ class JetStreamDelivering(EngineParts):
         consumer exists (so ``start="latest"`` counts from before the reply)."""
         if s.conn_id in self._member_of:
             raise BadRequestError("this connection already has a subscription")
+        if getattr(sub, "fifo", False):
+            raise BadRequestError("FIFO consumer groups are not supported by the jetstream engine yet")
         key = (sub.group, sub.topic)
         pump = self._pumps.get(key)
         if pump is None:

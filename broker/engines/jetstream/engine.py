@@ -236,6 +236,10 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
         """Store ``msgs``; reply ``{"p": prefix, "r": [[pos, queue, offset], ...]}`` once acked."""
         if self._stopping:
             raise BrokerUnavailableError("the broker is stopping")
+        for row in msgs:
+            if len(row) > 5 and row[5]:
+                raise BadRequestError("send options (message groups, delays, deliver-at) are not "
+                                      "supported by the jetstream engine yet")
         self._sends.append((s, rid, topic, msgs, half))
         if not self._send_scheduled:
             self._send_scheduled = True
@@ -325,6 +329,16 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
                                         Record(Kind.HALF, tags=row[1], producer_group=group), now_ms)
         while len(recent) > _RECENT_HALVES:
             recent.popitem(last=False)
+
+    # -- not yet in cluster mode ------------------------------------------------------------
+
+    def receive(self, s: Session, rid: int, **_kwargs: Any) -> None:
+        """Pull consumers (RECEIVE) are not served by this engine yet: a clear error."""
+        raise BadRequestError("pull consumers (RECEIVE) are not supported by the jetstream engine yet")
+
+    def settle(self, s: Session, rid: int, group: str, items: list[Any]) -> None:
+        """Pull consumers (SETTLE) are not served by this engine yet: a clear error."""
+        raise BadRequestError("pull consumers (SETTLE) are not supported by the jetstream engine yet")
 
     # -- END_TX -------------------------------------------------------------------------
 

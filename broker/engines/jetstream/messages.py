@@ -56,7 +56,7 @@ class MessageWriter:
                 instance: str | None = None) -> tuple[tuple[str, bytes, dict[str, str]], int]:
         """The publish of one message row ``[body, tags, keys, properties, born_ms]``:
         ``((subject, payload, headers), queue)``. No I/O."""
-        body, tags, keys, properties, born_ms = row
+        body, tags, keys, properties, born_ms = row[:5]
         q = self._queue(topic)
         if half:
             subject = naming.half_subject(topic, q)
