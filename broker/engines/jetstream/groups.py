@@ -31,12 +31,9 @@ to one gateway at a time for its check-back (``ledger``, ``checkback``).
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 
 from broker.engines.jetstream import naming
@@ -46,6 +43,7 @@ from broker.engines.jetstream.client import (
     EngineClient,
     PubAck,
 )
+from broker.engines.jetstream.pull import Puller
 from broker.engines.jetstream.records import Kind, Record, decode_record, encode_dead
 from broker.engines.jetstream.streams import StreamSet
 
@@ -117,7 +115,7 @@ class ConsumerHandle:
     """A bound pull subscription on one group's durable consumer."""
 
     def __init__(self, groups: Groups, spec: GroupSpec, stream: str, name: str, prefix: str,
-                 sub: Any) -> None:
+                 sub: Puller) -> None:
         self.groups = groups
         self.spec = spec
         self.stream = stream
@@ -128,15 +126,7 @@ class ConsumerHandle:
     async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
         """Up to ``batch`` deliveries, waiting at most ``timeout`` seconds for the first
         (none while the consumer has no leader)."""
-        try:
-            msgs = await self._sub.fetch(batch, timeout=timeout)
-        except (nats.errors.TimeoutError, TimeoutError):
-            return []
-        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
-            # the consumer has no leader right now (a failover, or just created with a
-            # node down): nothing to hand out yet; do not spin
-            await asyncio.sleep(min(timeout, 0.25))
-            return []
+        msgs = await self._sub.fetch(batch, timeout)
         out: list[Delivery] = []
         for m in msgs:
             md = m.metadata
@@ -155,7 +145,7 @@ class ConsumerHandle:
 
     async def close(self) -> None:
         """Stop fetching (the durable consumer and its leases stay)."""
-        await self._sub.unsubscribe()
+        await self._sub.close()
 
 
 class Groups:
@@ -208,7 +198,7 @@ class Groups:
         }
         await self._ensure_consumer(stream, name, config,
                                     ("filter_subjects", "ack_wait", "metadata"))
-        sub = await self.client.nc.jetstream().pull_subscribe_bind(durable=name, stream=stream)
+        sub = await Puller(self.client.nc, stream, name).open()
         return ConsumerHandle(self, spec, stream, name, prefix, sub)
 
     async def txcheck(self, topic: str, *, ack_wait: float = 30.0) -> ConsumerHandle:
@@ -222,7 +212,7 @@ class Groups:
             "max_ack_pending": -1, "max_waiting": 512,
         }
         await self._ensure_consumer(ts.name, name, config, ("ack_wait",))
-        sub = await self.client.nc.jetstream().pull_subscribe_bind(durable=name, stream=ts.name)
+        sub = await Puller(self.client.nc, ts.name, name).open()
         spec = GroupSpec(group=name, topic=topic, ack_wait=ack_wait)
         return ConsumerHandle(self, spec, ts.name, name, ts.prefix, sub)
 
