@@ -246,3 +246,19 @@ async def test_features_not_in_cluster_mode_yet_are_refused_clearly(engine_facto
                        invisible_ms=1000, wait_ms=0)
     with pytest.raises(BadRequestError, match="SETTLE"):
         engine.settle(c, c.rid(), "g", [])
+
+
+async def test_stop_is_prompt_while_loops_wait_on_the_engine(engine_factory, unique):
+    """Pumps and check-back loops parked in a pull must not hold up a graceful stop."""
+    engine = await engine_factory(tx_timeout=60.0)
+    p = RecordingSession(role="producer", group="pg")
+    engine.producer_hello(p)
+    await _send(engine, p, unique, _rows(b"h"), half=True)  # a TXCHECK loop for this topic
+    c = RecordingSession(role="consumer")
+    await _subscribe(engine, c, Sub("g", unique))  # a pump, waiting for messages
+    await wait_for(lambda: unique in engine._txcheck_topics and engine._pumps[("g", unique)].task,
+                   what="a check-back loop and a pump")
+    started = time.monotonic()
+    await asyncio.wait_for(engine.stop(), 10)
+    assert time.monotonic() - started < 3.0
+    assert engine.client.nc.is_closed
