@@ -86,7 +86,7 @@ async def layer(nats_cluster):
     lay.ledger = TxLedger(lay.client, lay.streams)
     lay.groups = Groups(lay.client, lay.streams)
     lay.writer = MessageWriter(lay.client, lay.streams)
-    lay.router = CheckRouter(lay.client, timeout=1.0, receipt_timeout=0.5)
+    lay.router = CheckRouter(lay.client, timeout=1.0)  # receipts: the default 2 s (a loaded machine)
     try:
         yield lay
     finally:

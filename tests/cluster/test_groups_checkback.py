@@ -228,6 +228,7 @@ async def test_check_back_routing(layer, nats_cluster, unique):
         # a gateway whose producer left between routing and asking: not reached
         await sub_ga.unsubscribe()
         await sub_gb.unsubscribe()
+        await gw_a.nc.flush()  # the server has dropped A's interest (else its requests vanish)
         sub_gone = await rb.serve_group(f"pg{unique}", answering("gone", None))
         await gw_b.nc.flush()
         r = await layer.router.check(wire, group=f"pg{unique}", instance=None)
@@ -249,7 +250,7 @@ async def test_check_back_routing(layer, nats_cluster, unique):
         elsewhere = EngineClient([u for u in nats_cluster.urls if u.split("//")[1] not in here][:1])
         await elsewhere.connect()
         try:
-            far = CheckRouter(elsewhere, timeout=1.0, receipt_timeout=0.5)
+            far = CheckRouter(elsewhere, timeout=1.0)
             deadline = asyncio.get_running_loop().time() + 10
             while (r := await far.check(wire, group=f"pg{unique}", instance=None)).state is None:
                 assert not r.reached
