@@ -66,7 +66,7 @@ async def test_send_replies_positions_and_a_resent_publish_is_stored_once(layer,
     assert (again.seq, again.duplicate, first.duplicate) == (first.seq, True, False)
     assert (await _subject_counts(layer.client, ts.name, subject)) == {subject: 1}
     # half messages: queue_offset -1
-    _, halves = await layer.writer.store(unique, [_msg(b"h")], half=True, group="pg", instance="p1")
+    _, halves = await layer.writer.store(unique, [_msg(b"h")], half=True, group=f"pg{unique}", instance="p1")
     assert halves[0][2] == -1
 
 
@@ -74,7 +74,7 @@ async def test_decisions_repeat_and_conflict(layer, unique):
     from protocol.errors import TransactionStateError
 
     ts, rows = await layer.writer.store(unique, [_msg(b"t1", "A"), _msg(b"t2", "A")], half=True,
-                                        group="pg", instance="p1")
+                                        group=f"pg{unique}", instance="p1")
     m1, m2 = (naming.encode_msg_id(ts.prefix, r[0]) for r in rows)
     d = await layer.ledger.end(m1, "COMMIT")
     assert (d.state, d.changed) == ("COMMITTED", True)
@@ -106,7 +106,7 @@ async def test_racing_decisions_make_exactly_one(layer, nats_cluster, unique):
     from protocol.errors import TransactionStateError
 
     ts, rows = await layer.writer.store(unique, [_msg(b"r%d" % i, "T") for i in range(20)], half=True,
-                                        group="pg", instance="p1")
+                                        group=f"pg{unique}", instance="p1")
     ids = [naming.encode_msg_id(ts.prefix, r[0]) for r in rows]
     extra = [EngineClient(nats_cluster.urls[i:] + nats_cluster.urls[:i]) for i in (1, 2)]
     for c in extra:
@@ -144,7 +144,7 @@ async def test_racing_decisions_make_exactly_one(layer, nats_cluster, unique):
 
 
 async def test_commit_pointer_is_idempotent(layer, unique):
-    ts, rows = await layer.writer.store(unique, [_msg(b"p", "K")], half=True, group="pg", instance="p1")
+    ts, rows = await layer.writer.store(unique, [_msg(b"p", "K")], half=True, group=f"pg{unique}", instance="p1")
     msg_id = naming.encode_msg_id(ts.prefix, rows[0][0])
     await layer.ledger.end(msg_id, "COMMIT")
     half = await layer.ledger.half(msg_id)
@@ -156,7 +156,7 @@ async def test_commit_pointer_is_idempotent(layer, unique):
 
 
 async def test_check_counts_are_compare_and_set(layer, unique):
-    ts, rows = await layer.writer.store(unique, [_msg(b"c")], half=True, group="pg", instance="p1")
+    ts, rows = await layer.writer.store(unique, [_msg(b"c")], half=True, group=f"pg{unique}", instance="p1")
     msg_id = naming.encode_msg_id(ts.prefix, rows[0][0])
     assert (await layer.ledger.checks(msg_id))[0] == 0
     assert [await layer.ledger.count_check(msg_id) for _ in range(3)] == [1, 2, 3]

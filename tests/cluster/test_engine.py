@@ -64,7 +64,7 @@ async def _ack(engine, s, acks) -> None:
 
 async def test_send_replies_the_native_shape_once_stored(engine_factory, unique):
     engine = await engine_factory()
-    p = RecordingSession(role="producer", group="pg")
+    p = RecordingSession(role="producer", group=f"pg{unique}")
     engine.producer_hello(p)
     reply = await _send(engine, p, unique, _rows(b"a", b"b", b"c", tags="T"))
     assert len(reply["p"]) == 8 and int(reply["p"], 16) >= 0
@@ -79,7 +79,7 @@ async def test_send_replies_the_native_shape_once_stored(engine_factory, unique)
 
 async def test_end_tx_rules_and_delivery_of_commits_only(engine_factory, unique):
     engine = await engine_factory(tx_timeout=60.0)  # no check-back interferes
-    p = RecordingSession(role="producer", group="pg")
+    p = RecordingSession(role="producer", group=f"pg{unique}")
     engine.producer_hello(p)
     c = RecordingSession(role="consumer")
     await _subscribe(engine, c, Sub("g", unique))
@@ -198,7 +198,7 @@ async def test_admin_views_and_settings(engine_factory, unique):
     from broker.core.lifecycle import TxState
 
     engine = await engine_factory(tx_timeout=60.0)
-    p = RecordingSession(role="producer", group="pg")
+    p = RecordingSession(role="producer", group=f"pg{unique}")
     engine.producer_hello(p)
     await _send(engine, p, unique, _rows(b"one", b"two", keys=["k1"]))
     (half_id,) = _ids(await _send(engine, p, unique, _rows(b"h", keys=["k2"]), half=True))
@@ -251,7 +251,7 @@ async def test_features_not_in_cluster_mode_yet_are_refused_clearly(engine_facto
 async def test_stop_is_prompt_while_loops_wait_on_the_engine(engine_factory, unique):
     """Pumps and check-back loops parked in a pull must not hold up a graceful stop."""
     engine = await engine_factory(tx_timeout=60.0)
-    p = RecordingSession(role="producer", group="pg")
+    p = RecordingSession(role="producer", group=f"pg{unique}")
     engine.producer_hello(p)
     await _send(engine, p, unique, _rows(b"h"), half=True)  # a TXCHECK loop for this topic
     c = RecordingSession(role="consumer")

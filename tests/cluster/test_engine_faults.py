@@ -30,7 +30,7 @@ async def test_kill9_of_the_stream_leader_during_sends_loses_no_acknowledged_sen
     engine.writer.deadline = 30.0
     topic = unique
     ts = await engine.streams.ensure_topic(topic)
-    p = RecordingSession(role="producer", group="pg")
+    p = RecordingSession(role="producer", group=f"pg{unique}")
     engine.producer_hello(p)
 
     acked: dict[int, bytes] = {}  # stream sequence -> body
@@ -129,7 +129,7 @@ async def test_decision_without_pointer_is_completed_by_the_check_back_loop(engi
     from tests.conftest import wait_for
 
     engine = await engine_factory(tx_timeout=0.5)
-    p = RecordingSession(role="producer", group="pg")
+    p = RecordingSession(role="producer", group=f"pg{unique}")
     engine.producer_hello(p)
     (msg_id,) = _ids(await _send(engine, p, unique, _rows(b"half-done"), half=True))
     assert (await engine.ledger.decide(msg_id, "C")).changed  # ... and the gateway dies here

@@ -146,7 +146,7 @@ async def test_committed_pointer_is_delivered_as_the_half(layer, unique):
     try:
         ts, rows = await layer.writer.store(
             unique, [_msg(b"tx-body", "Tx", keys=["tx-1"], props={"a": "b"}, born=42)] * 2,
-            half=True, group="pg", instance="p1")
+            half=True, group=f"pg{unique}", instance="p1")
         committed, rolled = (naming.encode_msg_id(ts.prefix, r[0]) for r in rows)
         assert await h.fetch(1, timeout=0.5) == []  # T1: halves are invisible
         await layer.ledger.end(committed, "COMMIT")
@@ -164,7 +164,7 @@ async def test_committed_pointer_is_delivered_as_the_half(layer, unique):
 
 async def test_txcheck_hands_each_half_to_one_fetcher(layer, unique):
     ts, rows = await layer.writer.store(unique, [_msg(b"h%d" % i) for i in range(4)], half=True,
-                                        group="pg", instance="p1")
+                                        group=f"pg{unique}", instance="p1")
     await layer.writer.store(unique, [_msg(b"visible")])
     t1 = await layer.groups.txcheck(unique, ack_wait=30)
     t2 = await layer.groups.txcheck(unique, ack_wait=30)

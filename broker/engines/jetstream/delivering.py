@@ -163,10 +163,8 @@ class JetStreamDelivering(EngineParts):
     async def _close_pump(self, pump: _Pump) -> None:
         if pump.task is not None:
             pump.task.cancel()
-            try:
-                await pump.task
-            except (asyncio.CancelledError, Exception):
-                pass
+            pump.wake.set()
+            await asyncio.wait([pump.task], timeout=5.0)
         for d, _wire in pump.waiting:  # fetched, never delivered: give them back now
             await d.msg.nak()
         if pump.handle is not None:
@@ -182,7 +180,7 @@ class JetStreamDelivering(EngineParts):
     async def _pump_loop(self, pump: _Pump) -> None:
         handle = pump.handle
         assert handle is not None
-        while pump.members:
+        while pump.members and not self._stopping:
             try:
                 self._hand_out(pump)
                 room = pump.room() - len(pump.waiting)

@@ -156,13 +156,12 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
             await asyncio.wait(pending, timeout=self.send_deadline)
         for t in self._loops + [t for t in self._tasks if not t.done()]:
             t.cancel()
-        for t in self._loops:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        # Python 3.11's wait_for can swallow a cancellation (gh-86296): the loops also check
+        # _stopping, and nothing here waits for ever
+        if self._loops:
+            await asyncio.wait(self._loops, timeout=5.0)
         await self._close_delivering()
-        await self.client.close()
+        await asyncio.wait([asyncio.ensure_future(self.client.close())], timeout=10.0)
 
     # -- sessions and producers ---------------------------------------------------------
 

@@ -57,7 +57,7 @@ class JetStreamTxCheck(EngineParts):
 
     async def _txcheck_discovery(self) -> None:
         period = min(self.config.tx_timeout, 10.0)
-        while True:
+        while not self._stopping:  # (a cancellation swallowed by a wait_for must not keep it alive)
             try:
                 for topic in await self.streams.transactional_topics():
                     self._watch_topic(topic)
@@ -70,7 +70,7 @@ class JetStreamTxCheck(EngineParts):
     async def _txcheck_loop(self, topic: str) -> None:
         handle: ConsumerHandle | None = None
         try:
-            while True:
+            while not self._stopping:
                 try:
                     if handle is None:
                         handle = await self.groups_api.txcheck(topic, ack_wait=TXCHECK_ACK_WAIT)
