@@ -173,7 +173,7 @@ async def test_txcheck_hands_each_half_to_one_fetcher(layer, unique):
         b = await _fetch_all(t2, 4 - len(a))
         seqs = sorted(d.stream_seq for d in a + b)
         assert seqs == sorted(r[0] for r in rows)  # only the halves, each once
-        assert all(d.record.producer_group == "pg" and d.record.producer_instance == "p1" for d in a + b)
+        assert all(d.record.producer_group == f"pg{unique}" and d.record.producer_instance == "p1" for d in a + b)
         for d in a + b:
             await d.ack()
     finally:
