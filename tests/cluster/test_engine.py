@@ -246,6 +246,12 @@ async def test_features_not_in_cluster_mode_yet_are_refused_clearly(engine_facto
                        invisible_ms=1000, wait_ms=0)
     with pytest.raises(BadRequestError, match="SETTLE"):
         engine.settle(c, c.rid(), "g", [])
+    engine.cancel_receive(c, c.rid())  # nothing pending: nothing happens
+    from protocol.errors import MessageStateError
+
+    with pytest.raises(MessageStateError, match="not a scheduled message"):
+        engine.recall(p, p.rid(), reply["p"] + f"{reply['r'][0][0]:016X}")
+    assert engine.route(unique) == engine.config.default_queues
 
 
 async def test_stop_is_prompt_while_loops_wait_on_the_engine(engine_factory, unique):

@@ -59,6 +59,7 @@ from protocol.errors import (
     BadRequestError,
     BrokerUnavailableError,
     HalfMQError,
+    MessageStateError,
     TopicNotFoundError,
 )
 
@@ -338,6 +339,19 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
     def settle(self, s: Session, rid: int, group: str, items: list[Any]) -> None:
         """Pull consumers (SETTLE) are not served by this engine yet: a clear error."""
         raise BadRequestError("pull consumers (SETTLE) are not supported by the jetstream engine yet")
+
+    def cancel_receive(self, s: Session, rid: int) -> None:
+        """No RECEIVE is ever pending here: nothing to drop."""
+
+    def recall(self, s: Session, rid: int, msg_id: str) -> None:
+        """No message is ever scheduled here (send options are refused): nothing to recall."""
+        raise MessageStateError(f"message {msg_id!r} is not a scheduled message "
+                                "(the jetstream engine does not schedule messages yet)")
+
+    def route(self, topic: str) -> int:
+        """Queues of ``topic``: every topic stream has ``--default-queues`` queue subjects
+        (created on its first send)."""
+        return self.config.default_queues
 
     # -- END_TX -------------------------------------------------------------------------
 
