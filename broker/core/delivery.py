@@ -79,6 +79,10 @@ __all__ = [
 EXPIRED_LEVEL = 255
 #: Redeliveries allowed when neither the group nor a subscription says.
 DEFAULT_MAX_RECONSUME = 16
+#: Queue entries one ``poll`` reads at most (filtered and skipped ones included); past it
+#: ``more`` is set and the shell polls again in the next loop iteration, so a tag filter
+#: over a long backlog never holds the event loop.
+SCAN_PER_POLL = 8192
 
 
 class QueueReader(Protocol):
@@ -183,6 +187,9 @@ class GroupDelivery:
         self._skip: dict[tuple[str, int], set[int]] = {}
         #: offsets done since the last ``take_acked`` (the shell logs them durably)
         self.acked: list[list[Any]] = []
+        #: set by ``poll`` when it stopped at ``SCAN_PER_POLL`` with entries left to read
+        self.more = False
+        self._scan = SCAN_PER_POLL
         self._retry_levels: list[int] = []
         self._ensure_levels()
         for (t, q) in self._saved:
@@ -360,6 +367,8 @@ class GroupDelivery:
         ``wake_at`` is when the next retry becomes due (None if none is waiting).
         """
         out: list[tuple[str, int, list[Any]]] = []
+        self.more = False
+        self._scan = SCAN_PER_POLL
         members = [m for m in self.members.values() if m.active and len(m.leases) < m.prefetch and m.budget > 0]
         if not members:
             return out, None
@@ -400,10 +409,13 @@ class GroupDelivery:
             for qid in range(nq):
                 if room <= 0:
                     return
+                if self._scan <= 0:
+                    self.more = True  # the rest in the next iteration
+                    return
                 cur = self._cursor((topic, qid))
                 if cur.next_offset >= reader.queue_end(topic, qid):
                     continue
-                per_queue = max(1, min(room, 256) // nq)
+                per_queue = max(1, min(room, 256, self._scan) // nq)
                 if fifo is not None:
                     ahead = LOOKAHEAD - (cur.next_offset - cur.committed)
                     if ahead <= 0:
@@ -418,6 +430,7 @@ class GroupDelivery:
                         advanced = True
                     continue
                 advanced = True
+                self._scan -= len(recs)
                 for off, rec in recs:
                     if cur.skip and off in cur.skip:
                         cur.skip.discard(off)

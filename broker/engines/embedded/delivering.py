@@ -144,6 +144,7 @@ class EmbeddedDelivering:
         now = time.time()
         consumers = self._consumers
         receivers = self._receivers
+        more = False
         for gd in self.groups.values():
             if not gd.members:
                 continue
@@ -155,6 +156,8 @@ class EmbeddedDelivering:
             except Exception:
                 log.exception("delivery poll failed for group %s", gd.group)
                 continue
+            if gd.more:  # it read its share of entries for this iteration: go on in the next
+                more = True
             if not out:
                 continue
             per_conn: dict[str, list[Any]] = defaultdict(list)
@@ -169,6 +172,8 @@ class EmbeddedDelivering:
                     c.deliver(items)
                     if flush:
                         c.flush()
+        if more:
+            self.schedule_dispatch()
 
     async def _tick_loop(self: EmbeddedEngine) -> None:
         """Expire leases and release due retries; cheap when idle."""
