@@ -1,4 +1,4 @@
-"""Codec errors: what a bad frame leaves behind, and untrusted ERROR payloads."""
+"""Codec errors: what a bad frame leaves behind; untrusted ERROR payloads and names."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from protocol import (
     encode_frame,
     error_from_code,
 )
-from protocol.errors import BadRequestError, TransactionStateError
+from protocol.errors import BadRequestError, InvalidNameError, TransactionStateError
+from protocol.names import validate_name, validate_send_topic, validate_subscribe_topic
 
 GOOD: list[tuple[int, int, object]] = [(Op.PING, 1, {}), (Op.SEND, 2, {"topic": "t", "msgs": [[b"x", None, [], {}, 0]]})]
 BAD_TAILS = {
@@ -87,3 +88,19 @@ def test_error_from_code_abbreviates_deeply_nested_messages():
     for _ in range(5000):
         deep = [deep]
     assert len(str(error_from_code(8, deep))) < 200
+
+
+@pytest.mark.parametrize("check", [validate_name, validate_send_topic, validate_subscribe_topic])
+@pytest.mark.parametrize("value", ["deep", "long", "%long"])
+def test_name_errors_quote_the_value_abbreviated(check, value):
+    """A name 5,000 levels deep or a megabyte long is refused with a short message
+    (``repr`` of the first raised RecursionError inside the broker's request handler)."""
+    if value == "deep":
+        bad: object = None
+        for _ in range(5000):
+            bad = [bad]
+    else:
+        bad = value[:-4] + "x" * (1 << 20)
+    with pytest.raises(InvalidNameError) as info:
+        check(bad)
+    assert len(str(info.value)) < 400
