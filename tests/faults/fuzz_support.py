@@ -21,6 +21,7 @@ import socket
 import statistics
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -147,13 +148,25 @@ class BrokerWatch:
         with urllib.request.urlopen(self.http_url + path, timeout=10) as resp:
             return json.load(resp)
 
+    def every(self, name: str) -> list[dict[str, Any]]:
+        """Every item of a paginated list (``GET /api/<name>``, pages of 1,000)."""
+        items: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            query = urllib.parse.urlencode({"limit": 1000, **({"after": after} if after is not None else {})})
+            page = self.get(f"/api/{name}?{query}")
+            items += page[name]
+            after = page.get("next")
+            if after is None:
+                return items
+
     def topic_counts(self) -> dict[str, int]:
         """Messages per topic (``GET /api/topics``)."""
-        return {t["topic"]: t["messages"] for t in self.get("/api/topics")["topics"]}
+        return {t["topic"]: t["messages"] for t in self.every("topics")}
 
     def group_names(self) -> set[str]:
         """Consumer groups the broker knows (``GET /api/groups``)."""
-        return {g["group"] for g in self.get("/api/groups")["groups"]}
+        return {g["group"] for g in self.every("groups")}
 
     def new_log_errors(self) -> list[str]:
         """ERROR and CRITICAL records (with their tracebacks) logged since the last call."""

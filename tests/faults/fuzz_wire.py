@@ -272,8 +272,16 @@ message_keys = st.lists(st.text(max_size=10), max_size=3)
 properties = st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3)
 borns = st.one_of(st.integers(0, 2**41), ints)
 good_message = st.tuples(bodies, tags, message_keys, properties, borns).map(list)
+#: The sixth element of a message: its options (a FIFO message group; delay / at).
+options = st.one_of(
+    st.fixed_dictionaries({"group": st.one_of(st.sampled_from(["order-1", "order-2"]), st.text(max_size=300))}),
+    st.fixed_dictionaries({}, optional={"group": garbage, "delay": st.integers(-10, 10**6), "at": ints,
+                                        "x": garbage}),
+    garbage,
+)
 messages = st.one_of(
     good_message, good_message, good_message,
+    st.tuples(good_message, options).map(lambda mo: [*mo[0], mo[1]]),
     st.lists(_or_garbage(good_message, 0.0), max_size=7),  # wrong length or types
     garbage,
 )
@@ -336,8 +344,28 @@ def _payload(op: int) -> st.SearchStrategy:
                                                   st.sampled_from([65, 10**6, 2**63 - 1, 2**64 - 1])), 0.8),
                 "max_reconsume_times": _or_garbage(st.one_of(st.integers(0, 20), st.integers(-3, -1),
                                                              st.sampled_from([2**63 - 1])), 0.8),
+                "fifo": _or_garbage(st.booleans(), 0.8),
             },
         )
+    if op == Op.RECEIVE:
+        return st.fixed_dictionaries(
+            {"group": groups, "topic": st.one_of(topics, topics, groups.map(DlqOf))},
+            optional={
+                "tags": tags,
+                "max": _or_garbage(st.one_of(st.integers(1, 64), st.integers(-1, 0), st.sampled_from([4096, 4097])), 0.8),
+                "invisible_ms": _or_garbage(st.one_of(st.integers(100, 5000), st.sampled_from([99, 12 * 3600 * 1000 + 1])),
+                                            0.8),
+                "wait_ms": _or_garbage(st.one_of(st.integers(0, 200), st.sampled_from([-1, 60_001])), 0.8),
+            },
+        )
+    if op == Op.SETTLE:
+        handle = st.one_of(st.text(max_size=30), st.sampled_from(["x.1.0", "0123abcd.1.1", "a.b.c", "..", "a.１.0"]),
+                           garbage)
+        item = st.one_of(st.tuples(handle, st.sampled_from(["ack", "nack", "cid", "x"]), ints).map(list), garbage)
+        return st.fixed_dictionaries({"group": groups, "s": st.one_of(st.lists(item, min_size=1, max_size=5),
+                                                                      st.just([]), garbage)})
+    if op == Op.RECALL:
+        return st.fixed_dictionaries({"msg_id": _msg_id()})
     if op == Op.ACK:
         token = st.one_of(st.integers(0, 50), ints)
         item = st.one_of(st.tuples(token, st.booleans()).map(list), st.tuples(token, st.booleans()).map(list),
@@ -376,9 +404,10 @@ def mutated(draw: st.DrawFn, payload: st.SearchStrategy) -> Any:
     return value
 
 
-OPS = [op for op in Op] + [0, 12, 99, 255, 2**64 - 1, -1]
+OPS = [op for op in Op] + [0, 12, 19, 23, 99, 255, 2**64 - 1, -1]
 op_codes = st.one_of(
-    st.sampled_from([Op.SEND, Op.SEND, Op.SUBSCRIBE, Op.ACK, Op.END_TX, Op.HELLO, Op.PING, Op.UNSUBSCRIBE]),
+    st.sampled_from([Op.SEND, Op.SEND, Op.SUBSCRIBE, Op.ACK, Op.END_TX, Op.HELLO, Op.PING, Op.UNSUBSCRIBE,
+                     Op.RECEIVE, Op.SETTLE]),
     st.sampled_from(OPS),
 )
 rid_kinds = st.sampled_from(["next"] * 6 + ["zero"] * 2 + ["negative", "huge", "lowest"])

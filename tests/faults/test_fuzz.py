@@ -2,15 +2,18 @@
 docs/protocol.md says, stores nothing for what it refuses, and every other client goes on.
 
 Hypothesis draws examples of one to three client sessions (``fuzz_wire.sessions``): every
-op, documented or not, with payloads that are valid or mutated (fields dropped, added,
-replaced by garbage: wrong types, huge and negative ints, infinities, nesting 1,000 deep,
-long lists, bad names, oversized bodies), odd request ids, out-of-order handshakes
-(requests before HELLO, two HELLOs, two SUBSCRIBEs, ACKs of unknown tokens, END_TX for
-unknown or other groups' transactions), malformed frames (zero length, over the size
-limit, not an array, bad UTF-8, undecodable, too deep, random bytes, cut short), bytes
-split into any number of writes or one write per byte, connections that close abruptly
-(with FIN or RST) and clients that never read their socket. ``fuzz_driver`` says what is
-checked after every example and at the end.
+op (HELLO, SEND, END_TX, SUBSCRIBE, ACK, UNSUBSCRIBE, PING, RECALL, RECEIVE, SETTLE, the
+client-side REPLY and ERROR, the broker-only DELIVER and CHECK, unknown codes) with
+payloads that are valid or mutated (fields dropped, added, replaced by garbage: wrong
+types, huge and negative ints, infinities, nesting 1,000 deep, long lists, bad names,
+oversized bodies, message options, bad UTF-8), odd request ids, out-of-order handshakes
+(requests before HELLO, two HELLOs, two SUBSCRIBEs, ACKs of unknown tokens, receipt
+handles of nothing, END_TX for unknown or other groups' transactions), malformed frames
+(zero length, over the size limit, not an array, bad UTF-8, undecodable, too deep, random
+bytes, cut short), bytes split into any number of writes or one write per byte,
+connections that close abruptly (with FIN or RST) and clients that never read their
+socket. ``fuzz_driver`` says what is checked after every example and at the end; the
+model of the answers is ``fuzz_model``.
 
 Budgets: ``test_fuzz_frames_over_a_real_socket`` runs in the default suite
 (``HALFMQ_FUZZ_CI_EXAMPLES``, default 250 examples, about 30 s); the long run is
