@@ -12,8 +12,9 @@ was open does not make the model guess, and checks the REPLY payload's shape.
 
 The payload judged is the one the broker decoded (the fuzzer decodes its own bytes with
 the project's ``FrameDecoder``). Codes: 3 bad name, 4 body over ``--max-message-size``,
-6 unknown or conflicting transaction, 8 anything else malformed. Where a request breaks
-several rules, any of their codes is accepted (the order of the checks is free).
+6 unknown or conflicting transaction, 8 anything else malformed, 10 past a documented
+limit (``--max-prefetch``), 11 a receipt handle naming no live lease. Where a request
+breaks several rules, any of their codes is accepted (the order of the checks is free).
 
 Known broker bugs
 -----------------
@@ -353,8 +354,11 @@ class ConnectionModel:
             j.breaks(8)
         self._count(j, p.get("prefetch", 64), low=1, high=MAX_PREFETCH)
         self._count(j, p.get("max_reconsume_times", 16), low=0, high=None)
-        if type(p.get("fifo", False)) is not bool:
+        fifo = p.get("fifo", False)
+        if type(fifo) is not bool:
             j.breaks(8)
+        elif fifo:
+            j.unspecified(8)  # makes a new group FIFO; refused for an existing group that is not
 
     def _receive(self, j: _Judgement, p: Any) -> None:
         if type(p) is not dict:

@@ -3,7 +3,9 @@
 Tests marked ``xfail(strict=True)`` pin a broker bug that is still open: each fails today
 and must pass once the broker is fixed; whoever fixes one removes its mark *and* the
 matching entry of ``fuzz_model.KNOWN_BROKER_BUGS``, so that the fuzzer holds the broker to
-the fixed behaviour from then on. The others guard fixes already made in ``protocol``.
+the fixed behaviour from then on. The others guard fixes already made: in ``protocol``
+(untrusted ERROR payloads, names quoted abbreviated) or in the broker (the limits of issue
+11, stricter SUBSCRIBE and HELLO checks), each of which these tests saw fail before.
 """
 
 from __future__ import annotations
