@@ -2,8 +2,8 @@
 
 Tests marked ``xfail(strict=True)`` pin a broker bug that is still open: each fails today
 and must pass once the broker is fixed; whoever fixes one removes its mark *and* the
-matching entry of ``fuzz_model.KNOWN_BROKER_BUGS``, so that the fuzzer holds the broker to
-the fixed behaviour from then on. The others guard fixes already made: in ``protocol``
+matching entry of ``fuzz_model.KNOWN_BROKER_BUGS`` (where it has one), so that the fuzzer
+holds the broker to the fixed behaviour from then on. The others guard fixes already made: in ``protocol``
 (untrusted ERROR payloads, names quoted abbreviated) or in the broker (the limits of issue
 11, stricter SUBSCRIBE and HELLO checks), each of which these tests saw fail before.
 """
@@ -276,6 +276,44 @@ def test_pull_leases_of_one_client_keep_rss_bounded(broker_factory, raw):
     r.close()
     growth = _peak_growth(watch, base, 32 * MiB, settled=_Stable(watch.rss, 1.0))
     assert growth <= 32 * MiB, f"RSS grew by {growth / MiB:.0f} MiB with {leased} messages leased"
+
+
+# -- what a closed connection leaves behind ------------------------------------------------------
+
+GROUPS = 12_000
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "broker/engines/embedded/engine.py session_closed discards a closed producer connection from "
+    "producers_by_group[group] but keeps the emptied set: one entry (~450 bytes with a "
+    "127-character name) per producer group ever announced, never freed -- a client opening "
+    "connections with new group names grows the broker without bound (30,000: +13 MiB)"))
+@pytest.mark.timeout(180)
+def test_producer_groups_of_closed_connections_are_forgotten(broker_factory):
+    """12,000 connections, one after the other, each a producer HELLO with a group name of
+    its own (127 characters), then closed. Once they are gone the broker's RSS must be back
+    within 2 MiB of its baseline (today it keeps ~5 MiB; with one group name for all, it
+    keeps nothing)."""
+    b = broker_factory()
+    watch = _watch(b)
+
+    def connect(group: str) -> None:
+        c = RawClient(b.address)
+        try:
+            _hello(c, group=group)
+        finally:
+            c.close()
+
+    for _ in range(200):  # the broker's per-connection allocations reach their steady state
+        connect("warmup")
+    base = watch.rss()
+    for i in range(GROUPS):
+        connect(f"g{i:0126d}")
+    assert watch.every("groups") == []  # producer groups are not consumer groups: nothing listed
+    deadline = time.monotonic() + 10
+    while (growth := watch.rss() - base) > 2 * MiB and time.monotonic() < deadline:
+        time.sleep(0.05)  # the last connections may still be being torn down
+    assert growth <= 2 * MiB, f"RSS {growth / MiB:.1f} MiB above the baseline after {GROUPS} closed connections"
 
 
 # -- malformed values answered as internal errors --------------------------------------------
