@@ -193,6 +193,7 @@ class Canary:
         self._lock = threading.Lock()
         self._sent: dict[int, float] = {}  # seq -> monotonic time the send began
         self._latency: dict[int, float] = {}  # seq -> send-to-delivery seconds
+        self._worst = 0.0  # the longest latency since the last stall()
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -213,16 +214,20 @@ class Canary:
             raise AssertionError("the canary did not stop")
 
     def stall(self, bound: float) -> str | None:
-        """Why the canary is unhealthy (a message older than ``bound`` s undelivered, errors), or None."""
+        """Why the canary is unhealthy, or None: errors, a message undelivered for more than
+        ``bound`` seconds, or one delivered since the previous call that took longer."""
         now = time.monotonic()
         with self._lock:
             waiting = [s for s in self._sent if s not in self._latency]
             oldest = min((self._sent[s] for s in waiting), default=now)
             errors = list(self.errors)
+            worst, self._worst = self._worst, 0.0
         if errors:
             return f"canary errors: {errors[:3]}"
         if now - oldest > bound:
             return f"canary message waiting {now - oldest:.2f}s (> {bound}s); {len(waiting)} undelivered"
+        if worst > bound:
+            return f"a canary message took {worst:.2f}s (> {bound}s) to be delivered"
         return None
 
     def summary(self) -> dict[str, float]:
@@ -253,7 +258,8 @@ class Canary:
             seq = int(message.body)
             with self._lock:
                 if seq in self._sent and seq not in self._latency:
-                    self._latency[seq] = time.monotonic() - self._sent[seq]
+                    latency = self._latency[seq] = time.monotonic() - self._sent[seq]
+                    self._worst = max(self._worst, latency)
             self._ready.set()
             return ConsumeResult.SUCCESS
 
