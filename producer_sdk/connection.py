@@ -53,8 +53,10 @@ from protocol import (
     AuthError,
     BrokerUnavailableError,
     FrameDecoder,
+    FrameTooLargeError,
     HalfMQError,
     Op,
+    ProtocolError,
     RequestTimeoutError,
     Role,
     encode_frame,
@@ -119,14 +121,16 @@ class _ClientProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        on_frame = self.conn._on_frame
         try:
             frames = self.decoder.feed(data)
-        except HalfMQError as exc:
+        except (ProtocolError, FrameTooLargeError) as exc:
+            for op, rid, payload in exc.frames:  # what the broker sent before the bad frame
+                on_frame(self, op, rid, payload)
             log.error("malformed frame from broker %s: %s; closing", self.conn.address, exc)
             if self.transport is not None:
                 self.transport.abort()
             return
-        on_frame = self.conn._on_frame
         for op, rid, payload in frames:
             on_frame(self, op, rid, payload)
 

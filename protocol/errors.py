@@ -26,6 +26,8 @@ The tree::
 
 from __future__ import annotations
 
+import reprlib
+
 __all__ = [
     "HalfMQError",
     "BrokerUnavailableError",
@@ -141,6 +143,15 @@ ERRORS_BY_CODE: dict[int, type[HalfMQError]] = {
 }
 
 
-def error_from_code(code: int, message: str) -> HalfMQError:
-    """Return an exception instance of the class registered for ``code`` (base class if unknown)."""
-    return ERRORS_BY_CODE.get(code, HalfMQError)(message)
+def error_from_code(code: object, message: object) -> HalfMQError:
+    """Return an exception instance of the class registered for ``code``.
+
+    ``code`` and ``message`` come from the peer's ERROR payload and are not trusted: a code
+    that is not a registered ``int`` (unknown, a string, an unhashable list...) gives the
+    base class ``HalfMQError``, and a message that is not a ``str`` is shown abbreviated
+    (``reprlib.repr``: bounded in length and nesting). Never raises.
+    """
+    cls = ERRORS_BY_CODE.get(code, HalfMQError) if type(code) is int else HalfMQError
+    if type(message) is not str:
+        message = reprlib.repr(message)
+    return cls(message)

@@ -8,7 +8,10 @@ bytes as they arrive (``feed``) and returns every whole frame they complete, as
 checked against ``max_frame_size`` *before* any payload is kept, so a peer announcing a
 huge frame is refused at once with ``FrameTooLargeError``. Anything that is not a
 well-formed ``[int, int, any]`` array raises ``ProtocolError``; after an error the decoder
-is unusable and the connection should be closed.
+is unusable and the connection should be closed. The whole frames that the same ``feed``
+call completed *before* the bad one are not lost: the error carries them (``exc.frames``),
+so the caller handles them first -- what a peer sent before its mistake does not depend on
+how TCP happened to cut the bytes.
 
 ``rid`` is the request id chosen by the side that sends a request; the peer answers with
 ``Op.REPLY`` or ``Op.ERROR`` and the same rid. Each side numbers its own requests, so the
@@ -21,6 +24,7 @@ No I/O here: the broker and the SDKs own their sockets.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -50,11 +54,21 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 
 
 class ProtocolError(BadRequestError):
-    """Bytes that are not a well-formed frame."""
+    """Bytes that are not a well-formed frame.
+
+    ``frames``: the whole frames decoded before the bad one in the same ``feed`` call.
+    """
+
+    frames: Sequence[tuple[int, int, Any]] = ()
 
 
 class FrameTooLargeError(MessageTooLargeError):
-    """A frame whose announced length exceeds the limit."""
+    """A frame whose announced length exceeds the limit.
+
+    ``frames``: the whole frames decoded before the bad one in the same ``feed`` call.
+    """
+
+    frames: Sequence[tuple[int, int, Any]] = ()
 
 
 def encode_frame(op: int, rid: int, payload: Any) -> bytes:
@@ -74,7 +88,11 @@ class FrameDecoder:
         self._need = -1  # payload length of the frame being read, -1 while reading the header
 
     def feed(self, data: bytes) -> list[tuple[int, int, Any]]:
-        """Add ``data``; return completed frames. Raises ``ProtocolError``/``FrameTooLargeError``."""
+        """Add ``data``; return the frames it completes, as ``(op, rid, payload)``.
+
+        Raises ``ProtocolError`` (malformed) or ``FrameTooLargeError`` (announced length over
+        ``max_frame_size``); the error's ``frames`` holds the frames completed before it.
+        """
         if self._buf:
             self._buf += data
             src: bytes | bytearray = self._buf
@@ -87,35 +105,39 @@ class FrameDecoder:
         need = self._need
         unpackb = msgpack.unpackb
         with memoryview(src) as view:
-            while True:
-                if need < 0:
-                    if end - pos < 4:
+            try:
+                while True:
+                    if need < 0:
+                        if end - pos < 4:
+                            break
+                        (need,) = _unpack_len(view, pos)
+                        if need > max_size:
+                            raise FrameTooLargeError(
+                                f"frame of {need} bytes exceeds the limit of {max_size} bytes"
+                            )
+                        if need == 0:
+                            raise ProtocolError("empty frame")
+                        pos += 4
+                    if end - pos < need:
                         break
-                    (need,) = _unpack_len(view, pos)
-                    if need > max_size:
-                        self._buf = bytearray()
-                        raise FrameTooLargeError(
-                            f"frame of {need} bytes exceeds the limit of {max_size} bytes"
-                        )
-                    if need == 0:
-                        raise ProtocolError("empty frame")
-                    pos += 4
-                if end - pos < need:
-                    break
-                try:
-                    obj = unpackb(view[pos : pos + need], raw=False, strict_map_key=False)
-                except Exception as exc:  # msgpack raises several types for garbage
-                    raise ProtocolError(f"undecodable frame: {exc}") from None
-                pos += need
-                need = -1
-                if (
-                    type(obj) is not list
-                    or len(obj) != 3
-                    or type(obj[0]) is not int
-                    or type(obj[1]) is not int
-                ):
-                    raise ProtocolError("a frame must be a msgpack array [op, rid, payload]")
-                frames.append((obj[0], obj[1], obj[2]))
+                    try:
+                        obj = unpackb(view[pos : pos + need], raw=False, strict_map_key=False)
+                    except Exception as exc:  # msgpack raises several types for garbage
+                        raise ProtocolError(f"undecodable frame: {exc}") from None
+                    pos += need
+                    need = -1
+                    if (
+                        type(obj) is not list
+                        or len(obj) != 3
+                        or type(obj[0]) is not int
+                        or type(obj[1]) is not int
+                    ):
+                        raise ProtocolError("a frame must be a msgpack array [op, rid, payload]")
+                    frames.append((obj[0], obj[1], obj[2]))
+            except (ProtocolError, FrameTooLargeError) as exc:
+                exc.frames = frames  # handled by the caller before it closes the connection
+                self._buf = bytearray()
+                raise
             rest = view[pos:end].tobytes() if 0 < pos < end else b""
         self._need = need
         # at most one partial frame is kept, and never more than its announced size
