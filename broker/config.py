@@ -362,6 +362,13 @@ OPTIONS: tuple[Option, ...] = (
            "topics (not counting system topics); creating one more is refused (default: 10000)"),
     Option("max_groups", _parse_positive_int, "N",
            "consumer groups; subscribing with one more is refused (default: 10000)"),
+    Option("max_leases", _parse_positive_int, "N",
+           "messages one consumer group may hold leased at once (push and pull consumers "
+           "together); past it nothing more is delivered to the group until some are settled "
+           "(default: 65536)"),
+    Option("max_prepared", _parse_positive_int, "N",
+           "unresolved half messages the broker holds; a transactional send past it is refused "
+           "(default: 50000)"),
     Option("max_prefetch", _parse_positive_int, "N",
            "largest prefetch a consumer may ask for; larger is refused (default: 4096)"),
     Option("max_client_buffer", _parse_positive_size, "BYTES",
@@ -425,6 +432,8 @@ class BrokerConfig:
     max_connections: int = 10000
     max_topics: int = 10000
     max_groups: int = 10000
+    max_leases: int = 65536
+    max_prepared: int = 50000
     max_prefetch: int = 4096
     max_client_buffer: int = 64 * 1024 * 1024
     max_inflight_requests: int = 4096

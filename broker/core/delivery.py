@@ -82,7 +82,7 @@ DEFAULT_MAX_RECONSUME = 16
 #: Queue entries one ``poll`` reads at most (filtered and skipped ones included); past it
 #: ``more`` is set and the shell polls again in the next loop iteration, so a tag filter
 #: over a long backlog never holds the event loop.
-SCAN_PER_POLL = 8192
+SCAN_PER_POLL = 4096
 
 
 class QueueReader(Protocol):
@@ -167,6 +167,7 @@ class GroupDelivery:
         dead: Mapping[str, int] | None = None,
         fifo: bool = False,
         max_reconsume_times: int | None = None,
+        max_leases: int = 65536,
     ) -> None:
         self.group = group
         self.reader = reader
@@ -175,6 +176,8 @@ class GroupDelivery:
         self.ack_timeout = ack_timeout
         self.retry_topic = retry_topic(group)
         self.max_reconsume_times = max_reconsume_times
+        #: live leases of the group at most (push and pull members together): memory bound
+        self.max_leases = max_leases
         self.fifo: FifoOrder | None = FifoOrder() if fifo else None
         self.cursors: dict[tuple[str, int], QueueCursor] = {}
         self._saved = dict(offsets or {})
@@ -183,6 +186,7 @@ class GroupDelivery:
         self._tokens = itertools.count(1)
         self._rr = 0
         self.tags: frozenset[str] | None = None
+        self._tag_hashes: frozenset[int] | None = None
         self.stats = {"delivered": 0, "acked": 0, "failed": 0, "expired": 0, "dead_lettered": 0}
         self._skip: dict[tuple[str, int], set[int]] = {}
         #: offsets done since the last ``take_acked`` (the shell logs them durably)
@@ -306,7 +310,7 @@ class GroupDelivery:
         self.members[member_id] = Member(
             member_id, topic, parse_tags(tags), max(1, prefetch), max(0, max_reconsume_times)
         )
-        self.tags = parse_tags(tags)
+        self._set_tags(tags)
         self.ensure_topic(topic, start=start)
 
     def add_receiver(self, member_id: str, topic: str, *, tags: str | None, max_messages: int,
@@ -317,8 +321,12 @@ class GroupDelivery:
             member_id, topic, parse_tags(tags), max(1, max_messages), DEFAULT_MAX_RECONSUME,
             receiver=True, invisible=invisible,
         )
-        self.tags = parse_tags(tags)
+        self._set_tags(tags)
         self.ensure_topic(topic)
+
+    def _set_tags(self, expr: str | None) -> None:
+        self.tags = parse_tags(expr)
+        self._tag_hashes = None if self.tags is None else frozenset(tag_hash(t) for t in self.tags)
 
     def ensure_topic(self, topic: str, *, start: str = "earliest") -> None:
         """Make sure every queue of ``topic`` has a cursor (topics may grow)."""
@@ -370,7 +378,7 @@ class GroupDelivery:
         self.more = False
         self._scan = SCAN_PER_POLL
         members = [m for m in self.members.values() if m.active and len(m.leases) < m.prefetch and m.budget > 0]
-        if not members:
+        if not members or len(self.leases) >= self.max_leases:
             return out, None
         by_topic: dict[str, list[Member]] = {}
         for m in members:
@@ -383,6 +391,8 @@ class GroupDelivery:
         return out, wake_at
 
     def _pick(self, members: list[Member]) -> Member | None:
+        if len(self.leases) >= self.max_leases:
+            return None
         n = len(members)
         if n == 1:
             m = members[0]
@@ -395,7 +405,8 @@ class GroupDelivery:
         return None
 
     def _room(self, members: list[Member]) -> int:
-        return sum(m.prefetch - len(m.leases) for m in members if m.budget > 0)
+        room = sum(m.prefetch - len(m.leases) for m in members if m.budget > 0)
+        return min(room, self.max_leases - len(self.leases))
 
     def _poll_topic(self, topic: str, now: float, members: list[Member], build: MessageBuilder, out: list) -> None:
         nq = self.queue_counts(topic)
@@ -421,8 +432,8 @@ class GroupDelivery:
                     if ahead <= 0:
                         continue  # held groups wait: read no further (bounded memory)
                     per_queue = min(per_queue, ahead)
-                recs = reader.read_queue_records(topic, qid, cur.next_offset, per_queue)
-                if not recs:
+                recs, last = self._read(topic, qid, cur.next_offset, per_queue)
+                if last is None:
                     # the records of these entries are gone (retention): step over them
                     entries = reader.read_queue(topic, qid, cur.next_offset, per_queue)
                     if entries:
@@ -430,7 +441,7 @@ class GroupDelivery:
                         advanced = True
                     continue
                 advanced = True
-                self._scan -= len(recs)
+                self._scan -= last + 1 - cur.next_offset
                 for off, rec in recs:
                     if cur.skip and off in cur.skip:
                         cur.skip.discard(off)
@@ -455,6 +466,28 @@ class GroupDelivery:
                     room -= 1 if m.budget > 0 else 1 + m.prefetch - len(m.leases)
                     if room <= 0:
                         return
+                cur.next_offset = max(cur.next_offset, last + 1)  # past the entries filtered out unread
+
+    def _read(self, topic: str, qid: int, offset: int, n: int) -> tuple[list[tuple[int, Record]], int | None]:
+        """Up to ``n`` entries from ``offset``: the records worth looking at, and the last
+        offset read (None: nothing readable). With a tag filter the index entries' tag
+        hashes are compared first and only the records whose hash matches are read."""
+        hashes = self._tag_hashes
+        if hashes is None:
+            recs = self.reader.read_queue_records(topic, qid, offset, n)
+            return recs, (recs[-1][0] if recs else None)
+        entries = self.reader.read_queue(topic, qid, offset, n)
+        if not entries:
+            return [], None
+        read = self.reader.read
+        out = []
+        for o, entry in entries:
+            if entry.tag_hash in hashes:
+                try:
+                    out.append((o, read(entry.pos)))
+                except (KeyError, ValueError):
+                    pass  # gone (retention)
+        return out, entries[-1][0]
 
     def _poll_ready(self, now: float, by_topic: dict[str, list[Member]], build: MessageBuilder, out: list) -> None:
         """FIFO: deliver the messages whose group's holder finished, in order."""

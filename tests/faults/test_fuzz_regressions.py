@@ -1,11 +1,12 @@
 """Raw-socket regressions: what the socket fuzzer (and issue 11) found, one focused test each.
 
-Tests marked ``xfail(strict=True)`` pin a broker bug that is still open: each fails today
-and must pass once the broker is fixed; whoever fixes one removes its mark *and* the
-matching entry of ``fuzz_model.KNOWN_BROKER_BUGS`` (where it has one), so that the fuzzer
-holds the broker to the fixed behaviour from then on. The others guard fixes already made: in ``protocol``
-(untrusted ERROR payloads, names quoted abbreviated) or in the broker (the limits of issue
-11, stricter SUBSCRIBE and HELLO checks), each of which these tests saw fail before.
+Each guards a fix: in ``protocol`` (untrusted ERROR payloads, names quoted abbreviated) or
+in the broker (the limits of issue 11 — unresolved half messages and pull leases bounded,
+a tag filter that cannot hold the event loop, producer groups forgotten with their last
+connection —, END_TX only from the half message's own producer group, the documented
+types enforced, frames before a malformed one answered), each of which these tests saw
+fail before it was fixed. A newly found bug gets a test marked ``xfail(strict=True)``
+here, and an entry in ``fuzz_model.KNOWN_BROKER_BUGS`` while it is open.
 """
 
 from __future__ import annotations
@@ -211,11 +212,6 @@ def test_client_that_never_reads_keeps_broker_memory_bounded(broker_factory, raw
 HALVES = 300_000
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "every unresolved half message costs ~540 bytes of broker memory (broker/core/transactions.py "
-    "HalfMessageTable entry, broker/engines/embedded/sending.py _half_meta), held until resolved -- "
-    "forever if no producer of the group answers check-backs, and ABANDONED ones stay whole: one "
-    "client sending 300,000 empty half messages adds ~156 MB"))
 @pytest.mark.timeout(120)
 def test_unresolved_half_messages_keep_rss_bounded(broker_factory, raw):
     """A producer stores 300,000 empty half messages (30 SENDs of 10,000), resolves none and
@@ -241,12 +237,6 @@ def test_unresolved_half_messages_keep_rss_bounded(broker_factory, raw):
 LEASED = 200_000
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RECEIVE leases have no bound but the backlog: each RECEIVE may lease --max-prefetch "
-    "messages for up to 12 h (invisible_ms), a lease costs ~380 bytes of broker memory "
-    "(broker/core/leases.py, broker/engines/embedded/pulling.py), and nothing limits the "
-    "leases of a client or a group: leasing a 200,000-message backlog adds ~72 MiB (RocketMQ "
-    "keeps at most popCkMaxBufferSize pop checkpoints in memory and spills the rest to disk)"))
 @pytest.mark.timeout(180)
 def test_pull_leases_of_one_client_keep_rss_bounded(broker_factory, raw):
     """A client RECEIVEs a 200,000-message backlog in requests of 4,096 (the documented
@@ -283,11 +273,6 @@ def test_pull_leases_of_one_client_keep_rss_bounded(broker_factory, raw):
 FILTERED_BACKLOG = 600_000
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "broker/core/delivery.py GroupDelivery._poll_topic reads and filters the backlog in one go: "
-    "a subscription whose tags match nothing in a 600,000-message backlog makes the event loop "
-    "read all of it in one dispatch, and every other client waits (a PING answered in ~1.5 s; "
-    "RocketMQ bounds the entries one pull may scan and goes on later)"))
 @pytest.mark.timeout(180)
 def test_tag_filter_over_a_large_backlog_does_not_stall_other_clients(broker_factory, raw):
     """600,000 messages tagged A; a consumer subscribes with ``tags: "B"`` (no match). Another
@@ -321,11 +306,6 @@ def test_tag_filter_over_a_large_backlog_does_not_stall_other_clients(broker_fac
 GROUPS = 12_000
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "broker/engines/embedded/engine.py session_closed discards a closed producer connection from "
-    "producers_by_group[group] but keeps the emptied set: one entry (~450 bytes with a "
-    "127-character name) per producer group ever announced, never freed -- a client opening "
-    "connections with new group names grows the broker without bound (30,000: +13 MiB)"))
 @pytest.mark.timeout(180)
 def test_producer_groups_of_closed_connections_are_forgotten(broker_factory):
     """12,000 connections, one after the other, each a producer HELLO with a group name of
@@ -356,11 +336,6 @@ def test_producer_groups_of_closed_connections_are_forgotten(broker_factory):
 
 # -- malformed values answered as internal errors --------------------------------------------
 
-DEEP_ECHO = pytest.mark.xfail(strict=True, reason=(
-    "broker/frontends/native/connection.py _hello quotes the refused version with repr(): for a "
-    "value nested ~1,000 deep repr raises RecursionError, answered code 1 'internal error' with a "
-    "traceback logged at ERROR (quote it with protocol.names.shown, as name errors now do)"))
-
 ODD_VALUES = {
     "prefetch-infinity": ("consumer", Op.SUBSCRIBE, {"group": "g", "topic": "t", "prefetch": math.inf}, {8}),
     "max-reconsume-minus-infinity": ("consumer", Op.SUBSCRIBE,
@@ -372,8 +347,7 @@ ODD_VALUES = {
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=DEEP_ECHO) if c == "version-990-deep" else c
-                                  for c in sorted(ODD_VALUES)])
+@pytest.mark.parametrize("case", sorted(ODD_VALUES))
 def test_odd_values_are_bad_requests_not_internal_errors(shared, raw, case):
     """The request gets ERROR 8 (3 for a name), nothing is logged at ERROR, the connection
     stays usable. (All five used to be answered code 1, 'internal error': OverflowError for
@@ -391,19 +365,12 @@ def test_odd_values_are_bad_requests_not_internal_errors(shared, raw, case):
 
 # -- values of the wrong documented type ---------------------------------------------------------
 
-LENIENT_REASON = (
-    "broker/frontends/native/connection.py converts values of the wrong documented type instead "
-    "of refusing them: version == 1 accepts True and 1.0 (_hello), bool(p.get('half')) "
-    "(_check_send: SEND {half: 'no'} stores a half message), ACK iterates any iterable and "
-    "bool()s any ok, PING and UNSUBSCRIBE ignore their payload")
-
-
 def _sub(**kw: Any) -> dict[str, Any]:
     return {"group": _name("lt_g"), "topic": _name("lt_t"), **kw}
 
 
 LENIENT = {
-    # name: (handshake role or None, setup requests, the request, still accepted today)
+    # name: (handshake role or None, setup requests, the request, accepted before the fix)
     "subscribe-prefetch-string": ("consumer", [], (Op.SUBSCRIBE, _sub(prefetch="5")), False),
     "subscribe-prefetch-float": ("consumer", [], (Op.SUBSCRIBE, _sub(prefetch=2.5)), False),
     "subscribe-prefetch-bool": ("consumer", [], (Op.SUBSCRIBE, _sub(prefetch=True)), False),
@@ -421,9 +388,7 @@ LENIENT = {
 }
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=LENIENT_REASON)) if LENIENT[c][3] else c
-    for c in sorted(LENIENT)])
+@pytest.mark.parametrize("case", sorted(LENIENT))
 def test_documented_types_are_enforced(shared, raw, case):
     """A request whose field has the wrong type (docs/protocol.md) gets ERROR 8 and stores nothing."""
     role, setup, (op, payload), _open = LENIENT[case]
@@ -452,11 +417,6 @@ def test_second_hello_is_refused(shared, raw):
     assert answer == Op.ERROR and reply["code"] == 8, reply
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "END_TX does not check that the connection belongs to the half message's producer group "
-    "(broker/engines/embedded/transactions.py end_tx, broker/frontends/native/connection.py "
-    "_check_end_tx): any connection, even a consumer's, commits or rolls back another group's "
-    "transaction (RocketMQ's EndTransactionProcessor refuses: 'The producer group wrong')"))
 @pytest.mark.parametrize("other", [("producer", "tx_other"), ("consumer", None)], ids=["other-group", "consumer"])
 def test_end_tx_for_another_groups_transaction_is_refused(shared, raw, other):
     """B's END_TX for A's half message gets ERROR (6 or 7) and changes nothing: A then rolls it back."""
@@ -479,10 +439,6 @@ def test_end_tx_for_another_groups_transaction_is_refused(shared, raw, other):
 
 # -- what a malformed frame must not take with it ---------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "broker/frontends/native/connection.py data_received: when FrameDecoder.feed raises, the "
-    "frames it completed before the bad one in the same read are dropped unanswered (they are "
-    "in the error's .frames: handle them, then answer ERROR and close, as the SDK's reader does)"))
 def test_frames_before_a_malformed_one_in_the_same_read_are_answered(shared, raw):
     """HELLO, SEND and a zero-length frame in one write: HELLO and SEND are answered (and the
     message stored), then ERROR 8 with rid 0, then the connection ends -- as when they arrive
@@ -502,17 +458,9 @@ def test_frames_before_a_malformed_one_in_the_same_read_are_answered(shared, raw
 
 # -- ACK ---------------------------------------------------------------------------------------
 
-ACK_PARTIAL = pytest.mark.xfail(strict=True, reason=(
-    "broker/engines/embedded/delivering.py ack applies the items one by one and an unhashable "
-    "token raises TypeError midway (GroupDelivery.ack: self.leases.get(token)): the request is "
-    "answered ERROR 8, but the RECONSUME_LATER item before it was applied -- its lease released, "
-    "its retry record built and dropped -- so that message is never redelivered (until a "
-    "restart) and the group's committed offset is stuck behind it"))
-
-
 @pytest.mark.parametrize("bad_item", [
     pytest.param("junk", id="not-a-pair"),  # refused before any item is applied (fixed in main)
-    pytest.param([[1], True], id="unhashable-token", marks=ACK_PARTIAL),
+    pytest.param([[1], True], id="unhashable-token"),  # all items are checked before any is applied
 ])
 @pytest.mark.timeout(60)
 def test_ack_with_a_malformed_item_loses_no_message(shared, raw, bad_item):

@@ -319,6 +319,7 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         if gd is None:
             assert self.store is not None
             kw: dict[str, Any] = {"retry_delays": tuple(self.config.retry_delays),
+                                  "max_leases": self.config.max_leases,
                                   **self._apply_group_settings(group)}
             gd = self.groups[group] = GroupDelivery(
                 group,

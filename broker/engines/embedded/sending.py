@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.core.records import HALF_TOPIC, RT_ACK, RT_HALF, RT_MSG, message_header, tag_hash
 from broker.engines.base import Session
-from protocol.errors import HalfMQError
+from protocol.errors import HalfMQError, LimitExceededError
 from storage import BundleTarget, IndexTarget, NewBundle, NewRecord
 
 if TYPE_CHECKING:
@@ -62,6 +62,10 @@ class EmbeddedSending:
         Raises ``TopicNotFoundError`` (nothing queued) if the topic does not exist and
         auto-create is off.
         """
+        if half and self.tx.pending_count + len(msgs) > self.config.max_prepared:
+            raise LimitExceededError(
+                f"the broker holds --max-prepared {self.config.max_prepared} unresolved half messages: "
+                "resolve some (END_TX, check-backs) before sending more")
         nq = self._ensure_topic(topic)
         assert self.store is not None
         epoch = self.store.epoch

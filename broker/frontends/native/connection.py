@@ -61,6 +61,7 @@ from protocol import (
     validate_subscribe_topic,
 )
 from protocol.errors import BrokerUnavailableError
+from protocol.names import shown
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -127,6 +128,7 @@ class ClientConnection(asyncio.Protocol):
         self._inflight_bytes = 0  # message bytes of SENDs awaiting their reply
         self._send_sizes: dict[int, int] = {}  # rid -> message bytes of that SEND
         self._reading = True
+        self._close_after: HalfMQError | None = None  # a malformed frame, answered once the rest are
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -154,10 +156,21 @@ class ClientConnection(asyncio.Protocol):
         try:
             frames = self.decoder.feed(data)
         except HalfMQError as exc:
-            log.warning("closing %s: %s", self.peer, exc)
-            self.error(0, exc)
-            self.close()
+            # the frames before the bad one in this read are answered first, as if they had
+            # come in a read of their own
+            self._frames(getattr(exc, "frames", ()))
+            if not self.closed:
+                log.warning("closing %s: %s", self.peer, exc)
+                if self._inflight > 0:  # answer those first: read nothing more, close after
+                    self._close_after = exc
+                    self._pause_reading()
+                else:
+                    self.error(0, exc)
+                    self.close()
             return
+        self._frames(frames)
+
+    def _frames(self, frames: Any) -> None:
         for op, rid, payload in frames:
             if self.closed:
                 return
@@ -216,7 +229,7 @@ class ClientConnection(asyncio.Protocol):
         elif op == Op.ACK:
             if not self.subscribed:
                 raise BadRequestError("ACK without a subscription")
-            engine.ack(self, rid, [(token, bool(ok)) for token, ok in p["a"]])
+            engine.ack(self, rid, _check_acks(p))
         elif op == Op.HELLO:
             self._hello(rid, p)
         elif op == Op.AUTH:
@@ -245,8 +258,10 @@ class ClientConnection(asyncio.Protocol):
             self.listener.security.check_settle(self.access, group)
             engine.settle(self, rid, group, items)  # type: ignore[attr-defined]
         elif op == Op.UNSUBSCRIBE:
+            _check_empty(p, "UNSUBSCRIBE")
             engine.unsubscribe(self, rid)
         elif op == Op.PING:
+            _check_empty(p, "PING")
             self.reply(rid, {})
         elif op == Op.RECALL:
             msg_id = _check_recall(p)
@@ -268,8 +283,9 @@ class ClientConnection(asyncio.Protocol):
             raise BadRequestError("HELLO was already received on this connection")
         if not isinstance(p, dict):
             raise BadRequestError("HELLO payload must be a map")
-        if p.get("version") != PROTOCOL_VERSION:
-            raise BadRequestError(f"unsupported protocol version {p.get('version')!r}; this broker speaks {PROTOCOL_VERSION}")
+        version = p.get("version")
+        if type(version) is not int or version != PROTOCOL_VERSION:
+            raise BadRequestError(f"unsupported protocol version {shown(version)}; this broker speaks {PROTOCOL_VERSION}")
         client_id = p.get("client_id")
         if not isinstance(client_id, str) or not client_id or len(client_id) > 256:
             raise BadRequestError("client_id must be a non-empty string of at most 256 characters")
@@ -358,7 +374,9 @@ class ClientConnection(asyncio.Protocol):
         anything is stored."""
         topic = p["topic"]
         msgs = p["msgs"]
-        half = bool(p.get("half", False))
+        half = p.get("half", False)
+        if type(half) is not bool:
+            raise BadRequestError("half must be true or false")
         valid = self.listener.valid_topics
         if topic not in valid:
             validate_send_topic(topic)
@@ -465,6 +483,11 @@ class ClientConnection(asyncio.Protocol):
         size = self._send_sizes.pop(rid, 0) if self._send_sizes else 0
         if size:
             self._inflight_bytes -= size
+        if self._close_after is not None and self._inflight <= 0:
+            exc, self._close_after = self._close_after, None
+            self.error(0, exc)
+            self.close()
+            return
         if (not self._reading and not self.closed and self.transport is not None
                 and self._inflight <= self.config.max_inflight_requests // 2
                 and self._inflight_bytes <= self.config.max_inflight_bytes // 2):
@@ -625,6 +648,24 @@ def _check_recall(p: Any) -> str:
     if not isinstance(p, dict) or not isinstance(p.get("msg_id"), str):
         raise BadRequestError("RECALL payload must be {\"msg_id\": str}")
     return p["msg_id"]  # type: ignore[no-any-return]
+
+
+def _check_acks(p: Any) -> list[tuple[int, bool]]:
+    """The items of an ACK, all checked before any is applied (a bad one refuses the lot)."""
+    items = p.get("a") if isinstance(p, dict) else None
+    if type(items) is not list:
+        raise BadRequestError("ACK payload must be {\"a\": [[token, ok], ...]}")
+    out = []
+    for item in items:
+        if type(item) is not list or len(item) != 2 or type(item[0]) is not int or type(item[1]) is not bool:
+            raise BadRequestError(f"each ACK item must be [token: int, ok: bool], not {shown(item)}")
+        out.append((item[0], item[1]))
+    return out
+
+
+def _check_empty(p: Any, what: str) -> None:
+    if not isinstance(p, dict):
+        raise BadRequestError(f"{what} payload must be a map ({{}})")
 
 
 def _check_end_tx(p: Any) -> tuple[list[Any], bool]:
