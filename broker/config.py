@@ -360,6 +360,9 @@ OPTIONS: tuple[Option, ...] = (
            "client connections at once; more are refused with an error (default: 10000)"),
     Option("max_topics", _parse_positive_int, "N",
            "topics (not counting system topics); creating one more is refused (default: 10000)"),
+    Option("max_open_indexes", _parse_positive_int, "N",
+           "queue index files held open at once, whatever the number of queues; the least "
+           "recently used is closed first (default: 256)"),
     Option("max_groups", _parse_positive_int, "N",
            "consumer groups; subscribing with one more is refused (default: 10000)"),
     Option("max_leases", _parse_positive_int, "N",
@@ -431,6 +434,7 @@ class BrokerConfig:
     segment_size: int = 128 * 1024 * 1024
     max_connections: int = 10000
     max_topics: int = 10000
+    max_open_indexes: int = 256
     max_groups: int = 10000
     max_leases: int = 65536
     max_prepared: int = 50000

@@ -10,21 +10,38 @@ retention raises it in place and rewrites the file (new ``base``) only when the 
 is large. Reading "next N from offset o" is one ``pread`` — never a log scan.
 
 Offsets are assigned when a record is appended (``next_offset``), but only entries
-already written to the file (``end``) are visible. The writer thread writes the entries of a
-batch right after the log bytes; the event loop then advances ``end``. Index files are not
-fsynced per batch: they are rebuilt from the log after a crash.
+already written to the file (``end``) are visible. The event loop writes the entries of a
+batch while (or before) the log bytes are written; it advances ``end`` once the log bytes
+are. Index files are not fsynced per batch: they are rebuilt from the log after a crash.
+
+Descriptors: a :class:`QueueIndexFile` holds its counters, not an open file. Its descriptor
+comes from an :class:`IndexFiles` cache of at most ``limit`` open files (least recently
+used closed first, by a clock hand: an access only sets a flag), so a broker with 100,000
+queues holds a bounded number of descriptors. Only the event loop (or, while the store
+opens, the one recovery thread) touches the cache; fsyncs in worker threads open their own
+short-lived descriptors (:meth:`QueueIndexFile.sync_path`), never a cached one, which the
+loop may close meanwhile.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import struct
+from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 from .model import IndexEntry
 
-__all__ = ["ENTRY", "QueueIndexFile", "index_path", "scan_index_dir"]
+__all__ = ["ENTRY", "DEFAULT_OPEN_INDEXES", "IndexFiles", "QueueIndexFile", "index_path", "scan_index_dir"]
+
+log = logging.getLogger(__name__)
+
+#: Index files kept open at once by default (``--max-open-indexes``): with the broker's
+#: other files and sockets this fits a ``ulimit -n`` of 1024.
+DEFAULT_OPEN_INDEXES = 256
 
 ENTRY = struct.Struct("<QIIQ")
 HEADER = struct.Struct("<4sIQQ")
@@ -59,28 +76,127 @@ def scan_index_dir(root: Path) -> list[tuple[str, int, Path]]:
     return out
 
 
+class IndexFiles:
+    """An LRU (clock) cache of open index-file descriptors: at most ``limit`` open at once.
+
+    Use from one thread at a time (the event loop once the store is open).
+    """
+
+    def __init__(self, limit: int = DEFAULT_OPEN_INDEXES) -> None:
+        if limit < 1:
+            raise ValueError("the index descriptor cache needs room for at least one file")
+        self.limit = limit
+        self._open: OrderedDict[QueueIndexFile, None] = OrderedDict()
+        self.opened = 0  # files opened since start (a miss each)
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def fd(self, q: QueueIndexFile) -> int:
+        """The open descriptor of ``q`` (opening it, closing the least recently used)."""
+        fd = q.fd
+        if fd >= 0:
+            q.used = True
+            return fd
+        opened = self._open
+        while len(opened) >= self.limit:
+            self._evict_one()
+        try:
+            fd = os.open(q.path, os.O_RDWR)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not opened:
+                raise
+            # the process is out of descriptors: give back half of ours and try once more
+            log.warning("storage: out of file descriptors opening %s; closing %d cached index files",
+                        q.path, (len(opened) + 1) // 2)
+            for _ in range((len(opened) + 1) // 2):
+                self._evict_one()
+            fd = os.open(q.path, os.O_RDWR)
+        q.fd = fd
+        q.used = True
+        opened[q] = None
+        self.opened += 1
+        return fd
+
+    def adopt(self, q: QueueIndexFile, fd: int) -> None:
+        """Take ``fd`` (just opened for ``q``) into the cache, or close it if it is full."""
+        if len(self._open) >= self.limit:
+            os.close(fd)
+            return
+        q.fd = fd
+        self._open[q] = None
+
+    def _evict_one(self) -> None:
+        opened = self._open
+        while True:  # second chance: a file used since the hand last passed goes round again
+            q = next(iter(opened))
+            if q.used:
+                q.used = False
+                opened.move_to_end(q)
+                continue
+            del opened[q]
+            fd, q.fd = q.fd, -1
+            self.evicted += 1
+            os.close(fd)
+            return
+
+    def replaced(self, q: QueueIndexFile, fd: int) -> None:
+        """``q``'s file was rewritten and reopened as ``fd`` (the old one is closed)."""
+        q.fd = fd
+        q.used = True
+        self._open[q] = None
+
+    def forget(self, q: QueueIndexFile) -> None:
+        """Close ``q``'s descriptor if it is open."""
+        if self._open.pop(q, 0) is None:
+            fd, q.fd = q.fd, -1
+            os.close(fd)
+
+    def close_all(self) -> None:
+        """Close every cached descriptor."""
+        for q in self._open:
+            fd, q.fd = q.fd, -1
+            os.close(fd)
+        self._open.clear()
+
+
 class QueueIndexFile:
-    """One queue's index file plus its counters (``start`` <= ``end`` <= ``next_offset``)."""
+    """One queue's index file plus its counters (``start`` <= ``end`` <= ``next_offset``).
 
-    __slots__ = ("topic", "queue_id", "path", "fd", "base", "start", "end", "next_offset", "dirty")
+    ``fd`` is -1 while the file is not in its :class:`IndexFiles` cache.
+    """
 
-    def __init__(self, topic: str, queue_id: int, path: Path, fd: int, base: int, start: int, end: int) -> None:
+    __slots__ = ("topic", "queue_id", "path", "files", "fd", "used", "base", "start", "end", "next_offset",
+                 "dirty", "new")
+
+    def __init__(self, topic: str, queue_id: int, path: Path, files: IndexFiles, base: int, start: int,
+                 end: int) -> None:
         self.topic = topic
         self.queue_id = queue_id
         self.path = path
-        self.fd = fd
+        self.files = files
+        self.fd = -1
+        self.used = False
         self.base = base
         self.start = start
         self.end = end
         self.next_offset = end
         self.dirty = False
+        self.new = False  # created since the last checkpoint: its directory entry is not synced
 
     @classmethod
-    def open(cls, root: Path, topic: str, queue_id: int) -> QueueIndexFile:
-        """Open or create the index file; a torn trailing entry is cut off."""
+    def open(cls, root: Path, topic: str, queue_id: int, files: IndexFiles) -> QueueIndexFile:
+        """Open or create the index file; a torn trailing entry is cut off. Its descriptor
+        stays in ``files`` if there is room (else it is closed again)."""
         path = index_path(root, topic, queue_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        created = False
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            created = True
         try:
             size = os.fstat(fd).st_size
             raw = os.pread(fd, HSIZE, 0)
@@ -99,7 +215,11 @@ class QueueIndexFile:
         except BaseException:
             os.close(fd)
             raise
-        return cls(topic, queue_id, path, fd, base, start, end)
+        q = cls(topic, queue_id, path, files, base, start, end)
+        q.new = created
+        q.dirty = created
+        files.adopt(q, fd)
+        return q
 
     # -- reads (event loop) -----------------------------------------------------------
     def read(self, offset: int, max_count: int) -> list[tuple[int, IndexEntry]]:
@@ -128,18 +248,28 @@ class QueueIndexFile:
         n = min(max_count, self.end - offset)
         if n <= 0:
             return None
-        raw = os.pread(self.fd, n * ESIZE, HSIZE + (offset - self.base) * ESIZE)
+        fd = self.fd
+        if fd < 0:
+            fd = self.files.fd(self)
+        else:
+            self.used = True
+        raw = os.pread(fd, n * ESIZE, HSIZE + (offset - self.base) * ESIZE)
         if len(raw) % ESIZE:
             raw = raw[: len(raw) - len(raw) % ESIZE]
         return offset, raw
 
-    # -- writes (writer thread, or loop while the writer is idle) ---------------------
+    # -- writes (event loop, or the recovery thread while the store opens) --------------
     def write_entries(self, first_offset: int, data: bytes) -> None:
         """Write packed entries starting at queue offset ``first_offset``."""
         at = HSIZE + (first_offset - self.base) * ESIZE
+        fd = self.fd
+        if fd < 0:
+            fd = self.files.fd(self)
+        else:
+            self.used = True
         view = memoryview(data)
         while view:
-            n = os.pwrite(self.fd, view, at)
+            n = os.pwrite(fd, view, at)
             view = view[n:]
             at += n
         self.dirty = True
@@ -147,7 +277,8 @@ class QueueIndexFile:
     def truncate(self, end: int) -> None:
         """Drop entries at and after offset ``end``."""
         end = max(end, self.base)
-        os.ftruncate(self.fd, HSIZE + (end - self.base) * ESIZE)
+        if end < self.end:  # (the file ends at ``end`` entries since it was opened)
+            os.ftruncate(self.files.fd(self), HSIZE + (end - self.base) * ESIZE)
         self.end = self.next_offset = end
         self.start = min(self.start, end)
 
@@ -164,12 +295,13 @@ class QueueIndexFile:
 
     def write_header(self) -> None:
         """Persist ``base`` and ``start`` in the file header."""
-        os.pwrite(self.fd, HEADER.pack(MAGIC, VERSION, self.base, self.start), 0)
+        os.pwrite(self.files.fd(self), HEADER.pack(MAGIC, VERSION, self.base, self.start), 0)
         self.dirty = True
 
     def _compact(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        live = os.pread(self.fd, (self.end - self.start) * ESIZE, HSIZE + (self.start - self.base) * ESIZE)
+        old = self.files.fd(self)
+        live = os.pread(old, (self.end - self.start) * ESIZE, HSIZE + (self.start - self.base) * ESIZE)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, HEADER.pack(MAGIC, VERSION, self.start, self.start) + live)
@@ -178,17 +310,21 @@ class QueueIndexFile:
         except BaseException:
             os.close(fd)
             raise
-        os.close(self.fd)
-        self.fd = fd
+        os.close(old)
+        self.files.replaced(self, fd)
         self.base = self.start
         self.dirty = False
+        self.new = True  # (the rename is made durable with the directory at the next checkpoint)
 
-    def sync(self) -> None:
-        if self.dirty:
-            self.dirty = False
-            os.fsync(self.fd)
+    def sync_path(self) -> None:
+        """fsync the file through a descriptor of its own (worker threads: a cached
+        descriptor may be closed by the loop meanwhile)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close the descriptor, if open."""
+        self.files.forget(self)

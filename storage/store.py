@@ -110,7 +110,14 @@ from .log import (
 )
 from .metadata import Metadata
 from .model import BundleTarget, IndexEntry, IndexTarget, NewBundle, NewRecord, Record, Stored
-from .queue_index import ENTRY, ESIZE, QueueIndexFile, scan_index_dir
+from .queue_index import (
+    DEFAULT_OPEN_INDEXES,
+    ENTRY,
+    ESIZE,
+    IndexFiles,
+    QueueIndexFile,
+    scan_index_dir,
+)
 
 # fdatasync flushes the data and the metadata needed to read it back (the file size),
 # which is all an append needs; it skips timestamps and is markedly cheaper than fsync.
@@ -282,6 +289,7 @@ class MessageStore:
         self._writer_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._queues: dict[tuple[str, int], QueueIndexFile] = {}
+        self._files = IndexFiles(DEFAULT_OPEN_INDEXES)  # open index descriptors, bounded
         self._inflight: _Batch | None = None
         self._singles: _Singles | None = None
         self._sealed: deque[_Batch] = deque()  # full batches, before the current one
@@ -323,6 +331,7 @@ class MessageStore:
         retention: float = 72 * 3600,
         clock: Callable[[], float] = time.time,
         cache_bytes: int = CACHE_BYTES,
+        max_open_indexes: int = DEFAULT_OPEN_INDEXES,
     ) -> _Opener:
         """Open (creating, locking and recovering) the store in ``data_dir``.
 
@@ -331,15 +340,20 @@ class MessageStore:
         size of an existing store is kept (positions depend on it); ``segment_size`` applies
         to new stores only. ``cache_bytes`` (default 32 MiB, 0 disables) bounds the in-memory
         cache of recently written records that serves reads of the log tail.
+        ``max_open_indexes`` bounds the index files held open at once (whatever the number
+        of queues); it is lowered to a quarter of the descriptor limit if that is smaller.
         """
         if flush not in ("sync", "async"):
             raise ValueError("flush must be 'sync' or 'async'")
         if segment_size < 1024:
             raise ValueError("segment_size must be at least 1024")
+        if max_open_indexes < 1:
+            raise ValueError("max_open_indexes must be at least 1")
 
         async def _do() -> MessageStore:
             store = cls()
             store._rc_limit = max(0, int(cache_bytes))
+            store._files = IndexFiles(fit_open_indexes(max_open_indexes))
             await store._open(Path(data_dir), segment_size, flush, flush_interval, retention, clock)
             return store
 
@@ -406,7 +420,7 @@ class MessageStore:
         if not self._log.segments:
             self._log.register(self._log.open_segment(0, int(self._clock() * 1000)))
         for topic, qid, _path in scan_index_dir(self._index_root):
-            self._queues[(topic, qid)] = QueueIndexFile.open(self._index_root, topic, qid)
+            self._queues[(topic, qid)] = QueueIndexFile.open(self._index_root, topic, qid, self._files)
         self.recovered_clean = bool(
             isinstance(marker, dict)
             and isinstance(checkpoint, dict)
@@ -458,7 +472,7 @@ class MessageStore:
             key = (tgt.topic, tgt.queue_id)
             q = self._queues.get(key)
             if q is None:
-                q = self._queues[key] = QueueIndexFile.open(self._index_root, *key)
+                q = self._queues[key] = QueueIndexFile.open(self._index_root, *key, self._files)
             if tgt.queue_offset < q.end:
                 continue
             if tgt.queue_offset > q.end:
@@ -542,8 +556,7 @@ class MessageStore:
     def _release_files(self) -> None:
         if hasattr(self, "_log"):
             self._log.close()
-        for q in self._queues.values():
-            q.close()
+        self._files.close_all()
         self._queues.clear()
 
     # ------------------------------------------------------------------ appends
@@ -782,7 +795,7 @@ class MessageStore:
         topic = idx.topic
         q = self._queues.get((topic, idx.queue_id))
         if q is None:
-            q = self._queues[(topic, idx.queue_id)] = QueueIndexFile.open(self._index_root, topic, idx.queue_id)
+            q = self._queues[(topic, idx.queue_id)] = QueueIndexFile.open(self._index_root, topic, idx.queue_id, self._files)
         topic_b = self._topic_bytes.get(topic)
         if topic_b is None:
             topic_b = self._topic_bytes[topic] = topic.encode()
@@ -903,8 +916,7 @@ class MessageStore:
             try:
                 if seg.dsync_fd < 0:
                     seg.dsync_fd = os.open(seg.path, os.O_WRONLY | getattr(os, "O_DSYNC", os.O_SYNC))
-                for q, (first, entries) in batch.qentries.items():
-                    q.write_entries(first, entries)
+                _write_index(batch.qentries)
             except BaseException as exc:
                 self._fail(exc, batch)
                 raise
@@ -943,12 +955,19 @@ class MessageStore:
                     # p50 0.727 -> 0.651 ms, e2e 17,096 -> 24,786, tx 10,109 -> 13,812.
                     # Only big batches go to the thread, so the loop keeps serving.
                     t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
-                    new_segs, touched = self._write_batch(plan, batch.qentries, sync, dirty, batch.newest_ms)
+                    _write_index(batch.qentries)
+                    new_segs, touched = self._write_batch(plan, sync, dirty, batch.newest_ms)
                     self.stats["loop_disk_wait_ns"] += time.perf_counter_ns() - t0 - (time.thread_time_ns() - c0)
                 else:
-                    new_segs, touched = await loop.run_in_executor(
-                        self._executor, self._write_batch, plan, batch.qentries, sync, dirty, batch.newest_ms
-                    )
+                    # the log bytes in the writer thread; meanwhile the index entries here
+                    # (index descriptors are the loop's: see storage.queue_index)
+                    job = loop.run_in_executor(self._executor, self._write_batch, plan, sync, dirty, batch.newest_ms)
+                    try:
+                        _write_index(batch.qentries)
+                    except BaseException:
+                        job.add_done_callback(_retrieve)
+                        raise
+                    new_segs, touched = await job
                 for seg in new_segs:
                     self._log.register(seg)
                 self._publish(batch, touched, [data for *_, data in plan], sync, len(plan), len(touched) + len(dirty))
@@ -1035,8 +1054,10 @@ class MessageStore:
                 await asyncio.shield(job)
 
     def _write_batch(
-        self, plan: list, qentries: dict, sync: bool, dirty: list[Segment], now_ms: int
+        self, plan: list, sync: bool, dirty: list[Segment], now_ms: int
     ) -> tuple[list[Segment], list[tuple[Segment, int]]]:
+        """Write a batch's log bytes (creating the segments it starts) and with ``sync``
+        fdatasync them and the ``dirty`` segments; its index entries are written apart."""
         new_segs = []
         touched: list[tuple[Segment, int]] = []
         for seg, base, rel, data in plan:
@@ -1054,8 +1075,6 @@ class MessageStore:
                 seg = self._log.open_segment(base, now_ms)
                 new_segs.append(seg)
             touched.append((seg, _pwrite_whole(seg.fd, data, rel)))
-        for q, (first, entries) in qentries.items():
-            q.write_entries(first, entries)
         if sync:
             for seg, _ in touched:
                 _datasync(seg.fd)
@@ -1115,6 +1134,9 @@ class MessageStore:
                 pos = self._written_end
                 queues = [[t, q, qi.end] for (t, q), qi in self._queues.items()] if index else []
                 dirty_q = [qi for qi in self._queues.values() if qi.dirty] if index else []
+                new_q = [qi for qi in dirty_q if qi.new]
+                for qi in dirty_q:  # (a write from here on marks it again)
+                    qi.dirty = qi.new = False
                 segs = list(self._dirty_segs)
                 self._dirty_segs.clear()  # a write from here on marks its segment again
                 if final:
@@ -1124,12 +1146,22 @@ class MessageStore:
                 for seg in segs:
                     _datasync(seg.fd)
                 for qi in dirty_q:
-                    qi.sync()  # (clears the flag before its fsync: a write meanwhile sets it again)
+                    qi.sync_path()
+                # a new index file's directory entry (and its topic directory's) must be
+                # durable before a checkpoint counts on the file
+                for d in {qi.path.parent for qi in new_q}:
+                    fsync_dir(d)
+                if new_q:
+                    fsync_dir(self._index_root)
 
             try:
                 await self._loop.run_in_executor(None, _sync)
             except BaseException:
                 self._dirty_segs.update(segs)
+                for qi in dirty_q:
+                    qi.dirty = True
+                for qi in new_q:
+                    qi.new = True
                 raise
             self.stats["fsyncs"] += len(segs)
             self._synced_end = max(self._synced_end, pos)
@@ -1451,6 +1483,30 @@ class MessageStore:
             log.info("storage: retention deleted %d segment(s)", deleted)
             await self._checkpoint(final=False)
         return deleted
+
+
+def _write_index(qentries: dict[QueueIndexFile, list[Any]]) -> None:
+    """Write a batch's packed index entries, one ``pwrite`` per queue (event loop)."""
+    for q, (first, entries) in qentries.items():
+        q.write_entries(first, entries)
+
+
+def fit_open_indexes(wanted: int) -> int:
+    """``wanted``, or a quarter of the process's descriptor limit if that is smaller (the
+    rest is for log segments, metadata and sockets)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inf = resource.RLIM_INFINITY
+    room = inf if inf in (soft, hard) else max(soft, hard)
+    if room == inf or wanted <= room // 4:
+        return wanted
+    fit = max(8, room // 4)
+    log.warning("storage: max_open_indexes %d lowered to %d, a quarter of the descriptor limit %d",
+                wanted, fit, room)
+    return fit
 
 
 def _consecutive(items: list[tuple[int, bytes]]) -> bool:

@@ -72,6 +72,7 @@ class BrokerProcess:
     port: int = 0
     http_port: int = 0
     log_path: Path | None = None
+    nofile: int | None = None  # RLIMIT_NOFILE (soft and hard) of the broker process, if set
 
     def start(self, timeout: float = 20.0) -> BrokerProcess:
         """Start the broker (reusing the previous ports after the first start) and wait for the ready line."""
@@ -81,7 +82,8 @@ class BrokerProcess:
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
         with open(self.log_path, "a") as log_file:  # the broker logs to stderr: never a pipe nobody reads
             self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file, env=env, text=True
+                cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file, env=env, text=True,
+                preexec_fn=None if self.nofile is None else self._limit_nofile,
             )
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
@@ -100,6 +102,11 @@ class BrokerProcess:
         self.port = int(self.address.rsplit(":", 1)[1])
         self.http_port = int(parts["http"].rsplit(":", 1)[1])
         return self
+
+    def _limit_nofile(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def kill9(self) -> None:
         """SIGKILL the broker and reap it."""
@@ -137,8 +144,9 @@ def broker_factory(tmp_path: Path):
     """Factory: ``broker_factory(*args, env={})`` starts a broker subprocess; all are stopped at teardown."""
     started: list[BrokerProcess] = []
 
-    def make(*args: str, env: dict[str, str] | None = None, data_dir: Path | None = None) -> BrokerProcess:
-        b = BrokerProcess(data_dir or tmp_path / f"data{len(started)}", list(args), env or {})
+    def make(*args: str, env: dict[str, str] | None = None, data_dir: Path | None = None,
+             nofile: int | None = None) -> BrokerProcess:
+        b = BrokerProcess(data_dir or tmp_path / f"data{len(started)}", list(args), env or {}, nofile=nofile)
         started.append(b)
         return b.start()
 

@@ -153,6 +153,7 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
             flush=cfg.flush,
             flush_interval=cfg.flush_interval,
             retention=cfg.retention,
+            max_open_indexes=cfg.max_open_indexes,
         )
         # one record of the largest message must fit in a segment (whose size may also have
         # been kept from an older store): refuse to start rather than fail sends later

@@ -10,8 +10,10 @@ and is announced to the engine (``session_opened``) and withdrawn when it closes
 
 Descriptors: at start the soft ``RLIMIT_NOFILE`` is raised to the hard limit, and
 ``--max-connections`` is lowered (with a WARNING) if the limit could not hold that many
-connections plus ``FD_RESERVE`` for the broker's own files (log segments, index files,
-metadata, listening sockets): clients can never starve the broker of descriptors. A
+connections plus the descriptors kept for the broker's own files: ``FD_RESERVE`` (log
+segments, metadata, listening sockets) plus ``--max-open-indexes`` (the store's cache of
+open queue index files, whatever the number of queues): clients can never starve the
+broker of descriptors. A
 client past the limit gets an ERROR frame (``LimitExceededError``) and is disconnected.
 """
 
@@ -39,13 +41,15 @@ __all__ = ["NativeListener", "FD_RESERVE", "connection_limit"]
 
 log = logging.getLogger("halfmq.broker")
 
-#: Descriptors kept for the broker's own files whatever the number of clients.
-FD_RESERVE = 512
+#: Descriptors kept for the broker's own files (besides its open index files) whatever the
+#: number of clients.
+FD_RESERVE = 256
 
 
-def connection_limit(wanted: int) -> int:
+def connection_limit(wanted: int, open_indexes: int = 256) -> int:
     """How many client connections this process can hold: ``wanted``, or fewer if the
-    descriptor limit (raised to its hard value first) leaves less after ``FD_RESERVE``."""
+    descriptor limit (raised to its hard value first) leaves less after ``FD_RESERVE``
+    and ``open_indexes`` (the store's open index files)."""
     if resource is None:
         return wanted
     inf = resource.RLIM_INFINITY
@@ -58,7 +62,7 @@ def connection_limit(wanted: int) -> int:
             pass
     if soft == inf:
         return wanted
-    return max(1, min(wanted, soft - FD_RESERVE))
+    return max(1, min(wanted, soft - FD_RESERVE - open_indexes))
 
 
 class NativeListener:
@@ -84,11 +88,12 @@ class NativeListener:
 
     async def start(self) -> int:
         """Listen; return the bound port."""
-        limit = connection_limit(self.config.max_connections)
+        reserve = FD_RESERVE + self.config.max_open_indexes
+        limit = connection_limit(self.config.max_connections, self.config.max_open_indexes)
         if limit < self.config.max_connections:
             log.warning("--max-connections %d lowered to %d: the descriptor limit (ulimit -n) leaves "
                         "room for %d clients after %d for the broker's own files",
-                        self.config.max_connections, limit, limit, FD_RESERVE)
+                        self.config.max_connections, limit, limit, reserve)
         self.max_connections = limit
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
