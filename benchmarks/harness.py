@@ -32,7 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -90,13 +90,13 @@ def make_server(name: str, *, profile_dir: str | None = None, profiler: str = "c
 
         return Server("sync", profile_dir=profile_dir, profiler=profiler, secure=True)
     if name == "rabbitmq":
-        from benchmarks.systems.rabbitmq import Server
+        from benchmarks.systems.rabbitmq import Server  # type: ignore[assignment]
     elif name == "nats":
-        from benchmarks.systems.nats_js import Server
+        from benchmarks.systems.nats_js import Server  # type: ignore[assignment]
     elif name == "redis":
-        from benchmarks.systems.redis_streams import Server
+        from benchmarks.systems.redis_streams import Server  # type: ignore[assignment]
     elif name == "echo":
-        from benchmarks.echo import Server
+        from benchmarks.echo import Server  # type: ignore[assignment]
     else:
         raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}")
     return Server()
@@ -105,7 +105,7 @@ def make_server(name: str, *, profile_dir: str | None = None, profiler: str = "c
 # -- statistics -----------------------------------------------------------------------
 
 
-def percentile(sorted_values: list[float], q: float) -> float | None:
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
     """The ``q``-quantile (0..1) of an already sorted list (nearest rank); None if empty."""
     if not sorted_values:
         return None
@@ -255,7 +255,7 @@ class Worker:
             self.proc.stdin.write((line + "\n").encode())
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        waiter = asyncio.ensure_future(self.ready.wait())
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(self.ready.wait())
         done, _ = await asyncio.wait({waiter, self.result}, timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if waiter not in done:
@@ -845,10 +845,10 @@ def render_chart(report: dict[str, Any], path: str) -> str | None:
             names.append(name)
             p50.append(r["p50"])
             p99.append(r["p99"])
-    xs = range(len(names))
-    ax2.bar([x - 0.2 for x in xs], p50, 0.4, label="p50")
-    ax2.bar([x + 0.2 for x in xs], p99, 0.4, label="p99")
-    ax2.set_xticks(list(xs))
+    positions = range(len(names))
+    ax2.bar([x - 0.2 for x in positions], p50, 0.4, label="p50")
+    ax2.bar([x + 0.2 for x in positions], p99, 0.4, label="p99")
+    ax2.set_xticks(list(positions))
     ax2.set_xticklabels(names, rotation=20, fontsize=8)
     ax2.set_yscale("log")
     ax2.set_ylabel("ms")

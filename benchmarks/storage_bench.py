@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -96,8 +97,8 @@ async def async_single(d: Path, count: int) -> float:
         for i in range(count):
             _, fut = s.append((records[i % 1000],))
             if i % 1000 == 999:
-                await fut  # keep the pipeline bounded
-        await fut
+                await fut  # type: ignore[misc]  # keep the pipeline bounded
+        await fut  # type: ignore[misc]
         return count / (time.perf_counter() - t0)
 
 
@@ -120,6 +121,7 @@ def read_queues_rate(s: MessageStore, per_entry: bool = False) -> float:
     for q in range(4):
         off = 0
         while True:
+            got: list[Any]
             if per_entry:
                 got = s.read_queue("bench", q, off, 512)
                 for _, e in got:

@@ -304,7 +304,7 @@ class PushConsumer:
                 continue  # from a previous connection: its token is void
             try:
                 if is_async:
-                    result = await listener(message)
+                    result = listener(message)  # a coroutine, awaited below
                 else:
                     result = await loop.run_in_executor(self._pool, listener, message)
                 if inspect.isawaitable(result):

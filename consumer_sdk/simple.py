@@ -147,8 +147,8 @@ class SimpleConsumer:
         try:
             for handle, wire in reply["m"]:
                 m = Message.from_wire(wire)
-                out.append(ReceivedMessage(*(getattr(m, f.name) for f in dataclasses.fields(Message)),
-                                           receipt_handle=handle))
+                fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(Message)}
+                out.append(ReceivedMessage(**fields, receipt_handle=handle))
         except (KeyError, TypeError, ValueError) as exc:
             raise HalfMQError(f"malformed RECEIVE reply from broker: {exc}") from None
         return out

@@ -34,7 +34,7 @@ import inspect
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from producer_sdk.connection import Connection
@@ -75,14 +75,18 @@ class TransactionListener(abc.ABC):
     """
 
     @abc.abstractmethod
-    def execute_local_transaction(self, message: Message, arg: Any) -> LocalTransactionState:
+    def execute_local_transaction(
+        self, message: Message, arg: Any
+    ) -> LocalTransactionState | Awaitable[LocalTransactionState]:
         """Run the local transaction for the stored half ``message``; return its outcome.
 
         ``arg`` is what the caller passed to ``send_in_transaction``. Raising means UNKNOWN.
         """
 
     @abc.abstractmethod
-    def check_local_transaction(self, message: Message) -> LocalTransactionState:
+    def check_local_transaction(
+        self, message: Message
+    ) -> LocalTransactionState | Awaitable[LocalTransactionState]:
         """Tell the broker the outcome of the transaction of half ``message`` (check-back)."""
 
 
@@ -234,7 +238,7 @@ class TransactionProducer(Producer):
         fn = self.listener.execute_local_transaction
         try:
             if _is_async(fn):
-                value = await fn(message, arg)
+                value = fn(message, arg)  # a coroutine, awaited below
             else:
                 value = await asyncio.to_thread(fn, message, arg)
             if inspect.isawaitable(value):
@@ -302,7 +306,7 @@ class TransactionProducer(Producer):
             fn = self.listener.check_local_transaction
             try:
                 if _is_async(fn):
-                    value = await fn(message)
+                    value = fn(message)  # a coroutine, awaited below
                 else:
                     loop = asyncio.get_running_loop()
                     if self._check_pool is None:

@@ -113,13 +113,14 @@ _idx_unpack = IDX.unpack_from
 _member_unpack = MEMBER.unpack_from
 _unpackb = msgpack.unpackb
 _new = object.__new__
-_r_pos = Record.pos.__set__  # type: ignore[attr-defined]
-_r_size = Record.size.__set__  # type: ignore[attr-defined]
-_r_rtype = Record.rtype.__set__  # type: ignore[attr-defined]
-_r_time = Record.store_time.__set__  # type: ignore[attr-defined]
-_r_header = Record.header.__set__  # type: ignore[attr-defined]
-_r_body = Record.body.__set__  # type: ignore[attr-defined]
-_r_next = Record.next_pos.__set__  # type: ignore[attr-defined]
+_SLOTS = vars(Record)  # the slot descriptors: set fields of a frozen instance
+_r_pos = _SLOTS["pos"].__set__
+_r_size = _SLOTS["size"].__set__
+_r_rtype = _SLOTS["rtype"].__set__
+_r_time = _SLOTS["store_time"].__set__
+_r_header = _SLOTS["header"].__set__
+_r_body = _SLOTS["body"].__set__
+_r_next = _SLOTS["next_pos"].__set__
 
 
 def make_record(pos: int, size: int, rtype: int, store_time: int, header: dict, body: bytes, next_pos: int) -> Record:

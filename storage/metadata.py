@@ -104,5 +104,5 @@ class Metadata:
     async def close(self) -> None:
         """Close the database. Idempotent."""
         if self._db is not None:
-            db, self._db = self._db, None
+            db, self._db = self._db, None  # type: ignore[assignment]  # (closed: no further use)
             await db.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = ["BundleTarget", "IndexTarget", "NewBundle", "NewRecord", "Stored", "Record", "IndexEntry"]
 
@@ -37,7 +37,7 @@ class NewRecord(NamedTuple):
     rtype: int
     header: dict | list
     body: bytes = b""
-    index: IndexTarget | None = None
+    index: IndexTarget | None = None  # type: ignore[assignment]  # (shadows tuple.index)
 
 
 class BundleTarget(NamedTuple):
@@ -59,7 +59,7 @@ class NewBundle(NamedTuple):
     rtype: int
     headers: list
     bodies: list[bytes]
-    index: BundleTarget
+    index: BundleTarget  # type: ignore[assignment]  # (shadows tuple.index)
 
 
 class Stored(NamedTuple):
@@ -85,7 +85,7 @@ class Record:
     size: int
     rtype: int
     store_time: int
-    header: dict | list
+    header: Any  # decoded msgpack: a map for a single record, an array for a bundle's
     body: bytes
     next_pos: int
 

@@ -51,10 +51,11 @@ ESIZE = ENTRY.size  # 24
 HSIZE = HEADER.size  # 24
 COMPACT_MIN_DEAD = 4096
 _new = object.__new__
-_e_pos = IndexEntry.pos.__set__  # type: ignore[attr-defined]
-_e_size = IndexEntry.size.__set__  # type: ignore[attr-defined]
-_e_tag = IndexEntry.tag_hash.__set__  # type: ignore[attr-defined]
-_e_time = IndexEntry.store_time.__set__  # type: ignore[attr-defined]
+_SLOTS = vars(IndexEntry)  # the slot descriptors: set fields of a frozen instance
+_e_pos = _SLOTS["pos"].__set__
+_e_size = _SLOTS["size"].__set__
+_e_tag = _SLOTS["tag_hash"].__set__
+_e_time = _SLOTS["store_time"].__set__
 
 
 def index_path(root: Path, topic: str, queue_id: int) -> Path:
@@ -63,7 +64,7 @@ def index_path(root: Path, topic: str, queue_id: int) -> Path:
 
 def scan_index_dir(root: Path) -> list[tuple[str, int, Path]]:
     """Every index file under ``root`` as ``(topic, queue_id, path)``."""
-    out = []
+    out: list[tuple[str, int, Path]] = []
     if not root.is_dir():
         return out
     for tdir in sorted(root.iterdir()):
@@ -228,7 +229,7 @@ class QueueIndexFile:
         if raw is None:
             return []
         first, data = raw
-        out = []
+        out: list[tuple[int, IndexEntry]] = []
         append = out.append
         new = _new
         for p, s, t, ts in ENTRY.iter_unpack(data):

@@ -23,6 +23,7 @@ webhooks, per-group settings. Keys are plain strings; features use their own pre
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from protocol.errors import HalfMQError
@@ -116,9 +117,11 @@ class Engine(Protocol):
         """Record transaction outcomes (T6); reply when every changed outcome is durable."""
         ...
 
-    def recall(self, s: Session, rid: int, msg_id: str) -> None:
+    def recall(self, s: Session, rid: int, msg_id: str,
+               allowed: Callable[[str], None] | None = None) -> None:
         """Cancel a scheduled message not yet due; reply ``{"state": "RECALLED"}`` once that
-        is durable. Raises ``MessageStateError`` (unknown, not scheduled, already due)."""
+        is durable. Raises ``MessageStateError`` (unknown, not scheduled, already due), or
+        what ``allowed(topic)`` raises for the message's topic (a front end's rights check)."""
         ...
 
     def subscribe(self, s: Session, rid: int, sub: Subscription) -> None: ...

@@ -347,6 +347,8 @@ def account_routes(db: BankDatabase, bank: str) -> web.RouteTableDef:
             return web.json_response({"error": 'expected {"id": int, "account": str}'}, status=400)
         if not await db.create_account(account_id, name):
             return web.json_response({"error": f"account {account_id} exists"}, status=409)
-        return web.json_response((await db.get_account(account_id)).to_json(), status=201)
+        account = await db.get_account(account_id)
+        assert account is not None  # (just created)
+        return web.json_response(account.to_json(), status=201)
 
     return routes

@@ -240,7 +240,9 @@ async def _add_demo_users(broker: Any, out: Callable[[str], None]) -> dict[str, 
     token, _ = await directory.create_token("operator")
     for user in directory.list_users():
         out(f"   user {user['user']}: {', '.join(user['grants'])}")
-    for who, options in (("no credentials", {}), ("bank2 publishing", {"user": "bank2", "password": passwords["bank2"]})):
+    attempts: list[tuple[str, dict[str, Any]]] = [
+        ("no credentials", {}), ("bank2 publishing", {"user": "bank2", "password": passwords["bank2"]})]
+    for who, options in attempts:
         try:
             async with Producer(broker.address, **options) as p:
                 await p.send(TOPIC, b"{}")

@@ -276,7 +276,11 @@ FILTERED_BACKLOG = 600_000
 @pytest.mark.timeout(180)
 def test_tag_filter_over_a_large_backlog_does_not_stall_other_clients(broker_factory, raw):
     """600,000 messages tagged A; a consumer subscribes with ``tags: "B"`` (no match). Another
-    connection's PINGs, sent every 20 ms meanwhile, are all answered within 300 ms."""
+    connection's PINGs, sent every 20 ms meanwhile, are all answered within 1 s.
+
+    Before the fix the scan held the event loop for the whole backlog (~1.5 s on a quiet
+    machine, longer on a busy one); now one poll reads at most 8,192 entries, a few ms. The
+    bound is loose on purpose: a busy CI machine delays every PING too."""
     b = broker_factory()
     c = raw(b.address)
     _hello(c)
@@ -298,7 +302,7 @@ def test_tag_filter_over_a_large_backlog_does_not_stall_other_clients(broker_fac
         assert pinger.request(Op.PING, rid, {}, timeout=60)[0] == Op.REPLY
         worst = max(worst, time.monotonic() - start)
         time.sleep(0.02)
-    assert worst <= 0.3, f"a PING waited {worst:.2f}s while another client's filter read the backlog"
+    assert worst <= 1.0, f"a PING waited {worst:.2f}s while another client's filter read the backlog"
 
 
 # -- what a closed connection leaves behind ------------------------------------------------------

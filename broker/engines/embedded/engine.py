@@ -115,18 +115,18 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         self._rr: dict[str, int] = defaultdict(int)
         self._send_records: list[NewRecord | NewBundle] = []
         self._send_entries: list[tuple[Any, ...]] = []
-        self._send_count = 0  # messages (Stored rows) in _send_records
-        self._bundle_bytes = _BUNDLE_BYTES
-        self._sends_scheduled = False
+        self._send_count: int = 0  # messages (Stored rows) in _send_records
+        self._bundle_bytes: int = _BUNDLE_BYTES
+        self._sends_scheduled: bool = False
         self._targets: dict[tuple[str, int, int], IndexTarget] = {}  # shared, immutable
         # transactions: pending half message -> (queue, tag hash, size of its record)
         self._half_meta: dict[str, tuple[int, int, int]] = {}
         self._checks_in_flight: dict[str, asyncio.Future[Any]] = {}
-        self._next_forget = 0.0
+        self._next_forget: float = 0.0
         # delivering
         self._consumers: dict[str, Session] = {}  # conn_id -> subscribed session
         self._subscriptions: dict[str, tuple[str, str]] = {}  # conn_id -> (group, topic)
-        self._dispatch_scheduled = False
+        self._dispatch_scheduled: bool = False
         self._last_saved: dict[str, list[Any]] = {}
         self._last_marks: tuple[Any, ...] = ()
         self._acked_groups: set[GroupDelivery] = set()

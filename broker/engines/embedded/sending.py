@@ -56,6 +56,10 @@ _BUNDLE_MAX = 1000
 class EmbeddedSending:
     """The send path of :class:`EmbeddedEngine` (see the module docstring)."""
 
+    _send_records: list[NewRecord | NewBundle]
+    _send_entries: list[tuple[Any, ...]]
+    _sched_rows: list[tuple[int, str, int, int, int, int]]
+
     def send(self: EmbeddedEngine, s: Session, rid: int, topic: str, msgs: list[list[Any]], half: bool) -> None:
         """Queue the records of one SEND; the reply goes out once they are durable.
 
@@ -117,7 +121,7 @@ class EmbeddedSending:
         queue, in send order) and travels in the header's extras."""
         records = self._send_records
         rr = self._rr[topic]
-        qids = []
+        qids: list[int] = []
         rows = []
         for m in msgs:
             body, tags, keys, props, born = m[:5]
@@ -183,7 +187,8 @@ class EmbeddedSending:
             # only waiters (a barrier): an empty record whose durability implies that of
             # everything appended before it
             records = [NewRecord(RT_ACK, {"g": "", "a": []}, b"", None)]
-        self._send_records, self._send_entries = [], []
+        self._send_records = []
+        self._send_entries = []
         self._send_count = 0
         sched_rows = self._sched_rows
         self._sched_rows = []

@@ -95,10 +95,10 @@ class EmbeddedTransactions:
         for item in items:
             try:
                 msg_id, outcome = item
-                state = _REQUESTED.get(outcome) if isinstance(msg_id, str) else None
-                if state is None:
+                requested = _REQUESTED.get(outcome) if isinstance(msg_id, str) else None
+                if requested is None:
                     raise BadRequestError("each item must be [msg_id, 'COMMIT' | 'ROLLBACK']")
-                recorded, changed = self.tx.resolve(msg_id, state, now, group=s.group)
+                recorded, changed = self.tx.resolve(msg_id, requested, now, group=s.group)
             except HalfMQError as exc:
                 results.append([exc.code, str(exc)])
                 continue

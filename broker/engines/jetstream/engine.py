@@ -32,6 +32,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -343,7 +344,8 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
     def cancel_receive(self, s: Session, rid: int) -> None:
         """No RECEIVE is ever pending here: nothing to drop."""
 
-    def recall(self, s: Session, rid: int, msg_id: str) -> None:
+    def recall(self, s: Session, rid: int, msg_id: str,
+               allowed: Callable[[str], None] | None = None) -> None:
         """No message is ever scheduled here (send options are refused): nothing to recall."""
         raise MessageStateError(f"message {msg_id!r} is not a scheduled message "
                                 "(the jetstream engine does not schedule messages yet)")

@@ -53,6 +53,7 @@ def _credentials(cfg: BrokerConfig) -> Any:
         with open(path, "rb") as f:
             return f.read()
 
+    assert cfg.tls_cert is not None  # (called only when TLS is configured)
     ca = read(cfg.tls_client_ca) if cfg.tls_client_ca else None
     return grpc.ssl_server_credentials([(read(cfg.tls_key or cfg.tls_cert), read(cfg.tls_cert))],
                                        root_certificates=ca, require_client_auth=ca is not None)

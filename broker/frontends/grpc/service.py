@@ -356,7 +356,7 @@ class MessagingService(grpc_pb.MessagingServiceServicer):  # type: ignore[misc, 
         try:
             allowed = None if self.access is None else (
                 lambda t: self._allowed(c, "send", t, None, False))  # the message's own topic
-            self.engine.recall(s, rid, handle, allowed)  # type: ignore[attr-defined]
+            self.engine.recall(s, rid, handle, allowed)
         except BaseException:
             s.forget(rid)
             raise

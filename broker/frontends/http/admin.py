@@ -245,7 +245,7 @@ def build_app(broker: Broker) -> web.Application:
 
     add_webhook_routes(routes, broker.webhooks, page=_page)
 
-    app = web.Application(middlewares=[guard_middleware(broker), bad_queries])
+    app = web.Application(middlewares=[guard_middleware(broker), bad_queries])  # type: ignore[list-item]
     app.add_routes(routes)
     app.add_routes(user_routes(broker.security.directory))
     return app
@@ -259,5 +259,5 @@ async def start_admin_http(broker: Broker, host: str, port: int) -> tuple[web.Ap
     await site.start()
     server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor for the bound port
     assert server is not None
-    bound = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    bound = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     return runner, bound

@@ -73,10 +73,10 @@ def metric_families(snapshot: dict[str, Any], connections: Iterable[Any], errors
             fam.add_metric([g], st[key])
         out.append(fam)
     for key, name, doc in _GROUP_GAUGES:
-        fam = GaugeMetricFamily(name, doc, labels=["group"])
+        gauge = GaugeMetricFamily(name, doc, labels=["group"])
         for g, st in groups.items():
-            fam.add_metric([g], st[key])
-        out.append(fam)
+            gauge.add_metric([g], st[key])
+        out.append(gauge)
     out.append(GaugeMetricFamily("halfmq_groups", "Consumer groups", value=snapshot["groups_total"]))
     out.append(GaugeMetricFamily("halfmq_topics", "Topics (system topics not counted)", value=snapshot["topics_total"]))
     tx = GaugeMetricFamily("halfmq_transactions", "Transactions the broker holds, by state "

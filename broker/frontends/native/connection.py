@@ -134,7 +134,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=DELIVERY_WINDOW, low=DELIVERY_WINDOW // 4)
+        transport.set_write_buffer_limits(  # type: ignore[attr-defined]
+            high=DELIVERY_WINDOW, low=DELIVERY_WINDOW // 4)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.listener.opened(self)
@@ -268,7 +269,7 @@ class ClientConnection(asyncio.Protocol):
             security, access = self.listener.security, self.access
             security.check_recall(access)
             # the message's topic is the engine's to know: it asks before recalling
-            engine.recall(self, rid, msg_id,  # type: ignore[attr-defined]
+            engine.recall(self, rid, msg_id,
                           lambda topic: security.check_send(access, topic, None, False))
         else:
             raise BadRequestError(f"unknown operation {op}")
