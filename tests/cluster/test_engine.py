@@ -227,33 +227,6 @@ async def test_admin_views_and_settings(engine_factory, unique):
     assert await engine.settings_get(key, "gone") == "gone"
 
 
-async def test_features_not_in_cluster_mode_yet_are_refused_clearly(engine_factory, unique):
-    from protocol.errors import BadRequestError
-
-    engine = await engine_factory()
-    p = RecordingSession(role="producer")
-    with pytest.raises(BadRequestError, match="send options"):
-        engine.send(p, p.rid(), unique, [[b"x", None, [], {}, 0, {"delay": 1000}]], False)
-    reply = await _send(engine, p, unique, [[b"plain", None, [], {}, 0, {}]])  # empty options: fine
-    assert len(reply["r"]) == 1
-    c = RecordingSession(role="consumer")
-    fifo = Sub("g", unique)
-    fifo.fifo = True
-    with pytest.raises(BadRequestError, match="FIFO"):
-        engine.subscribe(c, c.rid(), fifo)
-    with pytest.raises(BadRequestError, match="RECEIVE"):
-        engine.receive(c, c.rid(), group="g", topic=unique, tags=None, max_messages=1,
-                       invisible_ms=1000, wait_ms=0)
-    with pytest.raises(BadRequestError, match="SETTLE"):
-        engine.settle(c, c.rid(), "g", [])
-    engine.cancel_receive(c, c.rid())  # nothing pending: nothing happens
-    from protocol.errors import MessageStateError
-
-    with pytest.raises(MessageStateError, match="not a scheduled message"):
-        engine.recall(p, p.rid(), reply["p"] + f"{reply['r'][0][0]:016X}")
-    assert engine.route(unique) == engine.config.default_queues
-
-
 async def test_stop_is_prompt_while_loops_wait_on_the_engine(engine_factory, unique):
     """Pumps and check-back loops parked in a pull must not hold up a graceful stop."""
     engine = await engine_factory(tx_timeout=60.0)

@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from broker.core.delivery import GroupDelivery, StaleHandleError
+from broker.core.groupsettings import GROUP_SETTINGS_PREFIX, merge_group_settings
 from broker.engines.base import Session
 from protocol import BadRequestError, LimitExceededError
 from protocol.errors import StaleReceiptError
@@ -36,7 +37,6 @@ __all__ = ["EmbeddedPulling", "GROUP_SETTINGS_PREFIX"]
 
 log = logging.getLogger("halfmq.broker")
 
-GROUP_SETTINGS_PREFIX = "groups/"
 
 
 class EmbeddedPulling:
@@ -177,20 +177,10 @@ class EmbeddedPulling:
                                        retry_delays: list[float] | None = None) -> dict[str, Any]:
         """Change a group's settings (None leaves one as it is); they apply at once and
         survive restarts. Raises ``BadRequestError`` for out-of-range values."""
-        if max_attempts is not None and not 1 <= max_attempts <= 1000:
-            raise BadRequestError("max_attempts must be between 1 and 1000")
-        if retry_delays is not None and (not retry_delays or len(retry_delays) > 64
-                                         or any(not 0 <= d <= 7 * 86400 for d in retry_delays)):
-            raise BadRequestError("retry_delays must hold 1 to 64 delays of 0 to 7 days")
+        st = merge_group_settings(self._group_settings.get(group, {}), fifo=fifo,
+                                  max_attempts=max_attempts, retry_delays=retry_delays)
         if group not in self.groups:
             self._check_group_room(group)
-        st = dict(self._group_settings.get(group, {}))
-        if fifo is not None:
-            st["fifo"] = fifo
-        if max_attempts is not None:
-            st["max_attempts"] = max_attempts
-        if retry_delays is not None:
-            st["retry_delays"] = [float(d) for d in retry_delays]
         await self.settings_put(GROUP_SETTINGS_PREFIX + group, st)
         self._group_settings[group] = st
         gd = self.groups.get(group)

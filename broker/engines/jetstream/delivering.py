@@ -65,10 +65,13 @@ class _Member:
 
 
 class _Pump:
-    __slots__ = ("spec", "handle", "members", "wake", "task", "waiting", "rr")
+    __slots__ = ("spec", "handle", "members", "wake", "task", "waiting", "rr", "ask_fifo", "setup", "lanes")
 
-    def __init__(self, spec: GroupSpec) -> None:
+    def __init__(self, spec: GroupSpec, ask_fifo: bool = False) -> None:
         self.spec = spec
+        self.ask_fifo = ask_fifo  # the first subscription asked for a FIFO group
+        self.setup: asyncio.Future[None] | None = None  # the consumer(s) being made ready
+        self.lanes: list[tuple[ConsumerHandle, asyncio.Task[Any]]] = []  # a FIFO group's queues
         self.handle: ConsumerHandle | None = None
         self.members: dict[str, _Member] = {}
         self.wake = asyncio.Event()
@@ -103,24 +106,30 @@ class JetStreamDelivering(EngineParts):
         consumer exists (so ``start="latest"`` counts from before the reply)."""
         if s.conn_id in self._member_of:
             raise BadRequestError("this connection already has a subscription")
-        if getattr(sub, "fifo", False):
-            raise BadRequestError("FIFO consumer groups are not supported by the jetstream engine yet")
         key = (sub.group, sub.topic)
         pump = self._pumps.get(key)
         if pump is None:
             spec = GroupSpec(sub.group, sub.topic, tags=sub.tags or "*", start=sub.start,
                              ack_wait=self.config.ack_timeout,
                              max_reconsume_times=sub.max_reconsume_times)
-            pump = self._pumps[key] = _Pump(spec)
+            pump = self._pumps[key] = _Pump(spec, bool(getattr(sub, "fifo", False)))
         pump.members[s.conn_id] = _Member(s, sub.prefetch)
         self._member_of[s.conn_id] = pump
-        self._track(self._join(pump, s, rid), f"subscribe {sub.group}/{sub.topic}")
+        self._track(self._join(pump, s, rid, bool(getattr(sub, "fifo", False))),
+                    f"subscribe {sub.group}/{sub.topic}")
 
-    async def _join(self, pump: _Pump, s: Session, rid: int) -> None:
+    async def _join(self, pump: _Pump, s: Session, rid: int, fifo: bool) -> None:
         try:
-            if pump.handle is None:
-                pump.handle = await self.groups_api.subscribe(pump.spec)
+            if pump.setup is None:
+                pump.setup = asyncio.ensure_future(self._setup_pump(pump))
+            await asyncio.shield(pump.setup)
+            if fifo and not pump.lanes:
+                raise BadRequestError(f"group {pump.spec.group!r} exists and is not FIFO: make it FIFO "
+                                      "with the admin API (halfmq admin group-settings GROUP --fifo on)")
         except Exception as exc:
+            setup = pump.setup
+            if setup is not None and setup.done() and (setup.cancelled() or setup.exception()):
+                pump.setup = None  # the next member tries again
             from broker.engines.jetstream.engine import as_client_error
 
             pump.members.pop(s.conn_id, None)
@@ -132,7 +141,7 @@ class JetStreamDelivering(EngineParts):
         if not s.closed:
             s.reply(rid, {})
             s.flush()
-        if pump.task is None and pump.members:
+        if pump.task is None and pump.members and not pump.lanes:
             pump.task = asyncio.get_running_loop().create_task(self._pump_loop(pump))
         pump.wake.set()
 
@@ -161,10 +170,14 @@ class JetStreamDelivering(EngineParts):
             pump.wake.set()
 
     async def _close_pump(self, pump: _Pump) -> None:
-        if pump.task is not None:
-            pump.task.cancel()
+        tasks = ([pump.task] if pump.task is not None else []) + [t for _h, t in pump.lanes]
+        if tasks:
+            for t in tasks:
+                t.cancel()
             pump.wake.set()
-            await asyncio.wait([pump.task], timeout=5.0)
+            await asyncio.wait(tasks, timeout=5.0)
+        for h, _t in pump.lanes:
+            await h.close()
         for d, _wire in pump.waiting:  # fetched, never delivered: give them back now
             await d.msg.nak()
         if pump.handle is not None:

@@ -10,9 +10,12 @@ The parts, one file each (mixins of this class, as the embedded engine does):
 - here: start (the engine check, the connection, the shared streams), stop, sessions,
   producers and the check-back subjects they answer, SEND, END_TX, settings;
 - ``delivering``: SUBSCRIBE / ACK / deliveries, one fetch loop per (group, topic) on this
-  gateway shared by its members;
+  gateway shared by its members; ``fifo``: FIFO groups (one consumer per queue, one
+  message out at a time) and per-group settings; ``pulling``: RECEIVE / SETTLE (leases
+  with their own invisible duration, receipt handles valid on any gateway);
 - ``txcheck``: the check-back loop, one TXCHECK fetch loop per topic;
-- ``admin``: the admin API's reads and actions from stream and consumer state.
+- ``admin``: the admin API's reads and actions from stream and consumer state;
+- ``scheduling``: scheduled and delayed messages (the engine's message scheduler), RECALL.
 
 No task per message: SENDs of one loop iteration are stored by one task with one
 ``publish_many`` (each request answered when its own messages are acked), ACKs likewise.
@@ -32,7 +35,6 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -49,10 +51,13 @@ from broker.engines.jetstream.client import (
     PubAck,
 )
 from broker.engines.jetstream.delivering import JetStreamDelivering
+from broker.engines.jetstream.fifo import JetStreamFifo
 from broker.engines.jetstream.groups import Groups
 from broker.engines.jetstream.ledger import HalfRecord, TxLedger
 from broker.engines.jetstream.messages import MessageWriter
+from broker.engines.jetstream.pulling import JetStreamPulling
 from broker.engines.jetstream.records import Kind, Record
+from broker.engines.jetstream.scheduling import JetStreamScheduling
 from broker.engines.jetstream.streams import StreamSet
 from broker.engines.jetstream.txcheck import JetStreamTxCheck
 from protocol import Op
@@ -60,7 +65,6 @@ from protocol.errors import (
     BadRequestError,
     BrokerUnavailableError,
     HalfMQError,
-    MessageStateError,
     TopicNotFoundError,
 )
 
@@ -83,7 +87,8 @@ def as_client_error(exc: BaseException) -> HalfMQError:
     return HalfMQError(f"internal error: {type(exc).__name__}: {exc}")
 
 
-class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
+class JetStreamEngine(JetStreamDelivering, JetStreamFifo, JetStreamPulling, JetStreamScheduling,
+                      JetStreamTxCheck, JetStreamAdmin):
     """The engine of cluster mode (see the module docstring).
 
     ``config``: the broker's options (timeouts, retry delays, queues, retention, limits).
@@ -127,6 +132,7 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
         self.producers_by_group: dict[str, set[Session]] = defaultdict(set)
         self._cb_subs: dict[str, Any] = {}
         self._init_delivering()
+        self._init_pulling()
         self._init_txcheck()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -151,6 +157,7 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
         if self._stopping:
             return
         self._stopping = True
+        self._end_receives()  # long polls would hold the stop up
         if self._sends:
             self._flush_sends()
         pending = [t for t in self._tasks if not t.done()]
@@ -163,6 +170,7 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
         if self._loops:
             await asyncio.wait(self._loops, timeout=5.0)
         await self._close_delivering()
+        await self._close_pulling()
         await asyncio.wait([asyncio.ensure_future(self.client.close())], timeout=10.0)
 
     # -- sessions and producers ---------------------------------------------------------
@@ -182,6 +190,7 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
                 del self.producers_by_group[s.group]
                 self._unserve(f"g:{s.group}")
         self._member_gone(s)
+        self._drop_receives(s)
 
     def producer_hello(self, s: Session) -> None:
         """Answer check-backs for ``s`` (its instance id, and its group) from now on."""
@@ -237,10 +246,6 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
         """Store ``msgs``; reply ``{"p": prefix, "r": [[pos, queue, offset], ...]}`` once acked."""
         if self._stopping:
             raise BrokerUnavailableError("the broker is stopping")
-        for row in msgs:
-            if len(row) > 5 and row[5]:
-                raise BadRequestError("send options (message groups, delays, deliver-at) are not "
-                                      "supported by the jetstream engine yet")
         self._sends.append((s, rid, topic, msgs, half))
         if not self._send_scheduled:
             self._send_scheduled = True
@@ -268,6 +273,8 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
                            answered: set[int]) -> None:
         prefixes: dict[str, str | BaseException] = {}
         half_topics = {b[2] for b in batch if b[4]}
+        sched_topics = {b[2] for b in batch if any(len(r) > 5 and r[5] and ("at" in r[5] or "delay" in r[5])
+                                                   for r in b[3])}
         for topic in {b[2] for b in batch}:
             try:
                 ts = (await self.streams.ensure_topic(topic) if self.config.auto_create_topics
@@ -276,9 +283,12 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
                     f"topic {topic!r} does not exist and auto-create is off")
                 if ts is not None and topic in half_topics:  # before its first half is stored
                     await self.streams.mark_transactional(topic)
+                if ts is not None and topic in sched_topics:
+                    await self.streams.allow_schedules(ts)
             except Exception as exc:
                 prefixes[topic] = exc
         items: list[tuple[str, bytes, dict[str, str] | None]] = []
+        dues: list[tuple[int, str, int, str | None, int]] = []  # scheduled: (item, topic, queue, tags, due)
         spans: list[tuple[int, list[int]]] = []
         for s, _rid, topic, msgs, half in batch:
             start, queues = len(items), []
@@ -290,8 +300,14 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
                                                   instance=s.client_id)
                     items.append(item)
                     queues.append(q)
+                    if not half and len(row) > 5 and row[5] and "at" in row[5]:
+                        dues.append((len(items) - 1, topic, q, row[1], int(row[5]["at"])))
             spans.append((start, queues))
-        acks = await self.client.publish_many(items, deadline=self.send_deadline) if items else []
+        acks: list[Any] = await self.client.publish_many(items, deadline=self.send_deadline) if items else []
+        if dues:  # the parked messages are stored: now their schedules
+            for i, exc in (await self._schedule_parked(dues, acks)).items():
+                acks[i] = exc
+        due_items = {d[0] for d in dues}
         for i, ((s, rid, topic, _msgs, half), (start, queues)) in enumerate(zip(batch, spans, strict=True)):
             answered.add(i)
             prefix = prefixes[topic]
@@ -303,11 +319,11 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
                 continue
             rows: list[list[int]] = []
             failed: BaseException | None = None
-            for ack, q in zip(acks[start:start + len(queues)], queues, strict=True):
+            for j, (ack, q) in enumerate(zip(acks[start:start + len(queues)], queues, strict=True)):
                 if not isinstance(ack, PubAck):
                     failed = ack
                     break
-                rows.append([ack.seq, q, -1 if half else ack.seq])
+                rows.append([ack.seq, q, -1 if half or start + j in due_items else ack.seq])
             if failed is not None:
                 s.error(rid, as_client_error(failed))
             else:
@@ -326,29 +342,13 @@ class JetStreamEngine(JetStreamDelivering, JetStreamTxCheck, JetStreamAdmin):
         recent = self._recent_halves
         for (seq, queue, _off), row in zip(rows, msgs, strict=True):
             msg_id = prefix + f"{seq:016X}"
+            ext = {}
+            if len(row) > 5 and row[5]:
+                ext = {k: v for k, v in (("g", row[5].get("group")), ("d", row[5].get("delay"))) if v}
             recent[msg_id] = HalfRecord(msg_id, ts, seq, queue,
-                                        Record(Kind.HALF, tags=row[1], producer_group=group), now_ms)
+                                        Record(Kind.HALF, tags=row[1], producer_group=group, ext=ext), now_ms)
         while len(recent) > _RECENT_HALVES:
             recent.popitem(last=False)
-
-    # -- not yet in cluster mode ------------------------------------------------------------
-
-    def receive(self, s: Session, rid: int, **_kwargs: Any) -> None:
-        """Pull consumers (RECEIVE) are not served by this engine yet: a clear error."""
-        raise BadRequestError("pull consumers (RECEIVE) are not supported by the jetstream engine yet")
-
-    def settle(self, s: Session, rid: int, group: str, items: list[Any]) -> None:
-        """Pull consumers (SETTLE) are not served by this engine yet: a clear error."""
-        raise BadRequestError("pull consumers (SETTLE) are not supported by the jetstream engine yet")
-
-    def cancel_receive(self, s: Session, rid: int) -> None:
-        """No RECEIVE is ever pending here: nothing to drop."""
-
-    def recall(self, s: Session, rid: int, msg_id: str,
-               allowed: Callable[[str], None] | None = None) -> None:
-        """No message is ever scheduled here (send options are refused): nothing to recall."""
-        raise MessageStateError(f"message {msg_id!r} is not a scheduled message "
-                                "(the jetstream engine does not schedule messages yet)")
 
     def route(self, topic: str) -> int:
         """Queues of ``topic``: every topic stream has ``--default-queues`` queue subjects

@@ -123,10 +123,21 @@ class ConsumerHandle:
         self.prefix = prefix  # message-id prefix of the stream (topic streams only)
         self._sub = sub
 
+    @property
+    def request_open(self) -> bool:
+        """Whether an earlier pull request may still bring messages to this handle."""
+        return self._sub.request_open
+
     async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
         """Up to ``batch`` deliveries, waiting at most ``timeout`` seconds for the first
         (none while the consumer has no leader)."""
-        msgs = await self._sub.fetch(batch, timeout)
+        return await self._deliveries(await self._sub.fetch(batch, timeout))
+
+    async def fetch_now(self, batch: int) -> list[Delivery]:
+        """Up to ``batch`` deliveries the consumer has now (none arrive after it returns)."""
+        return await self._deliveries(await self._sub.fetch_now(batch))
+
+    async def _deliveries(self, msgs: list[Msg]) -> list[Delivery]:
         out: list[Delivery] = []
         for m in msgs:
             md = m.metadata
@@ -173,8 +184,11 @@ class Groups:
             await self.client.api(f"CONSUMER.CREATE.{stream}.{name}",
                                   {"stream_name": stream, "config": merged, "action": "update"})
 
-    async def subscribe(self, spec: GroupSpec) -> ConsumerHandle:
-        """Create (or adapt) the group's durable consumer and bind a pull subscription to it."""
+    async def subscribe(self, spec: GroupSpec, *, fifo_queue: int | None = None) -> ConsumerHandle:
+        """Create (or adapt) the group's durable consumer and bind a pull subscription to it.
+
+        ``fifo_queue``: the consumer of that one queue of a FIFO group instead (``fifo``):
+        ``F<queue>_<group>``, filtered on that queue, at most one message out at a time."""
         if spec.start not in ("earliest", "latest"):
             raise ValueError(f"start must be earliest or latest, not {spec.start!r}")
         if spec.is_dlq:
@@ -188,11 +202,16 @@ class Groups:
             name = naming.group_consumer_name(spec.group)
             filters = naming.tag_filter_subjects(spec.topic, spec.tags) + [
                 f"hmq.{spec.topic}.r.{spec.group}.>"]
+        pending = -1
+        if fifo_queue is not None:
+            name = naming.fifo_consumer_name(spec.group, fifo_queue)
+            filters = [_in_queue(f, spec.topic, fifo_queue) for f in filters]
+            pending = 1
         config = {
             "durable_name": name, "name": name,
             "deliver_policy": "all" if spec.start == "earliest" else "new",
             "ack_policy": "explicit", "ack_wait": int(spec.ack_wait * _NANOS), "max_deliver": -1,
-            "filter_subjects": filters, "replay_policy": "instant", "max_ack_pending": -1,
+            "filter_subjects": filters, "replay_policy": "instant", "max_ack_pending": pending,
             "max_waiting": 512,
             "metadata": {"halfmq_max_reconsume_times": str(spec.max_reconsume_times)},
         }
@@ -200,6 +219,18 @@ class Groups:
                                     ("filter_subjects", "ack_wait", "metadata"))
         sub = await Puller(self.client.nc, stream, name).open()
         return ConsumerHandle(self, spec, stream, name, prefix, sub)
+
+    async def exists(self, spec: GroupSpec) -> bool:
+        """Whether the group already has a consumer on the topic (plain or FIFO)."""
+        ts = await self.streams.ensure_topic(spec.topic)
+        for name in (naming.group_consumer_name(spec.group), naming.fifo_consumer_name(spec.group, 0)):
+            try:
+                await self.client.api(f"CONSUMER.INFO.{ts.name}.{name}")
+                return True
+            except EngineAPIError as exc:
+                if exc.err_code != ERR_CONSUMER_NOT_FOUND:
+                    raise
+        return False
 
     async def txcheck(self, topic: str, *, ack_wait: float = 30.0) -> ConsumerHandle:
         """The topic's TXCHECK consumer (every half message, one gateway at a time)."""
@@ -229,17 +260,18 @@ class Groups:
         except ValueError:
             return None
         if record.kind is Kind.MESSAGE:
-            return [naming.encode_msg_id(handle.prefix, seq), handle.spec.topic, record.body,
-                    record.tags, record.keys, record.properties, record.born_ms, time_ms, queue,
-                    seq, attempt]
+            return _with_extras([naming.encode_msg_id(handle.prefix, seq), handle.spec.topic, record.body,
+                                 record.tags, record.keys, record.properties, record.born_ms, time_ms,
+                                 queue, seq, attempt], record.message_group, None)
         if record.kind is Kind.POINTER:
             stored = await self.client.get(handle.stream, record.half_seq)
             if stored is None:
                 return None
             half = decode_record(stored.data)
-            return [naming.encode_msg_id(handle.prefix, record.half_seq), handle.spec.topic,
-                    half.body, half.tags, half.keys, half.properties, half.born_ms,
-                    stored.time_ms, queue, record.half_seq, attempt]
+            return _with_extras([naming.encode_msg_id(handle.prefix, record.half_seq), handle.spec.topic,
+                                 half.body, half.tags, half.keys, half.properties, half.born_ms,
+                                 stored.time_ms, queue, record.half_seq, attempt],
+                                half.message_group, record.due_ms)
         return None
 
     async def publish_dead(self, group: str, wire: list[Any]) -> PubAck:
@@ -283,3 +315,20 @@ class Groups:
                               msg_id=record.msg_id, topic=record.topic)
         return await self.client.publish(naming.resend_subject(record.topic, group, queue), payload,
                                          msg_id=f"rs:{group}:{msg_id}:{dlq_seq}")
+
+
+def _in_queue(subject: str, topic: str, queue: int) -> str:
+    """Narrow a group filter subject (``hmq.<T>.m.>``, ``hmq.<T>.m.*.<tag>``,
+    ``hmq.<T>.r.<G>.>``) to one queue."""
+    head = f"hmq.{topic}."
+    kind, rest = subject[len(head):].split(".", 1)
+    if kind == "m":
+        return f"{head}m.{queue}.{'*' if rest == '>' else rest.split('.', 1)[1]}"
+    return f"{head}r.{rest.split('.', 1)[0]}.{queue}"
+
+
+def _with_extras(wire: list[Any], group: str | None, due_ms: int | None) -> list[Any]:
+    """Append the wire message's twelfth element when it has a message group or a due time."""
+    if group is not None or due_ms is not None:
+        wire.append({k: v for k, v in (("g", group), ("at", due_ms)) if v is not None})
+    return wire

@@ -14,7 +14,9 @@ leader: the same outcome → ``changed=False`` (a repeat), another → ``Transac
 Each attempt also carries ``Nats-Msg-Id = d:<msg_id>:<code>``, so a retry of our own
 stored attempt (ack lost in a failover) is answered as a duplicate, not as a conflict.
 
-A commit then publishes the pointer: ``[3, half_seq]`` on the half's visible subject
+A commit of a half sent with a delay schedules the pointer instead (``scheduling``: the
+engine's scheduler publishes it ``delay`` ms after the commit). Otherwise a commit
+publishes the pointer: ``[3, half_seq]`` on the half's visible subject
 ``hmq.<T>.m.<queue>.<tag>``, with ``Nats-Msg-Id = c:<msg_id>``. ``end()`` publishes it
 after *every* COMMIT it sees recorded, won or repeated: if a gateway died between decision
 and pointer, the next END_TX or check-back of that transaction writes it, and the
@@ -45,6 +47,7 @@ from broker.engines.jetstream.client import (
     WrongLastSequenceError,
 )
 from broker.engines.jetstream.records import Kind, Record, decode_record, encode_pointer
+from broker.engines.jetstream.scheduling import schedule_item
 from broker.engines.jetstream.streams import StreamSet, TopicStream
 from protocol.errors import TransactionStateError
 
@@ -110,7 +113,7 @@ class TxLedger:
             record = decode_record(stored.data)
         except ValueError:
             return None
-        if (kind, record.kind) not in (("h", Kind.HALF), ("m", Kind.MESSAGE)):
+        if (kind, record.kind) not in (("h", Kind.HALF), ("m", Kind.MESSAGE), ("p", Kind.MESSAGE)):
             return None
         return stream, seq, queue, record, stored.time_ms
 
@@ -155,7 +158,14 @@ class TxLedger:
         raise EngineUnavailableError(f"transaction {msg_id!r}: decision contended {_CAS_TRIES} times")
 
     async def publish_pointer(self, half: HalfRecord) -> PubAck:
-        """Make a committed half visible (idempotent: ``Nats-Msg-Id = c:<msg_id>``)."""
+        """Make a committed half visible (idempotent: ``Nats-Msg-Id = c:<msg_id>``); a half
+        sent with a delay is scheduled instead, the delay counted from now (``scheduling``)."""
+        delay = half.record.ext.get("d")
+        if delay:
+            await self.streams.allow_schedules(half.stream)
+            subject, payload, headers = schedule_item(half.topic, half.seq, half.queue, half.record.tags,
+                                                      int(time.time() * 1000) + int(delay))
+            return await self.client.publish(subject, payload, msg_id=f"c:{half.msg_id}", headers=headers)
         subject = naming.message_subject(half.topic, half.queue, half.record.tags)
         return await self.client.publish(subject, encode_pointer(half.seq), msg_id=f"c:{half.msg_id}")
 

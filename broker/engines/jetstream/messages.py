@@ -13,6 +13,12 @@ native SEND reply needs: ``(pos, queue, queue_offset)`` with ``pos`` = the strea
 (``msg_id = prefix + f"{pos:016X}"``) and ``queue_offset`` the same sequence, or -1 for a
 half message (docs/protocol.md).
 
+Send options (a row's sixth element, docs/protocol.md): ``group`` picks the queue by a
+CRC-32 of the message group (as the embedded engine does: all of one group in one queue,
+in send order) and is kept in the record; ``at`` parks a plain message on
+``hmq.<T>.p.<queue>`` until the engine's scheduler makes it visible (``scheduling``);
+``delay`` is kept in a half message, counted from its commit.
+
 Why one publish per message and not the engine's atomic batch: the reference measured
 the 2.12 atomic batch at 277–296 batches/s, far below pipelined single publishes; a
 batch is therefore not atomic in cluster mode (each message is stored or not on its own,
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import zlib
 from typing import Any
 
 from broker.engines.jetstream import naming
@@ -54,16 +61,34 @@ class MessageWriter:
 
     def prepare(self, topic: str, row: list[Any], *, half: bool = False, group: str | None = None,
                 instance: str | None = None) -> tuple[tuple[str, bytes, dict[str, str]], int]:
-        """The publish of one message row ``[body, tags, keys, properties, born_ms]``:
+        """The publish of one message row ``[body, tags, keys, properties, born_ms(, opts)]``:
         ``((subject, payload, headers), queue)``. No I/O."""
         body, tags, keys, properties, born_ms = row[:5]
-        q = self._queue(topic)
+        opts = row[5] if len(row) > 5 and row[5] else None
+        ext: dict[str, Any] | None = None
+        if opts is None:
+            q = self._queue(topic)
+        else:
+            ext = {}
+            if "group" in opts:
+                ext["g"] = opts["group"]
+                q = zlib.crc32(opts["group"].encode()) % self.queues
+            else:
+                q = self._queue(topic)
+            if half and "delay" in opts:
+                ext["d"] = int(opts["delay"])
+            if not half and "at" in opts:
+                ext["at"] = int(opts["at"])
         if half:
             subject = naming.half_subject(topic, q)
-            payload = encode_half(body, tags, keys, properties, born_ms, group=group, instance=instance)
+            payload = encode_half(body, tags, keys, properties, born_ms, group=group, instance=instance,
+                                  ext=ext)
+        elif ext and "at" in ext:
+            subject = naming.parked_subject(topic, q)
+            payload = encode_message(body, tags, keys, properties, born_ms, ext)
         else:
             subject = naming.message_subject(topic, q, tags)
-            payload = encode_message(body, tags, keys, properties, born_ms)
+            payload = encode_message(body, tags, keys, properties, born_ms, ext)
         return (subject, payload, {"Nats-Msg-Id": f"{self._writer_id}:{next(self._ids)}"}), q
 
     async def store(self, topic: str, msgs: list[list[Any]], *, half: bool = False,

@@ -8,6 +8,8 @@ stream names and subject tokens). Its subjects::
     hmq.<T>.m.<queue>.<tagtoken>     visible messages: normal sends and commit pointers
     hmq.<T>.h.<queue>                half messages (invisible: no group consumes them)
     hmq.<T>.r.<group>.<queue>        DLQ messages sent back to one group only
+    hmq.<T>.p.<queue>                scheduled messages, parked until due (invisible)
+    hmq.<T>.s.<seq>                  the engine schedule of parked message / half <seq>
 
 Shared streams: ``HMQ_TX`` (``hmq.tx.d.<msg_id>`` the one decision of a transaction,
 ``hmq.tx.c.<msg_id>`` its check count), ``HMQ_DLQ`` (``hmq.dlq.<group>``), and
@@ -42,14 +44,17 @@ __all__ = [
     "decode_msg_id",
     "decode_tag",
     "dlq_subject",
+    "fifo_consumer_name",
     "encode_msg_id",
     "encode_tag",
     "group_consumer_name",
     "half_subject",
     "id_subject",
     "message_subject",
+    "parked_subject",
     "parse_topic_subject",
     "resend_subject",
+    "schedule_subject",
     "settings_subject",
     "stream_id_prefix",
     "tag_filter_subjects",
@@ -136,6 +141,16 @@ def half_subject(topic: str, queue: int) -> str:
     return f"hmq.{topic}.h.{queue}"
 
 
+def parked_subject(topic: str, queue: int) -> str:
+    """Subject of a scheduled message until it is due (no group consumes it)."""
+    return f"hmq.{topic}.p.{queue}"
+
+
+def schedule_subject(topic: str, seq: int) -> str:
+    """Subject holding the engine schedule that makes record ``seq`` visible when due."""
+    return f"hmq.{topic}.s.{seq}"
+
+
 def resend_subject(topic: str, group: str, queue: int) -> str:
     """Subject of a dead letter sent back to ``group`` only."""
     return f"hmq.{topic}.r.{group}.{queue}"
@@ -144,7 +159,7 @@ def resend_subject(topic: str, group: str, queue: int) -> str:
 def parse_topic_subject(subject: str) -> tuple[str, str, int, str | None]:
     """Split a topic stream's subject into ``(kind, group_or_empty, queue, tag)``.
 
-    ``kind`` is ``"m"``, ``"h"`` or ``"r"``; the tag is only known for ``"m"`` subjects.
+    ``kind`` is ``"m"``, ``"h"``, ``"p"`` or ``"r"``; the tag is only known for ``"m"`` subjects.
     Raises ``ValueError`` for any other subject.
     """
     parts = subject.split(".")
@@ -152,8 +167,8 @@ def parse_topic_subject(subject: str) -> tuple[str, str, int, str | None]:
         kind = parts[2]
         if kind == "m" and len(parts) == 5:
             return "m", "", int(parts[3]), decode_tag(parts[4])
-        if kind == "h" and len(parts) == 4:
-            return "h", "", int(parts[3]), None
+        if kind in ("h", "p") and len(parts) == 4:
+            return kind, "", int(parts[3]), None
         if kind == "r" and len(parts) == 5:
             return "r", parts[3], int(parts[4]), None
     raise ValueError(f"not a topic subject: {subject!r}")
@@ -178,6 +193,11 @@ def tag_filter_subjects(topic: str, tags: str) -> list[str]:
 def group_consumer_name(group: str) -> str:
     """Durable consumer name of a consumer group on a topic's stream."""
     return f"G_{group}"
+
+
+def fifo_consumer_name(group: str, queue: int) -> str:
+    """Durable consumer of one queue of a FIFO consumer group on a topic's stream."""
+    return f"F{queue}_{group}"
 
 
 def tx_decision_subject(msg_id: str) -> str:

@@ -80,6 +80,17 @@ class Puller:
         if w is not None and not w.done():
             w.set_result(None)
 
+    async def _wait(self) -> None:
+        """Until a message or a status arrives, or the open request's time is over."""
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(max(0.0, self._open_until - time.monotonic()), self._wake)
+        try:
+            await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         """Up to ``batch`` messages; waits at most ``timeout`` seconds when none is buffered."""
         if not self._buffer:
@@ -90,16 +101,30 @@ class Puller:
                 self._open_until = now + timeout
                 request = {"batch": batch, "expires": max(1_000_000, int(timeout * 1e9) - 50_000_000)}
                 await self._nc.publish(self._next_subject, json.dumps(request).encode(), reply=self._inbox)
-            loop = asyncio.get_running_loop()
-            self._waiter = loop.create_future()
-            timer = loop.call_later(max(0.0, self._open_until - time.monotonic()), self._wake)
-            try:
-                await self._waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
+            await self._wait()
             if not self._buffer and self._no_leader:
                 await asyncio.sleep(min(timeout, 0.25))
+        out: list[Msg] = []
+        while self._buffer and len(out) < batch:
+            out.append(self._buffer.popleft())
+        return out
+
+    @property
+    def request_open(self) -> bool:
+        """Whether a pull request may still bring messages."""
+        return self._open_left > 0 and time.monotonic() < self._open_until
+
+    async def fetch_now(self, batch: int, timeout: float = 2.0) -> list[Msg]:
+        """Up to ``batch`` messages the consumer has now: a no-wait pull request, waited for
+        until it ends (all its messages are in, none can arrive later) or ``timeout``."""
+        if len(self._buffer) < batch and not self.request_open:
+            self._no_leader = False
+            self._open_left = batch - len(self._buffer)
+            self._open_until = time.monotonic() + timeout
+            request = {"batch": self._open_left, "no_wait": True}
+            await self._nc.publish(self._next_subject, json.dumps(request).encode(), reply=self._inbox)
+            while self.request_open:
+                await self._wait()
         out: list[Msg] = []
         while self._buffer and len(out) < batch:
             out.append(self._buffer.popleft())

@@ -7,14 +7,17 @@ Every record is one msgpack array whose first element says its kind; the body st
 itself reads (``Nats-Msg-Id``, expected sequences): user keys and properties may hold any
 unicode, which NATS headers cannot.
 
-=============  ===============================================================  ==========
-kind           array                                                            subject
-=============  ===============================================================  ==========
-``MESSAGE``    ``[1, body, tags, keys, properties, born_ms]``                   ``m`` / ``r``
-``HALF``       ``[2, body, tags, keys, properties, born_ms, group, instance]``   ``h``
-``POINTER``    ``[3, half_seq]`` — a committed transaction                      ``m``
-``DEAD``       ``[4, body, tags, keys, properties, born_ms, msg_id, topic]``    ``dlq`` / ``r``
-=============  ===============================================================  ==========
+- ``MESSAGE`` ``[1, body, tags, keys, properties, born_ms(, ext)]`` on ``m`` / ``r`` /
+  ``p`` (a scheduled message, parked until due);
+- ``HALF`` ``[2, body, tags, keys, properties, born_ms, group, instance(, ext)]`` on ``h``;
+- ``POINTER`` ``[3, half_seq(, due_ms)]`` on ``m`` (a committed transaction or a due
+  scheduled message) and ``s`` (a schedule not yet due);
+- ``DEAD`` ``[4, body, tags, keys, properties, born_ms, msg_id, topic]`` on ``dlq`` / ``r``.
+
+``ext`` (optional, a map; absent when empty): ``"g"`` the message group, ``"at"`` the due
+time of a scheduled message (epoch ms), ``"d"`` the delay (ms) of a half message counted
+from its commit. A pointer with ``due_ms`` was made visible by the engine's scheduler
+(``scheduling``): it points at a parked message (``p``) or at a delayed half (``h``).
 
 Why msgpack and not headers or JSON: it is the native protocol's encoding already, one C
 call each way, and bodies stay binary. A ``DEAD`` record keeps the original ``msg_id``
@@ -57,25 +60,40 @@ class Record:
     half_seq: int = 0
     msg_id: str | None = None
     topic: str | None = None
+    ext: dict[str, Any] = field(default_factory=dict)  # "g", "at", "d" (see the module docstring)
+    due_ms: int | None = None  # a pointer made visible by the scheduler: when it was due
+
+    @property
+    def message_group(self) -> str | None:
+        """The message group it was sent with, or None."""
+        return self.ext.get("g")
 
 
 _packb = msgpack.packb
 
 
 def encode_message(body: bytes, tags: str | None, keys: list[str], properties: dict[str, str],
-                   born_ms: int) -> bytes:
-    """Payload of a visible message."""
+                   born_ms: int, ext: dict[str, Any] | None = None) -> bytes:
+    """Payload of a message (``ext``: its message group / due time, if any)."""
+    if ext:
+        return _packb([1, body, tags, keys, properties, born_ms, ext])
     return _packb([1, body, tags, keys, properties, born_ms])
 
 
 def encode_half(body: bytes, tags: str | None, keys: list[str], properties: dict[str, str],
-                born_ms: int, *, group: str | None, instance: str | None) -> bytes:
+                born_ms: int, *, group: str | None, instance: str | None,
+                ext: dict[str, Any] | None = None) -> bytes:
     """Payload of a half message: the message plus who sent it (for check-backs)."""
+    if ext:
+        return _packb([2, body, tags, keys, properties, born_ms, group, instance, ext])
     return _packb([2, body, tags, keys, properties, born_ms, group, instance])
 
 
-def encode_pointer(half_seq: int) -> bytes:
-    """Payload of a commit pointer: the stream sequence of the committed half."""
+def encode_pointer(half_seq: int, due_ms: int | None = None) -> bytes:
+    """Payload of a pointer: the stream sequence of the committed half (or parked message),
+    and when it was due if the scheduler makes it visible."""
+    if due_ms is not None:
+        return _packb([3, half_seq, due_ms])
     return _packb([3, half_seq])
 
 
@@ -97,10 +115,16 @@ def decode_record(payload: bytes) -> Record:
     try:
         if kind == 1 and len(a) == 6:
             return Record(Kind.MESSAGE, a[1], a[2], a[3], a[4], a[5])
+        if kind == 1 and len(a) == 7 and isinstance(a[6], dict):
+            return Record(Kind.MESSAGE, a[1], a[2], a[3], a[4], a[5], ext=a[6])
         if kind == 2 and len(a) == 8:
             return Record(Kind.HALF, a[1], a[2], a[3], a[4], a[5], a[6], a[7])
+        if kind == 2 and len(a) == 9 and isinstance(a[8], dict):
+            return Record(Kind.HALF, a[1], a[2], a[3], a[4], a[5], a[6], a[7], ext=a[8])
         if kind == 3 and len(a) == 2 and isinstance(a[1], int):
             return Record(Kind.POINTER, half_seq=a[1])
+        if kind == 3 and len(a) == 3 and isinstance(a[1], int) and isinstance(a[2], int):
+            return Record(Kind.POINTER, half_seq=a[1], due_ms=a[2])
         if kind == 4 and len(a) == 8:
             return Record(Kind.DEAD, a[1], a[2], a[3], a[4], a[5], msg_id=a[6], topic=a[7])
     except (TypeError, ValueError):

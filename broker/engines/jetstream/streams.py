@@ -80,6 +80,7 @@ class StreamSet:
         self._creating: dict[str, asyncio.Future[TopicStream]] = {}
         self._shared_ready = False
         self._transactional: set[str] = set()
+        self._schedulable: set[str] = set()
 
     def _config(self, name: str, subjects: list[str], max_age: float,
                 dedup: float | None = None) -> dict[str, object]:
@@ -146,7 +147,10 @@ class StreamSet:
         if not self._shared_ready:  # the id registry must exist before a prefix is claimed
             await self.ensure_shared()
         name = naming.topic_stream(topic)
-        info = await self._ensure(self._config(name, [f"hmq.{topic}.>"], self.retention))
+        info = await self._ensure({**self._config(name, [f"hmq.{topic}.>"], self.retention),
+                                   "allow_msg_schedules": True})
+        if info.get("config", {}).get("allow_msg_schedules"):
+            self._schedulable.add(name)
         created = str(info["created"])
         want = {"stream": name, "created": created}
         for salt in range(64):
@@ -165,6 +169,17 @@ class StreamSet:
                     continue  # someone claimed it meanwhile: read who
                 return TopicStream(topic, name, prefix, created)
         raise RuntimeError(f"no free message-id prefix for stream {name}")  # 64 collisions: never
+
+    async def allow_schedules(self, ts: TopicStream) -> None:
+        """Make sure the engine's message scheduler runs on ``ts`` (``allow_msg_schedules``;
+        a stream created before scheduled messages existed is updated once)."""
+        if ts.name in self._schedulable:
+            return
+        info = await self.client.api(f"STREAM.INFO.{ts.name}")
+        config = info["config"]
+        if not config.get("allow_msg_schedules"):
+            await self.client.api(f"STREAM.UPDATE.{ts.name}", {**config, "allow_msg_schedules": True})
+        self._schedulable.add(ts.name)
 
     async def mark_transactional(self, topic: str) -> None:
         """Record (once, durably) that ``topic`` holds half messages: every gateway then

@@ -1,0 +1,386 @@
+"""Pull consumers on the JetStream engine: RECEIVE with an invisible duration, SETTLE.
+
+How this works
+--------------
+A pulling group is the same durable consumer ``G_<group>`` its push members use
+(``groups.Groups.subscribe``): the engine hands each message to one fetch at a time,
+whichever gateway or kind of consumer asks. Per (group, topic) this gateway keeps a
+small pool of pullers (one inbox each); a RECEIVE takes one, so long polls of many
+clients wait side by side:
+
+1. a no-wait pull for up to ``max`` messages (``Puller.fetch_now``: the request ends
+   before it returns, so nothing is leased to nobody);
+2. if that brought nothing, a long poll for one message until ``wait_ms`` is over, then
+   a no-wait pull for the rest of the batch;
+3. each message becomes a **lease** of this gateway, with its own deadline (now + the
+   invisible duration) and a receipt handle ``<gateway>.<token>.<version>``.
+
+The engine's own lease (``ack_wait`` = ``--ack-timeout``) runs underneath: one lease
+task per gateway sends an in-progress ("working") every half ack wait for leases that
+last longer, and at a lease's deadline a NAK, so the message comes back at once with its
+delivery count raised (an expired lease is a failed attempt); the next fetch past
+``max_attempts`` dead-letters it, as for push consumers.
+
+**SETTLE** by handle: ``ack`` (confirmed by the engine before the reply: a settle batch
+sends its acks in order and waits for the last), ``nack`` (a NAK with that delay),
+``cid`` (new deadline, new handle: the old one goes stale), ``renew`` (new deadline,
+same handle), ``dlq``. A handle of another gateway is forwarded to it over the engine
+connection (``hmq.lease.<gateway>``, request/reply), so any connection of the group on
+any gateway may settle it. A handle whose lease ended, changed, or whose gateway is gone
+(stopped, crashed) is refused as stale (``StaleReceiptError``); the message itself comes
+back when the engine's ack wait runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+import nats.errors
+
+from broker.engines.base import Session
+from broker.engines.jetstream.groups import ConsumerHandle, Delivery, GroupSpec
+from broker.engines.jetstream.parts import EngineParts
+from broker.engines.jetstream.pull import Puller
+from protocol.errors import BadRequestError, HalfMQError, StaleReceiptError
+
+__all__ = ["JetStreamPulling"]
+
+log = logging.getLogger("halfmq.engine")
+
+_POOL_MAX = 8  # idle pullers kept per (group, topic)
+_FORWARD_TIMEOUT = 5.0
+
+
+@dataclass(slots=True)
+class _Lease:
+    token: int
+    version: int
+    group: str
+    delivery: Delivery
+    wire: list[Any]
+    deadline: float  # time.time()
+    renew_at: float
+
+
+class _Pool:
+    __slots__ = ("spec", "idle", "first")
+
+    def __init__(self, spec: GroupSpec) -> None:
+        self.spec = spec
+        self.idle: list[ConsumerHandle] = []
+        self.first: ConsumerHandle | None = None
+
+
+class JetStreamPulling(EngineParts):
+    """The RECEIVE / SETTLE part of :class:`JetStreamEngine` (see the module docstring)."""
+
+    def _init_pulling(self) -> None:
+        self._gateway_id = os.urandom(4).hex()
+        self._pools: dict[tuple[str, str], _Pool] = {}
+        self._receives: dict[tuple[str, int], asyncio.Task[Any]] = {}
+        self._leases: dict[int, _Lease] = {}
+        self._lease_heap: list[tuple[float, int, int]] = []
+        self._lease_wake = asyncio.Event()
+        self._lease_task: asyncio.Task[Any] | None = None
+        self._next_token = 1
+        self._forward_sub: Any = None
+
+    # -- RECEIVE ------------------------------------------------------------------------
+
+    def receive(self, s: Session, rid: int, *, group: str, topic: str, tags: str | None,
+                max_messages: int, invisible_ms: int, wait_ms: int) -> None:
+        """Lease up to ``max_messages`` messages of ``topic`` to ``group``, each for
+        ``invisible_ms``; reply ``{"m": [[handle, message], ...]}`` as soon as there are
+        some, or ``{"m": []}`` after ``wait_ms``."""
+        key = (s.conn_id, rid)
+        task = self._track(self._receive(s, rid, group, topic, tags or "*", max_messages,
+                                         invisible_ms / 1000.0, wait_ms / 1000.0), "receive")
+        self._receives[key] = task
+        task.add_done_callback(lambda _t: self._receives.pop(key, None))
+
+    def cancel_receive(self, s: Session, rid: int) -> None:
+        """Drop the pending RECEIVE ``rid`` of ``s`` unanswered (its client gave up)."""
+        task = self._receives.pop((s.conn_id, rid), None)
+        if task is not None:
+            task.cancel()
+
+    def _drop_receives(self, s: Session) -> None:
+        """``s`` closed: its pending RECEIVEs go (its leases stay until they expire)."""
+        for key in [k for k in self._receives if k[0] == s.conn_id]:
+            self._receives.pop(key).cancel()
+
+    async def _receive(self, s: Session, rid: int, group: str, topic: str, tags: str,
+                       max_messages: int, invisible: float, wait: float) -> None:
+        from broker.engines.jetstream.engine import as_client_error
+
+        try:
+            conf = await self._group_conf(group)
+            if conf.get("fifo"):
+                raise BadRequestError(f"group {group!r} is FIFO: the jetstream engine delivers FIFO "
+                                      "groups to push consumers only (README, cluster mode differences)")
+            await self._serve_forwarded()
+            max_re = int(conf["max_attempts"]) - 1 if conf.get("max_attempts") else 16
+            got = await self._pull(group, topic, tags, max_messages, wait)
+            now = time.time()
+            out = []
+            for d in got:
+                wire = await d.resolve()
+                if wire is None:  # a pointer whose half is gone (retention)
+                    await d.terminate()
+                elif d.attempt > max_re:  # its last lease expired: dead
+                    await d.dead_letter(wire)
+                else:
+                    out.append([self._lease(group, d, wire, now + invisible), wire])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not s.closed:
+                s.error(rid, as_client_error(exc))
+                s.flush()
+            return
+        if s.closed:
+            return  # its leases expire on their own
+        s.reply(rid, {"m": out})
+        s.flush()
+
+    async def _pull(self, group: str, topic: str, tags: str, n: int, wait: float) -> list[Delivery]:
+        pool = self._pools.get((group, topic))
+        if pool is None or pool.spec.tags != tags:
+            spec = GroupSpec(group, topic, tags=tags, ack_wait=self.config.ack_timeout)
+            pool = self._pools[(group, topic)] = _Pool(spec)
+        if pool.idle:
+            h = pool.idle.pop()
+        elif pool.first is None:
+            h = pool.first = await self.groups_api.subscribe(pool.spec)
+        else:
+            f = pool.first
+            h = ConsumerHandle(f.groups, f.spec, f.stream, f.name, f.prefix,
+                               await Puller(self.client.nc, f.stream, f.name).open())
+        reuse = False
+        try:
+            got = await h.fetch_now(n)
+            if not got and wait > 0:
+                got = await h.fetch(1, timeout=wait)
+                if got and n > 1:
+                    got += await h.fetch_now(n - 1)
+            reuse = not h.request_open
+            return got
+        finally:
+            if reuse and len(pool.idle) < _POOL_MAX and not self._stopping:
+                pool.idle.append(h)
+            elif h is not pool.first:
+                await h.close()  # (a cancelled long poll: what it still brings comes back later)
+
+    # -- leases -------------------------------------------------------------------------
+
+    def _lease(self, group: str, d: Delivery, wire: list[Any], deadline: float) -> str:
+        token = self._next_token
+        self._next_token += 1
+        lease = _Lease(token, 0, group, d, wire, deadline, self._renew_time(deadline))
+        self._leases[token] = lease
+        self._arm(lease)
+        return self._handle(lease)
+
+    def _handle(self, lease: _Lease) -> str:
+        return f"{self._gateway_id}.{lease.token}.{lease.version}"
+
+    def _renew_time(self, deadline: float) -> float:
+        """When the engine's lease must be extended next (never, if ours ends first)."""
+        half = max(0.5, self.config.ack_timeout / 2)
+        at = time.time() + half
+        return at if at < deadline else float("inf")
+
+    def _arm(self, lease: _Lease) -> None:
+        heapq.heappush(self._lease_heap, (min(lease.deadline, lease.renew_at), lease.token, lease.version))
+        if self._lease_task is None:
+            self._lease_task = asyncio.get_running_loop().create_task(self._lease_loop())
+            self._loops.append(self._lease_task)
+        self._lease_wake.set()
+
+    async def _lease_loop(self) -> None:
+        heap = self._lease_heap
+        while not self._stopping:
+            now = time.time()
+            work: list[tuple[_Lease, bool]] = []  # (lease, expired)
+            while heap and heap[0][0] <= now:
+                _when, token, version = heapq.heappop(heap)
+                lease = self._leases.get(token)
+                if lease is None or lease.version != version:
+                    continue
+                if lease.deadline <= now:
+                    del self._leases[token]
+                    work.append((lease, True))
+                elif lease.renew_at <= now:
+                    lease.renew_at = self._renew_time(lease.deadline)
+                    heapq.heappush(heap, (min(lease.deadline, lease.renew_at), token, version))
+                    work.append((lease, False))
+                else:  # an entry of an earlier deadline: the current one is queued too
+                    continue
+            for lease, expired in work:
+                try:
+                    if expired:
+                        await lease.delivery.retry(0.0)  # back at once, counted as a failed attempt
+                    else:
+                        await lease.delivery.extend()
+                except Exception as exc:  # the engine's own ack wait takes over
+                    log.warning("lease %d of group %s: %r", lease.token, lease.group, exc)
+            self._lease_wake.clear()
+            wait = (heap[0][0] - time.time()) if heap else 3600.0
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(self._lease_wake.wait(), timeout=wait)
+                except TimeoutError:
+                    pass
+
+    # -- SETTLE -------------------------------------------------------------------------
+
+    def settle(self, s: Session, rid: int, group: str, items: list[Any]) -> None:
+        """Ack / nack / change the invisible duration / renew / dead-letter leases by
+        receipt handle; reply ``{"r": [...]}`` (per item ``True``, the new handle, or
+        ``[code, message]``) once the acks are confirmed by the engine."""
+        self._track(self._settle_request(s, rid, group, items), "settle")
+
+    async def _settle_request(self, s: Session, rid: int, group: str, items: list[Any]) -> None:
+        results = await self._settle_items(group, items)
+        if rid and not s.closed:
+            s.reply(rid, {"r": results})
+            s.flush()
+
+    async def _settle_items(self, group: str, items: list[Any]) -> list[Any]:
+        results: list[Any] = [None] * len(items)
+        local: list[tuple[int, _Lease, str, int]] = []
+        remote: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            try:
+                if not isinstance(item, list | tuple) or len(item) != 3:
+                    raise BadRequestError("a settle item is [handle, action, ms]")
+                handle, action, ms = item
+                if type(ms) is not int or ms < 0:
+                    raise BadRequestError("the milliseconds of a settle item must be an integer >= 0")
+                if action not in ("ack", "nack", "cid", "renew", "dlq"):
+                    raise BadRequestError(f"unknown settle action {action!r}")
+                gw, token, version = _parse_handle(handle)
+                if gw != self._gateway_id:
+                    remote.setdefault(gw, []).append(i)
+                    continue
+                lease = self._leases.get(token)
+                if lease is None or lease.group != group:
+                    raise StaleReceiptError("stale receipt handle: its lease was acked, failed or expired")
+                if lease.version != version:
+                    raise StaleReceiptError("stale receipt handle: its lease was changed (use the newer handle)")
+                local.append((i, lease, action, ms))
+            except HalfMQError as exc:
+                results[i] = [exc.code, str(exc)]
+        last_ack: tuple[int, Delivery] | None = None
+        now = time.time()
+        for i, lease, action, ms in local:
+            try:
+                if action in ("cid", "renew"):
+                    if action == "cid":
+                        lease.version += 1
+                    lease.deadline = now + ms / 1000.0
+                    lease.renew_at = self._renew_time(lease.deadline)
+                    self._arm(lease)
+                    await lease.delivery.extend()  # the engine's ack wait counts from now
+                    results[i] = self._handle(lease) if action == "cid" else True
+                    continue
+                del self._leases[lease.token]
+                if action == "ack":
+                    if last_ack is not None:
+                        await last_ack[1].msg.ack()
+                        results[last_ack[0]] = True
+                    last_ack = (i, lease.delivery)
+                    continue
+                if action == "nack":
+                    await lease.delivery.retry(ms / 1000.0)
+                else:
+                    await lease.delivery.dead_letter(lease.wire)
+                results[i] = True
+            except Exception as exc:
+                results[i] = _error_row(exc)
+        if last_ack is not None:
+            try:
+                await last_ack[1].ack()  # confirmed: every earlier ack of this connection is in
+                results[last_ack[0]] = True
+            except Exception as exc:
+                results[last_ack[0]] = _error_row(exc)
+        for gw, idx in remote.items():
+            answers = await self._forward(gw, group, [items[i] for i in idx])
+            for i, r in zip(idx, answers, strict=True):
+                results[i] = r
+        return results
+
+    async def _forward(self, gw: str, group: str, items: list[Any]) -> list[Any]:
+        """Settle ``items`` on gateway ``gw`` (it holds their leases)."""
+        try:
+            msg = await self.client.nc.request(f"hmq.lease.{gw}", msgpack.packb([group, items]),
+                                               timeout=_FORWARD_TIMEOUT)
+            answers = msgpack.unpackb(msg.data)
+            if isinstance(answers, list) and len(answers) == len(items):
+                return answers
+            raise ValueError("malformed answer")
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
+            stale = StaleReceiptError("stale receipt handle: the gateway that leased it is gone "
+                                      "(the message is delivered again when its lease runs out)")
+            return [[stale.code, str(stale)]] * len(items)
+        except Exception as exc:
+            return [_error_row(exc)] * len(items)
+
+    async def _serve_forwarded(self) -> None:
+        """Answer settles forwarded by other gateways for this gateway's leases."""
+        if self._forward_sub is not None:
+            return
+
+        async def on_request(msg: Any) -> None:
+            try:
+                group, items = msgpack.unpackb(msg.data)
+                answers = await self._settle_items(str(group), list(items))
+            except Exception as exc:
+                answers = [_error_row(exc)]
+            await msg.respond(msgpack.packb(answers))
+
+        self._forward_sub = await self.client.nc.subscribe(f"hmq.lease.{self._gateway_id}", cb=on_request)
+
+    def _end_receives(self) -> None:
+        """Stopping: pending RECEIVEs end unanswered (their clients ask another gateway)."""
+        for task in list(self._receives.values()):
+            task.cancel()
+
+    async def _close_pulling(self) -> None:
+        """Stop: forwarded settles stop, pullers close (leases expire in the engine)."""
+        self._end_receives()
+        if self._forward_sub is not None:
+            try:
+                await self._forward_sub.unsubscribe()
+            except Exception:
+                pass
+        for pool in self._pools.values():
+            for h in pool.idle + ([pool.first] if pool.first is not None else []):
+                try:
+                    await h.close()
+                except Exception:
+                    pass
+        self._pools.clear()
+
+
+def _parse_handle(handle: Any) -> tuple[str, int, int]:
+    if not isinstance(handle, str):
+        raise StaleReceiptError("a receipt handle must be a string")
+    parts = handle.split(".")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise StaleReceiptError(f"malformed receipt handle {handle!r}")
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+def _error_row(exc: BaseException) -> list[Any]:
+    from broker.engines.jetstream.engine import as_client_error
+
+    err = as_client_error(exc)
+    return [err.code, str(err)]

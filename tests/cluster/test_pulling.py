@@ -1,0 +1,99 @@
+"""RECEIVE / SETTLE (pull consumers with an invisible duration) on ``JetStreamEngine``."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from protocol.errors import BadRequestError, StaleReceiptError
+from tests.cluster.sessions import RecordingSession
+from tests.cluster.test_engine import _rows, _send
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def _receive(engine, s, group, topic, n=32, invisible=5000, wait=0):
+    rid = s.rid()
+    engine.receive(s, rid, group=group, topic=topic, tags=None, max_messages=n, invisible_ms=invisible,
+                   wait_ms=wait)
+    await wait_for(lambda: s.answered(rid), timeout=wait / 1000 + 20, what="receive reply")
+    if rid in s.errors:
+        raise s.errors[rid]
+    return s.replies[rid]["m"]
+
+
+async def _settle(engine, s, group, items):
+    rid = s.rid()
+    engine.settle(s, rid, group, items)
+    await wait_for(lambda: s.answered(rid), timeout=20, what="settle reply")
+    assert rid in s.replies, s.errors.get(rid)
+    return s.replies[rid]["r"]
+
+
+async def test_receive_batches_and_settle_actions(engine_factory, unique):
+    engine = await engine_factory(retry_delays=(0.3,))
+    p, c = RecordingSession(role="producer"), RecordingSession(role="consumer")
+    await _send(engine, p, unique, _rows(*[b"%d" % i for i in range(5)], tags="T"))
+    first = await _receive(engine, c, "g", unique, n=3)
+    assert len(first) == 3
+    second = await _receive(engine, c, "g", unique, n=3)
+    assert len(second) == 2
+    assert sorted(w[2] for _h, w in first + second) == [b"%d" % i for i in range(5)]
+    started = time.monotonic()
+    assert await _receive(engine, c, "g", unique, wait=300) == []  # all leased: nothing after the wait
+    assert time.monotonic() - started >= 0.25
+    (h0, _w0), (h1, w1), (h2, _w2) = first
+    assert await _settle(engine, c, "g", [[h0, "ack", 0]]) == [True]
+    new_h1, stale0, bad = await _settle(engine, c, "g", [[h1, "cid", 10_000], [h0, "ack", 0],
+                                                         [h2, "fly", 0]])
+    assert isinstance(new_h1, str) and new_h1 != h1
+    assert stale0[0] == StaleReceiptError.code and bad[0] == BadRequestError.code
+    assert (await _settle(engine, c, "g", [[h1, "ack", 0]]))[0][0] == StaleReceiptError.code  # changed
+    assert await _settle(engine, c, "g", [[h2, "nack", 0], [new_h1, "renew", 10_000]]) == [True, True]
+    again = await _receive(engine, c, "g", unique, wait=5000)  # the nacked one, counted
+    assert [w[2] for _h, w in again] == [_w2[2]] and again[0][1][10] == 1
+    rest = [[h, "ack", 0] for h, _w in second + again] + [[new_h1, "ack", 0]]
+    assert await _settle(engine, c, "g", rest) == [True] * len(rest)
+    assert w1[2] != _w2[2]
+    assert engine.route(unique) == engine.config.default_queues
+
+
+async def test_long_poll_answers_when_a_message_arrives_and_leases_expire(engine_factory, unique):
+    engine = await engine_factory()
+    p, c = RecordingSession(role="producer"), RecordingSession(role="consumer")
+    await _receive(engine, c, "g", unique)  # the group exists from here on
+    rid = c.rid()
+    engine.receive(c, rid, group="g", topic=unique, tags=None, max_messages=4, invisible_ms=700,
+                   wait_ms=15_000)
+    await _send(engine, p, unique, _rows(b"late"))
+    await wait_for(lambda: c.answered(rid), timeout=10, what="the long poll's answer")
+    ((handle, wire),) = c.replies[rid]["m"]
+    leased = time.monotonic()
+    assert wire[2] == b"late" and wire[10] == 0
+    # not settled: the lease runs out after its invisible duration, a failed attempt
+    again = await _receive(engine, c, "g", unique, wait=10_000)
+    assert time.monotonic() - leased >= 0.65
+    assert again[0][1][0] == wire[0] and again[0][1][10] == 1
+    assert (await _settle(engine, c, "g", [[handle, "ack", 0]]))[0][0] == StaleReceiptError.code
+    assert await _settle(engine, c, "g", [[again[0][0], "ack", 0]]) == [True]
+
+
+async def test_any_gateway_settles_and_a_stopped_gateways_leases_come_back(engine_factory, unique):
+    """Cluster mode difference (README): a lease outlives its gateway only until the
+    engine's ack wait (--ack-timeout) runs out, and its handle is then stale."""
+    a = await engine_factory()
+    b = await engine_factory()
+    p, ca, cb = (RecordingSession(role=r) for r in ("producer", "consumer", "consumer"))
+    await _send(engine=a, s=p, topic=unique, rows=_rows(b"one", b"two"))
+    got = await _receive(a, ca, "g", unique, n=2, invisible=60_000)
+    assert len(got) == 2
+    assert await _settle(b, cb, "g", [[got[0][0], "ack", 0]]) == [True]  # forwarded to gateway a
+    stopped = time.monotonic()
+    await a.stop()
+    assert (await _settle(b, cb, "g", [[got[1][0], "ack", 0]]))[0][0] == StaleReceiptError.code
+    back = await _receive(b, cb, "g", unique, wait=15_000)  # after --ack-timeout (2 s), not 60 s
+    assert [w[2] for _h, w in back] == [got[1][1][2]] and back[0][1][10] == 1
+    assert time.monotonic() - stopped < 30
+    assert await _settle(b, cb, "g", [[back[0][0], "ack", 0]]) == [True]
