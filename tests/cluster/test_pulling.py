@@ -36,9 +36,9 @@ async def test_receive_batches_and_settle_actions(engine_factory, unique):
     engine = await engine_factory(retry_delays=(0.3,))
     p, c = RecordingSession(role="producer"), RecordingSession(role="consumer")
     await _send(engine, p, unique, _rows(*[b"%d" % i for i in range(5)], tags="T"))
-    first = await _receive(engine, c, "g", unique, n=3)
+    first = await _receive(engine, c, "g", unique, n=3, wait=5000)
     assert len(first) == 3
-    second = await _receive(engine, c, "g", unique, n=3)
+    second = await _receive(engine, c, "g", unique, n=3, wait=5000)
     assert len(second) == 2
     assert sorted(w[2] for _h, w in first + second) == [b"%d" % i for i in range(5)]
     started = time.monotonic()
@@ -63,7 +63,7 @@ async def test_receive_batches_and_settle_actions(engine_factory, unique):
 async def test_long_poll_answers_when_a_message_arrives_and_leases_expire(engine_factory, unique):
     engine = await engine_factory()
     p, c = RecordingSession(role="producer"), RecordingSession(role="consumer")
-    await _receive(engine, c, "g", unique)  # the group exists from here on
+    await _receive(engine, c, "g", unique, wait=200)  # the group exists from here on
     rid = c.rid()
     engine.receive(c, rid, group="g", topic=unique, tags=None, max_messages=4, invisible_ms=700,
                    wait_ms=15_000)
@@ -87,7 +87,7 @@ async def test_any_gateway_settles_and_a_stopped_gateways_leases_come_back(engin
     b = await engine_factory()
     p, ca, cb = (RecordingSession(role=r) for r in ("producer", "consumer", "consumer"))
     await _send(engine=a, s=p, topic=unique, rows=_rows(b"one", b"two"))
-    got = await _receive(a, ca, "g", unique, n=2, invisible=60_000)
+    got = await _receive(a, ca, "g", unique, n=2, invisible=60_000, wait=5000)
     assert len(got) == 2
     assert await _settle(b, cb, "g", [[got[0][0], "ack", 0]]) == [True]  # forwarded to gateway a
     stopped = time.monotonic()

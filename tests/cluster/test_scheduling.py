@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from protocol.errors import MessageStateError
+from protocol.errors import BadRequestError, MessageStateError
 from tests.cluster.sessions import RecordingSession, Sub
 from tests.cluster.test_engine import _ack, _end, _holds, _ids, _rows, _send, _subscribe
 from tests.conftest import wait_for
@@ -62,6 +62,10 @@ async def test_scheduled_messages_never_early_then_delivered(engine_factory, uni
     await _ack(engine, c, [(t, True) for t, _w in c.deliveries])
     found = await engine.admin_message(ids[0])
     assert found is not None and found["msg_id"] == ids[0]
+    # cluster mode difference (README): not due before the engine's retention drops it
+    with pytest.raises(BadRequestError, match="--retention"):
+        engine.send(p, p.rid(), unique, [_at(_rows(b"x")[0], at=now + int(engine.config.retention * 1000))],
+                    False)
 
 
 async def test_recall_before_due_and_its_refusals(engine_factory, unique):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.engines.base import Session, Subscription
 from broker.engines.jetstream.groups import ConsumerHandle, Delivery, GroupSpec
@@ -94,6 +94,9 @@ class _Pump:
 
 class JetStreamDelivering(EngineParts):
     """The delivery part of :class:`JetStreamEngine` (see the module docstring)."""
+
+    if TYPE_CHECKING:  # provided by ``fifo``
+        async def _setup_pump(self, pump: _Pump) -> None: ...
 
     def _init_delivering(self) -> None:
         self._pumps: dict[tuple[str, str], _Pump] = {}

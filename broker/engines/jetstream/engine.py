@@ -246,6 +246,7 @@ class JetStreamEngine(JetStreamDelivering, JetStreamFifo, JetStreamPulling, JetS
         """Store ``msgs``; reply ``{"p": prefix, "r": [[pos, queue, offset], ...]}`` once acked."""
         if self._stopping:
             raise BrokerUnavailableError("the broker is stopping")
+        self._check_delays(msgs)
         self._sends.append((s, rid, topic, msgs, half))
         if not self._send_scheduled:
             self._send_scheduled = True
@@ -305,8 +306,8 @@ class JetStreamEngine(JetStreamDelivering, JetStreamFifo, JetStreamPulling, JetS
             spans.append((start, queues))
         acks: list[Any] = await self.client.publish_many(items, deadline=self.send_deadline) if items else []
         if dues:  # the parked messages are stored: now their schedules
-            for i, exc in (await self._schedule_parked(dues, acks)).items():
-                acks[i] = exc
+            for i, err in (await self._schedule_parked(dues, acks)).items():
+                acks[i] = err
         due_items = {d[0] for d in dues}
         for i, ((s, rid, topic, _msgs, half), (start, queues)) in enumerate(zip(batch, spans, strict=True)):
             answered.add(i)

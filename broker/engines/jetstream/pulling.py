@@ -39,7 +39,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack  # type: ignore[import-untyped]
 import nats.errors
@@ -80,6 +80,9 @@ class _Pool:
 
 class JetStreamPulling(EngineParts):
     """The RECEIVE / SETTLE part of :class:`JetStreamEngine` (see the module docstring)."""
+
+    if TYPE_CHECKING:  # provided by ``fifo``
+        async def _group_conf(self, group: str) -> dict[str, Any]: ...
 
     def _init_pulling(self) -> None:
         self._gateway_id = os.urandom(4).hex()

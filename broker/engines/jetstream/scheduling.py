@@ -46,9 +46,12 @@ from broker.engines.jetstream import naming
 from broker.engines.jetstream.client import EngineAPIError, PubAck
 from broker.engines.jetstream.parts import EngineParts
 from broker.engines.jetstream.records import Kind, encode_pointer
-from protocol.errors import HalfMQError, MessageStateError
+from protocol.errors import BadRequestError, HalfMQError, MessageStateError
 
 __all__ = ["JetStreamScheduling", "at_header", "schedule_item"]
+
+#: A parked message must be due this long (s) before --retention would drop it.
+_RETENTION_MARGIN = 300.0
 
 
 def at_header(due_ms: int) -> str:
@@ -72,6 +75,19 @@ def _iso(ms: int) -> str:
 
 class JetStreamScheduling(EngineParts):
     """The scheduling part of :class:`JetStreamEngine` (see the module docstring)."""
+
+    def _check_delays(self, msgs: list[list[Any]]) -> None:
+        """Refuse (``BadRequestError``, nothing stored) a delivery time the topic stream
+        would not keep the message for: a parked message ages out with ``--retention``."""
+        limit = int((self.config.retention - _RETENTION_MARGIN) * 1000)
+        now = int(time.time() * 1000)
+        for row in msgs:
+            opts = row[5] if len(row) > 5 else None
+            if opts and (opts.get("at", now) - now > limit or opts.get("delay", 0) > limit):
+                raise BadRequestError(
+                    f"a delivery time more than {limit // 1000} s ahead is refused in cluster mode: "
+                    f"the engine keeps messages --retention {self.config.retention:g} s "
+                    "(keep --max-delay below it)")
 
     async def _schedule_parked(self, dues: list[tuple[int, str, int, str | None, int]],
                                acks: list[Any]) -> dict[int, BaseException]:

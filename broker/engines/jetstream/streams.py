@@ -52,6 +52,8 @@ __all__ = ["StreamSet", "TopicStream"]
 
 _NANOS = 1_000_000_000
 ERR_STREAM_NAME_IN_USE = 10058
+ERR_NO_PLACEMENT = 10005  # "no suitable peers for placement": a node is not seen online
+_PLACEMENT_TRIES = 12  # 3 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +102,17 @@ class StreamSet:
         except EngineAPIError as exc:
             if exc.err_code != ERR_STREAM_NOT_FOUND:
                 raise
-        try:
-            return await self.client.api(f"STREAM.CREATE.{name}", config)
-        except EngineAPIError as exc:
-            if exc.err_code != ERR_STREAM_NAME_IN_USE:
-                raise
-            return await self.client.api(f"STREAM.INFO.{name}")
+        for attempt in range(_PLACEMENT_TRIES):
+            try:
+                return await self.client.api(f"STREAM.CREATE.{name}", config)
+            except EngineAPIError as exc:
+                if exc.err_code == ERR_NO_PLACEMENT and attempt + 1 < _PLACEMENT_TRIES:
+                    await asyncio.sleep(0.25)  # a node not yet (or briefly not) seen online
+                    continue
+                if exc.err_code != ERR_STREAM_NAME_IN_USE:
+                    raise
+                break
+        return await self.client.api(f"STREAM.INFO.{name}")
 
     async def ensure_shared(self) -> None:
         """Create ``HMQ_TX``, ``HMQ_DLQ`` and ``HMQ_IDS`` if missing."""
@@ -149,7 +156,8 @@ class StreamSet:
         name = naming.topic_stream(topic)
         info = await self._ensure({**self._config(name, [f"hmq.{topic}.>"], self.retention),
                                    "allow_msg_schedules": True})
-        if info.get("config", {}).get("allow_msg_schedules"):
+        config = info.get("config")
+        if isinstance(config, dict) and config.get("allow_msg_schedules"):
             self._schedulable.add(name)
         created = str(info["created"])
         want = {"stream": name, "created": created}
