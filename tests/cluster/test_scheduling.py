@@ -78,8 +78,14 @@ async def test_recall_before_due_and_its_refusals(engine_factory, unique):
     recalled, kept = _ids(await _send(engine, p, unique, [_at(r, at=due) for r in _rows(b"gone", b"kept")]))
     (plain,) = _ids(await _send(engine, p, unique, _rows(b"plain")))
     (half,) = _ids(await _send(engine, p, unique, [_at(r, delay=500) for r in _rows(b"h")], half=True))
+    view = await engine.admin_scheduled(unique)
+    assert view["scheduled"] == 2 and view["topics"] == {unique: 2} and view["complete"]
+    assert [(n["msg_id"], n["deliver_at"]) for n in view["next"]] in ([(recalled, due), (kept, due)],
+                                                                       [(kept, due), (recalled, due)])
     assert await _recall(engine, p, recalled) == {"state": "RECALLED"}
     assert await _recall(engine, p, recalled) == {"state": "RECALLED"}  # again: the same answer
+    topics = {t["topic"]: t for t in await engine.admin_topics()}
+    assert topics[unique]["scheduled"] == 1 and topics[unique]["messages"] == 1  # the plain one
     for bad, says in ((plain, "not scheduled"), (half, "roll its transaction back"),
                       ("00000000" + "0" * 15 + "1", "no message"), ("junk", "no message")):
         with pytest.raises(MessageStateError, match=says):

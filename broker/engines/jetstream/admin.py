@@ -49,17 +49,20 @@ class JetStreamAdmin(EngineParts):
         for topic in await self.streams.topics():
             counts = await self._subject_counts(naming.topic_stream(topic), f"hmq.{topic}.>")
             per_queue: dict[int, int] = {}
-            halves = 0
+            halves = scheduled = 0
             for subject, n in counts.items():
+                if subject.startswith(f"hmq.{topic}.s."):  # a pending schedule (``scheduling``)
+                    scheduled += 1
+                    continue
                 kind, _g, queue, _t = naming.parse_topic_subject(subject)
                 if kind == "h":
                     halves += n
-                else:
+                elif kind != "p":  # parked scheduled messages count when due, as pointers
                     per_queue[queue] = per_queue.get(queue, 0) + n
             queues = [{"queue_id": q, "messages": per_queue.get(q, 0)}
                       for q in range(max(self.config.default_queues, max(per_queue, default=-1) + 1))]
             out.append({"topic": topic, "queues": queues, "messages": sum(per_queue.values()),
-                        "half_messages": halves})
+                        "half_messages": halves, "scheduled": scheduled})
         for subject, n in sorted((await self._subject_counts(naming.DLQ_STREAM, "hmq.dlq.>")).items()):
             out.append({"topic": DLQ_PREFIX + subject.split(".", 2)[2],
                         "queues": [{"queue_id": 0, "messages": n}], "messages": n})

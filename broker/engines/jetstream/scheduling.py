@@ -45,13 +45,15 @@ from broker.engines.base import Session
 from broker.engines.jetstream import naming
 from broker.engines.jetstream.client import EngineAPIError, PubAck
 from broker.engines.jetstream.parts import EngineParts
-from broker.engines.jetstream.records import Kind, encode_pointer
+from broker.engines.jetstream.records import Kind, decode_record, encode_pointer
 from protocol.errors import BadRequestError, HalfMQError, MessageStateError
 
 __all__ = ["JetStreamScheduling", "at_header", "schedule_item"]
 
 #: A parked message must be due this long (s) before --retention would drop it.
 _RETENTION_MARGIN = 300.0
+#: Schedules read at most for one admin view of what comes next.
+_VIEW_BUDGET = 2_000
 
 
 def at_header(due_ms: int) -> str:
@@ -166,3 +168,38 @@ class JetStreamScheduling(EngineParts):
             await self.client.api(f"STREAM.MSG.DELETE.{stream.name}", {"seq": sched.seq, "no_erase": True})
         except EngineAPIError:  # the scheduler published it and removed the schedule first
             raise too_late from None
+
+    # -- admin view ---------------------------------------------------------------------
+
+    async def admin_scheduled(self, topic: str | None = None, limit: int = 100) -> dict[str, Any]:
+        """Scheduled messages not yet due (of ``topic``, or all): how many per topic, and
+        the next ``limit`` in due order (msg_id, topic, deliver_at, transactional). Reads at
+        most ``_VIEW_BUDGET`` schedules; ``complete`` is False past that."""
+        topics = [topic] if topic is not None else await self.streams.topics()
+        counts: dict[str, int] = {}
+        found: list[tuple[int, str, int]] = []  # (due, topic, seq)
+        budget = _VIEW_BUDGET
+        for t in topics:
+            ts = await self.streams.ensure_topic_if_exists(t)
+            if ts is None:
+                continue
+            info = await self.client.api(f"STREAM.INFO.{ts.name}", {"subjects_filter": f"hmq.{t}.s.*"})
+            subjects = list(info["state"].get("subjects") or {})
+            if subjects:
+                counts[t] = len(subjects)
+            for subject in subjects[:max(0, budget)]:
+                last = await self.client.get_last(ts.name, subject)
+                if last is not None:
+                    rec = decode_record(last.data)
+                    if rec.due_ms is not None:
+                        found.append((rec.due_ms, t, rec.half_seq))
+            budget -= len(subjects)
+        found.sort()
+        upcoming = []
+        for due, t, seq in found[:limit]:
+            ts = await self.streams.ensure_topic(t)
+            stored = await self.client.get(ts.name, seq)
+            upcoming.append({"msg_id": naming.encode_msg_id(ts.prefix, seq), "topic": t, "deliver_at": due,
+                             "transactional": stored is not None and ".h." in stored.subject})
+        return {"scheduled": sum(counts.values()), "topics": dict(sorted(counts.items())),
+                "next": upcoming, "complete": budget >= 0}
