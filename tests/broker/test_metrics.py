@@ -28,7 +28,8 @@ DOCUMENTED = {
     "halfmq_group_retrying_messages", "halfmq_group_members", "halfmq_groups", "halfmq_topics",
     "halfmq_transactions", "halfmq_transaction_outcomes", "halfmq_checkbacks", "halfmq_store_records",
     "halfmq_store_batches", "halfmq_store_writes", "halfmq_store_fsyncs", "halfmq_store_bundles",
-    "halfmq_store_loop_disk_wait_seconds", "halfmq_connections",
+    "halfmq_store_loop_disk_wait_seconds", "halfmq_connections", "halfmq_store_fsync_seconds",
+    "halfmq_store_batch_records",
 }
 
 
@@ -102,5 +103,11 @@ async def test_every_documented_metric_is_present_and_moves(broker):
     assert value(after, "halfmq_checkbacks_total", result="answered") >= 1
     assert value(after, "halfmq_store_fsyncs_total") > value(before, "halfmq_store_fsyncs_total")
     assert value(after, "halfmq_store_records_total") >= 7
+    fsyncs = value(after, "halfmq_store_fsync_seconds_count") - value(before, "halfmq_store_fsync_seconds_count")
+    assert fsyncs >= 1 and value(after, "halfmq_store_fsync_seconds_sum") > 0
+    assert value(after, "halfmq_store_fsync_seconds_bucket", le="+Inf") == value(after, "halfmq_store_fsync_seconds_count")
+    assert value(after, "halfmq_store_fsync_seconds_bucket", le="10.0") <= value(after, "halfmq_store_fsync_seconds_count")
+    batches = value(after, "halfmq_store_batch_records_count") - value(before, "halfmq_store_batch_records_count")
+    assert batches >= 1 and value(after, "halfmq_store_batch_records_sum") == value(after, "halfmq_store_records_total")
     assert value(after, "halfmq_groups") == 1 and value(after, "halfmq_topics") == 1
     assert value(after, "halfmq_request_errors_total", code="8") >= 1

@@ -39,7 +39,7 @@ def _hold_writer_thread(monkeypatch) -> threading.Event:
 
     def held(writes):
         assert gate.wait(10)
-        real(writes)
+        return real(writes)
 
     monkeypatch.setattr(store_mod, "_pwrite_all", held)
     return gate

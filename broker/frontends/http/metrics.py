@@ -17,7 +17,12 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 if TYPE_CHECKING:
     from broker.app import Broker
@@ -102,6 +107,13 @@ def metric_families(snapshot: dict[str, Any], connections: Iterable[Any], errors
         out.append(CounterMetricFamily(name[: -len("_total")], doc, value=store.get(key, 0)))
     out.append(CounterMetricFamily("halfmq_store_loop_disk_wait_seconds", "Time the event loop waited for "
                                    "its own disk writes and fdatasyncs", value=store.get("loop_disk_wait_ns", 0) / 1e9))
+    hist = snapshot.get("histograms")
+    if hist is not None:
+        out.append(HistogramMetricFamily("halfmq_store_fsync_seconds", "Time the fdatasyncs of one write batch took "
+                                         "(a big batch written with O_DSYNC: the write and sync together)",
+                                         buckets=hist["fsync_seconds"], sum_value=hist["fsync_seconds_sum"]))
+        out.append(HistogramMetricFamily("halfmq_store_batch_records", "Records per write batch (group commit)",
+                                         buckets=hist["batch_records"], sum_value=hist["batch_records_sum"]))
     roles: dict[str, int] = {"producer": 0, "consumer": 0, "unknown": 0}
     for c in connections:
         roles[c.role if c.role in roles else "unknown"] += 1
