@@ -24,9 +24,7 @@ from typing import Any
 
 from broker.security.cli import (
     add_client_options,
-    add_http_login_options,
     client_kwargs,
-    http_call,
     token_main,
     user_main,
 )
@@ -175,73 +173,9 @@ def _consume_main(argv: list[str]) -> int:
 
 
 def _admin_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="halfmq admin", description="Query the broker's admin HTTP API.")
-    p.add_argument("--http", default="http://127.0.0.1:7601", help="admin API base URL (default http://127.0.0.1:7601)")
-    add_http_login_options(p)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("topics", help="topics, queues, message counts")
-    sub.add_parser("groups", help="consumer groups: delivered, acked, in flight, retrying, dead, lag")
-    m = sub.add_parser("message", help="one message and its state in each group")
-    m.add_argument("msg_id")
-    k = sub.add_parser("find", help="messages of a topic carrying a key")
-    k.add_argument("topic")
-    k.add_argument("key")
-    rc = sub.add_parser("recall", help="cancel a scheduled message not yet due")
-    rc.add_argument("msg_id")
-    sc = sub.add_parser("scheduled", help="scheduled messages: per topic, and the next ones due")
-    sc.add_argument("--topic", default=None)
-    sc.add_argument("--limit", type=int, default=100, help="next messages listed, at most 1000 (default 100)")
-    r = sub.add_parser("resend", help="send a dead-lettered message back to its topic for a group")
-    r.add_argument("group")
-    r.add_argument("msg_id")
-    t = sub.add_parser("transactions", help="half messages by state")
-    t.add_argument("--state", default="prepared", choices=["prepared", "abandoned", "committed", "rolled_back"])
-    gs = sub.add_parser("group-settings", help="show or change a consumer group's settings")
-    gs.add_argument("group")
-    gs.add_argument("--fifo", choices=["on", "off"], help="deliver each message group in order, one at a time")
-    gs.add_argument("--max-attempts", type=int, help="deliveries before the dead-letter queue")
-    gs.add_argument("--retry-delays", help="the group's retry delay ladder, e.g. 1s,10s,1m")
-    for verb in ("commit", "rollback"):
-        v = sub.add_parser(verb, help=f"{verb} a prepared transaction by hand")
-        v.add_argument("msg_id")
-    for lister in (sub.choices["topics"], sub.choices["groups"], k, t):
-        lister.add_argument("--limit", type=int, default=100, help="entries per page, at most 1000 (default 100)")
-        lister.add_argument("--after", help="the 'next' cursor of the previous page")
-    a = p.parse_args(argv)
-    base = a.http.rstrip("/")
-    from urllib.parse import urlencode
+    from broker.admin_cli import admin_main
 
-
-    def _http(method: str, url: str, body: Any = None) -> Any:
-        return http_call(a, method, url, body, prog="halfmq admin")
-
-    paging = {"limit": getattr(a, "limit", 100), **({"after": a.after} if getattr(a, "after", None) else {})}
-    if a.cmd == "topics":
-        out = _http("GET", f"{base}/api/topics?" + urlencode(paging))
-    elif a.cmd == "groups":
-        out = _http("GET", f"{base}/api/groups?" + urlencode(paging))
-    elif a.cmd == "message":
-        out = _http("GET", f"{base}/api/messages/{a.msg_id}")
-    elif a.cmd == "find":
-        out = _http("GET", f"{base}/api/messages?" + urlencode({"topic": a.topic, "key": a.key, **paging}))
-    elif a.cmd == "recall":
-        out = _http("POST", f"{base}/api/messages/{a.msg_id}/recall")
-    elif a.cmd == "scheduled":
-        out = _http("GET", f"{base}/api/scheduled?" + urlencode({"limit": a.limit, **({"topic": a.topic} if a.topic else {})}))
-    elif a.cmd == "resend":
-        out = _http("POST", f"{base}/api/dlq/{a.group}/messages/{a.msg_id}/resend")
-    elif a.cmd == "group-settings":
-        changes = {k: v for k, v in (("fifo", None if a.fifo is None else a.fifo == "on"),
-                                     ("max_attempts", a.max_attempts), ("retry_delays", a.retry_delays))
-                   if v is not None}
-        url = f"{base}/api/groups/{a.group}/settings"
-        out = _http("POST", url, changes) if changes else _http("GET", url)
-    elif a.cmd == "transactions":
-        out = _http("GET", f"{base}/api/transactions?" + urlencode({"state": a.state, **paging}))
-    else:
-        out = _http("POST", f"{base}/api/transactions/{a.msg_id}/{a.cmd}")
-    print(json.dumps(out, indent=2))
-    return 0
+    return admin_main(argv)
 
 
 def _webhook_main(argv: list[str]) -> int:
@@ -281,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
               "  broker    run the broker (halfmq broker --help for every option)\n"
               "  send      send one message: halfmq send TOPIC BODY [--tags T] [--keys K,...] [--delay 30s]\n"
               "  consume   print and ack messages: halfmq consume TOPIC --group G\n"
-              "  admin     query the admin API: topics | groups | message ID | resend GROUP ID | transactions\n"
-              "            | scheduled [--topic T] | recall ID\n"
+              "  admin     the admin API as tables (--json for scripts): topics | groups | members G | clients\n"
+              "            | message ID | trace ID | find T K | dlq G | resend G ID | transactions | commit ID\n"
+              "            | rollback ID | scheduled [--topic T] | recall ID | group-settings G\n"
               "  webhook   POST a topic's messages to a URL: add | list | show | remove | rotate | delivery | resend\n"
               "  outbox-relay  ship a database's outbox table to the broker: halfmq outbox-relay --db URL --broker ADDR\n"
               "  user      users and rights: add | passwd | list | remove | grant | revoke | verifier\n"

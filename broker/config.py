@@ -386,6 +386,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_delay", _parse_positive_duration, "DUR",
            "longest delay of a scheduled message (delay or deliver-at); further ahead is "
            "refused (default: 3d)"),
+    Option("trace", parse_bool, None,
+           "record each delivery attempt and its outcome, and who sent each message, for "
+           "`halfmq admin trace`; one small log record per loop iteration (default: off)", boolean=True),
     # security (README, "Security")
     Option("tls_cert", _parse_optional_path, "FILE",
            "PEM certificate chain: serve TLS on the native and HTTP ports (default: none)"),
@@ -443,6 +446,7 @@ class BrokerConfig:
     max_inflight_requests: int = 4096
     max_inflight_bytes: int = 64 * 1024 * 1024
     max_delay: float = 3 * 86400.0
+    trace: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None

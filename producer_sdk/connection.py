@@ -65,6 +65,9 @@ from protocol import (
 
 __all__ = ["Connection", "default_client_id", "parse_address"]
 
+#: What this client tells the broker it is (shown by ``halfmq admin clients`` and the console).
+CLIENT_AGENT = "halfmq-python/0.1.0"
+
 log = logging.getLogger("halfmq.client")
 
 #: Longest wait between two reconnect attempts, in seconds (SPEC §4).
@@ -562,6 +565,7 @@ class Connection:
             "client_id": self.client_id,
             "role": self.role,
             "group": self.group,
+            "agent": CLIENT_AGENT,
         }
         login = ClientLogin(*self._credentials) if self._credentials else None
         if login is not None:

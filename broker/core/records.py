@@ -14,7 +14,8 @@ decode, and built once per message on the hot path); the other records have smal
   reach it), a map of extras: ``"g"`` the FIFO message group, ``"at"`` the epoch ms a
   scheduled message is due, ``"d"`` the delay in ms of a half message (counted from its
   commit). Messages without extras keep the short header.
-- ``RT_TX_OP``: a transaction outcome ``{id, s: "C"|"R"|"A", hp: half position}``,
+- ``RT_TX_OP``: a transaction outcome ``{id, s: "C"|"R"|"A", hp: half position, b: who
+  decided ("p" producer, "c" check-back, "o" operator), n: check-backs by then}``,
   indexed in ``%OP%``.
 - ``RT_COMMIT_REF``: carries the index entry that makes a stored message visible: the
   entry in the topic's queue points at the stored record (``ref_pos``), so the body is
@@ -30,6 +31,9 @@ decode, and built once per message on the hot path); the other records have smal
 - ``RT_ACK``: acknowledgements of one consumer group ``{g, a: [[topic, queue, offset],
   ...]}``, indexed in ``%ACK%``: written with the log's group commit, so an ack the broker
   confirmed survives a crash (see ``broker.engines.embedded.delivering``).
+- ``RT_TRACE``: with ``--trace``, the delivery events of one loop iteration ``{e: [...]}``
+  (who sent a message, each delivery attempt and its outcome), indexed in ``%TRACE%``
+  (see ``broker.engines.embedded.tracing``).
 
 A message id is the store epoch and the log position of the record that holds the body,
 in hex (``make_msg_id``): known as soon as the record is stored, the same for a half
@@ -54,6 +58,8 @@ __all__ = [
     "RT_SCHEDULE",
     "RT_RELEASE",
     "RT_RECALL",
+    "RT_TRACE",
+    "TRACE_TOPIC",
     "RETRY_PREFIX",
     "SCHED_TOPIC",
     "HALF_TOPIC",
@@ -83,7 +89,7 @@ __all__ = [
 
 RT_MSG = 1  # a normal message: header [topic, tags, keys, properties, born, epoch] ; body
 RT_HALF = 2  # a half message: the same + [producer group, producer id, queue]
-RT_TX_OP = 3  # a transaction outcome: id, s ("C" | "R" | "A"), hp (half pos)
+RT_TX_OP = 3  # a transaction outcome: id, s ("C" | "R" | "A"), hp (half pos), b (by), n (checks)
 RT_RETRY = 4  # a retry: id, rp (message pos), rt (reconsume times), ot, oq, oo, g
 RT_DLQ = 5  # a dead letter: id, rp, g, ot, oq, oo, rt ; indexed by ref into %DLQ%<group>
 RT_COMMIT_REF = 6  # carrier of the index entry that makes a committed half message visible
@@ -91,12 +97,14 @@ RT_ACK = 7  # acks of one group: g, a ([[topic, queue, offset], ...]) ; indexed 
 RT_SCHEDULE = 8  # messages due in one second: s, p (previous record of its slot), e ; in %SCHED%
 RT_RELEASE = 9  # scheduled messages released: r ([[pos, topic], ...]) ; in %SCHED%
 RT_RECALL = 10  # a scheduled message recalled: r (pos), t (topic) ; in %SCHED%
+RT_TRACE = 11  # --trace: delivery events of one loop iteration: e ([[kind, ...], ...]) ; in %TRACE%
 
 RETRY_PREFIX = "%RETRY%"
 HALF_TOPIC = "%HALF%"
 OP_TOPIC = "%OP%"
 ACK_TOPIC = "%ACK%"
 SCHED_TOPIC = "%SCHED%"
+TRACE_TOPIC = "%TRACE%"
 
 # Positions in the header of a message record.
 H_TOPIC, H_TAGS, H_KEYS, H_PROPS, H_BORN, H_EPOCH, H_PGROUP, H_PCLIENT, H_QUEUE, H_EXT = range(10)

@@ -33,16 +33,16 @@ def test_send_consume_and_admin_round_trip(broker):
     assert (m["msg_id"], m["body"], m["tags"], m["keys"]) == (msg_id, "hello world", "TagA", ["k1", "k2"])
 
     http = ["--http", broker.http_url]
-    topics = json.loads(halfmq("admin", *http, "topics").stdout)["topics"]
+    topics = json.loads(halfmq("admin", "--json", *http, "topics").stdout)["topics"]
     assert any(t["topic"] == "orders" and t["messages"] == 1 for t in topics)
-    groups = json.loads(halfmq("admin", *http, "groups").stdout)["groups"]
+    groups = json.loads(halfmq("admin", "--json", *http, "groups").stdout)["groups"]
     assert [g["group"] for g in groups] == ["cli"] and groups[0]["acked"] == 1 and groups[0]["lag"] == 0
-    one = json.loads(halfmq("admin", *http, "message", msg_id).stdout)
+    one = json.loads(halfmq("admin", "--json", *http, "message", msg_id).stdout)
     assert one["msg_id"] == msg_id and one["keys"] == ["k1", "k2"] and one["groups"]["cli"]["state"] == "acked"
-    found = json.loads(halfmq("admin", *http, "find", "orders", "k2").stdout)["messages"]
+    found = json.loads(halfmq("admin", "--json", *http, "find", "orders", "k2").stdout)["messages"]
     assert [f["msg_id"] for f in found] == [msg_id]
-    assert json.loads(halfmq("admin", *http, "transactions").stdout) == {"transactions": [], "next": None}
-    missing = halfmq("admin", *http, "message", "000000000000000000000000")
+    assert json.loads(halfmq("admin", "--json", *http, "transactions").stdout) == {"transactions": [], "next": None}
+    missing = halfmq("admin", "--json", *http, "message", "000000000000000000000000")
     assert missing.returncode != 0 and "404" in missing.stderr
 
 

@@ -166,9 +166,9 @@ def test_cli_send_delay_and_admin_recall(broker):
     assert sent.returncode == 0, sent.stderr
     msg_id = json.loads(sent.stdout)["msg_id"]
     assert json.loads(sent.stdout)["queue_offset"] == -1
-    out = cli("admin", "--http", broker.http_url, "scheduled", "--topic", "clit")
+    out = cli("admin", "--json", "--http", broker.http_url, "scheduled", "--topic", "clit")
     assert out.returncode == 0 and json.loads(out.stdout)["next"][0]["msg_id"] == msg_id
-    out = cli("admin", "--http", broker.http_url, "recall", msg_id)
+    out = cli("admin", "--json", "--http", broker.http_url, "recall", msg_id)
     assert out.returncode == 0 and json.loads(out.stdout)["state"] == "RECALLED"
     assert topic_view(broker.http_url, "clit")["scheduled"] == 0
     bad = cli("send", "clit", "x", "--delay", "soon", "--address", broker.address)

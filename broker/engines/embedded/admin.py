@@ -107,6 +107,41 @@ class EmbeddedAdmin:
             })
         return out
 
+    async def admin_members(self: EmbeddedEngine, group: str) -> list[dict[str, Any]] | None:
+        """The members of a group (push consumers and pending pull requests): client id,
+        address, client library, topic, tags, leases held; None if there is no such group."""
+        gd = self.groups.get(group)
+        if gd is None:
+            return None
+        out = []
+        for mid, m in sorted(gd.members.items()):
+            s = self._member_of(mid)
+            out.append({"member": mid, "kind": "pull" if m.receiver else "push",
+                        "client_id": s.client_id if s else None, "address": s.peer if s else None,
+                        "agent": getattr(s, "agent", None), "version": getattr(s, "protocol_version", None),
+                        "topic": m.topic, "tags": sorted(m.tags) if m.tags else None,
+                        "prefetch": m.prefetch, "leases": len(m.leases)})
+        return out
+
+    async def admin_dlq(self: EmbeddedEngine, group: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """The dead letters of ``group`` (at most ``limit``, oldest first): the message and
+        when it was dead-lettered."""
+        store = self.store
+        assert store is not None
+        validate_group_ref(group, "group")
+        dlq = DLQ_PREFIX + group
+        out = []
+        for o, entry in store.read_queue(dlq, 0, store.queue_start(dlq, 0), limit):
+            try:
+                msg = store.read(entry.pos)
+            except (KeyError, ValueError, OSError):
+                continue  # the message record is gone (retention)
+            body = wire_json(build_wire(msg, msg.header[H_TOPIC], 0, o, 0))
+            body["dead_lettered_at"] = entry.store_time
+            body["dlq_offset"] = o
+            out.append(body)
+        return out
+
     async def admin_transactions(self: EmbeddedEngine, state: TxState) -> list[dict[str, Any]]:
         """Half messages in ``state`` (committed / rolled back: the most recent 1,000)."""
         now = time.time()
@@ -180,15 +215,7 @@ class EmbeddedAdmin:
                 since = int(hm.resolved_at * 1000) - 1
             exact = False
         for q in range(self.queue_count(topic)):
-            lo, hi = store.queue_start(topic, q), store.queue_end(topic, q)
-            while lo < hi:  # first offset whose entry is not older than ``since``
-                mid = (lo + hi) // 2
-                entries = store.read_queue(topic, q, mid, 1)
-                if entries and entries[0][1].store_time < since:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            found = self._scan_for(topic, q, lo, rec.pos, since if exact else None)
+            found = self._scan_for(topic, q, self._since(topic, q, since), rec.pos, since if exact else None)
             if found >= 0:
                 return q, found
         return -1, -1
@@ -239,9 +266,11 @@ class EmbeddedAdmin:
                 for off, r in self._scan_queue(t, q):
                     if r.header.get("id") == msg_id:
                         due = r.store_time / 1000.0 + (delays[q] if q < len(delays) else 0.0)
-                        retries.append((r.header["rt"], due, off >= cur.next_offset))
+                        retries.append((r.header["rt"], due, off >= cur.next_offset, bool(r.header.get("resent"))))
             dlq = DLQ_PREFIX + name
-            dead = any(record_msg_id(r) == msg_id for _o, r in self._scan_queue(dlq, 0))
+            # dead-lettered, unless an operator sent it back since (its DLQ entry stays)
+            dead = any(record_msg_id(r) == msg_id for _o, r in self._scan_queue(dlq, 0)) and \
+                not any(r[3] for r in retries)
             leases = list(gd.lease_of(msg_id))
             st["deliveries"] = max([r[0] for r in retries], default=0) + (1 if (retries or leases or dead) else 0)
             if dead:
@@ -285,6 +314,10 @@ class EmbeddedAdmin:
             "topics": {t: tuple(c) for t, c in self.topic_counts.items()},
             "counters": dict(self.counters),
             "store": dict(self.store.stats),
+            "histograms": {"fsync_seconds": self.store.fsync_seconds.cumulative(),
+                           "fsync_seconds_sum": self.store.fsync_seconds.total,
+                           "batch_records": self.store.batch_records.cumulative(),
+                           "batch_records_sum": self.store.batch_records.total},
             "groups": groups,
             "transactions": self.tx.stats,
             "topics_total": len(self.topics),

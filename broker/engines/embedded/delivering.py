@@ -89,6 +89,8 @@ class EmbeddedDelivering:
             raise BadRequestError("ACK without a subscription")
         gd = self.groups[sub[0]]
         now = time.time()
+        if self.trace:
+            self._trace_acks(gd, acks, now)
         pending = []
         for token, ok in acks:
             r = gd.ack(s.conn_id, token, ok, now)
@@ -156,6 +158,8 @@ class EmbeddedDelivering:
             except Exception:
                 log.exception("delivery poll failed for group %s", gd.group)
                 continue
+            if out and self.trace:
+                self._trace_delivered(gd, out, now)
             if gd.more:  # it read its share of entries for this iteration: go on in the next
                 more = True
             if not out:
@@ -183,8 +187,12 @@ class EmbeddedDelivering:
             for gd in list(self.groups.values()):
                 expired = gd.expire(now)
                 if expired:
+                    if self.trace:
+                        self._trace_expired(gd, expired, now)
                     self._append_pending(gd, expired)
             self.dispatch()
+            if self._trace_buf:  # --trace events with nothing else to ride with
+                self._schedule_flush()
 
     async def _load_offsets(self: EmbeddedEngine) -> None:
         """Saved group progress, then what the log holds since: acks and dead letters."""
@@ -208,18 +216,13 @@ class EmbeddedDelivering:
             # time is the dead-letter record's; it points at the message record)
             dead = self._replay_dead.setdefault(group, {})
             dlq = DLQ_PREFIX + group
-            off, end = max(dlq_from.get(group, 0), store.queue_start(dlq, 0)), store.queue_end(dlq, 0)
-            while off < end:
-                entries = store.read_queue(dlq, 0, off, 1024)
-                if not entries:
-                    break
-                for o, entry in entries:
-                    off = o + 1
-                    try:
-                        msg_id = record_msg_id(store.read(entry.pos))
-                    except (KeyError, ValueError):
-                        continue  # the message record is gone (retention)
-                    dead[msg_id] = max(dead.get(msg_id, 0), entry.store_time)
+            start = max(dlq_from.get(group, 0), store.queue_start(dlq, 0))
+            for _o, entry in self._scan_entries(dlq, 0, start, store.queue_end(dlq, 0)):
+                try:
+                    msg_id = record_msg_id(store.read(entry.pos))
+                except (KeyError, ValueError):
+                    continue  # the message record is gone (retention)
+                dead[msg_id] = max(dead.get(msg_id, 0), entry.store_time)
         if n:
             log.info("recovered %d acks written since the last saved group progress", n)
 

@@ -25,6 +25,7 @@ their saved offsets and the ``%ACK%`` queue, then serves the calls of
   again through a timer wheel whose chains live in the log (``broker.core.schedule``),
   released at their millisecond by an index entry in the topic's queue.
 - **admin** (:mod:`.admin`): the read-only views and the operator's actions of the admin API.
+- **tracing** (:mod:`.tracing`): ``--trace``'s delivery events and the trace of one message.
 
 This file holds what they share: start, recovery, stop, topics and groups, sessions.
 """
@@ -53,6 +54,7 @@ from broker.core.records import (
     OP_TOPIC,
     RETRY_PREFIX,
     SCHED_TOPIC,
+    TRACE_TOPIC,
     header_ext,
     record_msg_id,
     tag_hash,
@@ -64,6 +66,7 @@ from broker.engines.embedded.delivering import EmbeddedDelivering
 from broker.engines.embedded.pulling import EmbeddedPulling
 from broker.engines.embedded.scheduling import EmbeddedScheduling
 from broker.engines.embedded.sending import EmbeddedSending
+from broker.engines.embedded.tracing import EmbeddedTracing
 from broker.engines.embedded.transactions import CODE_OUTCOMES, EmbeddedTransactions
 from protocol import DLQ_PREFIX, FRAME_OVERHEAD, LimitExceededError, TopicNotFoundError
 from storage import IndexTarget, MessageStore, NewBundle, NewRecord
@@ -84,7 +87,7 @@ _BUNDLE_BYTES = 1 << 20
 
 
 class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, EmbeddedPulling,
-                     EmbeddedScheduling, EmbeddedAdmin):
+                     EmbeddedScheduling, EmbeddedAdmin, EmbeddedTracing):
     """The default engine: everything in one local data directory (see the module docstring)."""
 
     def __init__(self, config: BrokerConfig) -> None:
@@ -108,6 +111,9 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         # by name, the rest under "_other"), and event counters (see admin.metrics_snapshot)
         self.topic_counts: dict[str, list[int]] = {}
         self.counters: Counter[str] = Counter()
+        # --trace: delivery events waiting for the next append (see .tracing)
+        self.trace = config.trace
+        self._trace_buf: list[list[Any]] = []
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._saved_offsets: dict[str, dict[tuple[str, int], int]] = {}
@@ -264,6 +270,19 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
                 off = o + 1
                 yield o, rec
 
+    def _scan_entries(self, topic: str, qid: int, start: int, end: int) -> Any:
+        """Every ``(offset, index entry)`` of a queue from ``start`` up to ``end``."""
+        store = self.store
+        assert store is not None
+        off = start
+        while off < end:
+            entries = store.read_queue(topic, qid, off, min(1024, end - off))
+            if not entries:
+                return
+            for o, entry in entries:
+                off = o + 1
+                yield o, entry
+
     def _retention_guard(self) -> int:
         assert self.store is not None
         low = self.store.end_pos
@@ -290,7 +309,7 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         n = self.topics.get(topic)
         if n is not None:
             return n
-        if topic.startswith(DLQ_PREFIX) or topic in (HALF_TOPIC, OP_TOPIC, SCHED_TOPIC):
+        if topic.startswith(DLQ_PREFIX) or topic in (HALF_TOPIC, OP_TOPIC, SCHED_TOPIC, TRACE_TOPIC):
             return 1
         if topic.startswith(RETRY_PREFIX):
             return len(self.config.retry_delays) + 1

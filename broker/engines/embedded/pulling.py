@@ -102,6 +102,8 @@ class EmbeddedPulling:
         the acks are durable."""
         gd = self.groups.get(group)
         now = time.time()
+        if self.trace and gd is not None:
+            self._trace_settles(gd, items, now)
         results: list[Any] = []
         pending = []
         for item in items:

@@ -60,6 +60,9 @@ log = logging.getLogger("halfmq.broker")
 _RESOLVED_KEPT = 60.0
 _OUTCOME_CODES = {TxState.COMMITTED: "C", TxState.ROLLED_BACK: "R", TxState.ABANDONED: "A"}
 CODE_OUTCOMES = {v: k for k, v in _OUTCOME_CODES.items()}
+#: Who decided an outcome, as its ``%OP%`` record says (``b``; read back by the trace).
+_BY_CODES = {"producer": "p", "check": "c", "operator": "o"}
+BY_NAMES = {v: k for k, v in _BY_CODES.items()}
 _REPLY_STATES = {TxState.COMMITTED: "COMMITTED", TxState.ROLLED_BACK: "ROLLED_BACK", TxState.ABANDONED: "ABANDONED"}
 _REQUESTED = {"COMMIT": TxState.COMMITTED, "ROLLBACK": TxState.ROLLED_BACK}
 
@@ -127,17 +130,20 @@ class EmbeddedTransactions:
         if not changed:
             return None
         self.counters[f"tx_{recorded.value}_{by}"] += 1
-        return self._append_outcome(msg_id, recorded)
+        return self._append_outcome(msg_id, recorded, by=by)
 
     def _append_outcome(self: EmbeddedEngine, msg_id: str, state: TxState,
-                        reply_to: tuple[Session, int, dict[str, Any]] | None | bool = None) -> asyncio.Future[Any] | None:
+                        reply_to: tuple[Session, int, dict[str, Any]] | None | bool = None,
+                        by: str = "producer") -> asyncio.Future[Any] | None:
         """Queue the outcome record (and, for COMMIT, the index entry pointing at the stored
         half record) into this loop iteration's append. When durable: the client request
         ``reply_to`` is answered, or (without one) the returned future resolves; with
-        ``reply_to=False`` another outcome of the same request answers."""
+        ``reply_to=False`` another outcome of the same request answers. The record says who
+        decided (``by``: producer, check, operator) and after how many check-backs."""
         hm = self.tx.get(msg_id)
         assert hm is not None and self.store is not None
-        records = [NewRecord(RT_TX_OP, {"id": msg_id, "s": _OUTCOME_CODES[state], "hp": hm.pos}, b"",
+        records = [NewRecord(RT_TX_OP, {"id": msg_id, "s": _OUTCOME_CODES[state], "hp": hm.pos,
+                                        "b": _BY_CODES.get(by, "?"), "n": hm.checks}, b"",
                              IndexTarget(OP_TOPIC, 0))]
         meta = self._half_meta.pop(msg_id, None)
         delay = self._half_delays.pop(msg_id, None)
@@ -258,5 +264,5 @@ class EmbeddedTransactions:
         log.warning("transaction %s abandoned after %d check-backs (topic %s, group %s): never delivered",
                     msg_id, hm.checks if hm else -1, hm.topic if hm else "?", hm.group if hm else "?")
         self.counters["tx_abandoned_check"] += 1
-        self._append_outcome(msg_id, TxState.ABANDONED)
+        self._append_outcome(msg_id, TxState.ABANDONED, by="check")
 

@@ -15,8 +15,15 @@ Routes
   and the next one's delivery time
 - ``GET /api/groups`` — per group and topic: delivered, acked, in-flight, waiting retry,
   dead-lettered, lag
+- ``GET /api/groups/{group}/members`` — a group's members: client id, address, client
+  library, topic, tags, leases
+- ``GET /api/clients`` — connected clients: client id, role, group, address, version
+- ``GET /api/dlq/{group}/messages`` — a group's dead letters and when they died
 - ``GET /api/messages/{msg_id}`` — the message and its state in each group (a scheduled
   one: its delivery time and whether it is scheduled, released or recalled)
+- ``GET /api/messages/{msg_id}/trace`` — the life of the message in time order: stored,
+  scheduled, transaction outcome (by whom), deliveries and their outcomes (``--trace``),
+  retries, dead letters, resends (see :mod:`broker.engines.embedded.tracing`)
 - ``POST /api/messages/{msg_id}/recall`` — cancel a scheduled message not yet due
 - ``GET /api/scheduled?topic=T`` — scheduled messages: how many per topic, the next ones
 - ``GET /api/messages?topic=T&key=K`` — messages of a topic carrying a business key
@@ -97,6 +104,21 @@ def _page(req: web.Request, items: list[dict[str, Any]], key: str, name: str) ->
     return {name: page, "next": page[-1][key] if len(items) > limit else None}
 
 
+def client_list(broker: Broker) -> list[dict[str, Any]]:
+    """The connected native clients: client id, role, group, address, protocol version,
+    client library, subscription, connected since (epoch ms)."""
+    out = []
+    for c in broker.native.connections:
+        if c.client_id is None:
+            continue  # not past its handshake
+        sub = getattr(c, "_subscription", None)
+        out.append({"client_id": c.client_id, "role": c.role, "group": c.group or (sub[1] if sub else None),
+                    "address": c.peer, "version": getattr(c, "protocol_version", None),
+                    "agent": getattr(c, "agent", None), "topic": sub[0] if sub else None,
+                    "since": int(getattr(c, "since", 0) * 1000)})
+    return sorted(out, key=lambda c: (c["role"] or "", c["client_id"]))
+
+
 def build_app(broker: Broker) -> web.Application:
     """The aiohttp application serving the admin API of ``broker``."""
     engine: Any = broker.engine
@@ -142,6 +164,27 @@ def build_app(broker: Broker) -> web.Application:
     async def groups(req: web.Request) -> web.Response:
         return web.json_response(_page(req, await engine.admin_groups(), "group", "groups"))
 
+    @routes.get("/api/groups/{group}/members")
+    async def members(req: web.Request) -> web.Response:
+        group = req.match_info["group"]
+        found = await engine.admin_members(group) if hasattr(engine, "admin_members") else None
+        if found is None:
+            return err(404, f"no consumer group {group}")
+        return web.json_response({"group": group, "members": found})
+
+    @routes.get("/api/clients")
+    async def clients(_req: web.Request) -> web.Response:
+        return web.json_response({"clients": client_list(broker)})
+
+    @routes.get("/api/dlq/{group}/messages")
+    async def dlq(req: web.Request) -> web.Response:
+        group = req.match_info["group"]
+        try:
+            found = await engine.admin_dlq(group, PAGE_MAX * 10)
+        except HalfMQError as exc:
+            return err(400, str(exc))
+        return web.json_response(_page(req, found, "msg_id", "messages"))
+
     @routes.get("/api/groups/{group}/settings")
     async def group_settings(req: web.Request) -> web.Response:
         group = req.match_info["group"]
@@ -180,6 +223,14 @@ def build_app(broker: Broker) -> web.Application:
     async def message(req: web.Request) -> web.Response:
         msg_id = req.match_info["msg_id"]
         body = await engine.admin_message(msg_id)
+        if body is None:
+            return err(404, f"no message {msg_id}")
+        return web.json_response(body)
+
+    @routes.get("/api/messages/{msg_id}/trace")
+    async def trace(req: web.Request) -> web.Response:
+        msg_id = req.match_info["msg_id"]
+        body = await engine.admin_trace(msg_id) if hasattr(engine, "admin_trace") else None
         if body is None:
             return err(404, f"no message {msg_id}")
         return web.json_response(body)

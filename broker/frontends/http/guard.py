@@ -57,7 +57,7 @@ USER_KEY = web.RequestKey("halfmq_user", object) if hasattr(web, "RequestKey") e
 _OPEN_PATHS = frozenset({"/healthz"})
 #: Reading these needs ``admin *`` too (who may log in is the admin's business).
 _ADMIN_PATHS = ("/api/users", "/api/tokens", "/api/access-keys")
-_MSG_ROUTES = ("/api/messages/{msg_id}", "/api/messages/{msg_id}/recall", "/api/dlq/{group}/messages/{msg_id}/resend",
+_MSG_ROUTES = ("/api/messages/{msg_id}", "/api/messages/{msg_id}/trace", "/api/messages/{msg_id}/recall", "/api/dlq/{group}/messages/{msg_id}/resend",
                "/api/transactions/{msg_id}/commit", "/api/transactions/{msg_id}/rollback")
 
 

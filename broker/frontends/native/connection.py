@@ -111,6 +111,9 @@ class ClientConnection(asyncio.Protocol):
         self.client_id: str | None = None
         self.role: str | None = None
         self.group: str | None = None
+        self.protocol_version: int | None = None
+        self.agent: str | None = None  # the client library as its HELLO says (optional, for people)
+        self.since = time.time()  # when it connected
         self.conn_id = ""
         self.closed = False
         self.paused = False
@@ -296,6 +299,10 @@ class ClientConnection(asyncio.Protocol):
         group = p.get("group")
         if group is not None:
             validate_name(group, "group")
+        self.protocol_version = version
+        agent = p.get("agent")
+        if isinstance(agent, str):
+            self.agent = agent[:64]
         security = self.listener.security
         auth = p.get("auth")
         if auth is None and not security.login_required:

@@ -1,0 +1,240 @@
+"""Message trace on the embedded engine: the life of one message, in order.
+
+How this works
+--------------
+Most of a message's life is in the log already, and the trace reads it back from there:
+the message record (stored: time, topic, keys, producer group and client id of a half
+message), its schedule (``at`` in the header, released or recalled), its transaction
+outcome in ``%OP%`` (with who decided it: the producer, a check-back after N checks, an
+operator), each retry record (the attempt that failed and when the next one is due, or a
+resend by an operator) and dead letter of each group. Those are found by a binary search
+on entry times from the message's store time on, each queue read for at most
+``_SCAN_CAP`` entries.
+
+What the log does not hold is who sent a plain message and each delivery attempt. With
+``--trace`` (off by default, as in RocketMQ) the engine collects them as compact events:
+``["s", client_id, address, [pos, ...]]`` per SEND, ``["d", msg_id, group, client_id,
+address, attempt, ms]`` per delivery, ``["o", msg_id, group, outcome, ms]`` per ack,
+failure, expiry or settle. They go into ``_trace_buf`` and ride in the next append as one
+``RT_TRACE`` record indexed in ``%TRACE%`` (one record per loop iteration, no append of
+their own; the 50 ms tick writes leftovers). With tracing off each hook is one boolean
+check per batch (a SEND flush, a dispatch of a group, an ACK or SETTLE request, an expiry
+sweep), nothing per message. Events still in the buffer when the broker stops are lost:
+a trace is a diagnosis aid, not part of the delivery guarantee.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from broker.core.delivery import EXPIRED_LEVEL
+from broker.core.records import (
+    H_BORN,
+    H_KEYS,
+    H_PCLIENT,
+    H_PGROUP,
+    H_QUEUE,
+    H_TAGS,
+    H_TOPIC,
+    OP_TOPIC,
+    RETRY_PREFIX,
+    RT_HALF,
+    RT_TRACE,
+    TRACE_TOPIC,
+    header_ext,
+)
+from broker.engines.embedded.transactions import BY_NAMES, CODE_OUTCOMES
+from protocol import DLQ_PREFIX
+from storage import IndexTarget, NewRecord
+
+if TYPE_CHECKING:
+    from broker.core.delivery import GroupDelivery, PendingRecord
+    from broker.engines.base import Session
+    from broker.engines.embedded.engine import EmbeddedEngine
+
+__all__ = ["EmbeddedTracing"]
+
+#: Entries read at most per queue when looking for one message's records.
+_SCAN_CAP = 20_000
+
+#: Order of events in the same millisecond.
+_ORDER = {"stored": 0, "scheduled": 1, "committed": 2, "rolled_back": 2, "abandoned": 2, "released": 3,
+          "delivered": 4, "acked": 5, "failed": 5, "expired": 5, "retry": 6, "dead_lettered": 6, "resent": 7}
+
+
+class EmbeddedTracing:
+    """The ``--trace`` hooks and the trace view of :class:`EmbeddedEngine`."""
+
+    # -- hooks (each called behind one ``if self.trace``) --------------------------------
+
+    def _trace_emit(self: EmbeddedEngine, events: list[list[Any]]) -> None:
+        self._trace_buf.extend(events)
+
+    def _trace_record(self: EmbeddedEngine) -> NewRecord:
+        """The buffered events as one record (the caller appends it with its batch)."""
+        buf, self._trace_buf = self._trace_buf, []
+        return NewRecord(RT_TRACE, {"e": buf}, b"", IndexTarget(TRACE_TOPIC, 0))
+
+    def _trace_sent(self: EmbeddedEngine, entries: list[tuple[Any, ...]], stored: list[Any]) -> None:
+        """Who sent the messages of one append: client id, address, record positions."""
+        out = []
+        for s, _rid, _half, _topic, first, qids, _msgs in entries:
+            if s is not None and qids:
+                out.append(["s", s.client_id, s.peer, [st.pos for st in stored[first : first + len(qids)]]])
+        self._trace_buf.extend(out)
+
+    def _member_of(self: EmbeddedEngine, member_id: str) -> Session | None:
+        receiver = self._receivers.get(member_id)
+        return receiver[0] if receiver is not None else self._consumers.get(member_id)
+
+    def _trace_delivered(self: EmbeddedEngine, gd: GroupDelivery, out: list[Any], now: float) -> None:
+        ms = int(now * 1000)
+        events = []
+        for member_id, _token, wire in out:
+            s = self._member_of(member_id)
+            events.append(["d", wire[0], gd.group, s.client_id if s else member_id, s.peer if s else "?",
+                           wire[10] + 1, ms])
+        self._trace_buf.extend(events)
+
+    def _trace_acks(self: EmbeddedEngine, gd: GroupDelivery, acks: list[Any], now: float) -> None:
+        ms = int(now * 1000)
+        events = []
+        for token, ok in acks:
+            d = gd.leases.get(token)
+            if d is not None:
+                events.append(["o", d.msg_id, gd.group, "acked" if ok else "failed", ms])
+        self._trace_buf.extend(events)
+
+    def _trace_settles(self: EmbeddedEngine, gd: GroupDelivery, items: list[Any], now: float) -> None:
+        ms = int(now * 1000)
+        names = {"ack": "acked", "nack": "failed", "dlq": "failed"}
+        events = []
+        for item in items:
+            try:
+                handle, action, _ms = item
+                d = gd.leases.by_handle(handle)
+            except Exception:  # a malformed or stale item: the settle itself answers it
+                continue
+            if action in names:
+                events.append(["o", d.msg_id, gd.group, names[action], ms])
+        self._trace_buf.extend(events)
+
+    def _trace_expired(self: EmbeddedEngine, gd: GroupDelivery, expired: list[PendingRecord], now: float) -> None:
+        ms = int(now * 1000)
+        self._trace_buf.extend(["o", pr.record.header["id"], gd.group, "expired", ms] for pr in expired)
+
+    # -- the view -----------------------------------------------------------------------
+
+    def _since(self: EmbeddedEngine, topic: str, q: int, since_ms: int) -> int:
+        """The first offset of a queue whose entry was written at or after ``since_ms``."""
+        store = self.store
+        assert store is not None
+        lo, hi = store.queue_start(topic, q), store.queue_end(topic, q)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            entries = store.read_queue(topic, q, mid, 1)
+            if entries and entries[0][1].store_time < since_ms:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def _records_since(self: EmbeddedEngine, topic: str, q: int, since_ms: int) -> Any:
+        """``(offset, record)`` of a queue from ``since_ms`` on, at most ``_SCAN_CAP``."""
+        n = 0
+        for o, rec in self._scan_queue(topic, q, self._since(topic, q, since_ms)):
+            yield o, rec
+            n += 1
+            if n >= _SCAN_CAP:
+                return
+
+    async def admin_trace(self: EmbeddedEngine, msg_id: str) -> dict[str, Any] | None:
+        """The life of one message in time order (see the module docstring); None if there
+        is no such message. Each event: ``at`` (epoch ms), ``event`` and its details."""
+        try:
+            rec = self.read_message(msg_id)
+        except KeyError:
+            return None
+        summary = await self.admin_message(msg_id)
+        assert summary is not None
+        h = rec.header
+        t0 = rec.store_time
+        half = rec.rtype == RT_HALF
+        ext = header_ext(h) or {}  # type: ignore[arg-type]
+        stored: dict[str, Any] = {"at": t0, "event": "stored", "topic": h[H_TOPIC], "kind": "half" if half else "message",
+                                  "queue": summary.get("queue_id"), "keys": list(h[H_KEYS]), "tags": h[H_TAGS],
+                                  "born": h[H_BORN], "size": len(rec.body)}
+        if half:
+            stored.update(producer_group=h[H_PGROUP], producer_id=h[H_PCLIENT], queue=h[H_QUEUE])
+        events = [stored]
+        if ext.get("at") is not None:
+            events.append({"at": t0, "event": "scheduled", "deliver_at": ext["at"]})
+            sched = summary.get("schedule") or {}
+            if sched.get("state") == "released":
+                events.append({"at": ext["at"], "event": "released"})
+            elif sched.get("state") == "recalled":
+                events.append({"at": None, "event": "recalled"})
+        if ext.get("d"):
+            events.append({"at": t0, "event": "scheduled", "delay_ms": ext["d"], "from": "commit"})
+        if half:
+            for _o, op in self._records_since(OP_TOPIC, 0, t0):
+                if op.header.get("id") == msg_id:
+                    state = CODE_OUTCOMES[op.header["s"]]
+                    events.append({"at": op.store_time, "event": state.name.lower(),
+                                   "by": BY_NAMES.get(op.header.get("b", ""), "unknown"),
+                                   "checks": op.header.get("n")})
+                    break
+        events += self._log_deliveries(msg_id, rec.pos, t0)
+        if self.trace or self.store.queue_end(TRACE_TOPIC, 0) > 0:  # type: ignore[union-attr]
+            events += self._traced(msg_id, rec.pos, t0, stored)
+        events.sort(key=lambda e: (e["at"] is None, e["at"] or 0, _ORDER.get(e["event"], 9)))
+        return {"msg_id": msg_id, "topic": h[H_TOPIC], "keys": list(h[H_KEYS]), "trace": self.trace,
+                "events": events, "groups": summary.get("groups", {}),
+                "transaction": summary.get("transaction"), "schedule": summary.get("schedule")}
+
+    def _log_deliveries(self: EmbeddedEngine, msg_id: str, pos: int, t0: int) -> list[dict[str, Any]]:
+        """Retries, resends and dead letters of ``msg_id`` in every group, from the log."""
+        store = self.store
+        assert store is not None
+        events: list[dict[str, Any]] = []
+        for name, gd in sorted(self.groups.items()):
+            rt = RETRY_PREFIX + name
+            delays = gd.retry_delays
+            for q in [*range(len(delays)), EXPIRED_LEVEL]:
+                for _o, r in self._records_since(rt, q, t0):
+                    if r.header.get("id") != msg_id:
+                        continue
+                    if r.header.get("resent"):
+                        events.append({"at": r.store_time, "event": "resent", "group": name, "by": "operator"})
+                        continue
+                    delay = delays[q] if q < len(delays) else 0.0
+                    events.append({"at": r.store_time, "event": "retry", "group": name, "attempt": r.header["rt"] + 1,
+                                   "due": r.store_time + int(delay * 1000),
+                                   "after": "lease expired" if q == EXPIRED_LEVEL else "failed"})
+            # a DLQ entry points at the message record itself; attempts: the retries before it
+            dlq = DLQ_PREFIX + name
+            first = self._since(dlq, 0, t0)
+            for _o, entry in self._scan_entries(dlq, 0, first, min(store.queue_end(dlq, 0), first + _SCAN_CAP)):
+                if entry.pos == pos:
+                    retries = [e for e in events if e["group"] == name and e["at"] <= entry.store_time]
+                    since = [e for e in retries if e["event"] == "resent"]
+                    tries = [e for e in retries if e["event"] == "retry" and (not since or e["at"] >= since[-1]["at"])]
+                    events.append({"at": entry.store_time, "event": "dead_lettered", "group": name,
+                                   "attempts": len(tries) + 1})
+        return events
+
+    def _traced(self: EmbeddedEngine, msg_id: str, pos: int, t0: int, stored: dict[str, Any]) -> list[dict[str, Any]]:
+        """Events of ``--trace`` for ``msg_id``: who sent it, each attempt and its outcome."""
+        events: list[dict[str, Any]] = []
+        for _o, r in self._records_since(TRACE_TOPIC, 0, t0):
+            for ev in r.header.get("e", ()):
+                kind = ev[0]
+                if kind == "s" and pos in ev[3]:
+                    stored.update(client_id=ev[1], address=ev[2])
+                elif kind == "d" and ev[1] == msg_id:
+                    events.append({"at": ev[6], "event": "delivered", "group": ev[2], "client_id": ev[3],
+                                   "address": ev[4], "attempt": ev[5]})
+                elif kind == "o" and ev[1] == msg_id:
+                    events.append({"at": ev[4], "event": ev[3], "group": ev[2]})
+        return events
+

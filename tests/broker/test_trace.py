@@ -1,0 +1,148 @@
+"""Message trace through a real broker (issue 16): ``GET /api/messages/{id}/trace`` and
+``halfmq admin trace``, with ``--trace`` (each delivery attempt) and without (the log only)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from consumer_sdk import ConsumeResult, PushConsumer
+from producer_sdk import LocalTransactionState, Producer, TransactionListener, TransactionProducer
+from tests.conftest import ROOT, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = ("--retry-delays", "100ms", "--ack-timeout", "2s", "--tx-timeout", "300ms", "--tx-check-interval", "200ms")
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def post(url: str) -> dict:
+    req = urllib.request.Request(url, method="POST", data=b"{}", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def events(trace: dict, kind: str) -> list[dict]:
+    return [e for e in trace["events"] if e["event"] == kind]
+
+
+class CommitOnCheck(TransactionListener):
+    def __init__(self) -> None:
+        self.checks = 0
+
+    async def execute_local_transaction(self, message, arg):
+        return LocalTransactionState.UNKNOWN
+
+    async def check_local_transaction(self, message):
+        self.checks += 1
+        return LocalTransactionState.UNKNOWN if self.checks < 2 else LocalTransactionState.COMMIT
+
+
+async def _fail_twice_then_resend(b) -> tuple[str, list]:
+    """A message failed twice by group g (dead-lettered), resent, then acked."""
+    seen: list = []
+
+    async def on(m):
+        seen.append(m)
+        return ConsumeResult.SUCCESS if len(seen) > 2 else ConsumeResult.RECONSUME_LATER
+
+    async with Producer(b.address) as p, PushConsumer(b.address, group="g", topic="t", listener=on,
+                                                      max_reconsume_times=1):
+        sent = await p.send("t", b"payload", keys=["order-7"])
+        await wait_for(lambda: get(f"{b.http_url}/api/groups")["groups"][0]["dead_lettered"] == 1,
+                       what="the message dead-lettered after 2 attempts")
+        post(f"{b.http_url}/api/dlq/g/messages/{sent.msg_id}/resend")
+        await wait_for(lambda: len(seen) == 3, what="the resent message delivered")
+        await wait_for(lambda: get(f"{b.http_url}/api/groups")["groups"][0]["lag"] == 0, what="acked")
+    return sent.msg_id, seen
+
+
+async def test_trace_with_flag_shows_every_attempt_in_order(broker_factory):
+    b = broker_factory("--trace", *FAST)
+    msg_id, _seen = await _fail_twice_then_resend(b)
+
+    def traced():
+        t = get(f"{b.http_url}/api/messages/{msg_id}/trace")
+        return t if len(events(t, "acked")) == 1 else None  # the last events ride with a later append
+
+    trace = await wait_for(traced, what="the ack in the trace")
+    kinds = [e["event"] for e in trace["events"]]
+    assert trace["trace"] is True and kinds[0] == "stored"
+    stored = trace["events"][0]
+    assert stored["topic"] == "t" and stored["keys"] == ["order-7"] and stored["client_id"]
+    assert stored["address"].startswith("127.0.0.1:")
+    assert kinds == ["stored", "delivered", "failed", "retry", "delivered", "failed", "dead_lettered",
+                     "resent", "delivered", "acked"], kinds
+    delivered = events(trace, "delivered")
+    assert [d["attempt"] for d in delivered] == [1, 2, 1] and all(d["group"] == "g" for d in delivered)
+    assert all(d["client_id"] and d["address"].startswith("127.0.0.1:") for d in delivered)
+    assert events(trace, "dead_lettered")[0]["attempts"] == 2
+    times = [e["at"] for e in trace["events"]]
+    assert times == sorted(times)
+    assert trace["groups"]["g"]["state"] == "acked"  # resent from the DLQ, then acked
+
+
+async def test_trace_without_flag_comes_from_the_log(broker_factory):
+    b = broker_factory(*FAST)
+    msg_id, _seen = await _fail_twice_then_resend(b)
+    trace = get(f"{b.http_url}/api/messages/{msg_id}/trace")
+    kinds = [e["event"] for e in trace["events"]]
+    assert trace["trace"] is False
+    assert kinds == ["stored", "retry", "dead_lettered", "resent"], kinds
+    assert "client_id" not in trace["events"][0]  # who sent a plain message: only with --trace
+    assert b.data_dir.joinpath("..").exists()
+    topics = {t["topic"] for t in get(f"{b.http_url}/api/topics")["topics"]}
+    assert "%TRACE%" not in topics
+
+
+async def test_transaction_outcomes_say_who_decided(broker_factory):
+    b = broker_factory("--trace", *FAST)
+    listener = CommitOnCheck()
+    got: list = []
+
+    async def on(m):
+        got.append(m.msg_id)
+        return ConsumeResult.SUCCESS
+
+    async with (TransactionProducer(b.address, group="pg", listener=listener) as tp,
+                PushConsumer(b.address, group="c", topic="tx", listener=on)):
+        by_check = await tp.send_in_transaction("tx", b"checked", keys=["k1"])
+        by_hand = await tp.send_in_transaction("tx", b"by hand", keys=["k2"])
+        post(f"{b.http_url}/api/transactions/{by_hand.msg_id}/rollback")
+        await wait_for(lambda: by_check.msg_id in got, timeout=20, what="committed by check-back")
+        trace = await wait_for(lambda: (t := get(f"{b.http_url}/api/messages/{by_check.msg_id}/trace"))
+                               and events(t, "acked") and t, what="the ack traced")
+    stored, committed = trace["events"][0], events(trace, "committed")[0]
+    assert stored["kind"] == "half" and stored["producer_group"] == "pg" and stored["producer_id"]
+    assert committed["by"] == "check" and committed["checks"] == 2
+    assert [e["event"] for e in trace["events"]][:2] == ["stored", "committed"]
+    rolled = get(f"{b.http_url}/api/messages/{by_hand.msg_id}/trace")
+    assert [(e["event"], e.get("by")) for e in rolled["events"]] == [("stored", None), ("rolled_back", "operator")]
+
+
+async def test_cli_trace_prints_a_timeline_and_json(broker_factory):
+    b = broker_factory("--trace", *FAST)
+    msg_id, _seen = await _fail_twice_then_resend(b)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "broker.cli", "admin", "--http", b.http_url, *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+    out = cli("trace", msg_id)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(f"message {msg_id}  topic t  keys order-7")
+    assert lines[2].split() == ["time", "(UTC)", "event", "group", "detail"]
+    assert any(" dead_lettered " in line and " g " in line and "attempts=2" in line for line in lines)
+    as_json = json.loads(cli("--json", "trace", msg_id).stdout)
+    assert as_json["msg_id"] == msg_id and as_json["events"][0]["event"] == "stored"
+    missing = cli("trace", "000000000000000000000000")
+    assert missing.returncode != 0 and "404" in missing.stderr
