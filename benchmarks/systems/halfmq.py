@@ -5,7 +5,8 @@ commit); ``--flush async`` acknowledges after the write and fsyncs every 200 ms.
 
 ``halfmq-secure`` is ``--flush sync`` with security on: a user with a SCRAM-SHA-256 login
 (made in the data dir before the broker starts) and TLS on both ports, with a test CA
-made by ``trustme`` for the run; every client logs in over TLS.
+made by ``trustme`` for the run; every client logs in over TLS. ``halfmq-trace`` is
+``--flush sync`` with ``--trace`` (every delivery attempt and sender logged).
 """
 
 from __future__ import annotations
@@ -154,13 +155,14 @@ class Server(BaseServer):
     client_module = "halfmq"
 
     def __init__(self, flush: str = "sync", *, profile_dir: str | None = None,
-                 profiler: str = "cprofile", secure: bool = False) -> None:
+                 profiler: str = "cprofile", secure: bool = False, trace: bool = False) -> None:
         self.flush = flush
-        self.name = "halfmq-secure" if secure else f"halfmq-{flush}"
+        self.name = "halfmq-secure" if secure else "halfmq-trace" if trace else f"halfmq-{flush}"
         self.durability = (
             "fsync before ack (group commit)" if flush == "sync"
             else "ack after write, fsync every 200 ms"
-        ) + ("; SCRAM login + TLS" if secure else "")
+        ) + ("; SCRAM login + TLS" if secure else "") + ("; --trace (delivery events logged)" if trace else "")
+        self.trace = trace
         self.secure = _Secure() if secure else None
         self.profile_dir = profile_dir
         self.profiler = profiler
@@ -175,7 +177,8 @@ class Server(BaseServer):
             self.profiles.append(out)
         sec = self.secure
         self.broker = await start_broker(
-            self.flush, workdir=workdir, profile_out=out, extra=sec.broker_args() if sec else None,
+            self.flush, workdir=workdir, profile_out=out,
+            extra=[*(sec.broker_args() if sec else []), *(["--trace"] if self.trace else [])],
             users={sec.USER: (sec.PASSWORD, sec.GRANTS)} if sec else None)
         if self.profile_dir and self.profiler == "py-spy":
             out = os.path.join(self.profile_dir, f"profile-{topic_name(cell)}.pyspy.txt")

@@ -309,7 +309,8 @@ class EmbeddedAdmin:
             if i >= METRIC_GROUPS:
                 break
             groups[name] = {**gd.stats, "lag": gd.lag(), "in_flight": len(gd.leases),
-                            "retrying": gd.waiting_retry(), "members": len(gd.members)}
+                            "retrying": gd.waiting_retry(), "members": len(gd.members),
+                            "topic_names": sorted(gd.topics())}
         return {
             "topics": {t: tuple(c) for t, c in self.topic_counts.items()},
             "counters": dict(self.counters),

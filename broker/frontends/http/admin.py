@@ -1,10 +1,11 @@
-"""The admin HTTP API (aiohttp, JSON, plus one HTML console page) on ``--http-port``: for
+"""The admin HTTP API (aiohttp, JSON, plus the console web application) on ``--http-port``: for
 people and tools, never the data plane.
 
 Routes
 ------
-- ``GET /`` — the console: an HTML page of topics, groups and prepared/abandoned
-  transactions (see :mod:`broker.frontends.http.console`)
+- ``GET /`` — the console, a web application over the routes below (see
+  :mod:`broker.frontends.http.console`); ``GET /api/series`` — its per-second chart series
+  of the last hour (see :mod:`broker.frontends.http.series`)
 - ``GET /healthz`` — ``{"status": "ok"}``
 - ``GET /metrics`` — Prometheus text format (see :mod:`broker.frontends.http.metrics`)
 - ``GET /api/stats`` — store counters (batches, records, writes, fsyncs, bundles,
@@ -47,16 +48,19 @@ over TLS.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from broker.config import parse_duration_list
 from broker.core.lifecycle import TxState
-from broker.frontends.http.console import render_console
+from broker.frontends.http.console import CONSOLE_SESSIONS, ConsoleSessions, console_routes
 from broker.frontends.http.guard import guard_middleware
 from broker.frontends.http.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
 from broker.frontends.http.metrics import render_metrics
+from broker.frontends.http.series import Series, run_sampler
 from broker.frontends.http.users import user_routes
 from broker.webhooks.routes import add_webhook_routes
 from protocol import (
@@ -130,15 +134,6 @@ def build_app(broker: Broker) -> web.Application:
     @routes.get("/healthz")
     async def healthz(_req: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "broker_id": broker.broker_id, "data_dir": broker.data_dir})
-
-    @routes.get("/")
-    async def console(_req: web.Request) -> web.Response:
-        page = render_console(
-            broker_id=broker.broker_id, data_dir=str(broker.data_dir), topics=await engine.admin_topics(),
-            groups=await engine.admin_groups(), prepared=await engine.admin_transactions(TxState.PREPARED),
-            abandoned=await engine.admin_transactions(TxState.ABANDONED),
-        )
-        return web.Response(text=page, content_type="text/html")
 
     @routes.get("/metrics")
     async def metrics(_req: web.Request) -> web.Response:
@@ -296,8 +291,22 @@ def build_app(broker: Broker) -> web.Application:
 
     add_webhook_routes(routes, broker.webhooks, page=_page)
 
+    sessions = ConsoleSessions()
+    series = Series()
     app = web.Application(middlewares=[guard_middleware(broker), bad_queries])  # type: ignore[list-item]
+    app[CONSOLE_SESSIONS] = sessions
+    app.add_routes(console_routes(broker, sessions, series))
     app.add_routes(routes)
+    if hasattr(engine, "metrics_snapshot"):
+        async def sampler(app: web.Application) -> Any:
+            task = asyncio.get_running_loop().create_task(run_sampler(series, engine.metrics_snapshot),
+                                                          name="halfmq-console-series")
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        app.cleanup_ctx.append(sampler)
     app.add_routes(user_routes(broker.security.directory))
     return app
 

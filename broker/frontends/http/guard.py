@@ -18,7 +18,10 @@ balancers and probes):
 2. **Login.** While the broker has no users everything is open (the zero-setup default).
    Once users exist a request needs ``Authorization: Basic`` (user and password, checked
    against the stored verifier) or ``Authorization: Bearer <token>`` (``halfmq token
-   create``); otherwise 401. Failures are logged at WARNING with the peer's address and
+   create``), or the console's session cookie (see :mod:`.console`; a POST made with it
+   must carry the session's CSRF token in ``X-CSRF-Token``); otherwise 401 (a browser
+   asking for ``/`` is sent to the console's login page). The console's login, logout and
+   static files are open. Failures are logged at WARNING with the peer's address and
    count against it in the broker's login throttle (429 while it must wait).
 3. **Rights** (``broker.security.rights``): GET needs ``read`` (or ``admin``), POST needs
    ``admin`` (so do the lists of users and tokens), on the topic the request concerns — the message's topic for routes with a
@@ -30,12 +33,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from broker.frontends.http.console import CONSOLE_SESSIONS, CSRF_TOKEN_HEADER, SESSION_COOKIE
 from broker.security.rights import Rights
 from broker.security.service import NEEDS_LOGIN
 
@@ -54,7 +59,9 @@ CSRF_CHECK = web.AppKey("csrf_check", object)
 #: set where aiohttp has request keys (3.12 and later).
 USER_KEY = web.RequestKey("halfmq_user", object) if hasattr(web, "RequestKey") else None
 
-_OPEN_PATHS = frozenset({"/healthz"})
+_OPEN_PATHS = frozenset({"/healthz", "/console/login", "/console/logout"})
+#: The console's own files (nothing secret): served without a login, for the login page.
+_OPEN_PREFIX = "/console/static/"
 #: Reading these needs ``admin *`` too (who may log in is the admin's business).
 _ADMIN_PATHS = ("/api/users", "/api/tokens", "/api/access-keys")
 _MSG_ROUTES = ("/api/messages/{msg_id}", "/api/messages/{msg_id}/trace", "/api/messages/{msg_id}/recall", "/api/dlq/{group}/messages/{msg_id}/resend",
@@ -98,6 +105,15 @@ def guard_middleware(broker: Broker) -> Any:
         if state.open:
             return None, state.rights_of(None)
         peer = req.remote or "?"
+        sessions = req.app.get(CONSOLE_SESSIONS)
+        if "Authorization" not in req.headers and sessions is not None and SESSION_COOKIE in req.cookies:
+            session = sessions.get(req.cookies[SESSION_COOKIE])  # type: ignore[attr-defined]
+            if session is not None:
+                if req.method == "POST" and not hmac.compare_digest(
+                        req.headers.get(CSRF_TOKEN_HEADER, ""), session.csrf):
+                    return _error(403, f"a console request that changes something must carry the page's "
+                                       f"{CSRF_TOKEN_HEADER}")
+                return session.user, state.rights_of(session.user)
         wait = security.throttle.wait_left(peer, time.monotonic())
         if wait > 0:
             return _error(429, f"too many failed logins from {peer}: try again in {wait:.0f} s",
@@ -115,6 +131,8 @@ def guard_middleware(broker: Broker) -> Any:
         elif scheme.lower() == "bearer":
             name = "token"
             user = state.check_bearer(value.strip())
+        elif req.method == "GET" and req.path == "/" and "text/html" in req.headers.get("Accept", ""):
+            raise web.HTTPFound("/console/login")  # a browser: the console's login page
         else:
             return _error(401, NEEDS_LOGIN.replace("give user= and password= (or set HALFMQ_USER "
                                                    "and HALFMQ_PASSWORD)", "HTTP Basic or a bearer token"),
@@ -129,7 +147,7 @@ def guard_middleware(broker: Broker) -> Any:
 
     @web.middleware
     async def guard(req: web.Request, handler: Any) -> web.StreamResponse:
-        if req.path in _OPEN_PATHS:
+        if req.path in _OPEN_PATHS or req.path.startswith(_OPEN_PREFIX):
             return await handler(req)  # type: ignore[no-any-return]
         changing = req.method not in ("GET", "HEAD", "OPTIONS")
         acting = changing or req.path.startswith(_ADMIN_PATHS)
