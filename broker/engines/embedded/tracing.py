@@ -72,7 +72,8 @@ class EmbeddedTracing:
 
     def _trace_record(self: EmbeddedEngine) -> NewRecord:
         """The buffered events as one record (the caller appends it with its batch)."""
-        buf, self._trace_buf = self._trace_buf, []
+        buf = self._trace_buf
+        self._trace_buf = []  # type: ignore[var-annotated]
         return NewRecord(RT_TRACE, {"e": buf}, b"", IndexTarget(TRACE_TOPIC, 0))
 
     def _trace_sent(self: EmbeddedEngine, entries: list[tuple[Any, ...]], stored: list[Any]) -> None:
@@ -121,7 +122,8 @@ class EmbeddedTracing:
 
     def _trace_expired(self: EmbeddedEngine, gd: GroupDelivery, expired: list[PendingRecord], now: float) -> None:
         ms = int(now * 1000)
-        self._trace_buf.extend(["o", pr.record.header["id"], gd.group, "expired", ms] for pr in expired)
+        self._trace_buf.extend(["o", pr.record.header["id"], gd.group, "expired", ms]  # type: ignore[call-overload]
+                               for pr in expired)
 
     # -- the view -----------------------------------------------------------------------
 
