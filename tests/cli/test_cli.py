@@ -42,6 +42,16 @@ def test_send_consume_and_admin_round_trip(broker):
     found = json.loads(halfmq("admin", "--json", *http, "find", "orders", "k2").stdout)["messages"]
     assert [f["msg_id"] for f in found] == [msg_id]
     assert json.loads(halfmq("admin", "--json", *http, "transactions").stdout) == {"transactions": [], "next": None}
+    # for people: aligned tables with a header and a rule, numbers right-aligned
+    lines = halfmq("admin", *http, "topics").stdout.splitlines()
+    assert lines[0].split() == ["topic", "queues", "messages", "scheduled", "next", "due", "(UTC)"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    assert lines[2].split()[:3] == ["orders", "4", "1"]
+    lines = halfmq("admin", *http, "groups").stdout.splitlines()
+    assert lines[0].split()[:3] == ["group", "topics", "members"] and lines[2].split()[:2] == ["cli", "orders"]
+    assert halfmq("admin", *http, "transactions").stdout.strip() == "(no prepared transactions)"
+    shown = halfmq("admin", *http, "message", msg_id).stdout
+    assert msg_id in shown and "body: hello world" in shown and "acked" in shown
     missing = halfmq("admin", "--json", *http, "message", "000000000000000000000000")
     assert missing.returncode != 0 and "404" in missing.stderr
 

@@ -180,7 +180,8 @@ class EmbeddedSending:
         self._sends_scheduled = False
         if self._acked_groups:
             self._send_records.extend(self._ack_records())  # last: the sends' row numbers stay
-        if self._trace_buf:  # --trace: the events of this iteration ride along (see .tracing)
+        trace = self.trace  # --trace (see .tracing): the one check of this batch
+        if trace and self._trace_buf:  # the events of this iteration ride along
             self._send_records.append(self._trace_record())
         records, entries = self._send_records, self._send_entries
         if not records:
@@ -208,7 +209,7 @@ class EmbeddedSending:
                 else:
                     s.error(rid, failure)
             return
-        if self.trace:  # who sent what: written with the next append
+        if trace:  # who sent what: written with the next append
             self._trace_sent(entries, stored)
         if sched_rows:  # their schedule records, now that the messages have positions
             fut = self._schedule_sent(sched_rows, stored, fut)
