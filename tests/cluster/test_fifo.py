@@ -118,3 +118,33 @@ async def test_fifo_holds_its_queue_and_refusals(engine_factory, unique):
     assert isinstance(other.errors[rid], BadRequestError) and "not FIFO" in str(other.errors[rid])
     with pytest.raises(BadRequestError, match="max_attempts"):
         await engine.admin_set_group_settings(f"p{unique}", max_attempts=0)
+
+
+async def test_receive_on_a_fifo_group_one_message_per_queue_at_a_time(engine_factory, unique):
+    from tests.cluster.test_pulling import _receive, _settle
+
+    engine = await engine_factory()
+    await engine.admin_set_group_settings(f"g{unique}", fifo=True)
+    p, c = RecordingSession(role="producer"), RecordingSession(role="consumer")
+    (a,) = _groups_on(0, 1)
+    (b,) = _groups_on(3, 1)
+    await _send(engine, p, unique, [[*_rows(f"{g}{i}".encode())[0], {"group": g}] for g in (a, b) for i in range(3)])
+    heads = await _receive(engine, c, f"g{unique}", unique, n=8, wait=5000)
+    assert sorted(w[2] for _h, w in heads) == sorted([f"{a}0".encode(), f"{b}0".encode()])  # one per queue
+    assert await _receive(engine, c, f"g{unique}", unique, wait=300) == []  # both held
+    (ha,) = [h for h, w in heads if w[11]["g"] == a]
+    (hb,) = [h for h, w in heads if w[11]["g"] == b]
+    assert await _settle(engine, c, f"g{unique}", [[ha, "nack", 200], [hb, "ack", 0]]) == [True, True]
+    seen = {a: [], b: []}
+    seen[b].append(b"x")  # b0 acked
+    while len(seen[a]) < 3 or len(seen[b]) < 3:
+        got = await _receive(engine, c, f"g{unique}", unique, n=8, wait=5000)
+        assert got, seen
+        for h, w in got:
+            g = w[11]["g"]
+            if g == a and not seen[a]:
+                assert w[2] == f"{a}0".encode() and w[10] == 1  # the nacked head, again
+            else:
+                assert w[2] == f"{g}{len(seen[g])}".encode(), (g, w[2])
+            seen[g].append(w[2])
+            assert await _settle(engine, c, f"g{unique}", [[h, "ack", 0]]) == [True]

@@ -133,9 +133,10 @@ class ConsumerHandle:
         (none while the consumer has no leader)."""
         return await self._deliveries(await self._sub.fetch(batch, timeout))
 
-    async def fetch_now(self, batch: int) -> list[Delivery]:
-        """Up to ``batch`` deliveries the consumer has now (none arrive after it returns)."""
-        return await self._deliveries(await self._sub.fetch_now(batch))
+    async def fetch_now(self, batch: int, timeout: float = 2.0) -> list[Delivery]:
+        """Up to ``batch`` deliveries the consumer has now (none arrive after it returns;
+        at most ``timeout`` seconds)."""
+        return await self._deliveries(await self._sub.fetch_now(batch, timeout))
 
     async def _deliveries(self, msgs: list[Msg]) -> list[Delivery]:
         out: list[Delivery] = []

@@ -116,12 +116,15 @@ class Puller:
 
     async def fetch_now(self, batch: int, timeout: float = 2.0) -> list[Msg]:
         """Up to ``batch`` messages the consumer has now: a no-wait pull request, waited for
-        until it ends (all its messages are in, none can arrive later) or ``timeout``."""
+        until it ends (all its messages are in, none can arrive later) or ``timeout``. The
+        engine ends it itself by then (a consumer at its ``max_ack_pending`` does not answer
+        a no-wait request: it holds it until it expires)."""
         if len(self._buffer) < batch and not self.request_open:
             self._no_leader = False
             self._open_left = batch - len(self._buffer)
             self._open_until = time.monotonic() + timeout
-            request = {"batch": self._open_left, "no_wait": True}
+            request = {"batch": self._open_left, "no_wait": True,
+                       "expires": max(1_000_000, int(timeout * 1e9) - 10_000_000)}
             await self._nc.publish(self._next_subject, json.dumps(request).encode(), reply=self._inbox)
             while self.request_open:
                 await self._wait()

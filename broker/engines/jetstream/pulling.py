@@ -15,6 +15,9 @@ clients wait side by side:
 3. each message becomes a **lease** of this gateway, with its own deadline (now + the
    invisible duration) and a receipt handle ``<gateway>.<token>.<version>``.
 
+A FIFO group is pulled from its per-queue consumers instead (``fifo``): the head of each
+queue whose previous message is settled, polled every 100 ms while the RECEIVE waits.
+
 The engine's own lease (``ack_wait`` = ``--ack-timeout``) runs underneath: one lease
 task per gateway sends an in-progress ("working") every half ack wait for leases that
 last longer, and at a lease's deadline a NAK, so the message comes back at once with its
@@ -56,6 +59,7 @@ log = logging.getLogger("halfmq.engine")
 
 _POOL_MAX = 8  # idle pullers kept per (group, topic)
 _FORWARD_TIMEOUT = 5.0
+_FIFO_POLL = 0.1  # seconds between polls of a FIFO group's queues while a RECEIVE waits
 
 
 @dataclass(slots=True)
@@ -81,8 +85,10 @@ class _Pool:
 class JetStreamPulling(EngineParts):
     """The RECEIVE / SETTLE part of :class:`JetStreamEngine` (see the module docstring)."""
 
-    if TYPE_CHECKING:  # provided by ``fifo``
+    if TYPE_CHECKING:  # provided by ``fifo`` and the engine
         async def _group_conf(self, group: str) -> dict[str, Any]: ...
+
+        def route(self, topic: str) -> int: ...
 
     def _init_pulling(self) -> None:
         self._gateway_id = os.urandom(4).hex()
@@ -94,6 +100,8 @@ class JetStreamPulling(EngineParts):
         self._lease_task: asyncio.Task[Any] | None = None
         self._next_token = 1
         self._forward_sub: Any = None
+        self._fifo_lanes: dict[tuple[str, str], tuple[asyncio.Lock, list[ConsumerHandle]]] = {}
+        self._fifo_turn: dict[tuple[str, str], int] = {}
 
     # -- RECEIVE ------------------------------------------------------------------------
 
@@ -125,12 +133,12 @@ class JetStreamPulling(EngineParts):
 
         try:
             conf = await self._group_conf(group)
-            if conf.get("fifo"):
-                raise BadRequestError(f"group {group!r} is FIFO: the jetstream engine delivers FIFO "
-                                      "groups to push consumers only (README, cluster mode differences)")
             await self._serve_forwarded()
             max_re = int(conf["max_attempts"]) - 1 if conf.get("max_attempts") else 16
-            got = await self._pull(group, topic, tags, max_messages, wait)
+            if conf.get("fifo"):
+                got = await self._pull_fifo(group, topic, tags, max_messages, wait)
+            else:
+                got = await self._pull(group, topic, tags, max_messages, wait)
             now = time.time()
             out = []
             for d in got:
@@ -180,6 +188,31 @@ class JetStreamPulling(EngineParts):
                 pool.idle.append(h)
             elif h is not pool.first:
                 await h.close()  # (a cancelled long poll: what it still brings comes back later)
+
+    async def _pull_fifo(self, group: str, topic: str, tags: str, n: int, wait: float) -> list[Delivery]:
+        """A FIFO group: the head of each queue whose previous message is settled (``fifo``:
+        one consumer per queue, one message out at a time), polled until ``wait`` is over."""
+        lanes = self._fifo_lanes.get((group, topic))
+        if lanes is None:
+            lanes = self._fifo_lanes[(group, topic)] = (asyncio.Lock(), [])
+        lock, handles = lanes
+        async with lock:
+            if not handles:
+                spec = GroupSpec(group, topic, tags=tags, ack_wait=self.config.ack_timeout)
+                handles += [await self.groups_api.subscribe(spec, fifo_queue=q) for q in range(self.route(topic))]
+            end = time.monotonic() + wait
+            while True:
+                # up to n queues at once, taking turns; a held queue answers nothing until the
+                # poll expires
+                first = self._fifo_turn.get((group, topic), 0) % len(handles)
+                turn = (handles[first:] + handles[:first])[:n]
+                self._fifo_turn[(group, topic)] = first + len(turn)
+                heads = await asyncio.gather(*(h.fetch_now(1, timeout=_FIFO_POLL) for h in turn))
+                got = [d for head in heads for d in head]
+                left = end - time.monotonic()
+                if got or left <= 0 or self._stopping:
+                    return got
+                await asyncio.sleep(min(_FIFO_POLL, left))
 
     # -- leases -------------------------------------------------------------------------
 
@@ -364,13 +397,16 @@ class JetStreamPulling(EngineParts):
                 await self._forward_sub.unsubscribe()
             except Exception:
                 pass
+        handles = [h for _lock, hs in self._fifo_lanes.values() for h in hs]
         for pool in self._pools.values():
-            for h in pool.idle + ([pool.first] if pool.first is not None else []):
-                try:
-                    await h.close()
-                except Exception:
-                    pass
+            handles += pool.idle + ([pool.first] if pool.first is not None else [])
+        for h in handles:
+            try:
+                await h.close()
+            except Exception:
+                pass
         self._pools.clear()
+        self._fifo_lanes.clear()
 
 
 def _parse_handle(handle: Any) -> tuple[str, int, int]:
