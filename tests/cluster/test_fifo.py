@@ -89,7 +89,8 @@ async def test_fifo_groups_in_order_across_two_gateways(engine_factory, unique):
 async def test_fifo_holds_its_queue_and_refusals(engine_factory, unique):
     """Cluster mode difference (README): the unit of order is the queue, so a failing
     message also holds the other message groups of its queue; other queues go on."""
-    engine = await engine_factory(retry_delays=(1.0,))
+    engine = await engine_factory(retry_delays=(0.1,))
+    await engine.admin_set_group_settings(f"g{unique}", fifo=True, retry_delays=[1.0])  # the group's own
     p = RecordingSession(role="producer")
     x, y = _groups_on(1, 2, prefix="x")
     (z,) = _groups_on(2, 1, prefix="z")

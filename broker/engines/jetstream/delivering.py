@@ -16,7 +16,8 @@ A delivery is an engine lease of ``--ack-timeout`` (the consumer's ack wait). AC
 - success → the engine ack; with a request id, the last ack of the request is sent as an
   acknowledged ack and the reply waits for it (JetStream processes one connection's acks
   of a consumer in order, so every earlier one is in too);
-- failure with ``attempt < max_reconsume_times`` → NAK with ``retry_delays[attempt]``
+- failure with ``attempt < max_reconsume_times`` → NAK with ``retry_delays[attempt]`` (the
+  group's own ladder if its settings have one)
   (the last one repeats): the engine redelivers it then, counted (C3, held across gateway
   and engine restarts);
 - failure of the last allowed attempt → a copy to ``%DLQ%<group>`` and a terminate (C4).
@@ -65,13 +66,15 @@ class _Member:
 
 
 class _Pump:
-    __slots__ = ("spec", "handle", "members", "wake", "task", "waiting", "rr", "ask_fifo", "setup", "lanes")
+    __slots__ = ("spec", "handle", "members", "wake", "task", "waiting", "rr", "ask_fifo", "setup", "lanes",
+                 "delays")
 
     def __init__(self, spec: GroupSpec, ask_fifo: bool = False) -> None:
         self.spec = spec
         self.ask_fifo = ask_fifo  # the first subscription asked for a FIFO group
         self.setup: asyncio.Future[None] | None = None  # the consumer(s) being made ready
         self.lanes: list[tuple[ConsumerHandle, asyncio.Task[Any]]] = []  # a FIFO group's queues
+        self.delays: tuple[float, ...] | None = None  # the group's own retry delays, if set
         self.handle: ConsumerHandle | None = None
         self.members: dict[str, _Member] = {}
         self.wake = asyncio.Event()
@@ -259,9 +262,9 @@ class JetStreamDelivering(EngineParts):
             self._track(self._settle(batch), "ack")
 
     async def _settle(self, batch: list[tuple[Session, int, list[tuple[int, bool]]]]) -> None:
-        delays = self.config.retry_delays
         for s, rid, acks in batch:
             pump = self._member_of.get(s.conn_id)
+            delays = pump.delays if pump is not None and pump.delays else self.config.retry_delays
             member = pump.members.get(s.conn_id) if pump is not None else None
             last_ok: Delivery | None = None
             error: BaseException | None = None

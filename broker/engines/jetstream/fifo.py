@@ -95,6 +95,8 @@ class JetStreamFifo(EngineParts):
         conf = {} if spec.is_dlq else await self._group_conf(spec.group)
         if conf.get("max_attempts"):
             spec = pump.spec = dataclasses.replace(spec, max_reconsume_times=int(conf["max_attempts"]) - 1)
+        if conf.get("retry_delays"):
+            pump.delays = tuple(float(d) for d in conf["retry_delays"])
         fifo = bool(conf.get("fifo"))
         if pump.ask_fifo and not fifo:
             if await self.groups_api.exists(spec):
