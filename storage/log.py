@@ -63,6 +63,7 @@ from typing import Any
 
 import msgpack
 
+from .fileio import REAL, FileIO
 from .model import Record
 
 __all__ = [
@@ -303,9 +304,10 @@ class Segment:
     ``alloc`` the length of the file, which may run past ``size`` with zeros (the store
     zero-fills the active segment ahead of its appends)."""
 
-    __slots__ = ("base", "path", "fd", "dsync_fd", "size", "alloc", "newest_ms", "dirty")
+    __slots__ = ("base", "path", "fd", "dsync_fd", "size", "alloc", "newest_ms", "dirty", "io")
 
-    def __init__(self, base: int, path: Path, fd: int, size: int, newest_ms: int) -> None:
+    def __init__(self, base: int, path: Path, fd: int, size: int, newest_ms: int, io: FileIO = REAL) -> None:
+        self.io = io
         self.base = base
         self.path = path
         self.fd = fd
@@ -316,9 +318,9 @@ class Segment:
         self.dirty = False
 
     def close(self) -> None:
-        os.close(self.fd)
+        self.io.close(self.fd)
         if self.dsync_fd >= 0:
-            os.close(self.dsync_fd)
+            self.io.close(self.dsync_fd)
             self.dsync_fd = -1
 
     @property
@@ -336,7 +338,8 @@ class SegmentLog:
     Only the event loop mutates the segment list; the writer thread receives fds.
     """
 
-    def __init__(self, directory: Path, segment_size: int) -> None:
+    def __init__(self, directory: Path, segment_size: int, io: FileIO = REAL) -> None:
+        self.io = io
         self.dir = directory
         self.segment_size = segment_size
         self.segments: list[Segment] = []
@@ -347,14 +350,15 @@ class SegmentLog:
     # -- files ----------------------------------------------------------------------------
     def load(self) -> None:
         """Open every segment file found in the directory (sorted by base)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for name in sorted(os.listdir(self.dir)):
+        io = self.io
+        io.makedirs(self.dir)
+        for name in sorted(io.listdir(self.dir)):
             if len(name) != NAME_DIGITS or not name.isdigit():
                 continue
             path = self.dir / name
-            fd = os.open(path, os.O_RDWR)
-            st = os.fstat(fd)
-            self._add(Segment(int(name), path, fd, st.st_size, int(st.st_mtime * 1000)))
+            fd = io.open(path, os.O_RDWR)
+            st = io.fstat(fd)
+            self._add(Segment(int(name), path, fd, st.st_size, int(st.st_mtime * 1000), io))
 
     def _add(self, seg: Segment) -> None:
         self.segments.append(seg)
@@ -363,9 +367,10 @@ class SegmentLog:
     def open_segment(self, base: int, now_ms: int) -> Segment:
         """Create (or open) the segment file starting at ``base``; fsyncs the directory."""
         path = self.dir / segment_name(base)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        fsync_dir(self.dir)
-        return Segment(base, path, fd, os.fstat(fd).st_size, now_ms)
+        io = self.io
+        fd = io.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        io.fsync_dir(self.dir)
+        return Segment(base, path, fd, io.fstat(fd).st_size, now_ms, io)
 
     def register(self, seg: Segment) -> None:
         """Make a segment created by :meth:`open_segment` known (loop side)."""
@@ -386,17 +391,17 @@ class SegmentLog:
             i = 0
         for seg in self.segments[i + 1 :]:
             seg.close()
-            os.unlink(seg.path)
+            self.io.unlink(seg.path)
         self._rbuf = None
         del self.segments[i + 1 :]
         del self.bases[i + 1 :]
         seg = self.segments[i]
         keep = max(0, pos - seg.base)
         if keep < max(seg.size, seg.alloc):
-            os.ftruncate(seg.fd, keep)
-            os.fsync(seg.fd)
+            self.io.ftruncate(seg.fd, keep)
+            self.io.fsync(seg.fd)
             seg.size = seg.alloc = keep
-        fsync_dir(self.dir)
+        self.io.fsync_dir(self.dir)
 
     def zeros_from(self, pos: int) -> bool:
         """True if every byte of the log from ``pos`` to its end is zero (a zero-filled
@@ -407,7 +412,7 @@ class SegmentLog:
         seg = self.segments[i]
         at = pos - seg.base
         while at < seg.size:
-            chunk = os.pread(seg.fd, min(SCAN_CHUNK, seg.size - at), at)
+            chunk = self.io.pread(seg.fd, min(SCAN_CHUNK, seg.size - at), at)
             if not chunk or chunk.count(0) != len(chunk):
                 return False
             at += len(chunk)
@@ -475,11 +480,12 @@ class SegmentLog:
                     return read_checked(buf, off, len(buf) - off, room, pos, seg.base + seg.size, next_base)
             if 0 <= off - len(buf) < SEQ_WINDOW:
                 ahead = SEQ_READ_AHEAD
-        buf = os.pread(seg.fd, ahead if avail_total > ahead else avail_total, rel)
+        pread = self.io.pread
+        buf = pread(seg.fd, ahead if avail_total > ahead else avail_total, rel)
         if len(buf) >= 8:
             length = PREFIX.unpack_from(buf, 0)[0]
             if len(buf) < length <= avail_total:
-                buf += os.pread(seg.fd, length - len(buf), rel + len(buf))
+                buf += pread(seg.fd, length - len(buf), rel + len(buf))
         self._rbuf = (seg, rel, buf)
         return read_checked(buf, 0, len(buf), room, pos, seg.base + seg.size, next_base)
 
@@ -517,7 +523,7 @@ class SegmentLog:
                 next_base = self.bases[i + 1] if i + 1 < len(self.bases) else -1
                 remaining = seg.size - rel
                 room = self.segment_size - rel
-                buf = os.pread(seg.fd, min(SCAN_CHUNK, remaining), rel)
+                buf = self.io.pread(seg.fd, min(SCAN_CHUNK, remaining), rel)
                 n = len(buf)
                 if not n:
                     break
@@ -530,7 +536,7 @@ class SegmentLog:
                             if n - off < length <= room - off:
                                 if off:
                                     break  # continues past this chunk: re-read from here
-                                buf = os.pread(seg.fd, min(length, remaining), rel)
+                                buf = self.io.pread(seg.fd, min(length, remaining), rel)
                                 n = len(buf)
                                 continue
                         elif off:

@@ -33,6 +33,7 @@ from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from .fileio import REAL, FileIO
 from .model import IndexEntry
 
 __all__ = ["ENTRY", "DEFAULT_OPEN_INDEXES", "IndexFiles", "QueueIndexFile", "index_path", "scan_index_dir"]
@@ -62,18 +63,19 @@ def index_path(root: Path, topic: str, queue_id: int) -> Path:
     return root / quote(topic, safe="") / f"{queue_id}.idx"
 
 
-def scan_index_dir(root: Path) -> list[tuple[str, int, Path]]:
+def scan_index_dir(root: Path, io: FileIO = REAL) -> list[tuple[str, int, Path]]:
     """Every index file under ``root`` as ``(topic, queue_id, path)``."""
     out: list[tuple[str, int, Path]] = []
-    if not root.is_dir():
+    if not io.isdir(root):
         return out
-    for tdir in sorted(root.iterdir()):
-        if not tdir.is_dir():
+    for tname in sorted(io.listdir(root)):
+        tdir = root / tname
+        if not io.isdir(tdir):
             continue
-        for f in sorted(tdir.iterdir()):
-            stem, dot, ext = f.name.partition(".")
+        for name in sorted(io.listdir(tdir)):
+            stem, dot, ext = name.partition(".")
             if dot and ext == "idx" and stem.isdigit():
-                out.append((unquote(tdir.name), int(stem), f))
+                out.append((unquote(tname), int(stem), tdir / name))
     return out
 
 
@@ -83,7 +85,8 @@ class IndexFiles:
     Use from one thread at a time (the event loop once the store is open).
     """
 
-    def __init__(self, limit: int = DEFAULT_OPEN_INDEXES) -> None:
+    def __init__(self, limit: int = DEFAULT_OPEN_INDEXES, io: FileIO = REAL) -> None:
+        self.io = io
         if limit < 1:
             raise ValueError("the index descriptor cache needs room for at least one file")
         self.limit = limit
@@ -104,7 +107,7 @@ class IndexFiles:
         while len(opened) >= self.limit:
             self._evict_one()
         try:
-            fd = os.open(q.path, os.O_RDWR)
+            fd = self.io.open(q.path, os.O_RDWR)
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE) or not opened:
                 raise
@@ -113,7 +116,7 @@ class IndexFiles:
                         q.path, (len(opened) + 1) // 2)
             for _ in range((len(opened) + 1) // 2):
                 self._evict_one()
-            fd = os.open(q.path, os.O_RDWR)
+            fd = self.io.open(q.path, os.O_RDWR)
         q.fd = fd
         q.used = True
         opened[q] = None
@@ -123,7 +126,7 @@ class IndexFiles:
     def adopt(self, q: QueueIndexFile, fd: int) -> None:
         """Take ``fd`` (just opened for ``q``) into the cache, or close it if it is full."""
         if len(self._open) >= self.limit:
-            os.close(fd)
+            self.io.close(fd)
             return
         q.fd = fd
         self._open[q] = None
@@ -139,7 +142,7 @@ class IndexFiles:
             del opened[q]
             fd, q.fd = q.fd, -1
             self.evicted += 1
-            os.close(fd)
+            self.io.close(fd)
             return
 
     def replaced(self, q: QueueIndexFile, fd: int) -> None:
@@ -152,13 +155,13 @@ class IndexFiles:
         """Close ``q``'s descriptor if it is open."""
         if self._open.pop(q, 0) is None:
             fd, q.fd = q.fd, -1
-            os.close(fd)
+            self.io.close(fd)
 
     def close_all(self) -> None:
         """Close every cached descriptor."""
         for q in self._open:
             fd, q.fd = q.fd, -1
-            os.close(fd)
+            self.io.close(fd)
         self._open.clear()
 
 
@@ -168,7 +171,7 @@ class QueueIndexFile:
     ``fd`` is -1 while the file is not in its :class:`IndexFiles` cache.
     """
 
-    __slots__ = ("topic", "queue_id", "path", "files", "fd", "used", "base", "start", "end", "next_offset",
+    __slots__ = ("topic", "queue_id", "path", "files", "io", "fd", "used", "base", "start", "end", "next_offset",
                  "dirty", "new")
 
     def __init__(self, topic: str, queue_id: int, path: Path, files: IndexFiles, base: int, start: int,
@@ -177,6 +180,7 @@ class QueueIndexFile:
         self.queue_id = queue_id
         self.path = path
         self.files = files
+        self.io = files.io
         self.fd = -1
         self.used = False
         self.base = base
@@ -191,30 +195,31 @@ class QueueIndexFile:
         """Open or create the index file; a torn trailing entry is cut off. Its descriptor
         stays in ``files`` if there is room (else it is closed again)."""
         path = index_path(root, topic, queue_id)
+        io = files.io
         created = False
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = io.open(path, os.O_RDWR)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            io.makedirs(path.parent)
+            fd = io.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             created = True
         try:
-            size = os.fstat(fd).st_size
-            raw = os.pread(fd, HSIZE, 0)
+            size = io.fstat(fd).st_size
+            raw = io.pread(fd, HSIZE, 0)
             if size < HSIZE or len(raw) < HSIZE or raw[:4] != MAGIC:
                 base = start = 0
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, HEADER.pack(MAGIC, VERSION, 0, 0), 0)
+                io.ftruncate(fd, 0)
+                io.pwrite(fd, HEADER.pack(MAGIC, VERSION, 0, 0), 0)
                 size = HSIZE
             else:
                 _, _, base, start = HEADER.unpack(raw)
             count = (size - HSIZE) // ESIZE
             if HSIZE + count * ESIZE != size:
-                os.ftruncate(fd, HSIZE + count * ESIZE)
+                io.ftruncate(fd, HSIZE + count * ESIZE)
             end = base + count
             start = min(max(start, base), end)
         except BaseException:
-            os.close(fd)
+            io.close(fd)
             raise
         q = cls(topic, queue_id, path, files, base, start, end)
         q.new = created
@@ -254,7 +259,7 @@ class QueueIndexFile:
             fd = self.files.fd(self)
         else:
             self.used = True
-        raw = os.pread(fd, n * ESIZE, HSIZE + (offset - self.base) * ESIZE)
+        raw = self.io.pread(fd, n * ESIZE, HSIZE + (offset - self.base) * ESIZE)
         if len(raw) % ESIZE:
             raw = raw[: len(raw) - len(raw) % ESIZE]
         return offset, raw
@@ -269,8 +274,9 @@ class QueueIndexFile:
         else:
             self.used = True
         view = memoryview(data)
+        pwrite = self.io.pwrite
         while view:
-            n = os.pwrite(fd, view, at)
+            n = pwrite(fd, view, at)
             view = view[n:]
             at += n
         self.dirty = True
@@ -279,7 +285,7 @@ class QueueIndexFile:
         """Drop entries at and after offset ``end``."""
         end = max(end, self.base)
         if end < self.end:  # (the file ends at ``end`` entries since it was opened)
-            os.ftruncate(self.files.fd(self), HSIZE + (end - self.base) * ESIZE)
+            self.io.ftruncate(self.files.fd(self), HSIZE + (end - self.base) * ESIZE)
         self.end = self.next_offset = end
         self.start = min(self.start, end)
 
@@ -296,22 +302,23 @@ class QueueIndexFile:
 
     def write_header(self) -> None:
         """Persist ``base`` and ``start`` in the file header."""
-        os.pwrite(self.files.fd(self), HEADER.pack(MAGIC, VERSION, self.base, self.start), 0)
+        self.io.pwrite(self.files.fd(self), HEADER.pack(MAGIC, VERSION, self.base, self.start), 0)
         self.dirty = True
 
     def _compact(self) -> None:
+        io = self.io
         tmp = self.path.with_suffix(".tmp")
         old = self.files.fd(self)
-        live = os.pread(old, (self.end - self.start) * ESIZE, HSIZE + (self.start - self.base) * ESIZE)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        live = io.pread(old, (self.end - self.start) * ESIZE, HSIZE + (self.start - self.base) * ESIZE)
+        fd = io.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, HEADER.pack(MAGIC, VERSION, self.start, self.start) + live)
-            os.fsync(fd)
-            os.replace(tmp, self.path)
+            io.pwrite(fd, HEADER.pack(MAGIC, VERSION, self.start, self.start) + live, 0)
+            io.fsync(fd)
+            io.replace(tmp, self.path)
         except BaseException:
-            os.close(fd)
+            io.close(fd)
             raise
-        os.close(old)
+        io.close(old)
         self.files.replaced(self, fd)
         self.base = self.start
         self.dirty = False
@@ -320,11 +327,12 @@ class QueueIndexFile:
     def sync_path(self) -> None:
         """fsync the file through a descriptor of its own (worker threads: a cached
         descriptor may be closed by the loop meanwhile)."""
-        fd = os.open(self.path, os.O_RDONLY)
+        io = self.io
+        fd = io.open(self.path, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            io.fsync(fd)
         finally:
-            os.close(fd)
+            io.close(fd)
 
     def close(self) -> None:
         """Close the descriptor, if open."""

@@ -88,6 +88,7 @@ from typing import Any
 
 import msgpack
 
+from .fileio import REAL, FileIO
 from .histogram import BATCH_RECORDS_BUCKETS, FSYNC_SECONDS_BUCKETS, Histogram
 from .lock import DataDirLock
 from .log import (
@@ -105,7 +106,6 @@ from .log import (
     bundle_entries,
     crc32,
     decode_index_target,
-    fsync_dir,
     member_record,
     read_checked,
 )
@@ -125,7 +125,6 @@ from .queue_index import (
 #: Batches up to this size are written (and fdatasynced) on the event loop thread; larger
 #: ones are handed to the writer thread.
 _INLINE_BYTES = 256 * 1024
-_datasync = getattr(os, "fdatasync", os.fsync)
 #: With flush="sync" the active segment is zero-filled this far ahead of its appends, in
 #: the background: an fdatasync of a write inside the file's length skips the journal
 #: commit that growing the file needs (measured here, 8 KiB write + fdatasync: p50 0.31 ->
@@ -171,20 +170,20 @@ def _n_structs(n: int) -> tuple[Callable[..., bytes], Callable[..., bytes]]:
     return struct.Struct("<" + "IIII" * n).pack, struct.Struct("<" + "QIIQ" * n).pack
 
 
-def _pwrite_all(writes: list[tuple[int, int, bytes]]) -> int:
+def _pwrite_all(pwrite: Callable[..., int], writes: list[tuple[int, int, bytes]]) -> int:
     """``pwrite`` each ``(fd, offset, data)`` whole (the writer thread's job, on ``O_DSYNC``
     descriptors: written and synced); return the time it took in ns."""
     t0 = time.perf_counter_ns()
     for fd, at, data in writes:
-        _pwrite_whole(fd, data, at)
+        _pwrite_whole(pwrite, fd, data, at)
     return time.perf_counter_ns() - t0
 
 
-def _pwrite_whole(fd: int, data: bytes, at: int) -> int:
+def _pwrite_whole(pwrite: Callable[..., int], fd: int, data: bytes, at: int) -> int:
     """``pwrite`` all of ``data`` at ``at`` (looping on short writes); return the end."""
     with memoryview(data) as view:
         while view:
-            n = os.pwrite(fd, view, at)
+            n = pwrite(fd, view, at)
             view = view[n:]
             at += n
     return at
@@ -297,6 +296,7 @@ class MessageStore:
         self._writer_task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._queues: dict[tuple[str, int], QueueIndexFile] = {}
+        self._io = REAL  # every file operation (see storage.fileio)
         self._files = IndexFiles(DEFAULT_OPEN_INDEXES)  # open index descriptors, bounded
         self._inflight: _Batch | None = None
         self._singles: _Singles | None = None
@@ -340,6 +340,7 @@ class MessageStore:
         clock: Callable[[], float] = time.time,
         cache_bytes: int = CACHE_BYTES,
         max_open_indexes: int = DEFAULT_OPEN_INDEXES,
+        fileio: FileIO | None = None,
     ) -> _Opener:
         """Open (creating, locking and recovering) the store in ``data_dir``.
 
@@ -350,6 +351,7 @@ class MessageStore:
         cache of recently written records that serves reads of the log tail.
         ``max_open_indexes`` bounds the index files held open at once (whatever the number
         of queues); it is lowered to a quarter of the descriptor limit if that is smaller.
+        ``fileio`` replaces the real file operations (tests: see :mod:`storage.fileio`).
         """
         if flush not in ("sync", "async"):
             raise ValueError("flush must be 'sync' or 'async'")
@@ -361,7 +363,8 @@ class MessageStore:
         async def _do() -> MessageStore:
             store = cls()
             store._rc_limit = max(0, int(cache_bytes))
-            store._files = IndexFiles(fit_open_indexes(max_open_indexes))
+            store._io = fileio or REAL
+            store._files = IndexFiles(fit_open_indexes(max_open_indexes), store._io)
             await store._open(Path(data_dir), segment_size, flush, flush_interval, retention, clock)
             return store
 
@@ -392,7 +395,7 @@ class MessageStore:
             self.epoch = int(await self.metadata.get(EPOCH_KEY, 0)) + 1
             await self.metadata.put_many({EPOCH_KEY: self.epoch, SEGMENT_SIZE_KEY: self.segment_size})
             checkpoint = await self.metadata.get(CHECKPOINT_KEY)
-            self._log = SegmentLog(data_dir / "log", self.segment_size)
+            self._log = SegmentLog(data_dir / "log", self.segment_size, self._io)
             self._index_root = data_dir / "index"
             await asyncio.to_thread(self._load_and_recover, checkpoint)
         except BaseException:
@@ -417,17 +420,26 @@ class MessageStore:
             self._tasks.append(asyncio.create_task(self._periodic(flush_interval, self._timed_fsync)))
 
     def _load_and_recover(self, checkpoint: dict | None) -> None:
+        io = self._io
         marker_path = self.data_dir / CLEAN_MARKER
         marker = None
-        if marker_path.exists():
+        if io.exists(marker_path):
             with contextlib.suppress(ValueError, OSError):
-                marker = json.loads(marker_path.read_text())
-            marker_path.unlink()
-            fsync_dir(self.data_dir)
+                fd = io.open(marker_path, os.O_RDONLY)
+                try:
+                    marker = json.loads(io.pread(fd, 4096, 0))
+                finally:
+                    io.close(fd)
+            io.unlink(marker_path)
+            io.fsync_dir(self.data_dir)
         self._log.load()
+        # the log and index directories' own entries must be durable before anything in
+        # them counts (a power cut may otherwise take the whole directory away)
+        io.makedirs(self._index_root)
+        io.fsync_dir(self.data_dir)
         if not self._log.segments:
             self._log.register(self._log.open_segment(0, int(self._clock() * 1000)))
-        for topic, qid, _path in scan_index_dir(self._index_root):
+        for topic, qid, _path in scan_index_dir(self._index_root, io):
             self._queues[(topic, qid)] = QueueIndexFile.open(self._index_root, topic, qid, self._files)
         self.recovered_clean = bool(
             isinstance(marker, dict)
@@ -544,22 +556,24 @@ class MessageStore:
     def _trim_active(self) -> None:
         """Cut the zero-filled tail off the active segment (a clean log ends at its data)."""
         seg = self._log.segments[-1]
-        if os.fstat(seg.fd).st_size > seg.size:  # (a failed fill may have grown it too)
-            os.ftruncate(seg.fd, seg.size)
-            os.fsync(seg.fd)
+        io = self._io
+        if io.fstat(seg.fd).st_size > seg.size:  # (a failed fill may have grown it too)
+            io.ftruncate(seg.fd, seg.size)
+            io.fsync(seg.fd)
         seg.alloc = seg.size
 
     def _write_marker(self) -> None:
+        io = self._io
         path = self.data_dir / CLEAN_MARKER
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"end": self._written_end, "epoch": self.epoch}))
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = io.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.fsync(fd)
+            io.pwrite(fd, json.dumps({"end": self._written_end, "epoch": self.epoch}).encode(), 0)
+            io.fsync(fd)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(self.data_dir)
+            io.close(fd)
+        io.replace(tmp, path)
+        io.fsync_dir(self.data_dir)
 
     def _release_files(self) -> None:
         if hasattr(self, "_log"):
@@ -923,13 +937,13 @@ class MessageStore:
             seg = plan[0][0]
             try:
                 if seg.dsync_fd < 0:
-                    seg.dsync_fd = os.open(seg.path, os.O_WRONLY | getattr(os, "O_DSYNC", os.O_SYNC))
+                    seg.dsync_fd = self._io.open(seg.path, os.O_WRONLY | getattr(os, "O_DSYNC", os.O_SYNC))
                 _write_index(batch.qentries)
             except BaseException as exc:
                 self._fail(exc, batch)
                 raise
             writes = [(seg.dsync_fd, rel, data) for _, _, rel, data in plan]
-            job = self._loop.run_in_executor(self._executor, _pwrite_all, writes)
+            job = self._loop.run_in_executor(self._executor, _pwrite_all, self._io.pwrite, writes)
             self.stats["handed_off"] += 1
             self._handed.append(_Handed(batch, job, plan))
 
@@ -1032,7 +1046,7 @@ class MessageStore:
             return
         end = min(self.segment_size, start + chunk)
         self._zero_from = seg.base + start
-        job = self._loop.run_in_executor(self._zero_executor, self._zero_fill, seg, start, end)
+        job = self._loop.run_in_executor(self._zero_executor, self._zero_fill, self._io, seg, start, end)
         self._zero_job = job
 
         def done(f: asyncio.Future[None]) -> None:
@@ -1049,12 +1063,12 @@ class MessageStore:
         job.add_done_callback(done)
 
     @staticmethod
-    def _zero_fill(seg: Segment, start: int, end: int) -> None:
+    def _zero_fill(io: FileIO, seg: Segment, start: int, end: int) -> None:
         at = start
         while at < end:
-            n = os.pwrite(seg.fd, _ZEROS[: min(len(_ZEROS), end - at)], at)
+            n = io.pwrite(seg.fd, _ZEROS[: min(len(_ZEROS), end - at)], at)
             at += n
-        _datasync(seg.fd)
+        io.fdatasync(seg.fd)
 
     async def _wait_zero_job(self) -> None:
         job = self._zero_job
@@ -1069,28 +1083,29 @@ class MessageStore:
         fdatasync them and the ``dirty`` segments; its index entries are written apart."""
         new_segs = []
         touched: list[tuple[Segment, int]] = []
+        io = self._io
         for seg, base, rel, data in plan:
             if seg is None:
                 # the segment before is full: cut its zero-filled tail (durably) before the
                 # new one holds data, so that only the last file can ever end in zeros
                 prev, prev_end = touched[-1] if touched else (self._log.segments[-1], self._log.segments[-1].size)
-                if os.fstat(prev.fd).st_size > prev_end:  # (a failed fill may have grown it too)
-                    os.ftruncate(prev.fd, prev_end)
-                    os.fsync(prev.fd)
+                if io.fstat(prev.fd).st_size > prev_end:  # (a failed fill may have grown it too)
+                    io.ftruncate(prev.fd, prev_end)
+                    io.fsync(prev.fd)
                 prev.alloc = prev_end
                 if prev.dsync_fd >= 0:  # (no hand-off is in flight: they end before this write)
-                    os.close(prev.dsync_fd)
+                    io.close(prev.dsync_fd)
                     prev.dsync_fd = -1
                 seg = self._log.open_segment(base, now_ms)
                 new_segs.append(seg)
-            touched.append((seg, _pwrite_whole(seg.fd, data, rel)))
+            touched.append((seg, _pwrite_whole(io.pwrite, seg.fd, data, rel)))
         if sync:
             t0 = time.perf_counter_ns()
             for seg, _ in touched:
-                _datasync(seg.fd)
+                io.fdatasync(seg.fd)
             for seg in dirty:
                 if all(seg is not s for s, _ in touched):
-                    _datasync(seg.fd)
+                    io.fdatasync(seg.fd)
             self.fsync_seconds.observe((time.perf_counter_ns() - t0) / 1e9)
         return new_segs, touched
 
@@ -1153,10 +1168,12 @@ class MessageStore:
                 if final:
                     segs.append(self._log.segments[-1])
 
+            io = self._io
+
             def _sync() -> None:
                 t0 = time.perf_counter_ns()
                 for seg in segs:
-                    _datasync(seg.fd)
+                    io.fdatasync(seg.fd)
                 if segs:
                     self.fsync_seconds.observe((time.perf_counter_ns() - t0) / 1e9)
                 for qi in dirty_q:
@@ -1164,9 +1181,9 @@ class MessageStore:
                 # a new index file's directory entry (and its topic directory's) must be
                 # durable before a checkpoint counts on the file
                 for d in {qi.path.parent for qi in new_q}:
-                    fsync_dir(d)
+                    io.fsync_dir(d)
                 if new_q:
-                    fsync_dir(self._index_root)
+                    io.fsync_dir(self._index_root)
 
             try:
                 await self._loop.run_in_executor(None, _sync)
@@ -1242,7 +1259,7 @@ class MessageStore:
             seg = self._log.find(pos)
             if pos >= seg.base + seg.size:
                 raise KeyError(pos)
-            marker = os.pread(seg.fd, MEMBER.size, pos - seg.base)
+            marker = self._io.pread(seg.fd, MEMBER.size, pos - seg.base)
         return marker if len(marker) == MEMBER.size and marker[:4] == b"\0\0\0\0" else None
 
     def _bundle_of(self, pos: int) -> Record:
@@ -1360,7 +1377,7 @@ class MessageStore:
                 i += 1
                 continue
             rel = pos - seg.base
-            buf = os.pread(seg.fd, end - pos, rel)
+            buf = self._io.pread(seg.fd, end - pos, rel)
             nb = len(buf)
             next_base = bases[k + 1] if k + 1 < len(bases) else -1
             for t in range(i, j):
@@ -1476,8 +1493,8 @@ class MessageStore:
                 for seg in doomed:
                     self._dirty_segs.discard(seg)
                     seg.close()
-                    os.unlink(seg.path)
-                fsync_dir(lg.dir)
+                    self._io.unlink(seg.path)
+                self._io.fsync_dir(lg.dir)
                 self._cache_drop_below(first)
                 self._bundles.clear()
                 self._bundles_bytes = 0

@@ -6,6 +6,7 @@ failed write, resolving only after the write, close, descriptors); the CRC the l
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import zlib
 
@@ -37,9 +38,9 @@ def _hold_writer_thread(monkeypatch) -> threading.Event:
     gate = threading.Event()
     real = store_mod._pwrite_all
 
-    def held(writes):
+    def held(pwrite, writes):
         assert gate.wait(10)
-        return real(writes)
+        return real(pwrite, writes)
 
     monkeypatch.setattr(store_mod, "_pwrite_all", held)
     return gate
@@ -171,7 +172,7 @@ async def test_many_appenders_hand_batches_off_and_publish_in_order(tmp_path):
 
 
 async def test_a_failed_handed_off_write_fails_its_appends_and_the_store(tmp_path, monkeypatch):
-    def broken(parts):
+    def broken(pwrite, writes):
         raise OSError(5, "Input/output error")
 
     async with MessageStore.open(tmp_path, flush="sync") as s:
@@ -227,15 +228,15 @@ async def test_close_waits_for_handed_off_batches(tmp_path, monkeypatch):
 
 
 async def test_a_hand_off_that_cannot_start_fails_its_appends(tmp_path, monkeypatch):
-    real_open = store_mod.os.open
+    real_open = os.open
 
     def no_dsync(path, flags, *a):
-        if flags & store_mod.os.O_DSYNC:
+        if flags & os.O_DSYNC:
             raise OSError(24, "Too many open files")
         return real_open(path, flags, *a)
 
     async with MessageStore.open(tmp_path, flush="sync") as s:
-        monkeypatch.setattr(store_mod.os, "open", no_dsync)
+        monkeypatch.setattr(s._io, "open", no_dsync)  # (the real file layer's open)
         results = await asyncio.wait_for(
             asyncio.gather(*(s.append_one(_rec(i, body=KIB)) for i in range(1024)), return_exceptions=True), 10
         )
