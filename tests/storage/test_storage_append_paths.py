@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 
-import storage.store as store_mod
+import storage.handoff as handoff_mod
 from storage import IndexTarget, MessageStore, NewRecord
 from storage.log import crc32
 from storage.store import StoreClosedError
@@ -36,13 +36,13 @@ async def _until(cond, what: str) -> None:
 def _hold_writer_thread(monkeypatch) -> threading.Event:
     """Hand-off jobs wait in the writer thread until the returned event is set."""
     gate = threading.Event()
-    real = store_mod._pwrite_all
+    real = handoff_mod._pwrite_all
 
     def held(pwrite, writes):
         assert gate.wait(10)
         return real(pwrite, writes)
 
-    monkeypatch.setattr(store_mod, "_pwrite_all", held)
+    monkeypatch.setattr(handoff_mod, "_pwrite_all", held)
     return gate
 
 
@@ -176,7 +176,7 @@ async def test_a_failed_handed_off_write_fails_its_appends_and_the_store(tmp_pat
         raise OSError(5, "Input/output error")
 
     async with MessageStore.open(tmp_path, flush="sync") as s:
-        monkeypatch.setattr(store_mod, "_pwrite_all", broken)
+        monkeypatch.setattr(handoff_mod, "_pwrite_all", broken)
         results = await asyncio.gather(*(s.append_one(_rec(i, body=KIB)) for i in range(1024)), return_exceptions=True)
         assert all(isinstance(r, OSError) for r in results), {type(r) for r in results}
         with pytest.raises(StoreClosedError):
