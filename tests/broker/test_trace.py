@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from consumer_sdk import ConsumeResult, PushConsumer
+from consumer_sdk import ConsumeResult, PushConsumer, SimpleConsumer
 from producer_sdk import LocalTransactionState, Producer, TransactionListener, TransactionProducer
 from tests.conftest import ROOT, wait_for
 
@@ -146,3 +146,33 @@ async def test_cli_trace_prints_a_timeline_and_json(broker_factory):
     assert as_json["msg_id"] == msg_id and as_json["events"][0]["event"] == "stored"
     missing = cli("trace", "000000000000000000000000")
     assert missing.returncode != 0 and "404" in missing.stderr
+
+
+async def test_pull_consumer_expiry_and_nack_are_traced(broker_factory):
+    """A lease left to run out is ``expired``; a nack is ``failed`` (its lease end is no
+    expiry of its own); each is followed by its retry; the last receive is acked."""
+    b = broker_factory("--trace", *FAST)
+    async with Producer(b.address) as p, SimpleConsumer(b.address, group="puller", topic="pt", wait=5) as c:
+        sent = await p.send("pt", b"x")
+
+        async def one(invisible: float):
+            got = await c.receive(1, invisible_duration=invisible)
+            return got[0] if got else None
+
+        first = await wait_for(lambda: one(0.2), what="the first delivery")  # left to expire
+        second = await wait_for(lambda: one(5), what="the redelivery after the expiry")
+        await c.nack(second, delay=0)
+        third = await wait_for(lambda: one(5), what="the redelivery after the nack")
+        await c.ack(third)
+        assert first.msg_id == second.msg_id == third.msg_id == sent.msg_id
+
+        def traced():
+            t = get(f"{b.http_url}/api/messages/{sent.msg_id}/trace")
+            return t if events(t, "acked") else None
+
+        trace = await wait_for(traced, what="the ack traced")
+    kinds = [e["event"] for e in trace["events"]]
+    assert kinds == ["stored", "delivered", "expired", "retry", "delivered", "failed", "retry", "delivered",
+                     "acked"], kinds
+    assert [e["after"] for e in events(trace, "retry")] == ["lease ended", "lease ended"]
+    assert [e["attempt"] for e in events(trace, "delivered")] == [1, 2, 3]

@@ -114,6 +114,7 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         # --trace: delivery events waiting for the next append (see .tracing)
         self.trace = config.trace
         self._trace_buf: list[list[Any]] = []
+        self._trace_nacked: set[tuple[str, str]] = set()  # (group, msg_id) nacked: its lease end is no expiry
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._saved_offsets: dict[str, dict[tuple[str, int], int]] = {}

@@ -6,7 +6,8 @@ Most of a message's life is in the log already, and the trace reads it back from
 the message record (stored: time, topic, keys, producer group and client id of a half
 message), its schedule (``at`` in the header, released or recalled), its transaction
 outcome in ``%OP%`` (with who decided it: the producer, a check-back after N checks, an
-operator), each retry record (the attempt that failed and when the next one is due, or a
+operator), each retry record (the attempt that failed and when the next one is due —
+``after: lease ended`` for a lease that expired or was nacked by a pull consumer — or a
 resend by an operator) and dead letter of each group. Those are found by a binary search
 on entry times from the message's store time on, each queue read for at most
 ``_SCAN_CAP`` entries.
@@ -118,12 +119,19 @@ class EmbeddedTracing:
                 continue
             if action in names:
                 events.append(["o", d.msg_id, gd.group, names[action], ms])
+                if action == "nack":  # its lease now runs out: that is not an expiry of its own
+                    self._trace_nacked.add((gd.group, d.msg_id))
         self._trace_buf.extend(events)
 
     def _trace_expired(self: EmbeddedEngine, gd: GroupDelivery, expired: list[PendingRecord], now: float) -> None:
         ms = int(now * 1000)
-        self._trace_buf.extend(["o", pr.record.header["id"], gd.group, "expired", ms]  # type: ignore[call-overload]
-                               for pr in expired)
+        nacked = self._trace_nacked
+        for pr in expired:
+            msg_id = pr.record.header["id"]  # type: ignore[call-overload]
+            if (gd.group, msg_id) in nacked:
+                nacked.discard((gd.group, msg_id))
+            else:
+                self._trace_buf.append(["o", msg_id, gd.group, "expired", ms])
 
     # -- the view -----------------------------------------------------------------------
 
@@ -212,7 +220,7 @@ class EmbeddedTracing:
                     delay = delays[q] if q < len(delays) else 0.0
                     events.append({"at": r.store_time, "event": "retry", "group": name, "attempt": r.header["rt"] + 1,
                                    "due": r.store_time + int(delay * 1000),
-                                   "after": "lease expired" if q == EXPIRED_LEVEL else "failed"})
+                                   "after": "lease ended" if q == EXPIRED_LEVEL else "failed"})
             # a DLQ entry points at the message record itself; attempts: the retries before it
             dlq = DLQ_PREFIX + name
             first = self._since(dlq, 0, t0)

@@ -174,6 +174,8 @@ def build_app(broker: Broker) -> web.Application:
     @routes.get("/api/dlq/{group}/messages")
     async def dlq(req: web.Request) -> web.Response:
         group = req.match_info["group"]
+        if not hasattr(engine, "admin_dlq"):
+            return err(501, "this engine does not list dead letters")
         try:
             found = await engine.admin_dlq(group, PAGE_MAX * 10)
         except HalfMQError as exc:
