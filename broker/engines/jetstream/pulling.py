@@ -141,7 +141,10 @@ class JetStreamPulling(EngineParts):
                 got = await self._pull(group, topic, tags, max_messages, wait)
             now = time.time()
             out = []
+            latest = {d.stream_seq: d for d in got}  # redelivered within this pull: the newer lease
             for d in got:
+                if latest[d.stream_seq] is not d:
+                    continue
                 wire = await d.resolve()
                 if wire is None:  # a pointer whose half is gone (retention)
                     await d.terminate()
@@ -163,7 +166,10 @@ class JetStreamPulling(EngineParts):
 
     async def _pull(self, group: str, topic: str, tags: str, n: int, wait: float) -> list[Delivery]:
         pool = self._pools.get((group, topic))
-        if pool is None or pool.spec.tags != tags:
+        if pool is None or pool.spec.tags != tags:  # (new tags: the consumer's filter follows)
+            if pool is not None:
+                for old in pool.idle:
+                    await old.close()
             spec = GroupSpec(group, topic, tags=tags, ack_wait=self.config.ack_timeout)
             pool = self._pools[(group, topic)] = _Pool(spec)
         if pool.idle:
