@@ -148,7 +148,7 @@ def test_tokens_and_basic_logins():
     assert state.check_bearer(text) is user
     assert state.check_bearer(text[:-1] + ("A" if text[-1] != "A" else "B")) is None
     assert state.check_bearer("hmq_000000000000_" + "x" * 40) is None
-    assert token.secret_sha256 not in text and text.split("_")[2] not in str(token.to_stored())
+    assert token.secret_sha256 not in text and text.split("_", 2)[2] not in str(token.to_stored())
     assert state.check_basic("ops", "pw") is user
     assert state.check_basic("ops", "PW") is None
     assert state.rights_of(None) is None  # users exist: anonymous has nothing
