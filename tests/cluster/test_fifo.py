@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 import pytest
@@ -149,3 +150,44 @@ async def test_receive_on_a_fifo_group_one_message_per_queue_at_a_time(engine_fa
                 assert w[2] == f"{g}{len(seen[g])}".encode(), (g, w[2])
             seen[g].append(w[2])
             assert await _settle(engine, c, f"g{unique}", [[h, "ack", 0]]) == [True]
+
+
+async def test_fifo_order_over_many_groups_when_a_member_dies_mid_lease(engine_factory, unique):
+    """Two gateways, one member each; one dies holding unacked messages: each of them comes
+    back (after --ack-timeout) to the survivor before anything later of its queue."""
+    a = await engine_factory(ack_timeout=2.0)
+    b = await engine_factory(ack_timeout=2.0)
+    p = RecordingSession(role="producer")
+    groups = [f"order-{i}" for i in range(200)]
+    for i in range(3):
+        await _send(a, p, unique, [[*_rows(b"%d" % i)[0], {"group": g}] for g in groups])
+    ma, mb = RecordingSession(role="consumer"), RecordingSession(role="consumer")
+    await _subscribe(a, ma, _fifo(f"g{unique}", unique))
+    await _subscribe(b, mb, _fifo(f"g{unique}", unique))
+    acked = {g: 0 for g in groups}  # next expected message index per group
+    done_b = 0
+    died = False
+    deadline = asyncio.get_running_loop().time() + 60
+    while sum(acked.values()) < 3 * len(groups):
+        assert asyncio.get_running_loop().time() < deadline, f"{sum(acked.values())} acked"
+        if not died and ma.deliveries and sum(acked.values()) > 150:
+            ma.closed = True  # dies holding what it got and did not ack
+            a.session_closed(ma)
+            died = True
+        if not died:
+            batch = ma.deliveries[:]
+            ma.deliveries.clear()
+            for _t, w in batch:
+                assert int(w[2]) == acked[w[11]["g"]], (w[11]["g"], w[2])
+                acked[w[11]["g"]] += 1
+            if batch:
+                await _ack(a, ma, [(t, True) for t, _w in batch])
+        batch = mb.deliveries[done_b:]
+        done_b += len(batch)
+        for _t, w in batch:
+            assert int(w[2]) == acked[w[11]["g"]], (w[11]["g"], w[2], acked[w[11]["g"]])
+            acked[w[11]["g"]] += 1
+        if batch:
+            await _ack(b, mb, [(t, True) for t, _w in batch])
+        await asyncio.sleep(0.01)
+    assert died
