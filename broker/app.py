@@ -28,12 +28,26 @@ __all__ = ["Broker"]
 log = logging.getLogger("halfmq.broker")
 
 
+def make_engine(config: BrokerConfig) -> Any:
+    """The engine ``config`` asks for: the embedded one, or with ``--engine`` the JetStream
+    engine of cluster mode (needs the ``cluster`` extra, nats-py; ``ImportError`` without)."""
+    if not config.engine:
+        return EmbeddedEngine(config)
+    try:
+        from broker.engines.jetstream.engine import JetStreamEngine
+    except ImportError as exc:
+        raise ImportError(f"--engine needs the cluster extra (pip install 'halfmq[cluster]'): {exc}") from None
+    monitors = config.engine_monitor.split(",") if config.engine_monitor else None
+    return JetStreamEngine(config, urls=config.engine.split(","), replicas=config.replicas,
+                           fsync=config.engine_fsync, monitor_urls=monitors)
+
+
 class Broker:
     """A halfmq broker; ``async with Broker(BrokerConfig(...)) as b`` runs it in this loop."""
 
     def __init__(self, config: BrokerConfig | None = None) -> None:
         self.config = config or BrokerConfig()
-        self.engine = EmbeddedEngine(self.config)
+        self.engine: Any = make_engine(self.config)
         self.security = BrokerSecurity(self.engine, self.config)
         self.native = NativeListener(self.engine, self.config, security=self.security)
         self.webhooks = Webhooks(self.engine, self.config)
@@ -65,6 +79,7 @@ class Broker:
         try:
             await self.webhooks.start()
             await self.security.start()
+            await self.security.follow(self.engine)
             self.port = await self.native.start()
             self.address = f"{cfg.host}:{self.port}"
             from broker.frontends.http.admin import start_admin_http

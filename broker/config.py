@@ -308,6 +308,31 @@ def _parse_optional_port(s: str | int | None) -> int | None:
     return _parse_port(s)
 
 
+def _parse_engine(s: str | None) -> str | None:
+    if s is None or (isinstance(s, str) and s.strip().lower() in ("", "none", "embedded")):
+        return None
+    from broker.engines.jetstream.check import split_engine_urls  # stdlib only, no nats-py
+
+    return ",".join(split_engine_urls(_parse_str(s)))
+
+
+def _parse_monitor(s: str | None) -> str | None:
+    if s is None or (isinstance(s, str) and s.strip().lower() in ("", "none")):
+        return None
+    urls = [u.strip().rstrip("/") for u in _parse_str(s).split(",") if u.strip()]
+    for u in urls:
+        if not u.startswith(("http://", "https://")):
+            raise ValueError(f"{u!r}: expected http://HOST:PORT (a nats-server monitoring endpoint)")
+    return ",".join(urls) or None
+
+
+def _parse_engine_fsync(s: str) -> str:
+    value = _parse_str(s).strip().lower()
+    if value not in ("always", "lazy"):
+        raise ValueError(f"{s!r}: expected 'always' or 'lazy'")
+    return value
+
+
 def _parse_advertise(s: str | None) -> str | None:
     if s is None or (isinstance(s, str) and s.strip().lower() in ("", "none")):
         return None
@@ -400,6 +425,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("allow_anonymous", parse_bool, None,
            "serve clients without credentials on a non-loopback --host while no user exists; "
            "without it such a broker refuses to start (default: off)", boolean=True),
+    Option("engine", _parse_engine, "URLS",
+           "cluster mode: run as a stateless gateway over this NATS JetStream cluster, "
+           "e.g. nats://n1:4222,nats://n2:4222,nats://n3:4222; --data-dir, --flush and "
+           "--segment-size do not apply; without it the broker runs its embedded engine "
+           "on --data-dir (default: none)"),
+    Option("engine_monitor", _parse_monitor, "URLS",
+           "monitoring endpoints of the engine's servers, read by the start-up check; "
+           "none given: port 8222 on each --engine host (default: none)"),
+    Option("replicas", _parse_positive_int, "N",
+           "cluster mode: replicas of every stream; the engine must have at least this many "
+           "servers (default: 3)"),
+    Option("engine_fsync", _parse_engine_fsync, "{always,lazy}",
+           "cluster mode: require sync_interval: always on every engine server (always), or "
+           "accept nats-server's periodic fsync and log once what that risks (lazy) "
+           "(default: always)"),
 )
 
 _OPTIONS_BY_NAME = {opt.name: opt for opt in OPTIONS}
@@ -452,6 +492,10 @@ class BrokerConfig:
     tls_client_ca: str | None = None
     users_file: str | None = None
     allow_anonymous: bool = False
+    engine: str | None = None
+    engine_monitor: str | None = None
+    replicas: int = 3
+    engine_fsync: str = "always"
 
     def __post_init__(self) -> None:
         for opt in OPTIONS:

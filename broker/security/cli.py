@@ -8,7 +8,9 @@ How this works
 lock, so they never race a running broker (a locked directory is refused with a hint to
 use ``--http``), and write the same settings the broker reads at start; or **online**,
 through the admin API of a running broker (``--http URL``), where the change applies at
-once. Passwords are read from standard input (``--password-stdin``, one line) or asked
+once; or, in cluster mode, **in the engine** the gateways share (``--engine URLS``), which
+every running gateway picks up at once (the first admin of a cluster is made this way).
+Passwords are read from standard input (``--password-stdin``, one line) or asked
 twice on a terminal; never from the command line.
 
 Client commands log in with ``--user NAME`` (or ``HALFMQ_USER``) and the password in
@@ -150,6 +152,26 @@ def _read_new_password(a: argparse.Namespace) -> str:
     return password
 
 
+async def _on_engine(engine: str, replicas: int, action: Any) -> Any:
+    """Run ``action(directory)`` on the users kept by a cluster's engine (``--engine``):
+    every gateway reloads them at once (they watch the engine's settings)."""
+    from broker.engines.jetstream.check import split_engine_urls
+    from broker.engines.jetstream.client import EngineClient
+    from broker.engines.jetstream.streams import StreamSet
+    from broker.security.directory import UserDirectory
+
+    client = EngineClient(split_engine_urls(engine), name="halfmq user")
+    await client.connect()
+    try:
+        streams = StreamSet(client, replicas=replicas)
+        await streams.ensure_shared()
+        directory = UserDirectory(streams)
+        await directory.load()
+        return await action(directory)
+    finally:
+        await client.close()
+
+
 async def _offline(data_dir: str, action: Any) -> Any:
     """Run ``action(directory)`` on the users of ``data_dir`` under its lock."""
     from broker.engines.embedded.settings import MetadataSettings
@@ -193,6 +215,11 @@ def _target_options(p: argparse.ArgumentParser) -> None:
                    help=f"change the users of this stopped broker's data directory (default: {DEFAULT_DATA_DIR})")
     p.add_argument("--http", default=None, metavar="URL",
                    help="change them through the admin API of a running broker instead (takes effect at once)")
+    p.add_argument("--engine", default=None, metavar="URLS",
+                   help="cluster mode: change them in the engine the gateways share "
+                        "(nats://n1:4222,...; takes effect on every gateway at once)")
+    p.add_argument("--replicas", type=int, default=3,
+                   help="with --engine: replicas of the settings stream if it must be created (default 3)")
     add_http_login_options(p)
 
 
@@ -205,7 +232,8 @@ def _run(a: argparse.Namespace, offline: Any, online: tuple[str, str, Any]) -> i
         out = http_call(a, method, a.http.rstrip("/") + path, body, prog=f"halfmq {a.command}")
     else:
         try:
-            out = asyncio.run(_offline(a.data_dir, offline))
+            out = asyncio.run(_on_engine(a.engine, a.replicas, offline) if a.engine
+                              else _offline(a.data_dir, offline))
         except DirectoryError as exc:
             raise CommandError(f"halfmq {a.command}: {exc}") from None
     print(json.dumps(out, indent=2))

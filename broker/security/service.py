@@ -20,6 +20,7 @@ The front ends call it before the engine sees a request:
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import secrets
@@ -27,7 +28,14 @@ import ssl
 import time
 from typing import Any
 
-from broker.security.directory import SettingsStore, UserDirectory, load_users_file
+from broker.security.directory import (
+    AKEYS_PREFIX,
+    TOKENS_PREFIX,
+    USERS_PREFIX,
+    SettingsStore,
+    UserDirectory,
+    load_users_file,
+)
 from broker.security.scram import ScramLogin
 from broker.security.state import SecurityState, SessionAccess
 from broker.security.throttle import LoginThrottle
@@ -70,6 +78,34 @@ class BrokerSecurity:
         self._dummy_key = secrets.token_bytes(32)
         self._warned_at: dict[str, float] = {}
         self.tls: ssl.SSLContext | None = None
+        self._reload: asyncio.Task[None] | None = None
+        self._reload_again = False
+
+    async def follow(self, engine: Any) -> None:
+        """Reload users, grants and tokens whenever another broker on the same engine
+        changes them (cluster mode: ``engine.settings_watch``; nothing for an engine that
+        only this broker uses)."""
+        watch = getattr(engine, "settings_watch", None)
+        if watch is not None:
+            await watch(self._setting_changed)
+
+    def _setting_changed(self, key: str) -> None:
+        if not key.startswith((USERS_PREFIX, TOKENS_PREFIX, AKEYS_PREFIX)):
+            return
+        if self._reload is not None and not self._reload.done():
+            self._reload_again = True  # changes during a reload: one more after it
+            return
+        self._reload = asyncio.get_running_loop().create_task(self._reload_users())
+
+    async def _reload_users(self) -> None:
+        while True:
+            self._reload_again = False
+            try:
+                await self.directory.load()
+            except Exception:
+                log.exception("reloading users after a change by another broker failed")
+            if not self._reload_again:
+                return
 
     async def start(self) -> None:
         """Load the TLS certificate and users; refuse an unprotected non-loopback broker.

@@ -266,7 +266,9 @@ def test_every_option_has_an_env_variable():
            "HALFMQ_TLS_CERT": "c.pem", "HALFMQ_TLS_KEY": "k.pem", "HALFMQ_TLS_CLIENT_CA": "ca.pem",
            "HALFMQ_USERS_FILE": "users.toml", "HALFMQ_ALLOW_ANONYMOUS": "yes",
            "HALFMQ_MAX_LEASES": "11", "HALFMQ_MAX_PREPARED": "12", "HALFMQ_MAX_OPEN_INDEXES": "13",
-           "HALFMQ_TRACE": "on"}
+           "HALFMQ_TRACE": "on",
+           "HALFMQ_ENGINE": "nats://n1:4222, nats://n2:4222", "HALFMQ_ENGINE_MONITOR": "http://n1:8222/",
+           "HALFMQ_REPLICAS": "5", "HALFMQ_ENGINE_FSYNC": "LAZY"}
     assert {o.env for o in OPTIONS} == set(env)
     c = load_config([], env)
     assert c == BrokerConfig(data_dir="d", host="::1", port=1, http_port=2, flush="async",
@@ -279,7 +281,9 @@ def test_every_option_has_an_env_variable():
                              grpc_port=8081, advertise="mq.example:8081",
                              tls_cert="c.pem", tls_key="k.pem", tls_client_ca="ca.pem",
                              users_file="users.toml", allow_anonymous=True, max_leases=11, max_prepared=12,
-                             max_open_indexes=13, trace=True)
+                             max_open_indexes=13, trace=True,
+                             engine="nats://n1:4222,nats://n2:4222", engine_monitor="http://n1:8222",
+                             replicas=5, engine_fsync="lazy")
 
 
 def test_toml_file_values_may_be_strings_numbers_lists_and_booleans(tmp_path):

@@ -41,6 +41,7 @@ import nats.errors
 
 from broker.config import BrokerConfig
 from broker.engines.base import Session
+from broker.engines.jetstream import naming
 from broker.engines.jetstream.admin import JetStreamAdmin
 from broker.engines.jetstream.check import check_engine
 from broker.engines.jetstream.checkback import CheckRouter
@@ -405,4 +406,19 @@ class JetStreamEngine(JetStreamDelivering, JetStreamFifo, JetStreamPulling, JetS
     async def settings_items(self, prefix: str) -> dict[str, Any]:
         """Every key starting with ``prefix``, with its value, in key order."""
         return await self.streams.settings_items(prefix)
+
+    async def settings_watch(self, on_change: Any) -> None:
+        """Call ``on_change(key)`` whenever any gateway changes a setting (users, rights,
+        tokens written through another gateway): a core subscription to the settings
+        subjects, whose puts every subscriber sees, and to the notice a delete publishes."""
+        async def on_msg(msg: Any) -> None:
+            try:
+                key = naming.untoken(msg.data.decode() if msg.subject == naming.SETTINGS_CHANGED
+                                     else msg.subject.split(".", 2)[2])
+            except (UnicodeDecodeError, IndexError, ValueError):
+                return
+            on_change(key)
+
+        await self.client.nc.subscribe(naming.SETTINGS_SUBJECTS, cb=on_msg)
+        await self.client.nc.subscribe(naming.SETTINGS_CHANGED, cb=on_msg)
 

@@ -38,6 +38,8 @@ import re
 __all__ = [
     "DLQ_STREAM",
     "IDS_STREAM",
+    "SETTINGS_CHANGED",
+    "SETTINGS_SUBJECTS",
     "SETTINGS_STREAM",
     "TX_STREAM",
     "TXCHECK_CONSUMER",
@@ -71,6 +73,10 @@ TX_STREAM = "HMQ_TX"
 DLQ_STREAM = "HMQ_DLQ"
 IDS_STREAM = "HMQ_IDS"
 SETTINGS_STREAM = "HMQ_SETTINGS"
+#: the subjects of SETTINGS_STREAM, one per key
+SETTINGS_SUBJECTS = "hmq.set.*"
+#: core subject (in no stream) on which a deleted setting's key token is announced
+SETTINGS_CHANGED = "hmq.setdel"
 TXCHECK_CONSUMER = "TXCHECK"
 _TOPIC_STREAM_PREFIX = "HMQ_T_"
 

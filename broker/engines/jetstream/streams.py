@@ -119,7 +119,7 @@ class StreamSet:
         await self._ensure(self._config(naming.TX_STREAM, ["hmq.tx.>"], self.tx_retention))
         await self._ensure(self._config(naming.DLQ_STREAM, ["hmq.dlq.>"], self.retention))
         await self._ensure(self._config(naming.IDS_STREAM, ["hmq.ids.*", "hmq.txt.*"], 0, dedup=60.0))
-        await self._ensure({**self._config(naming.SETTINGS_STREAM, ["hmq.set.*"], 0, dedup=0.0),
+        await self._ensure({**self._config(naming.SETTINGS_STREAM, [naming.SETTINGS_SUBJECTS], 0, dedup=0.0),
                             "max_msgs_per_subject": 1})
         self._shared_ready = True
 
@@ -247,10 +247,12 @@ class StreamSet:
         """Remove ``key`` (a purge of its subject; no error if absent)."""
         await self.client.api(f"STREAM.PURGE.{naming.SETTINGS_STREAM}",
                               {"filter": naming.settings_subject(key)})
+        # a purge is no message: tell watching gateways (settings_watch) in one
+        await self.client.nc.publish(naming.SETTINGS_CHANGED, naming.token(key).encode())
 
     async def settings_items(self, prefix: str) -> dict[str, Any]:
         """Every key starting with ``prefix``, with its value, in key order."""
-        info = await self.client.api(f"STREAM.INFO.{naming.SETTINGS_STREAM}", {"subjects_filter": "hmq.set.*"})
+        info = await self.client.api(f"STREAM.INFO.{naming.SETTINGS_STREAM}", {"subjects_filter": naming.SETTINGS_SUBJECTS})
         keys = sorted(k for subject in (info["state"].get("subjects") or {})
                       if (k := naming.untoken(subject.split(".", 2)[2])).startswith(prefix))
         out = {}
