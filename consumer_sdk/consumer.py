@@ -73,7 +73,9 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 
 
 class PushConsumer:
-    """Consumes ``topic`` as a member of consumer ``group`` from the broker at ``address``.
+    """Consumes ``topic`` as a member of consumer ``group`` from the broker at ``address``
+    (``"host:port"``, or several ``"gw1:7600,gw2:7600"``: cluster mode's gateways, tried in
+    turn on connection loss; the consumer subscribes again on the one it reaches).
 
     Options (keyword-only, defaults in brackets):
 

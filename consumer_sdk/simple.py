@@ -61,7 +61,8 @@ class ReceivedMessage(Message):
 
 
 class SimpleConsumer:
-    """Pulls ``topic`` as a member of consumer ``group`` from the broker at ``address``.
+    """Pulls ``topic`` as a member of consumer ``group`` from the broker at ``address``
+    (``"host:port"``, or several ``"gw1:7600,gw2:7600"``, tried in turn on connection loss).
 
     Options (keyword-only, defaults in brackets):
 

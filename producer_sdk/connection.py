@@ -28,7 +28,11 @@ streams) and keeps it alive for as long as it is open:
   ``BrokerUnavailableError`` (retriable) and a background task reconnects with exponential
   backoff (capped at 2 s), re-sends ``HELLO`` and then awaits the ``on_reconnect`` hook (the
   consumer re-subscribes there). Requests issued while disconnected wait for the reconnect
-  until their own deadline. ``generation`` counts successful connects, so callers can tell
+  until their own deadline. With several addresses (``"gw1:7600,gw2:7600"``, cluster
+  mode's gateways) a lost connection is re-made to the next address first, and every
+  failed attempt moves on to the next one, so a dead gateway costs one attempt; the
+  handshake announces the same client id and group again, so check-backs find the
+  producer on its new gateway. ``generation`` counts successful connects, so callers can tell
   which connection a delivery token belongs to.
 """
 
@@ -63,7 +67,7 @@ from protocol import (
     error_from_code,
 )
 
-__all__ = ["Connection", "default_client_id", "parse_address"]
+__all__ = ["Connection", "default_client_id", "parse_address", "parse_addresses"]
 
 #: What this client tells the broker it is (shown by ``halfmq admin clients`` and the console).
 CLIENT_AGENT = "halfmq-python/0.1.0"
@@ -94,7 +98,7 @@ def default_client_id() -> str:
 
 def parse_address(address: str) -> tuple[str, int]:
     """Split ``"host:port"`` (``"[::1]:7600"`` for IPv6); raise ``ValueError`` if malformed."""
-    if not isinstance(address, str) or ":" not in address:
+    if not isinstance(address, str) or ":" not in address or "," in address:
         raise ValueError(f"broker address must be 'host:port', got {address!r}")
     host, _, port = address.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
@@ -102,6 +106,17 @@ def parse_address(address: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise ValueError(f"broker address must be 'host:port', got {address!r}")
     return host, int(port)
+
+
+def parse_addresses(address: str) -> list[tuple[str, int]]:
+    """Split ``"host1:port1,host2:port2"`` (one address or several, e.g. cluster mode's
+    gateways) into ``[(host, port), ...]``; raise ``ValueError`` if any is malformed."""
+    if not isinstance(address, str):
+        raise ValueError(f"broker address must be 'host:port[,host:port...]', got {address!r}")
+    parts = [a.strip() for a in address.split(",")]
+    if not parts or any(not a for a in parts):
+        raise ValueError(f"broker address must be 'host:port[,host:port...]', got {address!r}")
+    return [parse_address(a) for a in parts]
 
 
 _SWEEP_EVERY = 0.05  # seconds between deadline sweeps
@@ -181,7 +196,8 @@ class Connection:
         self.address = address
         self._credentials = credentials(user, password)
         self._ssl = tls_context(tls)
-        self.host, self.port = parse_address(address)
+        self.addresses = parse_addresses(address)
+        self._target = 0  # index in addresses of the one connected to / tried next
         self.role = Role(role).value
         self.group = group
         self.client_id = client_id or default_client_id()
@@ -219,6 +235,25 @@ class Connection:
     # -- public ------------------------------------------------------------------------
 
     @property
+    def host(self) -> str:
+        """Host of the address connected to (or tried next)."""
+        return self.addresses[self._target][0]
+
+    @property
+    def port(self) -> int:
+        """Port of the address connected to (or tried next)."""
+        return self.addresses[self._target][1]
+
+    @property
+    def current_address(self) -> str:
+        """``host:port`` connected to (or tried next)."""
+        host, port = self.addresses[self._target]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _next_address(self) -> None:
+        self._target = (self._target + 1) % len(self.addresses)
+
+    @property
     def connected(self) -> bool:
         """True while a handshaken connection is up."""
         return self._ready
@@ -249,6 +284,7 @@ class Connection:
                 self._opened = False
                 raise BrokerUnavailableError(f"TLS handshake with broker {self.address} failed: {exc}") from exc
             except (OSError, BrokerUnavailableError, RequestTimeoutError) as exc:
+                self._next_address()
                 remaining = deadline - self._loop.time()
                 if remaining <= 0 or self._closed:
                     self._opened = False
@@ -617,8 +653,10 @@ class Connection:
         if self._closed:
             return
         if was_ready:
-            log.warning("connection to broker %s lost (%s); reconnecting",
-                        self.address, self._last_error)
+            lost_from = self.current_address
+            self._next_address()  # with several gateways: another one first
+            log.warning("connection to broker %s lost (%s); reconnecting to %s",
+                        lost_from, self._last_error, self.current_address)
             if self._reconnect_task is None or self._reconnect_task.done():
                 self._reconnect_task = self._loop.create_task(self._reconnect_loop())
 
@@ -635,11 +673,12 @@ class Connection:
                 self._last_error = exc
                 level = logging.WARNING if attempts in (1, 10) or attempts % 100 == 0 else logging.DEBUG
                 log.log(level, "reconnect to broker %s failed (attempt %d): %s",
-                        self.address, attempts, exc)
+                        self.current_address, attempts, exc)
+                self._next_address()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
-            log.info("reconnected to broker %s after %d attempt(s)", self.address, attempts)
+            log.info("reconnected to broker %s after %d attempt(s)", self.current_address, attempts)
             if self.on_reconnect is not None:
                 try:
                     await self.on_reconnect()

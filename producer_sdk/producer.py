@@ -172,7 +172,8 @@ def _encode_tags(tags: str | None) -> str | None:
 
 
 class Producer:
-    """Sends messages to the broker at ``address`` (``"host:port"``).
+    """Sends messages to the broker at ``address`` (``"host:port"``, or several
+    ``"gw1:7600,gw2:7600"``: cluster mode's gateways, tried in turn on connection loss).
 
     Options (keyword-only):
 

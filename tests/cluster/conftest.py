@@ -115,3 +115,32 @@ async def engine_factory(nats_cluster):
     yield make
     for engine in started:
         await engine.stop()
+
+
+#: the short delays of the embedded ``broker`` fixture, for gateways
+GATEWAY_TEST_ARGS = ("--retry-delays", "200ms,400ms", "--ack-timeout", "2s",
+                     "--tx-timeout", "1s", "--tx-check-interval", "200ms")
+
+
+def gateway_args(cluster: LocalCluster, replicas: int = 3) -> list[str]:
+    """``halfmq broker`` options that make it a gateway of ``cluster``."""
+    return ["--engine", cluster.engine_url, "--engine-monitor", ",".join(cluster.monitor_urls),
+            "--replicas", str(replicas)]
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path):
+    """``gateway_factory(cluster, *args, replicas=3)`` starts one ``halfmq broker --engine``
+    subprocess (a ``BrokerProcess``: address, kill9, stop, log_path); all stopped at teardown."""
+    from tests.conftest import BrokerProcess
+
+    started: list[BrokerProcess] = []
+
+    def make(cluster: LocalCluster, *args: str, replicas: int = 3, env: dict[str, str] | None = None):
+        gw = BrokerProcess(tmp_path / f"gw{len(started)}", [*gateway_args(cluster, replicas), *args], env or {})
+        started.append(gw)
+        return gw.start(timeout=60)
+
+    yield make
+    for gw in started:
+        gw.stop()

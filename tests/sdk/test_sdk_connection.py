@@ -11,7 +11,7 @@ import time
 import pytest
 
 from producer_sdk import BrokerUnavailableError, Producer, RequestTimeoutError
-from producer_sdk.connection import Connection, parse_address
+from producer_sdk.connection import Connection, parse_address, parse_addresses
 from protocol import Op, Role
 from tests.conftest import wait_for
 
@@ -40,6 +40,26 @@ def test_parse_address():
     for bad in ["nohost", "host:", ":7600", "host:port"]:
         with pytest.raises(ValueError):
             parse_address(bad)
+
+
+def test_parse_addresses():
+    assert parse_addresses("127.0.0.1:7600") == [("127.0.0.1", 7600)]
+    assert parse_addresses("gw1:7600, [::1]:7700") == [("gw1", 7600), ("::1", 7700)]
+    for bad in ["", "gw1:7600,", "gw1:7600,,gw2:7600", "gw1:7600,gw2", None]:
+        with pytest.raises(ValueError):
+            parse_addresses(bad)
+    with pytest.raises(ValueError):
+        parse_address("gw1:7600,gw2:7600")  # one address only
+
+
+async def test_a_dead_first_address_costs_one_attempt(broker, unused_tcp_port):
+    """The first address refuses connections: the connection goes on to the second."""
+    conn = Connection(f"127.0.0.1:{unused_tcp_port},{broker.address}", role="producer")
+    await conn.open(timeout=5)
+    try:
+        assert conn.connected and conn.current_address == broker.address
+    finally:
+        await conn.close()
 
 
 async def test_handshake_and_pipelined_requests(broker):
