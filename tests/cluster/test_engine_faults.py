@@ -285,7 +285,7 @@ async def test_kill9_during_transactions_keeps_one_decision_and_one_visible_copy
                 pending.discard(msg_id)
         await asyncio.sleep(0.2)
     # one decision record each, one pointer per commit, none per rollback
-    tx = await engine.client.api(f"STREAM.INFO.{naming.TX_STREAM}", {"subjects_filter": "hmq.tx.d.>"})
+    tx = await engine.client.api(f"STREAM.INFO.{naming.TX_STREAM}", {"subjects_filter": "hmqs.tx.d.>"})
     decisions = {s.rsplit(".", 1)[1]: c for s, c in tx["state"]["subjects"].items()}
     assert all(decisions[m] == 1 for m in intended)
     handle = await engine.groups_api.subscribe(GroupSpec(f"verify{unique}", unique, ack_wait=60))

@@ -65,7 +65,11 @@ def test_subjects_and_filters():
     assert naming.parse_topic_subject(naming.half_subject("orders", 3)) == ("h", "", 3, None)
     assert naming.parse_topic_subject(naming.resend_subject("orders", "g-1", 0)) == ("r", "g-1", 0, None)
     with pytest.raises(ValueError):
-        naming.parse_topic_subject("hmq.tx.d.X")
+        naming.parse_topic_subject("hmqs.tx.d.X")
+    # what is not a topic's lies outside every topic stream's hmq.<T>.>, whatever T is
+    for shared in (naming.tx_decision_subject("X"), naming.tx_check_subject("X"), naming.dlq_subject("g"),
+                   naming.settings_subject("k"), naming.SETTINGS_CHANGED, naming.id_subject("ABCD0123")):
+        assert not shared.startswith("hmq."), shared
     assert naming.tag_filter_subjects("o", "*") == ["hmq.o.m.>"]
     assert naming.tag_filter_subjects("o", "B || A || B") == ["hmq.o.m.*.A", "hmq.o.m.*.B"]
     for bad in ("", "A || ", " || "):

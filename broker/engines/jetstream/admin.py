@@ -63,7 +63,7 @@ class JetStreamAdmin(EngineParts):
                       for q in range(max(self.config.default_queues, max(per_queue, default=-1) + 1))]
             out.append({"topic": topic, "queues": queues, "messages": sum(per_queue.values()),
                         "half_messages": halves, "scheduled": scheduled})
-        for subject, n in sorted((await self._subject_counts(naming.DLQ_STREAM, "hmq.dlq.>")).items()):
+        for subject, n in sorted((await self._subject_counts(naming.DLQ_STREAM, "hmqs.dlq.>")).items()):
             out.append({"topic": DLQ_PREFIX + subject.split(".", 2)[2],
                         "queues": [{"queue_id": 0, "messages": n}], "messages": n})
         return out
@@ -100,17 +100,57 @@ class JetStreamAdmin(EngineParts):
         half = rec.kind is Kind.HALF
         body = wire_json([msg_id, ts.topic, rec.body, rec.tags, rec.keys, rec.properties, rec.born_ms,
                           stored_ms, queue, -1 if half else seq, 0])
+        visible: int | None = seq
         if half:
             code = await self.ledger.decision(msg_id)
             count, _ = await self.ledger.checks(msg_id)
             body["transaction"] = {"state": STATES[code] if code else "PREPARED", "checks": count}
+            visible = await self._pointer_seq(ts, seq) if code == "C" else None
+        body["groups"] = await self._group_states(ts, visible)
         return body
 
-    async def _scan(self, stream: str, subject: str, *, newest: int) -> list[Any]:
-        """Up to ``newest`` records of ``subject`` in ``stream``, oldest first (bounded scan)."""
+    async def _pointer_seq(self, ts: Any, half_seq: int) -> int | None:
+        """Sequence of the commit pointer of the half at ``half_seq``: a bounded scan of the
+        visible records stored after it (the pointer is written right after the decision)."""
+        for seq, _subject, data, _t in await self._scan(ts.name, f"hmq.{ts.topic}.m.>", newest=SCAN_LIMIT,
+                                                         start=half_seq + 1):
+            try:
+                rec = decode_record(data)
+            except ValueError:
+                continue
+            if rec.kind is Kind.POINTER and rec.half_seq == half_seq:
+                return seq
+        return None
+
+    async def _group_states(self, ts: Any, visible: int | None) -> dict[str, Any]:
+        """The message's state in each group of its topic, from the group's consumer: at or
+        below its ack floor ``acked``; delivered but above the floor ``in_flight`` (leased,
+        or acked out of order: the engine keeps no per-message ack we could read);
+        not delivered yet ``pending``. A message never visible (prepared, rolled back) is
+        ``pending`` nowhere: no group lists it."""
+        if visible is None:
+            return {}
+        states: dict[str, Any] = {}
+        resp = await self.client.api(f"CONSUMER.LIST.{ts.name}", {"offset": 0})
+        for info in resp.get("consumers") or []:
+            name = info["name"]
+            if not name.startswith("G_"):
+                continue
+            if visible <= int(info["ack_floor"]["stream_seq"]):
+                state = "acked"
+            elif visible <= int(info["delivered"]["stream_seq"]):
+                state = "in_flight"
+            else:
+                state = "pending"
+            states[name[2:]] = {"state": state, "deliveries": 0 if state == "pending" else 1}
+        return states
+
+    async def _scan(self, stream: str, subject: str, *, newest: int, start: int | None = None) -> list[Any]:
+        """Up to ``newest`` records of ``subject`` in ``stream``, oldest first (bounded scan):
+        the newest ones, or with ``start`` the first ones from that sequence on."""
         info = await self.client.api(f"STREAM.INFO.{stream}")
         last = int(info["state"]["last_seq"])
-        seq = max(1, last - newest + 1)
+        seq = max(1, last - newest + 1) if start is None else start
         out: list[Any] = []
         while seq <= last and len(out) < newest:
             msg = await self.client.request(f"$JS.API.DIRECT.GET.{stream}",
@@ -179,9 +219,18 @@ class JetStreamAdmin(EngineParts):
         code = {v: k for k, v in STATES.items()}.get(name)
         if code is None:
             return []
-        for _seq, subject, data, _t in await self._scan(naming.TX_STREAM, "hmq.tx.d.*", newest=SCAN_LIMIT):
+        for _seq, subject, data, _t in await self._scan(naming.TX_STREAM, "hmqs.tx.d.*", newest=SCAN_LIMIT):
             if data.decode() == code:
-                out.append({"msg_id": subject.rsplit(".", 1)[1], "state": name})
+                msg_id = subject.rsplit(".", 1)[1]
+                row: dict[str, Any] = {"msg_id": msg_id, "state": name}
+                found = await self.ledger.lookup(msg_id)
+                if found is not None:
+                    ts, _s, _q, rec, stored_ms = found
+                    row.update(topic=ts.topic, keys=rec.keys, group=rec.producer_group,
+                               producer_id=rec.producer_instance,
+                               age=round(now - stored_ms / 1000, 3))
+                row["checks"] = (await self.ledger.checks(msg_id))[0]
+                out.append(row)
         return out
 
     async def admin_resend(self, group: str, msg_id: str) -> None:

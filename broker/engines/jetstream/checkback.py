@@ -6,9 +6,9 @@ A producer's connection lives on one gateway; the half message's check-back may 
 any gateway (whichever the TXCHECK consumer handed it to). So every gateway holding a
 producer connection answers two subjects:
 
-- ``hmq.cb.i.<instance>``: that producer instance (its HELLO ``client_id``, escaped into
+- ``hmqs.cb.i.<instance>``: that producer instance (its HELLO ``client_id``, escaped into
   one token by ``naming.token``);
-- ``hmq.cb.g.<group>``, in queue group ``gw``: any live producer of the group — the
+- ``hmqs.cb.g.<group>``, in queue group ``gw``: any live producer of the group — the
   engine hands each request to one of the gateways subscribed.
 
 ``CheckRouter.check(half_wire, group=, instance=)`` asks the instance first, then the
@@ -64,12 +64,12 @@ _UNREACHED = msgpack.packb({"reached": False})
 
 def instance_subject(instance: str) -> str:
     """Subject answered by the gateway holding producer instance ``instance``."""
-    return f"hmq.cb.i.{naming.token(instance)}"
+    return f"hmqs.cb.i.{naming.token(instance)}"
 
 
 def group_subject(group: str) -> str:
     """Subject answered (queue group) by gateways holding a producer of ``group``."""
-    return f"hmq.cb.g.{group}"
+    return f"hmqs.cb.g.{group}"
 
 
 @dataclass(frozen=True, slots=True)

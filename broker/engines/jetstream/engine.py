@@ -119,7 +119,9 @@ class JetStreamEngine(JetStreamDelivering, JetStreamFifo, JetStreamPulling, JetS
         self.groups_api = Groups(self.client, self.streams)
         self.writer = MessageWriter(self.client, self.streams, queues=config.default_queues,
                                     deadline=send_deadline)
-        self.router = CheckRouter(self.client, timeout=min(10.0, max(1.0, config.tx_check_interval)))
+        # a producer may take as long to answer a check-back as on the embedded engine
+        # (max(5 s, 2 intervals)); the TXCHECK lease is extended meanwhile
+        self.router = CheckRouter(self.client, timeout=max(5.0, 2 * config.tx_check_interval))
         self.stats = {"sent": 0}
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()

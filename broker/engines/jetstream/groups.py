@@ -19,12 +19,12 @@ message to one fetch at a time). Its configuration carries halfmq's delivery rul
 A ``Delivery`` wraps one fetched message: ``attempt`` = delivery count − 1 =
 ``reconsume_times``. ``ack()`` waits for the engine's confirmation; ``retry(delay)`` is a
 NAK with that delay (the retry ladder, C3, held by the engine across restarts);
-``dead_letter()`` publishes a copy to ``hmq.dlq.<G>`` (``Nats-Msg-Id =
+``dead_letter()`` publishes a copy to ``hmqs.dlq.<G>`` (``Nats-Msg-Id =
 dlq:<G>:<msg_id>``: a repeat after a crash stores it once) and then terminates the
 delivery (no redelivery ever). ``resolve()`` turns the record into the native wire
 message; a commit pointer costs one get of its half (the body is stored once).
 
-``%DLQ%<G>`` is consumable: a consumer on ``HMQ_DLQ`` filtered on ``hmq.dlq.<G>``.
+``%DLQ%<G>`` is consumable: a consumer on ``HMQ_DLQ`` filtered on ``hmqs.dlq.<G>``.
 ``TXCHECK`` (one per topic, on ``hmq.<T>.h.>``, ``ack_wait`` 30 s) hands each half message
 to one gateway at a time for its check-back (``ledger``, ``checkback``).
 """

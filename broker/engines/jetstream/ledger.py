@@ -6,7 +6,7 @@ A half message is a record on ``hmq.<T>.h.<queue>``; its message id names its st
 sequence (``naming``), so ``half(msg_id)`` is one get. Nothing about a transaction is kept
 in a gateway.
 
-The decision (SPEC T6) is one record on ``hmq.tx.d.<msg_id>`` in ``HMQ_TX``, payload
+The decision (SPEC T6) is one record on ``hmqs.tx.d.<msg_id>`` in ``HMQ_TX``, payload
 ``C``, ``R`` or ``A``, published with ``Nats-Expected-Last-Subject-Sequence: 0``: the
 engine stores the first and refuses every later one ("wrong last sequence"), so however
 many gateways race, one outcome wins. ``decide()`` then reads the winner from the stream
@@ -22,7 +22,7 @@ after *every* COMMIT it sees recorded, won or repeated: if a gateway died betwee
 and pointer, the next END_TX or check-back of that transaction writes it, and the
 duplicate window makes a second write a no-op (at most one visible copy, T2 + T9).
 
-Check counts (T4): ``hmq.tx.c.<msg_id>`` holds the count of check-backs that reached a
+Check counts (T4): ``hmqs.tx.c.<msg_id>`` holds the count of check-backs that reached a
 producer, each new count written with the previous record's sequence as the expected
 last subject sequence (and ``Nats-Msg-Id = n:<msg_id>:<count>``), so two gateways never
 both write count 3.

@@ -11,9 +11,12 @@ stream names and subject tokens). Its subjects::
     hmq.<T>.p.<queue>                scheduled messages, parked until due (invisible)
     hmq.<T>.s.<seq>                  the engine schedule of parked message / half <seq>
 
-Shared streams: ``HMQ_TX`` (``hmq.tx.d.<msg_id>`` the one decision of a transaction,
-``hmq.tx.c.<msg_id>`` its check count), ``HMQ_DLQ`` (``hmq.dlq.<group>``), and
-``HMQ_IDS`` (``hmq.ids.<prefix>``: which stream a message-id prefix names).
+Shared streams: ``HMQ_TX`` (``hmqs.tx.d.<msg_id>`` the one decision of a transaction,
+``hmqs.tx.c.<msg_id>`` its check count), ``HMQ_DLQ`` (``hmqs.dlq.<group>``), and
+``HMQ_IDS`` (``hmqs.ids.<prefix>``: which stream a message-id prefix names), and
+``HMQ_SETTINGS`` (``hmqs.set.<key>``); check-backs travel on core subjects ``hmqs.cb.*``.
+Everything that is not a topic's starts with ``hmqs.``, never ``hmq.``: a topic may be
+called ``tx``, ``dlq`` or ``cb``, and its stream's ``hmq.<T>.>`` must not overlap them.
 
 A tag becomes one subject token by a reversible escaping: ``A-Z a-z 0-9 -`` stay, every
 other byte of its UTF-8 form (``_`` included) becomes ``_`` + two upper-case hex digits;
@@ -74,9 +77,9 @@ DLQ_STREAM = "HMQ_DLQ"
 IDS_STREAM = "HMQ_IDS"
 SETTINGS_STREAM = "HMQ_SETTINGS"
 #: the subjects of SETTINGS_STREAM, one per key
-SETTINGS_SUBJECTS = "hmq.set.*"
+SETTINGS_SUBJECTS = "hmqs.set.*"
 #: core subject (in no stream) on which a deleted setting's key token is announced
-SETTINGS_CHANGED = "hmq.setdel"
+SETTINGS_CHANGED = "hmqs.setdel"
 TXCHECK_CONSUMER = "TXCHECK"
 _TOPIC_STREAM_PREFIX = "HMQ_T_"
 
@@ -208,32 +211,32 @@ def fifo_consumer_name(group: str, queue: int) -> str:
 
 def tx_decision_subject(msg_id: str) -> str:
     """Subject of the one decision of the transaction whose half is ``msg_id``."""
-    return f"hmq.tx.d.{msg_id}"
+    return f"hmqs.tx.d.{msg_id}"
 
 
 def tx_check_subject(msg_id: str) -> str:
     """Subject of the check count of the transaction whose half is ``msg_id``."""
-    return f"hmq.tx.c.{msg_id}"
+    return f"hmqs.tx.c.{msg_id}"
 
 
 def dlq_subject(group: str) -> str:
     """Subject of ``%DLQ%<group>`` in the DLQ stream."""
-    return f"hmq.dlq.{group}"
+    return f"hmqs.dlq.{group}"
 
 
 def id_subject(prefix: str) -> str:
     """Subject recording which stream a message-id prefix names."""
-    return f"hmq.ids.{prefix}"
+    return f"hmqs.ids.{prefix}"
 
 
 def transactional_subject(topic: str) -> str:
     """Subject marking ``topic`` as one that holds half messages."""
-    return f"hmq.txt.{topic}"
+    return f"hmqs.txt.{topic}"
 
 
 def settings_subject(key: str) -> str:
     """Subject holding the engine setting ``key``."""
-    return f"hmq.set.{token(key)}"
+    return f"hmqs.set.{token(key)}"
 
 
 def stream_id_prefix(stream: str, created: str, salt: int = 0) -> str:

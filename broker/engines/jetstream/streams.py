@@ -13,13 +13,13 @@ seconds (1 h: it must outlast ``tx_timeout + tx_check_max × tx_check_interval``
 with the defaults, and stays short because the server holds every subject's state in
 memory). ``HMQ_DLQ`` keeps dead letters ``retention`` seconds. ``HMQ_IDS`` keeps the
 id-prefix registry forever (one tiny record per topic stream ever created), and
-``hmq.txt.<topic>`` for each topic that ever held a half message (the topics whose
+``hmqs.txt.<topic>`` for each topic that ever held a half message (the topics whose
 check-backs every gateway runs).
 ``HMQ_SETTINGS`` is the engine's small key-value space (users, tokens, webhooks: shared
 by every gateway): one subject per key, only its last value kept, msgpack values.
 
 Message-id prefixes: candidate ``k`` is ``naming.stream_id_prefix(stream, created, k)``.
-``ensure_topic`` reads ``hmq.ids.<candidate>`` from ``HMQ_IDS``: the same stream and
+``ensure_topic`` reads ``hmqs.ids.<candidate>`` from ``HMQ_IDS``: the same stream and
 creation time → that is its prefix; nothing → claim it with a compare-and-set (expected
 last subject sequence 0) and read again (another gateway may have claimed it first, for
 the same stream or another); another stream → try ``k + 1``. Every gateway walks the same
@@ -116,9 +116,9 @@ class StreamSet:
 
     async def ensure_shared(self) -> None:
         """Create ``HMQ_TX``, ``HMQ_DLQ`` and ``HMQ_IDS`` if missing."""
-        await self._ensure(self._config(naming.TX_STREAM, ["hmq.tx.>"], self.tx_retention))
-        await self._ensure(self._config(naming.DLQ_STREAM, ["hmq.dlq.>"], self.retention))
-        await self._ensure(self._config(naming.IDS_STREAM, ["hmq.ids.*", "hmq.txt.*"], 0, dedup=60.0))
+        await self._ensure(self._config(naming.TX_STREAM, ["hmqs.tx.>"], self.tx_retention))
+        await self._ensure(self._config(naming.DLQ_STREAM, ["hmqs.dlq.>"], self.retention))
+        await self._ensure(self._config(naming.IDS_STREAM, ["hmqs.ids.*", "hmqs.txt.*"], 0, dedup=60.0))
         await self._ensure({**self._config(naming.SETTINGS_STREAM, [naming.SETTINGS_SUBJECTS], 0, dedup=0.0),
                             "max_msgs_per_subject": 1})
         self._shared_ready = True
@@ -199,7 +199,7 @@ class StreamSet:
 
     async def transactional_topics(self) -> list[str]:
         """Topics that ever held half messages, sorted."""
-        info = await self.client.api(f"STREAM.INFO.{naming.IDS_STREAM}", {"subjects_filter": "hmq.txt.*"})
+        info = await self.client.api(f"STREAM.INFO.{naming.IDS_STREAM}", {"subjects_filter": "hmqs.txt.*"})
         return sorted(subject.split(".", 2)[2] for subject in (info["state"].get("subjects") or {}))
 
     async def topic_of_prefix(self, prefix: str) -> TopicStream | None:

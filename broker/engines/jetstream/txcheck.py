@@ -5,8 +5,8 @@ How this works
 For every topic that ever held a half message (``StreamSet.transactional_topics``,
 read again every ``min(tx_timeout, 10 s)``; at once for a topic this gateway sends halves
 to — the mark is stored before the first half is) the gateway runs a loop on the topic's ``TXCHECK``
-consumer, which hands each half message to one gateway at a time (its ack wait, 30 s,
-is the time one check may take). For each half it gets:
+consumer, which hands each half message to one gateway at a time (its ack wait, 10 s,
+extended while a producer takes longer to answer). For each half it gets:
 
 1. a decision is recorded → for COMMIT make sure of the pointer (idempotent), ack: done;
 2. younger than ``--tx-timeout`` (engine clock) → NAK with the rest of that time;
@@ -17,7 +17,7 @@ is the time one check may take). For each half it gets:
    with ``--tx-check-interval``.
 
 A gateway that dies mid-check leaves the half leased: the engine hands it to another
-gateway after the ack wait. Checks run concurrently (at most 32 per gateway), each as its
+gateway after the ack wait (10 s). Checks run concurrently (at most 32 per gateway), each as its
 own task: check-backs are rare and slow (a producer's answer), not the hot path.
 """
 
@@ -39,7 +39,10 @@ __all__ = ["JetStreamTxCheck"]
 log = logging.getLogger("halfmq.engine")
 
 _CHECKS_AT_ONCE = 32
-TXCHECK_ACK_WAIT = 30.0
+#: how long a gateway holds a half it checks before the engine hands it to another one
+#: (the check-back extends it while a producer takes longer): also the longest a check is
+#: delayed by a gateway that died holding it
+TXCHECK_ACK_WAIT = 10.0
 
 
 class JetStreamTxCheck(EngineParts):
@@ -117,8 +120,13 @@ class JetStreamTxCheck(EngineParts):
                 queue = 0
             wire = [msg_id, handle.spec.topic, rec.body, rec.tags, rec.keys, rec.properties,
                     rec.born_ms, d.time_ms, queue, -1, 0]
-            result = await self.router.check(wire, group=rec.producer_group,
-                                             instance=rec.producer_instance)
+            asking = asyncio.ensure_future(self.router.check(wire, group=rec.producer_group,
+                                                             instance=rec.producer_instance))
+            while not asking.done():  # keep the half ours while the producer thinks
+                await asyncio.wait([asking], timeout=TXCHECK_ACK_WAIT / 2)
+                if not asking.done():
+                    await d.extend()
+            result = asking.result()
             if result.state in ("COMMIT", "ROLLBACK"):
                 try:
                     await self.ledger.end(msg_id, result.state)
