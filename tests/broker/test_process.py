@@ -34,7 +34,7 @@ class RawClient:
 
     @classmethod
     async def connect(cls, address: str, role: str = "producer", group: str | None = "pg") -> RawClient:
-        host, port = address.rsplit(":", 1)
+        host, port = address.split(",")[0].rsplit(":", 1)  # the first of a list
         c = cls(*await asyncio.open_connection(host, int(port)))
         op, payload = await c.request(Op.HELLO, {"version": 1, "client_id": f"raw-{id(c)}", "role": role, "group": group})
         assert op == Op.REPLY, payload

@@ -17,30 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.engines.jetstream.binary import NatsServerNotFound, find_nats_server
 from broker.engines.jetstream.local_cluster import LocalCluster
 
 _counter = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def nats_server_binary() -> Path:
-    """Path of a nats-server >= 2.12, or skip."""
-    try:
-        return find_nats_server()
-    except NatsServerNotFound as exc:
-        pytest.skip(f"cluster tests need nats-server >= 2.12: {exc}")
-
-
-@pytest.fixture(scope="session")
-def nats_cluster(nats_server_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """One 3-node cluster (R3-capable, sync always) for the whole session. Do not break it."""
-    cluster = LocalCluster(tmp_path_factory.mktemp("nats-cluster"), nodes=3, binary=nats_server_binary)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ async def _stats(broker) -> dict:
         return await r.json()
 
 
+@pytest.mark.embedded_only("a batch stored as one bundle record is the embedded log's format "
+                            "(/api/stats 'store'); the engine stores one record per message")
 async def test_batch_members_are_retried_dead_lettered_looked_up_and_resent(broker):
     items = [{"body": f"m{i}".encode(), "tags": "P" if i == 7 else "T", "keys": [f"k{i}"]} for i in range(40)]
     async with Producer(broker.address) as p:
@@ -63,6 +65,7 @@ async def test_batch_members_are_retried_dead_lettered_looked_up_and_resent(brok
     assert rec.messages[-1].msg_id == poison and rec.messages[-1].body == b"m7"
 
 
+@pytest.mark.embedded_only("--segment-size and bundle records belong to the embedded log")
 async def test_with_small_segments_a_batch_is_stored_one_record_per_message(broker_factory):
     # 256 KiB segments hold one 16 KiB message with its frame overhead, not two whole frames
     b = broker_factory("--segment-size", "256KiB", "--max-message-size", "16KiB")

@@ -57,7 +57,7 @@ async def test_a_dead_first_address_costs_one_attempt(broker, unused_tcp_port):
     conn = Connection(f"127.0.0.1:{unused_tcp_port},{broker.address}", role="producer")
     await conn.open(timeout=5)
     try:
-        assert conn.connected and conn.current_address == broker.address
+        assert conn.connected and conn.current_address == broker.address.split(",")[0]
     finally:
         await conn.close()
 

@@ -28,7 +28,7 @@ async def test_answer_in_the_same_read_as_a_malformed_frame_is_delivered(broker)
     """A proxy appends a zero-length frame to the broker's answer to a PING. The SDK hands the
     answer to its request, then drops the connection and reconnects by itself (before, the
     answer was lost with the connection and the request failed)."""
-    host, port = broker.address.rsplit(":", 1)
+    host, port = broker.address.split(",")[0].rsplit(":", 1)
     corrupt = asyncio.Event()
     pipes: set[asyncio.Task] = set()
 

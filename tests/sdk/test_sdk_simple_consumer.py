@@ -13,7 +13,8 @@ from consumer_sdk import ConsumeResult, PushConsumer, SimpleConsumer, StaleRecei
 from producer_sdk import LimitExceededError, Producer
 from tests.conftest import wait_for
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60),
+              pytest.mark.embedded_only("pull consumers (RECEIVE/SETTLE) are not served by the JetStream engine yet: refused with a clear error")]
 
 
 def post_json(url: str, body: dict) -> dict:
