@@ -28,7 +28,7 @@ delivery count raised (an expired lease is a failed attempt); the next fetch pas
 sends its acks in order and waits for the last), ``nack`` (a NAK with that delay),
 ``cid`` (new deadline, new handle: the old one goes stale), ``renew`` (new deadline,
 same handle), ``dlq``. A handle of another gateway is forwarded to it over the engine
-connection (``hmq.lease.<gateway>``, request/reply), so any connection of the group on
+connection (``hmqs.lease.<gateway>``, request/reply), so any connection of the group on
 any gateway may settle it. A handle whose lease ended, changed, or whose gateway is gone
 (stopped, crashed) is refused as stale (``StaleReceiptError``); the message itself comes
 back when the engine's ack wait runs out.
@@ -60,6 +60,11 @@ log = logging.getLogger("halfmq.engine")
 _POOL_MAX = 8  # idle pullers kept per (group, topic)
 _FORWARD_TIMEOUT = 5.0
 _FIFO_POLL = 0.1  # seconds between polls of a FIFO group's queues while a RECEIVE waits
+
+
+def _max_reconsume(conf: dict[str, Any]) -> int:
+    """Failed attempts after which a group's message is dead-lettered (its settings, else 16)."""
+    return int(conf["max_attempts"]) - 1 if conf.get("max_attempts") else 16
 
 
 @dataclass(slots=True)
@@ -134,7 +139,7 @@ class JetStreamPulling(EngineParts):
         try:
             conf = await self._group_conf(group)
             await self._serve_forwarded()
-            max_re = int(conf["max_attempts"]) - 1 if conf.get("max_attempts") else 16
+            max_re = _max_reconsume(conf)
             if conf.get("fifo"):
                 got = await self._pull_fifo(group, topic, tags, max_messages, wait)
             else:
@@ -304,8 +309,9 @@ class JetStreamPulling(EngineParts):
                 if not isinstance(item, list | tuple) or len(item) != 3:
                     raise BadRequestError("a settle item is [handle, action, ms]")
                 handle, action, ms = item
-                if type(ms) is not int or ms < 0:
-                    raise BadRequestError("the milliseconds of a settle item must be an integer >= 0")
+                if type(ms) is not int or ms < (-1 if action == "nack" else 0):
+                    raise BadRequestError("the milliseconds of a settle item must be an integer >= 0 "
+                                          "(-1 for a nack: the group's retry delay)")
                 if action not in ("ack", "nack", "cid", "renew", "dlq"):
                     raise BadRequestError(f"unknown settle action {action!r}")
                 gw, token, version = _parse_handle(handle)
@@ -341,7 +347,16 @@ class JetStreamPulling(EngineParts):
                     last_ack = (i, lease.delivery)
                     continue
                 if action == "nack":
-                    await lease.delivery.retry(ms / 1000.0)
+                    conf = await self._group_conf(group)
+                    max_re = _max_reconsume(conf)
+                    attempt = lease.delivery.attempt
+                    if attempt >= max_re:  # its last attempt failed: dead-lettered now (C4)
+                        await lease.delivery.dead_letter(lease.wire)
+                    elif ms < 0:  # the group's retry delay for this attempt
+                        ladder = conf.get("retry_delays") or self.config.retry_delays
+                        await lease.delivery.retry(float(ladder[min(attempt, len(ladder) - 1)]) if ladder else 0.0)
+                    else:
+                        await lease.delivery.retry(ms / 1000.0)
                 else:
                     await lease.delivery.dead_letter(lease.wire)
                 results[i] = True
@@ -362,7 +377,7 @@ class JetStreamPulling(EngineParts):
     async def _forward(self, gw: str, group: str, items: list[Any]) -> list[Any]:
         """Settle ``items`` on gateway ``gw`` (it holds their leases)."""
         try:
-            msg = await self.client.nc.request(f"hmq.lease.{gw}", msgpack.packb([group, items]),
+            msg = await self.client.nc.request(f"hmqs.lease.{gw}", msgpack.packb([group, items]),
                                                timeout=_FORWARD_TIMEOUT)
             answers = msgpack.unpackb(msg.data)
             if isinstance(answers, list) and len(answers) == len(items):
@@ -388,7 +403,7 @@ class JetStreamPulling(EngineParts):
                 answers = [_error_row(exc)]
             await msg.respond(msgpack.packb(answers))
 
-        self._forward_sub = await self.client.nc.subscribe(f"hmq.lease.{self._gateway_id}", cb=on_request)
+        self._forward_sub = await self.client.nc.subscribe(f"hmqs.lease.{self._gateway_id}", cb=on_request)
 
     def _end_receives(self) -> None:
         """Stopping: pending RECEIVEs end unanswered (their clients ask another gateway)."""
