@@ -15,8 +15,7 @@ from producer_sdk import HalfMQError, Producer
 from tests.conftest import wait_for
 from tests.faults.test_crash_redelivery import admin
 
-pytestmark = [pytest.mark.timeout(120),
-              pytest.mark.embedded_only("FIFO groups (message groups delivered in order) are not served by the JetStream engine yet: SUBSCRIBE fifo=true and send options are refused")]
+pytestmark = pytest.mark.timeout(120)
 
 GROUPS, PER_GROUP = 1000, 5
 
