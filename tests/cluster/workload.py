@@ -1,0 +1,166 @@
+"""A workload through gateways, and the invariants of cluster mode checked after a fault.
+
+``Workload(address, topic)`` runs, through the public SDKs and the given address list:
+a producer of plain messages (``window`` sends in flight, every body unique), a
+transactional producer whose local transactions alternate COMMIT and ROLLBACK (every
+fourth one UNKNOWN, left to the check-back, which answers by the same rule), and one
+consumer group recording every body. ``await check()`` after ``stop()`` asserts the
+reference's invariants that a client can see, plus one read in the engine:
+
+- every acknowledged plain send is delivered;
+- every transaction whose outcome is COMMIT is delivered; none decided ROLLBACK ever is
+  (a half whose reply was lost with a gateway may have been stored twice by the SDK's
+  retry: each copy is its own transaction, decided by the check-back by the same rule);
+- at most one visible copy (commit pointer) per transaction in the topic's stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from consumer_sdk import ConsumeResult, PushConsumer
+from producer_sdk import LocalTransactionState, Producer, TransactionListener, TransactionProducer
+
+__all__ = ["Workload", "pointer_counts"]
+
+
+def _decide(body: bytes) -> LocalTransactionState:
+    n = int(body.split(b"-")[-1])
+    return LocalTransactionState.COMMIT if n % 2 == 0 else LocalTransactionState.ROLLBACK
+
+
+class _Listener(TransactionListener):
+    async def execute_local_transaction(self, message: Any, arg: Any) -> LocalTransactionState:
+        if int(message.body.split(b"-")[-1]) % 4 == 3:
+            return LocalTransactionState.UNKNOWN
+        return _decide(message.body)
+
+    async def check_local_transaction(self, message: Any) -> LocalTransactionState:
+        return _decide(message.body)
+
+
+async def pointer_counts(engine_urls: list[str], topic: str) -> dict[int, int]:
+    """Commit pointers in ``topic``'s stream: {half sequence: how many}."""
+    import nats
+
+    from broker.engines.jetstream import naming
+    from broker.engines.jetstream.records import Kind, decode_record
+
+    nc = await nats.connect(servers=engine_urls, connect_timeout=5)
+    try:
+        js = nc.jetstream(timeout=10)
+        stream = naming.topic_stream(topic)
+        last = (await js.stream_info(stream)).state.last_seq
+        counts: dict[int, int] = {}
+        seq = 1
+        while seq <= last:
+            try:
+                msg = await js.get_msg(stream, seq=seq, next=True, subject=f"hmq.{topic}.m.>")
+            except nats.js.errors.NotFoundError:
+                break
+            rec = decode_record(msg.data or b"")
+            if rec.kind is Kind.POINTER:
+                counts[rec.half_seq] = counts.get(rec.half_seq, 0) + 1
+            seq = int(msg.seq) + 1
+        return counts
+    finally:
+        await nc.close()
+
+
+class Workload:
+    """See the module docstring."""
+
+    def __init__(self, address: str, topic: str, *, window: int = 16, tx_window: int = 4,
+                 send_timeout: float = 30.0) -> None:
+        self.address, self.topic = address, topic
+        self.window, self.tx_window, self.send_timeout = window, tx_window, send_timeout
+        self.acked: set[bytes] = set()
+        self.tx_ids: dict[bytes, str] = {}  # body -> msg_id of transactions whose half was stored
+        self.got: dict[bytes, str] = {}
+        self.ack_times: list[float] = []
+        self.errors = 0
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._clients: list[Any] = []
+
+    async def _on(self, m: Any) -> ConsumeResult:
+        self.got[m.body] = m.msg_id
+        return ConsumeResult.SUCCESS
+
+    async def start(self) -> Workload:
+        consumer = PushConsumer(self.address, group=f"{self.topic}-g", topic=self.topic, listener=self._on)
+        producer = Producer(self.address, send_timeout=self.send_timeout)
+        txp = TransactionProducer(self.address, group=f"{self.topic}-pg", listener=_Listener(),
+                                  send_timeout=self.send_timeout)
+        for c in (consumer, producer, txp):
+            await c.start()
+            self._clients.append(c)
+        counter = iter(range(1 << 40))
+
+        async def plain() -> None:
+            while not self._stop.is_set():
+                body = f"p-{next(counter)}".encode()
+                try:
+                    await producer.send(self.topic, body)
+                except Exception:  # noqa: BLE001 - unacknowledged: not promised
+                    self.errors += 1
+                    continue
+                self.acked.add(body)
+                self.ack_times.append(time.monotonic())
+
+        async def transactional() -> None:
+            while not self._stop.is_set():
+                body = f"t-{next(counter)}".encode()
+                try:
+                    r = await txp.send_in_transaction(self.topic, body)
+                except Exception:  # noqa: BLE001 - the half may be stored: the check-back decides
+                    self.errors += 1
+                    continue
+                self.tx_ids[body] = r.msg_id
+
+        self._tasks = [asyncio.create_task(plain()) for _ in range(self.window)]
+        self._tasks += [asyncio.create_task(transactional()) for _ in range(self.tx_window)]
+        return self
+
+    async def wait_traffic(self, n: int, timeout: float = 60.0) -> None:
+        """Until ``n`` more sends are acknowledged and consumed."""
+        target_acked, target_got = len(self.acked) + n, len(self.got) + n
+        deadline = time.monotonic() + timeout
+        while len(self.acked) < target_acked or len(self.got) < target_got:
+            assert time.monotonic() < deadline, (
+                f"traffic stalled: {len(self.acked)} acked, {len(self.got)} consumed, {self.errors} errors")
+            await asyncio.sleep(0.05)
+
+    def longest_pause_since(self, t0: float) -> float:
+        """The longest time without an acknowledged plain send, from ``t0`` to the last ack."""
+        after = [t for t in self.ack_times if t >= t0]
+        return max((b - a for a, b in zip([t0, *after], after, strict=False)), default=float("inf"))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def close(self) -> None:
+        self._stop.set()
+        for c in reversed(self._clients):
+            await c.close()
+
+    async def check(self, engine_urls: list[str], *, timeout: float = 90.0) -> None:
+        """The invariants (module docstring); waits up to ``timeout`` for deliveries."""
+        commits = {b for b in self.tx_ids if _decide(b) == LocalTransactionState.COMMIT}
+        rollbacks = {b for b in self.tx_ids if _decide(b) == LocalTransactionState.ROLLBACK}
+        deadline = time.monotonic() + timeout
+        while not (self.acked | commits) <= self.got.keys():
+            missing = (self.acked | commits) - self.got.keys()
+            assert time.monotonic() < deadline, f"{len(missing)} promised messages never delivered: {sorted(missing)[:5]}"
+            await asyncio.sleep(0.1)
+        assert not rollbacks & self.got.keys(), "a rolled-back transaction was delivered"
+        # also those whose send_in_transaction failed (the half may still have been stored)
+        for body in self.got:
+            if body.startswith(b"t-"):
+                assert _decide(body) == LocalTransactionState.COMMIT, f"{body!r} delivered, decided ROLLBACK"
+        counts = await pointer_counts(engine_urls, self.topic)
+        assert counts and max(counts.values()) == 1, "more than one visible copy of a transaction"
+        assert len(counts) >= len(commits)
