@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 SCENARIOS = ("publish", "latency", "e2e", "tx", "batch", "fifo", "pull")
-SYSTEMS = ("halfmq-sync", "halfmq-async", "halfmq-grpc", "halfmq-secure", "halfmq-trace", "rabbitmq", "nats", "redis")
+SYSTEMS = ("halfmq-sync", "halfmq-async", "halfmq-grpc", "halfmq-secure", "halfmq-trace", "halfmq-cluster",
+           "rabbitmq", "nats", "redis")
 #: A process is called saturated when it used at least this share of its CPU capacity.
 SATURATED = 0.85
 LINE_LIMIT = 1 << 28
@@ -93,6 +94,10 @@ def make_server(name: str, *, profile_dir: str | None = None, profiler: str = "c
         from benchmarks.systems.halfmq import Server
 
         return Server("sync", profile_dir=profile_dir, profiler=profiler, trace=True)
+    if name == "halfmq-cluster":
+        from benchmarks.systems.halfmq_cluster import Server as ClusterServer
+
+        return ClusterServer()
     if name == "rabbitmq":
         from benchmarks.systems.rabbitmq import Server  # type: ignore[assignment]
     elif name == "nats":
