@@ -105,13 +105,14 @@ async def test_in_flight_request_fails_unavailable_on_lost_connection(broker):
 
 
 async def test_send_retried_across_broker_restart(broker):
-    async with Producer(broker.address, send_timeout=5.0) as p:
+    # (time for a loaded machine to start the broker again: two gateways in cluster mode)
+    async with Producer(broker.address, send_timeout=20.0) as p:
         _freeze(broker)
         sending = asyncio.ensure_future(p.send("rt", b"survives"))
         await wait_for(lambda: p._conn._pending, what="the send in flight")
         await asyncio.to_thread(_kill9, broker)
         await asyncio.to_thread(broker.start)
-        r = await asyncio.wait_for(sending, 6)
+        r = await asyncio.wait_for(sending, 21)
         assert r.msg_id
 
 
