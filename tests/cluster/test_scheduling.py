@@ -118,3 +118,21 @@ async def test_delayed_transaction_counts_from_its_commit(engine_factory, unique
     (other,) = _ids(await _send(engine, p, unique, [_at(r, delay=300) for r in _rows(b"no")], half=True))
     assert await _end(engine, p, [(other, "ROLLBACK")]) == {"state": "ROLLED_BACK"}
     await _holds(lambda: len(c.deliveries) == 1, 0.8)
+
+
+async def test_delayed_transaction_committed_by_a_check_back(engine_factory, unique):
+    engine = await engine_factory(tx_timeout=0.5, tx_check_interval=0.5)
+    asked: list[int] = []
+
+    def answer(_wire):
+        asked.append(int(time.time() * 1000))
+        return "COMMIT"
+
+    p = RecordingSession(role="producer", group=f"pg{unique}", check_answer=answer)
+    engine.producer_hello(p)
+    c = TimedSession(role="consumer")
+    await _subscribe(engine, c, Sub("g", unique))
+    (msg_id,) = _ids(await _send(engine, p, unique, [_at(r, delay=700) for r in _rows(b"checked")], half=True))
+    await wait_for(lambda: c.deliveries, timeout=20, what="the message committed by the check-back")
+    assert c.deliveries[0][1][0] == msg_id and asked
+    assert c.arrived[0] >= asked[0] + 700  # counted from the commit, which came with the answer
