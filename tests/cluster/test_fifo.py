@@ -84,6 +84,8 @@ async def test_fifo_groups_in_order_across_two_gateways(engine_factory, unique):
     engines = {ma.conn_id: a, mb.conn_id: b}
     await _consume_in_order(engines, [ma, mb], expected, fail_first={groups[0], groups[3]})
     assert (await a.admin_group_settings(f"g{unique}"))["fifo"] is True
+    listed = {g["group"]: g for g in await a.admin_groups()}[f"g{unique}"]  # its queues' consumers, summed
+    assert listed["topics"] == [unique] and listed["members"] == 1 and listed["in_flight"] == 0
     assert ma.deliveries and mb.deliveries  # both gateways took part
 
 

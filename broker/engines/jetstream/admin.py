@@ -76,19 +76,21 @@ class JetStreamAdmin(EngineParts):
             resp = await self.client.api(f"CONSUMER.LIST.{naming.topic_stream(topic)}", {"offset": 0})
             for info in resp.get("consumers") or []:
                 name = info["name"]
-                if not name.startswith("G_"):
+                group = _group_of_consumer(name)
+                if group is None:
                     continue
-                group = name[2:]
                 g = groups.setdefault(group, {"group": group, "topics": [], "members": 0, "delivered": 0,
                                               "acked": 0, "in_flight": 0, "redelivered": 0, "lag": 0})
-                g["topics"].append(topic)
+                if topic not in g["topics"]:  # (a FIFO group has a consumer per queue)
+                    g["topics"].append(topic)
                 g["delivered"] += int(info["delivered"]["stream_seq"] and info["delivered"]["consumer_seq"])
                 g["acked"] += int(info["ack_floor"]["consumer_seq"])
                 g["in_flight"] += int(info.get("num_ack_pending", 0))
                 g["redelivered"] += int(info.get("num_redelivered", 0))
                 g["lag"] += int(info.get("num_pending", 0))
-                pump = self._pumps.get((group, topic))
-                g["members"] += len(pump.members) if pump is not None else 0
+        for group, g in groups.items():
+            pumps = [self._pumps.get((group, t)) for t in g["topics"]]
+            g["members"] = sum(len(pump.members) for pump in pumps if pump is not None)
         return [groups[k] for k in sorted(groups)]
 
     async def admin_message(self, msg_id: str) -> dict[str, Any] | None:
@@ -244,3 +246,14 @@ class JetStreamAdmin(EngineParts):
         name = getattr(state, "name", str(state)).upper()
         outcome = {"COMMITTED": "COMMIT", "ROLLED_BACK": "ROLLBACK"}[name]
         await self.ledger.end(msg_id, outcome)
+
+
+def _group_of_consumer(name: str) -> str | None:
+    """The consumer group a topic stream's consumer serves: ``G_<group>``, or a FIFO
+    group's ``F<queue>_<group>``; None for others (``TXCHECK``)."""
+    if name.startswith("G_"):
+        return name[2:]
+    head, sep, group = name.partition("_")
+    if sep and head[:1] == "F" and head[1:].isdigit():
+        return group
+    return None
