@@ -136,3 +136,18 @@ async def test_delayed_transaction_committed_by_a_check_back(engine_factory, uni
     await wait_for(lambda: c.deliveries, timeout=20, what="the message committed by the check-back")
     assert c.deliveries[0][1][0] == msg_id and asked
     assert c.arrived[0] >= asked[0] + 700  # counted from the commit, which came with the answer
+
+
+async def test_a_topic_stream_made_before_schedules_existed_is_updated(engine_factory, unique):
+    from broker.engines.jetstream import naming
+
+    engine = await engine_factory()
+    name = naming.topic_stream(unique)
+    await engine.client.api(f"STREAM.CREATE.{name}", engine.streams._config(name, [f"hmq.{unique}.>"], 3600))
+    p, c = RecordingSession(role="producer"), RecordingSession(role="consumer")
+    await _subscribe(engine, c, Sub("g", unique))
+    due = int(time.time() * 1000) + 300
+    (msg_id,) = _ids(await _send(engine, p, unique, [_at(_rows(b"later")[0], at=due)]))
+    await wait_for(lambda: c.deliveries, timeout=15, what="the scheduled message")
+    assert c.deliveries[0][1][0] == msg_id
+    assert (await engine.client.api(f"STREAM.INFO.{name}"))["config"]["allow_msg_schedules"] is True
