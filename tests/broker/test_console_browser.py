@@ -39,6 +39,14 @@ class Undecided(TransactionListener):
         return LocalTransactionState.UNKNOWN
 
 
+class Committing(TransactionListener):
+    async def execute_local_transaction(self, message, arg):
+        return LocalTransactionState.COMMIT
+
+    async def check_local_transaction(self, message):
+        return LocalTransactionState.COMMIT
+
+
 async def _shot(page, tmp_path: Path, name: str) -> None:
     path = tmp_path / f"{name}.png"
     await page.screenshot(path=str(path), full_page=True)
@@ -46,6 +54,27 @@ async def _shot(page, tmp_path: Path, name: str) -> None:
     if os.environ.get("HALFMQ_CONSOLE_SCREENSHOTS") == "1":
         DOCS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, DOCS / f"{name}.png")
+
+
+async def _traffic(b, p) -> None:
+    """Send and commit a varying rate of messages until the charts hold 20 seconds of it
+    (only for the documentation's screenshots)."""
+    import asyncio
+
+    import aiohttp
+
+    n = 0
+    async with (TransactionProducer(b.address, group="shop", listener=Committing()) as tp,
+                aiohttp.ClientSession() as http):
+        while True:
+            async with http.get(f"{b.http_url}/api/series") as r:
+                if len((await r.json())["t"]) >= 20:
+                    return
+            n += 1
+            await p.send_batch("orders", [f'{{"order": {n}.{i}}}'.encode() for i in range(10 + (n * 7) % 40)])
+            if n % 3 == 0:
+                await tp.send_in_transaction("payments", b'{"payment": 1}', keys=[f"shop-{n}"])
+            await asyncio.sleep(0.1)  # pacing the load, not waiting for anything
 
 
 @pytest.fixture
@@ -80,6 +109,8 @@ async def test_console_search_trace_resend_and_commit(broker_factory, browser, t
         doomed = await p.send("orders", b'{"order": 42}', keys=["order-42"])
         half = await tp.send_in_transaction("orders", b'{"payment": 7}', keys=["pay-7"])
         await wait_for(lambda: len(received) == 5, what="the 5 good orders delivered")
+        if os.environ.get("HALFMQ_CONSOLE_SCREENSHOTS") == "1":  # docs: some traffic for the charts
+            await _traffic(b, p)
         page = await browser.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -279,14 +279,13 @@ async function route() {
   const [path, query] = (location.hash.replace(/^#\/?/, "") || "overview").split("?");
   const page = HANDLERS[path] ? path : "overview";
   document.querySelectorAll("header nav a").forEach((a) => a.classList.toggle("active", a.dataset.page === page));
-  const root = document.querySelector("main");
   const fresh = el("main", {"data-page": page});
+  document.querySelector("main").replaceWith(fresh);  // in the document first: charts need its layout
   try {
     await HANDLERS[page](fresh, new URLSearchParams(query || ""));
   } catch (e) {
     fresh.append(el("p", {class: "error"}, `Could not load: ${e.message}`));
   }
-  root.replaceWith(fresh);
 }
 
 function start() {
