@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from .log import FLAG_BUNDLE, FLAG_INDEX, MEMBER, MEMBER_BIT, PREFIX, TAIL, TAIL_IDX, crc32
 from .model import BundleTarget, IndexTarget, NewBundle, NewRecord, Stored
 from .queue_index import ENTRY, QueueIndexFile
+from .state import StoreState
 
 if TYPE_CHECKING:
     from .store import MessageStore
@@ -117,7 +118,7 @@ class _Singles:
 
 
 
-class Appending:
+class Appending(StoreState):
     """Appends of :class:`storage.store.MessageStore` (see the module's "How this works")."""
 
     def append(self: MessageStore, records: Sequence[NewRecord | NewBundle]) -> tuple[list[Stored], asyncio.Future[None]]:
@@ -170,7 +171,7 @@ class Appending:
             for rtype, header, body, idx in records:
                 if type(idx) is BundleTarget:
                     pos, limit, parts, starts = self._append_bundle(
-                        rtype, header, body, idx, now, pos, limit, parts, starts, local, out)
+                        rtype, header, body, idx, now, pos, limit, parts, starts, local, out)  # type: ignore[arg-type]
                     continue
                 hdr = packb(header)
                 if idx is None:
@@ -178,9 +179,9 @@ class Appending:
                     qoff = -1
                     q = None
                 else:
-                    t = targets.get(idx)
+                    t = targets.get(idx)  # type: ignore[arg-type]
                     if t is None:
-                        t = self._target(idx)
+                        t = self._target(idx)  # type: ignore[arg-type]
                     _, q, topic_b, tag, ref_pos, ref_size, qid, tlen = t
                     lq = local.get(q)
                     if lq is None:
@@ -198,11 +199,11 @@ class Appending:
                     parts = []
                     starts = []
                     groups.append([pos, parts, starts])
-                parts += (prefix_pack(size, crc32(body, crc32(head))), head, body)
+                parts += (prefix_pack(size, crc32(body, crc32(head))), head, body)  # type: ignore[arg-type]
                 starts.append(pos)
                 if q is not None:
-                    lq[1] += entry_pack(pos, size, tag, now) if ref_pos < 0 else entry_pack(ref_pos, ref_size, tag, now)
-                    lq[0] += 1
+                    lq[1] += entry_pack(pos, size, tag, now) if ref_pos < 0 else entry_pack(ref_pos, ref_size, tag, now)  # type: ignore[index]
+                    lq[0] += 1  # type: ignore[index]
                 add(make_stored(Stored, (pos, size, now, qoff)))
                 pos += size
         except BaseException:
@@ -230,7 +231,7 @@ class Appending:
         return out, fut
 
     def _append_bundle(
-        self, rtype: int, headers: list, bodies: list[bytes], idx: BundleTarget, now: int, pos: int,
+        self: MessageStore, rtype: int, headers: list, bodies: list[bytes], idx: BundleTarget, now: int, pos: int,
         limit: int, parts: list[bytes] | None, starts: list[int] | None, local: dict, out: list[Stored],
     ) -> tuple[int, int, list[bytes], list[int]]:
         """Encode one :class:`NewBundle` into the current batch (part of :meth:`append`)."""
@@ -333,6 +334,7 @@ class Appending:
         """Encode the pending ``append_one`` records into the current batch, all at once;
         if one is bad, one at a time, so that only the bad one fails."""
         g = self._singles
+        assert g is not None  # (called only when there are pending records)
         self._singles = None
         try:
             g.stored = self._encode(g.records)[0]

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .log import MEMBER, MEMBER_BIT, CorruptRecordError, member_record, read_checked
 from .model import IndexEntry, Record
 from .queue_index import ENTRY
+from .state import StoreState
 
 if TYPE_CHECKING:
     from .store import MessageStore
@@ -40,7 +41,7 @@ _BUNDLES_MAX = 64  # decoded bundles kept for reads of their members ...
 _BUNDLES_BYTES = 8 << 20  # ... and their total size at most
 
 
-class Reads:
+class Reads(StoreState):
     """The reads of :class:`storage.store.MessageStore` (see the module's "How this works")."""
 
     @property
@@ -126,7 +127,7 @@ class Reads:
         return q.read(offset, max_count)
 
     def read_queue_records(
-        self, topic: str, queue_id: int, offset: int, max_count: int
+        self: MessageStore, topic: str, queue_id: int, offset: int, max_count: int
     ) -> list[tuple[int, Record]]:
         """Like :meth:`read_queue` with the records read (entries whose record is gone are skipped)."""
         q = self._queues.get((topic, queue_id))

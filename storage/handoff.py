@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .appending import _Batch
+from .state import StoreState
 from .writer import _pwrite_whole, _write_index
 
 if TYPE_CHECKING:
@@ -43,14 +44,14 @@ class _Handed:
 
     __slots__ = ("batch", "job", "plan")
 
-    def __init__(self, batch: _Batch, job: asyncio.Future[None], plan: list) -> None:
+    def __init__(self, batch: _Batch, job: asyncio.Future[int], plan: list) -> None:
         self.batch = batch
         self.job = job
         self.plan = plan
 
 
 
-class HandOff:
+class HandOff(StoreState):
     """The hand-off of :class:`storage.store.MessageStore` (see the module's "How this works")."""
 
     async def _hand_off(self: MessageStore, batch: _Batch, plan: list) -> None:

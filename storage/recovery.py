@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from .log import FLAG_BUNDLE, IndexTargetInfo, bundle_entries, decode_index_target, read_checked
 from .queue_index import ENTRY, QueueIndexFile, scan_index_dir
+from .state import StoreState
 
 if TYPE_CHECKING:
     from .store import MessageStore
@@ -41,7 +42,7 @@ SEGMENT_SIZE_KEY = "storage.segment_size"
 _entry_pack = ENTRY.pack
 
 
-class Recovery:
+class Recovery(StoreState):
     """Checkpoints and recovery of :class:`storage.store.MessageStore` (see the module's "How this works")."""
 
     def _load_and_recover(self: MessageStore, checkpoint: dict | None) -> None:
@@ -80,11 +81,11 @@ class Recovery:
         lg = self._log
         ck_pos = checkpoint.get("pos") if isinstance(checkpoint, dict) else None
         ck_queues: dict[tuple[str, int], int] = {}
-        if isinstance(ck_pos, int) and lg.start <= ck_pos <= lg.end:
+        if isinstance(checkpoint, dict) and isinstance(ck_pos, int) and lg.start <= ck_pos <= lg.end:
             ck_queues = {(t, q): e for t, q, e in checkpoint.get("queues", [])}
         else:
             ck_pos = lg.start
-        scanned: list[tuple[int, int, object]] = []
+        scanned: list[tuple[int, int, tuple[IndexTargetInfo, int]]] = []
         newest: dict[int, int] = {}
         for buf, off, _length, pos in lg.iter_from(ck_pos, strict=False):
             tgt = decode_index_target(buf, off)
@@ -113,26 +114,26 @@ class Recovery:
         for key, q in self._queues.items():
             q.truncate(min(q.end, max(q.start, ck_queues.get(key, q.start))))
         pending: dict[QueueIndexFile, list[tuple[int, bytes]]] = {}
-        for pos, size, (tgt, store_time) in scanned:  # type: ignore[misc]
-            key = (tgt.topic, tgt.queue_id)
-            q = self._queues.get(key)
-            if q is None:
-                q = self._queues[key] = QueueIndexFile.open(self._index_root, *key, self._files)
-            if tgt.queue_offset < q.end:
+        for pos, size, (info, store_time) in scanned:
+            key = (info.topic, info.queue_id)
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = QueueIndexFile.open(self._index_root, *key, self._files)
+            if info.queue_offset < queue.end:
                 continue
-            if tgt.queue_offset > q.end:
-                if q.end == q.start:
-                    q.start = tgt.queue_offset
+            if info.queue_offset > queue.end:
+                if queue.end == queue.start:
+                    queue.start = info.queue_offset
                 else:
-                    log.warning("storage: index gap in %s/%d before offset %d", *key, tgt.queue_offset)
+                    log.warning("storage: index gap in %s/%d before offset %d", *key, info.queue_offset)
             entry = _entry_pack(
-                pos if tgt.ref_pos < 0 else tgt.ref_pos,
-                size if tgt.ref_pos < 0 else tgt.ref_size,
-                tgt.tag_hash,
+                pos if info.ref_pos < 0 else info.ref_pos,
+                size if info.ref_pos < 0 else info.ref_size,
+                info.tag_hash,
                 store_time,
             )
-            pending.setdefault(q, []).append((tgt.queue_offset, entry))
-            q.end = q.next_offset = tgt.queue_offset + 1
+            pending.setdefault(queue, []).append((info.queue_offset, entry))
+            queue.end = queue.next_offset = info.queue_offset + 1
         for q, items in pending.items():
             if _consecutive(items):
                 q.write_entries(items[0][0], b"".join(e for _, e in items))

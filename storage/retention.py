@@ -18,6 +18,8 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .state import StoreState
+
 if TYPE_CHECKING:
     from .store import MessageStore
 
@@ -28,7 +30,7 @@ log = logging.getLogger("storage.store")
 RETENTION_INTERVAL = 60.0
 
 
-class Retention:
+class Retention(StoreState):
     """Retention of :class:`storage.store.MessageStore` (see the module's "How this works")."""
 
     def set_retention_guard(self: MessageStore, fn: Callable[[], int]) -> None:

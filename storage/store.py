@@ -32,17 +32,16 @@ from typing import Any
 
 import msgpack
 
-from .appending import Appending, StoreClosedError, _Batch, _Singles
+from .appending import Appending, StoreClosedError, _Batch
 from .cache import CACHE_BYTES as CACHE_BYTES
 from .cache import Reads
 from .fileio import REAL, FileIO
-from .handoff import HandOff, _Handed
+from .handoff import HandOff
 from .histogram import BATCH_RECORDS_BUCKETS, FSYNC_SECONDS_BUCKETS, Histogram
 from .lock import DataDirLock
-from .log import Segment, SegmentLog
+from .log import SegmentLog
 from .metadata import Metadata
-from .model import IndexTarget, Record
-from .queue_index import DEFAULT_OPEN_INDEXES, IndexFiles, QueueIndexFile
+from .queue_index import DEFAULT_OPEN_INDEXES, IndexFiles
 from .recovery import CHECKPOINT_KEY as CHECKPOINT_KEY
 from .recovery import CLEAN_MARKER as CLEAN_MARKER
 from .recovery import EPOCH_KEY, SEGMENT_SIZE_KEY, Recovery
@@ -78,10 +77,6 @@ class _Opener:
 class MessageStore(Appending, Writer, HandOff, Reads, Recovery, Retention):
     """A durable segmented log with per-queue indexes. Create with :meth:`open`."""
 
-    epoch: int
-    metadata: Metadata
-    stats: dict[str, int]
-
     def __init__(self) -> None:  # use MessageStore.open()
         # loop_disk_wait_ns: time the event loop spent waiting for the disk in writes and
         # fdatasyncs done on it (off the CPU, so the process's CPU time does not show it, and
@@ -96,41 +91,41 @@ class MessageStore(Appending, Writer, HandOff, Reads, Recovery, Retention):
         self.fsync_seconds = Histogram(FSYNC_SECONDS_BUCKETS)
         self.batch_records = Histogram(BATCH_RECORDS_BUCKETS)
         self._closed = True
-        self._failed: BaseException | None = None
-        self._guard: Callable[[], int] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._writer_task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Future[None] | None = None
-        self._queues: dict[tuple[str, int], QueueIndexFile] = {}
+        self._failed = None
+        self._guard = None
+        self._tasks = []
+        self._writer_task = None
+        self._wake = None
+        self._queues = {}
         self._io = REAL  # every file operation (see storage.fileio)
         self._files = IndexFiles(DEFAULT_OPEN_INDEXES)  # open index descriptors, bounded
-        self._inflight: _Batch | None = None
-        self._singles: _Singles | None = None
-        self._sealed: deque[_Batch] = deque()  # full batches, before the current one
-        self._handed: deque[_Handed] = deque()  # batches handed to the writer thread, oldest first
-        self._dirty_segs: set[Segment] = set()
+        self._inflight = None
+        self._singles = None
+        self._sealed = deque()  # full batches, before the current one
+        self._handed = deque()  # batches handed to the writer thread, oldest first
+        self._dirty_segs = set()
         self._close_lock = asyncio.Lock()
-        self._lock: DataDirLock | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._zero_executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._zero_job: asyncio.Future[None] | None = None
+        self._lock = None
+        self._executor = None
+        self._zero_executor = None
+        self._zero_job = None
         self._zero_from = 1 << 62  # global position where the running zero-fill starts
         self._prealloc = True
         self._last_checkpoint = -1
         # recent-record cache: chunk i covers [_rc_starts[i], _rc_ends[i]) with bytes and record starts
-        self._rc_starts: list[int] = []
-        self._rc_ends: list[int] = []
-        self._rc_chunks: list[tuple[bytes, list[int]]] = []
+        self._rc_starts = []
+        self._rc_ends = []
+        self._rc_chunks = []
         self._rc_head = 0
         self._rc_bytes = 0
         self._rc_lo = 1 << 62  # lowest cached position
         self._rc_limit = CACHE_BYTES
-        self._topic_bytes: dict[str, bytes] = {}
+        self._topic_bytes = {}
         # IndexTarget without ref_pos -> (target, queue file, topic bytes, tag, ref_pos,
         # ref_size, queue_id, topic length): what append() needs of it
-        self._targets: dict[IndexTarget, tuple] = {}
+        self._targets = {}
         self._packb = msgpack.Packer(use_bin_type=True).pack
-        self._bundles: dict[int, Record] = {}  # recently decoded bundles by position
+        self._bundles = {}  # recently decoded bundles by position
         self._bundles_bytes = 0
 
     @classmethod
@@ -255,6 +250,8 @@ class MessageStore(Appending, Writer, HandOff, Reads, Recovery, Retention):
                     await asyncio.to_thread(self._trim_active)
                     await asyncio.to_thread(self._write_marker)
             finally:
+                assert self._executor is not None and self._zero_executor is not None
+                assert self._lock is not None  # (all set by a successful open)
                 self._executor.shutdown(wait=True)
                 self._zero_executor.shutdown(wait=True)
                 await self.metadata.close()

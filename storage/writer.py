@@ -36,6 +36,7 @@ from .appending import StoreClosedError, _Batch
 from .fileio import FileIO
 from .log import Segment
 from .queue_index import ESIZE, QueueIndexFile
+from .state import StoreState
 
 if TYPE_CHECKING:
     from .store import MessageStore
@@ -84,7 +85,7 @@ def _write_index(qentries: dict[QueueIndexFile, list[Any]]) -> None:
 
 
 
-class Writer:
+class Writer(StoreState):
     """The writer of :class:`storage.store.MessageStore` (see the module's "How this works")."""
 
     async def _writer(self: MessageStore) -> None:
@@ -272,7 +273,7 @@ class Writer:
                 await asyncio.shield(job)
 
     def _write_batch(
-        self, plan: list, sync: bool, dirty: list[Segment], now_ms: int
+        self: MessageStore, plan: list, sync: bool, dirty: list[Segment], now_ms: int
     ) -> tuple[list[Segment], list[tuple[Segment, int]]]:
         """Write a batch's log bytes (creating the segments it starts) and with ``sync``
         fdatasync them and the ``dirty`` segments; its index entries are written apart."""
