@@ -167,3 +167,31 @@ async def test_console_search_trace_resend_and_commit(broker_factory, browser, t
         await page.click("nav a[data-page=clients]")
         await page.wait_for_selector("text=Connected clients (3)")
         assert not errors, errors
+
+
+async def test_console_login_and_a_read_only_user(tmp_path, broker_factory, browser):
+    from tests.security.helpers import add_users
+
+    data = tmp_path / "secured"
+    add_users(data, {"viewer": ("pw-view", [("read", "*", None)]),
+                     "pay": ("pw-pay", [("publish", "orders", "payments")])})
+    b = broker_factory("--tx-timeout", "10m", data_dir=data)
+    async with TransactionProducer(b.address, group="payments", listener=Undecided(), user="pay",
+                                   password="pw-pay") as tp:
+        half = await tp.send_in_transaction("orders", b"held", keys=["pay-9"])
+        page = await browser.new_page()
+        await page.goto(f"{b.http_url}/")
+        assert page.url.endswith("/console/login")
+        await page.fill("input[name=user]", "viewer")
+        await page.fill("input[name=password]", "wrong")
+        await page.click("button[type=submit]")
+        await page.wait_for_selector("#login-error:has-text('wrong password')")
+        await page.fill("input[name=password]", "pw-view")
+        await page.click("button[type=submit]")
+        await page.wait_for_selector("header .who:has-text('viewer (read only)')")
+        await page.click("nav a[data-page=transactions]")
+        await page.wait_for_selector(f"a:has-text('{half.msg_id}')")
+        assert await page.locator("button[data-commit]").count() == 0  # a read-only user cannot act
+        await _shot(page, tmp_path, "read-only")
+        await page.click("header .who button")  # log out
+        await page.wait_for_url("**/console/login")
