@@ -146,6 +146,12 @@ async def test_cli_trace_prints_a_timeline_and_json(broker_factory):
     assert as_json["msg_id"] == msg_id and as_json["events"][0]["event"] == "stored"
     missing = cli("trace", "000000000000000000000000")
     assert missing.returncode != 0 and "404" in missing.stderr
+    dead = cli("dlq", "g").stdout.splitlines()
+    assert dead[0].split()[:3] == ["msg_id", "topic", "keys"] and dead[2].split()[:3] == [msg_id, "t", "order-7"]
+    assert [m["msg_id"] for m in json.loads(cli("--json", "dlq", "g").stdout)["messages"]] == [msg_id]
+    assert cli("members", "g").stdout.strip() == "(no members)"  # the consumer has left
+    assert cli("clients").stdout.strip() == "(no clients connected)"
+    assert "404" in cli("members", "nobody").stderr
 
 
 async def test_pull_consumer_expiry_and_nack_are_traced(broker_factory):
