@@ -13,7 +13,9 @@ told apart. A worker talks to the harness over its stdin/stdout, one line each:
     worker → harness   R <json>              the result; the worker then exits
 
 The loops below are the same for every system: ``window`` coroutines each publish one
-message at a time (so at most ``window`` are unconfirmed), one 1 KiB body per message
+message at a time (so at most ``window`` are unconfirmed) -- or, with ``style: "users"``, as
+applications write it: one new task per send, at most ``window`` in flight, and the
+interpreter's default garbage-collector settings -- one 1 KiB body per message
 whose first 8 bytes are ``time.monotonic_ns()`` at publish (a system-wide clock on Linux,
 so a consumer in another process reads publish→receive latency off the body).
 
@@ -29,6 +31,7 @@ import argparse
 import asyncio
 import gc
 import importlib
+import inspect
 import json
 import random
 import struct
@@ -73,7 +76,8 @@ def _load_client(module: str, conn: dict[str, Any]) -> Any:
 
 
 async def _produce(client: Any, p: dict[str, Any]) -> dict[str, Any]:
-    mode = p.get("mode", "publish")  # publish | batch | tx
+    mode = p.get("mode", "publish")  # publish | batch | tx | tx-sqlite | fifo
+    users = p.get("style") == "users"  # one task per send, as applications write it
     window = int(p.get("window", 256))
     duration = float(p.get("duration", 3.0))
     warmup = float(p.get("warmup", 0.0))
@@ -88,7 +92,8 @@ async def _produce(client: Any, p: dict[str, Any]) -> dict[str, Any]:
         publish_batch = client.publish_batch
         per_call = batch
     else:
-        publish = {"tx": client.publish_tx, "fifo": getattr(client, "publish_fifo", None)}.get(mode, client.publish)
+        publish = {"tx": client.publish_tx, "tx-sqlite": getattr(client, "publish_tx", None),
+                   "fifo": getattr(client, "publish_fifo", None)}.get(mode, client.publish)
         per_call = 1
 
     start = now()
@@ -129,6 +134,40 @@ async def _produce(client: Any, p: dict[str, Any]) -> dict[str, Any]:
                 state["last"] = t1
                 lat.append(t1 - t0)
 
+    async def send_one(t0: int) -> None:
+        try:
+            await publish(pack(t0) + pad)
+        except Exception as exc:  # noqa: BLE001 - count, report the first one
+            state["errors"] += 1
+            if not first_err:
+                first_err.append(f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            slots.release()
+        t1 = now()
+        if t0 >= measure_from:
+            state["counted"] += 1
+            state["last"] = t1
+            lat.append(t1 - t0)
+
+    async def task_per_send() -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        while True:
+            i = state["issued"]
+            if count:
+                if i >= count:
+                    break
+            elif now() >= end:
+                break
+            await slots.acquire()
+            state["issued"] = i + 1
+            task = asyncio.create_task(send_one(now()))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(tasks)
+
+    slots = asyncio.Semaphore(window)
     reporter = None
     if p.get("progress"):
         async def report() -> None:
@@ -137,7 +176,10 @@ async def _produce(client: Any, p: dict[str, Any]) -> dict[str, Any]:
                 await asyncio.sleep(0.1)
 
         reporter = asyncio.ensure_future(report())
-    await asyncio.gather(*(loop_one() for _ in range(window)))
+    if users and per_call == 1:
+        await task_per_send()
+    else:
+        await asyncio.gather(*(loop_one() for _ in range(window)))
     if reporter is not None:
         reporter.cancel()
     issued_msgs = state["issued"] * per_call
@@ -168,8 +210,11 @@ async def _consume(client: Any, p: dict[str, Any]) -> dict[str, Any]:
         if n <= keep:
             lat.append(t - unpack(body)[0])
 
+    # (a peer's client has no "concurrency": its consumer hands messages on one at a time)
+    accepted = inspect.signature(client.open_consumer).parameters
+    options = {k: p[k] for k in ("mode", "concurrency") if k in p and k in accepted}
     await client.open_consumer(on_body, prefetch=int(p.get("prefetch", 256)),
-                               delay=float(p.get("delay", 0.0)), **({"mode": p["mode"]} if "mode" in p else {}))
+                               delay=float(p.get("delay", 0.0)), **options)
     _emit("READY")
     stop = asyncio.ensure_future(_read_line())
     reported = -1
@@ -193,7 +238,8 @@ async def _worker(args: argparse.Namespace) -> None:
             return
         result = await _consume(client, params)
     else:
-        await client.open_producer(**({"transactional": True} if params.get("mode") == "tx" else {}))
+        mode = params.get("mode")
+        await client.open_producer(**({"transactional": mode} if mode in ("tx", "tx-sqlite") else {}))
         _emit("READY")
         if await _read_line() != "GO":
             await client.close()
@@ -213,10 +259,12 @@ def worker_main(argv: list[str]) -> int:
     ap.add_argument("--conn", required=True)
     ap.add_argument("--params", default="{}")
     args = ap.parse_args(argv)
-    # every system's client runs in this same worker with the same settings: fewer young-
-    # generation collections, as a tuned production client would have
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    if json.loads(args.params).get("style") != "users":
+        # every system's client runs in this same worker with the same settings: fewer young-
+        # generation collections, as a tuned production client would have (the "users"
+        # scenarios keep the interpreter's defaults, as most applications do)
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
     try:
         import uvloop
 

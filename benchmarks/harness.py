@@ -41,7 +41,13 @@ __all__ = [
     "percentile", "fsync_rate", "machine_info",
 ]
 
-SCENARIOS = ("publish", "latency", "e2e", "tx", "batch", "fifo", "pull")
+SCENARIOS = ("publish", "latency", "e2e", "tx", "batch", "fifo", "pull",
+             "publish-users", "e2e-users", "pull-users", "tx-users")
+#: The scenarios written as applications write them (see USERS_CONSUMER and benchmarks/e2e.py).
+USERS_SCENARIOS = ("publish-users", "e2e-users", "pull-users", "tx-users")
+#: The consumer an application configures by the documentation: 64 listener calls at a
+#: time, 1,024 messages prefetched.
+USERS_CONSUMER = {"prefetch": 1024, "concurrency": 64}
 SYSTEMS = ("halfmq-sync", "halfmq-async", "halfmq-grpc", "halfmq-secure", "halfmq-trace", "halfmq-cluster",
            "rabbitmq", "nats", "redis")
 #: A process is called saturated when it used at least this share of its CPU capacity.
@@ -56,6 +62,13 @@ SCENARIO_TITLES = {
     "batch": "batch — send_batch of {batch} ({batch_window} batches in flight)",
     "fifo": "fifo — e2e with 1,000 message groups, a FIFO consumer group (one message per group at a time)",
     "pull": "pull — e2e with a SimpleConsumer: receive batches of 32, ack each batch in one request",
+    "publish-users": "publish-users — as applications write it: one task per send, {window} in flight, default GC",
+    "e2e-users": ("e2e-users — as applications write it: a task per send ({window} in flight); "
+                  "PushConsumer(concurrency=64, prefetch=1024) acking each message"),
+    "pull-users": ("pull-users — as applications write it: a task per send; SimpleConsumer receiving "
+                   "batches of 32 and acking each message with its own request"),
+    "tx-users": ("tx-users — as applications write it: a task per send_in_transaction whose local "
+                 "transaction inserts a row into SQLite (commit + fsync); PushConsumer(64, 1024)"),
 }
 
 
@@ -522,9 +535,11 @@ async def run_cell(server: Any, scenario: str, cell: str, s: Settings) -> dict[s
     workdir = s.workdir or tempfile.gettempdir()
     conn = await server.start_cell(cell, workdir)
     try:
-        if scenario in ("publish", "latency", "batch"):
+        if scenario in ("publish", "latency", "batch", "publish-users"):
             if scenario == "publish":
                 params = _producer_params(s)
+            elif scenario == "publish-users":
+                params = _producer_params(s, style="users")
             elif scenario == "latency":
                 params = _producer_params(s, window=1)
             else:
@@ -540,6 +555,15 @@ async def run_cell(server: Any, scenario: str, cell: str, s: Settings) -> dict[s
             mode = {"e2e": "publish", "fifo": "fifo", "pull": "publish"}[scenario]
             consumer = _consumer_params(s) if scenario == "e2e" else _consumer_params(s, mode=scenario)
             flow = await run_flow(server, conn, [_producer_params(s, mode=mode, warmup=0.0)],
+                                  [consumer], drain_timeout=s.drain_timeout)
+            out = _e2e_numbers(flow)
+            out.update(_cell_metrics(flow, server))
+            return out
+        if scenario in ("e2e-users", "pull-users", "tx-users"):
+            mode = {"e2e-users": "publish", "pull-users": "publish", "tx-users": "tx-sqlite"}[scenario]
+            consumer = (_consumer_params(s, style="users", mode="pull-each") if scenario == "pull-users"
+                        else _consumer_params(s, style="users", **USERS_CONSUMER))
+            flow = await run_flow(server, conn, [_producer_params(s, mode=mode, warmup=0.0, style="users")],
                                   [consumer], drain_timeout=s.drain_timeout)
             out = _e2e_numbers(flow)
             out.update(_cell_metrics(flow, server))
@@ -766,7 +790,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     f"{_fmt_ms(r.get('p999'))} | {_fmt_range(r.get('p50_min'), r.get('p50_max'), _fmt_ms)} | "
                     f"{_fmt_rate(r.get('rate'))} | {cpu.get('server', 0):.0f} | "
                     f"{cpu.get('producer', 0):.0f} | {_mach(cpu)} | {r['saturated']} |")
-        elif scenario in ("e2e", "tx", "fifo", "pull"):
+        elif scenario in ("e2e", "tx", "fifo", "pull", "e2e-users", "pull-users", "tx-users"):
             extra = " p50 @½ rate ms | p99 @½ rate ms |" if scenario == "tx" else ""
             extra_sep = "---:|---:|" if scenario == "tx" else ""
             lines += ["| system | durability | msgs/s | min–max | produce msgs/s | consume msgs/s | "

@@ -83,7 +83,7 @@ class Server:
     #: The system's durability setting, printed beside its numbers.
     durability = ""
     #: Scenarios this system can run.
-    scenarios: frozenset[str] = frozenset({"publish", "latency", "e2e", "batch"})
+    scenarios: frozenset[str] = frozenset({"publish", "latency", "e2e", "batch", "publish-users", "e2e-users"})
     #: The module that holds the matching ``Client`` (``benchmarks.systems.<module>``).
     client_module = ""
     #: CPU capacity of the server process(es), in % of one core (a Python process: 100).

@@ -151,7 +151,8 @@ def topic_name(cell: str) -> str:
 
 
 class Server(BaseServer):
-    scenarios = frozenset({"publish", "latency", "e2e", "batch", "tx", "fifo", "pull"})
+    scenarios = frozenset({"publish", "latency", "e2e", "batch", "tx", "fifo", "pull",
+                           "publish-users", "e2e-users", "pull-users", "tx-users"})
     client_module = "halfmq"
 
     def __init__(self, flush: str = "sync", *, profile_dir: str | None = None,
@@ -247,6 +248,43 @@ class _NoopTransaction:
         return LocalTransactionState.COMMIT
 
 
+class _SqliteTransaction:
+    """A local transaction as applications write it: a plain ``def`` (the SDK runs it in a
+    worker thread) that inserts one row into an SQLite database and commits (an fsync per
+    commit, SQLite's defaults), then commits the half message; the check-back looks the row up."""
+
+    def __init__(self, path: str) -> None:
+        import sqlite3
+        import threading
+
+        self.path = path
+        self.local = threading.local()
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE IF NOT EXISTS transfers (msg_id TEXT PRIMARY KEY, body_len INTEGER)")
+
+    def _db(self) -> Any:
+        import sqlite3
+
+        db = getattr(self.local, "db", None)
+        if db is None:
+            db = self.local.db = sqlite3.connect(self.path, timeout=30.0)
+        return db
+
+    def execute_local_transaction(self, message: Any, arg: Any) -> Any:
+        from producer_sdk import LocalTransactionState
+
+        db = self._db()
+        with db:
+            db.execute("INSERT INTO transfers VALUES (?, ?)", (message.msg_id, len(message.body)))
+        return LocalTransactionState.COMMIT
+
+    def check_local_transaction(self, message: Any) -> Any:
+        from producer_sdk import LocalTransactionState
+
+        row = self._db().execute("SELECT 1 FROM transfers WHERE msg_id = ?", (message.msg_id,)).fetchone()
+        return LocalTransactionState.COMMIT if row else LocalTransactionState.ROLLBACK
+
+
 class Client(BaseClient):
     def __init__(self, conn: dict[str, Any]) -> None:
         super().__init__(conn)
@@ -261,10 +299,20 @@ class Client(BaseClient):
         self.producer: Any = None
         self.consumer: Any = None
 
-    async def open_producer(self, *, transactional: bool = False) -> None:
+    async def open_producer(self, *, transactional: bool | str = False) -> None:
+        """A producer; ``transactional`` True or "tx": a no-op local transaction; "tx-sqlite":
+        one that writes a row to an SQLite database (see ``_SqliteTransaction``)."""
         from producer_sdk import Producer, TransactionListener, TransactionProducer
 
-        if transactional:
+        if transactional == "tx-sqlite":
+            class Sqlite(_SqliteTransaction, TransactionListener):
+                pass
+
+            self._sqlite_dir = tempfile.TemporaryDirectory(prefix="halfmq-bench-sqlite-")
+            self.producer = TransactionProducer(
+                self.address, group="bench_tx_producer", send_timeout=30.0, **self.login,
+                listener=Sqlite(os.path.join(self._sqlite_dir.name, "bank.sqlite")))
+        elif transactional:
             class Noop(_NoopTransaction, TransactionListener):
                 pass
 
@@ -291,11 +339,14 @@ class Client(BaseClient):
         await self._send(self._topic, body, message_group=FIFO_GROUPS[n % len(FIFO_GROUPS)])
 
     async def open_consumer(self, on_body: OnBody, *, prefetch: int, delay: float = 0.0,
-                            mode: str = "push") -> None:
+                            mode: str = "push", concurrency: int | None = None) -> None:
+        """A PushConsumer (``mode`` "push" or "fifo"; ``concurrency`` listener calls at a
+        time, default 32) or a SimpleConsumer loop ("pull": ack each batch of 32 in one
+        request; "pull-each": ack each message on its own, as a first program does)."""
         from consumer_sdk import ConsumeResult, PushConsumer
 
-        if mode == "pull":
-            await self._open_puller(on_body)
+        if mode in ("pull", "pull-each"):
+            await self._open_puller(on_body, each=mode == "pull-each")
             return
         success = ConsumeResult.SUCCESS
         if delay > 0:
@@ -303,20 +354,21 @@ class Client(BaseClient):
                 await asyncio.sleep(delay)
                 on_body(message.body)
                 return success
-            concurrency = 1
+            workers = 1
         else:
             async def listener(message: Any) -> Any:
                 on_body(message.body)
                 return success
-            concurrency = 32
+            workers = concurrency or 32
         self.consumer = PushConsumer(self.address, group="bench_fifo" if mode == "fifo" else "bench_consumer",
                                      topic=self.topic, listener=listener, prefetch=prefetch,
-                                     concurrency=concurrency, close_grace=2.0, fifo=mode == "fifo",
+                                     concurrency=workers, close_grace=2.0, fifo=mode == "fifo",
                                      **self.login)
         await self.consumer.start()
 
-    async def _open_puller(self, on_body: OnBody) -> None:
-        """A SimpleConsumer loop: receive up to 32, hand each body on, ack the batch at once."""
+    async def _open_puller(self, on_body: OnBody, *, each: bool = False) -> None:
+        """A SimpleConsumer loop: receive up to 32, hand each body on, ack the batch at once
+        (``each``: ack every message with its own request, awaited in turn)."""
         from consumer_sdk import SimpleConsumer
 
         self.puller = SimpleConsumer(self.address, group="bench_pull", topic=self.topic, wait=1.0, **self.login)
@@ -327,7 +379,9 @@ class Client(BaseClient):
                 got = await self.puller.receive(max_messages=32)
                 for m in got:
                     on_body(m.body)
-                if got:
+                    if each:
+                        await self.puller.ack(m)
+                if got and not each:
                     await self.puller.ack_many(got)
 
         self.pull_task = asyncio.ensure_future(loop())
@@ -342,3 +396,5 @@ class Client(BaseClient):
             await self.consumer.close()
         if self.producer is not None:
             await self.producer.close()
+        if getattr(self, "_sqlite_dir", None) is not None:
+            self._sqlite_dir.cleanup()

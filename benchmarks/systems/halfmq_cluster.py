@@ -24,7 +24,7 @@ __all__ = ["Server"]
 class Server(BaseServer):
     name = "halfmq-cluster"
     durability = "3 replicas on nats-server (sync_interval: always); ack after a quorum fsynced"
-    scenarios = frozenset({"publish", "latency", "e2e", "batch", "tx"})
+    scenarios = frozenset({"publish", "latency", "e2e", "batch", "tx", "publish-users", "e2e-users"})
     client_module = "halfmq"
 
     def __init__(self) -> None:

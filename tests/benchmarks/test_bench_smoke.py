@@ -82,3 +82,27 @@ def test_scheduled_benchmark_writes_its_report(tmp_path: Path) -> None:
     assert res["scheduled"]["received"] == res["plain"]["received"] == 250
     assert res["scheduled"]["early"] == 0 and res["scheduled"]["p50"] >= 0
     assert "scheduled" in (tmp_path / "scheduled-latest.txt").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("psutil") is None,
+                    reason="the harness samples CPU with psutil (pip install psutil)")
+def test_bench_users_scenarios_deliver_every_message(tmp_path: Path) -> None:
+    """The scenarios written as applications write them (a task per send, PushConsumer with
+    concurrency 64, SimpleConsumer acking each message, a local transaction writing to SQLite)
+    each send and deliver exactly the messages they count."""
+    out = tmp_path / "results"
+    scenarios = ["publish-users", "e2e-users", "pull-users", "tx-users"]
+    cmd = [sys.executable, "-m", "benchmarks", "--systems", "halfmq-sync", "--scenarios", ",".join(scenarios),
+           "--rounds", "1", "--count", "300", "--warmup", "0", "--window", "32", "--out-dir", str(out),
+           "--workdir", str(tmp_path), "--quiet"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "latest.json").read_text())
+    assert not report["errors"], report["errors"]
+    cells = {c["scenario"]: c["result"] for c in report["cells"]}
+    assert cells["publish-users"]["count"] == 300 and cells["publish-users"]["errors"] == 0
+    for scenario in scenarios[1:]:
+        r = cells[scenario]
+        assert (r["sent"], r["received"], r["errors"]) == (300, 300, 0), (scenario, r)
+    md = (out / "latest.md").read_text()
+    assert "as applications write it" in md
