@@ -107,8 +107,6 @@ async def test_malformed_options_get_a_clear_error(broker):
     assert topic_view(broker.http_url, "raw")["messages"] == 1
 
 
-@pytest.mark.embedded_only("the JetStream engine's message view has no 'schedule' field yet "
-                            "(recall itself: tests/cluster/test_scheduling.py)")
 async def test_recall_cancels_a_scheduled_message(broker):
     rec = Arrivals()
     async with Producer(broker.address) as p:
@@ -134,8 +132,6 @@ async def test_recall_cancels_a_scheduled_message(broker):
     assert status == 200 and view["schedule"]["state"] == "recalled"
 
 
-@pytest.mark.embedded_only("the JetStream engine's topic view has no 'next_due' and its message "
-                            "view no 'schedule' field yet")
 async def test_admin_api_shows_and_recalls_scheduled_messages(broker):
     async with Producer(broker.address) as p:
         far = [await p.send("adm", f"m{k}", delay=300 + k) for k in range(5)]

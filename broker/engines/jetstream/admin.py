@@ -16,7 +16,7 @@ decisions). The actions go through the data plane's paths (``ledger.end``,
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.core.records import wire_json
 from broker.engines.jetstream import naming
@@ -28,10 +28,17 @@ from protocol import DLQ_PREFIX, validate_name
 __all__ = ["JetStreamAdmin"]
 
 SCAN_LIMIT = 10_000
+#: Pending schedules read at most per topic for its ``next_due``.
+NEXT_DUE_BUDGET = 1_000
 
 
 class JetStreamAdmin(EngineParts):
     """The admin part of :class:`JetStreamEngine` (see the module docstring)."""
+
+    if TYPE_CHECKING:  # provided by ``scheduling``
+        async def _pending_schedules(self, ts: Any, budget: int) -> tuple[int, list[tuple[int, int]]]: ...
+
+        async def _schedule_state(self, ts: Any, seq: int, due: int) -> dict[str, Any]: ...
 
     async def admin_stats(self) -> dict[str, Any]:
         """Messages sent through this gateway, and the engine's account usage."""
@@ -54,6 +61,8 @@ class JetStreamAdmin(EngineParts):
                 if subject.startswith(f"hmq.{topic}.s."):  # a pending schedule (``scheduling``)
                     scheduled += 1
                     continue
+                if subject.startswith(f"hmq.{topic}.x."):  # a recall marker
+                    continue
                 kind, _g, queue, _t = naming.parse_topic_subject(subject)
                 if kind == "h":
                     halves += n
@@ -61,8 +70,12 @@ class JetStreamAdmin(EngineParts):
                     per_queue[queue] = per_queue.get(queue, 0) + n
             queues = [{"queue_id": q, "messages": per_queue.get(q, 0)}
                       for q in range(max(self.config.default_queues, max(per_queue, default=-1) + 1))]
-            out.append({"topic": topic, "queues": queues, "messages": sum(per_queue.values()),
-                        "half_messages": halves, "scheduled": scheduled})
+            row = {"topic": topic, "queues": queues, "messages": sum(per_queue.values()),
+                   "half_messages": halves, "scheduled": scheduled}
+            if scheduled:
+                _n, pending = await self._pending_schedules(await self.streams.ensure_topic(topic), NEXT_DUE_BUDGET)
+                row["next_due"] = min(due for due, _seq in pending) if pending else None
+            out.append(row)
         for subject, n in sorted((await self._subject_counts(naming.DLQ_STREAM, "hmqs.dlq.>")).items()):
             out.append({"topic": DLQ_PREFIX + subject.split(".", 2)[2],
                         "queues": [{"queue_id": 0, "messages": n}], "messages": n})
@@ -100,9 +113,13 @@ class JetStreamAdmin(EngineParts):
             return None
         ts, seq, queue, rec, stored_ms = found
         half = rec.kind is Kind.HALF
+        due = rec.ext.get("at") if rec.kind is Kind.MESSAGE else None  # a parked scheduled message
         body = wire_json([msg_id, ts.topic, rec.body, rec.tags, rec.keys, rec.properties, rec.born_ms,
-                          stored_ms, queue, -1 if half else seq, 0])
+                          stored_ms, queue, -1 if half or due is not None else seq, 0])
         visible: int | None = seq
+        if due is not None:
+            body["schedule"] = await self._schedule_state(ts, seq, int(due))
+            visible = await self._pointer_seq(ts, seq) if body["schedule"]["state"] == "released" else None
         if half:
             code = await self.ledger.decision(msg_id)
             count, _ = await self.ledger.checks(msg_id)

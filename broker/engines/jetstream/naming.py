@@ -10,6 +10,7 @@ stream names and subject tokens). Its subjects::
     hmq.<T>.r.<group>.<queue>        DLQ messages sent back to one group only
     hmq.<T>.p.<queue>                scheduled messages, parked until due (invisible)
     hmq.<T>.s.<seq>                  the engine schedule of parked message / half <seq>
+    hmq.<T>.x.<seq>                  parked message <seq> was recalled (an empty marker)
 
 Shared streams: ``HMQ_TX`` (``hmqs.tx.d.<msg_id>`` the one decision of a transaction,
 ``hmqs.tx.c.<msg_id>`` its check count), ``HMQ_DLQ`` (``hmqs.dlq.<group>``), and
@@ -59,6 +60,7 @@ __all__ = [
     "parked_subject",
     "parse_topic_subject",
     "resend_subject",
+    "recall_subject",
     "schedule_subject",
     "settings_subject",
     "stream_id_prefix",
@@ -158,6 +160,11 @@ def parked_subject(topic: str, queue: int) -> str:
 def schedule_subject(topic: str, seq: int) -> str:
     """Subject holding the engine schedule that makes record ``seq`` visible when due."""
     return f"hmq.{topic}.s.{seq}"
+
+
+def recall_subject(topic: str, seq: int) -> str:
+    """Subject of the marker saying that parked message ``seq`` was recalled."""
+    return f"hmq.{topic}.x.{seq}"
 
 
 def resend_subject(topic: str, group: str, queue: int) -> str:

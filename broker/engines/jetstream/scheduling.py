@@ -22,7 +22,8 @@ to the target at that time and then removes the schedule message).
 - **RECALL**: the message id names ``S``; the schedule on ``hmq.<T>.s.<S>`` is deleted
   (``STREAM.MSG.DELETE``), which the stream leader orders with the scheduler's own
   publish-and-remove: either the delete wins (recalled, never delivered) or the schedule
-  fired first (the delete finds nothing: "already due").
+  fired first (the delete finds nothing: "already due"). An empty marker on
+  ``hmq.<T>.x.<S>`` then records the recall (for a repeat and the admin view).
 
 Why the engine's scheduler and not a schedule stream with a due-time consumer of our
 own: the scheduler is replicated with the stream (it is rebuilt from the stored
@@ -46,6 +47,7 @@ from broker.engines.jetstream import naming
 from broker.engines.jetstream.client import EngineAPIError, PubAck
 from broker.engines.jetstream.parts import EngineParts
 from broker.engines.jetstream.records import Kind, decode_record, encode_pointer
+from broker.engines.jetstream.streams import TopicStream
 from protocol.errors import BadRequestError, HalfMQError, MessageStateError
 
 __all__ = ["JetStreamScheduling", "at_header", "schedule_item"]
@@ -161,13 +163,41 @@ class JetStreamScheduling(EngineParts):
                                      "it cannot be recalled")
         sched = await self.client.get_last(stream.name, naming.schedule_subject(stream.topic, seq))
         if sched is None:
-            if due <= int(time.time() * 1000):
-                raise too_late
-            return  # recalled before
+            if await self._recalled(stream.name, stream.topic, seq) or due > int(time.time() * 1000):
+                return  # recalled before
+            raise too_late
         try:
             await self.client.api(f"STREAM.MSG.DELETE.{stream.name}", {"seq": sched.seq, "no_erase": True})
         except EngineAPIError:  # the scheduler published it and removed the schedule first
             raise too_late from None
+        await self.client.publish(naming.recall_subject(stream.topic, seq), b"",
+                                  msg_id=f"x:{stream.topic}:{seq}")
+
+    async def _recalled(self, stream: str, topic: str, seq: int) -> bool:
+        return await self.client.get_last(stream, naming.recall_subject(topic, seq)) is not None
+
+    async def _schedule_state(self, ts: TopicStream, seq: int, due: int) -> dict[str, Any]:
+        """``{"deliver_at", "state"}`` of parked message ``seq``: scheduled, released or recalled."""
+        if await self.client.get_last(ts.name, naming.schedule_subject(ts.topic, seq)) is not None:
+            state = "scheduled"
+        elif await self._recalled(ts.name, ts.topic, seq):
+            state = "recalled"
+        else:
+            state = "released" if due <= int(time.time() * 1000) else "scheduled"
+        return {"deliver_at": due, "state": state}
+
+    async def _pending_schedules(self, ts: TopicStream, budget: int) -> tuple[int, list[tuple[int, int]]]:
+        """How many schedules of ``ts`` are pending, and ``(due, seq)`` of up to ``budget`` of them."""
+        info = await self.client.api(f"STREAM.INFO.{ts.name}", {"subjects_filter": f"hmq.{ts.topic}.s.*"})
+        subjects = list(info["state"].get("subjects") or {})
+        found = []
+        for subject in subjects[:max(0, budget)]:
+            last = await self.client.get_last(ts.name, subject)
+            if last is not None:
+                rec = decode_record(last.data)
+                if rec.due_ms is not None:
+                    found.append((rec.due_ms, rec.half_seq))
+        return len(subjects), found
 
     # -- admin view ---------------------------------------------------------------------
 
@@ -183,17 +213,11 @@ class JetStreamScheduling(EngineParts):
             ts = await self.streams.ensure_topic_if_exists(t)
             if ts is None:
                 continue
-            info = await self.client.api(f"STREAM.INFO.{ts.name}", {"subjects_filter": f"hmq.{t}.s.*"})
-            subjects = list(info["state"].get("subjects") or {})
-            if subjects:
-                counts[t] = len(subjects)
-            for subject in subjects[:max(0, budget)]:
-                last = await self.client.get_last(ts.name, subject)
-                if last is not None:
-                    rec = decode_record(last.data)
-                    if rec.due_ms is not None:
-                        found.append((rec.due_ms, t, rec.half_seq))
-            budget -= len(subjects)
+            n, pending = await self._pending_schedules(ts, budget)
+            if n:
+                counts[t] = n
+            found += [(due, t, seq) for due, seq in pending]
+            budget -= n
         found.sort()
         upcoming = []
         for due, t, seq in found[:limit]:
