@@ -3,7 +3,8 @@
 How this works: :class:`MessageStore` owns a data directory (locked with ``LOCK``): log
 segments in ``log/`` (see :mod:`storage.log`), queue indexes in ``index/`` (see
 :mod:`storage.queue_index`) and ``meta.sqlite`` (see :mod:`storage.metadata`). Appends are
-group-committed by one writer task (see :mod:`storage.store`).
+group-committed by one writer task (see :mod:`storage.store` and the parts it lists);
+every file operation goes through :mod:`storage.fileio`.
 """
 
 from .lock import DataDirLockedError
