@@ -8,8 +8,9 @@ to — the mark is stored before the first half is) the gateway runs a loop on t
 consumer, which hands each half message to one gateway at a time (its ack wait, 10 s,
 extended while a producer takes longer to answer). For each half it gets:
 
-1. a decision is recorded → for COMMIT make sure of the pointer (idempotent), ack: done;
-2. younger than ``--tx-timeout`` (engine clock) → NAK with the rest of that time;
+1. younger than ``--tx-timeout`` (engine clock) → NAK with the rest of that time (the
+   decision is not read: most transactions are decided by then, and it saves a read each);
+2. a decision is recorded → for COMMIT make sure of the pointer (idempotent), ack: done;
 3. ``--tx-check-max`` checks counted → decision ABANDONED (WARNING logged), ack;
 4. otherwise ask a producer (``checkback``: its instance, then its group):
    COMMIT/ROLLBACK → recorded as END_TX would; reached without an outcome → count the
@@ -102,15 +103,15 @@ class JetStreamTxCheck(EngineParts):
         cfg = self.config
         rec = d.record
         msg_id = naming.encode_msg_id(handle.prefix, d.stream_seq)
+        age = time.time() - d.time_ms / 1000.0
+        if age < cfg.tx_timeout:  # not due: back later (decided meanwhile or not: one read saved)
+            await d.retry(cfg.tx_timeout - age)
+            return
         code = await self.ledger.decision(msg_id)
         if code is not None:
             if code == "C":
                 await self.ledger.publish_pointer(await self._half_record(handle, d, msg_id))
             await d.msg.ack()
-            return
-        age = time.time() - d.time_ms / 1000.0
-        if age < cfg.tx_timeout:
-            await d.retry(cfg.tx_timeout - age)
             return
         count, _seq = await self.ledger.checks(msg_id)
         if count < cfg.tx_check_max:
