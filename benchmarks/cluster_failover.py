@@ -13,10 +13,11 @@ after ``--settle`` seconds of steady traffic:
 2. ``kill -9`` of gateway A, which both clients are connected to.
 
 For each fault: the *pause* is the longest time without any acknowledged send from the
-kill on, and *resumed* the time from the kill to the first acknowledgement of a send
-started after it. At the end the producer stops, and every acknowledged body must reach
-the consumer (deliveries leased by the dead gateway come back after ``--ack-timeout``):
-*lost* counts those that never do. Prints a Markdown table (and ``--json``).
+kill on (the kill itself counts as the start of a gap), and *resumed* the time from the
+kill to the first acknowledgement after it. At the end the producer stops, and every
+acknowledged body must reach the consumer (deliveries leased by the dead gateway come
+back after ``--ack-timeout``): *lost* counts those that never do. Prints a Markdown
+table (or ``--json``).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"acknowledged {result['acknowledged']:,}, consumed {result['consumed_distinct']:,}, "
               f"lost {result['lost']}, unacknowledged sends {result['send_errors']}")
-        print("\n| fault | longest pause without an ack (s) | first ack of a later send (s) |\n|---|---:|---:|")
+        print("\n| fault | longest pause without an ack (s) | first ack after the kill (s) |\n|---|---:|---:|")
         for f in result["faults"]:
             print(f"| {f['fault']} | {f['pause_s']} | {f['resumed_s']} |")
     return 1 if result["lost"] else 0
