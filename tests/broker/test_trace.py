@@ -182,3 +182,16 @@ async def test_pull_consumer_expiry_and_nack_are_traced(broker_factory):
                      "acked"], kinds
     assert [e["after"] for e in events(trace, "retry")] == ["lease ended", "lease ended"]
     assert [e["attempt"] for e in events(trace, "delivered")] == [1, 2, 3]
+
+
+def test_trace_events_are_written_in_bounded_records():
+    from types import SimpleNamespace
+
+    from broker.core.records import RT_TRACE, TRACE_TOPIC
+    from broker.engines.embedded.tracing import EmbeddedTracing
+
+    engine = SimpleNamespace(_trace_buf=[["o", f"id{i}", "g", "acked", i] for i in range(5000)])
+    records = EmbeddedTracing._trace_records(engine)  # type: ignore[arg-type]
+    assert [len(r.header["e"]) for r in records] == [2048, 2048, 904] and engine._trace_buf == []
+    assert all(r.rtype == RT_TRACE and r.index.topic == TRACE_TOPIC for r in records)
+    assert [e for r in records for e in r.header["e"]][4999][1] == "id4999"

@@ -182,7 +182,7 @@ class EmbeddedSending:
             self._send_records.extend(self._ack_records())  # last: the sends' row numbers stay
         trace = self.trace  # --trace (see .tracing): the one check of this batch
         if trace and self._trace_buf:  # the events of this iteration ride along
-            self._send_records.append(self._trace_record())
+            self._send_records.extend(self._trace_records())
         records, entries = self._send_records, self._send_entries
         if not records:
             if not entries:

@@ -16,11 +16,11 @@ What the log does not hold is who sent a plain message and each delivery attempt
 ``--trace`` (off by default, as in RocketMQ) the engine collects them as compact events:
 ``["s", client_id, address, [pos, ...]]`` per SEND, ``["d", msg_id, group, client_id,
 address, attempt, ms]`` per delivery, ``["o", msg_id, group, outcome, ms]`` per ack,
-failure, expiry or settle. They go into ``_trace_buf`` and ride in the next append as one
-``RT_TRACE`` record indexed in ``%TRACE%`` (one record per loop iteration, no append of
-their own; the 50 ms tick writes leftovers). With tracing off each hook is one boolean
-check per batch (a SEND flush, a dispatch of a group, an ACK or SETTLE request, an expiry
-sweep), nothing per message. Events still in the buffer when the broker stops are lost:
+failure, expiry or settle. They go into ``_trace_buf`` and ride in the next append as
+``RT_TRACE`` records indexed in ``%TRACE%`` (one per loop iteration, or one per 2,048
+events; no append of their own; the 50 ms tick writes leftovers). With tracing off each
+hook is one boolean check per batch (a SEND flush, a dispatch of a group, an ACK or SETTLE
+request, an expiry sweep), nothing per message. Events still in the buffer when the broker stops are lost:
 a trace is a diagnosis aid, not part of the delivery guarantee.
 """
 
@@ -58,6 +58,9 @@ __all__ = ["EmbeddedTracing"]
 #: Entries read at most per queue when looking for one message's records.
 _SCAN_CAP = 20_000
 
+#: Events per ``RT_TRACE`` record, at most (~100 bytes each).
+_EVENTS_PER_RECORD = 2048
+
 #: Order of events in the same millisecond.
 _ORDER = {"stored": 0, "scheduled": 1, "committed": 2, "rolled_back": 2, "abandoned": 2, "released": 3,
           "delivered": 4, "acked": 5, "failed": 5, "expired": 5, "retry": 6, "dead_lettered": 6, "resent": 7}
@@ -68,14 +71,14 @@ class EmbeddedTracing:
 
     # -- hooks (each called behind one ``if self.trace``) --------------------------------
 
-    def _trace_emit(self: EmbeddedEngine, events: list[list[Any]]) -> None:
-        self._trace_buf.extend(events)
-
-    def _trace_record(self: EmbeddedEngine) -> NewRecord:
-        """The buffered events as one record (the caller appends it with its batch)."""
+    def _trace_records(self: EmbeddedEngine) -> list[NewRecord]:
+        """The buffered events as records of at most ``_EVENTS_PER_RECORD`` events each (so
+        a record stays small whatever a loop iteration delivered); the caller appends them
+        with its batch."""
         buf = self._trace_buf
         self._trace_buf = []  # type: ignore[var-annotated]
-        return NewRecord(RT_TRACE, {"e": buf}, b"", IndexTarget(TRACE_TOPIC, 0))
+        return [NewRecord(RT_TRACE, {"e": buf[i : i + _EVENTS_PER_RECORD]}, b"", IndexTarget(TRACE_TOPIC, 0))
+                for i in range(0, len(buf), _EVENTS_PER_RECORD)]
 
     def _trace_sent(self: EmbeddedEngine, entries: list[tuple[Any, ...]], stored: list[Any]) -> None:
         """Who sent the messages of one append: client id, address, record positions."""
