@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from broker.engines.base import Session, Subscription
 from broker.engines.jetstream.groups import ConsumerHandle, Delivery, GroupSpec
 from broker.engines.jetstream.parts import EngineParts
+from broker.engines.jetstream.records import Kind
 from protocol.errors import BadRequestError
 
 __all__ = ["JetStreamDelivering"]
@@ -208,6 +209,12 @@ class JetStreamDelivering(EngineParts):
                     await pump.wake.wait()
                     continue
                 fetched = await handle.fetch(min(room, _FETCH_MAX), timeout=_FETCH_WAIT)
+                # pointers (commits, due schedules) each need a read of their body: read those
+                # of one fetch side by side, not one round trip after the other
+                pointers = [d for d in fetched if d.record.kind is Kind.POINTER
+                            and d.attempt <= pump.spec.max_reconsume_times]
+                read = dict(zip(map(id, pointers), await asyncio.gather(*(d.resolve() for d in pointers)),
+                                strict=True)) if len(pointers) > 1 else {}
                 for d in fetched:
                     if d.attempt > pump.spec.max_reconsume_times:  # lease expired past the limit
                         wire = await d.resolve()
@@ -216,7 +223,7 @@ class JetStreamDelivering(EngineParts):
                         else:
                             await d.terminate()
                         continue
-                    wire = await d.resolve()
+                    wire = read[id(d)] if id(d) in read else await d.resolve()
                     if wire is None:  # a pointer whose half is gone (retention)
                         await d.terminate()
                         continue
