@@ -22,7 +22,10 @@ pytestmark = pytest.mark.timeout(180)
 
 async def test_kill9_with_schedules_fifo_retry_and_leases_outstanding(cluster_factory, engine_factory, unique):
     cluster = await asyncio.to_thread(cluster_factory, 3)
-    engine = await engine_factory(cluster=cluster, retry_delays=(2.0,), ack_timeout=5.0)
+    # the engine's ack wait must outlast the fail-over (up to ~10 s on a busy machine): the
+    # gateway's in-progress signals for the lease cannot reach a stream without a leader, and a
+    # lease outlives an ack wait that ran out only as a stale handle (README: cluster mode)
+    engine = await engine_factory(cluster=cluster, retry_delays=(2.0,), ack_timeout=20.0)
     p = RecordingSession(role="producer")
     fifo_topic, pull_topic, sched_topic = f"f{unique}", f"p{unique}", f"s{unique}"
     # a FIFO group whose first message failed and waits for its retry
