@@ -279,7 +279,6 @@ def worker_main(argv: list[str]) -> int:
 
 def e2e_main(argv: list[str]) -> int:
     """The halfmq end-to-end scenario; see ``--help``."""
-    from benchmarks import harness
 
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks.e2e",
@@ -301,7 +300,9 @@ def e2e_main(argv: list[str]) -> int:
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     flushes = ("sync", "async") if args.flush == "both" else (args.flush,)
-    return harness.run_e2e_steps(
+    from benchmarks.e2e_steps import run_e2e_steps  # (the harness imports this module's workers)
+
+    return run_e2e_steps(
         flushes=flushes, producers=args.producers, consumers=args.consumers, window=args.window,
         duration=args.duration, backlog=args.backlog, slow_delay=args.slow_consumer_delay,
         workdir=args.workdir, json_out=args.json, out_dir=args.out_dir)

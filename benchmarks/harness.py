@@ -28,16 +28,26 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from benchmarks.report import (
+    _fmt_ms,
+    _fmt_rate,
+    _median_minmax,
+    _saturation,
+    goals,
+    render_chart,
+    render_markdown,
+    summarize,
+)
+
 __all__ = [
-    "SCENARIOS", "SYSTEMS", "Settings", "make_server", "run_comparison", "run_e2e_steps",
+    "SCENARIOS", "SYSTEMS", "Settings", "make_server", "run_comparison",
     "percentile", "fsync_rate", "machine_info",
 ]
 
@@ -50,26 +60,8 @@ USERS_SCENARIOS = ("publish-users", "e2e-users", "pull-users", "tx-users")
 USERS_CONSUMER = {"prefetch": 1024, "concurrency": 64}
 SYSTEMS = ("halfmq-sync", "halfmq-async", "halfmq-grpc", "halfmq-secure", "halfmq-trace", "halfmq-cluster",
            "rabbitmq", "nats", "redis")
-#: A process is called saturated when it used at least this share of its CPU capacity.
-SATURATED = 0.85
 LINE_LIMIT = 1 << 28
 
-SCENARIO_TITLES = {
-    "publish": "publish — durable publish with confirmation, pipelined (window {window})",
-    "latency": "latency — one publish at a time, waiting for each confirmation",
-    "e2e": "e2e — producer and consumer processes, consumer acks each message",
-    "tx": "tx — half → no-op local transaction → commit → deliver → ack",
-    "batch": "batch — send_batch of {batch} ({batch_window} batches in flight)",
-    "fifo": "fifo — e2e with 1,000 message groups, a FIFO consumer group (one message per group at a time)",
-    "pull": "pull — e2e with a SimpleConsumer: receive batches of 32, ack each batch in one request",
-    "publish-users": "publish-users — as applications write it: one task per send, {window} in flight, default GC",
-    "e2e-users": ("e2e-users — as applications write it: a task per send ({window} in flight); "
-                  "PushConsumer(concurrency=64, prefetch=1024) acking each message"),
-    "pull-users": ("pull-users — as applications write it: a task per send; SimpleConsumer receiving "
-                   "batches of 32 and acking each message with its own request"),
-    "tx-users": ("tx-users — as applications write it: a task per send_in_transaction whose local "
-                 "transaction inserts a row into SQLite (commit + fsync); PushConsumer(64, 1024)"),
-}
 
 
 @dataclass
@@ -142,13 +134,6 @@ def _lat_stats(lat_us: list[int]) -> dict[str, Any]:
         v = percentile(values, q)
         out[key] = None if v is None else v / 1000.0  # ms
     return out
-
-
-def _median_minmax(values: Iterable[float | None]) -> tuple[float | None, float | None, float | None]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None, None
-    return statistics.median(vals), min(vals), max(vals)
 
 
 # -- machine and limits ---------------------------------------------------------------
@@ -463,26 +448,6 @@ async def _ticker(on_tick: Any, prods: list[Worker], cons: list[Worker]) -> None
         await asyncio.sleep(0.1)
 
 
-def _saturation(cpu: dict[str, float], capacity: float) -> str:
-    """Which side ran out of CPU: 'server', 'producer', 'consumer', several, or none."""
-    sides = []
-    if cpu.get("server", 0.0) >= SATURATED * capacity:
-        sides.append("server")
-    elif cpu.get("server", 0.0) + cpu.get("server_disk_wait", 0.0) >= SATURATED * capacity:
-        # a single event loop busy or blocked in its own disk writes all the time
-        sides.append(f"server (event loop: CPU {cpu['server']:.0f}% + waiting for its own disk writes "
-                     f"{cpu['server_disk_wait']:.0f}%)")
-    for role in ("producer", "consumer"):
-        n = 1  # one process per role in the comparison; each is single-threaded Python
-        if role in cpu and cpu[role] >= SATURATED * 100.0 * n:
-            sides.append(role)
-    if sides:
-        return "+".join(sides)
-    if cpu.get("machine", 0.0) >= SATURATED * 100.0 * (os.cpu_count() or 1):
-        return f"machine (all cores busy; {cpu.get('others', 0):.0f}% by other processes)"
-    return "none (waiting: disk, network or the other side)"
-
-
 # -- scenarios ------------------------------------------------------------------------
 
 
@@ -584,314 +549,6 @@ async def run_cell(server: Any, scenario: str, cell: str, s: Settings) -> dict[s
         raise ValueError(f"unknown scenario {scenario!r}")
     finally:
         await server.stop_cell()
-
-
-# -- the comparison -------------------------------------------------------------------
-
-
-def _fmt_rate(v: float | None) -> str:
-    if v is None:
-        return "—"
-    return f"{v:,.0f}"
-
-
-def _fmt_ms(v: float | None) -> str:
-    if v is None:
-        return "—"
-    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
-
-
-def _fmt_range(lo: float | None, hi: float | None, fmt: Any = _fmt_rate) -> str:
-    if lo is None:
-        return "—"
-    return f"{fmt(lo)}–{fmt(hi)}"
-
-
-def summarize(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per system and scenario: medians (min–max) over rounds."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for c in cells:
-        if c.get("error"):
-            continue
-        groups.setdefault((c["system"], c["scenario"]), []).append(c)
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for (system, scenario), rows in groups.items():
-        res = [r["result"] for r in rows]
-        summary: dict[str, Any] = {"rounds": len(res)}
-        for key in ("rate", "produce_rate", "consume_rate", "p50", "p99", "p999", "rss_mb"):
-            med, lo, hi = _median_minmax(r.get(key) for r in res)
-            if med is not None:
-                summary[key] = med
-                summary[key + "_min"] = lo
-                summary[key + "_max"] = hi
-        cpu_roles = {k for r in res for k in r.get("cpu", {})}
-        summary["cpu"] = {k: statistics.median([r["cpu"].get(k, 0.0) for r in res]) for k in cpu_roles}
-        # judged on the median CPU figures, so the label matches the CPU columns
-        summary["saturated"] = _saturation(summary["cpu"], res[0].get("capacity", 100.0))
-        summary["samples"] = statistics.median([r.get("samples", 0) for r in res])
-        if scenario == "tx":
-            for key in ("p50", "p99", "rate"):
-                med, lo, hi = _median_minmax(r["half"].get(key) for r in res if r.get("half"))
-                summary[f"half_{key}"] = med
-            summary["half_rate_target"] = statistics.median([r.get("half_rate", 0) for r in res])
-        out.setdefault(system, {})[scenario] = summary
-    return out
-
-
-def _get(summary: dict[str, Any], system: str, scenario: str, key: str) -> float | None:
-    return summary.get(system, {}).get(scenario, {}).get(key)
-
-
-def goals(summary: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]]:
-    """The goal ratios of the comparison, from this run's medians (halfmq at --flush sync)."""
-    hq = "halfmq-sync"
-    rows: list[dict[str, Any]] = []
-
-    def ratio(name: str, a: float | None, b: float | None, target: float, higher: bool = True,
-              unit: str = "×") -> None:
-        if a is None or b is None or b == 0:
-            rows.append({"goal": name, "measured": None, "target": target, "unit": unit,
-                         "higher_is_better": higher, "result": "n/a"})
-            return
-        value = a / b
-        ok = value >= target if higher else value <= target
-        rows.append({"goal": name, "measured": value, "target": target, "unit": unit,
-                     "higher_is_better": higher, "result": "pass" if ok else "MISS"})
-
-    def absolute(name: str, value: float | None, target: float, higher: bool, unit: str) -> None:
-        if value is None:
-            rows.append({"goal": name, "measured": None, "target": target, "unit": unit,
-                         "higher_is_better": higher, "result": "n/a"})
-            return
-        ok = value >= target if higher else value <= target
-        rows.append({"goal": name, "measured": value, "target": target, "unit": unit,
-                     "higher_is_better": higher, "result": "pass" if ok else "MISS"})
-
-    pub = _get(summary, hq, "publish", "rate")
-    e2e = _get(summary, hq, "e2e", "rate")
-    peers = (("nats", 2, 1.5), ("redis", 2, 2), ("rabbitmq", 10, 8))
-    for peer, t_pub, _ in peers:
-        ratio(f"publish ≥ {t_pub}× {peer}", pub, _get(summary, peer, "publish", "rate"), t_pub)
-    for peer, _, t_e2e in peers:
-        ratio(f"e2e ≥ {t_e2e}× {peer}", e2e, _get(summary, peer, "e2e", "rate"), t_e2e)
-    ratio("latency p50 ≤ 1.2× redis", _get(summary, hq, "latency", "p50"),
-          _get(summary, "redis", "latency", "p50"), 1.2, higher=False)
-    ratio("publish ≥ 30% of echo ceiling", pub, limits.get("echo"), 0.30, unit="share")
-    absolute("batch ≥ 200,000 msgs/s", _get(summary, hq, "batch", "rate"), 200_000, True, "msgs/s")
-    ratio("tx ≥ 40% of halfmq e2e", _get(summary, hq, "tx", "rate"), e2e, 0.40, unit="share")
-    # the absolute goals for halfmq alone on this machine
-    absolute("publish ≥ 60,000 msgs/s", pub, 60_000, True, "msgs/s")
-    absolute("e2e ≥ 30,000 msgs/s", e2e, 30_000, True, "msgs/s")
-    absolute("latency p50 ≤ 0.35 ms", _get(summary, hq, "latency", "p50"), 0.35, False, "ms")
-    absolute("latency p99 ≤ 1 ms", _get(summary, hq, "latency", "p99"), 1.0, False, "ms")
-    absolute("tx p99 send→deliver ≤ 10 ms at half rate", _get(summary, hq, "tx", "half_p99"),
-             10.0, False, "ms")
-    return rows
-
-
-def _fmt_goal_value(row: dict[str, Any]) -> str:
-    v = row.get("measured")
-    if v is None:
-        return "—"
-    unit = row.get("unit")
-    if unit == "×":
-        return f"{v:.2f}×"
-    if unit == "share":
-        return f"{100 * v:.0f}%"
-    if unit == "ms":
-        return f"{v:.3f} ms"
-    return f"{v:,.0f} msgs/s"
-
-
-def _fmt_goal_target(row: dict[str, Any]) -> str:
-    t = row["target"]
-    unit = row.get("unit", "")
-    op = "≥" if row.get("higher_is_better", True) else "≤"
-    if unit == "×":
-        return f"{op} {t}×"
-    if unit == "share":
-        return f"{op} {100 * t:.0f}%"
-    if unit == "ms":
-        return f"{op} {t} ms"
-    return f"{op} {t:,.0f}"
-
-
-def _mach(cpu: dict[str, float]) -> str:
-    if "machine" not in cpu:
-        return "—"
-    return f"{cpu['machine']:.0f} ({cpu.get('others', 0):.0f})"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    s = report["settings"]
-    m = report["machine"]
-    summ = report["summary"]
-    systems = report["systems"]
-    durab = report["durability"]
-    lines = [
-        "# halfmq benchmark: side by side",
-        "",
-        f"- date: {m['date']}",
-        f"- machine: {m['nproc']} cores ({m['cpu']}), {m.get('memory_gb', '?')} GB RAM, "
-        f"data disk {m['data_disk']}",
-        f"- Python {m['python']}, uvloop {m.get('uvloop', '?')}, every client and server on "
-        "uvloop where it has a Python side",
-        f"- {s['rounds']} round(s), systems interleaved; each cell "
-        + (f"{s['count']:,} messages" if s["count"] else f"{s['duration']} s measured after "
-           f"{s['warmup']} s warm-up")
-        + f"; {s['size']} B bodies; numbers are the median over rounds (min–max)",
-        f"- wall time of the run: {report['wall_s']:.0f} s; 1-min load average before/after: "
-        f"{report.get('load_before', '?')} / {m.get('loadavg_1m', '?')} (other work on the "
-        "machine shows up here)",
-        "",
-        "CPU is % of one core over the measurement window (server: the broker process(es); "
-        "client: the producer/consumer worker processes; machine: all cores together, max "
-        f"{100 * (m['nproc'] or 1)}%, with the part used by processes outside the benchmark). "
-        f"*Saturated* names the side at ≥ {SATURATED:.0%} of its capacity (a Python process: "
-        "one core; RabbitMQ/NATS: all cores), or the machine when all its cores were busy. "
-        "halfmq's broker also reports the time its event loop spent waiting for the disk in "
-        "its own writes (it serves nothing meanwhile, and CPU time does not show it): CPU plus "
-        "that time at the same threshold also names the server.",
-        "",
-    ]
-    if report.get("skipped"):
-        lines.append("Skipped:")
-        for name, why in report["skipped"].items():
-            lines.append(f"- {name}: {why}")
-        lines.append("")
-    lim = report["limits_summary"]
-    lines += ["## Limits (same run)", "", "| limit | median | min–max |", "|---|---:|---:|"]
-    if "fsync" in lim:
-        lines.append(f"| data disk: 1 KiB write+fsync per second | {_fmt_rate(lim['fsync']['median'])} "
-                     f"| {_fmt_range(lim['fsync']['min'], lim['fsync']['max'])} |")
-    if "fsync128k" in lim:
-        f = lim["fsync128k"]
-        lines.append(f"| data disk: 128 KiB write+fsync per second (one group commit of 128 × 1 KiB) | "
-                     f"{_fmt_rate(f['median'])} | {_fmt_range(f['min'], f['max'])} |")
-    if "echo" in lim:
-        lines.append(f"| pure-Python uvloop echo ceiling, msgs/s (window {s['window']}) | "
-                     f"{_fmt_rate(lim['echo']['median'])} | "
-                     f"{_fmt_range(lim['echo']['min'], lim['echo']['max'])} |")
-    lines.append("")
-
-    for scenario in report["scenarios"]:
-        rows = [(name, summ[name][scenario]) for name in systems if scenario in summ.get(name, {})]
-        if not rows:
-            continue
-        lines += [f"## {SCENARIO_TITLES[scenario].format(**s)}", ""]
-        if scenario == "latency":
-            lines += ["| system | durability | p50 ms | p99 ms | p99.9 ms | p50 min–max | msgs/s | "
-                      "server CPU % | client CPU % | machine CPU % (others) | saturated |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-            for name, r in rows:
-                cpu = r["cpu"]
-                lines.append(
-                    f"| {name} | {durab[name]} | {_fmt_ms(r.get('p50'))} | {_fmt_ms(r.get('p99'))} | "
-                    f"{_fmt_ms(r.get('p999'))} | {_fmt_range(r.get('p50_min'), r.get('p50_max'), _fmt_ms)} | "
-                    f"{_fmt_rate(r.get('rate'))} | {cpu.get('server', 0):.0f} | "
-                    f"{cpu.get('producer', 0):.0f} | {_mach(cpu)} | {r['saturated']} |")
-        elif scenario in ("e2e", "tx", "fifo", "pull", "e2e-users", "pull-users", "tx-users"):
-            extra = " p50 @½ rate ms | p99 @½ rate ms |" if scenario == "tx" else ""
-            extra_sep = "---:|---:|" if scenario == "tx" else ""
-            lines += ["| system | durability | msgs/s | min–max | produce msgs/s | consume msgs/s | "
-                      "p50 ms | p99 ms | p99.9 ms |" + extra + " server CPU % | producer CPU % | "
-                      "consumer CPU % | machine CPU % (others) | saturated | server RSS MB |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|---:|" + extra_sep
-                      + "---:|---:|---:|---:|---|---:|"]
-            for name, r in rows:
-                cpu = r["cpu"]
-                half = (f" {_fmt_ms(r.get('half_p50'))} | {_fmt_ms(r.get('half_p99'))} |"
-                        if scenario == "tx" else "")
-                lines.append(
-                    f"| {name} | {durab[name]} | {_fmt_rate(r.get('rate'))} | "
-                    f"{_fmt_range(r.get('rate_min'), r.get('rate_max'))} | "
-                    f"{_fmt_rate(r.get('produce_rate'))} | {_fmt_rate(r.get('consume_rate'))} | "
-                    f"{_fmt_ms(r.get('p50'))} | {_fmt_ms(r.get('p99'))} | {_fmt_ms(r.get('p999'))} |"
-                    f"{half} {cpu.get('server', 0):.0f} | {cpu.get('producer', 0):.0f} | "
-                    f"{cpu.get('consumer', 0):.0f} | {_mach(cpu)} | {r['saturated']} | "
-                    f"{_fmt_rate(r.get('rss_mb'))} |")
-        else:
-            lines += ["| system | durability | msgs/s | min–max | confirm p50 ms | confirm p99 ms | "
-                      "server CPU % | client CPU % | machine CPU % (others) | saturated | server RSS MB |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
-            for name, r in rows:
-                cpu = r["cpu"]
-                lines.append(
-                    f"| {name} | {durab[name]} | {_fmt_rate(r.get('rate'))} | "
-                    f"{_fmt_range(r.get('rate_min'), r.get('rate_max'))} | {_fmt_ms(r.get('p50'))} | "
-                    f"{_fmt_ms(r.get('p99'))} | {cpu.get('server', 0):.0f} | "
-                    f"{cpu.get('producer', 0):.0f} | {_mach(cpu)} | {r['saturated']} | "
-                    f"{_fmt_rate(r.get('rss_mb'))} |")
-        lines.append("")
-    if report.get("errors"):
-        lines += ["## Cells that failed", ""]
-        for e in report["errors"]:
-            lines.append(f"- round {e['round']}, {e['system']} {e['scenario']}: {e['error']}")
-        lines.append("")
-    lines += ["## Goals (this run's medians, halfmq at --flush sync)", "",
-              "| goal | measured | target | result |", "|---|---:|---:|---|"]
-    for g in report["goals"]:
-        lines.append(f"| {g['goal']} | {_fmt_goal_value(g)} | {_fmt_goal_target(g)} | {g['result']} |")
-    lines.append("")
-    return "\n".join(lines)
-
-
-def render_chart(report: dict[str, Any], path: str) -> str | None:
-    """A PNG: msgs/s per system and scenario (log scale, min–max bars) and latency."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    summ = report["summary"]
-    systems = [s for s in report["systems"] if s in summ]
-    scen = [x for x in ("publish", "e2e", "tx", "batch") if x in report["scenarios"]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
-    width = 0.8 / max(len(systems), 1)
-    for i, name in enumerate(systems):
-        xs, ys, lo, hi = [], [], [], []
-        for j, sc in enumerate(scen):
-            r = summ[name].get(sc)
-            if not r or r.get("rate") is None:
-                continue
-            xs.append(j + (i - (len(systems) - 1) / 2) * width)
-            ys.append(r["rate"])
-            lo.append(r["rate"] - r["rate_min"])
-            hi.append(r["rate_max"] - r["rate"])
-        if xs:
-            ax1.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=name)
-    echo = report["limits_summary"].get("echo", {}).get("median")
-    if echo:
-        ax1.axhline(echo, color="grey", linestyle="--", linewidth=1, label="echo ceiling")
-    ax1.set_xticks(range(len(scen)))
-    ax1.set_xticklabels(scen)
-    ax1.set_yscale("log")
-    ax1.set_ylabel("msgs/s (median, min–max)")
-    ax1.set_title("Throughput, 1 KiB bodies")
-    ax1.legend(fontsize=8)
-    names, p50, p99 = [], [], []
-    for name in systems:
-        r = summ[name].get("latency")
-        if r and r.get("p50") is not None:
-            names.append(name)
-            p50.append(r["p50"])
-            p99.append(r["p99"])
-    positions = range(len(names))
-    ax2.bar([x - 0.2 for x in positions], p50, 0.4, label="p50")
-    ax2.bar([x + 0.2 for x in positions], p99, 0.4, label="p99")
-    ax2.set_xticks(list(positions))
-    ax2.set_xticklabels(names, rotation=20, fontsize=8)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("ms")
-    ax2.set_title("One-at-a-time publish latency")
-    ax2.legend(fontsize=8)
-    fig.suptitle(f"halfmq vs peers — {report['machine']['nproc']} cores, {report['machine']['date'][:10]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 async def _run_comparison(systems: list[str], scenarios: list[str], s: Settings,
@@ -1049,188 +706,3 @@ def run_comparison(systems: list[str], scenarios: list[str], s: Settings, *,
     report = asyncio.run(_run_comparison(systems, scenarios, s, log))
     paths = write_report(report, s.out_dir, stem)
     return report, paths
-
-
-# -- the halfmq end-to-end benchmark --------- -----------------------------------------
-
-
-async def _backlog_rss(flush: str, producers: int, window: int, backlog: int, slow_delay: float,
-                       workdir: str | None, log: Any) -> dict[str, Any]:
-    """Fill a backlog of ``backlog`` messages while a slow consumer reads; sample the
-    broker's RSS against the backlog size."""
-    from benchmarks.systems.halfmq import Server
-
-    srv = Server(flush)
-    conn = await srv.start_cell("backlog", workdir or tempfile.gettempdir())
-    samples: list[tuple[int, int, float]] = []
-    try:
-        import psutil
-
-        proc = psutil.Process(srv.server_pids()[0])
-        rss0 = proc.memory_info().rss / 2**20
-        per = backlog // producers
-        last = [0.0]
-
-        def tick(sent: int, received: int) -> None:
-            now = time.perf_counter()
-            if now - last[0] >= 0.25:
-                last[0] = now
-                with contextlib.suppress(psutil.Error):
-                    samples.append((sent, received, proc.memory_info().rss / 2**20))
-
-        params = [{"mode": "publish", "window": window, "count": per, "progress": True}
-                  for _ in range(producers)]
-        flow = await run_flow(srv, conn, params, [{"prefetch": 64, "delay": slow_delay}],
-                              drain_timeout=0.0, on_tick=tick)
-        rss_end = proc.memory_info().rss / 2**20
-    finally:
-        await srv.stop_cell()
-    sent = sum(p["sent"] for p in flow["producers"])
-    received = sum(c["count"] for c in flow["consumers"])
-
-    def rss_at(frac: float) -> float | None:
-        target = frac * sent
-        best = None
-        for s_, _r, rss in samples:
-            if s_ >= target:
-                return rss
-            best = rss
-        return best
-
-    return {"backlog": sent - received, "sent": sent, "consumed": received, "rss_start_mb": rss0,
-            "rss_25_mb": rss_at(0.25), "rss_50_mb": rss_at(0.5), "rss_end_mb": rss_end,
-            "rss_max_mb": max([r for *_, r in samples] + [rss_end]),
-            "produce_rate": sum(p["rate"] for p in flow["producers"])}
-
-
-async def _e2e_steps(flushes: tuple[str, ...], producers: int, consumers: int, window: int,
-                   duration: float, backlog: int, slow_delay: float, workdir: str | None,
-                   log: Any) -> dict[str, Any]:
-    from benchmarks.systems.halfmq import Server
-
-    s = Settings(duration=duration, window=window, workdir=workdir)
-    wd = workdir or tempfile.gettempdir()
-    out: dict[str, Any] = {"machine": machine_info(wd), "fsync_per_s": fsync_rate(wd),
-                           "producers": producers, "consumers": consumers, "window": window,
-                           "duration": duration, "modes": {}}
-    for flush in flushes:
-        srv = Server(flush)
-        res: dict[str, Any] = {}
-        conn = await srv.start_cell("e2e_publish", wd)
-        try:
-            flow = await run_flow(srv, conn, [_producer_params(s) for _ in range(producers)], [])
-            res["publish"] = {"rate": sum(p["rate"] for p in flow["producers"]),
-                              **_cell_metrics(flow, srv)}
-        finally:
-            await srv.stop_cell()
-        log(f"{flush}: publish {res['publish']['rate']:,.0f} msgs/s")
-        conn = await srv.start_cell("e2e_latency", wd)
-        try:
-            flow = await run_flow(srv, conn, [_producer_params(s, window=1)], [])
-            res["latency"] = _lat_stats(flow["producers"][0]["lat_us"])
-            res["latency"]["rate"] = flow["producers"][0]["rate"]
-        finally:
-            await srv.stop_cell()
-        log(f"{flush}: latency p50 {res['latency']['p50']:.3f} ms p99 {res['latency']['p99']:.3f} ms")
-        conn = await srv.start_cell("e2e_flow", wd)
-        try:
-            flow = await run_flow(srv, conn,
-                                  [_producer_params(s, warmup=0.0) for _ in range(producers)],
-                                  [_consumer_params(s) for _ in range(consumers)])
-            res["e2e"] = {**_e2e_numbers(flow), **_cell_metrics(flow, srv)}
-            # the same at half that rate: publish→deliver without a backlog building up
-            half = res["e2e"]["produce_rate"] / 2
-            flow = await run_flow(srv, conn,
-                                  [_producer_params(s, warmup=0.0, rate=half / producers)
-                                   for _ in range(producers)],
-                                  [_consumer_params(s) for _ in range(consumers)])
-            res["e2e_half"] = {**_e2e_numbers(flow), "target_rate": half}
-            # transactional sends beside normal ones, same broker
-            flow = await run_flow(srv, conn,
-                                  [_producer_params(s, mode="tx", warmup=0.0) for _ in range(producers)],
-                                  [_consumer_params(s) for _ in range(consumers)])
-            res["tx"] = {**_e2e_numbers(flow), **_cell_metrics(flow, srv)}
-            half = res["tx"]["produce_rate"] / 2
-            flow = await run_flow(srv, conn,
-                                  [_producer_params(s, mode="tx", warmup=0.0, rate=half / producers)
-                                   for _ in range(producers)],
-                                  [_consumer_params(s) for _ in range(consumers)])
-            res["tx_half"] = {**_e2e_numbers(flow), "target_rate": half}
-        finally:
-            await srv.stop_cell()
-        log(f"{flush}: e2e {res['e2e']['rate']:,.0f} msgs/s; tx {res['tx']['rate']:,.0f} msgs/s")
-        if backlog > 0:
-            res["backlog"] = await _backlog_rss(flush, producers, window, backlog, slow_delay,
-                                                workdir, log)
-            log(f"{flush}: backlog {res['backlog']['backlog']:,} rss max "
-                f"{res['backlog']['rss_max_mb']:.0f} MB")
-        out["modes"][flush] = res
-    return out
-
-
-def _fmt_cpu(cpu: dict[str, float]) -> str:
-    parts = [f"{k} {cpu[k]:.0f}%" for k in ("server", "producer", "consumer") if k in cpu]
-    if "machine" in cpu:
-        parts.append(f"(machine {cpu['machine']:.0f}%, other processes {cpu.get('others', 0):.0f}%)")
-    return "cpu " + " ".join(parts)
-
-
-def render_e2e_steps(out: dict[str, Any]) -> str:
-    m = out["machine"]
-    lines = [f"halfmq end to end — {m['date']} — {m['nproc']} cores, disk {m['data_disk']}",
-             f"{out['producers']} producer process(es) (window {out['window']}) → broker → "
-             f"{out['consumers']} consumer process(es); 1 KiB bodies; {out['duration']} s per step; "
-             f"disk: {out['fsync_per_s']:,.0f} 1 KiB write+fsync/s", ""]
-    for flush, r in out["modes"].items():
-        e, eh, t, th, lat = r["e2e"], r["e2e_half"], r["tx"], r["tx_half"], r["latency"]
-        lines += [
-            f"--flush {flush}",
-            f"  publish (no consumer)     {r['publish']['rate']:>10,.0f} msgs/s   "
-            f"{_fmt_cpu(r['publish']['cpu'])}; saturated: {r['publish']['saturated']}",
-            f"  one-at-a-time publish     p50 {lat['p50']:.3f} ms  p99 {lat['p99']:.3f} ms  "
-            f"p99.9 {lat['p999']:.3f} ms",
-            f"  e2e (first publish → last ack) {e['rate']:>8,.0f} msgs/s   produce "
-            f"{e['produce_rate']:,.0f}  consume {e['consume_rate']:,.0f}",
-            f"  publish→deliver           p50 {_fmt_ms(e['p50'])} ms  p99 {_fmt_ms(e['p99'])} ms  "
-            f"p99.9 {_fmt_ms(e['p999'])} ms   broker RSS {e['rss_mb']} MB",
-            f"                            {_fmt_cpu(e['cpu'])}; saturated: {e['saturated']}",
-            f"  e2e at half rate ({eh['target_rate']:,.0f}/s)  publish→deliver p50 {_fmt_ms(eh['p50'])} ms  "
-            f"p99 {_fmt_ms(eh['p99'])} ms  p99.9 {_fmt_ms(eh['p999'])} ms",
-            f"  tx e2e                    {t['rate']:>10,.0f} msgs/s ({100 * t['rate'] / max(e['rate'], 1):.0f}% "
-            f"of normal e2e)  send→deliver p50 {_fmt_ms(t['p50'])} ms  p99 {_fmt_ms(t['p99'])} ms",
-            f"  tx at half rate ({th['target_rate']:,.0f}/s)  send→deliver p50 {_fmt_ms(th['p50'])} ms  "
-            f"p99 {_fmt_ms(th['p99'])} ms",
-        ]
-        b = r.get("backlog")
-        if b:
-            lines.append(
-                f"  backlog {b['backlog']:,} msgs (slow consumer took {b['consumed']:,}): broker RSS "
-                f"start {b['rss_start_mb']:.0f} MB, at 25% {b['rss_25_mb'] or 0:.0f} MB, at 50% "
-                f"{b['rss_50_mb'] or 0:.0f} MB, end {b['rss_end_mb']:.0f} MB, max {b['rss_max_mb']:.0f} MB")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def run_e2e_steps(*, flushes: tuple[str, ...], producers: int, consumers: int, window: int,
-                  duration: float, backlog: int, slow_delay: float, workdir: str | None,
-                  json_out: str | None, out_dir: str | None = None) -> int:
-    """``python -m benchmarks.e2e``: run the end-to-end steps, print them and write
-    ``e2e-latest.txt``/``.json`` into ``out_dir`` (default ``benchmarks/results``)."""
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    _install_uvloop()
-    out = asyncio.run(_e2e_steps(flushes, producers, consumers, window, duration, backlog,
-                               slow_delay, workdir, log))
-    text = render_e2e_steps(out)
-    print(text)
-    out_dir = out_dir or Settings().out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "e2e-latest.txt"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out_dir, "e2e-latest.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(out, f, indent=1, default=str)
-    return 0
