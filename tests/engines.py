@@ -74,6 +74,9 @@ class _Logs:
     def read_text(self, *args: Any, **kwargs: Any) -> str:
         return "".join(p.read_text(*args, **kwargs) for p in self.paths if p.exists())
 
+    def __str__(self) -> str:
+        return ", ".join(str(p) for p in self.paths)
+
 
 class ClusterBroker:
     """Two gateways over one engine, seen as one broker by the tests (module docstring)."""

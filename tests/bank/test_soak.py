@@ -38,7 +38,10 @@ import json
 import re
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -67,6 +70,7 @@ CLIENTS = 16
 KILL_BROKER_AT = 300
 KILL_BANK2_AT = 600
 KILL_RELAY_AT = 450  # outbox mode
+KILL_GATEWAY_AT = 500  # cluster mode (the node at KILL_BROKER_AT)
 QUIESCENCE_TIMEOUT = 90.0
 
 #: bank1: five well-funded accounts and two that run dry early (insufficient balance).
@@ -175,13 +179,32 @@ SOAK_USERS = {"bank1": ("pw-bank1", [("publish", "bank_transfer", "producer_bank
 @pytest.mark.parametrize("auth", [False, True], ids=["open", "auth"])
 async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory, bank_dbs,
                                                                  bank_mode, tmp_path, auth):
-    t0 = time.monotonic()
-    db1_url, db2_url = bank_dbs
     data_dir = tmp_path / "broker"
     if auth:
         add_users(data_dir, SOAK_USERS)
     broker = broker_factory(*BROKER_ARGS, data_dir=data_dir)
-    bank1_login = {"user": "bank1", "password": "pw-bank1"} if auth else None
+
+    async def kill_broker() -> None:
+        await asyncio.to_thread(broker.kill9)
+        await asyncio.to_thread(broker.start)
+
+    await _soak(broker, bank_dbs, bank_mode, tmp_path, auth, [(KILL_BROKER_AT, "broker", kill_broker)])
+
+
+#: A fault of the soak: after this many answered transfers, kill -9 (and restart) what it names.
+Fault = tuple[int, str, Callable[[], Awaitable[None]]]
+
+
+async def _soak(broker: Any, bank_dbs: tuple[str, str], bank_mode: str, tmp_path: Path, auth: bool,
+                faults: list[Fault], producer_options: dict[str, Any] | None = None,
+                dead_letters: Callable[[], Awaitable[int]] | None = None) -> None:
+    """The soak (module docstring) through ``broker`` (``address``, ``http_url``,
+    ``log_path``), with ``faults`` besides the kills of bank2 and (outbox mode) the relay;
+    ``producer_options`` go to bank1's producer; ``dead_letters()`` counts the consumer
+    group's dead letters where the group view has no count (cluster mode)."""
+    t0 = time.monotonic()
+    db1_url, db2_url = bank_dbs
+    bank1_login = {**({"user": "bank1", "password": "pw-bank1"} if auth else {}), **(producer_options or {})}
     bank2_env = {"HALFMQ_USER": "bank2", "HALFMQ_PASSWORD": "pw-bank2"} if auth else None
     admin_headers = ({"Authorization": "Basic " + base64.b64encode(b"watcher:pw-watcher").decode()}
                      if auth else None)
@@ -216,7 +239,19 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
                                          connector=aiohttp.TCPConnector(limit=CLIENTS)) as http:
             pending = iter(plan)
             answered = 0
-            reached = {n: asyncio.Event() for n in (KILL_BROKER_AT, KILL_RELAY_AT, KILL_BANK2_AT)}
+
+            async def kill_relay() -> None:
+                await asyncio.to_thread(relay.kill9)
+                await asyncio.to_thread(relay.start)
+
+            async def kill_bank2() -> None:
+                await asyncio.to_thread(bank2.kill9)
+                await asyncio.to_thread(bank2.start)
+
+            steps = sorted([*faults, (KILL_BANK2_AT, "bank2", kill_bank2)]
+                           + ([(KILL_RELAY_AT, "relay", kill_relay)] if outbox_mode else []),
+                           key=lambda f: f[0])
+            reached = {at: asyncio.Event() for at, _what, _act in steps}
 
             async def client() -> None:
                 nonlocal answered
@@ -232,22 +267,11 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
                         reached[answered].set()
 
             async def chaos() -> None:
-                await reached[KILL_BROKER_AT].wait()
-                events.append(f"{time.monotonic() - t0:.1f}s kill -9 broker at {answered}")
-                await asyncio.to_thread(broker.kill9)
-                await asyncio.to_thread(broker.start)
-                events.append(f"{time.monotonic() - t0:.1f}s broker restarted at {answered}")
-                if outbox_mode:
-                    await reached[KILL_RELAY_AT].wait()
-                    events.append(f"{time.monotonic() - t0:.1f}s kill -9 relay at {answered}")
-                    await asyncio.to_thread(relay.kill9)
-                    await asyncio.to_thread(relay.start)
-                    events.append(f"{time.monotonic() - t0:.1f}s relay restarted at {answered}")
-                await reached[KILL_BANK2_AT].wait()
-                events.append(f"{time.monotonic() - t0:.1f}s kill -9 bank2 at {answered}")
-                await asyncio.to_thread(bank2.kill9)
-                await asyncio.to_thread(bank2.start)
-                events.append(f"{time.monotonic() - t0:.1f}s bank2 restarted at {answered}")
+                for at, what, act in steps:
+                    await reached[at].wait()
+                    events.append(f"{time.monotonic() - t0:.1f}s kill -9 {what} at {answered}")
+                    await act()
+                    events.append(f"{time.monotonic() - t0:.1f}s {what} restarted at {answered}")
 
             await asyncio.gather(chaos(), *(client() for _ in range(CLIENTS)))
             events.append(f"{time.monotonic() - t0:.1f}s all {len(results)} transfers answered")
@@ -273,7 +297,7 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
                 group = next((g for g in groups if g["group"] == CONSUMER_GROUP), None)
                 snapshot.update(group=group)
                 return (not unsettled and group is not None and group["lag"] == 0
-                        and group["in_flight"] == 0 and group["waiting_retry"] == 0)
+                        and group["in_flight"] == 0 and group.get("waiting_retry", 0) == 0)
 
             async def same_sets() -> bool:
                 debited, credited = await bank1.db.tx_numbers(), await db2.tx_numbers()
@@ -308,6 +332,8 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
             events.append(f"{time.monotonic() - t0:.1f}s quiescent")
 
             group = snapshot["group"]
+            dead_lettered = (int(group["dead_lettered"]) if dead_letters is None  # type: ignore[index]
+                             else await dead_letters())
             if not outbox_mode:
                 shipping_problems = await _transaction_problems(http, broker.http_url, bank1.db)
 
@@ -318,8 +344,8 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
         problems = ledger_problems(plan, START1, START2, debited, credited, balances1, balances2)
 
         # -- the broker's view (or the outbox's) agrees ----------------------------------------
-        if group["dead_lettered"]:  # type: ignore[index]
-            problems.append(f"{group['dead_lettered']} transfers dead-lettered: {group}")  # type: ignore[index]
+        if dead_lettered:
+            problems.append(f"{dead_lettered} transfers dead-lettered: {group}")
         if outbox_mode:
             shipping_problems = await _outbox_problems(bank1, debited)
         problems += shipping_problems
@@ -365,7 +391,7 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
         assert refused > 0, summary
         assert len(debited) > TRANSFERS // 3, summary
         assert bank2.kills == 1 and relay.kills == int(outbox_mode), summary
-        assert len(events) >= (8 if outbox_mode else 6), summary
+        assert len(events) >= 2 * len(steps) + 2, summary
         print(summary)
     finally:
         quiet_faults.__exit__()
@@ -373,3 +399,51 @@ async def test_soak_1000_transfers_with_outcome_faults_and_kill9(broker_factory,
         await asyncio.to_thread(bank2.stop)
         await bank1.close()
         await db2.close()
+
+
+@pytest.fixture
+def soak_cluster(nats_server_binary: Path, tmp_path: Path) -> Iterator[tuple[Any, Any]]:
+    """A private 3-node engine and two gateways with the soak's settings (cluster mode)."""
+    from broker.engines.jetstream.local_cluster import LocalCluster
+    from tests.engines import ClusterBroker
+
+    cluster = LocalCluster(tmp_path / "engine", nodes=3, binary=nats_server_binary).start()
+    gateways = None
+    try:
+        gateways = ClusterBroker(cluster, tmp_path / "gateways", list(BROKER_ARGS), {}).start()
+        yield cluster, gateways
+    finally:
+        if gateways is not None:
+            gateways.stop()
+        cluster.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+async def test_soak_against_a_cluster_with_kill9_of_a_node_and_of_a_gateway(soak_cluster, bank_mode, tmp_path):
+    """The soak through two gateways over a 3-node engine: after ~300 transfers the node
+    leading the topic's stream is ``kill -9``ed and restarted, after ~500 the gateway the
+    clients use (A), after ~600 bank2 (and the relay at ~450 in outbox mode). SQLite
+    databases, open broker; bank1's producer waits up to 15 s for a send (a fail-over)."""
+    from tests.cluster.enginestate import js_api, stream_leader
+
+    cluster, gateways = soak_cluster
+
+    async def kill_node() -> None:
+        leader = await stream_leader(cluster, "HMQ_T_bank_transfer")
+        await asyncio.to_thread(cluster.kill9, leader)
+        await asyncio.to_thread(cluster.start_node, leader)
+
+    async def kill_gateway() -> None:
+        await asyncio.to_thread(gateways.gateways[0].kill9)
+        await asyncio.to_thread(gateways.gateways[0].start, 60)
+
+    async def dead_letters() -> int:  # the group's subject in the engine's dead-letter stream
+        info = await js_api(cluster, "STREAM.INFO.HMQ_DLQ", {"subjects_filter": f"hmqs.dlq.{CONSUMER_GROUP}"})
+        return sum((info["state"].get("subjects") or {}).values())
+
+    await _soak(gateways, (str(tmp_path / "bank1.db"), str(tmp_path / "bank2.db")), bank_mode, tmp_path,
+                False, [(KILL_BROKER_AT, "the stream leader node", kill_node),
+                        (KILL_GATEWAY_AT, "gateway A", kill_gateway)],
+                producer_options={"send_timeout": 15.0}, dead_letters=dead_letters)

@@ -5,13 +5,16 @@ a producer of plain messages (``window`` sends in flight, every body unique), a
 transactional producer whose local transactions alternate COMMIT and ROLLBACK (every
 fourth one UNKNOWN, left to the check-back, which answers by the same rule), and one
 consumer group recording every body. ``await check()`` after ``stop()`` asserts the
-reference's invariants that a client can see, plus one read in the engine:
+reference's invariants that a client can see, plus reads in the engine:
 
 - every acknowledged plain send is delivered;
 - every transaction whose outcome is COMMIT is delivered; none decided ROLLBACK ever is
   (a half whose reply was lost with a gateway may have been stored twice by the SDK's
   retry: each copy is its own transaction, decided by the check-back by the same rule);
-- at most one visible copy (commit pointer) per transaction in the topic's stream.
+- at most one visible copy (commit pointer) per transaction in the topic's stream, and
+  only for a transaction decided COMMIT;
+- every half message in the topic's stream resolved (one decision record) within the
+  check's timeout.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 from consumer_sdk import ConsumeResult, PushConsumer
 from producer_sdk import LocalTransactionState, Producer, TransactionListener, TransactionProducer
 
-__all__ = ["Workload", "pointer_counts"]
+__all__ = ["Workload", "pointer_counts", "transaction_problems"]
 
 
 def _decide(body: bytes) -> LocalTransactionState:
@@ -41,30 +44,71 @@ class _Listener(TransactionListener):
         return _decide(message.body)
 
 
+async def _scan(js: Any, stream: str, subject: str) -> list[tuple[int, Any]]:
+    """``(sequence, record)`` of every record of ``stream`` on ``subject``, in order."""
+    import nats
+
+    from broker.engines.jetstream.records import decode_record
+
+    last = (await js.stream_info(stream)).state.last_seq
+    out = []
+    seq = 1
+    while seq <= last:
+        try:
+            msg = await js.get_msg(stream, seq=seq, next=True, subject=subject)
+        except nats.js.errors.NotFoundError:
+            break
+        out.append((int(msg.seq), decode_record(msg.data or b"")))
+        seq = int(msg.seq) + 1
+    return out
+
+
 async def pointer_counts(engine_urls: list[str], topic: str) -> dict[int, int]:
     """Commit pointers in ``topic``'s stream: {half sequence: how many}."""
     import nats
 
     from broker.engines.jetstream import naming
-    from broker.engines.jetstream.records import Kind, decode_record
+    from broker.engines.jetstream.records import Kind
+
+    nc = await nats.connect(servers=engine_urls, connect_timeout=5)
+    try:
+        counts: dict[int, int] = {}
+        for _seq, rec in await _scan(nc.jetstream(timeout=10), naming.topic_stream(topic), f"hmq.{topic}.m.>"):
+            if rec.kind is Kind.POINTER:
+                counts[rec.half_seq] = counts.get(rec.half_seq, 0) + 1
+        return counts
+    finally:
+        await nc.close()
+
+
+async def transaction_problems(engine_urls: list[str], topic: str, prefix: str,
+                               pointers: dict[int, int]) -> list[str]:
+    """What is wrong with ``topic``'s transactions in the engine (empty: nothing): a half
+    message without a decision (unresolved) or with more than one decision record, a
+    commit pointer whose half was not decided COMMIT. ``prefix``: the topic's message-id
+    prefix; ``pointers``: ``pointer_counts``."""
+    import nats
+
+    from broker.engines.jetstream import naming
 
     nc = await nats.connect(servers=engine_urls, connect_timeout=5)
     try:
         js = nc.jetstream(timeout=10)
-        stream = naming.topic_stream(topic)
-        last = (await js.stream_info(stream)).state.last_seq
-        counts: dict[int, int] = {}
-        seq = 1
-        while seq <= last:
-            try:
-                msg = await js.get_msg(stream, seq=seq, next=True, subject=f"hmq.{topic}.m.>")
-            except nats.js.errors.NotFoundError:
-                break
-            rec = decode_record(msg.data or b"")
-            if rec.kind is Kind.POINTER:
-                counts[rec.half_seq] = counts.get(rec.half_seq, 0) + 1
-            seq = int(msg.seq) + 1
-        return counts
+        halves = [seq for seq, _rec in await _scan(js, naming.topic_stream(topic), f"hmq.{topic}.h.>")]
+        info = await js.stream_info(naming.TX_STREAM, subjects_filter="hmqs.tx.d.*")
+        subjects = info.state.subjects or {}
+        problems = []
+        for seq in halves:
+            n = subjects.get(naming.tx_decision_subject(naming.encode_msg_id(prefix, seq)), 0)
+            if n != 1:
+                problems.append(f"half {seq}: {n} decision records")
+        for seq in pointers:
+            msg = await js.get_last_msg(naming.TX_STREAM, naming.tx_decision_subject(naming.encode_msg_id(prefix, seq)))
+            if msg.data != b"C":
+                problems.append(f"half {seq}: a commit pointer, decision {msg.data!r}")
+        if not halves:
+            problems.append("no half message found")
+        return problems
     finally:
         await nc.close()
 
@@ -73,13 +117,15 @@ class Workload:
     """See the module docstring."""
 
     def __init__(self, address: str, topic: str, *, window: int = 16, tx_window: int = 4,
-                 send_timeout: float = 30.0) -> None:
+                 send_timeout: float = 30.0, tx_address: str | None = None) -> None:
         self.address, self.topic = address, topic
+        self.tx_address = tx_address or address  # the transactional producer's address list
         self.window, self.tx_window, self.send_timeout = window, tx_window, send_timeout
         self.acked: set[bytes] = set()
         self.tx_ids: dict[bytes, str] = {}  # body -> msg_id of transactions whose half was stored
         self.got: dict[bytes, str] = {}
         self.ack_times: list[float] = []
+        self.got_times: list[float] = []  # when each delivery came (redeliveries included)
         self.errors = 0
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -87,12 +133,13 @@ class Workload:
 
     async def _on(self, m: Any) -> ConsumeResult:
         self.got[m.body] = m.msg_id
+        self.got_times.append(time.monotonic())
         return ConsumeResult.SUCCESS
 
     async def start(self) -> Workload:
         consumer = PushConsumer(self.address, group=f"{self.topic}-g", topic=self.topic, listener=self._on)
         producer = Producer(self.address, send_timeout=self.send_timeout)
-        txp = TransactionProducer(self.address, group=f"{self.topic}-pg", listener=_Listener(),
+        txp = TransactionProducer(self.tx_address, group=f"{self.topic}-pg", listener=_Listener(),
                                   send_timeout=self.send_timeout)
         for c in (consumer, producer, txp):
             await c.start()
@@ -133,9 +180,18 @@ class Workload:
                 f"traffic stalled: {len(self.acked)} acked, {len(self.got)} consumed, {self.errors} errors")
             await asyncio.sleep(0.05)
 
-    def longest_pause_since(self, t0: float) -> float:
-        """The longest time without an acknowledged plain send, from ``t0`` to the last ack."""
+    def longest_pause_since(self, t0: float, until: float | None = None) -> float:
+        """The longest time without an acknowledged plain send, from ``t0`` to the last ack
+        (or to the first ack after ``until``)."""
         after = [t for t in self.ack_times if t >= t0]
+        if until is not None:
+            later = [t for t in after if t > until]
+            after = [t for t in after if t <= until] + later[:1]
+        return max((b - a for a, b in zip([t0, *after], after, strict=False)), default=float("inf"))
+
+    def longest_consume_pause_since(self, t0: float) -> float:
+        """The longest time without a delivery, from ``t0`` to the last delivery."""
+        after = [t for t in self.got_times if t >= t0]
         return max((b - a for a, b in zip([t0, *after], after, strict=False)), default=float("inf"))
 
     async def stop(self) -> None:
@@ -164,3 +220,8 @@ class Workload:
         counts = await pointer_counts(engine_urls, self.topic)
         assert counts and max(counts.values()) == 1, "more than one visible copy of a transaction"
         assert len(counts) >= len(commits)
+        # every half message resolved (the check-backs may still be at it), one decision each
+        prefix = next(iter(self.tx_ids.values()))[:8]
+        while problems := await transaction_problems(engine_urls, self.topic, prefix, counts):
+            assert time.monotonic() < deadline, f"transactions in the engine: {problems[:5]}"
+            await asyncio.sleep(0.5)

@@ -39,6 +39,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from broker import failpoint
 from broker.engines.jetstream import naming
 from broker.engines.jetstream.client import (
     EngineClient,
@@ -194,6 +195,8 @@ class TxLedger:
                 f"({self.streams.tx_retention:g}s); {outcome} refused, nothing changed")
         decision = await self.decide(msg_id, code)
         if decision.code == "C":
+            if decision.changed:
+                failpoint.hit("after-decision", msg_id)  # tests only (broker.failpoint)
             await self.publish_pointer(half)
         return decision
 

@@ -15,9 +15,10 @@ Readiness is polled on the monitoring port, never slept for: a node is ready onc
 between picking and binding (another process won the race), the node exits at once and
 the whole start is tried again with new ports, up to three times.
 
-Faults for tests: ``kill9(name)`` (SIGKILL, reaped), ``start_node(name)`` (same config,
-same ports, same store), ``wipe_store(name)`` (the node's disk is lost), ``pause(name)`` /
-``resume(name)`` (SIGSTOP / SIGCONT). ``stop()`` SIGTERMs every node it started.
+Faults for tests: ``kill9(name)`` (SIGKILL, reaped), ``stop_node(name)`` (SIGTERM, reaped),
+``start_node(name)`` (same config, same ports, same store), ``wipe_store(name)`` (the
+node's disk is lost), ``pause(name)`` / ``resume(name)`` (SIGSTOP / SIGCONT). ``stop()``
+SIGTERMs every node it started.
 """
 
 from __future__ import annotations
@@ -282,6 +283,19 @@ class LocalCluster:
             node.proc.send_signal(signal.SIGCONT)  # a paused process must die too
             node.proc.kill()
             node.proc.wait(10)
+
+    def stop_node(self, name: str, timeout: float = 15.0) -> None:
+        """SIGTERM node ``name`` (a clean shutdown) and reap it; SIGKILL after ``timeout``."""
+        node = self.node(name)
+        node.wanted = False
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGCONT)
+            node.proc.terminate()
+            try:
+                node.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait(5)
 
     def pause(self, name: str) -> None:
         """SIGSTOP node ``name`` (a process pause: no heartbeat, connections stay open)."""
