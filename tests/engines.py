@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ import pytest
 
 from tests.conftest import BrokerProcess
 
-__all__ = ["ClusterBroker", "broker_factory", "reset_engine"]
+__all__ = ["ClusterBroker", "broker_factory", "reset_engine", "slow_cluster_broker_factory"]
 
 ENGINES = ("embedded", pytest.param("cluster", marks=pytest.mark.cluster))
+#: the same, with the cluster variant under ``-m slow`` (``slow_cluster_broker_factory``)
+ENGINES_SLOW_CLUSTER = ("embedded", pytest.param("cluster", marks=[pytest.mark.cluster, pytest.mark.slow]))
 
 
 #: shared streams emptied rather than deleted (the next gateways need not create them);
@@ -134,10 +137,7 @@ class ClusterBroker:
         return self.start()
 
 
-@pytest.fixture(params=ENGINES)
-def broker_factory(request: pytest.FixtureRequest, tmp_path: Path):
-    """``broker_factory(*args, env={})``: a broker on the embedded engine, or two gateways
-    over the session's JetStream cluster (see the module docstring); stopped at teardown."""
+def _broker_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     engine = request.param
     if engine == "cluster":
         marker = request.node.get_closest_marker("embedded_only")
@@ -161,3 +161,19 @@ def broker_factory(request: pytest.FixtureRequest, tmp_path: Path):
         b.stop()
     if engine == "cluster" and started:
         reset_engine(cluster)
+
+
+@pytest.fixture(params=ENGINES)
+def broker_factory(request: pytest.FixtureRequest, tmp_path: Path):
+    """``broker_factory(*args, env={})``: a broker on the embedded engine, or two gateways
+    over the session's JetStream cluster (see the module docstring); stopped at teardown."""
+    yield from _broker_factory(request, tmp_path)
+
+
+@pytest.fixture(params=ENGINES_SLOW_CLUSTER, name="broker_factory")
+def slow_cluster_broker_factory(request: pytest.FixtureRequest, tmp_path: Path):
+    """``broker_factory`` whose cluster variant runs only under ``-m slow``: for a test
+    module whose cluster runs take long (gateways restarted again and again); a module
+    imports it (``from tests.engines import slow_cluster_broker_factory``) and its tests
+    still ask for ``broker_factory``."""
+    yield from _broker_factory(request, tmp_path)

@@ -1,4 +1,9 @@
-"""Real faults: ``kill -9`` of the broker or of a consumer process, restarts during backoff."""
+"""Real faults: ``kill -9`` of the broker or of a consumer process, restarts during backoff.
+
+On both engines (``tests.engines``): in cluster mode "the broker" is both gateways, killed
+and restarted together over the engine, which keeps everything; that variant runs under
+``-m slow`` (``slow_cluster_broker_factory``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ import time
 from consumer_sdk import ConsumeResult, PushConsumer
 from producer_sdk import HalfMQError, Producer
 from tests.conftest import ROOT, wait_for
+from tests.engines import slow_cluster_broker_factory
+
+__all__ = ["slow_cluster_broker_factory"]
 
 
 async def collect(address: str, group: str, topic: str, want: set[str], timeout: float = 20.0) -> dict[str, int]:
