@@ -59,7 +59,7 @@ USERS_SCENARIOS = ("publish-users", "e2e-users", "pull-users", "tx-users")
 #: time, 1,024 messages prefetched.
 USERS_CONSUMER = {"prefetch": 1024, "concurrency": 64}
 SYSTEMS = ("halfmq-sync", "halfmq-async", "halfmq-grpc", "halfmq-secure", "halfmq-trace", "halfmq-cluster",
-           "rabbitmq", "nats", "redis")
+           "rabbitmq", "nats", "redis", "redis-everysec")
 LINE_LIMIT = 1 << 28
 
 
@@ -107,8 +107,10 @@ def make_server(name: str, *, profile_dir: str | None = None, profiler: str = "c
         from benchmarks.systems.rabbitmq import Server  # type: ignore[assignment]
     elif name == "nats":
         from benchmarks.systems.nats_js import Server  # type: ignore[assignment]
-    elif name == "redis":
-        from benchmarks.systems.redis_streams import Server  # type: ignore[assignment]
+    elif name in ("redis", "redis-everysec"):
+        from benchmarks.systems.redis_streams import Server as RedisServer
+
+        return RedisServer("everysec" if name == "redis-everysec" else "always")
     elif name == "echo":
         from benchmarks.echo import Server  # type: ignore[assignment]
     else:

@@ -157,6 +157,16 @@ def goals(summary: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any
     ratio("publish ≥ 30% of echo ceiling", pub, limits.get("echo"), 0.30, unit="share")
     absolute("batch ≥ 200,000 msgs/s", _get(summary, hq, "batch", "rate"), 200_000, True, "msgs/s")
     ratio("tx ≥ 40% of halfmq e2e", _get(summary, hq, "tx", "rate"), e2e, 0.40, unit="share")
+    # issue 18's goals for the scenarios as users write them (the public SDK, a task per send)
+    pub_u = _get(summary, hq, "publish-users", "rate")
+    e2e_u = _get(summary, hq, "e2e-users", "rate")
+    ratio("publish-users ≥ 3× nats", pub_u, _get(summary, "nats", "publish-users", "rate"), 3)
+    ratio("publish-users ≥ 45% of echo ceiling", pub_u, limits.get("echo"), 0.45, unit="share")
+    ratio("e2e-users ≥ 2× nats", e2e_u, _get(summary, "nats", "e2e-users", "rate"), 2)
+    ratio("e2e-users ≥ 1.3× redis-everysec", e2e_u,
+          _get(summary, "redis-everysec", "e2e-users", "rate"), 1.3)
+    ratio("tx-users ≥ 50% of e2e-users", _get(summary, hq, "tx-users", "rate"), e2e_u, 0.50,
+          unit="share")
     # the absolute goals for halfmq alone on this machine
     absolute("publish ≥ 60,000 msgs/s", pub, 60_000, True, "msgs/s")
     absolute("e2e ≥ 30,000 msgs/s", e2e, 30_000, True, "msgs/s")

@@ -1,12 +1,15 @@
 """Redis Streams through redis-py: our own ``redis-server`` per cell with AOF
-``appendfsync always`` (the shared Redis keeps nothing on disk, so it is not used);
+``appendfsync always`` (system ``redis``) or ``appendfsync everysec`` (system
+``redis-everysec``: Redis' default AOF setting, which replies before the fsync and may lose
+the last second on a power cut); the shared Redis keeps nothing on disk, so it is not used.
 XADD to publish, XREADGROUP + XACK to consume.
 
 Publishes from the harness's concurrent loop are auto-pipelined: everything queued during
 one event-loop turn goes out as one pipeline on one connection (a few pipelines in
 flight), the way ioredis' ``enableAutoPipelining`` does — the fairest way to give Redis
 the same window of unconfirmed messages the other systems get. Redis replies only after
-the AOF write and fsync of the commands it handled (``appendfsync always``).
+the AOF write and fsync of the commands it handled (``appendfsync always``), or after the
+AOF write only (``everysec``: a background thread fsyncs once a second).
 """
 
 from __future__ import annotations
@@ -26,12 +29,21 @@ __all__ = ["Server", "Client"]
 PIPELINES_IN_FLIGHT = 2
 
 
+_DURABILITY = {
+    "always": "AOF appendfsync always (fsync before reply)",
+    "everysec": "AOF appendfsync everysec (fsync once a second, after the reply)",
+}
+
+
 class Server(BaseServer):
-    name = "redis"
-    durability = "AOF appendfsync always (fsync before reply)"
     client_module = "redis_streams"
 
-    def __init__(self) -> None:
+    def __init__(self, fsync: str = "always") -> None:
+        if fsync not in _DURABILITY:
+            raise ValueError(f"appendfsync must be one of {', '.join(_DURABILITY)}, not {fsync!r}")
+        self.fsync = fsync
+        self.name = "redis" if fsync == "always" else f"redis-{fsync}"
+        self.durability = _DURABILITY[fsync]
         self.proc: asyncio.subprocess.Process | None = None
         self.dir: str | None = None
 
@@ -51,7 +63,7 @@ class Server(BaseServer):
         port = free_port()
         self.proc = await asyncio.create_subprocess_exec(
             "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-            "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+            "--appendonly", "yes", "--appendfsync", self.fsync, "--save", "",
             "--dir", self.dir, "--protected-mode", "no",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             stdin=asyncio.subprocess.DEVNULL,
