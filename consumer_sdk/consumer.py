@@ -10,6 +10,13 @@ of ``concurrency`` worker tasks drains, so at most ``concurrency`` listener call
 once and no task is created per message. ``async def`` listeners are awaited; plain
 ``def`` listeners run in a thread pool of ``concurrency`` threads.
 
+Hand-off: an idle worker waits on a future of its own; a DELIVER frame wakes *one* of them,
+and a worker that takes a delivery wakes the next idle one if more are queued. A listener
+that does not suspend therefore drains a whole frame in one worker with two wake-ups,
+instead of waking every idle worker for each frame (as ``asyncio.Queue`` would: 64
+workers woken to find the queue empty); a listener that suspends brings one more worker
+in per loop iteration, up to ``concurrency``.
+
 A listener returning ``ConsumeResult.SUCCESS`` acks the delivery (``ok = true``);
 ``RECONSUME_LATER``, anything else, or an exception (logged at WARNING with the msg_id)
 is a failure (``ok = false``) and the broker redelivers later (C3/C4). Acks are buffered
@@ -29,6 +36,7 @@ Deliveries received but not started are not acked.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import inspect
@@ -60,8 +68,6 @@ CLOSE_GRACE = 10.0
 CONNECT_TIMEOUT = 5.0
 #: Seconds a control request (subscribe, unsubscribe, barrier) may take.
 CONTROL_TIMEOUT = 5.0
-
-_STOP = object()  # wakes a worker up to exit
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
@@ -163,9 +169,12 @@ class PushConsumer:
         )
         self._is_async = _is_async(listener)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._queue: asyncio.Queue[Any] | None = None
+        # deliveries not started yet: (connection generation, token, message)
+        self._ready: collections.deque[tuple[int, Any, Message]] = collections.deque()
+        self._idle: list[asyncio.Future[bool]] = []  # one per idle worker: True wakes it to work
+        self._waking = 0  # workers woken to work that have not looked at _ready yet
         self._workers: list[asyncio.Task[None]] = []
-        self._acks: list[list[Any]] = []
+        self._acks: list[tuple[Any, bool]] = []
         self._acks_gen = 0
         self._ack_scheduled = False
         self._started = False
@@ -187,7 +196,6 @@ class PushConsumer:
             return
         if self._closed:
             raise HalfMQError("consumer is closed")
-        self._queue = asyncio.Queue()
         if not self._is_async:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 self.concurrency, thread_name_prefix="halfmq-consume"
@@ -251,9 +259,11 @@ class PushConsumer:
     async def _stop_workers(self, grace: float) -> None:
         if not self._workers:
             return
-        if self._queue is not None:
-            for _ in self._workers:
-                self._queue.put_nowait(_STOP)
+        idle = list(self._idle)
+        self._idle.clear()
+        for fut in idle:  # (_stopping is set: they exit)
+            if not fut.done():
+                fut.set_result(False)
         if grace > 0:
             _, still_running = await asyncio.wait(self._workers, timeout=grace)
             if still_running:
@@ -270,10 +280,10 @@ class PushConsumer:
         if op != Op.DELIVER:
             log.debug("ignoring push op %s", op)
             return
-        if self._stopping or self._queue is None:
+        if self._stopping or not self._workers:
             return  # not started: redelivered after the ack timeout
         gen = self._conn.generation
-        put = self._queue.put_nowait
+        put = self._ready.append
         try:
             deliveries = payload["d"]
         except (KeyError, TypeError):
@@ -289,29 +299,50 @@ class PushConsumer:
                     self._ack(gen, entry[0], False)
                 continue
             put((gen, token, message))
+        self._wake_worker()
+
+    def _wake_worker(self) -> None:
+        """Wake one idle worker if deliveries wait and no other worker is on its way."""
+        idle = self._idle
+        while idle and not self._waking and self._ready:
+            fut = idle.pop()
+            if not fut.done():
+                fut.set_result(True)
+                self._waking += 1
 
     async def _work(self) -> None:
-        queue = self._queue
-        assert queue is not None
+        ready = self._ready
+        idle = self._idle
         conn = self._conn
         listener = self.listener
         is_async = self._is_async
         loop = asyncio.get_running_loop()
+        success = ConsumeResult.SUCCESS
         while True:
-            item = await queue.get()
-            if item is _STOP or self._stopping:
+            if self._stopping:
                 return
-            gen, token, message = item
+            if not ready:
+                fut: asyncio.Future[bool] = loop.create_future()
+                idle.append(fut)
+                try:
+                    await fut
+                finally:
+                    if fut.done() and not fut.cancelled() and fut.result():
+                        self._waking -= 1
+                continue
+            gen, token, message = ready.popleft()
+            if ready:
+                self._wake_worker()  # more to do: the next idle worker comes for it
             if gen != conn.generation:
                 continue  # from a previous connection: its token is void
             try:
                 if is_async:
-                    result = listener(message)  # a coroutine, awaited below
+                    result = await listener(message)  # type: ignore[misc]
                 else:
                     result = await loop.run_in_executor(self._pool, listener, message)
-                if inspect.isawaitable(result):
-                    result = await result
-                ok = result is ConsumeResult.SUCCESS or result == ConsumeResult.SUCCESS.value
+                    if inspect.isawaitable(result):
+                        result = await result
+                ok = result is success or result == success.value
                 if not ok and result is not ConsumeResult.RECONSUME_LATER:
                     log.warning("listener returned %r for msg_id %s; treating it as "
                                 "RECONSUME_LATER", result, message.msg_id)
@@ -328,12 +359,12 @@ class PushConsumer:
         if gen != self._acks_gen:
             self._acks = []
             self._acks_gen = gen
-        self._acks.append([token, ok])
+        self._acks.append((token, ok))
         if not self._ack_scheduled and not self._stopping:
             self._ack_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_acks)
 
-    def _take_acks(self) -> list[list[Any]]:
+    def _take_acks(self) -> list[tuple[Any, bool]]:
         acks, self._acks = self._acks, []
         if acks and self._acks_gen != self._conn.generation:
             return []  # tokens of a previous connection mean nothing on this one

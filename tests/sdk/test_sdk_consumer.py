@@ -147,7 +147,7 @@ async def test_c9_close_does_not_ack_unstarted(broker_factory):
         c = PushConsumer(b.address, group="g", topic="c9b", listener=rec, concurrency=1)
         await c.start()
         await wait_for(lambda: rec.in_flight == 1, what="the first listener call")
-        await wait_for(lambda: c._queue.qsize() == 2, what="the other two queued")
+        await wait_for(lambda: len(c._ready) == 2, what="the other two queued")
         closing = asyncio.create_task(c.close())
         await asyncio.sleep(0)
         gate.set()
@@ -167,12 +167,12 @@ async def test_c10_concurrency_and_prefetch_bound(broker):
         await p.send_batch("c10", [f"m{i}" for i in range(30)])
         async with PushConsumer(broker.address, group="g", topic="c10", listener=rec,
                                 concurrency=3, prefetch=5) as c:
-            await wait_for(lambda: rec.in_flight == 3 and c._queue.qsize() == 2,
+            await wait_for(lambda: rec.in_flight == 3 and len(c._ready) == 2,
                            what="3 calls running and 2 prefetched")
             for _ in range(10):  # the bounds hold while the listener is stuck
                 await asyncio.sleep(0.02)
                 assert rec.in_flight == 3 and rec.max_in_flight == 3
-                assert c._queue.qsize() + rec.in_flight <= 5
+                assert len(c._ready) + rec.in_flight <= 5
             gate.set()
             await wait_for(lambda: rec.finished == 30, what="all 30 consumed")
     assert rec.max_in_flight == 3
