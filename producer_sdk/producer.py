@@ -43,6 +43,7 @@ from protocol import (
     validate_name,
     validate_send_topic,
 )
+from protocol.message import new_send_result
 
 __all__ = ["Producer"]
 
@@ -52,6 +53,11 @@ _MAX_MICRO_BATCH = 64
 
 #: Pause before retrying an error the broker itself reported as retriable (e.g. shutting down).
 _RETRY_PAUSE = 0.05
+
+#: A message row's keys and properties when it has none: shared, never mutated (packed as
+#: an empty array and map; two objects fewer per send for the garbage collector to track).
+_NO_KEYS: tuple[str, ...] = ()
+_NO_PROPERTIES: dict[str, str] = {}
 
 #: What a ``send_batch`` item dict may hold.
 _BATCH_ITEM_KEYS = frozenset(("body", "tags", "keys", "properties", "message_group", "delay", "deliver_at"))
@@ -289,8 +295,11 @@ class Producer:
                 f"message body of {len(data)} bytes exceeds the broker's limit of "
                 f"{conn.max_message_size} bytes"
             )
-        item: list[Any] = [data, _encode_tags(tags), _encode_keys(keys) if keys else [],
-                _encode_properties(properties) if properties else {}, int(time.time() * 1000)]
+        if tags is not None and type(tags) is not str:
+            _encode_tags(tags)  # raises TypeError
+        item: list[Any] = [data, tags, _encode_keys(keys) if keys else _NO_KEYS,
+                           _encode_properties(properties) if properties else _NO_PROPERTIES,
+                           int(time.time() * 1000)]
         if message_group is not None or delay is not None or deliver_at is not None:
             item.append(_encode_options(message_group, delay, deliver_at))
         loop = conn._loop
@@ -301,7 +310,7 @@ class Producer:
             # fast path: joins this loop iteration's SEND frame for the topic
             try:
                 r = await self._enqueue(topic, item, False)
-                return SendResult(r[0], r[1], r[2], topic)
+                return new_send_result(r[0], r[1], r[2], topic)
             except HalfMQError as exc:
                 if not exc.retriable or self.retries <= 0 or conn.closed or loop.time() >= deadline:
                     raise
