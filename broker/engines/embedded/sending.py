@@ -266,13 +266,15 @@ class EmbeddedSending:
             for s, rid, reply in replies:
                 s.reply(rid, reply)
                 answered.add(s)
-            if (any_plain or waiters) and not self._stopping:
-                self.dispatch(flush=True)
             # Write the replies now rather than at the end of the iteration: a callback
             # queued for later can run after the next batch's write, which blocks the loop
             # for an fdatasync (measured: a reply then waited a whole fsync, p50 0.2-1.2 ms).
+            # And before the deliveries are built: the producers start on their next sends
+            # while this process leases, encodes and writes the DELIVER frames.
             for s in answered:
                 s.flush()
+            if (any_plain or waiters) and not self._stopping:
+                self.dispatch(flush=True)
 
         fut.add_done_callback(done)
 
