@@ -109,7 +109,9 @@ async def test_a_fifo_push_consumer_creates_a_fifo_group_and_an_existing_plain_g
 
 
 async def test_fifo_order_holds_across_a_broker_kill9(broker_factory):
-    b = broker_factory("--retry-delays", "50ms")
+    # the leases of the killed broker's deliveries run out after --ack-timeout (in cluster mode
+    # the engine's ack wait holds them: the default 60 s would make the test wait that long)
+    b = broker_factory("--retry-delays", "50ms", "--ack-timeout", "8s")
     post_json(f"{b.http_url}/api/groups/fifo-k/settings", {"fifo": True})
     await send_groups(b.address, "korders")
     check = OrderChecker(fail_rate=0.03)
