@@ -106,3 +106,11 @@ def test_bench_users_scenarios_deliver_every_message(tmp_path: Path) -> None:
         assert (r["sent"], r["received"], r["errors"]) == (300, 300, 0), (scenario, r)
     md = (out / "latest.md").read_text()
     assert "as applications write it" in md
+
+
+@pytest.mark.parametrize("args", [["producer"], ["producer", "--floor"], ["consumer"]])
+def test_sdk_bench_runs_each_side(args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "benchmarks.sdk_bench", *args, "--count", "2000"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "us of CPU per message (2,000 messages)" in proc.stdout

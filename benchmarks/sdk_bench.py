@@ -1,0 +1,167 @@
+"""The SDKs' own CPU per message, in one process, without a broker or a socket.
+
+How this works
+--------------
+``producer``: as applications write it -- one task per ``Producer.send`` with at most 256
+in flight (a semaphore), the interpreter's default garbage-collector settings -- against a
+stand-in for the connection that answers each SEND frame on the next loop iteration.
+``consumer``: a ``PushConsumer(concurrency=64)`` whose push handler is fed DELIVER
+payloads of 100 messages, one per loop iteration (as the connection's reader would hand
+them on), with a listener that returns SUCCESS; its ACK frames go to a stand-in. Neither
+encodes nor decodes frames or touches a socket: what is left is the SDK's own work per
+message plus the asyncio machinery the pattern needs. ``--floor`` runs the producer
+pattern with a bare future in place of ``send`` (what the task, the semaphore and one
+future cost alone).
+
+Prints the process's CPU time per message (``time.process_time``). On a shared machine
+that moves with the other load; run it under ``valgrind --tool=cachegrind
+--cache-sim=no`` with two ``--count`` values for instruction counts that do not.
+
+``python -m benchmarks.sdk_bench producer|consumer [--count N] [--floor]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from typing import Any
+
+__all__ = ["sdk_bench_main"]
+
+WINDOW = 256
+PER_FRAME = 100
+BODY = b"x" * 1024
+
+
+async def _producer(count: int, floor: bool) -> float:
+    from producer_sdk import Producer
+
+    loop = asyncio.get_running_loop()
+    producer = Producer("127.0.0.1:1")
+    conn = producer._conn
+    conn._loop = loop
+    conn._ready = True  # handshaken, as far as the producer can tell
+    position = 0
+
+    def request_future(op: int, payload: Any, deadline: float) -> asyncio.Future[Any]:
+        nonlocal position
+        fut = loop.create_future()
+        rows = []
+        for _ in payload["msgs"]:
+            position += 1
+            rows.append([position, 0, position])
+        loop.call_soon(fut.set_result, {"p": "AC1F0001", "r": rows})
+        return fut
+
+    conn.request_future = request_future  # type: ignore[method-assign]
+    send: Any = producer.send
+    if floor:
+        waiting: list[asyncio.Future[Any]] = []
+
+        def answer() -> None:
+            batch = waiting[:]
+            waiting.clear()
+
+            def resolve() -> None:
+                for f in batch:
+                    f.set_result(None)
+
+            loop.call_soon(resolve)
+
+        async def bare(topic: str, body: bytes) -> None:
+            fut = loop.create_future()
+            if not waiting:
+                loop.call_soon(answer)
+            waiting.append(fut)
+            await fut
+
+        send = bare
+    slots = asyncio.Semaphore(WINDOW)
+
+    async def one() -> None:
+        try:
+            await send("t", BODY)
+        finally:
+            slots.release()
+
+    tasks: set[asyncio.Task[None]] = set()
+    c0 = time.process_time()
+    for _ in range(count):
+        await slots.acquire()
+        task = asyncio.create_task(one())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.wait(tasks)
+    return time.process_time() - c0
+
+
+async def _consumer(count: int) -> float:
+    from consumer_sdk import ConsumeResult, PushConsumer
+    from protocol import Op
+
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    seen = 0
+
+    async def listener(message: Any) -> ConsumeResult:
+        nonlocal seen
+        seen += 1
+        if seen == count:
+            done.set_result(None)
+        return ConsumeResult.SUCCESS
+
+    consumer = PushConsumer("127.0.0.1:1", group="g", topic="t", listener=listener,
+                            concurrency=64, prefetch=1024)
+    conn = consumer._conn
+    conn._loop = loop
+    conn._ready = True
+    conn.generation = 1
+    conn.send_nowait = lambda op, payload: True  # type: ignore[method-assign]
+    consumer._workers = [asyncio.create_task(consumer._work()) for _ in range(consumer.concurrency)]
+    frames = []
+    offset = 0
+    for _ in range(max(count // PER_FRAME, 1)):
+        deliveries = []
+        for _ in range(PER_FRAME):
+            offset += 1
+            deliveries.append([offset, [f"AC1F0001{offset:016X}", "t", BODY, None, [], {}, 1, 2, 0, offset, 0]])
+        frames.append({"d": deliveries})
+    await asyncio.sleep(0)
+    c0 = time.process_time()
+    for payload in frames:
+        consumer._on_push(Op.DELIVER, payload)
+        await asyncio.sleep(0)
+    await done
+    spent = time.process_time() - c0
+    for task in consumer._workers:
+        task.cancel()
+    await asyncio.wait(consumer._workers)
+    return spent
+
+
+def sdk_bench_main(argv: list[str]) -> int:
+    """``python -m benchmarks.sdk_bench``; see the module docstring."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sdk_bench",
+                                 description="the SDKs' own CPU per message, in one process")
+    ap.add_argument("side", choices=("producer", "consumer"))
+    ap.add_argument("--count", type=int, default=200_000, help="messages (default 200,000)")
+    ap.add_argument("--floor", action="store_true",
+                    help="producer: a bare future in place of send (the pattern's own cost)")
+    args = ap.parse_args(argv)
+    count = max(args.count - args.count % PER_FRAME, PER_FRAME)
+    runner = _producer(count, args.floor) if args.side == "producer" else _consumer(count)
+    try:
+        import uvloop
+
+        spent = uvloop.run(runner)
+    except ImportError:  # pragma: no cover
+        spent = asyncio.run(runner)
+    what = "the pattern alone (--floor)" if args.floor else args.side
+    print(f"{what}: {spent / count * 1e6:.2f} us of CPU per message ({count:,} messages)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(sdk_bench_main(sys.argv[1:]))
