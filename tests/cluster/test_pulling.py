@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from protocol.errors import BadRequestError, StaleReceiptError
+from broker.engines.jetstream import naming
+from protocol.errors import BadRequestError, BrokerUnavailableError, StaleReceiptError
 from tests.cluster.sessions import RecordingSession
 from tests.cluster.test_engine import _rows, _send
 from tests.conftest import wait_for
@@ -97,3 +100,65 @@ async def test_any_gateway_settles_and_a_stopped_gateways_leases_come_back(engin
     assert [w[2] for _h, w in back] == [got[1][1][2]] and back[0][1][10] >= 1
     assert time.monotonic() - stopped < 30
     assert await _settle(b, cb, "g", [[back[0][0], "ack", 0]]) == [True]
+
+
+async def _lead_consumer(engine, stream: str, consumer: str, node: str) -> None:
+    """Move the leadership of ``consumer`` on ``stream`` to ``node`` (a step-down naming it)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            info = await engine.client.api(f"CONSUMER.INFO.{stream}.{consumer}", deadline=2)
+            leader = info["cluster"].get("leader")
+            if leader == node:
+                return
+            if leader:
+                await engine.client.api(f"CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}",
+                                        {"placement": {"preferred": node}}, deadline=2)
+        except Exception:  # (no leader for a moment)
+            pass
+        assert time.monotonic() < deadline, f"{consumer} is not led by {node}"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_settle_the_engine_did_not_confirm_leaves_the_lease_and_its_handle(cluster_factory, engine_factory,
+                                                                                  unique):
+    """Regression: an ack sent while the pull consumer had no leader (a fail-over) ended the
+    lease before the engine confirmed it, so settling the same handle again was refused as
+    stale. Here the consumer's leader and one more node are paused (no quorum: nothing is
+    confirmed): every settle answers a retriable error and keeps its lease, also through
+    another gateway; once the nodes are back, the same handles settle."""
+    cluster = await asyncio.to_thread(cluster_factory, 3)
+    n1 = cluster.node("n1")
+    only_n1 = SimpleNamespace(urls=[n1.url], monitor_urls=[n1.monitor_url])  # (never a paused node)
+    a = await engine_factory(cluster=only_n1, ack_timeout=10.0)  # (renewed every 5 s meanwhile)
+    b = await engine_factory(cluster=only_n1, ack_timeout=10.0)
+    p, ca, cb = (RecordingSession(role=r) for r in ("producer", "consumer", "consumer"))
+    await _send(a, p, unique, _rows(b"0", b"1", b"2", b"3"))
+    got = await _receive(a, ca, "g", unique, n=4, invisible=60_000, wait=5000)
+    assert sorted(w[2] for _h, w in got) == [b"0", b"1", b"2", b"3"]
+    (h0, _), (h1, _), (h2, w2), (h3, _) = got
+    await _lead_consumer(a, naming.topic_stream(unique), naming.group_consumer_name("g"), "n2")
+    for name in ("n2", "n3"):
+        cluster.pause(name)
+    try:
+        items = [[h0, "ack", 0], [h1, "ack", 0], [h2, "nack", 0]]
+        for r in await _settle(a, ca, "g", items) + await _settle(b, cb, "g", [[h3, "ack", 0]]):
+            assert r[0] == BrokerUnavailableError.code, r  # not stale, not done
+    finally:
+        for name in ("n2", "n3"):
+            cluster.resume(name)
+    pending = {h0: "ack", h1: "ack", h2: "nack", h3: "ack"}
+    deadline = time.monotonic() + 60
+    while pending:
+        items = [[h, action, 0] for h, action in pending.items()]
+        for (h, _action, _ms), r in zip(items, await _settle(b, cb, "g", items), strict=True):
+            if r is True:
+                del pending[h]
+            else:
+                assert r[0] == BrokerUnavailableError.code and time.monotonic() < deadline, r
+        await asyncio.sleep(0.2)
+    # the nacked one only, counted (its NAK may be lost if the consumer's leader changes once
+    # more right after: then it comes back when the engine's ack wait runs out)
+    again = await _receive(a, ca, "g", unique, n=4, wait=20_000)
+    assert [(w[2], w[10]) for _h, w in again] == [(w2[2], 1)]
+    assert await _settle(b, cb, "g", [[again[0][0], "ack", 0]]) == [True]

@@ -22,16 +22,25 @@ The engine's own lease (``ack_wait`` = ``--ack-timeout``) runs underneath: one l
 task per gateway sends an in-progress ("working") every half ack wait for leases that
 last longer, and at a lease's deadline a NAK, so the message comes back at once with its
 delivery count raised (an expired lease is a failed attempt); the next fetch past
-``max_attempts`` dead-letters it, as for push consumers.
+``max_attempts`` dead-letters it, as for push consumers. An in-progress is a request the
+consumer's leader answers: one that is not answered (no leader during a fail-over) is
+tried again every second until it is, or the lease ends. When the engine hands out again
+a message this gateway still holds a lease on (its ack wait ran out anyway), that older
+lease ends: its handle is stale, the newer delivery's is the one that settles.
 
-**SETTLE** by handle: ``ack`` (confirmed by the engine before the reply: a settle batch
-sends its acks in order and waits for the last), ``nack`` (a NAK with that delay),
-``cid`` (new deadline, new handle: the old one goes stale), ``renew`` (new deadline,
-same handle), ``dlq``. A handle of another gateway is forwarded to it over the engine
-connection (``hmqs.lease.<gateway>``, request/reply), so any connection of the group on
-any gateway may settle it. A handle whose lease ended, changed, or whose gateway is gone
-(stopped, crashed) is refused as stale (``StaleReceiptError``); the message itself comes
-back when the engine's ack wait runs out.
+**SETTLE** by handle: ``ack``, ``nack`` (a NAK with that delay), ``cid`` (new deadline,
+new handle: the old one goes stale), ``renew`` (new deadline, same handle), ``dlq``. A
+lease ends only once the engine has confirmed its ack, NAK or dead letter: the acks of one
+consumer are sent in order and the last is confirmed (the consumer's leader handles them
+in order), a NAK or TERM is confirmed by the leader. An action the engine did not confirm
+— a consumer without a leader while it fails over answers nobody — gets an error a
+client may retry (``BrokerUnavailableError``) and leaves the lease and its handle as they
+were, so the same handle settles it once the engine answers again (a repeated ack is
+harmless). A handle of another gateway is forwarded to it over the engine connection
+(``hmqs.lease.<gateway>``, request/reply), so any connection of the group on any gateway
+may settle it. A handle whose lease ended, changed, or whose gateway is gone (stopped,
+crashed: nobody answers its subject) is refused as stale (``StaleReceiptError``); the
+message itself comes back when the engine's ack wait runs out.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import heapq
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,14 +61,20 @@ from broker.engines.base import Session
 from broker.engines.jetstream.groups import ConsumerHandle, Delivery, GroupSpec
 from broker.engines.jetstream.parts import EngineParts
 from broker.engines.jetstream.pull import Puller
-from protocol.errors import BadRequestError, HalfMQError, StaleReceiptError
+from protocol.errors import BadRequestError, BrokerUnavailableError, HalfMQError, StaleReceiptError
 
 __all__ = ["JetStreamPulling"]
 
 log = logging.getLogger("halfmq.engine")
 
 _POOL_MAX = 8  # idle pullers kept per (group, topic)
-_FORWARD_TIMEOUT = 5.0
+_CONFIRM_TIMEOUT = 3.0  # the engine's answer to an ack / NAK / in-progress (clients wait 5 s)
+_FORWARD_TIMEOUT = 4.5  # another gateway's answer to a forwarded settle (it waits for the engine)
+_RENEW_RETRY = 1.0  # seconds between tries of an in-progress the engine did not answer
+# a NAK always carries a delay: the consumer's leader replicates a delayed NAK (a new
+# deadline for the message), while a plain one lives in its memory only, lost with a
+# leader change (the message would wait out the whole ack wait)
+_NAK_MIN_DELAY = 0.001
 _FIFO_POLL = 0.1  # seconds between polls of a FIFO group's queues while a RECEIVE waits
 
 
@@ -100,6 +116,7 @@ class JetStreamPulling(EngineParts):
         self._pools: dict[tuple[str, str], _Pool] = {}
         self._receives: dict[tuple[str, int], asyncio.Task[Any]] = {}
         self._leases: dict[int, _Lease] = {}
+        self._leased: dict[tuple[str, str, int], int] = {}  # (stream, consumer, seq) -> token
         self._lease_heap: list[tuple[float, int, int]] = []
         self._lease_wake = asyncio.Event()
         self._lease_task: asyncio.Task[Any] | None = None
@@ -231,9 +248,22 @@ class JetStreamPulling(EngineParts):
         token = self._next_token
         self._next_token += 1
         lease = _Lease(token, 0, group, d, wire, deadline, self._renew_time(deadline))
+        key = _seq_key(d)
+        older = self._leases.get(self._leased.get(key, 0))
+        if older is not None:  # the engine handed it out again: the older lease is over
+            self._end(older)
         self._leases[token] = lease
+        self._leased[key] = token
         self._arm(lease)
         return self._handle(lease)
+
+    def _end(self, lease: _Lease) -> None:
+        """``lease`` is over (settled, expired or superseded): its handle is stale from now."""
+        if self._leases.get(lease.token) is lease:
+            del self._leases[lease.token]
+            key = _seq_key(lease.delivery)
+            if self._leased.get(key) == lease.token:
+                del self._leased[key]
 
     def _handle(self, lease: _Lease) -> str:
         return f"{self._gateway_id}.{lease.token}.{lease.version}"
@@ -255,27 +285,27 @@ class JetStreamPulling(EngineParts):
         heap = self._lease_heap
         while not self._stopping:
             now = time.time()
-            work: list[tuple[_Lease, bool]] = []  # (lease, expired)
+            expired: list[_Lease] = []
+            renew: list[_Lease] = []
             while heap and heap[0][0] <= now:
                 _when, token, version = heapq.heappop(heap)
                 lease = self._leases.get(token)
                 if lease is None or lease.version != version:
                     continue
                 if lease.deadline <= now:
-                    del self._leases[token]
-                    work.append((lease, True))
+                    self._end(lease)
+                    expired.append(lease)
                 elif lease.renew_at <= now:
                     lease.renew_at = self._renew_time(lease.deadline)
                     heapq.heappush(heap, (min(lease.deadline, lease.renew_at), token, version))
-                    work.append((lease, False))
+                    renew.append(lease)
                 else:  # an entry of an earlier deadline: the current one is queued too
                     continue
-            for lease, expired in work:
+            if renew:  # (not awaited here: an unanswered one must not hold up the deadlines)
+                self._track(self._renew_all(renew), "lease renewal")
+            for lease in expired:
                 try:
-                    if expired:
-                        await lease.delivery.retry(0.0)  # back at once, counted as a failed attempt
-                    else:
-                        await lease.delivery.extend()
+                    await lease.delivery.retry(_NAK_MIN_DELAY)  # back at once, a failed attempt
                 except Exception as exc:  # the engine's own ack wait takes over
                     log.warning("lease %d of group %s: %r", lease.token, lease.group, exc)
             self._lease_wake.clear()
@@ -285,6 +315,24 @@ class JetStreamPulling(EngineParts):
                     await asyncio.wait_for(self._lease_wake.wait(), timeout=wait)
                 except TimeoutError:
                     pass
+
+    async def _renew_all(self, leases: list[_Lease]) -> None:
+        await asyncio.gather(*(self._renew(lease) for lease in leases))
+
+    async def _renew(self, lease: _Lease) -> None:
+        """Restart the engine's ack wait of ``lease`` (an in-progress its consumer's leader
+        answers); not answered, tried again in a second while the lease lasts."""
+        try:
+            await self.client.nc.request(lease.delivery.msg.reply, b"+WPI", timeout=_CONFIRM_TIMEOUT)
+        except Exception as exc:
+            if self._leases.get(lease.token) is not lease or self._stopping:
+                return
+            at = time.time() + _RENEW_RETRY
+            if at < min(lease.deadline, lease.renew_at):
+                lease.renew_at = at
+                self._arm(lease)
+            log.info("lease %d of group %s: the engine did not confirm its renewal (%r), trying again",
+                     lease.token, lease.group, exc)
 
     # -- SETTLE -------------------------------------------------------------------------
 
@@ -326,53 +374,76 @@ class JetStreamPulling(EngineParts):
                 local.append((i, lease, action, ms))
             except HalfMQError as exc:
                 results[i] = [exc.code, str(exc)]
-        last_ack: tuple[int, Delivery] | None = None
         now = time.time()
+        acks: dict[tuple[str, str], list[tuple[int, _Lease]]] = {}  # per consumer, in order
+        steps: list[Awaitable[None]] = []
         for i, lease, action, ms in local:
-            try:
-                if action in ("cid", "renew"):
-                    if action == "cid":
-                        lease.version += 1
-                    lease.deadline = now + ms / 1000.0
-                    lease.renew_at = self._renew_time(lease.deadline)
-                    self._arm(lease)
-                    await lease.delivery.extend()  # the engine's ack wait counts from now
-                    results[i] = self._handle(lease) if action == "cid" else True
-                    continue
-                del self._leases[lease.token]
-                if action == "ack":
-                    if last_ack is not None:
-                        await last_ack[1].msg.ack()
-                        results[last_ack[0]] = True
-                    last_ack = (i, lease.delivery)
-                    continue
-                if action == "nack":
-                    conf = await self._group_conf(group)
-                    max_re = _max_reconsume(conf)
-                    attempt = lease.delivery.attempt
-                    if attempt >= max_re:  # its last attempt failed: dead-lettered now (C4)
-                        await lease.delivery.dead_letter(lease.wire)
-                    elif ms < 0:  # the group's retry delay for this attempt
-                        ladder = conf.get("retry_delays") or self.config.retry_delays
-                        await lease.delivery.retry(float(ladder[min(attempt, len(ladder) - 1)]) if ladder else 0.0)
-                    else:
-                        await lease.delivery.retry(ms / 1000.0)
-                else:
-                    await lease.delivery.dead_letter(lease.wire)
-                results[i] = True
-            except Exception as exc:
-                results[i] = _error_row(exc)
-        if last_ack is not None:
-            try:
-                await last_ack[1].ack()  # confirmed: every earlier ack of this connection is in
-                results[last_ack[0]] = True
-            except Exception as exc:
-                results[last_ack[0]] = _error_row(exc)
+            if action in ("cid", "renew"):
+                if action == "cid":
+                    lease.version += 1
+                lease.deadline = now + ms / 1000.0
+                lease.renew_at = now  # the engine's ack wait counts from now (the lease task, at once)
+                self._arm(lease)
+                results[i] = self._handle(lease) if action == "cid" else True
+            elif action == "ack":
+                h = lease.delivery.handle
+                acks.setdefault((h.stream, h.name), []).append((i, lease))
+            else:
+                steps.append(self._give_back(group, i, lease, action, ms, results))
+        steps += [self._ack_in_order(chain, results) for chain in acks.values()]
         for gw, idx in remote.items():
-            answers = await self._forward(gw, group, [items[i] for i in idx])
-            for i, r in zip(idx, answers, strict=True):
-                results[i] = r
+            steps.append(self._forward_items(gw, group, items, idx, results))
+        await asyncio.gather(*steps)
         return results
+
+    async def _ack_in_order(self, chain: list[tuple[int, _Lease]], results: list[Any]) -> None:
+        """Ack the leases of ``chain`` (one consumer's, in settle order): all sent, the last
+        one confirmed — the consumer's leader handles them in order, so its answer covers
+        the others. Not confirmed: every lease of the chain stays, each item gets the error."""
+        nc = self.client.nc
+        try:
+            for _i, lease in chain[:-1]:
+                await nc.publish(lease.delivery.msg.reply, b"")
+            await nc.request(chain[-1][1].delivery.msg.reply, b"", timeout=_CONFIRM_TIMEOUT)
+        except Exception as exc:
+            row = _unconfirmed_row("ack", exc)
+            for i, _lease in chain:
+                results[i] = row
+            return
+        for i, lease in chain:
+            self._end(lease)
+            results[i] = True
+
+    async def _give_back(self, group: str, i: int, lease: _Lease, action: str, ms: int,
+                         results: list[Any]) -> None:
+        """``nack`` (retry after ``ms``, -1: the group's delay for its attempt; dead-lettered
+        after the last attempt, C4) or ``dlq``; the lease ends once the engine confirmed it."""
+        d = lease.delivery
+        try:
+            conf = await self._group_conf(group)
+            attempt = d.attempt
+            if action == "nack" and attempt < _max_reconsume(conf):
+                if ms < 0:  # the group's retry delay for this attempt
+                    ladder = conf.get("retry_delays") or self.config.retry_delays
+                    delay = float(ladder[min(attempt, len(ladder) - 1)]) if ladder else 0.0
+                else:
+                    delay = ms / 1000.0
+                nak = b'-NAK {"delay": %d}' % int(max(delay, _NAK_MIN_DELAY) * 1e9)
+                await self.client.nc.request(d.msg.reply, nak, timeout=_CONFIRM_TIMEOUT)
+            else:  # a copy in the DLQ (idempotent), then never again to this group
+                await self.groups_api.publish_dead(group, lease.wire)
+                await self.client.nc.request(d.msg.reply, b"+TERM", timeout=_CONFIRM_TIMEOUT)
+        except Exception as exc:
+            results[i] = _unconfirmed_row(action, exc)
+            return
+        self._end(lease)
+        results[i] = True
+
+    async def _forward_items(self, gw: str, group: str, items: list[Any], idx: list[int],
+                             results: list[Any]) -> None:
+        answers = await self._forward(gw, group, [items[i] for i in idx])
+        for i, r in zip(idx, answers, strict=True):
+            results[i] = r
 
     async def _forward(self, gw: str, group: str, items: list[Any]) -> list[Any]:
         """Settle ``items`` on gateway ``gw`` (it holds their leases)."""
@@ -383,7 +454,7 @@ class JetStreamPulling(EngineParts):
             if isinstance(answers, list) and len(answers) == len(items):
                 return answers
             raise ValueError("malformed answer")
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
+        except nats.errors.NoRespondersError:  # (a gateway that is slow to answer is not gone)
             stale = StaleReceiptError("stale receipt handle: the gateway that leased it is gone "
                                       "(the message is delivered again when its lease runs out)")
             return [[stale.code, str(stale)]] * len(items)
@@ -430,6 +501,11 @@ class JetStreamPulling(EngineParts):
         self._fifo_lanes.clear()
 
 
+def _seq_key(d: Delivery) -> tuple[str, str, int]:
+    """The message a delivery is of, per consumer (a redelivery has the same key)."""
+    return d.handle.stream, d.handle.name, d.stream_seq
+
+
 def _parse_handle(handle: Any) -> tuple[str, int, int]:
     if not isinstance(handle, str):
         raise StaleReceiptError("a receipt handle must be a string")
@@ -437,6 +513,15 @@ def _parse_handle(handle: Any) -> tuple[str, int, int]:
     if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
         raise StaleReceiptError(f"malformed receipt handle {handle!r}")
     return parts[0], int(parts[1]), int(parts[2])
+
+
+def _unconfirmed_row(action: str, exc: BaseException) -> list[Any]:
+    """The answer to a settle the engine did not confirm (its lease and handle stay)."""
+    if isinstance(exc, HalfMQError):
+        return [exc.code, str(exc)]
+    err = BrokerUnavailableError(f"the engine did not confirm the {action} ({type(exc).__name__}: {exc}); "
+                                 "the lease is unchanged: settle it again with the same handle")
+    return [err.code, str(err)]
 
 
 def _error_row(exc: BaseException) -> list[Any]:
