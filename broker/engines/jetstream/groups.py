@@ -275,14 +275,15 @@ class Groups:
                                 half.message_group, record.due_ms)
         return None
 
-    async def publish_dead(self, group: str, wire: list[Any]) -> PubAck:
-        """Store a copy of wire message ``wire`` in ``%DLQ%<group>`` (idempotent per message)."""
+    async def publish_dead(self, group: str, wire: list[Any], *, deadline: float = 15.0) -> PubAck:
+        """Store a copy of wire message ``wire`` in ``%DLQ%<group>`` (idempotent per message;
+        ``EngineUnavailableError`` if the engine has not stored it within ``deadline`` seconds)."""
         msg_id, topic = wire[0], wire[1]
         properties = {**wire[5], ORIGIN_TOPIC: topic}
         payload = encode_dead(wire[2], wire[3], list(wire[4]), properties, wire[6],
                               msg_id=msg_id, topic=topic)
         return await self.client.publish(naming.dlq_subject(group), payload,
-                                         msg_id=f"dlq:{group}:{msg_id}")
+                                         msg_id=f"dlq:{group}:{msg_id}", deadline=deadline)
 
     async def find_dead(self, group: str, msg_id: str) -> tuple[int, Record] | None:
         """``(dlq_seq, record)`` of ``msg_id`` in ``%DLQ%<group>``, or None (a scan of that subject)."""

@@ -69,7 +69,8 @@ log = logging.getLogger("halfmq.engine")
 
 _POOL_MAX = 8  # idle pullers kept per (group, topic)
 _CONFIRM_TIMEOUT = 3.0  # the engine's answer to an ack / NAK / in-progress (clients wait 5 s)
-_FORWARD_TIMEOUT = 4.5  # another gateway's answer to a forwarded settle (it waits for the engine)
+_FORWARD_TIMEOUT = 3.5  # another gateway's answer to a forwarded settle (it waits for the engine)
+_PROBE_TIMEOUT = 1.0  # whether a gateway that did not answer in time is still there
 _RENEW_RETRY = 1.0  # seconds between tries of an in-progress the engine did not answer
 # a NAK always carries a delay: the consumer's leader replicates a delayed NAK (a new
 # deadline for the message), while a plain one lives in its memory only, lost with a
@@ -420,7 +421,7 @@ class JetStreamPulling(EngineParts):
         after the last attempt, C4) or ``dlq``; the lease ends once the engine confirmed it."""
         d = lease.delivery
         try:
-            conf = await self._group_conf(group)
+            conf = await self._group_conf(group) if action == "nack" else {}
             attempt = d.attempt
             if action == "nack" and attempt < _max_reconsume(conf):
                 if ms < 0:  # the group's retry delay for this attempt
@@ -431,7 +432,7 @@ class JetStreamPulling(EngineParts):
                 nak = b'-NAK {"delay": %d}' % int(max(delay, _NAK_MIN_DELAY) * 1e9)
                 await self.client.nc.request(d.msg.reply, nak, timeout=_CONFIRM_TIMEOUT)
             else:  # a copy in the DLQ (idempotent), then never again to this group
-                await self.groups_api.publish_dead(group, lease.wire)
+                await self.groups_api.publish_dead(group, lease.wire, deadline=_CONFIRM_TIMEOUT)
                 await self.client.nc.request(d.msg.reply, b"+TERM", timeout=_CONFIRM_TIMEOUT)
         except Exception as exc:
             results[i] = _unconfirmed_row(action, exc)
@@ -454,12 +455,31 @@ class JetStreamPulling(EngineParts):
             if isinstance(answers, list) and len(answers) == len(items):
                 return answers
             raise ValueError("malformed answer")
-        except nats.errors.NoRespondersError:  # (a gateway that is slow to answer is not gone)
-            stale = StaleReceiptError("stale receipt handle: the gateway that leased it is gone "
-                                      "(the message is delivered again when its lease runs out)")
-            return [[stale.code, str(stale)]] * len(items)
+        except nats.errors.NoRespondersError:
+            gone = True
+        except (nats.errors.TimeoutError, TimeoutError):
+            # slow, or gone an instant ago (the engine node this gateway is connected to may
+            # not yet know its subscription went with it): ask once more with nothing to do
+            gone = await self._gateway_gone(gw)
         except Exception as exc:
             return [_error_row(exc)] * len(items)
+        if gone:
+            err: HalfMQError = StaleReceiptError("stale receipt handle: the gateway that leased it is gone "
+                                                 "(the message is delivered again when its lease runs out)")
+        else:
+            err = BrokerUnavailableError("the gateway that leased it did not answer in time; "
+                                         "the lease is unchanged: settle it again with the same handle")
+        return [[err.code, str(err)]] * len(items)
+
+    async def _gateway_gone(self, gw: str) -> bool:
+        """True if nobody answers gateway ``gw``'s settle subject (an empty settle)."""
+        try:
+            await self.client.nc.request(f"hmqs.lease.{gw}", msgpack.packb(["", []]), timeout=_PROBE_TIMEOUT)
+        except nats.errors.NoRespondersError:
+            return True
+        except Exception:
+            pass
+        return False
 
     async def _serve_forwarded(self) -> None:
         """Answer settles forwarded by other gateways for this gateway's leases."""
