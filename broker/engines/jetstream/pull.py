@@ -15,6 +15,11 @@ Status 503 (the consumer has no leader: a failover, or a consumer just created w
 node is down) ends the request too; ``fetch`` then waits a little before returning
 nothing, so a caller's loop does not spin.
 
+Each request has its own reply subject (``<inbox>.<n>``) and a status ends only the
+request it answers: the end of an earlier one that comes late (a no-wait pull's 408 after
+this side's timer already gave up on it) must not end the long poll sent after it.
+Messages go to the buffer whichever request brought them.
+
 Why not nats-py's ``fetch``: it runs a task per wait and nested ``wait_for`` calls; a
 cancelled fetch was seen to stay blocked past its timeout under uvloop, which would hang
 a gateway's graceful stop.
@@ -42,6 +47,8 @@ class Puller:
         self._nc = nc
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = nc.new_inbox()
+        self._requests = 0
+        self._reply = ""  # the reply subject of the latest request
         self._sub: Any = None
         self._buffer: deque[Msg] = deque()
         self._open_left = 0  # messages the open request may still bring
@@ -51,7 +58,7 @@ class Puller:
 
     async def open(self) -> Puller:
         """Subscribe the inbox; returns self."""
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg,
+        self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._on_msg,
                                              pending_msgs_limit=1_000_000,
                                              pending_bytes_limit=1024 * 1024 * 1024)
         return self
@@ -66,6 +73,8 @@ class Puller:
         if status is None:
             self._buffer.append(msg)
             self._open_left = max(0, self._open_left - 1)
+        elif msg.subject != self._reply:
+            return  # the end of an earlier request
         elif status in _DONE_STATUSES:
             self._open_left = 0
         elif status == "503":
@@ -91,6 +100,11 @@ class Puller:
             timer.cancel()
             self._waiter = None
 
+    async def _send(self, request: dict[str, Any]) -> None:
+        self._requests += 1
+        self._reply = f"{self._inbox}.{self._requests}"
+        await self._nc.publish(self._next_subject, json.dumps(request).encode(), reply=self._reply)
+
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         """Up to ``batch`` messages; waits at most ``timeout`` seconds when none is buffered."""
         if not self._buffer:
@@ -100,7 +114,7 @@ class Puller:
                 self._open_left = batch
                 self._open_until = now + timeout
                 request = {"batch": batch, "expires": max(1_000_000, int(timeout * 1e9) - 50_000_000)}
-                await self._nc.publish(self._next_subject, json.dumps(request).encode(), reply=self._inbox)
+                await self._send(request)
             await self._wait()
             if not self._buffer and self._no_leader:
                 await asyncio.sleep(min(timeout, 0.25))
@@ -125,7 +139,7 @@ class Puller:
             self._open_until = time.monotonic() + timeout
             request = {"batch": self._open_left, "no_wait": True,
                        "expires": max(1_000_000, int(timeout * 1e9) - 10_000_000)}
-            await self._nc.publish(self._next_subject, json.dumps(request).encode(), reply=self._inbox)
+            await self._send(request)
             while self.request_open:
                 await self._wait()
         out: list[Msg] = []
