@@ -10,8 +10,9 @@ clients wait side by side:
 
 1. a no-wait pull for up to ``max`` messages (``Puller.fetch_now``: the request ends
    before it returns, so nothing is leased to nobody);
-2. if that brought nothing, a long poll for one message until ``wait_ms`` is over, then
-   a no-wait pull for the rest of the batch;
+2. if that brought nothing, a long poll for one message until ``wait_ms`` is over (sent
+   again if the engine ends it early: a consumer without a leader yet), then a no-wait
+   pull for the rest of the batch;
 3. each message becomes a **lease** of this gateway, with its own deadline (now + the
    invisible duration) and a receipt handle ``<gateway>.<token>.<version>``.
 
@@ -76,6 +77,7 @@ _RENEW_RETRY = 1.0  # seconds between tries of an in-progress the engine did not
 # deadline for the message), while a plain one lives in its memory only, lost with a
 # leader change (the message would wait out the whole ack wait)
 _NAK_MIN_DELAY = 0.001
+_EARLY_END_PAUSE = 0.1  # before a long poll that ended early is sent again
 _FIFO_POLL = 0.1  # seconds between polls of a FIFO group's queues while a RECEIVE waits
 
 
@@ -205,11 +207,14 @@ class JetStreamPulling(EngineParts):
                                await Puller(self.client.nc, f.stream, f.name).open())
         reuse = False
         try:
+            end = time.monotonic() + wait
             got = await h.fetch_now(n)
-            if not got and wait > 0:
-                got = await h.fetch(1, timeout=wait)
+            while not got and (left := end - time.monotonic()) > 0:
+                got = await h.fetch(1, timeout=left)
                 if got and n > 1:
                     got += await h.fetch_now(n - 1)
+                elif not got:  # ended early (the consumer has no leader yet, or is changing it)
+                    await asyncio.sleep(min(_EARLY_END_PAUSE, max(0.0, end - time.monotonic())))
             reuse = not h.request_open
             return got
         finally:
