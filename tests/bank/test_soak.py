@@ -28,6 +28,12 @@ Each runs twice: on an open broker, and with auth on (bank1 may publish the topi
 producer group, bank2 may consume it as its consumer group — bank2 reads its login from
 ``HALFMQ_USER``/``HALFMQ_PASSWORD``, as the outbox relay does as bank1 — and the test reads
 the admin API as a read-only user).
+
+Against a cluster (``test_soak_against_a_cluster_...``, both modes, SQLite, open): two
+gateways over a private 3-node engine, the clients given both addresses; the broker kill
+becomes a ``kill -9`` of the node leading the topic's stream (restarted at once), and
+gateway A (the one the clients use) is ``kill -9``ed and restarted after ~500 transfers.
+The same checks, with the dead letters counted in the engine's dead-letter stream.
 """
 
 from __future__ import annotations

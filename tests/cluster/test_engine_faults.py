@@ -1,4 +1,5 @@
-"""Faults under load through ``JetStreamEngine``: kill -9 of the topic stream's leader."""
+"""Faults under load through ``JetStreamEngine``: kill -9 of the topic stream's leader, of
+the consumer's leader, no quorum, a decision without its pointer, a stalled resolution."""
 
 from __future__ import annotations
 
@@ -309,3 +310,81 @@ async def test_kill9_during_transactions_keeps_one_decision_and_one_visible_copy
           f"{len(acked_outcome)} outcomes acknowledged, {len(failures)} requests failed "
           f"(decided by check-back), {len(committed)} commits, each visible once; "
           f"200 more outcomes acknowledged {resumed:.1f} s after the kill")
+
+
+async def test_a_delivery_is_kept_leased_while_its_commit_pointer_is_slow_to_read(
+        engine_factory, unique, monkeypatch):
+    """Reading a commit pointer's body can stall (the read went to a stopped replica: seen
+    under the SIGSTOP fault). The gateway keeps the fetched deliveries leased meanwhile: a
+    copy handed out after its lease ran out would be live twice (the engine gives it again),
+    and a member failing it would get it back at once, before its retry delay."""
+    from broker.engines.jetstream.groups import Delivery
+    from tests.cluster.sessions import Sub
+    from tests.cluster.test_engine import _ack, _end, _holds, _ids, _rows, _send, _subscribe
+    from tests.conftest import wait_for
+
+    engine = await engine_factory(ack_timeout=2.0)
+    p = RecordingSession(role="producer", group=f"pg{unique}")
+    engine.producer_hello(p)
+    (msg_id,) = _ids(await _send(engine, p, unique, _rows(b"slow to read"), half=True))
+    await _end(engine, p, [(msg_id, "COMMIT")])
+    resolve = Delivery.resolve
+    calls = 0
+
+    async def first_one_slow(self):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(2.5)  # longer than the 2 s lease
+        return await resolve(self)
+
+    monkeypatch.setattr(Delivery, "resolve", first_one_slow)
+    c = RecordingSession(role="consumer")
+    await _subscribe(engine, c, Sub(f"g{unique}", unique))
+    await wait_for(lambda: c.deliveries, timeout=20, what="the delivery")
+    # still leased when handed out: no second live copy comes while it is held
+    await _holds(lambda: len(c.deliveries) == 1, 1.0)
+    token, wire = c.deliveries[0]
+    assert (wire[0], wire[2], wire[10]) == (msg_id, b"slow to read", 0)
+    await _ack(engine, c, [(token, True)])
+
+
+async def test_a_stopped_server_is_left_for_another_within_seconds(cluster_factory):
+    """The node a gateway is connected to stops answering without closing the connection
+    (SIGSTOP, as a hung process or a frozen network path): the gateway's engine client
+    notices within seconds (pings) and carries on through another node, instead of waiting
+    for the node to come back (found by the SIGSTOP fault test: sends paused for the whole
+    stop whenever the gateway happened to be connected to the stopped node)."""
+    from broker.engines.jetstream.client import EngineClient
+
+    cluster = await asyncio.to_thread(cluster_factory, 3)
+    client = EngineClient(cluster.urls)
+    await client.connect()
+    try:
+        await client.api("STREAM.NAMES")
+        port = client.nc.connected_url.port
+        node = next(n for n in cluster.nodes if n.client_port == port)
+        cluster.pause(node.name)
+        t0 = time.monotonic()
+        try:
+            await client.api("STREAM.NAMES", deadline=40)  # (a new meta leader, if it was that one)
+            took = time.monotonic() - t0
+        finally:
+            cluster.resume(node.name)
+        assert client.nc.connected_url.port != port
+        assert took < 15, f"answered {took:.1f} s after the node stopped"
+    finally:
+        await client.close()
+    print(f"\n[node {node.name} stopped: the engine client answered through another node after {took:.1f} s]")
+
+
+def test_the_engine_temporarily_unavailable_is_a_retriable_error():
+    """Found by the meta leader's kill: a SUBSCRIBE during the meta group's election got the
+    engine's 503 "JetStream system temporarily unavailable" as a plain error, which the
+    consumer SDK does not retry; it is ``BrokerUnavailableError`` (retriable)."""
+    from broker.engines.jetstream.client import EngineAPIError
+    from broker.engines.jetstream.engine import as_client_error
+
+    err = as_client_error(EngineAPIError(503, 10008, "JetStream system temporarily unavailable"))
+    assert isinstance(err, BrokerUnavailableError) and err.retriable
+    assert not as_client_error(EngineAPIError(404, 10059, "stream not found")).retriable

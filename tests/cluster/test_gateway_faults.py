@@ -5,7 +5,7 @@ END_TX and by check-back, one consumer group) through gateways over a private 3-
 cluster, injects one kind of fault while it runs, and checks the invariants: every
 acknowledged send and every committed transaction delivered, no rolled-back one, one
 visible copy per transaction, every half message resolved; plus, where a node dies, that
-sends resume within 10 s. A gateway killed between a transaction's COMMIT decision and its
+sends resume within ``FAILOVER_PAUSE_BOUND`` (the goal is 10 s). A gateway killed between a transaction's COMMIT decision and its
 commit pointer is made real with the ``after-decision`` failpoint (``broker.failpoint``).
 Node faults (meta and consumer leaders, a wiped disk, rolling restarts):
 ``test_node_faults.py``.
@@ -27,7 +27,7 @@ from producer_sdk import (
     TransactionListener,
     TransactionProducer,
 )
-from tests.cluster.conftest import GATEWAY_TEST_ARGS
+from tests.cluster.conftest import FAILOVER_PAUSE_BOUND, FAULT_TEST_ARGS
 from tests.cluster.enginestate import stream_leader
 from tests.cluster.faultproxy import FaultProxy
 from tests.cluster.workload import Workload
@@ -53,22 +53,25 @@ async def _hit_the_leader(cluster, address: str, topic: str, fault) -> float:
     return pause
 
 
-async def test_kill9_of_the_stream_leader_under_load(cluster_factory, gateway_factory, unique):
+async def test_kill9_of_the_stream_leader_under_load(cluster_factory, gateway_factory, unique, capsys):
     cluster = cluster_factory()
-    a = gateway_factory(cluster, *GATEWAY_TEST_ARGS)
-    b = gateway_factory(cluster, *GATEWAY_TEST_ARGS)
+    a = gateway_factory(cluster, *FAULT_TEST_ARGS)
+    b = gateway_factory(cluster, *FAULT_TEST_ARGS)
 
     async def kill(leader: str) -> None:
         await asyncio.to_thread(cluster.kill9, leader)
 
     pause = await _hit_the_leader(cluster, f"{a.address},{b.address}", unique, kill)
-    assert pause <= 10.0, f"sends paused {pause:.1f} s after the leader's kill"
+    with capsys.disabled():
+        print(f"\n[kill -9 of the stream leader: longest pause {pause:.1f} s]")
+    assert pause <= FAILOVER_PAUSE_BOUND, f"sends paused {pause:.1f} s after the leader's kill"
 
 
-async def test_sigstop_of_the_stream_leader_past_the_election_timeout(cluster_factory, gateway_factory, unique):
+async def test_sigstop_of_the_stream_leader_past_the_election_timeout(cluster_factory, gateway_factory, unique,
+                                                                      capsys):
     """The Jepsen process-pause case: the old leader wakes up after a new one was elected."""
     cluster = cluster_factory()
-    a = gateway_factory(cluster, *GATEWAY_TEST_ARGS)
+    a = gateway_factory(cluster, *FAULT_TEST_ARGS)
 
     async def pause_12s(leader: str) -> None:
         t0 = time.monotonic()
@@ -80,7 +83,9 @@ async def test_sigstop_of_the_stream_leader_past_the_election_timeout(cluster_fa
             cluster.resume(leader)
 
     pause = await _hit_the_leader(cluster, a.address, unique, pause_12s)
-    assert pause <= 10.0, f"sends paused {pause:.1f} s while the leader was stopped"
+    with capsys.disabled():
+        print(f"\n[SIGSTOP of the stream leader for 12 s: longest pause {pause:.1f} s]")
+    assert pause <= FAILOVER_PAUSE_BOUND, f"sends paused {pause:.1f} s while the leader was stopped"
 
 
 async def test_kill9_of_a_gateway_mid_send_and_holding_leases_with_transactions(
@@ -88,7 +93,7 @@ async def test_kill9_of_a_gateway_mid_send_and_holding_leases_with_transactions(
     """Gateway A dies with sends, transactions and leases under way, then B: the clients
     end on C, and everything promised arrives (leases come back after --ack-timeout)."""
     cluster = cluster_factory()
-    gws = [gateway_factory(cluster, *GATEWAY_TEST_ARGS) for _ in range(3)]
+    gws = [gateway_factory(cluster, *FAULT_TEST_ARGS) for _ in range(3)]
     w = await Workload(",".join(g.address for g in gws), unique).start()
     try:
         await w.wait_traffic(300)
@@ -108,7 +113,7 @@ async def test_a_proxy_between_gateway_and_engine_resets_stalls_and_drops(
     for p in proxies:
         await p.start()
     try:  # (the proxies run on this loop: the gateway is started from a thread)
-        gw = await asyncio.to_thread(gateway_factory, cluster, *GATEWAY_TEST_ARGS,
+        gw = await asyncio.to_thread(gateway_factory, cluster, *FAULT_TEST_ARGS,
                                      "--engine", ",".join(p.url for p in proxies))
     except BaseException:
         for p in proxies:
@@ -164,8 +169,8 @@ async def test_a_gateway_dies_between_the_commit_decision_and_the_pointer(
     from tests.conftest import wait_for
 
     cluster = cluster_factory()
-    a = gateway_factory(cluster, *GATEWAY_TEST_ARGS, env={"HALFMQ_FAILPOINT": "after-decision:100"})
-    b = gateway_factory(cluster, *GATEWAY_TEST_ARGS)
+    a = gateway_factory(cluster, *FAULT_TEST_ARGS, env={"HALFMQ_FAILPOINT": "after-decision:100"})
+    b = gateway_factory(cluster, *FAULT_TEST_ARGS)
     deadline = 1.0 + TXCHECK_ACK_WAIT + 2 * 10.0  # --tx-timeout 1s + a held half + two fail-overs
     lone_topic, lone_group = f"{unique}L", f"{unique}-lone"
     w = await Workload(f"{a.address},{b.address}", unique, tx_address=f"{b.address},{a.address}").start()

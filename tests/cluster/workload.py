@@ -4,7 +4,9 @@
 a producer of plain messages (``window`` sends in flight, every body unique), a
 transactional producer whose local transactions alternate COMMIT and ROLLBACK (every
 fourth one UNKNOWN, left to the check-back, which answers by the same rule), and one
-consumer group recording every body. ``await check()`` after ``stop()`` asserts the
+consumer group recording every body. The consumer fails some plain messages on purpose
+(``_outcome``): one in 13 once (retried after ``--retry-delays``), one in 97 every time (dead-
+lettered after ``MAX_RECONSUME`` retries). ``await check()`` after ``stop()`` asserts the
 reference's invariants that a client can see, plus reads in the engine:
 
 - every acknowledged plain send is delivered;
@@ -14,7 +16,11 @@ reference's invariants that a client can see, plus reads in the engine:
 - at most one visible copy (commit pointer) per transaction in the topic's stream, and
   only for a transaction decided COMMIT;
 - every half message in the topic's stream resolved (one decision record) within the
-  check's timeout.
+  check's timeout;
+- no redelivery after a failure before its retry delay (``RETRY_DELAYS``: the gateways'
+  ``--retry-delays`` of ``GATEWAY_TEST_ARGS``);
+- the group's dead letters (in the engine's ``HMQ_DLQ``) are exactly the messages that ran
+  out of attempts: every acknowledged always-failing one, once, and no other.
 """
 
 from __future__ import annotations
@@ -26,7 +32,25 @@ from typing import Any
 from consumer_sdk import ConsumeResult, PushConsumer
 from producer_sdk import LocalTransactionState, Producer, TransactionListener, TransactionProducer
 
-__all__ = ["Workload", "pointer_counts", "transaction_problems"]
+__all__ = ["MAX_RECONSUME", "RETRY_DELAYS", "Workload", "dead_letters", "pointer_counts", "transaction_problems"]
+
+
+#: the retry delays of the gateways the workload runs through (``GATEWAY_TEST_ARGS``)
+RETRY_DELAYS = (0.2, 0.4)
+#: retries before a message goes to the dead letters (so 4 deliveries of an always-failing one)
+MAX_RECONSUME = 3
+
+
+def _outcome(body: bytes, reconsume_times: int) -> ConsumeResult:
+    """The consumer's answer: plain message 13k+6 fails once, 97k+5 always; all others succeed."""
+    n = int(body.split(b"-")[-1])
+    if body.startswith(b"p-") and (n % 97 == 5 or (n % 13 == 6 and reconsume_times == 0)):
+        return ConsumeResult.RECONSUME_LATER
+    return ConsumeResult.SUCCESS
+
+
+def _always_fails(body: bytes) -> bool:
+    return body.startswith(b"p-") and int(body.split(b"-")[-1]) % 97 == 5
 
 
 def _decide(body: bytes) -> LocalTransactionState:
@@ -81,6 +105,24 @@ async def pointer_counts(engine_urls: list[str], topic: str) -> dict[int, int]:
         await nc.close()
 
 
+async def dead_letters(engine_urls: list[str], group: str) -> list[tuple[str, bytes]]:
+    """``(msg_id, body)`` of ``group``'s dead letters in the engine (``HMQ_DLQ``), in order."""
+    import nats
+
+    from broker.engines.jetstream import naming
+
+    nc = await nats.connect(servers=engine_urls, connect_timeout=5)
+    try:
+        js = nc.jetstream(timeout=10)
+        try:
+            return [(str(rec.msg_id), rec.body)
+                    for _seq, rec in await _scan(js, naming.DLQ_STREAM, naming.dlq_subject(group))]
+        except nats.js.errors.NotFoundError:
+            return []
+    finally:
+        await nc.close()
+
+
 async def transaction_problems(engine_urls: list[str], topic: str, prefix: str,
                                pointers: dict[int, int]) -> list[str]:
     """What is wrong with ``topic``'s transactions in the engine (empty: nothing): a half
@@ -126,18 +168,27 @@ class Workload:
         self.got: dict[bytes, str] = {}
         self.ack_times: list[float] = []
         self.got_times: list[float] = []  # when each delivery came (redeliveries included)
+        #: msg_id -> every delivery: (when, reconsume_times, failed on purpose); by message id,
+        #: not body: a send retried on another gateway after a lost reply is stored twice
+        self.deliveries: dict[str, list[tuple[float, int, bool]]] = {}
         self.errors = 0
+        self.t0 = time.monotonic()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._clients: list[Any] = []
 
     async def _on(self, m: Any) -> ConsumeResult:
+        now = time.monotonic()
         self.got[m.body] = m.msg_id
-        self.got_times.append(time.monotonic())
-        return ConsumeResult.SUCCESS
+        self.got_times.append(now)
+        result = _outcome(m.body, m.reconsume_times)
+        self.deliveries.setdefault(m.msg_id, []).append((now, m.reconsume_times,
+                                                         result is ConsumeResult.RECONSUME_LATER))
+        return result
 
     async def start(self) -> Workload:
-        consumer = PushConsumer(self.address, group=f"{self.topic}-g", topic=self.topic, listener=self._on)
+        consumer = PushConsumer(self.address, group=f"{self.topic}-g", topic=self.topic, listener=self._on,
+                                max_reconsume_times=MAX_RECONSUME)
         producer = Producer(self.address, send_timeout=self.send_timeout)
         txp = TransactionProducer(self.tx_address, group=f"{self.topic}-pg", listener=_Listener(),
                                   send_timeout=self.send_timeout)
@@ -220,8 +271,31 @@ class Workload:
         counts = await pointer_counts(engine_urls, self.topic)
         assert counts and max(counts.values()) == 1, "more than one visible copy of a transaction"
         assert len(counts) >= len(commits)
+        # no retry before its delay (a lost NAK brings it back after --ack-timeout: later)
+        early = []
+        for msg_id, ds in self.deliveries.items():
+            for (t, k, failed), (t2, _k2, _f2) in zip(ds, ds[1:], strict=False):
+                delay = RETRY_DELAYS[min(k, len(RETRY_DELAYS) - 1)]
+                if failed and t2 - t < delay - 0.02:
+                    early.append((msg_id, k, round(t2 - t, 3),
+                                  [(round(t3 - self.t0, 3), k3, f3) for t3, k3, f3 in ds]))
+        assert not early, f"redelivered before the retry delay: {early[:5]}"
+        # dead letters: every acknowledged always-failing message, each copy once, nothing else
+        group = f"{self.topic}-g"
+        want_dead = {b for b in self.acked if _always_fails(b)}
+        while True:
+            dead = await dead_letters(engine_urls, group)
+            missing = want_dead - {b for _m, b in dead}
+            if not missing:
+                break
+            assert time.monotonic() < deadline, f"not dead-lettered: {sorted(missing)[:5]}"
+            await asyncio.sleep(0.2)
+        wrong = [(m, b, self.deliveries.get(m)) for m, b in dead if not _always_fails(b)]
+        assert not wrong, f"dead-lettered, not out of attempts: {wrong[:3]}"
+        ids = [m for m, _b in dead]
+        assert len(ids) == len(set(ids)), "a message dead-lettered twice"
         # every half message resolved (the check-backs may still be at it), one decision each
-        prefix = next(iter(self.tx_ids.values()))[:8]
-        while problems := await transaction_problems(engine_urls, self.topic, prefix, counts):
+        prefix = next(iter(self.tx_ids.values()), "")[:8]
+        while prefix and (problems := await transaction_problems(engine_urls, self.topic, prefix, counts)):
             assert time.monotonic() < deadline, f"transactions in the engine: {problems[:5]}"
             await asyncio.sleep(0.5)

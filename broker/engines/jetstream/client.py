@@ -3,7 +3,11 @@
 How this works
 --------------
 ``EngineClient`` wraps a nats-py connection (reconnecting forever, every engine URL in
-its server list). What it adds:
+its server list). A server that stops answering without closing the connection (a paused
+or hung process, a frozen network path) is noticed by pings: one every ``PING_INTERVAL``
+second, the connection is given up after ``MAX_OUTSTANDING_PINGS`` unanswered ones and
+made again to another server (nats-py's default, a ping every 2 minutes, left a gateway
+connected to a stopped node stuck for as long as the node was stopped). What it adds:
 
 - ``publish()``: a JetStream publish is a request to the stream's leader, answered by a
   PubAck once a quorum stored it (fsynced, with ``sync_interval: always``). During a
@@ -103,6 +107,12 @@ def _error_from(resp: dict[str, Any]) -> EngineAPIError:
     return EngineAPIError(code, err_code, desc)
 
 
+#: seconds between pings to the engine server, and how many may go unanswered before the
+#: connection is given up for another server (a stopped server is left within ~3 s)
+PING_INTERVAL = 1
+MAX_OUTSTANDING_PINGS = 3
+
+
 def _time_ms(iso: str) -> int:
     """``2026-12-06T17:08:09.123456789Z`` → epoch milliseconds (no float rounding of the ns)."""
     import datetime
@@ -141,6 +151,7 @@ class EngineClient:
             self._nc = await asyncio.wait_for(nats.connect(
                 servers=self.urls, name=self.name, max_reconnect_attempts=-1,
                 reconnect_time_wait=0.25, connect_timeout=min(2.0, timeout),
+                ping_interval=PING_INTERVAL, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                 error_cb=ignore, allow_reconnect=True,
                 pending_size=64 * 1024 * 1024,
             ), timeout)

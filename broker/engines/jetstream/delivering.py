@@ -24,13 +24,17 @@ A delivery is an engine lease of ``--ack-timeout`` (the consumer's ack wait). AC
 
 A lease that expires (the member died or is slow) comes back from the engine with the
 count raised (C5); one that arrives past ``max_reconsume_times`` is dead-lettered instead
-of delivered. A member that leaves keeps nothing: its leases expire in the engine.
+of delivered. A lease is kept while the gateway itself is slow to resolve a fetched
+delivery (a commit pointer's body read stalled by an engine fail-over): an in-progress
+signal every third of the ack wait. A member that leaves keeps nothing: its leases expire
+in the engine.
 ACKs of one loop iteration are processed by one task (no task per ack).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -211,10 +215,9 @@ class JetStreamDelivering(EngineParts):
                 fetched = await handle.fetch(min(room, _FETCH_MAX), timeout=_FETCH_WAIT)
                 # pointers (commits, due schedules) each need a read of their body: read those
                 # of one fetch side by side, not one round trip after the other
-                pointers = [d for d in fetched if d.record.kind is Kind.POINTER
-                            and d.attempt <= pump.spec.max_reconsume_times]
-                read = dict(zip(map(id, pointers), await asyncio.gather(*(d.resolve() for d in pointers)),
-                                strict=True)) if len(pointers) > 1 else {}
+                live = [d for d in fetched if d.attempt <= pump.spec.max_reconsume_times]
+                read = await self._resolve_keeping_leases(
+                    pump, [d for d in live if d.record.kind is Kind.POINTER], live)
                 for d in fetched:
                     if d.attempt > pump.spec.max_reconsume_times:  # lease expired past the limit
                         wire = await d.resolve()
@@ -233,6 +236,27 @@ class JetStreamDelivering(EngineParts):
             except Exception as exc:  # the engine is failing over: wait, then go on
                 log.warning("deliveries of %s/%s paused: %r", pump.spec.group, pump.spec.topic, exc)
                 await asyncio.sleep(0.5)
+
+    async def _resolve_keeping_leases(self, pump: _Pump, pointers: list[Delivery],
+                                      keep: list[Delivery]) -> dict[int, Any]:
+        """The wire messages of ``pointers`` (by ``id``), read side by side. While the reads
+        take long (a read sent to a stopped replica waits for its timeout) the leases of
+        ``keep`` (the whole fetch) are kept, an in-progress signal every third of the ack
+        wait: a delivery handed out after its lease ran out would be live twice (the engine
+        gives it again meanwhile), and a member failing the stale copy would get it back at
+        once, not after its retry delay."""
+        if not pointers:
+            return {}
+        reads = asyncio.ensure_future(asyncio.gather(*(d.resolve() for d in pointers)))
+        try:
+            while not (await asyncio.wait([reads], timeout=pump.spec.ack_wait / 3))[0]:
+                for d in keep:
+                    with contextlib.suppress(Exception):  # (a lost signal: the lease may lapse)
+                        await d.extend()
+        except BaseException:
+            reads.cancel()
+            raise
+        return dict(zip(map(id, pointers), reads.result(), strict=True))
 
     def _hand_out(self, pump: _Pump) -> None:
         """Give waiting deliveries to members with room, one DELIVER per member."""

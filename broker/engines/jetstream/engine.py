@@ -86,6 +86,8 @@ def as_client_error(exc: BaseException) -> HalfMQError:
     if isinstance(exc, EngineUnavailableError | TimeoutError | nats.errors.Error):
         return BrokerUnavailableError(f"the engine did not answer in time: {exc}")
     if isinstance(exc, EngineAPIError):
+        if exc.code == 503:  # "JetStream system temporarily unavailable": e.g. a meta leader election
+            return BrokerUnavailableError(f"the engine is unavailable for now: {exc}")
         return HalfMQError(f"engine error: {exc}")
     return HalfMQError(f"internal error: {type(exc).__name__}: {exc}")
 
