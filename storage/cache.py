@@ -25,7 +25,7 @@ import bisect
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .log import MEMBER, MEMBER_BIT, CorruptRecordError, member_record, read_checked
+from .log import MEMBER, MEMBER_BIT, CorruptRecordError, member_record, read_checked, take_members
 from .model import IndexEntry, Record
 from .queue_index import ENTRY
 from .state import StoreState
@@ -162,8 +162,7 @@ class Reads(StoreState):
                         continue
                     b_lo = bundle.pos
                     b_hi = b_lo + bundle.size
-                out.append((first + i, member_record(bundle, pos)))  # type: ignore[arg-type]
-                i += 1
+                i = take_members(bundle, ents, i, first, out)  # type: ignore[arg-type]
                 continue
             if pos >= rc_lo:
                 if not c_lo <= pos < c_hi:

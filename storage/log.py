@@ -74,6 +74,7 @@ __all__ = [
     "MEMBER_BIT",
     "bundle_members",
     "member_record",
+    "take_members",
     "Segment",
     "SegmentLog",
     "encode_record",
@@ -281,6 +282,49 @@ def member_record(bundle: Record, pos: int) -> Record:
     k = t >> 4
     return make_record(pos, MEMBER.size + blen, bundle.rtype, bundle.store_time, headers[k],
                        body[start : start + blen], pos + MEMBER.size if k + 1 < n else bundle.next_pos)
+
+
+def take_members(bundle: Record, ents: list[tuple[int, ...]], i: int, first: int, out: list[tuple[int, Record]]) -> int:
+    """Append ``(first + j, member)`` for the index entries ``ents[i:]`` that are members of
+    the decoded ``bundle``, in order, and return the index of the first entry that is not;
+    ``ents[i]`` itself must be one (CorruptRecordError if not). :func:`member_record` for a
+    run of members, with the bundle's parts checked once."""
+    headers, _tags, body = _bundle_parts(bundle)
+    n = len(headers)
+    nbody = len(body)
+    bpos = bundle.pos
+    table = bundle.size - nbody  # offset of the marker table in the record
+    lo = bpos + table
+    hi = lo + (n << 4)
+    rtype = bundle.rtype
+    stime = bundle.store_time
+    msize = MEMBER.size
+    body_min = n << 4
+    ne = len(ents)
+    j = i
+    while j < ne:
+        pos, size = ents[j][0], ents[j][1]
+        if j > i and (not size & MEMBER_BIT or not lo <= pos < hi):
+            break
+        t = pos - lo
+        if t < 0 or t & 15 or t >= body_min:
+            raise CorruptRecordError(f"position {pos} is not a member of the bundle at {bpos}")
+        zero, boff, b, blen = _member_unpack(body, t)
+        start = boff - table
+        if zero or b != pos - bpos or start < body_min or start + blen > nbody:
+            raise CorruptRecordError(f"position {pos} is not a member of the bundle at {bpos}")
+        k = t >> 4
+        r = _new(Record)
+        _r_pos(r, pos)
+        _r_size(r, msize + blen)
+        _r_rtype(r, rtype)
+        _r_time(r, stime)
+        _r_header(r, headers[k])
+        _r_body(r, body[start : start + blen])
+        _r_next(r, pos + msize if k + 1 < n else bundle.next_pos)
+        out.append((first + j, r))
+        j += 1
+    return j
 
 
 def bundle_members(bundle: Record) -> Iterator[Record]:

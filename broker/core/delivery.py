@@ -414,6 +414,10 @@ class GroupDelivery:
         tags = self.tags
         fifo = self.fifo
         room = self._room(members)
+        # one member (the usual case): while room > 0 it has prefetch room and the group
+        # is under max_leases (room counts both down with every lease), so only its byte
+        # budget is left to check
+        single = members[0] if len(members) == 1 else None
         advanced = True
         while room > 0 and advanced:
             advanced = False
@@ -458,11 +462,14 @@ class GroupDelivery:
                             cur.inflight.add(off)
                             cur.next_offset = off + 1
                             continue
-                    m = self._pick(members)
+                    if single is not None:
+                        m = single if single.budget > 0 else None
+                    else:
+                        m = self._pick(members)
                     if m is None:
                         return  # every member's byte budget is spent
                     cur.next_offset = off + 1
-                    out.append(self._lease(m, (topic, qid), off, rec, now, 0, topic, qid, off, build, topic, mg))
+                    out.append(self._lease(m, (topic, qid), off, rec, now, 0, topic, qid, off, build, topic, mg, cur))
                     room -= 1 if m.budget > 0 else 1 + m.prefetch - len(m.leases)
                     if room <= 0:
                         return
@@ -550,12 +557,13 @@ class GroupDelivery:
     def _lease(
         self, m: Member, qkey: tuple[str, int], off: int, rec: Record, now: float, reconsume: int,
         topic: str, oq: int, oo: int, build: MessageBuilder, deliver_topic: str, mgroup: str | None = None,
+        cur: QueueCursor | None = None,
     ) -> tuple[str, int, list[Any]]:
         token = next(self._tokens)
         wire = build(rec, deliver_topic, oq, oo, reconsume, None)
         d = Delivery(token, m.member_id, qkey, off, rec.pos, wire[0], topic, oq, oo, reconsume,
                      now + (m.invisible if m.receiver else self.ack_timeout), wire[3], mgroup=mgroup)
-        self.cursors[qkey].inflight.add(off)
+        (cur or self.cursors[qkey]).inflight.add(off)
         m.budget -= rec.size
         m.leases[token] = d
         self.leases.add(d)
@@ -572,6 +580,37 @@ class GroupDelivery:
         if d is None or d.member != member_id:
             return None
         return self._finish(d, ok)
+
+    def ack_many(self, member_id: str, acks: Iterable[tuple[int, bool]], now: float) -> list[PendingRecord]:
+        """``ack`` for each ``(token, ok)`` of one push member, in order; returns the records
+        to append (of the failed ones)."""
+        pending: list[PendingRecord] = []
+        end = self.leases.end
+        m = self.members.get(member_id)
+        mleases = m.leases if m is not None else None
+        cursors = self.cursors
+        acked = self.acked
+        fifo = self.fifo
+        n_ok = 0
+        for token, ok in acks:
+            d = end(token, member_id)
+            if d is None:
+                continue  # unknown or expired
+            if mleases is not None:
+                mleases.pop(token, None)
+            if not ok:
+                self.stats["failed"] += 1
+                pending.append(self._fail(d, expired=False))
+                continue
+            d.state = transition(DELIVERY_TRANSITIONS, d.state, DeliveryEvent.ACK)
+            n_ok += 1
+            qkey = d.qkey
+            cursors[qkey].inflight.discard(d.offset)
+            acked.append([qkey[0], qkey[1], d.offset])
+            if d.mgroup is not None and fifo is not None:
+                fifo.done(d.mgroup)
+        self.stats["acked"] += n_ok
+        return pending
 
     def settle(self, handle: object, action: str, ms: int, now: float) -> tuple[PendingRecord | None, str | None]:
         """Act on a lease by its receipt handle, from any connection of the group:

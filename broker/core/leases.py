@@ -85,6 +85,15 @@ class LeaseTable:
         self._by_token[d.token] = d
         heapq.heappush(self._heap, (d.deadline, d.token, d.version))
 
+    def end(self, token: int, member: str) -> Delivery | None:
+        """End the lease ``token`` if ``member`` holds it and return it; else None (an
+        unknown, expired or other member's token is left alone)."""
+        d = self._by_token.get(token)
+        if d is None or d.member != member:
+            return None
+        del self._by_token[token]
+        return d
+
     def pop(self, token: int) -> Delivery | None:
         """End the lease ``token`` (its heap entry goes stale)."""
         return self._by_token.pop(token, None)

@@ -108,6 +108,30 @@ def test_prefetch_bounds_unacked_leases(env):
     assert len(gd.poll(0.0, build)[0]) == 1
 
 
+def test_ack_many_is_ack_one_by_one(env):
+    """The shell's batch of acks: the same outcome as ``ack`` per item, in order (unknown,
+    other members' and repeated tokens ignored, a failure becomes a retry record)."""
+    store, gd = env
+    for i in range(6):
+        store.send("t", 0, f"m{i}".encode())
+    gd.subscribe("a", "t", tags="*", prefetch=4, max_reconsume_times=2)
+    gd.subscribe("b", "t", tags="*", prefetch=4, max_reconsume_times=2)
+    out, _ = gd.poll(0.0, build)
+    mine = [token for member, token, _w in out if member == "a"]
+    theirs = [token for member, token, _w in out if member == "b"]
+    assert len(mine) == 3 and len(theirs) == 3
+    pending = gd.ack_many("a", [(mine[0], True), (theirs[0], True), (999, True), (mine[1], False),
+                                (mine[0], True), (mine[2], True)], 0.0)
+    assert [pr.record.rtype for pr in pending] == [RT_RETRY]
+    assert gd.stats["acked"] == 2 and gd.stats["failed"] == 1
+    assert len(gd.members["a"].leases) == 0 and len(gd.members["b"].leases) == 3
+    assert sorted(o for _t, _q, o in gd.take_acked()) == sorted(
+        w[9] for member, token, w in out if token in (mine[0], mine[2]))
+    apply(store, gd, pending)
+    assert gd.ack_many("b", [(t, True) for t in theirs], 0.0) == []
+    assert gd.committed_offsets()[("t", 0)] == 6
+
+
 def test_committed_offset_waits_for_the_lowest_unacked(env):
     store, gd = env
     for _ in range(3):

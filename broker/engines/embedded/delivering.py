@@ -91,11 +91,7 @@ class EmbeddedDelivering:
         now = time.time()
         if self.trace:
             self._trace_acks(gd, acks, now)
-        pending = []
-        for token, ok in acks:
-            r = gd.ack(s.conn_id, token, ok, now)
-            if r is not None:
-                pending.append(r)
+        pending = gd.ack_many(s.conn_id, acks, now)
         if gd.acked:
             self._acked_groups.add(gd)
         if pending:
