@@ -31,14 +31,27 @@ async def js_api(cluster: Any, endpoint: str, body: dict[str, Any] | None = None
         await nc.close()
 
 
+async def _leader(cluster: Any, endpoint: str, timeout: float = 60.0) -> str:
+    """The leader an ``...INFO`` endpoint names, asked again while there is none (an
+    election: no leader yet, or a 503 "temporarily unavailable")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            leader = ((await js_api(cluster, endpoint)).get("cluster") or {}).get("leader")
+        except Exception:  # noqa: BLE001 - no answer during the election: ask again
+            leader = None
+        if leader:
+            return str(leader)
+        assert time.monotonic() < deadline, f"no leader for {endpoint} after {timeout:.0f} s"
+        await asyncio.sleep(0.25)
+
+
 async def stream_leader(cluster: Any, stream: str) -> str:
-    info = await js_api(cluster, f"STREAM.INFO.{stream}")
-    return str(info["cluster"]["leader"])
+    return await _leader(cluster, f"STREAM.INFO.{stream}")
 
 
 async def consumer_leader(cluster: Any, stream: str, consumer: str) -> str:
-    info = await js_api(cluster, f"CONSUMER.INFO.{stream}.{consumer}")
-    return str(info["cluster"]["leader"])
+    return await _leader(cluster, f"CONSUMER.INFO.{stream}.{consumer}")
 
 
 async def wait_consumer_leader_apart(cluster: Any, stream: str, consumer: str, timeout: float = 60.0) -> str:

@@ -68,18 +68,34 @@ class _Listener(TransactionListener):
         return _decide(message.body)
 
 
+async def _patiently(call: Any, *args: Any, timeout: float = 60.0, **kwargs: Any) -> Any:
+    """``await call(*args, **kwargs)``, asked again while the engine is electing a leader
+    (503 "temporarily unavailable", timeouts, no responders) for up to ``timeout`` s."""
+    import nats
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await call(*args, **kwargs)
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 async def _scan(js: Any, stream: str, subject: str) -> list[tuple[int, Any]]:
     """``(sequence, record)`` of every record of ``stream`` on ``subject``, in order."""
     import nats
 
     from broker.engines.jetstream.records import decode_record
 
-    last = (await js.stream_info(stream)).state.last_seq
+    last = (await _patiently(js.stream_info, stream)).state.last_seq
     out = []
     seq = 1
     while seq <= last:
         try:
-            msg = await js.get_msg(stream, seq=seq, next=True, subject=subject)
+            msg = await _patiently(js.get_msg, stream, seq=seq, next=True, subject=subject)
         except nats.js.errors.NotFoundError:
             break
         out.append((int(msg.seq), decode_record(msg.data or b"")))
@@ -137,7 +153,7 @@ async def transaction_problems(engine_urls: list[str], topic: str, prefix: str,
     try:
         js = nc.jetstream(timeout=10)
         halves = [seq for seq, _rec in await _scan(js, naming.topic_stream(topic), f"hmq.{topic}.h.>")]
-        info = await js.stream_info(naming.TX_STREAM, subjects_filter="hmqs.tx.d.*")
+        info = await _patiently(js.stream_info, naming.TX_STREAM, subjects_filter="hmqs.tx.d.*")
         subjects = info.state.subjects or {}
         problems = []
         for seq in halves:
@@ -145,7 +161,8 @@ async def transaction_problems(engine_urls: list[str], topic: str, prefix: str,
             if n != 1:
                 problems.append(f"half {seq}: {n} decision records")
         for seq in pointers:
-            msg = await js.get_last_msg(naming.TX_STREAM, naming.tx_decision_subject(naming.encode_msg_id(prefix, seq)))
+            msg = await _patiently(js.get_last_msg, naming.TX_STREAM,
+                                   naming.tx_decision_subject(naming.encode_msg_id(prefix, seq)))
             if msg.data != b"C":
                 problems.append(f"half {seq}: a commit pointer, decision {msg.data!r}")
         if not halves:
