@@ -52,7 +52,7 @@ from typing import Any, Protocol
 
 from broker.core.fifo import LOOKAHEAD, FifoOrder
 from broker.core.leases import Delivery, LeaseTable, StaleHandleError
-from broker.core.lifecycle import DELIVERY_TRANSITIONS, DeliveryEvent, transition
+from broker.core.lifecycle import DELIVERY_TRANSITIONS, DeliveryEvent, DeliveryState, transition
 from broker.core.records import (
     H_TAGS,
     RT_DLQ,
@@ -83,6 +83,9 @@ DEFAULT_MAX_RECONSUME = 16
 #: ``more`` is set and the shell polls again in the next loop iteration, so a tag filter
 #: over a long backlog never holds the event loop.
 SCAN_PER_POLL = 4096
+
+
+_LEASED = DeliveryState.LEASED  # (a new Delivery's state and version are passed by position: faster)
 
 
 class QueueReader(Protocol):
@@ -562,7 +565,7 @@ class GroupDelivery:
         token = next(self._tokens)
         wire = build(rec, deliver_topic, oq, oo, reconsume, None)
         d = Delivery(token, m.member_id, qkey, off, rec.pos, wire[0], topic, oq, oo, reconsume,
-                     now + (m.invisible if m.receiver else self.ack_timeout), wire[3], mgroup=mgroup)
+                     now + (m.invisible if m.receiver else self.ack_timeout), wire[3], _LEASED, 0, mgroup)
         (cur or self.cursors[qkey]).inflight.add(off)
         m.budget -= rec.size
         m.leases[token] = d

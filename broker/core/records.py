@@ -163,6 +163,18 @@ def record_msg_id(rec: Record) -> str:
     return make_msg_id(rec.header[H_EPOCH], rec.pos)
 
 
+#: epoch -> its 8 hex digits, the first part of every message id of that store (a store has
+#: one epoch: formatting it once per message id is a measurable part of a delivery)
+_EPOCH_HEX: dict[int, str] = {}
+
+
+def _epoch_hex(epoch: int) -> str:
+    if len(_EPOCH_HEX) >= 64:
+        _EPOCH_HEX.clear()
+    s = _EPOCH_HEX[epoch] = f"{epoch:08X}"
+    return s
+
+
 def build_wire(rec: Record, topic: str, qid: int, off: int, reconsume: int, _unused: Any = None) -> list[Any]:
     """The wire form (``protocol.Message.to_wire``) of the message in ``rec`` as delivered
     from ``topic``; a message delivered from another topic (a DLQ) carries ``ORIGIN_TOPIC``."""
@@ -170,7 +182,8 @@ def build_wire(rec: Record, topic: str, qid: int, off: int, reconsume: int, _unu
     t, g, k, props, born, epoch = h[:6]
     if topic != t:
         props = {**props, "ORIGIN_TOPIC": t}
-    wire = [f"{epoch:08X}{rec.pos:016X}", topic, rec.body, g, k, props, born, rec.store_time, qid, off, reconsume]
+    prefix = _EPOCH_HEX.get(epoch) or _epoch_hex(epoch)
+    wire = [prefix + f"{rec.pos:016X}", topic, rec.body, g, k, props, born, rec.store_time, qid, off, reconsume]
     if len(h) > H_EXT:
         ext = h[H_EXT]
         extras = {key: ext[key] for key in ("g", "at") if key in ext}
