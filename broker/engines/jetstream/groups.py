@@ -70,6 +70,20 @@ class GroupSpec:
         return self.topic.startswith(DLQ_TOPIC_PREFIX)
 
 
+CONFIRM_TIMEOUT = 3.0  # the engine's answer to an ack / NAK / TERM / in-progress (clients wait 5 s)
+# a NAK always carries a delay: the consumer's leader replicates a delayed NAK (a new
+# deadline for the message), while a plain one lives in its memory only, lost with a
+# leader change (the message would wait out the whole ack wait)
+NAK_MIN_DELAY = 0.001
+ACK = b""
+TERM = b"+TERM"
+
+
+def nak_action(delay: float) -> bytes:
+    """A NAK redelivering after ``delay`` seconds (at least ``NAK_MIN_DELAY``)."""
+    return b'-NAK {"delay": %d}' % int(max(delay, NAK_MIN_DELAY) * 1e9)
+
+
 @dataclass(slots=True)
 class Delivery:
     """One message fetched from a group's consumer (a lease until acked, retried or dead)."""
@@ -89,6 +103,13 @@ class Delivery:
     async def retry(self, delay: float) -> None:
         """NAK: redeliver after ``delay`` seconds (the count goes up on redelivery)."""
         await self.msg.nak(delay=delay if delay > 0 else None)
+
+    async def confirm(self, action: bytes, timeout: float = CONFIRM_TIMEOUT) -> None:
+        """Send ``action`` (``ACK``, ``nak_action(delay)``, ``TERM``) and wait until the
+        consumer's leader answers it: raises (``nats.errors.TimeoutError``,
+        ``NoRespondersError``) if it did not, e.g. while the consumer has no leader. Unlike
+        ``msg.ack()`` and friends this may be sent again (a repeated one is harmless)."""
+        await self.handle.groups.client.nc.request(self.msg.reply, action, timeout=timeout)
 
     async def extend(self) -> None:
         """Reset the lease's ack wait (work in progress)."""

@@ -31,9 +31,9 @@ lease ends: its handle is stale, the newer delivery's is the one that settles.
 
 **SETTLE** by handle: ``ack``, ``nack`` (a NAK with that delay), ``cid`` (new deadline,
 new handle: the old one goes stale), ``renew`` (new deadline, same handle), ``dlq``. A
-lease ends only once the engine has confirmed its ack, NAK or dead letter: the acks of one
-consumer are sent in order and the last is confirmed (the consumer's leader handles them
-in order), a NAK or TERM is confirmed by the leader. An action the engine did not confirm
+lease ends only once the engine has confirmed its ack, NAK or dead letter: each is a
+request the consumer's leader answers, sent side by side (confirming only the last ack of
+a batch would not do: a leader that changed between two acks may have lost the earlier). An action the engine did not confirm
 — a consumer without a leader while it fails over answers nobody — gets an error a
 client may retry (``BrokerUnavailableError``) and leaves the lease and its handle as they
 were, so the same handle settles it once the engine answers again (a repeated ack is
@@ -59,7 +59,16 @@ import msgpack  # type: ignore[import-untyped]
 import nats.errors
 
 from broker.engines.base import Session
-from broker.engines.jetstream.groups import ConsumerHandle, Delivery, GroupSpec
+from broker.engines.jetstream.groups import (
+    ACK,
+    CONFIRM_TIMEOUT,
+    NAK_MIN_DELAY,
+    TERM,
+    ConsumerHandle,
+    Delivery,
+    GroupSpec,
+    nak_action,
+)
 from broker.engines.jetstream.parts import EngineParts
 from broker.engines.jetstream.pull import Puller
 from protocol.errors import BadRequestError, BrokerUnavailableError, HalfMQError, StaleReceiptError
@@ -69,14 +78,9 @@ __all__ = ["JetStreamPulling"]
 log = logging.getLogger("halfmq.engine")
 
 _POOL_MAX = 8  # idle pullers kept per (group, topic)
-_CONFIRM_TIMEOUT = 3.0  # the engine's answer to an ack / NAK / in-progress (clients wait 5 s)
 _FORWARD_TIMEOUT = 3.5  # another gateway's answer to a forwarded settle (it waits for the engine)
 _PROBE_TIMEOUT = 1.0  # whether a gateway that did not answer in time is still there
 _RENEW_RETRY = 1.0  # seconds between tries of an in-progress the engine did not answer
-# a NAK always carries a delay: the consumer's leader replicates a delayed NAK (a new
-# deadline for the message), while a plain one lives in its memory only, lost with a
-# leader change (the message would wait out the whole ack wait)
-_NAK_MIN_DELAY = 0.001
 _EARLY_END_PAUSE = 0.1  # before a long poll that ended early is sent again
 _FIFO_POLL = 0.1  # seconds between polls of a FIFO group's queues while a RECEIVE waits
 
@@ -288,39 +292,52 @@ class JetStreamPulling(EngineParts):
         self._lease_wake.set()
 
     async def _lease_loop(self) -> None:
-        heap = self._lease_heap
+        """Deadlines and renewals of this gateway's leases, for as long as the engine runs: an
+        unexpected error in one round is logged and the loop goes on (a dead loop would let
+        every lease lapse silently into the engine's ack wait)."""
         while not self._stopping:
-            now = time.time()
-            expired: list[_Lease] = []
-            renew: list[_Lease] = []
-            while heap and heap[0][0] <= now:
-                _when, token, version = heapq.heappop(heap)
-                lease = self._leases.get(token)
-                if lease is None or lease.version != version:
-                    continue
-                if lease.deadline <= now:
-                    self._end(lease)
-                    expired.append(lease)
-                elif lease.renew_at <= now:
-                    lease.renew_at = self._renew_time(lease.deadline)
-                    heapq.heappush(heap, (min(lease.deadline, lease.renew_at), token, version))
-                    renew.append(lease)
-                else:  # an entry of an earlier deadline: the current one is queued too
-                    continue
-            if renew:  # (not awaited here: an unanswered one must not hold up the deadlines)
-                self._track(self._renew_all(renew), "lease renewal")
-            for lease in expired:
-                try:
-                    await lease.delivery.retry(_NAK_MIN_DELAY)  # back at once, a failed attempt
-                except Exception as exc:  # the engine's own ack wait takes over
-                    log.warning("lease %d of group %s: %r", lease.token, lease.group, exc)
-            self._lease_wake.clear()
-            wait = (heap[0][0] - time.time()) if heap else 3600.0
-            if wait > 0:
-                try:
-                    await asyncio.wait_for(self._lease_wake.wait(), timeout=wait)
-                except TimeoutError:
-                    pass
+            try:
+                await self._lease_round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("lease loop: unexpected error; going on")
+                await asyncio.sleep(_RENEW_RETRY)  # (not a hot loop if it recurs)
+
+    async def _lease_round(self) -> None:
+        """Handle the leases that are due, then wait until the next one is (or a wake-up)."""
+        heap = self._lease_heap
+        now = time.time()
+        expired: list[_Lease] = []
+        renew: list[_Lease] = []
+        while heap and heap[0][0] <= now:
+            _when, token, version = heapq.heappop(heap)
+            lease = self._leases.get(token)
+            if lease is None or lease.version != version:
+                continue
+            if lease.deadline <= now:
+                self._end(lease)
+                expired.append(lease)
+            elif lease.renew_at <= now:
+                lease.renew_at = self._renew_time(lease.deadline)
+                heapq.heappush(heap, (min(lease.deadline, lease.renew_at), token, version))
+                renew.append(lease)
+            else:  # an entry of an earlier deadline: the current one is queued too
+                continue
+        if renew:  # (not awaited here: an unanswered one must not hold up the deadlines)
+            self._track(self._renew_all(renew), "lease renewal")
+        for lease in expired:
+            try:
+                await lease.delivery.retry(NAK_MIN_DELAY)  # back at once, a failed attempt
+            except Exception as exc:  # the engine's own ack wait takes over
+                log.warning("lease %d of group %s: %r", lease.token, lease.group, exc)
+        self._lease_wake.clear()
+        wait = (heap[0][0] - time.time()) if heap else 3600.0
+        if wait > 0:
+            try:
+                await asyncio.wait_for(self._lease_wake.wait(), timeout=wait)
+            except TimeoutError:
+                pass
 
     async def _renew_all(self, leases: list[_Lease]) -> None:
         await asyncio.gather(*(self._renew(lease) for lease in leases))
@@ -329,7 +346,7 @@ class JetStreamPulling(EngineParts):
         """Restart the engine's ack wait of ``lease`` (an in-progress its consumer's leader
         answers); not answered, tried again in a second while the lease lasts."""
         try:
-            await self.client.nc.request(lease.delivery.msg.reply, b"+WPI", timeout=_CONFIRM_TIMEOUT)
+            await self.client.nc.request(lease.delivery.msg.reply, b"+WPI", timeout=CONFIRM_TIMEOUT)
         except Exception as exc:
             if self._leases.get(lease.token) is not lease or self._stopping:
                 return
@@ -381,7 +398,6 @@ class JetStreamPulling(EngineParts):
             except HalfMQError as exc:
                 results[i] = [exc.code, str(exc)]
         now = time.time()
-        acks: dict[tuple[str, str], list[tuple[int, _Lease]]] = {}  # per consumer, in order
         steps: list[Awaitable[None]] = []
         for i, lease, action, ms in local:
             if action in ("cid", "renew"):
@@ -392,33 +408,25 @@ class JetStreamPulling(EngineParts):
                 self._arm(lease)
                 results[i] = self._handle(lease) if action == "cid" else True
             elif action == "ack":
-                h = lease.delivery.handle
-                acks.setdefault((h.stream, h.name), []).append((i, lease))
+                steps.append(self._ack(i, lease, results))
             else:
                 steps.append(self._give_back(group, i, lease, action, ms, results))
-        steps += [self._ack_in_order(chain, results) for chain in acks.values()]
         for gw, idx in remote.items():
             steps.append(self._forward_items(gw, group, items, idx, results))
         await asyncio.gather(*steps)
         return results
 
-    async def _ack_in_order(self, chain: list[tuple[int, _Lease]], results: list[Any]) -> None:
-        """Ack the leases of ``chain`` (one consumer's, in settle order): all sent, the last
-        one confirmed — the consumer's leader handles them in order, so its answer covers
-        the others. Not confirmed: every lease of the chain stays, each item gets the error."""
-        nc = self.client.nc
+    async def _ack(self, i: int, lease: _Lease, results: list[Any]) -> None:
+        """Ack ``lease``; it ends once the consumer's leader confirmed this very ack (a
+        confirmed later ack would not do: a leader that changed between the two may have
+        lost the earlier one). Not confirmed: the lease stays, the item gets the error."""
         try:
-            for _i, lease in chain[:-1]:
-                await nc.publish(lease.delivery.msg.reply, b"")
-            await nc.request(chain[-1][1].delivery.msg.reply, b"", timeout=_CONFIRM_TIMEOUT)
+            await lease.delivery.confirm(ACK)
         except Exception as exc:
-            row = _unconfirmed_row("ack", exc)
-            for i, _lease in chain:
-                results[i] = row
+            results[i] = _unconfirmed_row("ack", exc)
             return
-        for i, lease in chain:
-            self._end(lease)
-            results[i] = True
+        self._end(lease)
+        results[i] = True
 
     async def _give_back(self, group: str, i: int, lease: _Lease, action: str, ms: int,
                          results: list[Any]) -> None:
@@ -434,11 +442,10 @@ class JetStreamPulling(EngineParts):
                     delay = float(ladder[min(attempt, len(ladder) - 1)]) if ladder else 0.0
                 else:
                     delay = ms / 1000.0
-                nak = b'-NAK {"delay": %d}' % int(max(delay, _NAK_MIN_DELAY) * 1e9)
-                await self.client.nc.request(d.msg.reply, nak, timeout=_CONFIRM_TIMEOUT)
+                await d.confirm(nak_action(delay))
             else:  # a copy in the DLQ (idempotent), then never again to this group
-                await self.groups_api.publish_dead(group, lease.wire, deadline=_CONFIRM_TIMEOUT)
-                await self.client.nc.request(d.msg.reply, b"+TERM", timeout=_CONFIRM_TIMEOUT)
+                await self.groups_api.publish_dead(group, lease.wire, deadline=CONFIRM_TIMEOUT)
+                await d.confirm(TERM)
         except Exception as exc:
             results[i] = _unconfirmed_row(action, exc)
             return
