@@ -36,14 +36,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from broker.engines.base import Session, Subscription
-from broker.engines.jetstream.groups import ConsumerHandle, Delivery, GroupSpec
+from broker.engines.jetstream.groups import (
+    ACK,
+    CONFIRM_TIMEOUT,
+    TERM,
+    ConsumerHandle,
+    Delivery,
+    GroupSpec,
+    nak_action,
+)
 from broker.engines.jetstream.parts import EngineParts
 from broker.engines.jetstream.records import Kind
-from protocol.errors import BadRequestError
+from protocol.errors import BadRequestError, BrokerUnavailableError, HalfMQError
 
 __all__ = ["JetStreamDelivering"]
 
@@ -51,15 +60,22 @@ log = logging.getLogger("halfmq.engine")
 
 _FETCH_MAX = 256
 _FETCH_WAIT = 2.0
+_SETTLE_RETRY = 1.0  # seconds between tries of settles the engine did not confirm
 
 
 class _Member:
-    __slots__ = ("session", "prefetch", "leases", "next_token", "active")
+    __slots__ = ("session", "prefetch", "leases", "next_token", "active", "unconfirmed", "settling",
+                 "retry_armed")
 
     def __init__(self, session: Session, prefetch: int) -> None:
         self.session = session
         self.prefetch = prefetch
         self.leases: dict[int, Delivery] = {}
+        # settles the engine did not confirm: token -> (ok, first failure (monotonic), delivery);
+        # they no longer count against prefetch, their tokens stay valid
+        self.unconfirmed: dict[int, tuple[bool, float, Delivery]] = {}
+        self.settling: set[asyncio.Future[Any]] = set()  # ACK frames being confirmed
+        self.retry_armed = False
         self.next_token = 1
         self.active = True
 
@@ -293,46 +309,107 @@ class JetStreamDelivering(EngineParts):
             self._track(self._settle(batch), "ack")
 
     async def _settle(self, batch: list[tuple[Session, int, list[tuple[int, bool]]]]) -> None:
-        for s, rid, acks in batch:
-            pump = self._member_of.get(s.conn_id)
-            delays = pump.delays if pump is not None and pump.delays else self.config.retry_delays
-            member = pump.members.get(s.conn_id) if pump is not None else None
-            last_ok: Delivery | None = None
-            error: BaseException | None = None
-            for token, ok in acks:
-                d = member.leases.pop(token, None) if member is not None else None
-                if d is None:
-                    continue  # unknown or already settled token: nothing to do
-                try:
-                    if ok:
-                        if last_ok is not None:
-                            await last_ok.msg.ack()
-                        last_ok = d
-                    elif d.attempt < pump.spec.max_reconsume_times:  # type: ignore[union-attr]
-                        await d.retry(delays[min(d.attempt, len(delays) - 1)] if delays else 0.0)
-                    else:
-                        wire = await d.resolve()
-                        if wire is not None:
-                            await d.dead_letter(wire)
-                        else:
-                            await d.terminate()
-                except Exception as exc:
-                    error = exc
-            try:
-                if last_ok is not None:
-                    if rid:
-                        await last_ok.ack()
-                    else:
-                        await last_ok.msg.ack()
-            except Exception as exc:
-                error = exc
-            if pump is not None:
-                pump.wake.set()
-            if rid and not s.closed:
-                if error is None:
-                    s.reply(rid, {})
-                else:
-                    from broker.engines.jetstream.engine import as_client_error
+        await asyncio.gather(*(self._settle_acks(s, rid, acks) for s, rid, acks in batch))
 
-                    s.error(rid, as_client_error(error))
+    async def _settle_acks(self, s: Session, rid: int, acks: list[tuple[int, bool]]) -> None:
+        """One ACK frame: each delivery ends once the engine confirmed its ack, NAK or dead
+        letter (side by side). It stops counting against ``prefetch`` at once (the client is
+        done with it), but its token stays valid until then: one not confirmed is tried
+        again by the gateway every second for up to the ack wait, and fails a request
+        (``rid``) with the engine's error, so the same ACK may be sent again. A request also
+        waits for this member's earlier acks and tries its unconfirmed ones again: its reply
+        covers all of them."""
+        pump = self._member_of.get(s.conn_id)
+        member = pump.members.get(s.conn_id) if pump is not None else None
+        if pump is None or member is None:
+            if rid and not s.closed:
+                s.reply(rid, {})  # (no leases left: they expire in the engine)
                 s.flush()
+            return
+        me = asyncio.current_task()
+        assert me is not None
+        work: dict[int, tuple[bool, Delivery]] = {}
+        for token, ok in acks:
+            d = member.leases.pop(token, None)
+            if d is None and token in member.unconfirmed:
+                d = member.unconfirmed[token][2]
+            if d is not None:  # (else: unknown or settled token, nothing to do)
+                work[token] = (ok, d)
+        pump.wake.set()
+        member.settling.add(me)
+        try:
+            if rid:
+                earlier = [f for f in member.settling if f is not me and not f.done()]
+                if earlier:
+                    await asyncio.wait(earlier)
+                for token, (ok, _since, d) in member.unconfirmed.items():
+                    work.setdefault(token, (ok, d))
+            error = await self._confirm_all(pump, member, work)
+        finally:
+            member.settling.discard(me)
+        if rid and not s.closed:
+            if error is None:
+                s.reply(rid, {})
+            else:
+                s.error(rid, error)
+            s.flush()
+
+    async def _confirm_all(self, pump: _Pump, member: _Member,
+                           work: dict[int, tuple[bool, Delivery]]) -> HalfMQError | None:
+        """Settle ``work`` (token -> (ok, delivery)) of ``member``; the first error, or None."""
+        answers = await asyncio.gather(*(self._confirm_one(pump, d, ok) for ok, d in work.values()),
+                                       return_exceptions=True)
+        error: HalfMQError | None = None
+        now = time.monotonic()
+        for (token, (ok, d)), answer in zip(work.items(), answers, strict=True):
+            if answer is None:
+                member.unconfirmed.pop(token, None)
+                continue
+            if isinstance(answer, asyncio.CancelledError):
+                raise answer
+            since = member.unconfirmed[token][1] if token in member.unconfirmed else now
+            if now - since >= pump.spec.ack_wait:  # the engine has given it out again by now
+                member.unconfirmed.pop(token, None)
+                log.warning("delivery %d of %s/%s: the engine never confirmed its %s (%r); it is "
+                            "delivered again", token, pump.spec.group, pump.spec.topic,
+                            "ack" if ok else "nack", answer)
+            else:
+                member.unconfirmed[token] = (ok, since, d)
+            if error is None:
+                error = _unconfirmed_error("ack" if ok else "nack", answer)
+        if member.unconfirmed and not member.retry_armed:
+            member.retry_armed = True
+            asyncio.get_running_loop().call_later(_SETTLE_RETRY, self._retry_unconfirmed, member)
+        return error
+
+    def _retry_unconfirmed(self, member: _Member) -> None:
+        member.retry_armed = False
+        s = member.session
+        if self._stopping or s.closed or self._member_of.get(s.conn_id) is None or not member.unconfirmed:
+            return
+        self._acks.append((s, 0, [(t, ok) for t, (ok, _since, _d) in member.unconfirmed.items()]))
+        if not self._acks_scheduled:
+            self._acks_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    async def _confirm_one(self, pump: _Pump, d: Delivery, ok: bool) -> None:
+        """Ack (``ok``), NAK with the retry delay of its attempt, or — its last attempt
+        failed — a copy in the group's DLQ and a TERM; returns once the engine confirmed it."""
+        if ok:
+            await d.confirm(ACK)
+        elif d.attempt < pump.spec.max_reconsume_times:
+            delays = pump.delays or self.config.retry_delays
+            await d.confirm(nak_action(delays[min(d.attempt, len(delays) - 1)] if delays else 0.0))
+        else:
+            wire = await d.resolve()
+            if wire is not None:
+                await d.handle.groups.publish_dead(pump.spec.group, wire, deadline=CONFIRM_TIMEOUT)
+            await d.confirm(TERM)
+
+
+def _unconfirmed_error(action: str, exc: BaseException) -> HalfMQError:
+    """The answer to an ack the engine did not confirm (its delivery and token stay)."""
+    if isinstance(exc, HalfMQError):
+        return exc
+    return BrokerUnavailableError(f"the engine did not confirm the {action} ({type(exc).__name__}: {exc}); "
+                                  "the delivery is unchanged: send the same ACK again")
