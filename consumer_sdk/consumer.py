@@ -29,7 +29,9 @@ for them are not sent (the broker redelivers those after ``--ack-timeout``).
 ``close()`` (C9): ``UNSUBSCRIBE`` (no new deliveries), wait up to ``close_grace`` (10 s)
 for the listener calls already running, send their acks as a barrier (an ``ACK`` request,
 whose reply means the broker processed every ack and stored it durably), then close the
-connection.
+connection. A final ACK refused as retriable (``BrokerUnavailableError``: the cluster
+engine could not confirm an ack during a fail-over and kept those deliveries) is sent
+again, the same tokens, for up to 5 s more.
 Deliveries received but not started are not acked.
 """
 
@@ -68,6 +70,7 @@ CLOSE_GRACE = 10.0
 CONNECT_TIMEOUT = 5.0
 #: Seconds a control request (subscribe, unsubscribe, barrier) may take.
 CONTROL_TIMEOUT = 5.0
+ACK_RETRY = 0.5  # seconds between tries of final acks refused as retriable
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
@@ -246,7 +249,7 @@ class PushConsumer:
             if self._conn.connected:
                 try:
                     if self._started:  # an ACK request's reply: every ack so far is durable
-                        await self._conn.request(Op.ACK, {"a": acks}, timeout=CONTROL_TIMEOUT)
+                        await self._final_acks(acks)
                     else:
                         await self._conn.request(Op.PING, {}, timeout=CONTROL_TIMEOUT)
                 except HalfMQError as exc:
@@ -255,6 +258,22 @@ class PushConsumer:
             await self._conn.close()
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _final_acks(self, acks: list[tuple[Any, bool]]) -> None:
+        """Send ``acks`` as a barrier; one refused as retriable (the cluster engine could
+        not confirm an ack during a fail-over: the broker kept those deliveries) is sent
+        again, the same ACK, for up to ``CONTROL_TIMEOUT`` more seconds."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + CONTROL_TIMEOUT
+        while True:
+            try:
+                await self._conn.request(Op.ACK, {"a": acks}, timeout=CONTROL_TIMEOUT)
+                return
+            except HalfMQError as exc:
+                if not exc.retriable or not self._conn.connected or loop.time() + ACK_RETRY > give_up:
+                    raise
+                log.info("final acks not confirmed yet (%s); sending them again", exc)
+            await asyncio.sleep(ACK_RETRY)
 
     async def _stop_workers(self, grace: float) -> None:
         if not self._workers:

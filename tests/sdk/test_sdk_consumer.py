@@ -11,6 +11,7 @@ import pytest
 
 from consumer_sdk import ConsumeResult, PushConsumer
 from producer_sdk import Producer
+from protocol import FrameDecoder, Message, Op, encode_frame
 from tests.conftest import wait_for
 from tests.sdk.sdk_helpers import Recorder, ThreadRecorder
 
@@ -210,3 +211,56 @@ async def test_reconnect_after_broker_restart(broker):
         await wait_for(lambda: second.msg_id in rec.ids(), what="message after restart")
         assert c._conn.generation > gen
     assert rec.bodies().count(b"before") == 1
+
+
+async def test_close_sends_final_acks_again_when_refused_as_unavailable():
+    """The cluster engine refuses an ACK it could not confirm (a fail-over) with the retriable
+    ``BrokerUnavailableError`` and keeps those deliveries: ``close()`` sends the same final
+    ACK again and returns once it is answered. A scripted broker refuses the first one."""
+
+    acks: list[tuple[int, list]] = []  # (rid, tokens) of ACK requests, in order
+    unsubscribed = asyncio.Event()
+    wire = Message(msg_id="0" * 24, topic="t", body=b"x").to_wire()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder()
+        while data := await reader.read(1 << 16):
+            for op, rid, payload in decoder.feed(data):
+                if op == Op.HELLO:
+                    writer.write(encode_frame(Op.REPLY, rid, {"version": 1, "max_message_size": 1 << 20}))
+                elif op == Op.SUBSCRIBE:
+                    writer.write(encode_frame(Op.REPLY, rid, {}))
+                    writer.write(encode_frame(Op.DELIVER, 0, {"d": [[7, wire]]}))
+                elif op == Op.UNSUBSCRIBE:
+                    writer.write(encode_frame(Op.REPLY, rid, {}))
+                    unsubscribed.set()
+                elif op == Op.ACK and rid:
+                    acks.append((rid, payload["a"]))
+                    if len(acks) == 1:
+                        writer.write(encode_frame(Op.ERROR, rid, {"code": 2, "message": "not confirmed"}))
+                    else:
+                        writer.write(encode_frame(Op.REPLY, rid, {}))
+                elif rid:
+                    writer.write(encode_frame(Op.REPLY, rid, {}))
+            await writer.drain()
+        writer.close()
+
+    started = asyncio.Event()
+
+    async def listener(message):
+        started.set()
+        await unsubscribed.wait()  # still running when close() begins: acked by the final ACK
+        return ConsumeResult.SUCCESS
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        consumer = PushConsumer(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", group="g", topic="t",
+                                listener=listener)
+        await consumer.start()
+        await wait_for(started.is_set, what="the delivery")
+        await consumer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert [a for _rid, a in acks] == [[[7, True]], [[7, True]]]  # the same ACK, sent again
+    assert acks[0][0] != acks[1][0]
