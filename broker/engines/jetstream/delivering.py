@@ -13,14 +13,22 @@ an ack, a member arriving or a session draining its output.
 
 A delivery is an engine lease of ``--ack-timeout`` (the consumer's ack wait). ACK:
 
-- success → the engine ack; with a request id, the last ack of the request is sent as an
-  acknowledged ack and the reply waits for it (JetStream processes one connection's acks
-  of a consumer in order, so every earlier one is in too);
+- success → an engine ack;
 - failure with ``attempt < max_reconsume_times`` → NAK with ``retry_delays[attempt]`` (the
   group's own ladder if its settings have one)
   (the last one repeats): the engine redelivers it then, counted (C3, held across gateway
   and engine restarts);
 - failure of the last allowed attempt → a copy to ``%DLQ%<group>`` and a terminate (C4).
+
+Each of these is a request the consumer's leader answers, sent side by side, and a
+delivery ends only once its own answer came (a confirmed later ack would not do: a leader
+that changed between two acks may have lost the earlier one). An acked delivery stops
+counting against ``prefetch`` at once, but its token stays valid until then: one the
+engine did not confirm (no consumer leader during a fail-over) is tried again by the
+gateway every second for up to the ack wait, and an ACK request (``rid``) answers
+``BrokerUnavailableError``, so the client may send the same ACK again. An ACK request
+first waits for the connection's earlier ACKs and tries their unconfirmed results again:
+its reply still means every ack so far is in the engine.
 
 A lease that expires (the member died or is slow) comes back from the engine with the
 count raised (C5); one that arrives past ``max_reconsume_times`` is dead-lettered instead
