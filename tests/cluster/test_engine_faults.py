@@ -4,7 +4,9 @@ the consumer's leader, no quorum, a decision without its pointer, a stalled reso
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import warnings
 
 import pytest
 
@@ -375,6 +377,12 @@ async def test_a_stopped_server_is_left_for_another_within_seconds(cluster_facto
         assert took < 15, f"answered {took:.1f} s after the node stopped"
     finally:
         await client.close()
+    # nats-py may leave a socket of a failed attempt on the stopped node to the garbage
+    # collector (the engine client closes the one of an attempt whose INFO timed out, not
+    # every one): collected here, quietly, its warning cannot fail a later test of the run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
     print(f"\n[node {node.name} stopped: the engine client answered through another node after {took:.1f} s]")
 
 

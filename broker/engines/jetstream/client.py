@@ -144,15 +144,23 @@ class EngineClient:
 
     async def connect(self, timeout: float = 10.0) -> None:
         """Connect to the first engine URL that answers; raises ``EngineUnavailableError``."""
-        async def ignore(_exc: Exception) -> None:  # reconnects are expected; errors surface per call
-            return None
+        async def on_error(exc: Exception) -> None:
+            # reconnects are expected; errors surface per call. A reconnect attempt that timed
+            # out waiting for the server's INFO (a stopped node accepts the TCP connection and
+            # says nothing) is dropped by nats-py without closing its socket: close it here, or
+            # the gateway keeps one open socket per failed attempt until garbage collection
+            nc = self._nc
+            if nc is not None and nc.is_connecting and isinstance(exc, (TimeoutError, OSError)):
+                transport = getattr(nc, "_transport", None)
+                if transport is not None:
+                    transport.close()
 
         try:
             self._nc = await asyncio.wait_for(nats.connect(
                 servers=self.urls, name=self.name, max_reconnect_attempts=-1,
                 reconnect_time_wait=0.25, connect_timeout=min(2.0, timeout),
                 ping_interval=PING_INTERVAL, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
-                error_cb=ignore, allow_reconnect=True,
+                error_cb=on_error, allow_reconnect=True,
                 pending_size=64 * 1024 * 1024,
             ), timeout)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
