@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -209,6 +210,43 @@ def fsync_rate(directory: str, seconds: float = 1.0, size: int = 1024) -> float:
     finally:
         os.close(fd)
         os.unlink(path)
+
+
+def sqlite_commit_rate(directory: str, seconds: float = 1.0, threads: int = 6) -> float:
+    """SQLite alone as ``tx-users``' local transaction uses it: ``threads`` threads, each with
+    its own connection, inserting one row and committing (default journal mode and
+    synchronous setting), per second in ``directory``."""
+    import sqlite3
+    import threading
+
+    folder = tempfile.mkdtemp(prefix="sqlite-bench-", dir=directory)
+    path = os.path.join(folder, "bank.sqlite")
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE transfers (msg_id TEXT PRIMARY KEY, body_len INTEGER)")
+    counts = [0] * threads
+    end = time.perf_counter() + seconds
+
+    def work(i: int) -> None:
+        db = sqlite3.connect(path, timeout=30.0)
+        try:
+            n = 0
+            while time.perf_counter() < end:
+                with db:
+                    db.execute("INSERT INTO transfers VALUES (?, ?)", (f"{i}-{n}", 1024))
+                n += 1
+            counts[i] = n
+        finally:
+            db.close()
+
+    start = time.perf_counter()
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    took = time.perf_counter() - start
+    shutil.rmtree(folder, ignore_errors=True)
+    return sum(counts) / took
 
 
 # -- processes ------------------------------------------------------------------------
@@ -580,6 +618,10 @@ async def _run_comparison(systems: list[str], scenarios: list[str], s: Settings,
         big = await asyncio.to_thread(fsync_rate, workdir, 0.5, 128 * 1024)
         limits["fsync128k"].append(big)
         log(f"round {rnd}: fsync {rate:,.0f}/s of {s.size} B, {big:,.0f}/s of 128 KiB")
+        if "tx-users" in scenarios:
+            commits = await asyncio.to_thread(sqlite_commit_rate, workdir, 1.0)
+            limits.setdefault("sqlite", []).append(commits)
+            log(f"round {rnd}: SQLite alone {commits:,.0f} insert+commit/s")
         for scenario in scenarios:
             if scenario == "publish" and "echo" not in skipped:
                 try:

@@ -256,6 +256,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f = lim["fsync128k"]
         lines.append(f"| data disk: 128 KiB write+fsync per second (one group commit of 128 × 1 KiB) | "
                      f"{_fmt_rate(f['median'])} | {_fmt_range(f['min'], f['max'])} |")
+    if "sqlite" in lim:
+        q = lim["sqlite"]
+        lines.append(f"| SQLite alone as tx-users' listener uses it: insert + commit per second (6 threads, "
+                     f"default journal) | {_fmt_rate(q['median'])} | {_fmt_range(q['min'], q['max'])} |")
     if "echo" in lim:
         lines.append(f"| pure-Python uvloop echo ceiling, msgs/s (window {s['window']}) | "
                      f"{_fmt_rate(lim['echo']['median'])} | "
