@@ -90,17 +90,19 @@ async def test_two_relays_racing_send_every_row_once_in_order_per_key(any_claim_
     await outbox.create_table()
     # few keys, so concurrent batches share keys; rows without one, so both relays find rows
     specs = [spec(i, keys=7) if i % 3 else {**spec(i), "order_key": None} for i in range(1200)]
-    ids = await db.add_rows(outbox, specs[:600], per_transaction=50)
-    # order per key is checked among rows whose transactions committed in id order: the
-    # initial ones, and each concurrent writer's own (across writers, a transaction may
-    # commit after one that took a larger id: it is then sent after it, by design)
-    groups = [dict(zip(ids, (s["order_key"] for s in specs[:600]), strict=True))]
     collector = Collector()
     logs = [tmp_path / "relay_a.log", tmp_path / "relay_b.log"]
     async with PushConsumer(broker.address, group="g", topic="orders", listener=collector):
         relays = [RelayProcess(db, broker.address, log, batch_size=20, lease=5.0) for log in logs]
         await asyncio.gather(*(asyncio.to_thread(r.start) for r in relays))
         try:
+            # the first rows are written once both relays poll (a relay that started first
+            # would otherwise find them all alone and leave the other nothing to race for)
+            ids = await db.add_rows(outbox, specs[:600], per_transaction=50)
+            # order per key is checked among rows whose transactions committed in id order:
+            # these, and each concurrent writer's own (across writers, a transaction may
+            # commit after one that took a larger id: it is then sent after it, by design)
+            groups = [dict(zip(ids, (s["order_key"] for s in specs[:600]), strict=True))]
             writers = [asyncio.create_task(db.add_rows(outbox, specs[n::4], per_transaction=5))
                        for n in range(600, 604)]  # concurrent application transactions
             for n, w in zip(range(600, 604), writers, strict=True):
