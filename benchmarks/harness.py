@@ -42,6 +42,7 @@ from benchmarks.report import (
     _median_minmax,
     _saturation,
     goals,
+    goals_by_round,
     render_chart,
     render_markdown,
     summarize,
@@ -53,9 +54,9 @@ __all__ = [
 ]
 
 SCENARIOS = ("publish", "latency", "e2e", "tx", "batch", "fifo", "pull",
-             "publish-users", "e2e-users", "pull-users", "tx-users")
+             "publish-users", "e2e-users", "pull-users", "tx-users", "tx-users-wal")
 #: The scenarios written as applications write them (see USERS_CONSUMER and benchmarks/e2e.py).
-USERS_SCENARIOS = ("publish-users", "e2e-users", "pull-users", "tx-users")
+USERS_SCENARIOS = ("publish-users", "e2e-users", "pull-users", "tx-users", "tx-users-wal")
 #: The consumer an application configures by the documentation: 64 listener calls at a
 #: time, 1,024 messages prefetched.
 USERS_CONSUMER = {"prefetch": 1024, "concurrency": 64}
@@ -212,12 +213,15 @@ def fsync_rate(directory: str, seconds: float = 1.0, size: int = 1024) -> float:
         os.unlink(path)
 
 
-def sqlite_commit_rate(directory: str, seconds: float = 1.0, threads: int = 6) -> float:
+def sqlite_commit_rate(directory: str, seconds: float = 1.0, threads: int = 6, wal: bool = False) -> float:
     """SQLite alone as ``tx-users``' local transaction uses it: ``threads`` threads, each with
     its own connection, inserting one row and committing (default journal mode and
-    synchronous setting), per second in ``directory``."""
+    synchronous setting), per second in ``directory``. ``wal``: as ``tx-users-wal``'s does
+    (``journal_mode=WAL``, ``synchronous=NORMAL``)."""
     import sqlite3
     import threading
+
+    from benchmarks.systems.halfmq import sqlite_connect
 
     folder = tempfile.mkdtemp(prefix="sqlite-bench-", dir=directory)
     path = os.path.join(folder, "bank.sqlite")
@@ -227,7 +231,7 @@ def sqlite_commit_rate(directory: str, seconds: float = 1.0, threads: int = 6) -
     end = time.perf_counter() + seconds
 
     def work(i: int) -> None:
-        db = sqlite3.connect(path, timeout=30.0)
+        db = sqlite_connect(path, wal)
         try:
             n = 0
             while time.perf_counter() < end:
@@ -564,8 +568,9 @@ async def run_cell(server: Any, scenario: str, cell: str, s: Settings) -> dict[s
             out = _e2e_numbers(flow)
             out.update(_cell_metrics(flow, server))
             return out
-        if scenario in ("e2e-users", "pull-users", "tx-users"):
-            mode = {"e2e-users": "publish", "pull-users": "publish", "tx-users": "tx-sqlite"}[scenario]
+        if scenario in ("e2e-users", "pull-users", "tx-users", "tx-users-wal"):
+            mode = {"e2e-users": "publish", "pull-users": "publish", "tx-users": "tx-sqlite",
+                    "tx-users-wal": "tx-sqlite-wal"}[scenario]
             consumer = (_consumer_params(s, style="users", mode="pull-each") if scenario == "pull-users"
                         else _consumer_params(s, style="users", **USERS_CONSUMER))
             flow = await run_flow(server, conn, [_producer_params(s, mode=mode, warmup=0.0, style="users")],
@@ -622,6 +627,10 @@ async def _run_comparison(systems: list[str], scenarios: list[str], s: Settings,
             commits = await asyncio.to_thread(sqlite_commit_rate, workdir, 1.0)
             limits.setdefault("sqlite", []).append(commits)
             log(f"round {rnd}: SQLite alone {commits:,.0f} insert+commit/s")
+        if "tx-users-wal" in scenarios:
+            commits = await asyncio.to_thread(sqlite_commit_rate, workdir, 1.0, 6, True)
+            limits.setdefault("sqlite-wal", []).append(commits)
+            log(f"round {rnd}: SQLite alone, WAL + synchronous=NORMAL, {commits:,.0f} insert+commit/s")
         for scenario in scenarios:
             if scenario == "publish" and "echo" not in skipped:
                 try:
@@ -667,7 +676,9 @@ async def _run_comparison(systems: list[str], scenarios: list[str], s: Settings,
         "wall_s": time.perf_counter() - t_start,
         "load_before": load_before,
     }
-    report["goals"] = goals(summary, {k: v["median"] for k, v in limits_summary.items()})
+    goal_rows = goals(summary, {k: v["median"] for k, v in limits_summary.items()})
+    goals_by_round(cells, limits, goal_rows)
+    report["goals"] = goal_rows
     if s.profile:
         report["profiles"] = [p for srv in servers.values() for p in getattr(srv, "profiles", [])]
     return report

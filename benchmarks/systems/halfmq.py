@@ -152,7 +152,8 @@ def topic_name(cell: str) -> str:
 
 class Server(BaseServer):
     scenarios = frozenset({"publish", "latency", "e2e", "batch", "tx", "fifo", "pull",
-                           "publish-users", "e2e-users", "pull-users", "tx-users"})
+                           "publish-users", "e2e-users", "pull-users", "tx-users",
+                           "tx-users-wal"})
     client_module = "halfmq"
 
     def __init__(self, flush: str = "sync", *, profile_dir: str | None = None,
@@ -248,26 +249,42 @@ class _NoopTransaction:
         return LocalTransactionState.COMMIT
 
 
+def sqlite_connect(path: str, wal: bool = False) -> Any:
+    """A connection to the SQLite database at ``path`` as the tx-users listeners open it:
+    SQLite's defaults (rollback journal, ``synchronous=FULL``: a commit waits for its fsyncs),
+    or with ``wal`` the setting SQLite recommends for WAL (``journal_mode=WAL``,
+    ``synchronous=NORMAL``: a commit is appended to the WAL without an fsync; the WAL is
+    fsynced at checkpoints, so a power cut may lose the last commits, a crash of the
+    application loses none)."""
+    import sqlite3
+
+    db = sqlite3.connect(path, timeout=30.0)
+    if wal:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
 class _SqliteTransaction:
     """A local transaction as applications write it: a plain ``def`` (the SDK runs it in a
     worker thread) that inserts one row into an SQLite database and commits (an fsync per
-    commit, SQLite's defaults), then commits the half message; the check-back looks the row up."""
+    commit, SQLite's defaults; with ``wal``, see :func:`sqlite_connect`), then commits the half
+    message; the check-back looks the row up."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, wal: bool = False) -> None:
         import sqlite3
         import threading
 
         self.path = path
+        self.wal = wal
         self.local = threading.local()
         with sqlite3.connect(path) as db:
             db.execute("CREATE TABLE IF NOT EXISTS transfers (msg_id TEXT PRIMARY KEY, body_len INTEGER)")
 
     def _db(self) -> Any:
-        import sqlite3
-
         db = getattr(self.local, "db", None)
         if db is None:
-            db = self.local.db = sqlite3.connect(self.path, timeout=30.0)
+            db = self.local.db = sqlite_connect(self.path, self.wal)
         return db
 
     def execute_local_transaction(self, message: Any, arg: Any) -> Any:
@@ -301,17 +318,19 @@ class Client(BaseClient):
 
     async def open_producer(self, *, transactional: bool | str = False) -> None:
         """A producer; ``transactional`` True or "tx": a no-op local transaction; "tx-sqlite":
-        one that writes a row to an SQLite database (see ``_SqliteTransaction``)."""
+        one that writes a row to an SQLite database (see ``_SqliteTransaction``);
+        "tx-sqlite-wal": the same with SQLite in WAL mode (see ``sqlite_connect``)."""
         from producer_sdk import Producer, TransactionListener, TransactionProducer
 
-        if transactional == "tx-sqlite":
+        if transactional in ("tx-sqlite", "tx-sqlite-wal"):
             class Sqlite(_SqliteTransaction, TransactionListener):
                 pass
 
             self._sqlite_dir = tempfile.TemporaryDirectory(prefix="halfmq-bench-sqlite-")
             self.producer = TransactionProducer(
                 self.address, group="bench_tx_producer", send_timeout=30.0, **self.login,
-                listener=Sqlite(os.path.join(self._sqlite_dir.name, "bank.sqlite")))
+                listener=Sqlite(os.path.join(self._sqlite_dir.name, "bank.sqlite"),
+                                wal=transactional == "tx-sqlite-wal"))
         elif transactional:
             class Noop(_NoopTransaction, TransactionListener):
                 pass

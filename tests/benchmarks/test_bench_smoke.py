@@ -91,7 +91,7 @@ def test_bench_users_scenarios_deliver_every_message(tmp_path: Path) -> None:
     concurrency 64, SimpleConsumer acking each message, a local transaction writing to SQLite)
     each send and deliver exactly the messages they count."""
     out = tmp_path / "results"
-    scenarios = ["publish-users", "e2e-users", "pull-users", "tx-users"]
+    scenarios = ["publish-users", "e2e-users", "pull-users", "tx-users", "tx-users-wal"]
     cmd = [sys.executable, "-m", "benchmarks", "--systems", "halfmq-sync", "--scenarios", ",".join(scenarios),
            "--rounds", "1", "--count", "300", "--warmup", "0", "--window", "32", "--out-dir", str(out),
            "--workdir", str(tmp_path), "--quiet"]
@@ -106,6 +106,10 @@ def test_bench_users_scenarios_deliver_every_message(tmp_path: Path) -> None:
         assert (r["sent"], r["received"], r["errors"]) == (300, 300, 0), (scenario, r)
     md = (out / "latest.md").read_text()
     assert "as applications write it" in md
+    assert "SQLite alone as tx-users-wal's listener uses it" in md
+    # each goal is judged on the one round too
+    goal = next(g for g in report["goals"] if g["goal"].startswith("tx-users-wal"))
+    assert len(goal["rounds"]) == 1 and goal["rounds"][0] in ("pass", "MISS")
 
 
 @pytest.mark.parametrize("args", [["producer"], ["producer", "--floor"], ["consumer"]])
