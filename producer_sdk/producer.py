@@ -8,7 +8,10 @@ goes out in one ``SEND`` frame (``{"topic", "msgs": [[body, tags, keys, properti
 born_ts], ...], "half": false}``) and the reply's rows are handed back to each caller
 (micro-batching: many concurrent sends cost one frame and one reply; a lone send is a
 batch of one, so latency does not change). No task and no timer per call. The broker
-replies once the messages are stored durably (per its ``--flush``).
+replies once the messages are stored durably (per its ``--flush``). The messages of a
+micro-batch share one ``born_ts`` (the clock read when its first message was queued, in
+the same loop iteration), and each caller's future is resolved with its ``SendResult``
+straight from the reply's row.
 
 A retriable failure (the connection was lost with the request in flight, the broker is
 shutting down) is retried up to ``retries`` times, all within ``send_timeout`` seconds
@@ -26,6 +29,7 @@ others. ``recall`` is one ``RECALL`` request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import ssl
 import time
@@ -43,7 +47,7 @@ from protocol import (
     validate_name,
     validate_send_topic,
 )
-from protocol.message import new_send_result
+from protocol.message import SEND_RESULT_SETTERS
 
 __all__ = ["Producer"]
 
@@ -95,8 +99,30 @@ def _encode_properties(properties: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
-def _hand_out(reply: asyncio.Future[Any], futs: list[asyncio.Future[Any]]) -> None:
-    """Give each sender of a micro-batch its row of the SEND reply (or the batch's error)."""
+class _Batch:
+    """The messages sent to one topic in one loop iteration: one SEND frame (or a few, at
+    the size limit). ``deadline`` is set when it goes out (the first attempt's start)."""
+
+    __slots__ = ("topic", "half", "items", "futs", "size", "deadline", "born")
+
+    def __init__(self, topic: str, half: bool) -> None:
+        self.topic = topic
+        self.half = half
+        self.items: list[list[Any]] = []
+        self.futs: list[asyncio.Future[SendResult]] = []
+        self.size = 0
+        self.deadline = 0.0
+        #: the born timestamp of its plain messages (epoch ms): they are sent in one loop
+        #: iteration, so they share one clock reading
+        self.born = int(time.time() * 1000)
+
+
+def _hand_out(reply: asyncio.Future[Any], futs: list[asyncio.Future[SendResult]], topic: str,
+              *, _new: Any = object.__new__, _cls: type = SendResult,
+              _s: tuple[Any, ...] = SEND_RESULT_SETTERS) -> None:
+    """Give each sender of a micro-batch the ``SendResult`` of its row of the SEND reply
+    (or the batch's error). The results are built through the slots, not the frozen
+    dataclass's ``__init__`` (``SEND_RESULT_SETTERS``)."""
     if reply.cancelled():
         exc: BaseException | None = BrokerUnavailableError("send cancelled")
     else:
@@ -106,12 +132,18 @@ def _hand_out(reply: asyncio.Future[Any], futs: list[asyncio.Future[Any]]) -> No
         rows = result.get("r") if isinstance(result, dict) else None
         if isinstance(rows, list) and len(rows) == len(futs):
             prefix = result.get("p", "")
+            s0, s1, s2, s3, s4 = _s
             try:
                 for f, row in zip(futs, rows, strict=True):
-                    if type(row[0]) is int:
-                        row[0] = f"{prefix}{row[0]:016X}"  # the message id
+                    msg_id = row[0]
+                    r = _new(_cls)
+                    s0(r, f"{prefix}{msg_id:016X}" if type(msg_id) is int else msg_id)
+                    s1(r, row[1])
+                    s2(r, row[2])
+                    s3(r, topic)
+                    s4(r, None)
                     if not f.done():
-                        f.set_result(row)
+                        f.set_result(r)
                 return
             except (TypeError, IndexError, ValueError):
                 pass
@@ -132,15 +164,15 @@ def _fail_all(futs: list[asyncio.Future[Any]], exc: BaseException) -> None:
 
 def _request_for_all(
     conn: Connection, op: int, payload: Any, deadline: float, futs: list[asyncio.Future[Any]],
-    hand_out: Callable[[asyncio.Future[Any], list[asyncio.Future[Any]]], None],
+    hand_out: Callable[[asyncio.Future[Any]], None],
 ) -> None:
-    """Send one request on behalf of many callers: ``hand_out(reply, futs)`` gives each its
-    part of the reply; if the request cannot go out now, every caller fails at once."""
+    """Send one request on behalf of many callers: ``hand_out(reply)`` gives each its part
+    of the reply; if the request cannot go out now, every caller fails at once."""
     rf = conn.request_future(op, payload, deadline)
     if rf is None:
         _fail_all(futs, BrokerUnavailableError(f"not connected to broker {conn.address}"))
         return
-    rf.add_done_callback(lambda r: hand_out(r, futs))
+    rf.add_done_callback(hand_out)
 
 
 def _encode_options(message_group: str | None = None, delay: float | None = None,
@@ -220,7 +252,9 @@ class Producer:
         self._conn = self._make_connection(client_id, user=user, password=password, tls=tls)
         self._started = False
         self._topics_ok: set[str] = set()
-        self._queued: dict[tuple[str, bool], tuple[list[list[Any]], list[asyncio.Future[Any]], list[int]]] = {}
+        #: this loop iteration's micro-batches: of plain messages, and of half messages, by topic
+        self._queued: dict[str, _Batch] = {}
+        self._queued_half: dict[str, _Batch] = {}
         self._flush_scheduled = False
 
     def _make_connection(self, client_id: str | None, **extra: Any) -> Connection:
@@ -298,72 +332,89 @@ class Producer:
         if tags is not None and type(tags) is not str:
             _encode_tags(tags)  # raises TypeError
         item: list[Any] = [data, tags, _encode_keys(keys) if keys else _NO_KEYS,
-                           _encode_properties(properties) if properties else _NO_PROPERTIES,
-                           int(time.time() * 1000)]
+                           _encode_properties(properties) if properties else _NO_PROPERTIES, 0]
         if message_group is not None or delay is not None or deliver_at is not None:
             item.append(_encode_options(message_group, delay, deliver_at))
-        loop = conn._loop
-        if loop is None:
-            raise HalfMQError("producer is not started; call start() or use 'async with'")
-        deadline = loop.time() + self.send_timeout
-        if conn.ready_to_send:
+        if conn._ready and not conn._paused and not conn._closed:  # conn.ready_to_send, inlined
             # fast path: joins this loop iteration's SEND frame for the topic
+            batch = self._queued.get(topic)
+            if batch is None:
+                batch = self._queued[topic] = _Batch(topic, False)
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    conn._loop.call_soon(self._flush_queued)
+            item[4] = batch.born
+            fut: asyncio.Future[SendResult] = conn._loop.create_future()
+            items = batch.items
+            items.append(item)
+            batch.futs.append(fut)
+            batch.size += len(data)
+            if len(items) >= _MAX_MICRO_BATCH:
+                self._flush_topic(batch)
             try:
-                r = await self._enqueue(topic, item, False)
-                return new_send_result(r[0], r[1], r[2], topic)
+                return await fut
             except HalfMQError as exc:
-                if not exc.retriable or self.retries <= 0 or conn.closed or loop.time() >= deadline:
+                # the batch went out (its future is only settled after that): its deadline
+                # is the first attempt's
+                if not exc.retriable or self.retries <= 0 or conn.closed or conn._loop.time() >= batch.deadline:
                     raise
-                attempt = 1
-        else:
-            attempt = 0
-        payload = {"topic": topic, "msgs": [item], "half": False}
-        reply = await self._send_request(payload, deadline=deadline, attempt=attempt)
+                return await self._retry_send(topic, item, batch.deadline, 1)
+        item[4] = int(time.time() * 1000)
+        return await self._retry_send(topic, item, None, 0)
+
+    async def _retry_send(self, topic: str, item: list[Any], deadline: float | None, attempt: int) -> SendResult:
+        """``send`` without the fast path: while disconnected or paused, or to retry."""
+        reply = await self._send_request({"topic": topic, "msgs": [item], "half": False},
+                                         deadline=deadline, attempt=attempt)
         return self._results(topic, reply, 1)[0]
 
-    def _enqueue(self, topic: str, item: list[Any], half: bool) -> asyncio.Future[Any]:
+    def _enqueue(self, topic: str, item: list[Any], half: bool) -> asyncio.Future[SendResult]:
         """Queue one message for this loop iteration's SEND frame of ``(topic, half)``;
-        the future gets its reply row ``[msg_id, queue_id, queue_offset]``."""
+        the future gets its ``SendResult``."""
         loop = self._conn._loop
         assert loop is not None
-        fut = loop.create_future()
-        key = (topic, half)
-        q = self._queued.get(key)
-        if q is None:
-            q = self._queued[key] = ([], [], [0])
-        q[0].append(item)
-        q[1].append(fut)
-        q[2][0] += len(item[0])
-        if len(q[0]) >= _MAX_MICRO_BATCH:
-            self._flush_topic(key)
+        fut: asyncio.Future[SendResult] = loop.create_future()
+        queued = self._queued_half if half else self._queued
+        batch = queued.get(topic)
+        if batch is None:
+            batch = queued[topic] = _Batch(topic, half)
+        batch.items.append(item)
+        batch.futs.append(fut)
+        batch.size += len(item[0])
+        if len(batch.items) >= _MAX_MICRO_BATCH:
+            self._flush_topic(batch)
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush_queued)
         return fut
 
-    def _flush_topic(self, key: tuple[str, bool]) -> None:
+    def _flush_topic(self, batch: _Batch) -> None:
         """Send one topic's queued messages now (the micro-batch is full)."""
-        q = self._queued.pop(key, None)
-        if q is not None:
-            self._send_queued({key: q})
+        queued = self._queued_half if batch.half else self._queued
+        if queued.get(batch.topic) is batch:
+            del queued[batch.topic]
+            self._send_queued((batch,))
 
     def _flush_queued(self) -> None:
         """Send the queued messages: one SEND frame per topic (split at the size limit)."""
         self._flush_scheduled = False
-        queued = self._queued
-        if not queued:
-            return
-        self._queued = {}
-        self._send_queued(queued)
+        if self._queued:
+            queued, self._queued = self._queued, {}
+            self._send_queued(queued.values())
+        if self._queued_half:
+            queued, self._queued_half = self._queued_half, {}
+            self._send_queued(queued.values())
 
-    def _send_queued(self, queued: dict[tuple[str, bool], tuple[list[list[Any]], list[asyncio.Future[Any]], list[int]]]) -> None:
+    def _send_queued(self, batches: Iterable[_Batch]) -> None:
         conn = self._conn
         loop = conn._loop
         assert loop is not None
         deadline = loop.time() + self.send_timeout
         limit = max(1, conn.max_message_size)
-        for (topic, half), (items, futs, size) in queued.items():
-            if size[0] <= limit:
+        for batch in batches:
+            batch.deadline = deadline
+            topic, half, items, futs = batch.topic, batch.half, batch.items, batch.futs
+            if batch.size <= limit:
                 chunks = [(items, futs)]
             else:
                 chunks = []
@@ -377,7 +428,7 @@ class Producer:
                 chunks.append((items[start:], futs[start:]))
             for c_items, c_futs in chunks:
                 _request_for_all(conn, Op.SEND, {"topic": topic, "msgs": c_items, "half": half},
-                                 deadline, c_futs, _hand_out)
+                                 deadline, c_futs, functools.partial(_hand_out, futs=c_futs, topic=topic))
 
     async def send_batch(
         self, topic: str, items: Iterable[bytes | str | Mapping[str, Any]]

@@ -222,8 +222,7 @@ class TransactionProducer(Producer):
         half = None
         if self._conn.ready_to_send:
             try:  # joins this loop iteration's half-message SEND frame for the topic
-                r = await self._enqueue(topic, item, True)
-                half = SendResult(r[0], r[1], r[2], topic)
+                half = await self._enqueue(topic, item, True)
             except HalfMQError as exc:
                 if not exc.retriable or self.retries <= 0 or self._conn.closed:
                     raise
@@ -289,8 +288,9 @@ class TransactionProducer(Producer):
         conn = self._conn
         loop = conn._loop
         assert loop is not None
+        futs = [f for _, _, f in batch]
         _request_for_all(conn, Op.END_TX, {"items": [[m, o] for m, o, _ in batch]},
-                         loop.time() + self.send_timeout, [f for _, _, f in batch], _hand_out_outcomes)
+                         loop.time() + self.send_timeout, futs, lambda reply: _hand_out_outcomes(reply, futs))
 
     # -- check-back ----------------------------------------------------------------------
 

@@ -113,7 +113,9 @@ class SendResult:
 
 _object_new = object.__new__
 _MESSAGE_SETTERS = tuple(getattr(Message, f).__set__ for f in (*WIRE_FIELDS, "message_group", "deliver_at"))
-_RESULT_SETTERS = tuple(getattr(SendResult, f).__set__ for f in ("msg_id", "queue_id", "queue_offset", "topic", "state"))
+#: The setters of a ``SendResult``'s fields in order: the producer builds one per reply row as
+#: ``object.__new__(SendResult)`` and these five calls.
+SEND_RESULT_SETTERS = tuple(getattr(SendResult, f).__set__ for f in ("msg_id", "queue_id", "queue_offset", "topic", "state"))
 
 
 def _new_message(w: list[Any], keys: tuple[str, ...], props: dict[str, str], group: str | None,
@@ -135,15 +137,3 @@ def _new_message(w: list[Any], keys: tuple[str, ...], props: dict[str, str], gro
     _s[12](m, at)
     return m  # type: ignore[no-any-return]
 
-
-def new_send_result(msg_id: str, queue_id: int, queue_offset: int, topic: str, *,
-                    _new: Any = _object_new, _cls: type = SendResult,
-                    _s: tuple[Any, ...] = _RESULT_SETTERS) -> SendResult:
-    """``SendResult(msg_id, queue_id, queue_offset, topic)``, built for the SDKs' hot path."""
-    r = _new(_cls)
-    _s[0](r, msg_id)
-    _s[1](r, queue_id)
-    _s[2](r, queue_offset)
-    _s[3](r, topic)
-    _s[4](r, None)
-    return r  # type: ignore[no-any-return]
