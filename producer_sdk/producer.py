@@ -33,7 +33,7 @@ import functools
 import math
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from producer_sdk.connection import Connection
@@ -50,6 +50,8 @@ from protocol import (
 from protocol.message import SEND_RESULT_SETTERS
 
 __all__ = ["Producer"]
+
+_Future = asyncio.Future
 
 #: At most this many messages share one SEND frame (a bigger micro-batch is sent in parts,
 #: so the broker works on the first part while the rest is being built).
@@ -108,7 +110,7 @@ class _Batch:
     def __init__(self, topic: str, half: bool) -> None:
         self.topic = topic
         self.half = half
-        self.items: list[list[Any]] = []
+        self.items: list[Sequence[Any]] = []
         self.futs: list[asyncio.Future[SendResult]] = []
         self.size = 0
         self.deadline = 0.0
@@ -137,15 +139,19 @@ def _hand_out(reply: asyncio.Future[Any], futs: list[asyncio.Future[SendResult]]
                 for f, row in zip(futs, rows, strict=True):
                     msg_id = row[0]
                     r = _new(_cls)
-                    s0(r, f"{prefix}{msg_id:016X}" if type(msg_id) is int else msg_id)
+                    # the id: the prefix and the position as 16 upper-case hex digits
+                    # (bytes.hex: a third of the work of formatting with "016X")
+                    s0(r, prefix + msg_id.to_bytes(8).hex().upper() if type(msg_id) is int else msg_id)
                     s1(r, row[1])
                     s2(r, row[2])
                     s3(r, topic)
                     s4(r, None)
-                    if not f.done():
+                    try:
                         f.set_result(r)
+                    except asyncio.InvalidStateError:  # cancelled by its caller
+                        pass
                 return
-            except (TypeError, IndexError, ValueError):
+            except (TypeError, IndexError, ValueError, OverflowError):
                 pass
         exc = HalfMQError(f"malformed SEND reply from broker: {result!r}")
     _fail_all(futs, exc)
@@ -324,17 +330,19 @@ class Producer:
                 self._topics_ok.add(topic)
         data = body if type(body) is bytes else _encode_body(body)
         conn = self._conn
-        if len(data) > conn.max_message_size:
+        size = len(data)
+        if size > conn.max_message_size:
             raise MessageTooLargeError(
-                f"message body of {len(data)} bytes exceeds the broker's limit of "
+                f"message body of {size} bytes exceeds the broker's limit of "
                 f"{conn.max_message_size} bytes"
             )
         if tags is not None and type(tags) is not str:
             _encode_tags(tags)  # raises TypeError
-        item: list[Any] = [data, tags, _encode_keys(keys) if keys else _NO_KEYS,
-                           _encode_properties(properties) if properties else _NO_PROPERTIES, 0]
+        key_list = _encode_keys(keys) if keys else _NO_KEYS
+        props = _encode_properties(properties) if properties else _NO_PROPERTIES
+        options = None
         if message_group is not None or delay is not None or deliver_at is not None:
-            item.append(_encode_options(message_group, delay, deliver_at))
+            options = _encode_options(message_group, delay, deliver_at)
         if conn._ready and not conn._paused and not conn._closed:  # conn.ready_to_send, inlined
             # fast path: joins this loop iteration's SEND frame for the topic
             batch = self._queued.get(topic)
@@ -343,12 +351,13 @@ class Producer:
                 if not self._flush_scheduled:
                     self._flush_scheduled = True
                     conn._loop.call_soon(self._flush_queued)
-            item[4] = batch.born
-            fut: asyncio.Future[SendResult] = conn._loop.create_future()
+            item: Sequence[Any] = ((data, tags, key_list, props, batch.born) if options is None
+                                   else (data, tags, key_list, props, batch.born, options))
+            fut: asyncio.Future[SendResult] = _Future()  # (the running loop: no keyword to parse)
             items = batch.items
             items.append(item)
             batch.futs.append(fut)
-            batch.size += len(data)
+            batch.size += size
             if len(items) >= _MAX_MICRO_BATCH:
                 self._flush_topic(batch)
             try:
@@ -359,10 +368,12 @@ class Producer:
                 if not exc.retriable or self.retries <= 0 or conn.closed or conn._loop.time() >= batch.deadline:
                     raise
                 return await self._retry_send(topic, item, batch.deadline, 1)
-        item[4] = int(time.time() * 1000)
+        item = [data, tags, key_list, props, int(time.time() * 1000)]
+        if options is not None:
+            item.append(options)
         return await self._retry_send(topic, item, None, 0)
 
-    async def _retry_send(self, topic: str, item: list[Any], deadline: float | None, attempt: int) -> SendResult:
+    async def _retry_send(self, topic: str, item: Sequence[Any], deadline: float | None, attempt: int) -> SendResult:
         """``send`` without the fast path: while disconnected or paused, or to retry."""
         reply = await self._send_request({"topic": topic, "msgs": [item], "half": False},
                                          deadline=deadline, attempt=attempt)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 
 import pytest
@@ -84,6 +86,26 @@ async def test_send_batch_keeps_order(broker):
     assert [got[r.msg_id].body for r in results] == [f"b{i}".encode() for i in range(20)]
     third = got[results[2].msg_id]
     assert (third.tags, third.keys, third.properties.get("p")) == ("T", ("x",), "v")
+
+
+async def test_a_cancelled_send_leaves_the_rest_of_its_micro_batch(broker):
+    rec = Recorder()
+    async with Producer(broker.address) as p:
+        sends = [asyncio.ensure_future(p.send("mb", f"m{i}".encode())) for i in range(10)]
+        await asyncio.sleep(0)  # all ten queued in one micro-batch, not yet answered
+        assert len(p._queued["mb"].futs) == 10
+        sends[3].cancel()
+        done = await asyncio.gather(*sends, return_exceptions=True)
+        assert isinstance(done[3], asyncio.CancelledError)
+        results = [r for i, r in enumerate(done) if i != 3]
+        assert all(type(r) is SendResult and r.topic == "mb" and r.state is None for r in results)
+        assert len({r.msg_id for r in results}) == 9
+        assert all(re.fullmatch(r"[0-9A-F]{16}", r.msg_id[-16:]) for r in results)
+        async with PushConsumer(broker.address, group="g", topic="mb", listener=rec):
+            await wait_for(lambda: len(rec.messages) == 10, what="10 deliveries")  # (sent before the cancel)
+    got = {m.msg_id: m for m in rec.messages}
+    assert [(got[r.msg_id].queue_id, got[r.msg_id].queue_offset) for r in results] == \
+        [(r.queue_id, r.queue_offset) for r in results]
 
 
 async def test_local_name_validation(broker):
