@@ -47,7 +47,7 @@ from protocol import (
     validate_name,
     validate_send_topic,
 )
-from protocol.message import SEND_RESULT_SETTERS
+from protocol.message import UnfrozenSendResult
 
 __all__ = ["Producer"]
 
@@ -120,11 +120,10 @@ class _Batch:
 
 
 def _hand_out(reply: asyncio.Future[Any], futs: list[asyncio.Future[SendResult]], topic: str,
-              *, _new: Any = object.__new__, _cls: type = SendResult,
-              _s: tuple[Any, ...] = SEND_RESULT_SETTERS) -> None:
+              *, _row: type = UnfrozenSendResult, _cls: type = SendResult) -> None:
     """Give each sender of a micro-batch the ``SendResult`` of its row of the SEND reply
-    (or the batch's error). The results are built through the slots, not the frozen
-    dataclass's ``__init__`` (``SEND_RESULT_SETTERS``)."""
+    (or the batch's error). Each result is filled as an ``UnfrozenSendResult`` and then
+    made a ``SendResult`` (not through the frozen dataclass's ``__init__``)."""
     if reply.cancelled():
         exc: BaseException | None = BrokerUnavailableError("send cancelled")
     else:
@@ -134,18 +133,18 @@ def _hand_out(reply: asyncio.Future[Any], futs: list[asyncio.Future[SendResult]]
         rows = result.get("r") if isinstance(result, dict) else None
         if isinstance(rows, list) and len(rows) == len(futs):
             prefix = result.get("p", "")
-            s0, s1, s2, s3, s4 = _s
             try:
                 for f, row in zip(futs, rows, strict=True):
                     msg_id = row[0]
-                    r = _new(_cls)
+                    r = _row()
                     # the id: the prefix and the position as 16 upper-case hex digits
                     # (bytes.hex: a third of the work of formatting with "016X")
-                    s0(r, prefix + msg_id.to_bytes(8).hex().upper() if type(msg_id) is int else msg_id)
-                    s1(r, row[1])
-                    s2(r, row[2])
-                    s3(r, topic)
-                    s4(r, None)
+                    r.msg_id = prefix + msg_id.to_bytes(8).hex().upper() if type(msg_id) is int else msg_id
+                    r.queue_id = row[1]
+                    r.queue_offset = row[2]
+                    r.topic = topic
+                    r.state = None
+                    r.__class__ = _cls
                     try:
                         f.set_result(r)
                     except asyncio.InvalidStateError:  # cancelled by its caller

@@ -113,10 +113,21 @@ class SendResult:
 
 _object_new = object.__new__
 _MESSAGE_SETTERS = tuple(getattr(Message, f).__set__ for f in (*WIRE_FIELDS, "message_group", "deliver_at"))
-#: The setters of a ``SendResult``'s fields in order: the producer builds one per reply row as
-#: ``object.__new__(SendResult)`` and these five calls.
-SEND_RESULT_SETTERS = tuple(getattr(SendResult, f).__set__ for f in ("msg_id", "queue_id", "queue_offset", "topic", "state"))
 
+
+class UnfrozenSendResult:
+    """A ``SendResult``'s layout without the frozen dataclass around it: the producer fills
+    the five slots with plain stores and then assigns ``__class__ = SendResult`` (the same
+    slots in the same order, so Python allows it), which gives the very object the public
+    constructor would, in half the time of five descriptor ``__set__`` calls."""
+
+    __slots__ = SendResult.__slots__  # type: ignore[attr-defined]
+
+    msg_id: str
+    queue_id: int
+    queue_offset: int
+    topic: str
+    state: Any
 
 def _new_message(w: list[Any], keys: tuple[str, ...], props: dict[str, str], group: str | None,
                  at: int | None, *, _new: Any = _object_new, _cls: type = Message,
