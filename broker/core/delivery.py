@@ -86,6 +86,7 @@ SCAN_PER_POLL = 4096
 
 
 _LEASED = DeliveryState.LEASED  # (a new Delivery's state and version are passed by position: faster)
+_ACKED = DELIVERY_TRANSITIONS[(_LEASED, DeliveryEvent.ACK)]
 
 
 class QueueReader(Protocol):
@@ -391,6 +392,7 @@ class GroupDelivery:
         wake_at = self._poll_retries(now, by_topic, build, out)
         for topic, tmembers in by_topic.items():
             self._poll_topic(topic, now, tmembers, build, out)
+        self.stats["delivered"] += len(out)  # (one lease each)
         return out, wake_at
 
     def _pick(self, members: list[Member]) -> Member | None:
@@ -430,7 +432,8 @@ class GroupDelivery:
                 if self._scan <= 0:
                     self.more = True  # the rest in the next iteration
                     return
-                cur = self._cursor((topic, qid))
+                qkey = (topic, qid)  # one tuple for the leases of this queue (ack_many compares it by identity)
+                cur = self._cursor(qkey)
                 if cur.next_offset >= reader.queue_end(topic, qid):
                     continue
                 per_queue = max(1, min(room, 256, self._scan) // nq)
@@ -472,7 +475,7 @@ class GroupDelivery:
                     if m is None:
                         return  # every member's byte budget is spent
                     cur.next_offset = off + 1
-                    out.append(self._lease(m, (topic, qid), off, rec, now, 0, topic, qid, off, build, topic, mg, cur))
+                    out.append(self._lease(m, qkey, off, rec, now, 0, topic, qid, off, build, topic, mg, cur))
                     room -= 1 if m.budget > 0 else 1 + m.prefetch - len(m.leases)
                     if room <= 0:
                         return
@@ -564,16 +567,16 @@ class GroupDelivery:
     ) -> tuple[str, int, list[Any]]:
         token = next(self._tokens)
         wire = build(rec, deliver_topic, oq, oo, reconsume, None)
+        deadline = now + (m.invisible if m.receiver else self.ack_timeout)
         d = Delivery(token, m.member_id, qkey, off, rec.pos, wire[0], topic, oq, oo, reconsume,
-                     now + (m.invisible if m.receiver else self.ack_timeout), wire[3], _LEASED, 0, mgroup)
+                     deadline, wire[3], _LEASED, 0, mgroup)
         (cur or self.cursors[qkey]).inflight.add(off)
         m.budget -= rec.size
         m.leases[token] = d
-        self.leases.add(d)
+        self.leases.add_new(d, token, deadline)
         if mgroup is not None and self.fifo is not None:
             self.fifo.hold(mgroup, token)
-        self.stats["delivered"] += 1
-        return m.member_id, token, wire
+        return m.member_id, token, wire  # (counted in stats["delivered"] by ``poll``)
 
     # -- outcomes ---------------------------------------------------------------------
 
@@ -588,27 +591,34 @@ class GroupDelivery:
         """``ack`` for each ``(token, ok)`` of one push member, in order; returns the records
         to append (of the failed ones)."""
         pending: list[PendingRecord] = []
-        end = self.leases.end
+        by_token = self.leases.by_token
         m = self.members.get(member_id)
         mleases = m.leases if m is not None else None
         cursors = self.cursors
         acked = self.acked
         fifo = self.fifo
         n_ok = 0
+        last_qkey: tuple[str, int] | None = None  # acks come in runs of one queue's leases
+        inflight: set[int] = set()
         for token, ok in acks:
-            d = end(token, member_id)
-            if d is None:
-                continue  # unknown or expired
+            d = by_token.get(token)  # (LeaseTable.end, inline: once per message)
+            if d is None or d.member != member_id:
+                continue  # unknown, expired or another member's
+            del by_token[token]
             if mleases is not None:
                 mleases.pop(token, None)
             if not ok:
                 self.stats["failed"] += 1
                 pending.append(self._fail(d, expired=False))
                 continue
-            d.state = transition(DELIVERY_TRANSITIONS, d.state, DeliveryEvent.ACK)
+            state = d.state  # a live lease is LEASED: its one ACK transition, without the lookup
+            d.state = _ACKED if state is _LEASED else transition(DELIVERY_TRANSITIONS, state, DeliveryEvent.ACK)
             n_ok += 1
             qkey = d.qkey
-            cursors[qkey].inflight.discard(d.offset)
+            if qkey is not last_qkey:
+                inflight = cursors[qkey].inflight
+                last_qkey = qkey
+            inflight.discard(d.offset)
             acked.append([qkey[0], qkey[1], d.offset])
             if d.mgroup is not None and fifo is not None:
                 fifo.done(d.mgroup)

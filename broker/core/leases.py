@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from broker.core.lifecycle import DeliveryState
 
+_heappush = heapq.heappush
+
 __all__ = ["Delivery", "LeaseTable", "StaleHandleError"]
 
 
@@ -66,6 +68,12 @@ class LeaseTable:
         self._by_token: dict[int, Delivery] = {}
         self._heap: list[tuple[float, int, int]] = []
 
+    @property
+    def by_token(self) -> dict[int, Delivery]:
+        """The live leases by token, for a caller ending many at once (``end`` inline: it
+        deletes the entries of the leases it ends and nothing else)."""
+        return self._by_token
+
     def __len__(self) -> int:
         return len(self._by_token)
 
@@ -84,6 +92,11 @@ class LeaseTable:
         """A new lease."""
         self._by_token[d.token] = d
         heapq.heappush(self._heap, (d.deadline, d.token, d.version))
+
+    def add_new(self, d: Delivery, token: int, deadline: float) -> None:
+        """``add`` for a lease just made, with its token and deadline at hand (version 0)."""
+        self._by_token[token] = d
+        _heappush(self._heap, (deadline, token, 0))
 
     def end(self, token: int, member: str) -> Delivery | None:
         """End the lease ``token`` if ``member`` holds it and return it; else None (an

@@ -179,11 +179,14 @@ def build_wire(rec: Record, topic: str, qid: int, off: int, reconsume: int, _unu
     """The wire form (``protocol.Message.to_wire``) of the message in ``rec`` as delivered
     from ``topic``; a message delivered from another topic (a DLQ) carries ``ORIGIN_TOPIC``."""
     h = rec.header
-    t, g, k, props, born, epoch = h[:6]
+    t, g, k, props, born, epoch = h if len(h) == 6 else h[:6]
     if topic != t:
         props = {**props, "ORIGIN_TOPIC": t}
     prefix = _EPOCH_HEX.get(epoch) or _epoch_hex(epoch)
-    wire = [prefix + f"{rec.pos:016X}", topic, rec.body, g, k, props, born, rec.store_time, qid, off, reconsume]
+    # the position's 16 hex digits: as f"{pos:016X}" (a log position is below 2**64), in
+    # about 900 instructions fewer than the format
+    wire = [prefix + rec.pos.to_bytes(8, "big").hex().upper(), topic, rec.body, g, k, props, born,
+            rec.store_time, qid, off, reconsume]
     if len(h) > H_EXT:
         ext = h[H_EXT]
         extras = {key: ext[key] for key in ("g", "at") if key in ext}

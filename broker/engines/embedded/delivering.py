@@ -160,9 +160,12 @@ class EmbeddedDelivering:
                 more = True
             if not out:
                 continue
-            per_conn: dict[str, list[Any]] = defaultdict(list)
-            for member_id, token, wire in out:
-                per_conn[member_id].append([token, wire])
+            if len(gd.members) == 1:  # one member (the usual case): all its own, in order
+                per_conn: dict[str, list[Any]] = {out[0][0]: [[token, wire] for _m, token, wire in out]}
+            else:
+                per_conn = defaultdict(list)
+                for member_id, token, wire in out:
+                    per_conn[member_id].append([token, wire])
             for member_id, items in per_conn.items():
                 if member_id in receivers:
                     self._answer_receiver(gd, member_id, items)
