@@ -118,3 +118,11 @@ def test_sdk_bench_runs_each_side(args: list[str]) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "us of CPU per message (2,000 messages)" in proc.stdout
+
+
+@pytest.mark.parametrize("module", ["benchmarks.delivery_bench", "benchmarks.ingest_bench"])
+def test_broker_path_benches_run(module: str) -> None:
+    cmd = [sys.executable, "-m", module, "--count", "3000"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "us CPU per message (3000 messages" in proc.stdout
