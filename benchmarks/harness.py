@@ -54,12 +54,23 @@ __all__ = [
 ]
 
 SCENARIOS = ("publish", "latency", "e2e", "tx", "batch", "fifo", "pull",
-             "publish-users", "e2e-users", "pull-users", "tx-users", "tx-users-wal")
+             "publish-users", "e2e-users", "e2e-users-default", "pull-users", "tx-users", "tx-users-wal")
 #: The scenarios written as applications write them (see USERS_CONSUMER and benchmarks/e2e.py).
-USERS_SCENARIOS = ("publish-users", "e2e-users", "pull-users", "tx-users", "tx-users-wal")
+USERS_SCENARIOS = ("publish-users", "e2e-users", "e2e-users-default", "pull-users", "tx-users", "tx-users-wal")
 #: The consumer an application configures by the documentation: 64 listener calls at a
 #: time, 1,024 messages prefetched.
 USERS_CONSUMER = {"prefetch": 1024, "concurrency": 64}
+
+
+def push_consumer_defaults() -> dict[str, int]:
+    """``PushConsumer``'s own ``prefetch`` and ``concurrency`` defaults (``e2e-users-default``:
+    the consumer of an application that sets neither)."""
+    import inspect
+
+    from consumer_sdk import PushConsumer
+
+    params = inspect.signature(PushConsumer).parameters
+    return {"prefetch": params["prefetch"].default, "concurrency": params["concurrency"].default}
 SYSTEMS = ("halfmq-sync", "halfmq-async", "halfmq-grpc", "halfmq-secure", "halfmq-trace", "halfmq-cluster",
            "rabbitmq", "nats", "redis", "redis-everysec")
 LINE_LIMIT = 1 << 28
@@ -568,11 +579,15 @@ async def run_cell(server: Any, scenario: str, cell: str, s: Settings) -> dict[s
             out = _e2e_numbers(flow)
             out.update(_cell_metrics(flow, server))
             return out
-        if scenario in ("e2e-users", "pull-users", "tx-users", "tx-users-wal"):
-            mode = {"e2e-users": "publish", "pull-users": "publish", "tx-users": "tx-sqlite",
-                    "tx-users-wal": "tx-sqlite-wal"}[scenario]
-            consumer = (_consumer_params(s, style="users", mode="pull-each") if scenario == "pull-users"
-                        else _consumer_params(s, style="users", **USERS_CONSUMER))
+        if scenario in ("e2e-users", "e2e-users-default", "pull-users", "tx-users", "tx-users-wal"):
+            mode = {"e2e-users": "publish", "e2e-users-default": "publish", "pull-users": "publish",
+                    "tx-users": "tx-sqlite", "tx-users-wal": "tx-sqlite-wal"}[scenario]
+            if scenario == "pull-users":
+                consumer = _consumer_params(s, style="users", mode="pull-each")
+            elif scenario == "e2e-users-default":
+                consumer = _consumer_params(s, style="users", **push_consumer_defaults())
+            else:
+                consumer = _consumer_params(s, style="users", **USERS_CONSUMER)
             flow = await run_flow(server, conn, [_producer_params(s, mode=mode, warmup=0.0, style="users")],
                                   [consumer], drain_timeout=s.drain_timeout)
             out = _e2e_numbers(flow)

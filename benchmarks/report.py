@@ -36,6 +36,8 @@ SCENARIO_TITLES = {
                    "batches of 32 and acking each message with its own request"),
     "tx-users": ("tx-users — as applications write it: a task per send_in_transaction whose local "
                  "transaction inserts a row into SQLite (commit + fsync); PushConsumer(64, 1024)"),
+    "e2e-users-default": ("e2e-users-default — e2e-users with PushConsumer's default concurrency and "
+                          "prefetch (an application that tunes neither)"),
     "tx-users-wal": ("tx-users-wal — tx-users with SQLite in WAL mode, synchronous=NORMAL (a commit "
                      "appends to the WAL without an fsync; a power cut may lose the last commits)"),
 }
@@ -314,7 +316,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                     f"{_fmt_ms(r.get('p999'))} | {_fmt_range(r.get('p50_min'), r.get('p50_max'), _fmt_ms)} | "
                     f"{_fmt_rate(r.get('rate'))} | {cpu.get('server', 0):.0f} | "
                     f"{cpu.get('producer', 0):.0f} | {_mach(cpu)} | {r['saturated']} |")
-        elif scenario in ("e2e", "tx", "fifo", "pull", "e2e-users", "pull-users", "tx-users", "tx-users-wal"):
+        elif scenario in ("e2e", "tx", "fifo", "pull", "e2e-users", "e2e-users-default", "pull-users", "tx-users",
+                          "tx-users-wal"):
             extra = " p50 @½ rate ms | p99 @½ rate ms |" if scenario == "tx" else ""
             extra_sep = "---:|---:|" if scenario == "tx" else ""
             lines += ["| system | durability | msgs/s | min–max | produce msgs/s | consume msgs/s | "

@@ -152,8 +152,8 @@ def topic_name(cell: str) -> str:
 
 class Server(BaseServer):
     scenarios = frozenset({"publish", "latency", "e2e", "batch", "tx", "fifo", "pull",
-                           "publish-users", "e2e-users", "pull-users", "tx-users",
-                           "tx-users-wal"})
+                           "publish-users", "e2e-users", "e2e-users-default", "pull-users",
+                           "tx-users", "tx-users-wal"})
     client_module = "halfmq"
 
     def __init__(self, flush: str = "sync", *, profile_dir: str | None = None,

@@ -91,7 +91,7 @@ def test_bench_users_scenarios_deliver_every_message(tmp_path: Path) -> None:
     concurrency 64, SimpleConsumer acking each message, a local transaction writing to SQLite)
     each send and deliver exactly the messages they count."""
     out = tmp_path / "results"
-    scenarios = ["publish-users", "e2e-users", "pull-users", "tx-users", "tx-users-wal"]
+    scenarios = ["publish-users", "e2e-users", "e2e-users-default", "pull-users", "tx-users", "tx-users-wal"]
     cmd = [sys.executable, "-m", "benchmarks", "--systems", "halfmq-sync", "--scenarios", ",".join(scenarios),
            "--rounds", "1", "--count", "300", "--warmup", "0", "--window", "32", "--out-dir", str(out),
            "--workdir", str(tmp_path), "--quiet"]
