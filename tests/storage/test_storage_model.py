@@ -153,3 +153,19 @@ def test_iter_log_matches_model_after_many_rollovers(tmp_path):
             assert [r.pos for r in s.iter_log(mid)] == [x.pos for x in stored[77:]]
 
     asyncio.run(main())
+
+
+def test_a_record_built_through_its_row_is_the_constructors_record() -> None:
+    import dataclasses
+
+    import pytest
+
+    from storage import Record
+    from storage.log import _Row, make_record
+
+    assert _Row.__slots__ == tuple(f.name for f in dataclasses.fields(Record))
+    r = make_record(8, 100, 1, 1234, {"a": 1}, b"body", 108)
+    assert type(r) is Record
+    assert r == Record(8, 100, 1, 1234, {"a": 1}, b"body", 108)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.pos = 9  # type: ignore[misc]
