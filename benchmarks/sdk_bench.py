@@ -11,13 +11,15 @@ them on), with a listener that returns SUCCESS; its ACK frames go to a stand-in.
 encodes nor decodes frames or touches a socket: what is left is the SDK's own work per
 message plus the asyncio machinery the pattern needs. ``--floor`` runs the producer
 pattern with a bare future in place of ``send`` (what the task, the semaphore and one
-future cost alone).
+future cost alone). ``--address HOST:PORT`` runs it through the real connection to a
+broker running there (``python -m broker --port 7600 --data-dir DIR --flush async``):
+frames encoded, written, read and decoded as well; the broker's own work is in its process.
 
 Prints the process's CPU time per message (``time.process_time``). On a shared machine
 that moves with the other load; run it under ``valgrind --tool=cachegrind
 --cache-sim=no`` with two ``--count`` values for instruction counts that do not.
 
-``python -m benchmarks.sdk_bench producer|consumer [--count N] [--floor]``
+``python -m benchmarks.sdk_bench producer|consumer [--count N] [--floor] [--address HOST:PORT]``
 """
 
 from __future__ import annotations
@@ -35,10 +37,14 @@ PER_FRAME = 100
 BODY = b"x" * 1024
 
 
-async def _producer(count: int, floor: bool) -> float:
+async def _producer(count: int, floor: bool, address: str | None = None) -> float:
     from producer_sdk import Producer
 
     loop = asyncio.get_running_loop()
+    if address is not None:  # the real connection to a running broker
+        async with Producer(address) as real:
+            await real.send("t", BODY)
+            return await _send_all(real.send, count)
     producer = Producer("127.0.0.1:1")
     conn = producer._conn
     conn._loop = loop
@@ -78,6 +84,11 @@ async def _producer(count: int, floor: bool) -> float:
             await fut
 
         send = bare
+    return await _send_all(send, count)
+
+
+async def _send_all(send: Any, count: int) -> float:
+    """The pattern: a task per ``send``, at most ``WINDOW`` in flight; the CPU it took."""
     slots = asyncio.Semaphore(WINDOW)
 
     async def one() -> None:
@@ -149,9 +160,12 @@ def sdk_bench_main(argv: list[str]) -> int:
     ap.add_argument("--count", type=int, default=200_000, help="messages (default 200,000)")
     ap.add_argument("--floor", action="store_true",
                     help="producer: a bare future in place of send (the pattern's own cost)")
+    ap.add_argument("--address", metavar="HOST:PORT",
+                    help="producer: send to the broker running there through the real connection "
+                         "(frames encoded and decoded, a socket) instead of the stand-in")
     args = ap.parse_args(argv)
     count = max(args.count - args.count % PER_FRAME, PER_FRAME)
-    runner = _producer(count, args.floor) if args.side == "producer" else _consumer(count)
+    runner = _producer(count, args.floor, args.address) if args.side == "producer" else _consumer(count)
     try:
         import uvloop
 
