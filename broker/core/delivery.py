@@ -45,6 +45,7 @@ changed with ``configure``; otherwise each subscription's ``max_reconsume_times`
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ SCAN_PER_POLL = 4096
 
 _LEASED = DeliveryState.LEASED  # (a new Delivery's state and version are passed by position: faster)
 _ACKED = DELIVERY_TRANSITIONS[(_LEASED, DeliveryEvent.ACK)]
+_heappush = heapq.heappush
 
 
 class QueueReader(Protocol):
@@ -573,7 +575,9 @@ class GroupDelivery:
         (cur or self.cursors[qkey]).inflight.add(off)
         m.budget -= rec.size
         m.leases[token] = d
-        self.leases.add_new(d, token, deadline)
+        leases = self.leases  # (LeaseTable.add, inline: once per message)
+        leases.by_token[token] = d
+        _heappush(leases.heap, (deadline, token, 0))
         if mgroup is not None and self.fifo is not None:
             self.fifo.hold(mgroup, token)
         return m.member_id, token, wire  # (counted in stats["delivered"] by ``poll``)

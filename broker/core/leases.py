@@ -28,8 +28,6 @@ from dataclasses import dataclass
 
 from broker.core.lifecycle import DeliveryState
 
-_heappush = heapq.heappush
-
 __all__ = ["Delivery", "LeaseTable", "StaleHandleError"]
 
 
@@ -61,71 +59,63 @@ class Delivery:
 class LeaseTable:
     """Live leases by token, with their deadlines in a heap (see the module docstring)."""
 
-    __slots__ = ("boot", "_by_token", "_heap")
+    __slots__ = ("boot", "by_token", "heap")
 
     def __init__(self) -> None:
         self.boot = os.urandom(4).hex()
-        self._by_token: dict[int, Delivery] = {}
-        self._heap: list[tuple[float, int, int]] = []
-
-    @property
-    def by_token(self) -> dict[int, Delivery]:
-        """The live leases by token, for a caller ending many at once (``end`` inline: it
-        deletes the entries of the leases it ends and nothing else)."""
-        return self._by_token
+        #: the live leases by token; the delivery core makes and ends leases inline on its
+        #: hot paths, with the same steps as ``add`` and ``end``
+        self.by_token: dict[int, Delivery] = {}
+        #: ``(deadline, token, version)`` of every lease, stale ones included (a min-heap)
+        self.heap: list[tuple[float, int, int]] = []
 
     def __len__(self) -> int:
-        return len(self._by_token)
+        return len(self.by_token)
 
     def __contains__(self, token: object) -> bool:
-        return token in self._by_token
+        return token in self.by_token
 
     def get(self, token: int) -> Delivery | None:
         """The live lease ``token``, or None."""
-        return self._by_token.get(token)
+        return self.by_token.get(token)
 
     def values(self) -> Iterator[Delivery]:
         """Every live lease."""
-        return iter(self._by_token.values())
+        return iter(self.by_token.values())
 
     def add(self, d: Delivery) -> None:
         """A new lease."""
-        self._by_token[d.token] = d
-        heapq.heappush(self._heap, (d.deadline, d.token, d.version))
-
-    def add_new(self, d: Delivery, token: int, deadline: float) -> None:
-        """``add`` for a lease just made, with its token and deadline at hand (version 0)."""
-        self._by_token[token] = d
-        _heappush(self._heap, (deadline, token, 0))
+        self.by_token[d.token] = d
+        heapq.heappush(self.heap, (d.deadline, d.token, d.version))
 
     def end(self, token: int, member: str) -> Delivery | None:
         """End the lease ``token`` if ``member`` holds it and return it; else None (an
         unknown, expired or other member's token is left alone)."""
-        d = self._by_token.get(token)
+        d = self.by_token.get(token)
         if d is None or d.member != member:
             return None
-        del self._by_token[token]
+        del self.by_token[token]
         return d
 
     def pop(self, token: int) -> Delivery | None:
         """End the lease ``token`` (its heap entry goes stale)."""
-        return self._by_token.pop(token, None)
+        return self.by_token.pop(token, None)
 
     def change_deadline(self, d: Delivery, deadline: float) -> None:
         """Move a live lease's deadline; its old receipt handle goes stale."""
         d.deadline = deadline
         d.version += 1
-        heapq.heappush(self._heap, (deadline, d.token, d.version))
+        heapq.heappush(self.heap, (deadline, d.token, d.version))
 
     def renew(self, d: Delivery, deadline: float) -> None:
         """Move a live lease's deadline keeping its receipt handle (its version)."""
         d.deadline = deadline
-        heapq.heappush(self._heap, (deadline, d.token, d.version))
+        heapq.heappush(self.heap, (deadline, d.token, d.version))
 
     def expired(self, now: float) -> Iterator[Delivery]:
         """Pop and yield every live lease whose deadline is ``now`` or earlier."""
-        heap = self._heap
-        by_token = self._by_token
+        heap = self.heap
+        by_token = self.by_token
         while heap and heap[0][0] <= now:
             deadline, token, version = heapq.heappop(heap)
             d = by_token.get(token)
@@ -133,15 +123,15 @@ class LeaseTable:
                 del by_token[token]
                 yield d
         if len(heap) > 64 and len(heap) > 4 * len(by_token):  # mostly stale: rebuild
-            self._heap = [(d.deadline, d.token, d.version) for d in by_token.values()]
-            heapq.heapify(self._heap)
+            self.heap = [(d.deadline, d.token, d.version) for d in by_token.values()]
+            heapq.heapify(self.heap)
 
     def next_deadline(self) -> float | None:
         """The earliest live deadline, or None."""
-        heap = self._heap
+        heap = self.heap
         while heap:
             deadline, token, version = heap[0]
-            d = self._by_token.get(token)
+            d = self.by_token.get(token)
             if d is not None and d.version == version and d.deadline == deadline:
                 return deadline
             heapq.heappop(heap)
@@ -161,7 +151,7 @@ class LeaseTable:
         if parts[0] != self.boot:
             raise StaleHandleError("stale receipt handle: the broker restarted since it was issued "
                                    "(the message is delivered again)")
-        d = self._by_token.get(int(parts[1]))
+        d = self.by_token.get(int(parts[1]))
         if d is None:
             raise StaleHandleError("stale receipt handle: its lease was acked, failed or expired")
         if d.version != int(parts[2]):
