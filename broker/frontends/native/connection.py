@@ -658,17 +658,19 @@ def _check_recall(p: Any) -> str:
     return p["msg_id"]  # type: ignore[no-any-return]
 
 
-def _check_acks(p: Any) -> list[tuple[int, bool]]:
-    """The items of an ACK, all checked before any is applied (a bad one refuses the lot)."""
+def _check_acks(p: Any) -> list[Any]:
+    """The items of an ACK, ``[token, ok]`` each, all checked before any is applied (a bad
+    one refuses the lot). The payload's own list is returned: no copy per message."""
     items = p.get("a") if isinstance(p, dict) else None
     if type(items) is not list:
         raise BadRequestError("ACK payload must be {\"a\": [[token, ok], ...]}")
-    out = []
     for item in items:
-        if type(item) is not list or len(item) != 2 or type(item[0]) is not int or type(item[1]) is not bool:
+        if type(item) is not list or len(item) != 2:
             raise BadRequestError(f"each ACK item must be [token: int, ok: bool], not {shown(item)}")
-        out.append((item[0], item[1]))
-    return out
+        token, ok = item
+        if type(token) is not int or type(ok) is not bool:
+            raise BadRequestError(f"each ACK item must be [token: int, ok: bool], not {shown(item)}")
+    return items
 
 
 def _check_empty(p: Any, what: str) -> None:
