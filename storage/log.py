@@ -294,7 +294,7 @@ def member_record(bundle: Record, pos: int) -> Record:
                        body[start : start + blen], pos + MEMBER.size if k + 1 < n else bundle.next_pos)
 
 
-def take_members(bundle: Record, ents: list[tuple[int, ...]], i: int, first: int, out: list[tuple[int, Record]]) -> int:
+def take_members(bundle: Record, ents: list[tuple[int, int, int, int]], i: int, first: int, out: list[tuple[int, Record]]) -> int:
     """Append ``(first + j, member)`` for the index entries ``ents[i:]`` that are members of
     the decoded ``bundle``, in order, and return the index of the first entry that is not;
     ``ents[i]`` itself must be one (CorruptRecordError if not). :func:`member_record` for a
@@ -304,8 +304,7 @@ def take_members(bundle: Record, ents: list[tuple[int, ...]], i: int, first: int
     nbody = len(body)
     bpos = bundle.pos
     table = bundle.size - nbody  # offset of the marker table in the record
-    lo = bpos + table
-    hi = lo + (n << 4)
+    lo = bpos + table  # the marker table: members' positions are lo + 16 k, k < n
     rtype = bundle.rtype
     stime = bundle.store_time
     msize = MEMBER.size
@@ -313,11 +312,14 @@ def take_members(bundle: Record, ents: list[tuple[int, ...]], i: int, first: int
     ne = len(ents)
     j = i
     while j < ne:
-        pos, size = ents[j][0], ents[j][1]
-        if j > i and (not size & MEMBER_BIT or not lo <= pos < hi):
-            break
+        pos, size, _tag, _time = ents[j]
         t = pos - lo
-        if t < 0 or t & 15 or t >= body_min:
+        if j > i:
+            if not size & MEMBER_BIT or not 0 <= t < body_min:
+                break
+            if t & 15:
+                raise CorruptRecordError(f"position {pos} is not a member of the bundle at {bpos}")
+        elif t < 0 or t & 15 or t >= body_min:
             raise CorruptRecordError(f"position {pos} is not a member of the bundle at {bpos}")
         zero, boff, b, blen = _member_unpack(body, t)
         start = boff - table
