@@ -398,7 +398,8 @@ class Connection:
 
     @property
     def ready_to_send(self) -> bool:
-        """True when a request can go out at once (connected, handshake done, not paused)."""
+        """True when a request can go out at once (connected, handshake done, not paused).
+        ``Producer.send`` inlines this test on its fast path: change both together."""
         return self._ready and not self._paused and not self._closed
 
     def request_future(self, op: int, payload: Any, deadline: float) -> asyncio.Future[Any] | None:

@@ -278,20 +278,9 @@ def _bundle_parts(bundle: Record) -> tuple[list, list, bytes]:
 
 def member_record(bundle: Record, pos: int) -> Record:
     """The member at ``pos`` of the decoded ``bundle`` (CorruptRecordError if there is none)."""
-    headers, _tags, body = _bundle_parts(bundle)
-    n = len(headers)
-    table = bundle.size - len(body)  # offset of the marker table in the record
-    back = pos - bundle.pos
-    t = back - table
-    if t < 0 or t & 15 or t >= n << 4:
-        raise CorruptRecordError(f"position {pos} is not a member of the bundle at {bundle.pos}")
-    zero, boff, b, blen = _member_unpack(body, t)
-    start = boff - table
-    if zero or b != back or start < n << 4 or start + blen > len(body):
-        raise CorruptRecordError(f"position {pos} is not a member of the bundle at {bundle.pos}")
-    k = t >> 4
-    return make_record(pos, MEMBER.size + blen, bundle.rtype, bundle.store_time, headers[k],
-                       body[start : start + blen], pos + MEMBER.size if k + 1 < n else bundle.next_pos)
+    out: list[tuple[int, Record]] = []
+    take_members(bundle, [(pos, MEMBER_BIT, 0, 0)], 0, 0, out)  # (one entry: only ``pos`` is read)
+    return out[0][1]
 
 
 def take_members(bundle: Record, ents: list[tuple[int, int, int, int]], i: int, first: int, out: list[tuple[int, Record]]) -> int:

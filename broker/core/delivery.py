@@ -586,10 +586,8 @@ class GroupDelivery:
 
     def ack(self, member_id: str, token: int, ok: bool, now: float) -> PendingRecord | None:
         """A push member's result for a delivery. Unknown or expired tokens are ignored (None)."""
-        d = self.leases.get(token)
-        if d is None or d.member != member_id:
-            return None
-        return self._finish(d, ok)
+        pending = self.ack_many(member_id, ((token, ok),), now)
+        return pending[0] if pending else None
 
     def ack_many(self, member_id: str, acks: Iterable[tuple[int, bool]], now: float) -> list[PendingRecord]:
         """``ack`` for each ``(token, ok)`` of one push member, in order; returns the records
@@ -605,7 +603,7 @@ class GroupDelivery:
         last_qkey: tuple[str, int] | None = None  # acks come in runs of one queue's leases
         inflight: set[int] = set()
         for token, ok in acks:
-            d = by_token.get(token)  # (LeaseTable.end, inline: once per message)
+            d = by_token.get(token)  # (LeaseTable.pop, inline: once per message)
             if d is None or d.member != member_id:
                 continue  # unknown, expired or another member's
             del by_token[token]

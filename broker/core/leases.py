@@ -64,7 +64,7 @@ class LeaseTable:
     def __init__(self) -> None:
         self.boot = os.urandom(4).hex()
         #: the live leases by token; the delivery core makes and ends leases inline on its
-        #: hot paths, with the same steps as ``add`` and ``end``
+        #: hot paths, with the same steps as ``add`` and ``pop``
         self.by_token: dict[int, Delivery] = {}
         #: ``(deadline, token, version)`` of every lease, stale ones included (a min-heap)
         self.heap: list[tuple[float, int, int]] = []
@@ -87,15 +87,6 @@ class LeaseTable:
         """A new lease."""
         self.by_token[d.token] = d
         heapq.heappush(self.heap, (d.deadline, d.token, d.version))
-
-    def end(self, token: int, member: str) -> Delivery | None:
-        """End the lease ``token`` if ``member`` holds it and return it; else None (an
-        unknown, expired or other member's token is left alone)."""
-        d = self.by_token.get(token)
-        if d is None or d.member != member:
-            return None
-        del self.by_token[token]
-        return d
 
     def pop(self, token: int) -> Delivery | None:
         """End the lease ``token`` (its heap entry goes stale)."""
