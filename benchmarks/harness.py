@@ -229,15 +229,13 @@ def sqlite_commit_rate(directory: str, seconds: float = 1.0, threads: int = 6, w
     its own connection, inserting one row and committing (default journal mode and
     synchronous setting), per second in ``directory``. ``wal``: as ``tx-users-wal``'s does
     (``journal_mode=WAL``, ``synchronous=NORMAL``)."""
-    import sqlite3
     import threading
 
-    from benchmarks.systems.halfmq import sqlite_connect
+    from benchmarks.systems.halfmq import sqlite_connect, sqlite_create
 
     folder = tempfile.mkdtemp(prefix="sqlite-bench-", dir=directory)
     path = os.path.join(folder, "bank.sqlite")
-    with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE transfers (msg_id TEXT PRIMARY KEY, body_len INTEGER)")
+    sqlite_create(path, wal)
     counts = [0] * threads
     end = time.perf_counter() + seconds
 

@@ -249,18 +249,29 @@ class _NoopTransaction:
         return LocalTransactionState.COMMIT
 
 
+def sqlite_create(path: str, wal: bool = False) -> None:
+    """The tx-users listeners' database at ``path``: its table, and with ``wal`` the database
+    switched to WAL mode (a setting of the file: done once, here, because switching while
+    other connections write can fail with "database is locked")."""
+    import sqlite3
+
+    with sqlite3.connect(path, timeout=30.0) as db:
+        if wal:
+            db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE IF NOT EXISTS transfers (msg_id TEXT PRIMARY KEY, body_len INTEGER)")
+
+
 def sqlite_connect(path: str, wal: bool = False) -> Any:
-    """A connection to the SQLite database at ``path`` as the tx-users listeners open it:
-    SQLite's defaults (rollback journal, ``synchronous=FULL``: a commit waits for its fsyncs),
-    or with ``wal`` the setting SQLite recommends for WAL (``journal_mode=WAL``,
-    ``synchronous=NORMAL``: a commit is appended to the WAL without an fsync; the WAL is
+    """A connection to the SQLite database at ``path`` (made by :func:`sqlite_create`) as the
+    tx-users listeners open it: SQLite's defaults (rollback journal, ``synchronous=FULL``: a
+    commit waits for its fsyncs), or with ``wal`` the setting SQLite recommends for WAL
+    (``synchronous=NORMAL``: a commit is appended to the WAL without an fsync; the WAL is
     fsynced at checkpoints, so a power cut may lose the last commits, a crash of the
     application loses none)."""
     import sqlite3
 
     db = sqlite3.connect(path, timeout=30.0)
     if wal:
-        db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
     return db
 
@@ -272,14 +283,12 @@ class _SqliteTransaction:
     message; the check-back looks the row up."""
 
     def __init__(self, path: str, wal: bool = False) -> None:
-        import sqlite3
         import threading
 
         self.path = path
         self.wal = wal
         self.local = threading.local()
-        with sqlite3.connect(path) as db:
-            db.execute("CREATE TABLE IF NOT EXISTS transfers (msg_id TEXT PRIMARY KEY, body_len INTEGER)")
+        sqlite_create(path, wal)
 
     def _db(self) -> Any:
         db = getattr(self.local, "db", None)
