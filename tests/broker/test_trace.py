@@ -194,8 +194,52 @@ def test_trace_events_are_written_in_bounded_records():
     from broker.core.records import RT_TRACE, TRACE_TOPIC
     from broker.engines.embedded.tracing import EmbeddedTracing
 
-    engine = SimpleNamespace(_trace_buf=[["o", f"id{i}", "g", "acked", i] for i in range(5000)])
+    ids = [f"id{i}" for i in range(5000)]
+    buf = [["o", i, "g", "acked", 1] for i in ids[:100]]  # an older log's per-message form
+    buf += [["D", "g", "c1", "127.0.0.1:1", 2, ids[i : i + 1000], [1] * len(ids[i : i + 1000])]
+            for i in range(100, 5000, 1000)]
+    buf.append(["O", "g", "acked", 3, ids[:1500]])
+    engine = SimpleNamespace(_trace_buf=buf)
     records = EmbeddedTracing._trace_records(engine)  # type: ignore[arg-type]
-    assert [len(r.header["e"]) for r in records] == [2048, 2048, 904] and engine._trace_buf == []
+    named = [sum(len(e[5]) if e[0] == "D" else len(e[4]) if e[0] == "O" else 1 for e in r.header["e"])
+             for r in records]
+    # 100 + 1000 + ... : a record is cut before an event would take it past 2,048 messages named
+    assert named == [1100, 2000, 1900, 1500] and engine._trace_buf == []
     assert all(r.rtype == RT_TRACE and r.index.topic == TRACE_TOPIC for r in records)
-    assert [e for r in records for e in r.header["e"]][4999][1] == "id4999"
+    assert [e for r in records for e in r.header["e"]] == buf
+
+
+def test_trace_events_name_many_messages_each_and_older_logs_still_read():
+    """One ``D`` event per member of a dispatch and one ``O`` per outcome of a request; the
+    view finds a message in them and in the per-message ``d``/``o`` events of older logs."""
+    from types import SimpleNamespace
+
+    from broker.engines.embedded.tracing import EmbeddedTracing
+
+    class Session:
+        client_id, peer = "c1", "127.0.0.1:5"
+
+    leases = {1: SimpleNamespace(msg_id="A"), 2: SimpleNamespace(msg_id="B"), 3: SimpleNamespace(msg_id="C")}
+    gd = SimpleNamespace(group="g", leases=leases)
+    wire = [None] * 11
+    out = [("m1", 1, ["A", *wire[1:10], 0]), ("m1", 2, ["B", *wire[1:10], 2]), ("gone", 3, ["C", *wire[1:10], 0])]
+    engine = SimpleNamespace(_trace_buf=[], _receivers={}, _consumers={"m1": Session()})
+    engine._member_of = lambda m: EmbeddedTracing._member_of(engine, m)  # type: ignore[arg-type]
+    engine._trace_outcomes = lambda *a: EmbeddedTracing._trace_outcomes(engine, *a)  # type: ignore[arg-type]
+    EmbeddedTracing._trace_delivered(engine, gd, out, 1.5)  # type: ignore[arg-type]
+    EmbeddedTracing._trace_acks(engine, gd, [(1, True), (2, False), (3, True), (9, True)], 2.0)  # type: ignore[arg-type]
+    assert engine._trace_buf == [["D", "g", "c1", "127.0.0.1:5", 1500, ["A", "B"], [1, 3]],
+                                 ["D", "g", "gone", "?", 1500, ["C"], [1]],
+                                 ["O", "g", "acked", 2000, ["A", "C"]], ["O", "g", "failed", 2000, ["B"]]]
+
+    old = [["d", "B", "g", "c0", "127.0.0.1:4", 1, 900], ["o", "B", "g", "expired", 950]]
+    records = [SimpleNamespace(header={"e": old}), SimpleNamespace(header={"e": engine._trace_buf})]
+    view = SimpleNamespace(_records_since=lambda topic, q, since: enumerate(records))
+    stored: dict = {}
+    got = EmbeddedTracing._traced(view, "B", 7, 0, stored)  # type: ignore[arg-type]
+    assert got == [{"at": 900, "event": "delivered", "group": "g", "client_id": "c0", "address": "127.0.0.1:4",
+                    "attempt": 1},
+                   {"at": 950, "event": "expired", "group": "g"},
+                   {"at": 1500, "event": "delivered", "group": "g", "client_id": "c1", "address": "127.0.0.1:5",
+                    "attempt": 3},
+                   {"at": 2000, "event": "failed", "group": "g"}]

@@ -13,10 +13,13 @@ on entry times from the message's store time on, each queue read for at most
 ``_SCAN_CAP`` entries.
 
 What the log does not hold is who sent a plain message and each delivery attempt. With
-``--trace`` (off by default, as in RocketMQ) the engine collects them as compact events:
-``["s", client_id, address, [pos, ...]]`` per SEND, ``["d", msg_id, group, client_id,
-address, attempt, ms]`` per delivery, ``["o", msg_id, group, outcome, ms]`` per ack,
-failure, expiry or settle. They go into ``_trace_buf`` and ride in the next append as
+``--trace`` (off by default, as in RocketMQ) the engine collects them as compact events,
+one per batch rather than per message: ``["s", client_id, address, [pos, ...]]`` per SEND,
+``["D", group, client_id, address, ms, [msg_id, ...], [attempt, ...]]`` per member of one
+dispatch, ``["O", group, outcome, ms, [msg_id, ...]]`` per outcome of one ACK or SETTLE
+request or expiry sweep (logs written before this form hold one ``["d", msg_id, group,
+client_id, address, attempt, ms]`` per delivery and one ``["o", msg_id, group, outcome,
+ms]`` per outcome; the view reads both). They go into ``_trace_buf`` and ride in the next append as
 ``RT_TRACE`` records indexed in ``%TRACE%`` (one per loop iteration, or one per 2,048
 events; no append of their own; the 50 ms tick writes leftovers). With tracing off each
 hook is one boolean check per batch (a SEND flush, a dispatch of a group, an ACK or SETTLE
@@ -58,8 +61,22 @@ __all__ = ["EmbeddedTracing"]
 #: Entries read at most per queue when looking for one message's records.
 _SCAN_CAP = 20_000
 
-#: Events per ``RT_TRACE`` record, at most (~100 bytes each).
+#: Messages named per ``RT_TRACE`` record, at most (~40 bytes each): an event counts one
+#: per message id or record position it names, and one event names at most this many.
 _EVENTS_PER_RECORD = 2048
+
+
+def _weight(ev: list[Any]) -> int:
+    """How many messages one buffered event names (see ``_EVENTS_PER_RECORD``)."""
+    kind = ev[0]
+    if kind == "D":
+        return len(ev[5])
+    if kind == "O":
+        return len(ev[4])
+    if kind == "s":
+        return len(ev[3])
+    return 1
+
 
 #: Order of events in the same millisecond.
 _ORDER = {"stored": 0, "scheduled": 1, "committed": 2, "rolled_back": 2, "abandoned": 2, "released": 3,
@@ -72,13 +89,24 @@ class EmbeddedTracing:
     # -- hooks (each called behind one ``if self.trace``) --------------------------------
 
     def _trace_records(self: EmbeddedEngine) -> list[NewRecord]:
-        """The buffered events as records of at most ``_EVENTS_PER_RECORD`` events each (so
-        a record stays small whatever a loop iteration delivered); the caller appends them
-        with its batch."""
+        """The buffered events as records naming at most about ``_EVENTS_PER_RECORD``
+        messages each (so a record stays small whatever a loop iteration delivered); the
+        caller appends them with its batch."""
         buf = self._trace_buf
         self._trace_buf = []  # type: ignore[var-annotated]
-        return [NewRecord(RT_TRACE, {"e": buf[i : i + _EVENTS_PER_RECORD]}, b"", IndexTarget(TRACE_TOPIC, 0))
-                for i in range(0, len(buf), _EVENTS_PER_RECORD)]
+        records = []
+        part: list[list[Any]] = []
+        weight = 0
+        for ev in buf:
+            w = _weight(ev)
+            if part and weight + w > _EVENTS_PER_RECORD:
+                records.append(NewRecord(RT_TRACE, {"e": part}, b"", IndexTarget(TRACE_TOPIC, 0)))
+                part, weight = [], 0
+            part.append(ev)
+            weight += w
+        if part:
+            records.append(NewRecord(RT_TRACE, {"e": part}, b"", IndexTarget(TRACE_TOPIC, 0)))
+        return records
 
     def _trace_sent(self: EmbeddedEngine, entries: list[tuple[Any, ...]], stored: list[Any]) -> None:
         """Who sent the messages of one append: client id, address, record positions."""
@@ -93,48 +121,69 @@ class EmbeddedTracing:
         return receiver[0] if receiver is not None else self._consumers.get(member_id)
 
     def _trace_delivered(self: EmbeddedEngine, gd: GroupDelivery, out: list[Any], now: float) -> None:
+        """One ``D`` event per member of one dispatch: its message ids and their attempts."""
         ms = int(now * 1000)
-        events = []
+        per_member: dict[str, tuple[list[str], list[int]]] = {}
         for member_id, _token, wire in out:
+            ids = per_member.get(member_id)
+            if ids is None:
+                ids = per_member[member_id] = ([], [])
+            ids[0].append(wire[0])
+            ids[1].append(wire[10] + 1)
+        buf = self._trace_buf
+        step = _EVENTS_PER_RECORD
+        for member_id, (msg_ids, attempts) in per_member.items():
             s = self._member_of(member_id)
-            events.append(["d", wire[0], gd.group, s.client_id if s else member_id, s.peer if s else "?",
-                           wire[10] + 1, ms])
-        self._trace_buf.extend(events)
+            who = (s.client_id, s.peer) if s else (member_id, "?")
+            for i in range(0, len(msg_ids), step):
+                buf.append(["D", gd.group, *who, ms, msg_ids[i : i + step], attempts[i : i + step]])
+
+    def _trace_outcomes(self: EmbeddedEngine, group: str, outcome: str, msg_ids: list[str], now: float) -> None:
+        """``O`` events: one outcome of a group's messages, at one time."""
+        ms = int(now * 1000)
+        step = _EVENTS_PER_RECORD
+        for i in range(0, len(msg_ids), step):
+            self._trace_buf.append(["O", group, outcome, ms, msg_ids[i : i + step]])
 
     def _trace_acks(self: EmbeddedEngine, gd: GroupDelivery, acks: list[Any], now: float) -> None:
-        ms = int(now * 1000)
-        events = []
+        get = gd.leases.get
+        acked: list[str] = []
+        failed: list[str] = []
         for token, ok in acks:
-            d = gd.leases.get(token)
+            d = get(token)
             if d is not None:
-                events.append(["o", d.msg_id, gd.group, "acked" if ok else "failed", ms])
-        self._trace_buf.extend(events)
+                (acked if ok else failed).append(d.msg_id)
+        self._trace_outcomes(gd.group, "acked", acked, now)
+        self._trace_outcomes(gd.group, "failed", failed, now)
 
     def _trace_settles(self: EmbeddedEngine, gd: GroupDelivery, items: list[Any], now: float) -> None:
-        ms = int(now * 1000)
-        names = {"ack": "acked", "nack": "failed", "dlq": "failed"}
-        events = []
+        acked: list[str] = []
+        failed: list[str] = []
         for item in items:
             try:
                 handle, action, _ms = item
                 d = gd.leases.by_handle(handle)
             except Exception:  # a malformed or stale item: the settle itself answers it
                 continue
-            if action in names:
-                events.append(["o", d.msg_id, gd.group, names[action], ms])
+            if action == "ack":
+                acked.append(d.msg_id)
+            elif action in ("nack", "dlq"):
+                failed.append(d.msg_id)
                 if action == "nack":  # its lease now runs out: that is not an expiry of its own
                     self._trace_nacked.add((gd.group, d.msg_id))
-        self._trace_buf.extend(events)
+        self._trace_outcomes(gd.group, "acked", acked, now)
+        self._trace_outcomes(gd.group, "failed", failed, now)
 
     def _trace_expired(self: EmbeddedEngine, gd: GroupDelivery, expired: list[PendingRecord], now: float) -> None:
-        ms = int(now * 1000)
         nacked = self._trace_nacked
+        msg_ids = []
         for pr in expired:
             msg_id = pr.record.header["id"]  # type: ignore[call-overload]
             if (gd.group, msg_id) in nacked:
                 nacked.discard((gd.group, msg_id))
             else:
-                self._trace_buf.append(["o", msg_id, gd.group, "expired", ms])
+                msg_ids.append(msg_id)
+        self._trace_outcomes(gd.group, "expired", msg_ids, now)
 
     # -- the view -----------------------------------------------------------------------
 
@@ -244,7 +293,12 @@ class EmbeddedTracing:
                 kind = ev[0]
                 if kind == "s" and pos in ev[3]:
                     stored.update(client_id=ev[1], address=ev[2])
-                elif kind == "d" and ev[1] == msg_id:
+                elif kind == "D" and msg_id in ev[5]:  # (a message is in one dispatch once)
+                    events.append({"at": ev[4], "event": "delivered", "group": ev[1], "client_id": ev[2],
+                                   "address": ev[3], "attempt": ev[6][ev[5].index(msg_id)]})
+                elif kind == "O" and msg_id in ev[4]:
+                    events.append({"at": ev[3], "event": ev[2], "group": ev[1]})
+                elif kind == "d" and ev[1] == msg_id:  # the per-message form of older logs
                     events.append({"at": ev[6], "event": "delivered", "group": ev[2], "client_id": ev[3],
                                    "address": ev[4], "attempt": ev[5]})
                 elif kind == "o" and ev[1] == msg_id:
