@@ -11,15 +11,22 @@ them on), with a listener that returns SUCCESS; its ACK frames go to a stand-in.
 encodes nor decodes frames or touches a socket: what is left is the SDK's own work per
 message plus the asyncio machinery the pattern needs. ``--floor`` runs the producer
 pattern with a bare future in place of ``send`` (what the task, the semaphore and one
-future cost alone). ``--address HOST:PORT`` runs it through the real connection to a
-broker running there (``python -m broker --port 7600 --data-dir DIR --flush async``):
-frames encoded, written, read and decoded as well; the broker's own work is in its process.
+future cost alone). ``tx``: the tx-users pattern, a task per
+``TransactionProducer.send_in_transaction`` with at most 256 in flight, whose listener is a
+plain ``def`` returning COMMIT (the SDK runs it in a worker thread; ``--sqlite``: the
+benchmark's listener instead, a row inserted into an SQLite database in WAL mode and
+committed), against a stand-in that answers each SEND and END_TX frame on the next loop
+iteration. ``--address HOST:PORT`` runs ``producer`` or ``tx`` through the real
+connection to a broker running there (``python -m broker --port 7600 --data-dir DIR
+--flush async``): frames encoded, written, read and decoded as well; the broker's own work
+is in its process. ``--window 1`` sends one message at a time (the latency cell's pattern).
 
 Prints the process's CPU time per message (``time.process_time``). On a shared machine
 that moves with the other load; run it under ``valgrind --tool=cachegrind
 --cache-sim=no`` with two ``--count`` values for instruction counts that do not.
 
-``python -m benchmarks.sdk_bench producer|consumer [--count N] [--floor] [--address HOST:PORT]``
+``python -m benchmarks.sdk_bench producer|consumer|tx [--count N] [--floor] [--sqlite]
+[--window N] [--address HOST:PORT]``
 """
 
 from __future__ import annotations
@@ -37,15 +44,12 @@ PER_FRAME = 100
 BODY = b"x" * 1024
 
 
-async def _producer(count: int, floor: bool, address: str | None = None) -> float:
-    from producer_sdk import Producer
+def _stand_in(producer: Any) -> None:
+    """Make ``producer``'s connection a stand-in that answers each SEND (and END_TX) frame
+    on the next loop iteration, without encoding it or touching a socket."""
+    from protocol import Op
 
     loop = asyncio.get_running_loop()
-    if address is not None:  # the real connection to a running broker
-        async with Producer(address) as real:
-            await real.send("t", BODY)
-            return await _send_all(real.send, count)
-    producer = Producer("127.0.0.1:1")
     conn = producer._conn
     conn._loop = loop
     conn._ready = True  # handshaken, as far as the producer can tell
@@ -54,6 +58,9 @@ async def _producer(count: int, floor: bool, address: str | None = None) -> floa
     def request_future(op: int, payload: Any, deadline: float) -> asyncio.Future[Any]:
         nonlocal position
         fut = loop.create_future()
+        if op == Op.END_TX:
+            loop.call_soon(fut.set_result, {"r": [None] * len(payload["items"])})
+            return fut
         rows = []
         for _ in payload["msgs"]:
             position += 1
@@ -61,7 +68,19 @@ async def _producer(count: int, floor: bool, address: str | None = None) -> floa
         loop.call_soon(fut.set_result, {"p": "AC1F0001", "r": rows})
         return fut
 
-    conn.request_future = request_future  # type: ignore[method-assign]
+    conn.request_future = request_future
+
+
+async def _producer(count: int, floor: bool, address: str | None = None, window: int = WINDOW) -> float:
+    from producer_sdk import Producer
+
+    loop = asyncio.get_running_loop()
+    if address is not None:  # the real connection to a running broker
+        async with Producer(address) as real:
+            await real.send("t", BODY)
+            return await _send_all(real.send, count, window)
+    producer = Producer("127.0.0.1:1")
+    _stand_in(producer)
     send: Any = producer.send
     if floor:
         waiting: list[asyncio.Future[Any]] = []
@@ -84,12 +103,53 @@ async def _producer(count: int, floor: bool, address: str | None = None) -> floa
             await fut
 
         send = bare
-    return await _send_all(send, count)
+    return await _send_all(send, count, window)
 
 
-async def _send_all(send: Any, count: int) -> float:
-    """The pattern: a task per ``send``, at most ``WINDOW`` in flight; the CPU it took."""
-    slots = asyncio.Semaphore(WINDOW)
+class _Commit:
+    """The cheapest plain ``def`` local transaction: the SDK's hand-off alone."""
+
+    def execute_local_transaction(self, message: Any, arg: Any) -> Any:
+        from producer_sdk import LocalTransactionState
+
+        return LocalTransactionState.COMMIT
+
+    def check_local_transaction(self, message: Any) -> Any:
+        from producer_sdk import LocalTransactionState
+
+        return LocalTransactionState.COMMIT
+
+
+async def _tx(count: int, sqlite: bool, address: str | None = None, window: int = WINDOW) -> float:
+    import os
+    import tempfile
+
+    from benchmarks.systems.halfmq import _SqliteTransaction
+    from producer_sdk import TransactionListener, TransactionProducer
+
+    base = _SqliteTransaction if sqlite else _Commit
+
+    class Listener(base, TransactionListener):  # type: ignore[valid-type,misc]
+        pass
+
+    with tempfile.TemporaryDirectory(prefix="halfmq-sdk-bench-") as tmp:
+        listener = Listener(os.path.join(tmp, "bank.sqlite"), wal=True) if sqlite else Listener()
+        producer = TransactionProducer(address or "127.0.0.1:1", group="bench_tx_producer",
+                                       listener=listener, send_timeout=30.0)
+        if address is None:
+            _stand_in(producer)  # no broker: not started
+        else:
+            await producer.start()
+        try:
+            await producer.send_in_transaction("t", BODY)
+            return await _send_all(producer.send_in_transaction, count, window)
+        finally:
+            await producer.close()
+
+
+async def _send_all(send: Any, count: int, window: int = WINDOW) -> float:
+    """The pattern: a task per ``send``, at most ``window`` in flight; the CPU it took."""
+    slots = asyncio.Semaphore(window)
 
     async def one() -> None:
         try:
@@ -156,16 +216,26 @@ def sdk_bench_main(argv: list[str]) -> int:
     """``python -m benchmarks.sdk_bench``; see the module docstring."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.sdk_bench",
                                  description="the SDKs' own CPU per message, in one process")
-    ap.add_argument("side", choices=("producer", "consumer"))
+    ap.add_argument("side", choices=("producer", "consumer", "tx"))
     ap.add_argument("--count", type=int, default=200_000, help="messages (default 200,000)")
     ap.add_argument("--floor", action="store_true",
                     help="producer: a bare future in place of send (the pattern's own cost)")
     ap.add_argument("--address", metavar="HOST:PORT",
                     help="producer: send to the broker running there through the real connection "
                          "(frames encoded and decoded, a socket) instead of the stand-in")
+    ap.add_argument("--sqlite", action="store_true",
+                    help="tx: the benchmark's listener (a row into SQLite in WAL mode) instead of "
+                         "a plain def that returns COMMIT")
+    ap.add_argument("--window", type=int, default=WINDOW,
+                    help=f"producer, tx: sends in flight at most (default {WINDOW}; 1: one at a time)")
     args = ap.parse_args(argv)
     count = max(args.count - args.count % PER_FRAME, PER_FRAME)
-    runner = _producer(count, args.floor, args.address) if args.side == "producer" else _consumer(count)
+    if args.side == "producer":
+        runner = _producer(count, args.floor, args.address, args.window)
+    elif args.side == "tx":
+        runner = _tx(count, args.sqlite, args.address, args.window)
+    else:
+        runner = _consumer(count)
     try:
         import uvloop
 
@@ -173,7 +243,8 @@ def sdk_bench_main(argv: list[str]) -> int:
     except ImportError:  # pragma: no cover
         spent = asyncio.run(runner)
     what = "the pattern alone (--floor)" if args.floor else args.side
-    print(f"{what}: {spent / count * 1e6:.2f} us of CPU per message ({count:,} messages)")
+    unit = "transaction" if args.side == "tx" else "message"
+    print(f"{what}: {spent / count * 1e6:.2f} us of CPU per {unit} ({count:,} {unit}s)")
     return 0
 
 
