@@ -7,9 +7,12 @@ How this works
 1. ``SEND`` with ``half: true`` stores a *half message*, invisible to consumers. If that
    fails the error is raised and the listener is never called (T8).
 2. ``listener.execute_local_transaction(message, arg)`` runs the local transaction
-   (``async def`` awaited; plain ``def`` in a worker thread, never on the event loop). If
-   it raises, the outcome is UNKNOWN: nothing is reported, the exception is re-raised and
-   the broker's check-back decides (T5).
+   (``async def`` awaited; plain ``def`` in one of ``execute_workers`` threads of this
+   producer, never on the event loop: ``ListenerThreads``, whose results come back to the
+   loop in batches; the caller's ``contextvars`` are visible to it). If it raises, the
+   outcome is UNKNOWN: nothing is reported, the exception is re-raised and the broker's
+   check-back decides (T5). Whether a listener method is ``async`` is looked up once per
+   method, not per call.
 3. COMMIT or ROLLBACK is reported with ``END_TX`` (idempotent on the broker, so it is
    retried like a send). If it cannot reach the broker that is not an error (T10): the
    method returns with the state it tried to report and check-back resolves it later. A
@@ -18,7 +21,7 @@ How this works
 
 Check-back: the broker sends ``CHECK {"m": message}`` on this producer's own connection;
 ``listener.check_local_transaction(message)`` answers (same async/thread rule, at most
-``check_workers`` at once) and the reply is ``{"state": "COMMIT"|"ROLLBACK"|"UNKNOWN"}``
+``check_workers`` at once, in ``check_workers`` threads of their own) and the reply is ``{"state": "COMMIT"|"ROLLBACK"|"UNKNOWN"}``
 (UNKNOWN if the listener raises). The group is part of the handshake, which the connection
 repeats on every reconnect, so check-backs find a restarted or reconnected producer.
 """
@@ -27,8 +30,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import concurrent.futures
-import contextvars
 import functools
 import inspect
 import logging
@@ -38,6 +39,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from producer_sdk.connection import Connection
+from producer_sdk.listener_threads import DEFAULT_LISTENER_THREADS, ListenerThreads
 from producer_sdk.producer import (
     Producer,
     _encode_body,
@@ -62,6 +64,7 @@ from protocol import (
     validate_name,
     validate_send_topic,
 )
+from protocol.message import UnfrozenMessage, UnfrozenSendResult
 
 __all__ = ["TransactionListener", "TransactionProducer", "LocalTransactionState"]
 
@@ -112,6 +115,60 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     )
 
 
+#: ``_is_async`` of listener methods, by the function behind the bound method (so one
+#: entry per listener class, not per call); cleared if it ever grows past 256 entries.
+_ASYNC_CACHE: dict[Any, bool] = {}
+
+
+def _is_async_cached(fn: Callable[..., Any]) -> bool:
+    key = getattr(fn, "__func__", fn)
+    try:
+        return _ASYNC_CACHE[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable callable
+        pass
+    result = _is_async(fn)
+    try:
+        if len(_ASYNC_CACHE) >= 256:
+            _ASYNC_CACHE.clear()
+        _ASYNC_CACHE[key] = result
+    except TypeError:
+        pass
+    return result
+
+
+def _half_message(topic: str, data: bytes, tags: str | None, keys: list[str],
+                  props: dict[str, str], born: int, half: SendResult) -> Message:
+    """The ``Message`` handed to ``execute_local_transaction``: filled through plain slot
+    stores, then given the class ``Message`` (see ``protocol.message.UnfrozenMessage``)."""
+    m = UnfrozenMessage()
+    m.msg_id = half.msg_id
+    m.topic = topic
+    m.body = data
+    m.tags = tags
+    m.keys = tuple(keys) if keys else ()
+    m.properties = props
+    m.born_timestamp = born
+    m.store_timestamp = 0
+    m.queue_id = half.queue_id
+    m.queue_offset = half.queue_offset
+    m.reconsume_times = 0
+    m.message_group = None
+    m.deliver_at = None
+    m.__class__ = Message  # type: ignore[assignment]
+    return m  # type: ignore[return-value]
+
+
+def _tx_result(half: SendResult, state: LocalTransactionState) -> SendResult:
+    r = UnfrozenSendResult()
+    r.msg_id = half.msg_id
+    r.queue_id = half.queue_id
+    r.queue_offset = half.queue_offset
+    r.topic = half.topic
+    r.state = state
+    r.__class__ = SendResult  # type: ignore[assignment]
+    return r  # type: ignore[return-value]
+
+
 def _as_state(value: Any, where: str) -> LocalTransactionState:
     if isinstance(value, LocalTransactionState):
         return value
@@ -129,9 +186,12 @@ class TransactionProducer(Producer):
 
     Options (keyword-only): ``group`` (required, the producer group check-backs are
     addressed to), ``listener`` (a ``TransactionListener``), ``send_timeout`` (default 3 s,
-    also bounds the outcome report), ``client_id``, ``check_workers`` (default 4: check-backs
-    answered at once; also the threads that run plain ``def`` check methods), ``user``,
-    ``password`` and ``tls`` (as for ``Producer``).
+    also bounds the outcome report and how long ``close()`` waits for listener threads),
+    ``client_id``, ``check_workers`` (default 4: check-backs answered at once; also the
+    threads that run plain ``def`` check methods), ``execute_workers`` (default: the CPUs +
+    4, at most 32, as asyncio's default executor: the threads that run a plain ``def``
+    ``execute_local_transaction``, started as needed), ``user``, ``password`` and ``tls``
+    (as for ``Producer``).
     """
 
     def __init__(
@@ -144,6 +204,7 @@ class TransactionProducer(Producer):
         retries: int = 2,
         client_id: str | None = None,
         check_workers: int = 4,
+        execute_workers: int | None = None,
         user: str | None = None,
         password: str | None = None,
         tls: bool | ssl.SSLContext | None = None,
@@ -153,10 +214,16 @@ class TransactionProducer(Producer):
             raise TypeError("a TransactionProducer needs a listener")
         if check_workers < 1:
             raise ValueError("check_workers must be >= 1")
+        if execute_workers is None:
+            execute_workers = DEFAULT_LISTENER_THREADS
+        elif execute_workers < 1:
+            raise ValueError("execute_workers must be >= 1")
         self.listener = listener
         self.check_workers = check_workers
+        self.execute_workers = execute_workers
         self._check_slots: asyncio.Semaphore | None = None
-        self._check_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._check_pool: ListenerThreads | None = None
+        self._execute_pool: ListenerThreads | None = None
         self._outcomes: list[tuple[str, str, asyncio.Future[Any]]] = []  # END_TX micro-batch
         self._outcomes_scheduled = False
         super().__init__(address, group=group, send_timeout=send_timeout, retries=retries,
@@ -173,11 +240,19 @@ class TransactionProducer(Producer):
         await super().start()
 
     async def close(self) -> None:
-        """Close the connection and the check-back worker threads."""
+        """Close the connection and the listener threads: local transactions already
+        handed to a thread still run (their outcome is left to check-back if it can no
+        longer be reported), check-backs not started yet are dropped; waits up to
+        ``send_timeout`` for the threads to end."""
         await super().close()
-        pool, self._check_pool = self._check_pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        pools = [p for p in (self._execute_pool, self._check_pool) if p is not None]
+        self._execute_pool = self._check_pool = None
+        for pool in pools:
+            pool.close()
+        for pool in pools:
+            if not await pool.wait_closed(self.send_timeout):
+                log.warning("a listener call still runs %.1f s after close(); its thread is left to "
+                            "end on its own", self.send_timeout)
 
     async def __aenter__(self) -> TransactionProducer:
         await self.start()
@@ -229,19 +304,19 @@ class TransactionProducer(Producer):
         if half is None:
             reply = await self._send_request({"topic": topic, "msgs": [item], "half": True})
             half = self._results(topic, reply, 1)[0]
-        message = Message(
-            msg_id=half.msg_id, topic=topic, body=data, tags=tags, keys=tuple(key_list),
-            properties=props, born_timestamp=born, queue_id=half.queue_id,
-            queue_offset=half.queue_offset,
-        )
+        message = _half_message(topic, data, tags, key_list, props, born, half)
         fn = self.listener.execute_local_transaction
         try:
-            if _is_async(fn):
-                value = fn(message, arg)  # a coroutine, awaited below
+            if _is_async_cached(fn):
+                value = await fn(message, arg)  # type: ignore[misc]
             else:
-                value = await asyncio.to_thread(fn, message, arg)
-            if inspect.isawaitable(value):
-                value = await value
+                pool = self._execute_pool
+                if pool is None:
+                    pool = self._execute_pool = ListenerThreads(
+                        asyncio.get_running_loop(), self.execute_workers, "halfmq-tx")
+                value = await pool.run(fn, message, arg)
+                if inspect.isawaitable(value):
+                    value = await value
         except Exception:
             log.warning("execute_local_transaction raised for msg_id %s; outcome UNKNOWN, "
                         "check-back will decide", half.msg_id)
@@ -253,7 +328,7 @@ class TransactionProducer(Producer):
             except (BrokerUnavailableError, RequestTimeoutError) as exc:
                 log.warning("could not report %s for msg_id %s (%s); check-back will resolve it",
                             state.value, half.msg_id, exc)
-        return SendResult(half.msg_id, half.queue_id, half.queue_offset, topic, state)
+        return _tx_result(half, state)
 
     async def _report_outcome(self, msg_id: str, outcome: str) -> None:
         """END_TX for one transaction. Outcomes reported in the same loop iteration share
@@ -305,18 +380,16 @@ class TransactionProducer(Producer):
         async with self._check_slots:
             fn = self.listener.check_local_transaction
             try:
-                if _is_async(fn):
-                    value = fn(message)  # a coroutine, awaited below
+                if _is_async_cached(fn):
+                    value = await fn(message)  # type: ignore[misc]
                 else:
-                    loop = asyncio.get_running_loop()
-                    if self._check_pool is None:
-                        self._check_pool = concurrent.futures.ThreadPoolExecutor(
-                            self.check_workers, thread_name_prefix="halfmq-check"
-                        )
-                    ctx = contextvars.copy_context()
-                    value = await loop.run_in_executor(self._check_pool, ctx.run, fn, message)
-                if inspect.isawaitable(value):
-                    value = await value
+                    pool = self._check_pool
+                    if pool is None:
+                        pool = self._check_pool = ListenerThreads(
+                            asyncio.get_running_loop(), self.check_workers, "halfmq-check")
+                    value = await pool.run(fn, message)
+                    if inspect.isawaitable(value):
+                        value = await value
                 state = _as_state(value, "check_local_transaction")
             except Exception:
                 log.warning("check_local_transaction raised for msg_id %s; answering UNKNOWN",

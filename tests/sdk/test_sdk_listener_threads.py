@@ -1,0 +1,135 @@
+"""ListenerThreads (the threads of plain-def listener methods) on their own, and the
+TransactionProducer's use of them against a real broker: context, errors, thread limits,
+hand-back in batches and threads ended by close()."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+
+import pytest
+
+from producer_sdk import LocalTransactionState, TransactionListener, TransactionProducer
+from producer_sdk.listener_threads import DEFAULT_LISTENER_THREADS, ListenerThreads
+
+pytestmark = pytest.mark.timeout(30)
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+def _threads_named(prefix: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+async def test_results_exceptions_and_context():
+    pool = ListenerThreads(asyncio.get_running_loop(), 3, "lt-basic")
+    REQUEST_ID.set("r-1")
+    assert await pool.run(lambda a, b: (a + b, REQUEST_ID.get(), threading.get_ident()), 2, 3) == (
+        5, "r-1", pool._threads[0].ident)
+    with pytest.raises(KeyError, match="nope"):
+        await pool.run(lambda: {}["nope"])
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        await pool.run(lambda: next(iter(())))
+
+    def set_var() -> str:
+        REQUEST_ID.set("changed in the thread")
+        return REQUEST_ID.get()
+
+    assert await pool.run(set_var) == "changed in the thread"
+    assert REQUEST_ID.get() == "r-1"  # the thread ran in a copy of the caller's context
+    pool.close()
+    assert await pool.wait_closed(10)
+    assert not _threads_named("lt-basic")
+    with pytest.raises(RuntimeError):
+        pool.run(print)
+
+
+async def test_at_most_size_threads_and_many_results_per_wake_up():
+    loop = asyncio.get_running_loop()
+    pool = ListenerThreads(loop, 2, "lt-limit")
+    gate = threading.Event()
+    running: list[int] = []
+    lock = threading.Lock()
+
+    def call(i: int) -> int:
+        with lock:
+            running.append(threading.get_ident())
+        gate.wait(10)
+        return i
+
+    hand_backs = 0
+    real = pool._hand_back
+
+    def counted() -> None:
+        nonlocal hand_backs
+        hand_backs += 1
+        real()
+
+    pool._hand_back = counted  # type: ignore[method-assign]
+    futs = [pool.run(call, i) for i in range(200)]
+    deadline = loop.time() + 10
+    while len(running) < 2 and loop.time() < deadline:
+        await asyncio.sleep(0.001)
+    assert pool.threads == 2 and len(set(running)) == 2
+    gate.set()
+    assert await asyncio.gather(*futs) == list(range(200))
+    assert len(set(running)) == 2
+    assert hand_backs < 200  # results came back several per loop wake-up
+    pool.close()
+    assert await pool.wait_closed(10)
+    assert not _threads_named("lt-limit")
+
+
+async def test_a_call_cancelled_before_it_started_is_not_run():
+    pool = ListenerThreads(asyncio.get_running_loop(), 1, "lt-cancel")
+    gate = threading.Event()
+    ran: list[str] = []
+    first = pool.run(lambda: gate.wait(10))
+    second = pool.run(ran.append, "second")
+    second.cancel()
+    gate.set()
+    assert await first is True
+    assert await pool.run(ran.append, "third") is None
+    assert ran == ["third"]
+    pool.close()
+    assert await pool.wait_closed(10)
+
+
+class ContextBank(TransactionListener):
+    """Plain-def listener: records the context variable and thread it ran with."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def execute_local_transaction(self, message, arg):
+        self.seen.append((REQUEST_ID.get(), threading.current_thread().name))
+        if isinstance(arg, Exception):
+            raise arg
+        return LocalTransactionState.COMMIT
+
+    def check_local_transaction(self, message):
+        return LocalTransactionState.COMMIT
+
+
+async def test_producer_plain_def_listener_context_errors_and_close(broker):
+    listener = ContextBank()
+    p = TransactionProducer(broker.address, group="lt_ctx", listener=listener, execute_workers=2)
+    assert TransactionProducer(broker.address, group="lt_ctx", listener=listener).execute_workers == (
+        DEFAULT_LISTENER_THREADS)
+    with pytest.raises(ValueError):
+        TransactionProducer(broker.address, group="lt_ctx", listener=listener, execute_workers=0)
+    async with p:
+        async def one(i: int):
+            REQUEST_ID.set(f"req-{i}")
+            return await p.send_in_transaction("lt-tx", b"x")
+
+        results = await asyncio.gather(*(one(i) for i in range(50)))
+        assert all(r.state is LocalTransactionState.COMMIT for r in results)
+        assert sorted(c for c, _ in listener.seen) == sorted(f"req-{i}" for i in range(50))
+        assert {name for _, name in listener.seen} <= {"halfmq-tx-0", "halfmq-tx-1"}
+        with pytest.raises(ZeroDivisionError):  # T5: re-raised
+            await p.send_in_transaction("lt-tx", b"x", arg=ZeroDivisionError("boom"))
+        threads = list(p._execute_pool._threads)
+        assert threads and all(t.is_alive() for t in threads)
+    assert not any(t.is_alive() for t in threads)  # close() ended them
