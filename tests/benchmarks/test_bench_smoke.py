@@ -126,3 +126,15 @@ def test_broker_path_benches_run(module: str) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "us CPU per message (3000 messages" in proc.stdout
+
+
+def test_broker_cost_compares_each_variant_with_plain() -> None:
+    cmd = [sys.executable, "-m", "benchmarks.broker_cost", "--cpu", "--count", "400", "--scenarios", "e2e"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert [r[:2] for r in rows] == [["plain", "e2e"], ["secure", "e2e"], ["trace", "e2e"]], proc.stdout
+    assert rows[0][3] == "1.00" and all(float(r[2].replace(",", "")) > 0 for r in rows), proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.broker_cost", "--variants", "tls"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown variant or scenario ['tls']" in bad.stderr
