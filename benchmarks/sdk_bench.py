@@ -46,7 +46,8 @@ BODY = b"x" * 1024
 
 def _stand_in(producer: Any) -> None:
     """Make ``producer``'s connection a stand-in that answers each SEND (and END_TX) frame
-    on the next loop iteration, without encoding it or touching a socket."""
+    on the next loop iteration, without encoding it or touching a socket (the reply is
+    handed to the request's callback, or its future, as the reader would)."""
     from protocol import Op
 
     loop = asyncio.get_running_loop()
@@ -55,20 +56,27 @@ def _stand_in(producer: Any) -> None:
     conn._ready = True  # handshaken, as far as the producer can tell
     position = 0
 
-    def request_future(op: int, payload: Any, deadline: float) -> asyncio.Future[Any]:
+    def reply(op: int, payload: Any) -> Any:
         nonlocal position
-        fut = loop.create_future()
         if op == Op.END_TX:
-            loop.call_soon(fut.set_result, {"r": [None] * len(payload["items"])})
-            return fut
+            return {"r": [None] * len(payload["items"])}
         rows = []
         for _ in payload["msgs"]:
             position += 1
             rows.append([position, 0, position])
-        loop.call_soon(fut.set_result, {"p": "AC1F0001", "r": rows})
+        return {"p": "AC1F0001", "r": rows}
+
+    def request_future(op: int, payload: Any, deadline: float) -> asyncio.Future[Any]:
+        fut = loop.create_future()
+        loop.call_soon(fut.set_result, reply(op, payload))
         return fut
 
+    def request_callback(op: int, payload: Any, deadline: float, on_reply: Any) -> bool:
+        loop.call_soon(on_reply, reply(op, payload), None)  # as the reader would
+        return True
+
     conn.request_future = request_future
+    conn.request_callback = request_callback
 
 
 async def _producer(count: int, floor: bool, address: str | None = None, window: int = WINDOW) -> float:

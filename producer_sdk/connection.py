@@ -15,11 +15,16 @@ streams) and keeps it alive for as long as it is open:
   ``ERROR`` with that id arrives, so many requests are in flight at once (pipelining) and
   replies may come in any order. An ``ERROR`` becomes the exception of its code
   (``protocol.error_from_code``). Each request has a deadline; when it passes the request
-  fails with ``RequestTimeoutError`` (a late reply is then ignored).
+  fails with ``RequestTimeoutError`` (a late reply is then ignored). ``request_callback``
+  registers a ``ReplyCallback`` instead of a future: the reader calls it with the reply
+  at once (the producer hands a micro-batch's rows to its callers from there, a loop
+  iteration sooner than through a future's done-callback).
 * **Coalesced writes.** Frames are appended to a small buffer and written together once
   per event-loop iteration (one ``transport.write`` for many frames). There is no
   per-frame ``drain()``; only when the transport asks us to pause writing do new requests
-  wait until it resumes.
+  wait until it resumes. ``call_before_write(fn)`` runs ``fn`` in that same callback just
+  before the write (the producer builds its micro-batches' frames there: they go out in
+  the loop iteration after the sends, not one later).
 * **Server-initiated traffic.** A request from the broker (``CHECK``) runs the
   ``on_request`` handler in a task; its return value goes back as ``REPLY`` (or ``ERROR`` if
   it raises). ``PING`` is answered at once. Pushes (``rid = 0``, e.g. ``DELIVER``) are handed
@@ -67,7 +72,7 @@ from protocol import (
     error_from_code,
 )
 
-__all__ = ["Connection", "default_client_id", "parse_address", "parse_addresses"]
+__all__ = ["Connection", "ReplyCallback", "default_client_id", "parse_address", "parse_addresses"]
 
 #: What this client tells the broker it is (shown by ``halfmq admin clients`` and the console).
 CLIENT_AGENT = "halfmq-python/0.1.0"
@@ -123,6 +128,37 @@ _SWEEP_EVERY = 0.05  # seconds between deadline sweeps
 #: Queued frames are written at once when they reach this size, instead of at the end of
 #: the loop iteration: the broker starts on the first part while we build the rest.
 _WRITE_NOW_BYTES = 64 * 1024
+
+class ReplyCallback:
+    """Stands in for a reply future in ``Connection._pending``: the first ``set_result`` or
+    ``set_exception`` calls ``fn(result, None)`` or ``fn(None, exc)`` at once, from the
+    reader (or the deadline sweep, or the connection's loss); later ones are ignored."""
+
+    __slots__ = ("fn", "_done")
+
+    def __init__(self, fn: Callable[[Any, BaseException | None], None]) -> None:
+        self.fn = fn
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Any) -> None:
+        if not self._done:
+            self._done = True
+            self._call(result, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self._done:
+            self._done = True
+            self._call(None, exc)
+
+    def _call(self, result: Any, exc: BaseException | None) -> None:
+        try:
+            self.fn(result, exc)
+        except Exception:  # never into the reader
+            log.exception("reply callback failed")
+
 
 class _ClientProtocol(asyncio.Protocol):
     """Bytes in, frames out: feeds the decoder and hands frames to its ``Connection``."""
@@ -217,7 +253,7 @@ class Connection:
         self._opened = False
         self._closed = False
         self._next_rid = 1
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._pending: dict[int, asyncio.Future[Any] | ReplyCallback] = {}
         # request deadlines without a timer per request: (deadline, rid) in deadline order
         # (a deque for the usual in-order case, a heap for the rest), swept periodically
         self._deadlines: collections.deque[tuple[float, int]] = collections.deque()
@@ -226,6 +262,7 @@ class Connection:
         self._wbuf: list[bytes] = []
         self._wbuf_bytes = 0
         self._flush_scheduled = False
+        self._before_write: list[Callable[[], None]] = []
         self._paused = False
         self._resume_waiter: asyncio.Future[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -412,11 +449,25 @@ class Connection:
         """
         if not self._ready or self._paused or self._closed:
             return None
+        fut = self._loop.create_future()
+        self._send_request(op, payload, deadline, fut)
+        return fut
+
+    def request_callback(self, op: int, payload: Any, deadline: float,
+                         on_reply: Callable[[Any, BaseException | None], None]) -> bool:
+        """Like ``request_future``, but ``on_reply(result, None)`` or ``on_reply(None,
+        exc)`` is called once, straight from the reader (or the deadline sweep, or the
+        connection's loss), instead of resolving a future. Returns False, without calling
+        ``on_reply``, when the request cannot go out at once."""
+        if not self._ready or self._paused or self._closed:
+            return False
+        self._send_request(op, payload, deadline, ReplyCallback(on_reply))
+        return True
+
+    def _send_request(self, op: int, payload: Any, deadline: float, waiter: Any) -> None:
         rid = self._next_rid
         self._next_rid = rid + 1
-        loop = self._loop
-        fut = loop.create_future()
-        self._pending[rid] = fut
+        self._pending[rid] = waiter
         self._write(encode_frame(op, rid, payload))
         dq = self._deadlines
         if not dq or dq[-1][0] <= deadline:
@@ -424,8 +475,7 @@ class Connection:
         else:
             heapq.heappush(self._late_deadlines, (deadline, rid))
         if self._sweep_handle is None:
-            self._sweep_handle = loop.call_later(_SWEEP_EVERY, self._sweep)
-        return fut
+            self._sweep_handle = self._loop.call_later(_SWEEP_EVERY, self._sweep)
 
     def _sweep(self) -> None:
         """Expire requests past their deadline; forget deadlines of answered ones."""
@@ -513,7 +563,23 @@ class Connection:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def call_before_write(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` once, on the loop, right before the frames queued in this loop
+        iteration are written (frames it queues go out in the same write)."""
+        self._before_write.append(fn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
+        hooks = self._before_write
+        if hooks:
+            self._before_write = []
+            for fn in hooks:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("callback before a write failed")
         self._flush_scheduled = False
         self._wbuf_bytes = 0
         buf = self._wbuf

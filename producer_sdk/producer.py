@@ -7,11 +7,13 @@ locally and queues it; every message sent to a topic in the same event-loop iter
 goes out in one ``SEND`` frame (``{"topic", "msgs": [[body, tags, keys, properties,
 born_ts], ...], "half": false}``) and the reply's rows are handed back to each caller
 (micro-batching: many concurrent sends cost one frame and one reply; a lone send is a
-batch of one, so latency does not change). No task and no timer per call. The broker
-replies once the messages are stored durably (per its ``--flush``). The messages of a
-micro-batch share one ``born_ts`` (the clock read when its first message was queued, in
-the same loop iteration), and each caller's future is resolved with its ``SendResult``
-straight from the reply's row.
+batch of one, so latency does not change). No task and no timer per call. The frames are
+built in the connection's write callback (``Connection.call_before_write``), so they are
+written in the loop iteration after the sends. The broker replies once the messages are
+stored durably (per its ``--flush``). The messages of a micro-batch share one ``born_ts``
+(the clock read when its first message was queued, in the same loop iteration), and each
+caller's future is resolved with its ``SendResult`` straight from the reply's row, by the
+connection's reader as the reply is decoded (``Connection.request_callback``).
 
 A retriable failure (the connection was lost with the request in flight, the broker is
 shutting down) is retried up to ``retries`` times, all within ``send_timeout`` seconds
@@ -119,17 +121,13 @@ class _Batch:
         self.born = int(time.time() * 1000)
 
 
-def _hand_out(reply: asyncio.Future[Any], futs: list[asyncio.Future[SendResult]], topic: str,
+def _hand_out(result: Any, exc: BaseException | None, futs: list[asyncio.Future[SendResult]], topic: str,
               *, _row: type = UnfrozenSendResult, _cls: type = SendResult) -> None:
     """Give each sender of a micro-batch the ``SendResult`` of its row of the SEND reply
-    (or the batch's error). Each result is filled as an ``UnfrozenSendResult`` and then
-    made a ``SendResult`` (not through the frozen dataclass's ``__init__``)."""
-    if reply.cancelled():
-        exc: BaseException | None = BrokerUnavailableError("send cancelled")
-    else:
-        exc = reply.exception()
+    ``result`` (or the batch's error ``exc``). Each result is filled as an
+    ``UnfrozenSendResult`` and then made a ``SendResult`` (not through the frozen
+    dataclass's ``__init__``)."""
     if exc is None:
-        result = reply.result()
         rows = result.get("r") if isinstance(result, dict) else None
         if isinstance(rows, list) and len(rows) == len(futs):
             prefix = result.get("p", "")
@@ -169,15 +167,13 @@ def _fail_all(futs: list[asyncio.Future[Any]], exc: BaseException) -> None:
 
 def _request_for_all(
     conn: Connection, op: int, payload: Any, deadline: float, futs: list[asyncio.Future[Any]],
-    hand_out: Callable[[asyncio.Future[Any]], None],
+    hand_out: Callable[[Any, BaseException | None], None],
 ) -> None:
-    """Send one request on behalf of many callers: ``hand_out(reply)`` gives each its part
-    of the reply; if the request cannot go out now, every caller fails at once."""
-    rf = conn.request_future(op, payload, deadline)
-    if rf is None:
+    """Send one request on behalf of many callers: ``hand_out(reply, error)``, called by
+    the connection's reader, gives each its part of the reply; if the request cannot go
+    out now, every caller fails at once."""
+    if not conn.request_callback(op, payload, deadline, hand_out):
         _fail_all(futs, BrokerUnavailableError(f"not connected to broker {conn.address}"))
-        return
-    rf.add_done_callback(hand_out)
 
 
 def _encode_options(message_group: str | None = None, delay: float | None = None,
@@ -349,7 +345,7 @@ class Producer:
                 batch = self._queued[topic] = _Batch(topic, False)
                 if not self._flush_scheduled:
                     self._flush_scheduled = True
-                    conn._loop.call_soon(self._flush_queued)
+                    conn.call_before_write(self._flush_queued)
             item: Sequence[Any] = ((data, tags, key_list, props, batch.born) if options is None
                                    else (data, tags, key_list, props, batch.born, options))
             fut: asyncio.Future[SendResult] = _Future()  # (the running loop: no keyword to parse)
@@ -381,9 +377,7 @@ class Producer:
     def _enqueue(self, topic: str, item: list[Any], half: bool) -> asyncio.Future[SendResult]:
         """Queue one message for this loop iteration's SEND frame of ``(topic, half)``;
         the future gets its ``SendResult``."""
-        loop = self._conn._loop
-        assert loop is not None
-        fut: asyncio.Future[SendResult] = loop.create_future()
+        fut: asyncio.Future[SendResult] = self._conn._loop.create_future()
         queued = self._queued_half if half else self._queued
         batch = queued.get(topic)
         if batch is None:
@@ -395,7 +389,7 @@ class Producer:
             self._flush_topic(batch)
         elif not self._flush_scheduled:
             self._flush_scheduled = True
-            loop.call_soon(self._flush_queued)
+            self._conn.call_before_write(self._flush_queued)
         return fut
 
     def _flush_topic(self, batch: _Batch) -> None:

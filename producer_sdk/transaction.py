@@ -93,17 +93,16 @@ class TransactionListener(abc.ABC):
         """Tell the broker the outcome of the transaction of half ``message`` (check-back)."""
 
 
-def _hand_out_outcomes(reply: asyncio.Future[Any], futs: list[asyncio.Future[Any]]) -> None:
+def _hand_out_outcomes(reply: Any, exc: BaseException | None, futs: list[asyncio.Future[Any]]) -> None:
     """Give each reporter of a batched END_TX its row of the reply (or the request's error)."""
-    exc = BrokerUnavailableError("outcome request cancelled") if reply.cancelled() else reply.exception()
     if exc is None:
-        rows = (reply.result() or {}).get("r")
+        rows = reply.get("r") if isinstance(reply, dict) else None
         if isinstance(rows, list) and len(rows) == len(futs):
             for f, row in zip(futs, rows, strict=True):
                 if not f.done():
                     f.set_result(row)
             return
-        exc = HalfMQError(f"malformed END_TX reply from broker: {reply.result()!r}")
+        exc = HalfMQError(f"malformed END_TX reply from broker: {reply!r}")
     _fail_all(futs, exc)
 
 
@@ -335,15 +334,13 @@ class TransactionProducer(Producer):
         one request (``{"items": [...]}``); a retriable failure is retried on its own."""
         conn = self._conn
         if conn.ready_to_send:
-            loop = conn._loop
-            assert loop is not None
-            fut: asyncio.Future[Any] = loop.create_future()
+            fut: asyncio.Future[Any] = conn._loop.create_future()
             self._outcomes.append((msg_id, outcome, fut))
             if len(self._outcomes) >= 64:
                 self._flush_outcomes()
             elif not self._outcomes_scheduled:
                 self._outcomes_scheduled = True
-                loop.call_soon(self._flush_outcomes)
+                conn.call_before_write(self._flush_outcomes)
             try:
                 result = await fut
             except HalfMQError as exc:
@@ -365,7 +362,7 @@ class TransactionProducer(Producer):
         assert loop is not None
         futs = [f for _, _, f in batch]
         _request_for_all(conn, Op.END_TX, {"items": [[m, o] for m, o, _ in batch]},
-                         loop.time() + self.send_timeout, futs, lambda reply: _hand_out_outcomes(reply, futs))
+                         loop.time() + self.send_timeout, futs, functools.partial(_hand_out_outcomes, futs=futs))
 
     # -- check-back ----------------------------------------------------------------------
 

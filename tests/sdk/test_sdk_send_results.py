@@ -10,6 +10,7 @@ import functools
 
 import pytest
 
+from producer_sdk.connection import ReplyCallback
 from producer_sdk.producer import _hand_out
 from protocol import HalfMQError, SendResult
 from protocol.message import UnfrozenSendResult
@@ -17,10 +18,8 @@ from protocol.message import UnfrozenSendResult
 
 async def _hand_out_reply(payload: object, n: int) -> list[asyncio.Future[SendResult]]:
     loop = asyncio.get_running_loop()
-    reply = loop.create_future()
     futs: list[asyncio.Future[SendResult]] = [loop.create_future() for _ in range(n)]
-    reply.add_done_callback(functools.partial(_hand_out, futs=futs, topic="t"))
-    reply.set_result(payload)
+    ReplyCallback(functools.partial(_hand_out, futs=futs, topic="t")).set_result(payload)
     await asyncio.wait(futs)
     return futs
 
