@@ -121,19 +121,33 @@ class _Singles:
 class Appending(StoreState):
     """Appends of :class:`storage.store.MessageStore` (see the module's "How this works")."""
 
-    def append(self: MessageStore, records: Sequence[NewRecord | NewBundle]) -> tuple[list[Stored], asyncio.Future[None]]:
+    def append(self: MessageStore, records: Sequence[NewRecord | NewBundle],
+               now: bool = False) -> tuple[list[Stored], asyncio.Future[None]]:
         """Assign positions/store time/queue offsets now; return them and a durability future.
 
         The future resolves once the records are fsynced (``flush="sync"``) or written
         (``"async"``); it fails with the write error if the disk write fails. Raises
         :class:`StoreClosedError` if closed/failed, ``ValueError`` for a record larger than a
         segment, ``KeyError`` for an unknown ``ref_pos`` (which must come from an earlier call).
+
+        ``now``: if the writer is idle, write the batch before returning (the future is then
+        done; see :meth:`storage.writer.Writer.write_now`), two loop iterations sooner.
         """
         if self._closed or self._failed is not None:
             raise StoreClosedError(f"store {self.data_dir} is {'failed' if self._failed else 'closed'}")
         if self._singles is not None:
             self._encode_singles()
-        return self._encode(records)
+        if not now:
+            return self._encode(records)
+        wake = self._wake
+        self._wake = None  # a new batch's first append does not wake the writer: written here
+        try:
+            out = self._encode(records)
+        finally:
+            self._wake = wake
+        if not self.write_now():
+            self._wake_writer()
+        return out
 
     def _encode(self: MessageStore, records: Sequence[NewRecord | NewBundle]) -> tuple[list[Stored], asyncio.Future[None]]:
         """:meth:`append` without its checks: encode ``records`` into the current batch."""

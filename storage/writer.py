@@ -157,49 +157,95 @@ class Writer(StoreState):
 
     async def _write(self: MessageStore, batch: _Batch, plan: list, nbytes: int) -> None:
         """Write (and with flush="sync" or ``force_sync``, fdatasync) ``batch`` and publish it."""
-        loop = self._loop
         async with self._io_lock:
             if batch.end > self._zero_from:  # the batch reaches the zero-fill running
                 await self._wait_zero_job()
+            if nbytes <= _INLINE_BYTES:
+                self._write_here(batch, plan)
+                if self._prealloc:
+                    self._maybe_zero_fill()
+                return
+            # the log bytes in the writer thread; meanwhile the index entries here (index
+            # descriptors are the loop's: see storage.queue_index)
             self._inflight = batch
-            sync = self._sync or batch.force_sync
-            dirty = list(self._dirty_segs) if batch.force_sync else []
             try:
-                if nbytes <= _INLINE_BYTES:
-                    # write (and fdatasync) right here. A round trip to a thread costs
-                    # two thread wake-ups (measured here: p50 0.19 ms, p99 1.1 ms for a
-                    # no-op) plus a wait for the GIL while the loop runs, about as much
-                    # as the fdatasync itself; while the loop waits for the disk, the
-                    # next sends pile up in the socket buffers and make the next batch
-                    # (group commit still happens). Measured on the side-by-side
-                    # benchmark, halfmq sync, against handing off every batch of more
-                    # than 4 records: publish 47,373 -> 55,648 msgs/s, one-at-a-time
-                    # p50 0.727 -> 0.651 ms, e2e 17,096 -> 24,786, tx 10,109 -> 13,812.
-                    # Only big batches go to the thread, so the loop keeps serving.
-                    t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
+                sync, dirty = self._sync or batch.force_sync, self._dirty_for(batch)
+                job = self._loop.run_in_executor(self._executor, self._write_batch, plan, sync, dirty, batch.newest_ms)
+                try:
                     _write_index(batch.qentries)
-                    new_segs, touched = self._write_batch(plan, sync, dirty, batch.newest_ms)
-                    self.stats["loop_disk_wait_ns"] += time.perf_counter_ns() - t0 - (time.thread_time_ns() - c0)
-                else:
-                    # the log bytes in the writer thread; meanwhile the index entries here
-                    # (index descriptors are the loop's: see storage.queue_index)
-                    job = loop.run_in_executor(self._executor, self._write_batch, plan, sync, dirty, batch.newest_ms)
-                    try:
-                        _write_index(batch.qentries)
-                    except BaseException:
-                        job.add_done_callback(_retrieve)
-                        raise
-                    new_segs, touched = await job
-                for seg in new_segs:
-                    self._log.register(seg)
-                self._publish(batch, touched, [data for *_, data in plan], sync, len(plan), len(touched) + len(dirty))
+                except BaseException:
+                    job.add_done_callback(_retrieve)
+                    raise
+                self._written(batch, plan, *(await job), sync, dirty)
             except BaseException as exc:
                 self._fail(exc, batch)
                 raise
             finally:
                 self._inflight = None
-        if self._prealloc and nbytes <= _INLINE_BYTES:
+
+    def _write_here(self: MessageStore, batch: _Batch, plan: list) -> None:
+        """Write (and sync) a small batch right here on the loop, and publish it.
+
+        A round trip to a thread costs two thread wake-ups (measured here: p50 0.19 ms,
+        p99 1.1 ms for a no-op) plus a wait for the GIL while the loop runs, about as much
+        as the fdatasync itself; while the loop waits for the disk, the next sends pile up
+        in the socket buffers and make the next batch (group commit still happens).
+        Measured on the side-by-side benchmark, halfmq sync, against handing off every
+        batch of more than 4 records: publish 47,373 -> 55,648 msgs/s, one-at-a-time p50
+        0.727 -> 0.651 ms, e2e 17,096 -> 24,786, tx 10,109 -> 13,812. Only big batches go
+        to the thread, so the loop keeps serving.
+        """
+        self._inflight = batch
+        try:
+            sync, dirty = self._sync or batch.force_sync, self._dirty_for(batch)
+            t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
+            _write_index(batch.qentries)
+            new_segs, touched = self._write_batch(plan, sync, dirty, batch.newest_ms)
+            self.stats["loop_disk_wait_ns"] += time.perf_counter_ns() - t0 - (time.thread_time_ns() - c0)
+            self._written(batch, plan, new_segs, touched, sync, dirty)
+        except BaseException as exc:
+            self._fail(exc, batch)
+            raise
+        finally:
+            self._inflight = None
+
+    def _dirty_for(self: MessageStore, batch: _Batch) -> list[Segment]:
+        """The segments written unsynced before, that a ``force_sync`` batch syncs too."""
+        return list(self._dirty_segs) if batch.force_sync else []
+
+    def _written(self: MessageStore, batch: _Batch, plan: list, new_segs: list[Segment],
+                 touched: list[tuple[Segment, int]], sync: bool, dirty: list[Segment]) -> None:
+        """The batch's bytes are written (and synced): register its new segments, publish it."""
+        for seg in new_segs:
+            self._log.register(seg)
+        self._publish(batch, touched, [data for *_, data in plan], sync, len(plan), len(touched) + len(dirty))
+
+    def write_now(self: MessageStore) -> bool:
+        """Write the current batch here and now if the writer is idle; True if it did (the
+        batch's future is then done: resolved, or failed with the write error).
+
+        For an appender that waits for its records (a lone SEND): the writer would take
+        the same batch one loop iteration later and resolve its future another iteration
+        after that. Only when nothing else is being written or waits to be (the writer
+        asleep on its wake-up, no sealed or handed-off batch, the write lock free), the
+        batch is small (written on the loop anyway) and does not reach a running zero-fill;
+        otherwise the writer takes it as usual, so group commit under load is unchanged.
+        """
+        wake = self._wake
+        batch = self._batch
+        if (wake is None or wake.done() or not batch.futures or self._sealed or self._handed
+                or self._singles is not None or self._io_lock.locked() or self._closed
+                or self._failed is not None or batch.end > self._zero_from):
+            return False
+        plan = self._plan(batch)
+        if sum(len(p[3]) for p in plan) > _INLINE_BYTES:
+            return False
+        self._batch = _Batch()
+        with contextlib.suppress(Exception):  # (the batch's future has the error; the store is failed)
+            self._write_here(batch, plan)
+        if self._prealloc:
             self._maybe_zero_fill()
+        return True
 
     def _publish(self: MessageStore, batch: _Batch, touched: list, datas: list[bytes], sync: bool, writes: int, fsyncs: int) -> None:
         """A batch is written (and synced): make it visible to readers, resolve its futures."""

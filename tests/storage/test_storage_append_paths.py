@@ -262,3 +262,57 @@ async def test_append_one_after_close_began_is_refused_and_queued_ones_are_writt
     assert len(await asyncio.gather(fut, *queued)) == 11
     async with MessageStore.open(tmp_path) as s2:
         assert s2.queue_end("t", 0) == 11
+
+
+@pytest.mark.parametrize("flush", ["sync", "async"])
+async def test_append_now_writes_at_once_when_the_writer_is_idle(tmp_path, flush):
+    async with MessageStore.open(tmp_path, flush=flush) as s:
+        await s.append_batch([_rec(0)])  # the writer runs and goes back to sleep
+        await _until(lambda: s._wake is not None and not s._wake.done() and s._zero_job is None,
+                     "the writer asleep, no zero-fill running")
+        batches = s.stats["batches"]
+        stored, fut = s.append([_rec(1), _rec(2, 1)], now=True)
+        assert fut.done() and fut.exception() is None  # written (and synced) before returning
+        assert s.stats["batches"] == batches + 1
+        assert s.queue_end("t", 0) == 2 and s.queue_end("t", 1) == 1
+        assert s.read(stored[1].pos).header == {"i": 2}
+        assert not s._wake.done()  # the writer was not woken for it
+        if flush == "sync":
+            assert s.stats["fsyncs"] >= batches + 1
+        # the next append goes through the writer as usual
+        stored2, fut2 = s.append([_rec(3)])
+        assert not fut2.done()
+        await fut2
+        assert s.queue_end("t", 0) == 3
+    async with MessageStore.open(tmp_path) as s:
+        assert [r.header["i"] for _, r in s.read_queue_records("t", 0, 0, 10)] == [0, 1, 3]
+
+
+async def test_append_now_leaves_the_batch_to_a_busy_writer(tmp_path, monkeypatch):
+    async with MessageStore.open(tmp_path, flush="sync") as s:
+        gate = _hold_writer_thread(monkeypatch)
+        tasks = [asyncio.create_task(s.append_one(_rec(i, body=KIB))) for i in range(600)]
+        await _until(lambda: s.stats["handed_off"] >= 1, "a hand-off")
+        stored, fut = s.append([_rec(9999)], now=True)
+        assert not fut.done()  # behind the batch in the writer thread, in order
+        gate.set()
+        await fut
+        assert max(st.pos for st in await asyncio.gather(*tasks)) < stored[0].pos
+        assert s.read(stored[0].pos).header == {"i": 9999}
+
+
+async def test_append_now_a_failed_write_fails_its_future_and_the_store(tmp_path, monkeypatch):
+    async with MessageStore.open(tmp_path, flush="sync") as s:
+        await s.append_batch([_rec(0)])
+        await _until(lambda: s._wake is not None and not s._wake.done() and s._zero_job is None,
+                     "the writer asleep, no zero-fill running")
+
+        def broken(fd, data, at):
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(s._io, "pwrite", broken)
+        _stored, fut = s.append([_rec(1)], now=True)
+        assert fut.done() and isinstance(fut.exception(), OSError)
+        with pytest.raises(StoreClosedError):
+            s.append([_rec(2)], now=True)
+        monkeypatch.undo()

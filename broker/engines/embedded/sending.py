@@ -205,7 +205,10 @@ class EmbeddedSending:
         store = self.store
         assert store is not None
         try:
-            stored, fut = store.append(records)
+            # written here and now if the writer is idle (a lone SEND: answered in this
+            # iteration), else by the writer with what comes meanwhile (group commit);
+            # not when schedule records must join this batch
+            stored, fut = store.append(records, now=not sched_rows)
         except Exception as exc:
             log.exception("store append failed")
             self.counters["sends_failed"] += sum(1 for e in entries if e[0] is not None)
@@ -283,7 +286,10 @@ class EmbeddedSending:
             if (any_plain or waiters) and not self._stopping:
                 self.dispatch(flush=True)
 
-        fut.add_done_callback(done)
+        if fut.done():
+            done(fut)
+        else:
+            fut.add_done_callback(done)
 
 
 def _tell(waiter: Any, exc: BaseException | None, failure: HalfMQError | None) -> Session | None:
