@@ -11,7 +11,10 @@ trip); a bigger one in a worker thread while the loop writes its index entries a
 accepting appends. Either way, what arrives during a write goes into the next batch — so
 batches grow with load (group commit). Back on the loop the writer publishes the new end
 of the log and of each queue (readers never see unwritten data) and resolves the batch's
-future. With ``flush="async"`` it resolves after the write and a timer queues an fsync
+future. An appender that waits for its records (``append(..., now=True)``, a lone SEND)
+has the batch written at once, without the writer task, when the writer is idle and the
+batch small: it is the batch the writer would have taken one iteration later, so group
+commit is the same. With ``flush="async"`` it resolves after the write and a timer queues an fsync
 every ``flush_interval``. Big batches under ``flush="sync"`` are handed off instead of
 waited for (:mod:`storage.handoff`).
 

@@ -138,3 +138,10 @@ def test_broker_cost_compares_each_variant_with_plain() -> None:
     bad = subprocess.run([sys.executable, "-m", "benchmarks.broker_cost", "--variants", "tls"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown variant or scenario ['tls']" in bad.stderr
+
+
+def test_lone_bench_runs() -> None:
+    cmd = [sys.executable, "-m", "benchmarks.lone_bench", "--count", "50", "--flush", "async"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "lone SEND, --flush async, 50 messages: broker CPU" in proc.stdout

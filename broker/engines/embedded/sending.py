@@ -5,8 +5,11 @@ How this works
 ``send`` turns the (already validated) messages of one SEND into records and queues them
 with the request; ``_flush_sends`` runs once at the end of the loop iteration and appends
 *every* queued record — all connections' sends, transaction outcomes — in one
-``store.append``. When the batch is durable (after its fsync with ``--flush sync``), the
-append future's one callback answers every request of the batch, runs the delivery
+``store.append``. When the writer is idle the store writes (and syncs) that batch right
+there (``append(..., now=True)``), so a lone SEND is answered in the iteration that
+appended it; else the writer takes it with what comes meanwhile. When the batch is durable
+(after its fsync with ``--flush sync``), the append future's one callback answers every
+request of the batch, runs the delivery
 dispatch (the consumers learn of the new messages in the same iteration) and writes the
 answered connections' output at once. No task, future or log line per message.
 
