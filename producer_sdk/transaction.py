@@ -279,16 +279,20 @@ class TransactionProducer(Producer):
         whatever ``execute_local_transaction`` raises (outcome left to check-back), and
         ``TransactionStateError`` if the broker already recorded a conflicting outcome.
         """
-        validate_send_topic(topic)
-        data = _encode_body(body)
+        if topic not in self._topics_ok:  # (as in send: a topic is checked once)
+            validate_send_topic(topic)
+            if len(self._topics_ok) < 10_000:
+                self._topics_ok.add(topic)
+        data = body if type(body) is bytes else _encode_body(body)
         if len(data) > self._conn.max_message_size:
             raise MessageTooLargeError(
                 f"message body of {len(data)} bytes exceeds the broker's limit of "
                 f"{self._conn.max_message_size} bytes"
             )
-        tags = _encode_tags(tags)
-        key_list = _encode_keys(keys)
-        props = _encode_properties(properties)
+        if tags is not None and type(tags) is not str:
+            _encode_tags(tags)  # raises TypeError
+        key_list = _encode_keys(keys) if keys is not None else []
+        props = _encode_properties(properties) if properties is not None else {}
         born = int(time.time() * 1000)
         item: list[Any] = [data, tags, key_list, props, born]
         if delay is not None:
@@ -314,7 +318,7 @@ class TransactionProducer(Producer):
                     pool = self._execute_pool = ListenerThreads(
                         asyncio.get_running_loop(), self.execute_workers, "halfmq-tx")
                 value = await pool.run(fn, message, arg)
-                if inspect.isawaitable(value):
+                if type(value) is not LocalTransactionState and inspect.isawaitable(value):
                     value = await value
         except Exception:
             log.warning("execute_local_transaction raised for msg_id %s; outcome UNKNOWN, "
