@@ -53,8 +53,6 @@ from protocol.message import UnfrozenSendResult
 
 __all__ = ["Producer"]
 
-_Future = asyncio.Future
-
 #: At most this many messages share one SEND frame (a bigger micro-batch is sent in parts,
 #: so the broker works on the first part while the rest is being built).
 _MAX_MICRO_BATCH = 64
@@ -348,7 +346,8 @@ class Producer:
                     conn.call_before_write(self._flush_queued)
             item: Sequence[Any] = ((data, tags, key_list, props, batch.born) if options is None
                                    else (data, tags, key_list, props, batch.born, options))
-            fut: asyncio.Future[SendResult] = _Future()  # (the running loop: no keyword to parse)
+            # (not asyncio.Future(): finding the running loop costs a getpid() system call)
+            fut: asyncio.Future[SendResult] = conn._loop.create_future()
             items = batch.items
             items.append(item)
             batch.futs.append(fut)

@@ -40,6 +40,8 @@ async def test_results_exceptions_and_context():
     assert REQUEST_ID.get() == "r-1"  # the thread ran in a copy of the caller's context
     pool.close()
     assert await pool.wait_closed(10)
+    for t in pool._threads:
+        t.join(10)
     assert not _threads_named("lt-basic")
     with pytest.raises(RuntimeError):
         pool.run(print)
@@ -78,6 +80,8 @@ async def test_at_most_size_threads_and_many_results_per_wake_up():
     assert hand_backs < 200  # results came back several per loop wake-up
     pool.close()
     assert await pool.wait_closed(10)
+    for t in pool._threads:
+        t.join(10)
     assert not _threads_named("lt-limit")
 
 
@@ -132,4 +136,6 @@ async def test_producer_plain_def_listener_context_errors_and_close(broker):
             await p.send_in_transaction("lt-tx", b"x", arg=ZeroDivisionError("boom"))
         threads = list(p._execute_pool._threads)
         assert threads and all(t.is_alive() for t in threads)
-    assert not any(t.is_alive() for t in threads)  # close() ended them
+    for t in threads:  # close() ended them (each told the loop just before it returned)
+        t.join(10)
+        assert not t.is_alive()
