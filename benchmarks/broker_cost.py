@@ -37,6 +37,8 @@ import sys
 import tempfile
 from typing import Any
 
+from benchmarks.lone_bench import _instructions
+
 __all__ = ["broker_cost_main"]
 
 BODY = b"x" * 1024
@@ -50,12 +52,6 @@ def _cpu_ns(pid: int) -> int:
     """A process's CPU time so far, in ns (its main thread's; the broker's loop)."""
     with open(f"/proc/{pid}/schedstat") as f:
         return int(f.read().split()[0])
-
-
-def _instructions(cachegrind_out: str) -> int:
-    """The instruction total of a cachegrind output file."""
-    with open(cachegrind_out) as f:
-        return next(int(x.split()[1]) for x in f if x.startswith("summary:"))
 
 
 async def _cell(variant: str, scenario: str, count: int, cpu: bool, workdir: str) -> int:

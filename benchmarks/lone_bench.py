@@ -38,12 +38,12 @@ import tempfile
 import time
 from typing import Any
 
+from benchmarks.systems.halfmq import READY_PREFIX
 from protocol import PROTOCOL_VERSION, FrameDecoder, Op, encode_frame
 
 __all__ = ["lone_bench_main"]
 
 BODY = b"x" * 1024
-READY_PREFIX = "halfmq broker ready "
 
 
 async def _start(flush: str, workdir: str, prefix: list[str]) -> tuple[asyncio.subprocess.Process, str]:
@@ -136,6 +136,7 @@ async def _run(count: int, flush: str, prefix: list[str]) -> tuple[tuple[float, 
 
 
 def _instructions(out: str) -> int:
+    """The instruction total of a cachegrind output file."""
     with open(out) as f:
         for line in f:
             if line.startswith("summary:"):
