@@ -373,7 +373,9 @@ async def test_a_stopped_server_is_left_for_another_within_seconds(cluster_facto
             took = time.monotonic() - t0
         finally:
             cluster.resume(node.name)
-        assert client.nc.connected_url.port != port
+        assert client.nc.connected_url.port != port, (
+            f"still on {node.name} (port {port}) {took:.2f} s after it stopped; "
+            f"reconnects {client.nc.stats['reconnects']}, node alive {node.running}")
         assert took < 15, f"answered {took:.1f} s after the node stopped"
     finally:
         await client.close()

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from broker.engines.jetstream.local_cluster import wait_stopped
 from producer_sdk import BrokerUnavailableError, Producer, RequestTimeoutError
 from producer_sdk.connection import Connection, parse_address, parse_addresses
 from protocol import Op, Role
@@ -19,7 +20,9 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def _freeze(broker) -> None:
+    """SIGSTOP, returning once every thread of the broker has stopped."""
     os.kill(broker.proc.pid, signal.SIGSTOP)
+    wait_stopped(broker.proc.pid)
 
 
 def _thaw(broker) -> None:

@@ -17,7 +17,8 @@ the whole start is tried again with new ports, up to three times.
 
 Faults for tests: ``kill9(name)`` (SIGKILL, reaped), ``stop_node(name)`` (SIGTERM, reaped),
 ``start_node(name)`` (same config, same ports, same store), ``wipe_store(name)`` (the
-node's disk is lost), ``pause(name)`` / ``resume(name)`` (SIGSTOP / SIGCONT). ``stop()``
+node's disk is lost), ``pause(name)`` (SIGSTOP, returning once every thread has
+stopped) / ``resume(name)`` (SIGCONT). ``stop()``
 SIGTERMs every node it started.
 """
 
@@ -39,7 +40,37 @@ from typing import Any
 
 from broker.engines.jetstream.binary import find_nats_server
 
-__all__ = ["ClusterStartError", "LocalCluster", "Node", "free_ports"]
+__all__ = ["ClusterStartError", "LocalCluster", "Node", "free_ports", "wait_stopped"]
+
+
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Return once every thread of process ``pid`` is stopped (state ``T``/``t``) or gone,
+    after a SIGSTOP.
+
+    The kernel hands a SIGSTOP to one thread, and the others stop only once that one has
+    run: on a busy machine a paused server went on answering for milliseconds after the
+    signal was sent. Without ``/proc`` (not Linux) this returns at once. Raises
+    ``TimeoutError`` if a thread still runs after ``timeout`` seconds.
+    """
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        running = False
+        for task in tasks.iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:  # the thread exited
+                continue
+            if stat[stat.rindex(")") + 2] not in "TtZX":  # the state, after "(comm)"
+                running = True
+                break
+        if not running:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} not stopped {timeout:g} s after SIGSTOP")
+        time.sleep(0.001)
 
 
 class ClusterStartError(RuntimeError):
@@ -297,11 +328,14 @@ class LocalCluster:
                 node.proc.kill()
                 node.proc.wait(5)
 
-    def pause(self, name: str) -> None:
-        """SIGSTOP node ``name`` (a process pause: no heartbeat, connections stay open)."""
+    def pause(self, name: str, timeout: float = 10.0) -> None:
+        """SIGSTOP node ``name`` (a process pause: no heartbeat, connections stay open) and
+        return once every thread of it has stopped (``wait_stopped``: found by a test whose
+        request, sent right after the signal, was answered by the node being paused)."""
         node = self.node(name)
         assert node.proc is not None
         node.proc.send_signal(signal.SIGSTOP)
+        wait_stopped(node.proc.pid, timeout)
 
     def resume(self, name: str) -> None:
         """SIGCONT node ``name``."""
