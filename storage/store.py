@@ -78,9 +78,9 @@ class MessageStore(Appending, Writer, HandOff, Reads, Recovery, Retention):
     """A durable segmented log with per-queue indexes. Create with :meth:`open`."""
 
     def __init__(self) -> None:  # use MessageStore.open()
-        # loop_disk_wait_ns: time the event loop spent waiting for the disk in writes and
-        # fdatasyncs done on it (off the CPU, so the process's CPU time does not show it, and
-        # it serves nothing meanwhile)
+        # loop_disk_wait_ns: time the event loop spent in the fdatasyncs done on it, waiting
+        # for the disk (off the CPU, so the process's CPU time does not show it, and it
+        # serves nothing meanwhile; its writes go to the page cache and are not counted)
         # records: messages stored (a bundle counts its members); bundles: bundle records
         # handed_off: batches written and synced by the writer thread while the writer went on
         self.stats = {
@@ -100,6 +100,7 @@ class MessageStore(Appending, Writer, HandOff, Reads, Recovery, Retention):
         self._io = REAL  # every file operation (see storage.fileio)
         self._files = IndexFiles(DEFAULT_OPEN_INDEXES)  # open index descriptors, bounded
         self._inflight = None
+        self._synced_ns = 0
         self._singles = None
         self._sealed = deque()  # full batches, before the current one
         self._handed = deque()  # batches handed to the writer thread, oldest first

@@ -125,6 +125,7 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         self._send_count: int = 0  # messages (Stored rows) in _send_records
         self._bundle_bytes: int = _BUNDLE_BYTES
         self._sends_scheduled: bool = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # (the running loop, once looked up)
         self._targets: dict[tuple[str, int, int], IndexTarget] = {}  # shared, immutable
         # transactions: pending half message -> (queue, tag hash, size of its record)
         self._half_meta: dict[str, tuple[int, int, int]] = {}

@@ -66,6 +66,7 @@ class EmbeddedSending:
     _send_records: list[NewRecord | NewBundle]
     _send_entries: list[tuple[Any, ...]]
     _sched_rows: list[tuple[int, str, int, int, int, int]]
+    _loop: asyncio.AbstractEventLoop | None
 
     def send(self: EmbeddedEngine, s: Session, rid: int, topic: str, msgs: list[list[Any]], half: bool) -> None:
         """Queue the records of one SEND; the reply goes out once they are durable.
@@ -182,7 +183,10 @@ class EmbeddedSending:
         """Have ``_flush_sends`` run once, at the end of this loop iteration."""
         if not self._sends_scheduled:
             self._sends_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_sends)
+            loop = self._loop
+            if loop is None:  # (asyncio.get_running_loop() costs a getpid() system call)
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush_sends)
 
     def _flush_sends(self: EmbeddedEngine) -> None:
         """Append every record queued in this loop iteration (all connections) in one store

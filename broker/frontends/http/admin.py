@@ -10,7 +10,7 @@ Routes
 - ``GET /metrics`` — Prometheus text format (see :mod:`broker.frontends.http.metrics`)
 - ``GET /api/stats`` — store counters (batches, records, writes, fsyncs, bundles,
   ``handed_off``: synced batches written by the writer thread while the loop went on,
-  ``loop_disk_wait_ns``: time the event loop spent waiting for the disk in writes and
+  ``loop_disk_wait_ns``: time the event loop spent waiting for the disk in the
   fdatasyncs done on it) and messages sent
 - ``GET /api/topics`` — topics with their queues and message counts, scheduled messages
   and the next one's delivery time

@@ -106,7 +106,7 @@ def metric_families(snapshot: dict[str, Any], connections: Iterable[Any], errors
     for key, name, doc in _STORE:
         out.append(CounterMetricFamily(name[: -len("_total")], doc, value=store.get(key, 0)))
     out.append(CounterMetricFamily("halfmq_store_loop_disk_wait_seconds", "Time the event loop waited for "
-                                   "its own disk writes and fdatasyncs", value=store.get("loop_disk_wait_ns", 0) / 1e9))
+                                   "the disk in its own fdatasyncs", value=store.get("loop_disk_wait_ns", 0) / 1e9))
     hist = snapshot.get("histograms")
     if hist is not None:
         out.append(HistogramMetricFamily("halfmq_store_fsync_seconds", "Time the fdatasyncs of one write batch took "

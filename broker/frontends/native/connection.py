@@ -107,6 +107,9 @@ class ClientConnection(asyncio.Protocol):
         self.config: BrokerConfig = listener.config
         self.decoder = FrameDecoder(listener.max_frame_size)
         self.transport: asyncio.Transport | None = None
+        # (made on the loop; looked up once: asyncio.get_running_loop() costs a getpid()
+        # system call each time)
+        self._loop = asyncio.get_running_loop()
         self.peer = "?"
         self.client_id: str | None = None
         self.role: str | None = None
@@ -513,7 +516,7 @@ class ClientConnection(asyncio.Protocol):
             self.flush()  # one write's worth: send it now rather than at the end of the iteration
         elif not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write every queued frame now (otherwise they go at the end of the loop iteration)."""
