@@ -8,8 +8,11 @@ How this works
    fails the error is raised and the listener is never called (T8).
 2. ``listener.execute_local_transaction(message, arg)`` runs the local transaction
    (``async def`` awaited; plain ``def`` in one of ``execute_workers`` threads of this
-   producer, never on the event loop: ``ListenerThreads``, whose results come back to the
-   loop in batches; the caller's ``contextvars`` are visible to it). If it raises, the
+   producer: ``ListenerThreads``, whose results come back to the loop in batches; the
+   caller's ``contextvars`` are visible to it). ``execute_workers=0`` calls a plain ``def``
+   on the event loop instead, for a local transaction that takes microseconds (an SQLite
+   write): a thread costs GIL hand-overs and wake-ups per call that can outweigh such a
+   transaction several times over, while a slow one would stall the loop. If it raises, the
    outcome is UNKNOWN: nothing is reported, the exception is re-raised and the broker's
    check-back decides (T5). Whether a listener method is ``async`` is looked up once per
    method, not per call.
@@ -189,8 +192,9 @@ class TransactionProducer(Producer):
     ``client_id``, ``check_workers`` (default 4: check-backs answered at once; also the
     threads that run plain ``def`` check methods), ``execute_workers`` (default: the CPUs +
     4, at most 32, as asyncio's default executor: the threads that run a plain ``def``
-    ``execute_local_transaction``, started as needed), ``user``, ``password`` and ``tls``
-    (as for ``Producer``).
+    ``execute_local_transaction``, started as needed; 0: called on the event loop, for a
+    local transaction of microseconds, such as an SQLite write, that must never block for
+    long), ``user``, ``password`` and ``tls`` (as for ``Producer``).
     """
 
     def __init__(
@@ -215,8 +219,8 @@ class TransactionProducer(Producer):
             raise ValueError("check_workers must be >= 1")
         if execute_workers is None:
             execute_workers = DEFAULT_LISTENER_THREADS
-        elif execute_workers < 1:
-            raise ValueError("execute_workers must be >= 1")
+        elif execute_workers < 0:
+            raise ValueError("execute_workers must be >= 0 (0: on the event loop)")
         self.listener = listener
         self.check_workers = check_workers
         self.execute_workers = execute_workers
@@ -312,6 +316,10 @@ class TransactionProducer(Producer):
         try:
             if _is_async_cached(fn):
                 value = await fn(message, arg)  # type: ignore[misc]
+            elif not self.execute_workers:  # on the loop (execute_workers=0)
+                value = fn(message, arg)
+                if type(value) is not LocalTransactionState and inspect.isawaitable(value):
+                    value = await value
             else:
                 pool = self._execute_pool
                 if pool is None:

@@ -12,6 +12,7 @@ import pytest
 
 from producer_sdk import LocalTransactionState, TransactionListener, TransactionProducer
 from producer_sdk.listener_threads import DEFAULT_LISTENER_THREADS, ListenerThreads
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -122,7 +123,7 @@ async def test_producer_plain_def_listener_context_errors_and_close(broker):
     assert TransactionProducer(broker.address, group="lt_ctx", listener=listener).execute_workers == (
         DEFAULT_LISTENER_THREADS)
     with pytest.raises(ValueError):
-        TransactionProducer(broker.address, group="lt_ctx", listener=listener, execute_workers=0)
+        TransactionProducer(broker.address, group="lt_ctx", listener=listener, execute_workers=-1)
     async with p:
         async def one(i: int):
             REQUEST_ID.set(f"req-{i}")
@@ -139,3 +140,45 @@ async def test_producer_plain_def_listener_context_errors_and_close(broker):
     for t in threads:  # close() ended them (each told the loop just before it returned)
         t.join(10)
         assert not t.is_alive()
+
+
+async def test_execute_workers_0_runs_a_plain_def_listener_on_the_loop(broker):
+    """``execute_workers=0``: a plain ``def`` local transaction is called on the event loop
+    (no thread is started), sees the caller's context, and its exception is re-raised (T5);
+    a listener that returns an awaitable is awaited. The transactions are delivered."""
+    from consumer_sdk import ConsumeResult, PushConsumer
+
+    class Both(ContextBank):
+        def execute_local_transaction(self, message, arg):
+            if arg == "awaitable":
+                self.seen.append((REQUEST_ID.get(), threading.current_thread().name))
+
+                async def later():
+                    return LocalTransactionState.COMMIT
+                return later()
+            return super().execute_local_transaction(message, arg)
+
+    listener = Both()
+    got: list[bytes] = []
+
+    async def on_message(message):
+        got.append(message.body)
+        return ConsumeResult.SUCCESS
+
+    before = {t.name for t in threading.enumerate()}
+    async with PushConsumer(broker.address, group="lt_inline_c", topic="lt-inline", listener=on_message), \
+            TransactionProducer(broker.address, group="lt_inline", listener=listener, execute_workers=0) as p:
+        async def one(i: int):
+            REQUEST_ID.set(f"req-{i}")
+            return await p.send_in_transaction("lt-inline", b"%d" % i, arg="awaitable" if i == 0 else None)
+
+        results = await asyncio.gather(*(one(i) for i in range(20)))
+        assert all(r.state is LocalTransactionState.COMMIT for r in results)
+        assert sorted(c for c, _ in listener.seen) == sorted(f"req-{i}" for i in range(20))
+        assert {name for _, name in listener.seen} == {threading.current_thread().name}
+        with pytest.raises(ZeroDivisionError):  # T5: re-raised
+            await p.send_in_transaction("lt-inline", b"x", arg=ZeroDivisionError("boom"))
+        assert p._execute_pool is None
+        assert not _threads_named("halfmq-tx") or {t.name for t in _threads_named("halfmq-tx")} <= before
+        await wait_for(lambda: len(got) >= 20, timeout=20, what="the 20 committed transactions delivered")
+    assert sorted(got) == sorted(b"%d" % i for i in range(20))  # the failed one: UNKNOWN, not delivered yet
