@@ -76,7 +76,7 @@ def _load_client(module: str, conn: dict[str, Any]) -> Any:
 
 
 async def _produce(client: Any, p: dict[str, Any]) -> dict[str, Any]:
-    mode = p.get("mode", "publish")  # publish | batch | tx | tx-sqlite | tx-sqlite-wal | fifo
+    mode = p.get("mode", "publish")  # publish | batch | tx | tx-sqlite | tx-sqlite-wal | tx-sqlite-inline | fifo
     users = p.get("style") == "users"  # one task per send, as applications write it
     window = int(p.get("window", 256))
     duration = float(p.get("duration", 3.0))
@@ -94,6 +94,7 @@ async def _produce(client: Any, p: dict[str, Any]) -> dict[str, Any]:
     else:
         publish = {"tx": client.publish_tx, "tx-sqlite": getattr(client, "publish_tx", None),
                    "tx-sqlite-wal": getattr(client, "publish_tx", None),
+                   "tx-sqlite-inline": getattr(client, "publish_tx", None),
                    "fifo": getattr(client, "publish_fifo", None)}.get(mode, client.publish)
         per_call = 1
 
@@ -240,7 +241,8 @@ async def _worker(args: argparse.Namespace) -> None:
         result = await _consume(client, params)
     else:
         mode = params.get("mode")
-        await client.open_producer(**({"transactional": mode} if mode in ("tx", "tx-sqlite", "tx-sqlite-wal") else {}))
+        await client.open_producer(**({"transactional": mode} if mode in ("tx", "tx-sqlite", "tx-sqlite-wal", "tx-sqlite-inline")
+                                     else {}))
         _emit("READY")
         if await _read_line() != "GO":
             await client.close()

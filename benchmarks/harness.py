@@ -54,9 +54,13 @@ __all__ = [
 ]
 
 SCENARIOS = ("publish", "latency", "e2e", "tx", "batch", "fifo", "pull",
-             "publish-users", "e2e-users", "e2e-users-default", "pull-users", "tx-users", "tx-users-wal")
+             "publish-users", "e2e-users", "e2e-users-default", "pull-users", "tx-users", "tx-users-wal",
+             "tx-users-inline")
 #: The scenarios written as applications write them (see USERS_CONSUMER and benchmarks/e2e.py).
-USERS_SCENARIOS = ("publish-users", "e2e-users", "e2e-users-default", "pull-users", "tx-users", "tx-users-wal")
+USERS_SCENARIOS = ("publish-users", "e2e-users", "e2e-users-default", "pull-users", "tx-users", "tx-users-wal",
+                   "tx-users-inline")
+#: The users' transactional scenarios: the producer mode each runs (see benchmarks/e2e.py).
+TX_USERS_MODES = {"tx-users": "tx-sqlite", "tx-users-wal": "tx-sqlite-wal", "tx-users-inline": "tx-sqlite-inline"}
 #: The consumer an application configures by the documentation: 64 listener calls at a
 #: time, 1,024 messages prefetched.
 USERS_CONSUMER = {"prefetch": 1024, "concurrency": 64}
@@ -577,9 +581,8 @@ async def run_cell(server: Any, scenario: str, cell: str, s: Settings) -> dict[s
             out = _e2e_numbers(flow)
             out.update(_cell_metrics(flow, server))
             return out
-        if scenario in ("e2e-users", "e2e-users-default", "pull-users", "tx-users", "tx-users-wal"):
-            mode = {"e2e-users": "publish", "e2e-users-default": "publish", "pull-users": "publish",
-                    "tx-users": "tx-sqlite", "tx-users-wal": "tx-sqlite-wal"}[scenario]
+        if scenario in ("e2e-users", "e2e-users-default", "pull-users") or scenario in TX_USERS_MODES:
+            mode = TX_USERS_MODES.get(scenario, "publish")
             if scenario == "pull-users":
                 consumer = _consumer_params(s, style="users", mode="pull-each")
             elif scenario == "e2e-users-default":
@@ -640,7 +643,7 @@ async def _run_comparison(systems: list[str], scenarios: list[str], s: Settings,
             commits = await asyncio.to_thread(sqlite_commit_rate, workdir, 1.0)
             limits.setdefault("sqlite", []).append(commits)
             log(f"round {rnd}: SQLite alone {commits:,.0f} insert+commit/s")
-        if "tx-users-wal" in scenarios:
+        if "tx-users-wal" in scenarios or "tx-users-inline" in scenarios:
             commits = await asyncio.to_thread(sqlite_commit_rate, workdir, 1.0, 6, True)
             limits.setdefault("sqlite-wal", []).append(commits)
             log(f"round {rnd}: SQLite alone, WAL + synchronous=NORMAL, {commits:,.0f} insert+commit/s")

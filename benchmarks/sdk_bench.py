@@ -20,13 +20,15 @@ iteration. ``--address HOST:PORT`` runs ``producer`` or ``tx`` through the real
 connection to a broker running there (``python -m broker --port 7600 --data-dir DIR
 --flush async``): frames encoded, written, read and decoded as well; the broker's own work
 is in its process. ``--window 1`` sends one message at a time (the latency cell's pattern).
+``--workers N`` sets the transactional producer's ``execute_workers`` (0: the listener is
+called on the event loop).
 
 Prints the process's CPU time per message (``time.process_time``). On a shared machine
 that moves with the other load; run it under ``valgrind --tool=cachegrind
 --cache-sim=no`` with two ``--count`` values for instruction counts that do not.
 
 ``python -m benchmarks.sdk_bench producer|consumer|tx [--count N] [--floor] [--sqlite]
-[--window N] [--address HOST:PORT]``
+[--window N] [--workers N] [--address HOST:PORT]``
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ class _Commit:
         return LocalTransactionState.COMMIT
 
 
-async def _tx(count: int, sqlite: bool, address: str | None = None, window: int = WINDOW) -> float:
+async def _tx(count: int, sqlite: bool, address: str | None = None, window: int = WINDOW,
+              workers: int | None = None) -> float:
     import os
     import tempfile
 
@@ -143,7 +146,7 @@ async def _tx(count: int, sqlite: bool, address: str | None = None, window: int 
     with tempfile.TemporaryDirectory(prefix="halfmq-sdk-bench-") as tmp:
         listener = Listener(os.path.join(tmp, "bank.sqlite"), wal=True) if sqlite else Listener()
         producer = TransactionProducer(address or "127.0.0.1:1", group="bench_tx_producer",
-                                       listener=listener, send_timeout=30.0)
+                                       listener=listener, send_timeout=30.0, execute_workers=workers)
         if address is None:
             _stand_in(producer)  # no broker: not started
         else:
@@ -234,6 +237,9 @@ def sdk_bench_main(argv: list[str]) -> int:
     ap.add_argument("--sqlite", action="store_true",
                     help="tx: the benchmark's listener (a row into SQLite in WAL mode) instead of "
                          "a plain def that returns COMMIT")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="tx: the producer's execute_workers (default its own; 0: the listener on the "
+                         "event loop)")
     ap.add_argument("--window", type=int, default=WINDOW,
                     help=f"producer, tx: sends in flight at most (default {WINDOW}; 1: one at a time)")
     args = ap.parse_args(argv)
@@ -241,7 +247,7 @@ def sdk_bench_main(argv: list[str]) -> int:
     if args.side == "producer":
         runner = _producer(count, args.floor, args.address, args.window)
     elif args.side == "tx":
-        runner = _tx(count, args.sqlite, args.address, args.window)
+        runner = _tx(count, args.sqlite, args.address, args.window, args.workers)
     else:
         runner = _consumer(count)
     try:

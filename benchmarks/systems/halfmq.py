@@ -153,7 +153,7 @@ def topic_name(cell: str) -> str:
 class Server(BaseServer):
     scenarios = frozenset({"publish", "latency", "e2e", "batch", "tx", "fifo", "pull",
                            "publish-users", "e2e-users", "e2e-users-default", "pull-users",
-                           "tx-users", "tx-users-wal"})
+                           "tx-users", "tx-users-wal", "tx-users-inline"})
     client_module = "halfmq"
 
     def __init__(self, flush: str = "sync", *, profile_dir: str | None = None,
@@ -328,10 +328,12 @@ class Client(BaseClient):
     async def open_producer(self, *, transactional: bool | str = False) -> None:
         """A producer; ``transactional`` True or "tx": a no-op local transaction; "tx-sqlite":
         one that writes a row to an SQLite database (see ``_SqliteTransaction``);
-        "tx-sqlite-wal": the same with SQLite in WAL mode (see ``sqlite_connect``)."""
+        "tx-sqlite-wal": the same with SQLite in WAL mode (see ``sqlite_connect``);
+        "tx-sqlite-inline": "tx-sqlite-wal" with ``execute_workers=0`` (the listener, a plain
+        ``def``, called on the event loop instead of in a thread)."""
         from producer_sdk import Producer, TransactionListener, TransactionProducer
 
-        if transactional in ("tx-sqlite", "tx-sqlite-wal"):
+        if transactional in ("tx-sqlite", "tx-sqlite-wal", "tx-sqlite-inline"):
             class Sqlite(_SqliteTransaction, TransactionListener):
                 pass
 
@@ -339,7 +341,8 @@ class Client(BaseClient):
             self.producer = TransactionProducer(
                 self.address, group="bench_tx_producer", send_timeout=30.0, **self.login,
                 listener=Sqlite(os.path.join(self._sqlite_dir.name, "bank.sqlite"),
-                                wal=transactional == "tx-sqlite-wal"))
+                                wal=transactional != "tx-sqlite"),
+                execute_workers=0 if transactional == "tx-sqlite-inline" else None)
         elif transactional:
             class Noop(_NoopTransaction, TransactionListener):
                 pass

@@ -91,7 +91,8 @@ def test_bench_users_scenarios_deliver_every_message(tmp_path: Path) -> None:
     concurrency 64, SimpleConsumer acking each message, a local transaction writing to SQLite)
     each send and deliver exactly the messages they count."""
     out = tmp_path / "results"
-    scenarios = ["publish-users", "e2e-users", "e2e-users-default", "pull-users", "tx-users", "tx-users-wal"]
+    scenarios = ["publish-users", "e2e-users", "e2e-users-default", "pull-users", "tx-users", "tx-users-wal",
+                 "tx-users-inline"]
     cmd = [sys.executable, "-m", "benchmarks", "--systems", "halfmq-sync", "--scenarios", ",".join(scenarios),
            "--rounds", "1", "--count", "300", "--warmup", "0", "--window", "32", "--out-dir", str(out),
            "--workdir", str(tmp_path), "--quiet"]
@@ -106,18 +107,20 @@ def test_bench_users_scenarios_deliver_every_message(tmp_path: Path) -> None:
         assert (r["sent"], r["received"], r["errors"]) == (300, 300, 0), (scenario, r)
     md = (out / "latest.md").read_text()
     assert "as applications write it" in md
-    assert "SQLite alone as tx-users-wal's listener uses it" in md
+    assert "SQLite alone as tx-users-wal's (and tx-users-inline's) listener uses it" in md
     # each goal is judged on the one round too
     goal = next(g for g in report["goals"] if g["goal"].startswith("tx-users-wal"))
     assert len(goal["rounds"]) == 1 and goal["rounds"][0] in ("pass", "MISS")
 
 
-@pytest.mark.parametrize("args", [["producer"], ["producer", "--floor"], ["consumer"]])
+@pytest.mark.parametrize("args", [["producer"], ["producer", "--floor"], ["consumer"],
+                                  ["tx", "--sqlite", "--workers", "0"]])
 def test_sdk_bench_runs_each_side(args: list[str]) -> None:
     cmd = [sys.executable, "-m", "benchmarks.sdk_bench", *args, "--count", "2000"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "us of CPU per message (2,000 messages)" in proc.stdout
+    unit = "transaction (2,000 transactions)" if args[0] == "tx" else "message (2,000 messages)"
+    assert f"us of CPU per {unit}" in proc.stdout
 
 
 @pytest.mark.parametrize("module", ["benchmarks.delivery_bench", "benchmarks.ingest_bench"])
