@@ -108,6 +108,47 @@ async def test_a_cancelled_send_leaves_the_rest_of_its_micro_batch(broker):
         [(r.queue_id, r.queue_offset) for r in results]
 
 
+class _CountingTransport:
+    """Wraps the connection's transport and counts its writes."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.writes = 0
+
+    def write(self, data) -> None:
+        self.writes += 1
+        self.inner.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_one_at_a_time_a_send_is_written_at_once_and_a_burst_still_shares_frames(broker):
+    rec = Recorder()
+    async with Producer(broker.address) as p:
+        conn = p._conn
+        await p.send("lone", b"0")  # a frame of one message: one at a time from now on
+        counting = conn._transport = _CountingTransport(conn._transport)
+        task = asyncio.ensure_future(p.send("lone", b"1"))
+        await asyncio.sleep(0)  # the task runs up to its await
+        # written from send itself: nothing queued for the end of the iteration
+        assert counting.writes == 1 and not conn._flush_scheduled and not p._queued
+        await task
+        counting.writes = 0
+        # a burst after it: its first message goes alone, the other nine share one frame
+        burst = await asyncio.gather(*(p.send("lone", b"a%d" % i) for i in range(10)))
+        assert counting.writes == 2
+        counting.writes = 0
+        # and the next burst is one frame (the last one held nine: no longer one at a time)
+        burst += await asyncio.gather(*(p.send("lone", b"b%d" % i) for i in range(10)))
+        assert counting.writes == 1
+        assert len({r.msg_id for r in burst}) == 20
+        async with PushConsumer(broker.address, group="g", topic="lone", listener=rec):
+            await wait_for(lambda: len(rec.messages) == 22, what="22 deliveries")
+    assert sorted(m.body for m in rec.messages) == sorted(
+        [b"0", b"1"] + [b"a%d" % i for i in range(10)] + [b"b%d" % i for i in range(10)])
+
+
 async def test_local_name_validation(broker):
     async with Producer(broker.address) as p:
         for bad in ["", "has space", "a/b", "x" * 128, "%DLQ%x", "%sys"]:
