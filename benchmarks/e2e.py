@@ -45,6 +45,8 @@ __all__ = ["make_body", "BODY_SIZE", "worker_main", "e2e_main"]
 BODY_SIZE = 1024
 _STAMP = struct.Struct(">q")
 _PAD_CACHE: dict[int, bytes] = {}
+#: producer modes whose local transaction writes to SQLite (see benchmarks.systems.halfmq)
+_TX_SQLITE_MODES = ("tx-sqlite", "tx-sqlite-wal", "tx-sqlite-inline")
 
 
 def _pad(size: int) -> bytes:
@@ -92,9 +94,8 @@ async def _produce(client: Any, p: dict[str, Any]) -> dict[str, Any]:
         publish_batch = client.publish_batch
         per_call = batch
     else:
-        publish = {"tx": client.publish_tx, "tx-sqlite": getattr(client, "publish_tx", None),
-                   "tx-sqlite-wal": getattr(client, "publish_tx", None),
-                   "tx-sqlite-inline": getattr(client, "publish_tx", None),
+        publish = {"tx": client.publish_tx,
+                   **{m: getattr(client, "publish_tx", None) for m in _TX_SQLITE_MODES},
                    "fifo": getattr(client, "publish_fifo", None)}.get(mode, client.publish)
         per_call = 1
 
@@ -241,7 +242,7 @@ async def _worker(args: argparse.Namespace) -> None:
         result = await _consume(client, params)
     else:
         mode = params.get("mode")
-        await client.open_producer(**({"transactional": mode} if mode in ("tx", "tx-sqlite", "tx-sqlite-wal", "tx-sqlite-inline")
+        await client.open_producer(**({"transactional": mode} if mode == "tx" or mode in _TX_SQLITE_MODES
                                      else {}))
         _emit("READY")
         if await _read_line() != "GO":

@@ -24,7 +24,9 @@ streams) and keeps it alive for as long as it is open:
   per-frame ``drain()``; only when the transport asks us to pause writing do new requests
   wait until it resumes. ``call_before_write(fn)`` runs ``fn`` in that same callback just
   before the write (the producer builds its micro-batches' frames there: they go out in
-  the loop iteration after the sends, not one later).
+  the loop iteration after the sends, not one later). ``write_through(fn, *args)`` writes
+  what ``fn`` queues before returning instead, for a connection that is ``idle`` (one
+  request at a time: no loop iteration spent waiting for the end-of-iteration write).
 * **Server-initiated traffic.** A request from the broker (``CHECK``) runs the
   ``on_request`` handler in a task; its return value goes back as ``REPLY`` (or ``ERROR`` if
   it raises). ``PING`` is answered at once. Pushes (``rid = 0``, e.g. ``DELIVER``) are handed
@@ -438,6 +440,21 @@ class Connection:
         """True when a request can go out at once (connected, handshake done, not paused).
         ``Producer.send`` inlines this test on its fast path: change both together."""
         return self._ready and not self._paused and not self._closed
+
+    @property
+    def idle(self) -> bool:
+        """True when no request is in flight and nothing waits to be written."""
+        return not self._pending and not self._flush_scheduled
+
+    def write_through(self, fn: Callable[..., None], *args: Any) -> None:
+        """Call ``fn(*args)`` and write the frames it queues right away, not at the end of
+        the loop iteration (and without leaving an end-of-iteration write queued). Only
+        for an ``idle`` connection: otherwise queued frames would jump ahead of it."""
+        self._flush_scheduled = True  # (the frames fn queues do not schedule a write)
+        try:
+            fn(*args)
+        finally:
+            self._flush()
 
     def request_future(self, op: int, payload: Any, deadline: float) -> asyncio.Future[Any] | None:
         """Fast path: send the request now and return the future of its reply.

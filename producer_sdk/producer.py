@@ -352,8 +352,7 @@ class Producer:
                 # Decided by the last frame, not by "nothing in flight" alone: under group
                 # commit every reply can come back at once, and writing the next send alone
                 # then cost e2e-users and publish-users 5-14 % (4 alternating pairs)
-                if (self._last_frame == 1 and not conn._pending and not conn._flush_scheduled
-                        and not self._flush_scheduled):
+                if self._last_frame == 1 and not self._flush_scheduled and conn.idle:
                     lone = True
                 else:
                     self._queued[topic] = batch
@@ -369,9 +368,7 @@ class Producer:
             batch.futs.append(fut)
             batch.size += size
             if lone:
-                conn._flush_scheduled = True  # (so no end-of-iteration flush is queued for it)
-                self._send_queued((batch,))
-                conn._flush()  # the frame, written now
+                conn.write_through(self._send_queued, (batch,))
             elif len(items) >= _MAX_MICRO_BATCH:
                 self._flush_topic(batch)
             try:

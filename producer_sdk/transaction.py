@@ -316,16 +316,15 @@ class TransactionProducer(Producer):
         try:
             if _is_async_cached(fn):
                 value = await fn(message, arg)  # type: ignore[misc]
-            elif not self.execute_workers:  # on the loop (execute_workers=0)
-                value = fn(message, arg)
-                if type(value) is not LocalTransactionState and inspect.isawaitable(value):
-                    value = await value
             else:
-                pool = self._execute_pool
-                if pool is None:
-                    pool = self._execute_pool = ListenerThreads(
-                        asyncio.get_running_loop(), self.execute_workers, "halfmq-tx")
-                value = await pool.run(fn, message, arg)
+                if not self.execute_workers:  # on the loop (execute_workers=0)
+                    value = fn(message, arg)
+                else:
+                    pool = self._execute_pool
+                    if pool is None:
+                        pool = self._execute_pool = ListenerThreads(
+                            asyncio.get_running_loop(), self.execute_workers, "halfmq-tx")
+                    value = await pool.run(fn, message, arg)
                 if type(value) is not LocalTransactionState and inspect.isawaitable(value):
                     value = await value
         except Exception:

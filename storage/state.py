@@ -61,7 +61,6 @@ class StoreState:
     _wake: asyncio.Future[None] | None
     _batch: _Batch
     _inflight: _Batch | None
-    _synced_ns: int  # how long the last batch's fdatasyncs took
     _singles: _Singles | None
     _sealed: deque[_Batch]
     _handed: deque[_Handed]

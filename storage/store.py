@@ -100,7 +100,6 @@ class MessageStore(Appending, Writer, HandOff, Reads, Recovery, Retention):
         self._io = REAL  # every file operation (see storage.fileio)
         self._files = IndexFiles(DEFAULT_OPEN_INDEXES)  # open index descriptors, bounded
         self._inflight = None
-        self._synced_ns = 0
         self._singles = None
         self._sealed = deque()  # full batches, before the current one
         self._handed = deque()  # batches handed to the writer thread, oldest first

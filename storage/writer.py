@@ -179,7 +179,8 @@ class Writer(StoreState):
                 except BaseException:
                     job.add_done_callback(_retrieve)
                     raise
-                self._written(batch, plan, *(await job), sync, dirty)
+                new_segs, touched, _ = await job
+                self._written(batch, plan, new_segs, touched, sync, dirty)
             except BaseException as exc:
                 self._fail(exc, batch)
                 raise
@@ -202,9 +203,9 @@ class Writer(StoreState):
         try:
             sync, dirty = self._sync or batch.force_sync, self._dirty_for(batch)
             _write_index(batch.qentries)
-            new_segs, touched = self._write_batch(plan, sync, dirty, batch.newest_ms)
-            if sync:  # (its writes go to the page cache: the fdatasyncs are the wait)
-                self.stats["loop_disk_wait_ns"] += self._synced_ns
+            new_segs, touched, synced_ns = self._write_batch(plan, sync, dirty, batch.newest_ms)
+            # (its writes go to the page cache: the fdatasyncs are the loop's wait)
+            self.stats["loop_disk_wait_ns"] += synced_ns
             self._written(batch, plan, new_segs, touched, sync, dirty)
         except BaseException as exc:
             self._fail(exc, batch)
@@ -327,9 +328,12 @@ class Writer(StoreState):
 
     def _write_batch(
         self: MessageStore, plan: list, sync: bool, dirty: list[Segment], now_ms: int
-    ) -> tuple[list[Segment], list[tuple[Segment, int]]]:
+    ) -> tuple[list[Segment], list[tuple[Segment, int]], int]:
         """Write a batch's log bytes (creating the segments it starts) and with ``sync``
-        fdatasync them and the ``dirty`` segments; its index entries are written apart."""
+        fdatasync them and the ``dirty`` segments; its index entries are written apart.
+        Returns the new segments, each touched segment with its new size, and the
+        nanoseconds the fdatasyncs took (0 without ``sync``)."""
+        synced_ns = 0
         new_segs = []
         touched: list[tuple[Segment, int]] = []
         io = self._io
@@ -355,9 +359,9 @@ class Writer(StoreState):
             for seg in dirty:
                 if all(seg is not s for s, _ in touched):
                     io.fdatasync(seg.fd)
-            self._synced_ns = time.perf_counter_ns() - t0
-            self.fsync_seconds.observe(self._synced_ns / 1e9)
-        return new_segs, touched
+            synced_ns = time.perf_counter_ns() - t0
+            self.fsync_seconds.observe(synced_ns / 1e9)
+        return new_segs, touched, synced_ns
 
     def _fail(self: MessageStore, exc: BaseException, *batches: _Batch) -> None:
         """The store is failed: every waiting append gets the error (or StoreClosedError)."""

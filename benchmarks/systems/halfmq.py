@@ -333,7 +333,7 @@ class Client(BaseClient):
         ``def``, called on the event loop instead of in a thread)."""
         from producer_sdk import Producer, TransactionListener, TransactionProducer
 
-        if transactional in ("tx-sqlite", "tx-sqlite-wal", "tx-sqlite-inline"):
+        if isinstance(transactional, str) and transactional.startswith("tx-sqlite"):
             class Sqlite(_SqliteTransaction, TransactionListener):
                 pass
 
