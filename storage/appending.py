@@ -139,18 +139,15 @@ class Appending(StoreState):
             self._encode_singles()
         if not now:
             return self._encode(records)
-        wake = self._wake
-        self._wake = None  # a new batch's first append does not wake the writer: written here
-        try:
-            out = self._encode(records)
-        finally:
-            self._wake = wake
+        out = self._encode(records, wake=False)  # (written here, unless the writer is busy)
         if not self.write_now():
             self._wake_writer()
         return out
 
-    def _encode(self: MessageStore, records: Sequence[NewRecord | NewBundle]) -> tuple[list[Stored], asyncio.Future[None]]:
-        """:meth:`append` without its checks: encode ``records`` into the current batch."""
+    def _encode(self: MessageStore, records: Sequence[NewRecord | NewBundle],
+                wake: bool = True) -> tuple[list[Stored], asyncio.Future[None]]:
+        """:meth:`append` without its checks: encode ``records`` into the current batch
+        (``wake``: a new batch wakes the writer)."""
         now = int(self._clock() * 1000)
         seg_size = self.segment_size
         batch = self._batch
@@ -229,7 +226,7 @@ class Appending(StoreState):
                 del g[2][mark_starts:]
             raise
         futs = batch.futures
-        fut = futs[0] if futs else self._batch_future(batch)
+        fut = futs[0] if futs else self._batch_future(batch, wake)
         for q, (n, entries) in local.items():
             ent = qentries.get(q)
             if ent is None:
@@ -396,11 +393,13 @@ class Appending(StoreState):
                     return PREFIX.unpack_from(parts[3 * k])[0]
         raise KeyError(f"ref_pos {ref_pos} is not a record position")
 
-    def _batch_future(self: MessageStore, batch: _Batch) -> asyncio.Future[None]:
-        """The one future every append into ``batch`` shares (created by the first)."""
+    def _batch_future(self: MessageStore, batch: _Batch, wake: bool = True) -> asyncio.Future[None]:
+        """The one future every append into ``batch`` shares (created by the first, which
+        wakes the writer unless ``wake`` is false)."""
         if batch.futures:
             return batch.futures[0]
-        self._wake_writer()
+        if wake:
+            self._wake_writer()
         fut = _BatchFuture(loop=self._loop)
         batch.futures.append(fut)
         return fut
