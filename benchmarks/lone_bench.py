@@ -14,6 +14,13 @@ side. What it prints per message:
   which moves with the machine's other load;
 - the client's round trip, p50 and p99 (the disk's write + fsync is in it with ``sync``).
 
+``--client`` picks how the client waits for each reply: ``asyncio`` (a stream on the default
+event loop, as before), ``blocking`` (a plain socket's ``recv``: the client sleeps in the
+kernel, as any client that waits does) or ``spin`` (``recv`` with ``MSG_DONTWAIT`` in a loop:
+the client never sleeps). ``blocking`` against ``spin`` is what waking a sleeping client
+costs on this machine, apart from the server's work; ``--echo`` runs the same client against
+``python -m benchmarks.echo serve`` (a reply per frame, no storage) instead of the broker.
+
 ``--cachegrind`` runs the broker under ``valgrind --tool=cachegrind --cache-sim=no`` twice,
 with ``--count`` and with ``--short`` sends (``PYTHONHASHSEED=0``), stops it with SIGTERM and
 prints the instructions of the long run minus the short one over the difference of counts:
@@ -21,7 +28,8 @@ the broker's whole per-frame path (read, decode, checks, append, write, fdatasyn
 encoded and written, the event-loop iterations between) without its start and stop. The
 machine's load does not move that figure.
 
-``python -m benchmarks.lone_bench [--count N] [--flush sync|async] [--cachegrind [--short N]]``
+``python -m benchmarks.lone_bench [--count N] [--flush sync|async] [--client asyncio|blocking|spin]
+[--echo] [--cachegrind [--short N]]``
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import statistics
 import sys
 import tempfile
@@ -46,17 +55,27 @@ __all__ = ["lone_bench_main"]
 BODY = b"x" * 1024
 
 
-async def _start(flush: str, workdir: str, prefix: list[str]) -> tuple[asyncio.subprocess.Process, str]:
-    """Start the broker (under ``prefix``, e.g. valgrind); return it and its TCP address."""
+async def _start(flush: str, workdir: str, prefix: list[str],
+                 echo: bool = False) -> tuple[asyncio.subprocess.Process, str]:
+    """Start the broker (under ``prefix``, e.g. valgrind), or with ``echo`` the echo server;
+    return it and its TCP address."""
     data_dir = os.path.join(workdir, "data")
     cmd = [*prefix, sys.executable, "-m", "broker", "--port", "0", "--http-port", "0",
            "--data-dir", data_dir, "--flush", flush]
+    if echo:
+        cmd = [*prefix, sys.executable, "-m", "benchmarks.echo", "serve"]
     env = dict(os.environ, PYTHONHASHSEED="0")
     with _log_file(os.path.join(workdir, "broker.log")) as err:
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=err,
                                                     stdin=asyncio.subprocess.DEVNULL, env=env)
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), 300)).decode(errors="replace")
+    if echo:
+        if not line.startswith("READY "):
+            proc.kill()
+            await proc.wait()
+            raise RuntimeError(f"the echo server did not start: {line!r}")
+        return proc, f"127.0.0.1:{int(line.split()[1])}"
     if not line.startswith(READY_PREFIX):
         proc.kill()
         await proc.wait()
@@ -93,36 +112,83 @@ class _Client:
                 raise ConnectionError("the broker closed the connection")
             self.frames.extend(self.decoder.feed(data))
         op, got, reply = self.frames.pop(0)
-        if op != Op.REPLY or got != rid:
+        if op not in (Op.REPLY, 0) or got != rid:  # (0: the echo server's reply)
             raise RuntimeError(f"unexpected answer to request {rid}: {op} {got} {reply!r}")
         return reply
 
 
-async def _run(count: int, flush: str, prefix: list[str]) -> tuple[tuple[float, float], list[float]]:
-    """One broker, ``count`` lone SENDs; return its user and system CPU seconds over them
-    and the round trips."""
+class _SocketClient:
+    """A bare client on a plain socket: one request at a time, waiting for its reply in
+    ``recv`` (``spin=False``: asleep in the kernel) or in a loop of non-blocking ``recv``
+    calls (``spin=True``: never asleep). The echo server's replies (op 0) are taken too."""
+
+    def __init__(self, host: str, port: int, spin: bool) -> None:
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.spin = spin
+        self.decoder = FrameDecoder(1 << 24)
+        self.frames: list[Any] = []
+
+    def call(self, op: int, rid: int, payload: Any) -> Any:
+        self.sock.sendall(encode_frame(op, rid, payload))
+        recv = self.sock.recv
+        while not self.frames:
+            if self.spin:
+                try:
+                    data = recv(1 << 16, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+            else:
+                data = recv(1 << 16)
+            if not data:
+                raise ConnectionError("the server closed the connection")
+            self.frames.extend(self.decoder.feed(data))
+        got_op, got, reply = self.frames.pop(0)
+        if got_op not in (Op.REPLY, 0) or got != rid:
+            raise RuntimeError(f"unexpected answer to request {rid}: {got_op} {got} {reply!r}")
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def _run(count: int, flush: str, prefix: list[str], client_kind: str = "asyncio",
+               echo: bool = False) -> tuple[tuple[float, float], list[float]]:
+    """One broker (or echo server), ``count`` lone SENDs; return its user and system CPU
+    seconds over them and the round trips."""
     workdir = tempfile.mkdtemp(prefix="halfmq-lone-")
-    proc, address = await _start(flush, workdir, prefix)
+    proc, address = await _start(flush, workdir, prefix, echo)
     try:
         host, port = address.rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        client = _Client(reader, writer)
-        await client.call(Op.HELLO, 1, {"version": PROTOCOL_VERSION, "client_id": "lone-bench", "role": "producer"})
+        if client_kind == "asyncio":
+            reader, writer = await asyncio.open_connection(host, int(port))
+            client = _Client(reader, writer)
+            call = client.call
+        else:  # (blocking calls: nothing else runs on this loop meanwhile)
+            sock_client = _SocketClient(host, int(port), spin=client_kind == "spin")
+
+            async def call(op: int, rid: int, payload: Any) -> Any:
+                return sock_client.call(op, rid, payload)
+
+        await call(Op.HELLO, 1, {"version": PROTOCOL_VERSION, "client_id": "lone-bench", "role": "producer"})
         rid = 2
-        await client.call(Op.SEND, rid, {"topic": "lone", "msgs": [[BODY, None, [], {}, 0]], "half": False})
+        await call(Op.SEND, rid, {"topic": "lone", "msgs": [[BODY, None, [], {}, 0]], "half": False})
         cpu0 = _cpu_seconds(proc.pid)
         rtts = []
         for _ in range(count):
             rid += 1
             t0 = time.perf_counter()
-            await client.call(Op.SEND, rid, {"topic": "lone", "msgs": [[BODY, None, [], {}, int(time.time() * 1000)]],
-                                             "half": False})
+            await call(Op.SEND, rid, {"topic": "lone", "msgs": [[BODY, None, [], {}, int(time.time() * 1000)]],
+                                      "half": False})
             rtts.append(time.perf_counter() - t0)
         cpu1 = _cpu_seconds(proc.pid)
         cpu = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        if client_kind == "asyncio":
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        else:
+            sock_client.close()
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -162,13 +228,21 @@ def lone_bench_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--flush", choices=("sync", "async"), default="sync")
     ap.add_argument("--cachegrind", action="store_true", help="instructions per message (long minus short run)")
     ap.add_argument("--short", type=int, default=500, help="the short run's count with --cachegrind")
+    ap.add_argument("--client", choices=("asyncio", "blocking", "spin"), default="asyncio",
+                    help="how the client waits for a reply: an asyncio stream (default), asleep in recv, "
+                         "or never asleep (non-blocking recv in a loop)")
+    ap.add_argument("--echo", action="store_true",
+                    help="the echo server (python -m benchmarks.echo serve) instead of the broker")
     args = ap.parse_args(argv)
     if args.cachegrind:
+        if args.echo or args.client != "asyncio":
+            ap.error("--cachegrind measures the broker with the default client")
         asyncio.run(_cachegrind(args.count, args.short, args.flush))
         return
-    cpu, rtts = asyncio.run(_run(args.count, args.flush, []))
+    cpu, rtts = asyncio.run(_run(args.count, args.flush, [], args.client, args.echo))
     rtts.sort()
-    print(f"lone SEND, --flush {args.flush}, {args.count} messages: broker CPU {cpu[0] / args.count * 1e6:.1f} us "
+    what = "echo server" if args.echo else f"broker --flush {args.flush}"
+    print(f"lone SEND, {what}, client {args.client}, {args.count} messages: server CPU {cpu[0] / args.count * 1e6:.1f} us "
           f"user + {cpu[1] / args.count * 1e6:.1f} us system per message; round trip p50 {statistics.median(rtts) * 1e3:.3f} ms, "
           f"p99 {rtts[int(len(rtts) * 0.99)] * 1e3:.3f} ms")
 

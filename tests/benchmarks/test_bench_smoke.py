@@ -149,4 +149,17 @@ def test_lone_bench_runs() -> None:
     cmd = [sys.executable, "-m", "benchmarks.lone_bench", "--count", "50", "--flush", "async"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "lone SEND, --flush async, 50 messages: broker CPU" in proc.stdout
+    assert "lone SEND, broker --flush async, client asyncio, 50 messages: server CPU" in proc.stdout
+
+
+@pytest.mark.parametrize("args,head", [
+    (["--client", "spin"], "lone SEND, broker --flush sync, client spin, 50 messages: server CPU"),
+    (["--client", "blocking", "--echo"], "lone SEND, echo server, client blocking, 50 messages: server CPU"),
+])
+def test_lone_bench_clients(args: list[str], head: str) -> None:
+    cmd = [sys.executable, "-m", "benchmarks.lone_bench", "--count", "50", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert head in proc.stdout, proc.stdout
+    bad = subprocess.run([*cmd, "--cachegrind"], cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert bad.returncode == 2 and "--cachegrind measures the broker with the default client" in bad.stderr
