@@ -353,15 +353,30 @@ async def spawn_worker(module: str, role: str, conn: dict[str, Any],
     return Worker(proc, role)
 
 
+def _run_delay(pid: int) -> float | None:
+    """Seconds the main thread of ``pid`` has waited on a run queue so far (runnable, but
+    not running: every core was busy, or its virtual CPU was still being woken up), from
+    ``/proc/PID/schedstat``; None where the kernel does not report it."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Monitor:
     """CPU of server and client processes over a window and the servers' peak RSS.
 
     CPU is the ``cpu_times`` delta of each process, sampled every 100 ms, divided by the
     time that process was seen alive inside the window (a producer that finished early is
-    not diluted by the consumer's drain); a role's CPU is the sum over its processes.
+    not diluted by the consumer's drain); a role's CPU is the sum over its processes. For
+    the roles whose process is one event loop (the clients; the server with
+    ``server_loop``: halfmq, Redis) the time its main thread waited for a CPU is reported
+    the same way, as ``<role>_runq``: a side can be short of CPU without using 100 % of a
+    core, when the other processes have the cores.
     """
 
-    def __init__(self, server_pids: list[int], clients: dict[str, list[int]]) -> None:
+    def __init__(self, server_pids: list[int], clients: dict[str, list[int]], server_loop: bool = True) -> None:
         import psutil
 
         self.psutil = psutil
@@ -370,8 +385,11 @@ class Monitor:
             for pid in pids:
                 with contextlib.suppress(psutil.Error):
                     self.procs[role].append(psutil.Process(pid))
+        self.loop_roles = [r for r in self.procs if r != "server" or server_loop]
         self.first: dict[int, tuple[float, float]] = {}
         self.last: dict[int, tuple[float, float]] = {}
+        self.rq_first: dict[int, tuple[float, float]] = {}
+        self.rq_last: dict[int, tuple[float, float]] = {}
         self.rss_samples: list[tuple[float, int]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -389,6 +407,11 @@ class Monitor:
                 sample = (now, t.user + t.system)
                 self.first.setdefault(p.pid, sample)
                 self.last[p.pid] = sample
+                if role in self.loop_roles:
+                    delay = _run_delay(p.pid)
+                    if delay is not None:
+                        self.rq_first.setdefault(p.pid, (now, delay))
+                        self.rq_last[p.pid] = (now, delay)
         if rss:
             self.rss_samples.append((now - self.t0, rss))
 
@@ -430,6 +453,10 @@ class Monitor:
         cpu["iowait"] = 100.0 * ncpu * (iowait1 - iowait0) / span
         ours = sum(v for k, v in cpu.items() if k not in ("machine", "iowait"))
         cpu["others"] = max(cpu["machine"] - ours, 0.0)
+        for role in self.loop_roles:
+            spans = [(self.rq_first[p.pid], self.rq_last[p.pid]) for p in self.procs[role] if p.pid in self.rq_first]
+            if spans:
+                cpu[f"{role}_runq"] = sum(100.0 * (d1 - d0) / max(t1 - t0, 0.05) for (t0, d0), (t1, d1) in spans)
         rss = [r for _, r in self.rss_samples]
         return {"cpu": cpu, "wall": wall,
                 "rss_max_mb": max(rss) / 2**20 if rss else None,
@@ -462,7 +489,7 @@ async def run_flow(server: Any, conn: dict[str, Any], producers: list[dict[str, 
         clients = {"producer": [w.pid for w in prods]}
         if cons:
             clients["consumer"] = [w.pid for w in cons]
-        monitor = Monitor(server.server_pids(), clients)
+        monitor = Monitor(server.server_pids(), clients, server_loop=server.server_cpu_capacity <= 100.0)
         io0 = await server.loop_disk_wait_seconds()
         monitor.start()
         for w in prods:

@@ -53,18 +53,35 @@ def _median_minmax(values: Iterable[float | None]) -> tuple[float | None, float 
 
 
 def _saturation(cpu: dict[str, float], capacity: float) -> str:
-    """Which side ran out of CPU: 'server', 'producer', 'consumer', several, or none."""
+    """Which side ran out of CPU: 'server', 'producer', 'consumer', several, or none.
+
+    A side whose CPU alone is under the threshold still counts when its event loop was
+    busy, blocked in its own disk writes (``server_disk_wait``) or waiting for a CPU
+    (``<role>_runq``: runnable while the other processes had the cores) that much of the
+    time; the label then says how the time was made up."""
     sides = []
-    if cpu.get("server", 0.0) >= SATURATED * capacity:
+    server = cpu.get("server", 0.0)
+    if server >= SATURATED * capacity:
         sides.append("server")
-    elif cpu.get("server", 0.0) + cpu.get("server_disk_wait", 0.0) >= SATURATED * capacity:
-        # a single event loop busy or blocked in its own disk writes all the time
-        sides.append(f"server (event loop: CPU {cpu['server']:.0f}% + waiting for its own disk writes "
-                     f"{cpu['server_disk_wait']:.0f}%)")
+    else:
+        disk, runq = cpu.get("server_disk_wait", 0.0), cpu.get("server_runq", 0.0)
+        if server + disk + runq >= SATURATED * capacity:
+            # a single event loop busy, blocked in its own disk writes or runnable all the time
+            parts = [f"CPU {server:.0f}%"]
+            if disk >= 0.5:
+                parts.append(f"waiting for its own disk writes {disk:.0f}%")
+            if runq >= 0.5:
+                parts.append(f"waiting for a CPU {runq:.0f}%")
+            sides.append(f"server (event loop: {' + '.join(parts)})")
     for role in ("producer", "consumer"):
         n = 1  # one process per role in the comparison; each is single-threaded Python
-        if role in cpu and cpu[role] >= SATURATED * 100.0 * n:
+        if role not in cpu:
+            continue
+        runq = cpu.get(f"{role}_runq", 0.0)
+        if cpu[role] >= SATURATED * 100.0 * n:
             sides.append(role)
+        elif cpu[role] + runq >= SATURATED * 100.0 * n:
+            sides.append(f"{role} (CPU {cpu[role]:.0f}% + waiting for a CPU {runq:.0f}%)")
     if sides:
         return "+".join(sides)
     if cpu.get("machine", 0.0) >= SATURATED * 100.0 * (os.cpu_count() or 1):
@@ -278,7 +295,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "one core; RabbitMQ/NATS: all cores), or the machine when all its cores were busy. "
         "halfmq's broker also reports the time its event loop spent waiting for the disk in "
         "its own writes (it serves nothing meanwhile, and CPU time does not show it): CPU plus "
-        "that time at the same threshold also names the server.",
+        "that time at the same threshold also names the server. A process that is one event "
+        "loop (every client; halfmq's and Redis's server) also counts the time its main thread "
+        "waited for a CPU (runnable while the other processes had the cores: its run-queue "
+        "delay, /proc/PID/schedstat); CPU plus that time names it too, and the label says so.",
         "",
     ]
     if report.get("skipped"):

@@ -43,6 +43,9 @@ def test_bench_smoke_writes_reports(tmp_path: Path) -> None:
         assert summary["e2e"]["samples"] > 0
     # the broker reports the time its event loop waited for its own disk writes
     assert summary["publish"]["cpu"]["server_disk_wait"] > 0
+    # and each event loop's time waiting for a CPU is sampled (it can be 0 on an idle machine)
+    for role in ("server_runq", "producer_runq", "consumer_runq"):
+        assert summary["e2e"]["cpu"][role] >= 0, role
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "latest.png").stat().st_size > 0
     # the markdown table is also printed on stdout
@@ -71,6 +74,14 @@ def test_a_loop_busy_or_blocked_in_its_own_writes_is_the_saturated_side() -> Non
         "server (event loop: CPU 60% + waiting for its own disk writes 35%)")
     assert _saturation({"server": 60.0, "server_disk_wait": 10.0, "producer": 30.0}, 100.0).startswith("none")
     assert _saturation({"server": 90.0, "producer": 30.0}, 100.0) == "server"
+    # runnable but without a CPU (the other processes had the cores) counts as busy too
+    assert _saturation({"server": 70.0, "server_disk_wait": 12.0, "server_runq": 14.0, "producer": 55.0,
+                        "producer_runq": 10.0}, 100.0) == (
+        "server (event loop: CPU 70% + waiting for its own disk writes 12% + waiting for a CPU 14%)")
+    assert _saturation({"server": 50.0, "server_runq": 5.0, "producer": 60.0, "producer_runq": 30.0},
+                       100.0) == "producer (CPU 60% + waiting for a CPU 30%)"
+    assert _saturation({"server": 50.0, "server_runq": 5.0, "producer": 60.0, "producer_runq": 5.0},
+                       100.0).startswith("none")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("psutil") is None,
