@@ -182,3 +182,51 @@ async def test_execute_workers_0_runs_a_plain_def_listener_on_the_loop(broker):
         assert not _threads_named("halfmq-tx") or {t.name for t in _threads_named("halfmq-tx")} <= before
         await wait_for(lambda: len(got) >= 20, timeout=20, what="the 20 committed transactions delivered")
     assert sorted(got) == sorted(b"%d" % i for i in range(20))  # the failed one: UNKNOWN, not delivered yet
+
+
+async def test_execute_workers_0_runs_a_window_in_groups_whose_outcomes_go_out_between(broker, monkeypatch):
+    """``execute_workers=0`` with 100 transactions whose half replies come back together: at
+    most ``_INLINE_PER_ITERATION`` (here 10) listeners run in one loop iteration, and the
+    outcomes of the first groups are on their way before the last group runs; every one is
+    committed."""
+    import producer_sdk.transaction as transaction
+
+    monkeypatch.setattr(transaction, "_INLINE_PER_ITERATION", 10)
+    loop = asyncio.get_running_loop()
+    iteration = [0]
+
+    def tick() -> None:  # once per loop iteration
+        iteration[0] += 1
+        handle[0] = loop.call_soon(tick)
+
+    handle = [loop.call_soon(tick)]
+    calls: list[tuple[int, int]] = []  # (loop iteration, END_TX batches flushed so far)
+    flushed = [0]
+
+    class Bank(TransactionListener):
+        def execute_local_transaction(self, message, arg):
+            calls.append((iteration[0], flushed[0]))
+            return LocalTransactionState.COMMIT
+
+        def check_local_transaction(self, message):
+            return LocalTransactionState.COMMIT
+
+    try:
+        async with TransactionProducer(broker.address, group="lt_groups", listener=Bank(), execute_workers=0) as p:
+            flush = p._flush_outcomes
+
+            def counted() -> None:
+                flushed[0] += 1
+                flush()
+
+            p._flush_outcomes = counted  # type: ignore[method-assign]
+            results = await asyncio.gather(*(p.send_in_transaction("lt-groups", b"%d" % i) for i in range(100)))
+    finally:
+        handle[0].cancel()
+    assert all(r.state is LocalTransactionState.COMMIT for r in results)
+    per_iteration: dict[int, int] = {}
+    for it, _ in calls:
+        per_iteration[it] = per_iteration.get(it, 0) + 1
+    assert len(calls) == 100 and max(per_iteration.values()) <= 10, per_iteration
+    assert len(per_iteration) >= 10, per_iteration
+    assert calls[-1][1] >= 1, "no outcome had gone out before the last group ran"
