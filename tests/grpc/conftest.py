@@ -48,6 +48,21 @@ def rmq() -> Any:
     shutil.rmtree(home, ignore_errors=True)
 
 
+def _bind_official_io_loop() -> None:
+    """Make the official client's I/O loop this thread's current event loop, as the client
+    itself does in the thread that creates a channel (``RpcChannel.create_channel``).
+
+    Its ``startup()`` can create the telemetry stream in the calling thread, through
+    grpc.aio, which looks up that thread's event loop. Once in CI, in an ``asyncio.to_thread``
+    worker where no loop had been set, that failed with "There is no current event loop in
+    thread 'asyncio_0'", and the PushConsumer waited 10 s for settings that never came."""
+    from rocketmq.v5.client.connection.rpc_client import RpcClient
+
+    loop = RpcClient.get_channel_io_loop()
+    if loop is not None:
+        asyncio.set_event_loop(loop)
+
+
 class Clients:
     """Creates official clients against one address and shuts every one down."""
 
@@ -62,6 +77,7 @@ class Clients:
 
     def start(self, client: Any) -> Any:
         self.started.append(client)
+        _bind_official_io_loop()
         client.startup()
         return client
 
