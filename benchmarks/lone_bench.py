@@ -60,10 +60,9 @@ async def _start(flush: str, workdir: str, prefix: list[str],
     """Start the broker (under ``prefix``, e.g. valgrind), or with ``echo`` the echo server;
     return it and its TCP address."""
     data_dir = os.path.join(workdir, "data")
-    cmd = [*prefix, sys.executable, "-m", "broker", "--port", "0", "--http-port", "0",
-           "--data-dir", data_dir, "--flush", flush]
-    if echo:
-        cmd = [*prefix, sys.executable, "-m", "benchmarks.echo", "serve"]
+    server = (["-m", "benchmarks.echo", "serve"] if echo else
+              ["-m", "broker", "--port", "0", "--http-port", "0", "--data-dir", data_dir, "--flush", flush])
+    cmd = [*prefix, sys.executable, *server]
     env = dict(os.environ, PYTHONHASHSEED="0")
     with _log_file(os.path.join(workdir, "broker.log")) as err:
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=err,
@@ -111,10 +110,20 @@ class _Client:
             if not data:
                 raise ConnectionError("the broker closed the connection")
             self.frames.extend(self.decoder.feed(data))
-        op, got, reply = self.frames.pop(0)
-        if op not in (Op.REPLY, 0) or got != rid:  # (0: the echo server's reply)
-            raise RuntimeError(f"unexpected answer to request {rid}: {op} {got} {reply!r}")
-        return reply
+        return _reply(self.frames, rid)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+def _reply(frames: list[Any], rid: int) -> Any:
+    """Take the first received frame: the reply to request ``rid`` (op 0: the echo server's)."""
+    op, got, reply = frames.pop(0)
+    if op not in (Op.REPLY, 0) or got != rid:
+        raise RuntimeError(f"unexpected answer to request {rid}: {op} {got} {reply!r}")
+    return reply
 
 
 class _SocketClient:
@@ -129,7 +138,8 @@ class _SocketClient:
         self.decoder = FrameDecoder(1 << 24)
         self.frames: list[Any] = []
 
-    def call(self, op: int, rid: int, payload: Any) -> Any:
+    async def call(self, op: int, rid: int, payload: Any) -> Any:
+        """(Blocks the loop while it waits: nothing else runs on it meanwhile.)"""
         self.sock.sendall(encode_frame(op, rid, payload))
         recv = self.sock.recv
         while not self.frames:
@@ -143,12 +153,9 @@ class _SocketClient:
             if not data:
                 raise ConnectionError("the server closed the connection")
             self.frames.extend(self.decoder.feed(data))
-        got_op, got, reply = self.frames.pop(0)
-        if got_op not in (Op.REPLY, 0) or got != rid:
-            raise RuntimeError(f"unexpected answer to request {rid}: {got_op} {got} {reply!r}")
-        return reply
+        return _reply(self.frames, rid)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.sock.close()
 
 
@@ -160,16 +167,12 @@ async def _run(count: int, flush: str, prefix: list[str], client_kind: str = "as
     proc, address = await _start(flush, workdir, prefix, echo)
     try:
         host, port = address.rsplit(":", 1)
+        client: _Client | _SocketClient
         if client_kind == "asyncio":
-            reader, writer = await asyncio.open_connection(host, int(port))
-            client = _Client(reader, writer)
-            call = client.call
-        else:  # (blocking calls: nothing else runs on this loop meanwhile)
-            sock_client = _SocketClient(host, int(port), spin=client_kind == "spin")
-
-            async def call(op: int, rid: int, payload: Any) -> Any:
-                return sock_client.call(op, rid, payload)
-
+            client = _Client(*await asyncio.open_connection(host, int(port)))
+        else:
+            client = _SocketClient(host, int(port), spin=client_kind == "spin")
+        call = client.call
         await call(Op.HELLO, 1, {"version": PROTOCOL_VERSION, "client_id": "lone-bench", "role": "producer"})
         rid = 2
         await call(Op.SEND, rid, {"topic": "lone", "msgs": [[BODY, None, [], {}, 0]], "half": False})
@@ -183,12 +186,7 @@ async def _run(count: int, flush: str, prefix: list[str], client_kind: str = "as
             rtts.append(time.perf_counter() - t0)
         cpu1 = _cpu_seconds(proc.pid)
         cpu = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
-        if client_kind == "asyncio":
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-        else:
-            sock_client.close()
+        await client.close()
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
