@@ -15,8 +15,10 @@ decode, and built once per message on the hot path); the other records have smal
   scheduled message is due, ``"d"`` the delay in ms of a half message (counted from its
   commit). Messages without extras keep the short header.
 - ``RT_TX_OP``: a transaction outcome ``{id, s: "C"|"R"|"A", hp: half position, b: who
-  decided ("p" producer, "c" check-back, "o" operator), n: check-backs by then}``,
-  indexed in ``%OP%``.
+  decided ("p" producer, "c" check-back, "o" operator), n: check-backs by then}``, or the
+  outcomes of one END_TX ``{ops: [[id, s, hp, b, n], ...]}`` (read both with ``tx_ops``);
+  indexed in ``%OP%``. It follows the ``RT_COMMIT_REF`` records of its commits in the log,
+  so a recorded commit always has its reference (a torn write keeps a prefix of a batch).
 - ``RT_COMMIT_REF``: carries the index entry that makes a stored message visible: the
   entry in the topic's queue points at the stored record (``ref_pos``), so the body is
   never written twice. Header ``{id}`` for a committed half message, ``{rel: pos}`` for a
@@ -84,6 +86,8 @@ __all__ = [
     "retry_topic",
     "tag_hash",
     "header_ext",
+    "tx_op_header",
+    "tx_ops",
     "wire_json",
 ]
 
@@ -121,6 +125,24 @@ def message_header(topic: str, tags: str | None, keys: list[str], props: dict[st
 def header_ext(header: list[Any]) -> dict[str, Any] | None:
     """The extras of a message record's header, or None."""
     return header[H_EXT] if len(header) > H_EXT else None
+
+
+def tx_op_header(ops: list[list[Any]]) -> dict[str, Any]:
+    """The header of an ``RT_TX_OP`` record holding ``ops`` (``[id, s, hp, b, n]`` each)."""
+    if len(ops) == 1:
+        return dict(zip(_OP_KEYS, ops[0], strict=True))
+    return {"ops": ops}
+
+
+def tx_ops(header: dict[str, Any]) -> list[tuple[str, str, int | None, str, int | None]]:
+    """The outcomes an ``RT_TX_OP`` record holds, ``(id, s, hp, b, n)`` each, in order."""
+    ops = header.get("ops")
+    if ops is None:
+        return [(header["id"], header["s"], header.get("hp"), header.get("b", ""), header.get("n"))]
+    return [tuple(op) for op in ops]
+
+
+_OP_KEYS = ("id", "s", "hp", "b", "n")
 
 
 def retry_topic(group: str) -> str:

@@ -22,6 +22,7 @@ from producer_sdk import (
 from protocol import Op, error_from_code
 from tests.broker.test_process import RawClient
 from tests.conftest import wait_for
+from tests.engines import ClusterBroker
 
 # one queue per topic: a marker sent after X is delivered after X would have been
 TX_ARGS = ("--tx-timeout", "1s", "--tx-check-interval", "200ms", "--retry-delays", "200ms", "--default-queues", "1")
@@ -292,3 +293,35 @@ async def test_t6_many_outcomes_in_one_request_each_answered_on_its_own(txb):
         marker = await plain.send("t6b", b"marker")
         await wait_for(lambda: a in inbox.messages and marker.msg_id in inbox.messages, what="delivery")
     assert b not in inbox.messages and inbox.count == 2
+
+
+async def test_t7_many_outcomes_of_one_request_survive_kill9(txb):
+    """The outcomes of one END_TX are recorded together; after kill -9 each is known (no
+    check-back asked, the commits delivered once, the rollback never) and, on the
+    embedded engine, traced."""
+    c = await RawClient.connect(txb.address, group="pg")
+    op, p = await c.request(Op.SEND, {"topic": "t7b", "half": True,
+                                      "msgs": [[b"a", None, [], {}, 0], [b"b", None, [], {}, 0],
+                                               [b"c", None, [], {}, 0]]})
+    a, b, cc = (f'{p["p"]}{row[0]:016X}' for row in p["r"])
+    op, p = await c.request(Op.END_TX, {"items": [[a, "COMMIT"], [b, "ROLLBACK"], [cc, "COMMIT"]]})
+    assert (op, p) == (Op.REPLY, {"r": ["COMMITTED", "ROLLED_BACK", "COMMITTED"]})
+    c.close()
+    txb.kill9()
+    txb.start()
+
+    def listed(state: str) -> set[str]:
+        return {t["msg_id"] for t in http("GET", f"{txb.http_url}/api/transactions?state={state}")["transactions"]}
+
+    assert listed("committed") == {a, cc} and listed("rolled_back") == {b} and listed("prepared") == set()
+    inbox = Inbox()
+    async with PushConsumer(txb.address, group="g", topic="t7b", listener=inbox), Producer(txb.address) as plain:
+        marker = await plain.send("t7b", b"marker")
+        await wait_for(lambda: {a, cc, marker.msg_id} <= set(inbox.messages), what="delivery after restart")
+    assert b not in inbox.messages and inbox.count == 3
+    if isinstance(txb, ClusterBroker):
+        return  # (no message trace in cluster mode)
+    for msg_id, outcome in ((a, "committed"), (b, "rolled_back")):
+        trace = http("GET", f"{txb.http_url}/api/messages/{msg_id}/trace")
+        assert [(e["event"], e.get("by")) for e in trace["events"]][:2] == [("stored", None), (outcome, "producer")]
+

@@ -58,6 +58,7 @@ from broker.core.records import (
     header_ext,
     record_msg_id,
     tag_hash,
+    tx_ops,
 )
 from broker.core.transactions import HalfMessageTable
 from broker.engines.base import Session
@@ -228,7 +229,9 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         # transactions: outcomes first, then halves
         outcomes: dict[str, tuple[TxState, float]] = {}
         for _o, rec in self._scan_queue(OP_TOPIC, 0):
-            outcomes[rec.header["id"]] = (CODE_OUTCOMES[rec.header["s"]], rec.store_time / 1000.0)
+            at = rec.store_time / 1000.0
+            for msg_id, code, *_ in tx_ops(rec.header):
+                outcomes[msg_id] = (CODE_OUTCOMES[code], at)
         n_prepared = 0
         for _o, rec in self._scan_queue(HALF_TOPIC, 0):
             h = rec.header

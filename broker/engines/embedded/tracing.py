@@ -46,6 +46,7 @@ from broker.core.records import (
     RT_TRACE,
     TRACE_TOPIC,
     header_ext,
+    tx_ops,
 )
 from broker.engines.embedded.transactions import BY_NAMES, CODE_OUTCOMES
 from protocol import DLQ_PREFIX
@@ -247,12 +248,15 @@ class EmbeddedTracing:
         if ext.get("d"):
             events.append({"at": t0, "event": "scheduled", "delay_ms": ext["d"], "from": "commit"})
         if half:
-            for _o, op in self._records_since(OP_TOPIC, 0, t0):
-                if op.header.get("id") == msg_id:
-                    state = CODE_OUTCOMES[op.header["s"]]
-                    events.append({"at": op.store_time, "event": state.name.lower(),
-                                   "by": BY_NAMES.get(op.header.get("b", ""), "unknown"),
-                                   "checks": op.header.get("n")})
+            found = False
+            for _o, rec in self._records_since(OP_TOPIC, 0, t0):
+                for op_id, code, _hp, by, checks in tx_ops(rec.header):
+                    if op_id == msg_id:
+                        events.append({"at": rec.store_time, "event": CODE_OUTCOMES[code].name.lower(),
+                                       "by": BY_NAMES.get(by, "unknown"), "checks": checks})
+                        found = True
+                        break
+                if found:
                     break
         events += self._log_deliveries(msg_id, rec.pos, t0)
         if self.trace or self.store.queue_end(TRACE_TOPIC, 0) > 0:  # type: ignore[union-attr]

@@ -4,10 +4,11 @@ How this works
 --------------
 The rules live in ``HalfMessageTable`` (``broker.core.transactions``); this shell gives them
 I/O. An outcome that changes a transaction (END_TX from the producer, a check-back answer,
-an operator, abandonment) appends an ``RT_TX_OP`` record to ``%OP%``; a COMMIT also
-appends an ``RT_COMMIT_REF`` record whose index entry, in the topic's queue, points at the
-stored half record — so the committed message is delivered from the bytes the producer
-sent, never copied. A half message sent with a delay is scheduled at its commit instead
+an operator, abandonment) appends an ``RT_TX_OP`` record to ``%OP%`` (one for all the
+changed outcomes of one END_TX); a COMMIT also appends, before it, an ``RT_COMMIT_REF``
+record whose index entry, in the topic's queue, points at the stored half record — so the
+committed message is delivered from the bytes the producer sent, never copied, and an
+outcome found in the log always has its reference. A half message sent with a delay is scheduled at its commit instead
 (see :mod:`.scheduling`): the delay counts from the commit. Both go into the same iteration's append as the sends
 (``_queue_records``) and the producer is answered once they are durable. A repeated
 outcome is answered at once with the recorded state (T6).
@@ -36,6 +37,7 @@ from broker.core.records import (
     build_wire,
     header_ext,
     tag_hash,
+    tx_op_header,
 )
 from broker.engines.base import Session
 from protocol import (
@@ -79,7 +81,8 @@ class EmbeddedTransactions:
         """Record outcomes (T6) reported by ``s``, a producer of the group that sent each half
         message (another group's item is refused with ``AuthError``). ``single``: one item, answered ``{"state": ...}`` or with
         its error; otherwise ``{"r": [...]}`` with, per item, the recorded state or
-        ``[code, message]``. The answer goes out once every changed outcome is durable."""
+        ``[code, message]``. The answer goes out once every changed outcome is durable: the
+        changed ones of one request are one ``RT_TX_OP`` record."""
         now = time.time()
         if single:
             msg_id, outcome = items[0]
@@ -88,20 +91,22 @@ class EmbeddedTransactions:
             reply = {"state": _REPLY_STATES[recorded]}
             if changed:
                 self.counters[f"tx_{recorded.value}_producer"] += 1
-                self._append_outcome(msg_id, recorded, reply_to=(s, rid, reply))
+                self._append_outcomes([(msg_id, recorded)], reply_to=(s, rid, reply))
             else:
                 s.reply(rid, reply)
             return
         results: list[Any] = []
         reply_many = {"r": results}
-        last_changed: tuple[str, TxState] | None = None
+        changes: list[tuple[str, TxState]] = []
+        resolve = self.tx.resolve
+        group = s.group
         for item in items:
             try:
                 msg_id, outcome = item
                 requested = _REQUESTED.get(outcome) if isinstance(msg_id, str) else None
                 if requested is None:
                     raise BadRequestError("each item must be [msg_id, 'COMMIT' | 'ROLLBACK']")
-                recorded, changed = self.tx.resolve(msg_id, requested, now, group=s.group)
+                recorded, changed = resolve(msg_id, requested, now, group=group)
             except HalfMQError as exc:
                 results.append([exc.code, str(exc)])
                 continue
@@ -110,14 +115,14 @@ class EmbeddedTransactions:
                 continue
             results.append(_REPLY_STATES[recorded])
             if changed:
-                self.counters[f"tx_{recorded.value}_producer"] += 1
-                if last_changed is not None:
-                    self._append_outcome(*last_changed, reply_to=False)
-                last_changed = (msg_id, recorded)
-        if last_changed is None:
+                changes.append((msg_id, recorded))
+        if not changes:
             s.reply(rid, reply_many)
-        else:  # the last record of the batch carries the reply: all share one append
-            self._append_outcome(*last_changed, reply_to=(s, rid, reply_many))
+            return
+        counters = self.counters
+        for _msg_id, recorded in changes:
+            counters[f"tx_{recorded.value}_producer"] += 1
+        self._append_outcomes(changes, reply_to=(s, rid, reply_many))
 
     def resolve_transaction(self: EmbeddedEngine, msg_id: str, state: TxState,
                             by: str = "operator") -> asyncio.Future[Any] | None:
@@ -130,38 +135,49 @@ class EmbeddedTransactions:
         if not changed:
             return None
         self.counters[f"tx_{recorded.value}_{by}"] += 1
-        return self._append_outcome(msg_id, recorded, by=by)
+        return self._append_outcomes([(msg_id, recorded)], by=by)
 
-    def _append_outcome(self: EmbeddedEngine, msg_id: str, state: TxState,
-                        reply_to: tuple[Session, int, dict[str, Any]] | None | bool = None,
-                        by: str = "producer") -> asyncio.Future[Any] | None:
-        """Queue the outcome record (and, for COMMIT, the index entry pointing at the stored
-        half record) into this loop iteration's append. When durable: the client request
-        ``reply_to`` is answered, or (without one) the returned future resolves; with
-        ``reply_to=False`` another outcome of the same request answers. The record says who
-        decided (``by``: producer, check, operator) and after how many check-backs."""
-        hm = self.tx.get(msg_id)
-        assert hm is not None and self.store is not None
-        records = [NewRecord(RT_TX_OP, {"id": msg_id, "s": _OUTCOME_CODES[state], "hp": hm.pos,
-                                        "b": _BY_CODES.get(by, "?"), "n": hm.checks}, b"",
-                             IndexTarget(OP_TOPIC, 0))]
-        meta = self._half_meta.pop(msg_id, None)
-        delay = self._half_delays.pop(msg_id, None)
-        if state is TxState.COMMITTED:
-            topic = hm.topic
-            if meta is None:  # not remembered (e.g. recovered from an older log): read the header
-                half = self.store.read(hm.pos)
-                meta = (half.header[H_QUEUE], tag_hash(half.header[H_TAGS]), half.size)
-                delay = (header_ext(half.header) or {}).get("d")  # type: ignore[arg-type]
-            if delay:  # delayed from the commit: scheduled, not visible yet; its schedule
-                self._schedule_commit(hm, meta, delay, records)  # record and the outcome: one append
-                records = []
-            else:
+    def _append_outcomes(self: EmbeddedEngine, outcomes: list[tuple[str, TxState]],
+                         reply_to: tuple[Session, int, dict[str, Any]] | None = None,
+                         by: str = "producer") -> asyncio.Future[Any] | None:
+        """Queue the outcome record of ``outcomes`` (one ``RT_TX_OP``) into this loop
+        iteration's append, after the reference record of each commit (an index entry
+        pointing at the stored half record). When durable: the client request ``reply_to``
+        is answered, or (without one) the returned future resolves. The record says who
+        decided (``by``: producer, check, operator) and after how many check-backs each."""
+        store = self.store
+        assert store is not None
+        tx_get = self.tx.get
+        metas = self._half_meta
+        delays = self._half_delays
+        b = _BY_CODES.get(by, "?")
+        records: list[NewRecord] = []
+        ops: list[list[Any]] = []
+        for msg_id, state in outcomes:
+            hm = tx_get(msg_id)
+            assert hm is not None
+            op = [msg_id, _OUTCOME_CODES[state], hm.pos, b, hm.checks]
+            meta = metas.pop(msg_id, None)
+            delay = delays.pop(msg_id, None)
+            if state is TxState.COMMITTED:
+                if meta is None:  # not remembered (e.g. recovered from an older log): read the header
+                    half = store.read(hm.pos)
+                    meta = (half.header[H_QUEUE], tag_hash(half.header[H_TAGS]), half.size)
+                    delay = (header_ext(half.header) or {}).get("d")  # type: ignore[arg-type]
+                if delay:  # delayed from the commit: scheduled, not visible yet; its schedule
+                    # record and its outcome: one append of their own
+                    self._schedule_commit(hm, meta, delay, [NewRecord(RT_TX_OP, tx_op_header([op]), b"",
+                                                                      IndexTarget(OP_TOPIC, 0))])
+                    continue
+                topic = hm.topic
                 nq = self._ensure_topic(topic)
                 records.append(NewRecord(RT_COMMIT_REF, {"id": msg_id}, b"",
                                          IndexTarget(topic, meta[0] % nq, meta[1], ref_pos=hm.pos, ref_size=meta[2])))
+            ops.append(op)
+        if ops:  # last: a torn write that kept it kept the references before it
+            records.append(NewRecord(RT_TX_OP, tx_op_header(ops), b"", IndexTarget(OP_TOPIC, 0)))
         fut = asyncio.get_running_loop().create_future() if reply_to is None else None
-        self._queue_records(records, None if reply_to is False else (reply_to or fut))
+        self._queue_records(records, reply_to or fut)
         return fut
 
     async def _tx_check_loop(self: EmbeddedEngine) -> None:
@@ -264,5 +280,5 @@ class EmbeddedTransactions:
         log.warning("transaction %s abandoned after %d check-backs (topic %s, group %s): never delivered",
                     msg_id, hm.checks if hm else -1, hm.topic if hm else "?", hm.group if hm else "?")
         self.counters["tx_abandoned_check"] += 1
-        self._append_outcome(msg_id, TxState.ABANDONED, by="check")
+        self._append_outcomes([(msg_id, TxState.ABANDONED)], by="check")
 
