@@ -8,7 +8,8 @@ harness) and ``trace`` (``--trace``) — and each scenario, a broker process wit
 ``valgrind --tool=cachegrind`` unless ``--cpu``. A producer in this process sends messages
 of 1 KiB as applications do (a task per ``send``, 256 in flight); in ``e2e`` a
 ``PushConsumer(concurrency=64, prefetch=1024)`` of this process receives and acks every
-one. Under cachegrind each cell is run twice, with ``--count`` and ``--short`` messages, and
+one; ``tx`` is ``e2e`` with a ``TransactionProducer`` whose local transaction commits at
+once (each message a half SEND and an END_TX). Under cachegrind each cell is run twice, with ``--count`` and ``--short`` messages, and
 the broker stopped: the difference of the instructions it wrote, over the difference of
 counts, is the broker's cost per message without its start, the handshake, the login and
 the stop. With ``--cpu`` the cell runs once and the broker's CPU time
@@ -21,7 +22,7 @@ be trusted; CPU time is what a user pays, but moves with the load (and cachegrin
 instruction count weighs a ``rep movsb`` copy by its bytes). The client side is not
 measured.
 
-``python -m benchmarks.broker_cost [--variants plain,secure,trace] [--scenarios publish,e2e]
+``python -m benchmarks.broker_cost [--variants plain,secure,trace] [--scenarios publish,e2e,tx]
 [--count N] [--short N] [--cpu]``
 """
 
@@ -35,6 +36,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from benchmarks.lone_bench import _instructions
@@ -44,7 +46,7 @@ __all__ = ["broker_cost_main"]
 BODY = b"x" * 1024
 WINDOW = 256
 VARIANTS = ("plain", "secure", "trace")
-SCENARIOS = ("publish", "e2e")
+SCENARIOS = ("publish", "e2e", "tx")
 START_TIMEOUT = 180.0  # a broker under cachegrind starts about 50 times slower
 
 
@@ -56,9 +58,9 @@ def _cpu_ns(pid: int) -> int:
 
 async def _cell(variant: str, scenario: str, count: int, cpu: bool, workdir: str) -> int:
     """Run one broker through one cell; its instructions, or its CPU nanoseconds."""
-    from benchmarks.systems.halfmq import READY_PREFIX, _Secure
+    from benchmarks.systems.halfmq import READY_PREFIX, _NoopTransaction, _Secure
     from consumer_sdk import ConsumeResult, PushConsumer
-    from producer_sdk import Producer
+    from producer_sdk import Producer, TransactionListener, TransactionProducer
 
     sec = _Secure() if variant == "secure" else None
     data_dir = tempfile.mkdtemp(prefix="data-", dir=workdir)
@@ -97,16 +99,25 @@ async def _cell(variant: str, scenario: str, count: int, cpu: bool, workdir: str
 
         async with contextlib.AsyncExitStack() as stack:
             consumer = None
-            if scenario == "e2e":
+            if scenario != "publish":
                 consumer = await stack.enter_async_context(PushConsumer(
                     address, group="cost", topic="t", listener=on_message, concurrency=64, prefetch=1024, **login))
-            producer = await stack.enter_async_context(Producer(address, **login))
+            send: Callable[[str, bytes], Awaitable[Any]]
+            if scenario == "tx":
+                class Noop(_NoopTransaction, TransactionListener):
+                    pass
+
+                tx_producer = await stack.enter_async_context(TransactionProducer(
+                    address, group="cost_tx", listener=Noop(), **login))
+                send = tx_producer.send_in_transaction
+            else:
+                send = (await stack.enter_async_context(Producer(address, **login))).send
             start = _cpu_ns(proc.pid) if cpu else 0
             slots = asyncio.Semaphore(WINDOW)
 
             async def one() -> None:
                 async with slots:
-                    await producer.send("t", BODY)
+                    await send("t", BODY)
 
             await asyncio.gather(*(one() for _ in range(count)))
             if consumer is not None:
@@ -148,7 +159,7 @@ async def _run(variants: list[str], scenarios: list[str], count: int, short: int
 def broker_cost_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.broker_cost", description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: plain, secure, trace")
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: publish, e2e")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: publish, e2e, tx")
     ap.add_argument("--count", type=int, default=8000, help="messages of the long run (default 8000)")
     ap.add_argument("--short", type=int, default=2000,
                     help="messages of the short run, subtracted (default 2000; not with --cpu)")

@@ -9,7 +9,8 @@ decode, and built once per message on the hot path); the other records have smal
 - ``RT_MSG``: a normal message, header ``[topic, tags, keys, properties, born, epoch]``,
   the body as the record body. Indexed in its topic's queue.
 - ``RT_HALF``: a half message, the same header plus ``[producer group, producer id,
-  queue]``; indexed in ``%HALF%`` only, so no consumer sees it.
+  queue]``; indexed in ``%HALF%`` only, so no consumer sees it. The half messages of one
+  SEND may be one bundle (see ``storage.log``) whose members share the queue.
 - Either header may carry, at ``H_EXT`` (a plain message's header is padded with nils to
   reach it), a map of extras: ``"g"`` the FIFO message group, ``"at"`` the epoch ms a
   scheduled message is due, ``"d"`` the delay in ms of a half message (counted from its

@@ -145,11 +145,11 @@ def test_broker_path_benches_run(module: str) -> None:
 
 
 def test_broker_cost_compares_each_variant_with_plain() -> None:
-    cmd = [sys.executable, "-m", "benchmarks.broker_cost", "--cpu", "--count", "400", "--scenarios", "e2e"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "benchmarks.broker_cost", "--cpu", "--count", "400", "--scenarios", "e2e,tx"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines()[2:]]
-    assert [r[:2] for r in rows] == [["plain", "e2e"], ["secure", "e2e"], ["trace", "e2e"]], proc.stdout
+    assert [r[:2] for r in rows] == [[v, s] for s in ("e2e", "tx") for v in ("plain", "secure", "trace")], proc.stdout
     assert rows[0][3] == "1.00" and all(float(r[2].replace(",", "")) > 0 for r in rows), proc.stdout
     bad = subprocess.run([sys.executable, "-m", "benchmarks.broker_cost", "--variants", "tls"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)

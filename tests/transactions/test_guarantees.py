@@ -325,3 +325,64 @@ async def test_t7_many_outcomes_of_one_request_survive_kill9(txb):
         trace = http("GET", f"{txb.http_url}/api/messages/{msg_id}/trace")
         assert [(e["event"], e.get("by")) for e in trace["events"]][:2] == [("stored", None), (outcome, "producer")]
 
+
+async def test_half_messages_sent_together_stay_one_transaction_each(txb):
+    """20 half messages in one SEND — on the embedded engine one bundle record (members 16
+    bytes apart, one queue) — are still 20 transactions: outcomes, deliveries, kill -9,
+    recovery and check-backs each per message, with each message's own fields."""
+    n = 20
+    c = await RawClient.connect(txb.address, group="pg")
+    msgs = [[f"m{k}".encode(), f"tag{k % 2}", [f"key-{k}"], {"k": str(k)}, 0] for k in range(n)]
+    op, p = await c.request(Op.SEND, {"topic": "tb", "half": True, "msgs": msgs})
+    assert op == Op.REPLY
+    rows = p["r"]
+    ids = [f'{p["p"]}{row[0]:016X}' for row in rows]
+    if not isinstance(txb, ClusterBroker):
+        assert len({row[1] for row in rows}) == 1
+        assert [b[0] - a[0] for a, b in zip(rows, rows[1:], strict=False)] == [16] * (n - 1)
+    items = [[ids[k], "COMMIT"] for k in range(10)] + [[ids[k], "ROLLBACK"] for k in range(10, 15)]
+    op, p = await c.request(Op.END_TX, {"items": items})
+    assert p == {"r": ["COMMITTED"] * 10 + ["ROLLED_BACK"] * 5}
+    c.close()
+
+    def fields(m) -> tuple:
+        return (m.body, m.tags, m.keys, m.properties["k"])
+
+    def expected(k: int) -> tuple:
+        return (f"m{k}".encode(), f"tag{k % 2}", (f"key-{k}",), str(k))
+
+    inbox = Inbox()
+    async with PushConsumer(txb.address, group="g", topic="tb", listener=inbox):
+        await wait_for(lambda: set(ids[:10]) <= set(inbox.messages), what="the commits delivered")
+    assert [fields(inbox.messages[ids[k]]) for k in range(10)] == [expected(k) for k in range(10)]
+    assert inbox.count == 10
+    txb.kill9()
+    txb.start()
+
+    def listed(state: str) -> set[str]:
+        return {t["msg_id"] for t in http("GET", f"{txb.http_url}/api/transactions?state={state}")["transactions"]}
+
+    assert listed("prepared") == set(ids[15:])
+
+    class Decide(TransactionListener):
+        def __init__(self) -> None:
+            self.checked: dict[str, bytes] = {}
+
+        async def execute_local_transaction(self, message, arg):
+            return LocalTransactionState.COMMIT
+
+        async def check_local_transaction(self, message):
+            self.checked[message.msg_id] = message.body
+            return LocalTransactionState.COMMIT if message.body in (b"m15", b"m16") else LocalTransactionState.ROLLBACK
+
+    decide = Decide()
+    after = Inbox()
+    async with PushConsumer(txb.address, group="g", topic="tb", listener=after), \
+            TransactionProducer(txb.address, group="pg", listener=decide), Producer(txb.address) as plain:
+        await wait_for(lambda: not listed("prepared"), timeout=20, what="the check-backs answered")
+        marker = await plain.send("tb", b"marker")
+        await wait_for(lambda: {ids[15], ids[16], marker.msg_id} <= set(after.messages), what="delivery")
+    assert decide.checked == {ids[k]: f"m{k}".encode() for k in range(15, n)}
+    assert [fields(after.messages[ids[k]]) for k in (15, 16)] == [expected(15), expected(16)]
+    assert not set(after.messages) & set(ids[10:15] + ids[17:])
+    assert listed("committed") >= set(ids[:10] + ids[15:17])

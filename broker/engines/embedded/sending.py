@@ -14,10 +14,12 @@ dispatch (the consumers learn of the new messages in the same iteration) and wri
 answered connections' output at once. No task, future or log line per message.
 
 Messages go round robin over the topic's queues. A SEND of ``_BUNDLE_MIN`` to
-``_BUNDLE_MAX`` plain messages (a ``send_batch``, a big SDK micro-batch) with up to
-``_bundle_bytes`` of bodies is stored as one bundle record in one queue (one encoding,
+``_BUNDLE_MAX`` messages without options (a ``send_batch``, a big SDK micro-batch) with up
+to ``_bundle_bytes`` of bodies is stored as one bundle record in one queue (one encoding,
 one CRC); each member keeps its own id and queue offset. A half message is an ``RT_HALF``
-record indexed only in ``%HALF%``; it joins the transaction table once durable. A message
+record (or a member of an ``RT_HALF`` bundle, whose messages are all delivered from one
+queue once committed) indexed only in ``%HALF%``; it joins the transaction table once
+durable. A message
 with a delivery time (option ``at``) is a record in no queue; its schedule record is
 appended right after the iteration's append, in the same batch (see ``.scheduling``).
 
@@ -42,6 +44,7 @@ from broker.core.records import HALF_TOPIC, RT_ACK, RT_HALF, RT_MSG, message_hea
 from broker.engines.base import Session
 from protocol.errors import HalfMQError, LimitExceededError
 from storage import BundleTarget, IndexTarget, NewBundle, NewRecord
+from storage.log import MEMBER_BIT
 
 if TYPE_CHECKING:
     from broker.engines.embedded.engine import EmbeddedEngine
@@ -56,6 +59,8 @@ log = logging.getLogger("halfmq.broker")
 #: (Measured: for a few messages per SEND, bundling gains nothing.)
 _BUNDLE_MIN = 16
 _BUNDLE_MAX = 1000
+#: The ``half`` of a SEND's queued entry when its half messages are one bundle's members.
+_HALF_MEMBERS = 1 | MEMBER_BIT
 _first = itemgetter(0)  # a message's body, a Stored's position
 _fourth = itemgetter(3)  # a Stored's queue offset
 
@@ -89,22 +94,33 @@ class EmbeddedSending:
         self._send_count = first + len(msgs)
         rr = self._rr[topic]
         n = len(msgs)
+        kind = int(half)  # (_HALF_MEMBERS: bundled half messages)
         if max(map(len, msgs)) > 5:  # with options (message group): one record each
             self._send_with_options(s, rid, topic, msgs, half, nq, epoch, first)
             return
-        if (not half and _BUNDLE_MIN <= n <= _BUNDLE_MAX
+        if (_BUNDLE_MIN <= n <= _BUNDLE_MAX
                 and sum(map(len, (columns := tuple(zip(*msgs, strict=True)))[0])) <= self._bundle_bytes):
             # one record for the lot, in one queue (as a RocketMQ batch): one encoding, one
             # CRC; its rows built in C, column by column (a header packs the same as a list)
             bodies, tagss, keyss, propss, borns = columns
             qid = rr % nq
             rr += 1
-            records.append(NewBundle(
-                RT_MSG,
-                list(zip(repeat(topic, n), tagss, keyss, propss, borns, repeat(epoch, n), strict=True)),
-                list(bodies),
-                BundleTarget(topic, qid, [0] * n if tagss.count(None) == n else list(map(tag_hash, tagss))),
-            ))
+            if half:  # members of %HALF%; committed, each is delivered from queue ``qid``
+                records.append(NewBundle(
+                    RT_HALF,
+                    list(zip(repeat(topic, n), tagss, keyss, propss, borns, repeat(epoch, n), repeat(s.group, n),
+                             repeat(s.client_id, n), repeat(qid, n), strict=True)),
+                    list(bodies),
+                    BundleTarget(HALF_TOPIC, 0, [0] * n),
+                ))
+                kind = _HALF_MEMBERS
+            else:
+                records.append(NewBundle(
+                    RT_MSG,
+                    list(zip(repeat(topic, n), tagss, keyss, propss, borns, repeat(epoch, n), strict=True)),
+                    list(bodies),
+                    BundleTarget(topic, qid, [0] * n if tagss.count(None) == n else list(map(tag_hash, tagss))),
+                ))
             qids = [qid] * n
         else:
             qids = []
@@ -123,7 +139,7 @@ class EmbeddedSending:
                     records.append(NewRecord(RT_MSG, header, body, target))
                 qids.append(qid)
         self._rr[topic] = rr
-        self._send_entries.append((s, rid, half, topic, first, qids, msgs))
+        self._send_entries.append((s, rid, kind, topic, first, qids, msgs))
         self._schedule_flush()
 
     def _send_with_options(self: EmbeddedEngine, s: Session, rid: int, topic: str, msgs: list[list[Any]],
@@ -244,11 +260,12 @@ class EmbeddedSending:
             if half:
                 now = now or time.time()
                 result = []
+                member = half & MEMBER_BIT  # (a commit's index entry to a member says so)
                 for st, qid, m in zip(part, qids, msgs, strict=True):
                     msg_id = f"{prefix}{st.pos:016X}"
                     self.tx.add(msg_id, topic=topic, group=s.group, producer_id=s.client_id,
                                 keys=tuple(m[2]), pos=st.pos, now=now)
-                    self._half_meta[msg_id] = (qid, tag_hash(m[1]), st.size)
+                    self._half_meta[msg_id] = (qid, tag_hash(m[1]), st.size | member)
                     if len(m) > 5 and "delay" in m[5]:
                         self._half_delays[msg_id] = m[5]["delay"]
                     result.append([st.pos, qid, -1])
