@@ -13,9 +13,11 @@ How this works
    on the event loop instead, for a local transaction that takes microseconds (an SQLite
    write): a thread costs GIL hand-overs and wake-ups per call that can outweigh such a
    transaction several times over, while a slow one would stall the loop. At most
-   ``_INLINE_PER_ITERATION`` of them run in one loop iteration, the others wait for the
-   next: the outcomes of each group go out (one END_TX) while the next group runs, so the
-   broker records them meanwhile instead of waiting for the whole window. If it raises, the
+   ``_INLINE_PER_ITERATION`` of them run in one loop iteration; the others are queued and
+   called, in order and each in its caller's context, at the start of the next iterations
+   (a waiting caller resumes once, with the result): the outcomes of each group go out (one
+   END_TX) while the next group runs, so the broker records them meanwhile instead of
+   waiting for the whole window. If it raises, the
    outcome is UNKNOWN: nothing is reported, the exception is re-raised and the broker's
    check-back decides (T5). Whether a listener method is ``async`` is looked up once per
    method, not per call.
@@ -36,11 +38,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -245,6 +249,9 @@ class TransactionProducer(Producer):
         self._outcomes: list[tuple[str, str, asyncio.Future[Any]]] = []  # END_TX micro-batch
         self._outcomes_scheduled = False
         self._inline_ran = 0  # listeners run on the loop in this loop iteration (execute_workers=0)
+        # (context, listener, message, arg, future) of those that wait for a later iteration
+        self._inline_queue: deque[tuple[contextvars.Context, Callable[..., Any], Message, Any,
+                                        asyncio.Future[Any]]] = deque()
         super().__init__(address, group=group, send_timeout=send_timeout, retries=retries,
                          client_id=client_id, user=user, password=password, tls=tls)
 
@@ -334,12 +341,15 @@ class TransactionProducer(Producer):
                 value = await fn(message, arg)  # type: ignore[misc]
             else:
                 if not self.execute_workers:  # on the loop (execute_workers=0)
-                    while self._inline_ran >= _INLINE_PER_ITERATION:
-                        await asyncio.sleep(0)  # this iteration's share has run: the next one
-                    if not self._inline_ran:  # the first of this iteration: reset at the next
-                        self._conn._loop.call_soon(self._inline_reset)
-                    self._inline_ran += 1
-                    value = fn(message, arg)
+                    if self._inline_ran < _INLINE_PER_ITERATION:
+                        if not self._inline_ran:  # the first of this iteration: reset at the next
+                            self._conn._loop.call_soon(self._inline_reset)
+                        self._inline_ran += 1
+                        value = fn(message, arg)
+                    else:  # this iteration's share has run: called in a later one, in order
+                        later: asyncio.Future[Any] = self._conn._loop.create_future()
+                        self._inline_queue.append((contextvars.copy_context(), fn, message, arg, later))
+                        value = await later
                 else:
                     pool = self._execute_pool
                     if pool is None:
@@ -362,9 +372,23 @@ class TransactionProducer(Producer):
         return _tx_result(half, state)
 
     def _inline_reset(self) -> None:
-        """A new loop iteration: its share of on-the-loop local transactions may run (called
-        before the transactions that waited, which were scheduled after it)."""
-        self._inline_ran = 0
+        """A new loop iteration: its share of on-the-loop local transactions may run, the
+        queued ones first (each in its caller's context; its result or exception goes to
+        the waiting caller, which resumes once, in the next iteration)."""
+        queue = self._inline_queue
+        ran = 0
+        while queue and ran < _INLINE_PER_ITERATION:
+            ctx, fn, message, arg, later = queue.popleft()
+            if later.done():  # (its caller was cancelled)
+                continue
+            ran += 1
+            try:
+                later.set_result(ctx.run(fn, message, arg))
+            except Exception as exc:
+                later.set_exception(exc)
+        self._inline_ran = ran
+        if ran:  # this iteration's count: reset at the next
+            self._conn._loop.call_soon(self._inline_reset)
 
     async def _report_outcome(self, msg_id: str, outcome: str) -> None:
         """END_TX for one transaction. Outcomes reported in the same loop iteration share

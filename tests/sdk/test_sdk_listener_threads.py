@@ -230,3 +230,37 @@ async def test_execute_workers_0_runs_a_window_in_groups_whose_outcomes_go_out_b
     assert len(calls) == 100 and max(per_iteration.values()) <= 10, per_iteration
     assert len(per_iteration) >= 10, per_iteration
     assert calls[-1][1] >= 1, "no outcome had gone out before the last group ran"
+
+
+async def test_execute_workers_0_calls_waiting_listeners_in_order_in_their_callers_context(broker, monkeypatch):
+    """Past ``_INLINE_PER_ITERATION`` (here 10) a local transaction waits for a later loop
+    iteration: it still runs in send order, sees its caller's context variables, and its
+    exception reaches its own caller only (the others commit)."""
+    import producer_sdk.transaction as transaction
+
+    monkeypatch.setattr(transaction, "_INLINE_PER_ITERATION", 10)
+    who: contextvars.ContextVar[int] = contextvars.ContextVar("who")
+    seen: list[tuple[int, bytes]] = []
+    queued = [0]  # the most local transactions seen waiting at once
+
+    class Bank(TransactionListener):
+        def execute_local_transaction(self, message, arg):
+            seen.append((who.get(), message.body))
+            queued[0] = max(queued[0], len(p._inline_queue))
+            if message.body == b"17":
+                raise RuntimeError("the local database refused")
+            return LocalTransactionState.COMMIT
+
+        def check_local_transaction(self, message):
+            return LocalTransactionState.COMMIT
+
+    async with TransactionProducer(broker.address, group="lt_order", listener=Bank(), execute_workers=0) as p:
+        async def one(i: int):
+            who.set(i)
+            return await p.send_in_transaction("lt-order", b"%d" % i)
+
+        results = await asyncio.gather(*(one(i) for i in range(35)), return_exceptions=True)
+    assert seen == [(i, b"%d" % i) for i in range(35)]
+    assert queued[0] >= 10, queued  # (the window came back at once: most of it waited)
+    assert isinstance(results[17], RuntimeError) and "refused" in str(results[17])
+    assert all(r.state is LocalTransactionState.COMMIT for i, r in enumerate(results) if i != 17)
