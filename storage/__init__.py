@@ -9,7 +9,16 @@ every file operation goes through :mod:`storage.fileio`.
 
 from .lock import DataDirLockedError
 from .metadata import Metadata
-from .model import BundleTarget, IndexEntry, IndexTarget, NewBundle, NewRecord, Record, Stored
+from .model import (
+    BundleTarget,
+    IndexEntry,
+    IndexTarget,
+    NewBundle,
+    NewRecord,
+    Record,
+    RefsTarget,
+    Stored,
+)
 from .store import MessageStore, StoreClosedError
 
 __all__ = [
@@ -22,6 +31,7 @@ __all__ = [
     "NewBundle",
     "NewRecord",
     "Record",
+    "RefsTarget",
     "StoreClosedError",
     "Stored",
 ]

@@ -26,7 +26,9 @@ Bundles: a :class:`NewBundle` (many messages of one queue) is encoded as *one* r
 one msgpack call for all member headers, one CRC, one ``b"".join`` of the bodies — with
 one index entry per member pointing at the member's own position inside it (entry size
 with ``MEMBER_BIT`` set). Reading members back is in :mod:`storage.cache`; recovery
-rebuilds one index entry per member from the bundle's framing and header.
+rebuilds one index entry per member from the bundle's framing and header. A record with a
+:class:`RefsTarget` likewise gives its queue one entry per reference, its body the table of
+them (recovery reads the entries back from it).
 
 :class:`Appending` is one part of :class:`storage.store.MessageStore` (a mixin: its methods
 use the store's attributes).
@@ -43,8 +45,18 @@ from itertools import accumulate, chain, repeat
 from operator import add, or_
 from typing import TYPE_CHECKING, Any
 
-from .log import FLAG_BUNDLE, FLAG_INDEX, MEMBER, MEMBER_BIT, PREFIX, TAIL, TAIL_IDX, crc32
-from .model import BundleTarget, IndexTarget, NewBundle, NewRecord, Stored
+from .log import (
+    FLAG_BUNDLE,
+    FLAG_INDEX,
+    FLAG_REFS,
+    MEMBER,
+    MEMBER_BIT,
+    PREFIX,
+    TAIL,
+    TAIL_IDX,
+    crc32,
+)
+from .model import BundleTarget, IndexTarget, NewBundle, NewRecord, RefsTarget, Stored
 from .queue_index import ENTRY, QueueIndexFile
 from .state import StoreState
 
@@ -70,6 +82,13 @@ _TARGETS_MAX = 4096  # cached index targets before the cache starts over
 def _n_structs(n: int) -> tuple[Callable[..., bytes], Callable[..., bytes]]:
     """``pack`` of ``n`` member markers and of ``n`` index entries, each in one call."""
     return struct.Struct("<" + "IIII" * n).pack, struct.Struct("<" + "QIIQ" * n).pack
+
+
+@lru_cache(maxsize=256)
+def _refs_structs(n: int) -> tuple[Callable[..., bytes], Callable[..., bytes]]:
+    """``pack`` of ``n`` references (a references record's body) and of their ``n`` index
+    entries, each in one call."""
+    return struct.Struct("<" + "qII" * n).pack, struct.Struct("<" + "QIIQ" * n).pack
 
 
 class StoreClosedError(RuntimeError):
@@ -184,6 +203,10 @@ class Appending(StoreState):
                     pos, limit, parts, starts = self._append_bundle(
                         rtype, header, body, idx, now, pos, limit, parts, starts, local, out)  # type: ignore[arg-type]
                     continue
+                if type(idx) is RefsTarget:
+                    pos, limit, parts, starts = self._append_refs(
+                        rtype, header, idx, now, pos, limit, parts, starts, local, out)  # type: ignore[arg-type]
+                    continue
                 hdr = packb(header)
                 if idx is None:
                     head = tail_pack(rtype, 0, now, len(hdr)) + hdr
@@ -250,15 +273,7 @@ class Appending(StoreState):
         tags = idx.tag_hashes
         if not n or len(headers) != n or len(tags) != n:
             raise ValueError("a bundle needs as many headers and tag hashes as bodies (at least one)")
-        key = IndexTarget(idx.topic, idx.queue_id)
-        t = self._targets.get(key)
-        if t is None:
-            t = self._target(key)
-        q = t[1]
-        lq = local.get(q)
-        if lq is None:
-            lq = local[q] = [0, bytearray()]
-        qoff = q.next_offset + lq[0]
+        t, lq, qoff = self._queue_slot(idx.topic, idx.queue_id, local)
         hdr = self._packb([headers, tags])
         head = _tail_idx_pack(rtype, FLAG_INDEX | FLAG_BUNDLE, now, len(hdr), t[6], 0, -1, n, qoff, t[7]) + t[2] + hdr
         lens = list(map(len, bodies))
@@ -298,6 +313,58 @@ class Appending(StoreState):
         lq[1] += e
         lq[0] += n
         self.stats["bundles"] += 1
+        return pos + size, limit, parts, starts  # type: ignore[return-value]
+
+    def _queue_slot(self: MessageStore, topic: str, queue_id: int, local: dict) -> tuple[tuple, list, int]:
+        """For a record with many index entries in one queue: the queue's target, its
+        ``[count, entries]`` of this call in ``local``, and the offset its next entry gets."""
+        t = self._targets.get(IndexTarget(topic, queue_id))
+        if t is None:
+            t = self._target(IndexTarget(topic, queue_id))
+        q = t[1]
+        lq = local.get(q)
+        if lq is None:
+            lq = local[q] = [0, bytearray()]
+        return t, lq, q.next_offset + lq[0]
+
+    def _append_refs(
+        self: MessageStore, rtype: int, header: Any, idx: RefsTarget, now: int, pos: int, limit: int,
+        parts: list[bytes] | None, starts: list[int] | None, local: dict, out: list[Stored],
+    ) -> tuple[int, int, list[bytes], list[int]]:
+        """Encode one record with a :class:`RefsTarget` into the current batch (part of
+        :meth:`append`): its body the table of references, one index entry per reference."""
+        refs = idx.refs
+        n = len(refs)
+        if not n:
+            raise ValueError("a references record needs at least one reference")
+        t, lq, qoff = self._queue_slot(idx.topic, idx.queue_id, local)
+        pack_refs, pack_entries = _refs_structs(n)
+        try:
+            flat = list(chain.from_iterable(refs))
+            body = pack_refs(*flat)
+            e = pack_entries(*chain.from_iterable(zip(flat[0::3], flat[1::3], flat[2::3], repeat(now, n), strict=True)))
+        except struct.error as exc:
+            raise ValueError(f"bad reference: {exc} (positions and sizes from earlier appends, tag hashes 0 .. 2**32-1)") from None
+        hdr = self._packb(header)
+        head = _tail_idx_pack(rtype, FLAG_INDEX | FLAG_REFS, now, len(hdr), t[6], 0, -1, n, qoff, t[7]) + t[2] + hdr
+        size = 8 + len(head) + len(body)
+        seg_size = self.segment_size
+        if size > seg_size:
+            raise ValueError(f"references record of {size} bytes exceeds segment size {seg_size}")
+        if pos + size > limit:
+            pos = limit
+            limit += seg_size
+            parts = None
+        if parts is None:
+            parts = []
+            starts = []
+            self._batch.groups.append([pos, parts, starts])
+        parts += (_prefix_pack(size, _crc32(body, _crc32(head))), head, body)
+        starts.append(pos)  # type: ignore[union-attr]
+        out.append(_make_stored(Stored, (pos, size, now, qoff)))
+        lq[1] += e
+        lq[0] += n
+        self.stats["ref_records"] += 1
         return pos + size, limit, parts, starts  # type: ignore[return-value]
 
     async def append_one(self: MessageStore, record: NewRecord) -> Stored:

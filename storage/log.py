@@ -40,6 +40,13 @@ A member's *position* is the global position of its marker, so every member has 
 distinct position inside its bundle, in log order: ids, references and retention treat
 it like a record's. :func:`member_record` decodes one member from its (decoded) bundle.
 
+A *references* record (flags bit 2) gives its queue one index entry per reference, at
+consecutive offsets from its index target's ``queue_offset`` (``ref_size`` holds the
+count), each pointing at an earlier record or member (the commits of many half messages in
+one record). Its body is the table, one :data:`REF` per reference::
+
+    i64 ref_pos     u32 ref_size (as that record's own entry has it)     u32 tag_hash
+
 The index target is in the framing so that queue-index tails can be rebuilt from the log.
 The store encodes a record with one ``struct.pack`` of the fixed part (+ index target), a
 reused msgpack ``Packer`` and two chained :func:`crc32` calls, appending the parts straight
@@ -70,6 +77,8 @@ __all__ = [
     "CorruptRecordError",
     "IndexTargetInfo",
     "FLAG_BUNDLE",
+    "FLAG_REFS",
+    "REF",
     "MEMBER",
     "MEMBER_BIT",
     "bundle_members",
@@ -91,6 +100,8 @@ FRAME = struct.Struct("<IIBBQI")  # PREFIX + TAIL in one unpack
 FIXED = PREFIX.size + TAIL.size  # 22
 FLAG_INDEX = 1
 FLAG_BUNDLE = 2
+FLAG_REFS = 4  # the body is a table of references (REF each), one index entry per reference
+REF = struct.Struct("<qII")  # ref_pos, ref_size (with MEMBER_BIT for a member), tag hash
 MEMBER = struct.Struct("<IIII")  # 0, body offset in the record, position - bundle position, body length
 #: Set in a queue-index entry's size field when the entry points at a bundle member.
 MEMBER_BIT = 1 << 31

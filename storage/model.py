@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-__all__ = ["BundleTarget", "IndexTarget", "NewBundle", "NewRecord", "Stored", "Record", "IndexEntry"]
+__all__ = ["BundleTarget", "IndexTarget", "NewBundle", "NewRecord", "RefsTarget", "Stored", "Record", "IndexEntry"]
 
 
 class IndexTarget(NamedTuple):
@@ -26,6 +26,20 @@ class IndexTarget(NamedTuple):
     ref_size: int | None = None
 
 
+class RefsTarget(NamedTuple):
+    """One queue-index entry per reference, at consecutive offsets of one queue, each
+    pointing at an earlier record (or bundle member): ``refs`` holds ``(ref_pos, ref_size,
+    tag_hash)`` each, ``ref_size`` as that record's index entry has it (with ``MEMBER_BIT``
+    for a member). The record's body is the table of references, which the store writes
+    (a :class:`NewRecord` with this target has an empty body): many commits of half
+    messages in one record, one encoding, one CRC.
+    """
+
+    topic: str
+    queue_id: int
+    refs: list[tuple[int, int, int]]
+
+
 class NewRecord(NamedTuple):
     """A record to append: opaque ``rtype`` (0-255), msgpack-able ``header`` (a map or an
     array), raw ``body``.
@@ -37,7 +51,7 @@ class NewRecord(NamedTuple):
     rtype: int
     header: dict | list
     body: bytes = b""
-    index: IndexTarget | None = None  # type: ignore[assignment]  # (shadows tuple.index)
+    index: IndexTarget | RefsTarget | None = None  # type: ignore[assignment]  # (shadows tuple.index)
 
 
 class BundleTarget(NamedTuple):
@@ -65,7 +79,8 @@ class NewBundle(NamedTuple):
 class Stored(NamedTuple):
     """Where an appended record went. ``queue_offset`` is -1 without an index target.
 
-    A :class:`NewBundle` gives one ``Stored`` per member (its position, size and offset).
+    A :class:`NewBundle` gives one ``Stored`` per member (its position, size and offset);
+    a record with a :class:`RefsTarget` one ``Stored`` whose offset is its first entry's.
 
     A named tuple: the store builds one per appended record, and a tuple is the cheapest
     immutable value to build.

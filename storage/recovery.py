@@ -9,7 +9,8 @@ writes a ``CLEAN`` marker. ``open()`` removes the marker; if it was present and 
 no scan happens. Otherwise it scans the log from the checkpoint, stops at the first record
 with a bad length/CRC (truncating the file there and deleting later segments), truncates
 every index back to its checkpointed end and re-appends entries from the scanned records
-(their index targets are in the record framing; a bundle gives one entry per member).
+(their index targets are in the record framing; a bundle gives one entry per member, a
+references record one per reference).
 Index files are opened one at a time through the bounded descriptor cache, never all at
 once. The directories the store creates are fsynced before anything in them counts.
 
@@ -24,7 +25,15 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from .log import FLAG_BUNDLE, IndexTargetInfo, bundle_entries, decode_index_target, read_checked
+from .log import (
+    FLAG_BUNDLE,
+    FLAG_REFS,
+    REF,
+    IndexTargetInfo,
+    bundle_entries,
+    decode_index_target,
+    read_checked,
+)
 from .queue_index import ENTRY, QueueIndexFile, scan_index_dir
 from .state import StoreState
 
@@ -99,6 +108,12 @@ class Recovery(StoreState):
                 for k, (vpos, vsize, vtag) in enumerate(bundle_entries(bundle)):
                     t = IndexTargetInfo(tgt.topic, tgt.queue_id, vtag, -1, 0, tgt.queue_offset + k)
                     scanned.append((vpos, vsize, (t, store_time)))
+            elif buf[off + 9] & FLAG_REFS:
+                # one entry per reference, at consecutive offsets from the first
+                rec = read_checked(bytes(buf[off : off + _length]), 0, _length, _length, pos, 1 << 62, -1, False)
+                for k, (rpos, rsize, rtag) in enumerate(REF.iter_unpack(rec.body)):
+                    t = IndexTargetInfo(tgt.topic, tgt.queue_id, rtag, rpos, rsize, tgt.queue_offset + k)
+                    scanned.append((pos, _length, (t, store_time)))
             else:
                 scanned.append((pos, _length, (tgt, store_time)))
         end = lg.scan_end

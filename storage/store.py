@@ -84,7 +84,7 @@ class MessageStore(Appending, Writer, HandOff, Reads, Recovery, Retention):
         # records: messages stored (a bundle counts its members); bundles: bundle records
         # handed_off: batches written and synced by the writer thread while the writer went on
         self.stats = {
-            "fsyncs": 0, "writes": 0, "records": 0, "batches": 0, "bundles": 0, "handed_off": 0, "loop_disk_wait_ns": 0
+            "fsyncs": 0, "writes": 0, "records": 0, "batches": 0, "bundles": 0, "ref_records": 0, "handed_off": 0, "loop_disk_wait_ns": 0
         }
         # how long each batch's fdatasyncs took (one observation per batch or timed sync;
         # an O_DSYNC write handed off counts whole), and how many records each batch held

@@ -22,8 +22,9 @@ decode, and built once per message on the hot path); the other records have smal
   so a recorded commit always has its reference (a torn write keeps a prefix of a batch).
 - ``RT_COMMIT_REF``: carries the index entry that makes a stored message visible: the
   entry in the topic's queue points at the stored record (``ref_pos``), so the body is
-  never written twice. Header ``{id}`` for a committed half message, ``{rel: pos}`` for a
-  released scheduled message.
+  never written twice. Header ``{ids: [...]}`` for the committed half messages of one queue
+  (one entry each: a references record, see ``storage.log``; ``{id}`` with one entry before
+  that), ``{rel: pos}`` for a released scheduled message.
 - ``RT_SCHEDULE`` / ``RT_RELEASE`` / ``RT_RECALL``: the schedule of delayed messages,
   indexed in ``%SCHED%`` (see ``broker.core.schedule``): the messages due in one second
   (a scheduled message itself is an ``RT_MSG`` record that no topic queue indexes until

@@ -43,8 +43,16 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from storage import BundleTarget, IndexTarget, MessageStore, Metadata, NewBundle, NewRecord
-from storage.log import bundle_members
+from storage import (
+    BundleTarget,
+    IndexTarget,
+    MessageStore,
+    Metadata,
+    NewBundle,
+    NewRecord,
+    RefsTarget,
+)
+from storage.log import REF, bundle_members
 from storage.store import CHECKPOINT_KEY
 from tests.storage.powerloss import TracingFS, power_cut
 
@@ -143,6 +151,13 @@ async def _record(root: Path, seed: int) -> Workload:
                 k += 1
                 w.by_pos[st_.pos] = (rec.rtype, rec.header, rec.body)
                 key = None
+                if isinstance(rec.index, RefsTarget):  # one entry per reference; they are its body
+                    w.by_pos[st_.pos] = (rec.rtype, rec.header, b"".join(REF.pack(*r) for r in rec.index.refs))
+                    for j, (ref, _size, _tag) in enumerate(rec.index.refs):
+                        key = (rec.index.topic, rec.index.queue_id, st_.queue_offset + j)
+                        w.entries[key] = (ref, st_.pos)
+                        rows.append((st_.pos, key))
+                    continue
                 if rec.index is not None:
                     key = (rec.index.topic, rec.index.queue_id, st_.queue_offset)
                     ref = rec.index.ref_pos
@@ -186,7 +201,7 @@ async def _record(root: Path, seed: int) -> Workload:
                 await batch([NewBundle(RT_MSG, [{"n": n - i} for i in range(members)],
                                        [_body(rng, n - i) for i in range(members)],
                                        BundleTarget(topic, rng.randrange(3), [i for i in range(members)]))])
-            elif kind == "tx":  # a half message, then its outcome and commit reference
+            elif kind == "tx" and rng.random() < 0.5:  # a half message, then its outcome and commit reference
                 n += 1
                 [half] = await batch([NewRecord(RT_HALF, {"n": n, "half": 1}, _body(rng, n),
                                                 IndexTarget("%HALF%", 0))])
@@ -195,6 +210,15 @@ async def _record(root: Path, seed: int) -> Workload:
                 await batch([NewRecord(RT_TX_OP, {"id": n, "s": 1, "hp": half.pos}, b"", IndexTarget("%OP%", 0)),
                               NewRecord(RT_COMMIT_REF, {"id": n}, b"",
                                         IndexTarget(topic, 1, 7, ref_pos=half.pos, ref_size=ref_size))])
+            elif kind == "tx":  # half messages, then one references record and one outcome record
+                halves = [NewRecord(RT_HALF, {"n": n + i, "half": 1}, _body(rng, n + i), IndexTarget("%HALF%", 0))
+                          for i in range(1, rng.randint(2, 9))]
+                n += len(halves)
+                stored = await batch(halves)
+                await batch([NewRecord(RT_COMMIT_REF, {"ids": [h.header["n"] for h in halves]}, b"",
+                                       RefsTarget(rng.choice(TOPICS), 2, [(st.pos, st.size, 7) for st in stored])),
+                             NewRecord(RT_TX_OP, {"ops": [[h.header["n"], "C"] for h in halves]}, b"",
+                                       IndexTarget("%OP%", 0))])
             elif kind == "retry":
                 stored = await batch([msg()])
                 n += 1

@@ -5,10 +5,10 @@ How this works
 The rules live in ``HalfMessageTable`` (``broker.core.transactions``); this shell gives them
 I/O. An outcome that changes a transaction (END_TX from the producer, a check-back answer,
 an operator, abandonment) appends an ``RT_TX_OP`` record to ``%OP%`` (one for all the
-changed outcomes of one END_TX); a COMMIT also appends, before it, an ``RT_COMMIT_REF``
-record whose index entry, in the topic's queue, points at the stored half record — so the
-committed message is delivered from the bytes the producer sent, never copied, and an
-outcome found in the log always has its reference. A half message sent with a delay is scheduled at its commit instead
+changed outcomes of one END_TX); before it, the commits of each of the topic's queues
+append one ``RT_COMMIT_REF`` record whose index entries, in that queue, point at the stored
+half records — so a committed message is delivered from the bytes the producer sent, never
+copied, and an outcome found in the log always has its reference. A half message sent with a delay is scheduled at its commit instead
 (see :mod:`.scheduling`): the delay counts from the commit. Both go into the same iteration's append as the sends
 (``_queue_records``) and the producer is answered once they are durable. A repeated
 outcome is answered at once with the recorded state (T6).
@@ -48,7 +48,7 @@ from protocol import (
     TransactionStateError,
 )
 from protocol.errors import HalfMQError
-from storage import IndexTarget, NewRecord
+from storage import IndexTarget, NewRecord, RefsTarget
 
 if TYPE_CHECKING:
     from broker.engines.embedded.engine import EmbeddedEngine
@@ -153,6 +153,7 @@ class EmbeddedTransactions:
         b = _BY_CODES.get(by, "?")
         records: list[NewRecord] = []
         ops: list[list[Any]] = []
+        commits: dict[tuple[str, int], tuple[list[str], list[tuple[int, int, int]]]] = {}
         for msg_id, state in outcomes:
             hm = tx_get(msg_id)
             assert hm is not None
@@ -170,10 +171,15 @@ class EmbeddedTransactions:
                                                                       IndexTarget(OP_TOPIC, 0))])
                     continue
                 topic = hm.topic
-                nq = self._ensure_topic(topic)
-                records.append(NewRecord(RT_COMMIT_REF, {"id": msg_id}, b"",
-                                         IndexTarget(topic, meta[0] % nq, meta[1], ref_pos=hm.pos, ref_size=meta[2])))
+                key = (topic, meta[0] % self._ensure_topic(topic))
+                queue = commits.get(key)
+                if queue is None:
+                    queue = commits[key] = ([], [])
+                queue[0].append(msg_id)
+                queue[1].append((hm.pos, meta[2], meta[1] & 0xFFFFFFFF))
             ops.append(op)
+        for (topic, qid), (ids, refs) in commits.items():  # one record per queue
+            records.append(NewRecord(RT_COMMIT_REF, {"ids": ids}, b"", RefsTarget(topic, qid, refs)))
         if ops:  # last: a torn write that kept it kept the references before it
             records.append(NewRecord(RT_TX_OP, tx_op_header(ops), b"", IndexTarget(OP_TOPIC, 0)))
         fut = asyncio.get_running_loop().create_future() if reply_to is None else None

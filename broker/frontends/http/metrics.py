@@ -47,7 +47,8 @@ _STORE = (
     ("batches", "halfmq_store_batches_total", "Write batches (group commits)"),
     ("writes", "halfmq_store_writes_total", "Write calls to log segments"),
     ("fsyncs", "halfmq_store_fsyncs_total", "fdatasync calls on log segments"),
-    ("bundles", "halfmq_store_bundles_total", "send_batch bundles stored as one record"),
+    ("bundles", "halfmq_store_bundles_total", "Bundles: the messages of one SEND stored as one record"),
+    ("ref_records", "halfmq_store_ref_records_total", "Records holding the commits of many half messages of one queue"),
 )
 
 
