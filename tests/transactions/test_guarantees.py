@@ -386,3 +386,10 @@ async def test_half_messages_sent_together_stay_one_transaction_each(txb):
     assert [fields(after.messages[ids[k]]) for k in (15, 16)] == [expected(15), expected(16)]
     assert not set(after.messages) & set(ids[10:15] + ids[17:])
     assert listed("committed") >= set(ids[:10] + ids[15:17])
+    if isinstance(txb, ClusterBroker):
+        return  # (no message trace in cluster mode)
+    for k, outcome, by in ((3, "committed", "producer"), (12, "rolled_back", "producer"), (16, "committed", "check")):
+        trace = http("GET", f"{txb.http_url}/api/messages/{ids[k]}/trace")
+        stored, decided = trace["events"][:2]
+        assert (stored["event"], stored["kind"], stored["keys"]) == ("stored", "half", [f"key-{k}"])
+        assert (decided["event"], decided["by"]) == (outcome, by)
