@@ -124,10 +124,10 @@ async def test_two_relays_racing_send_every_row_once_in_order_per_key(any_claim_
     assert sorted(sent_a + sent_b) == sorted(ids)  # each row sent by exactly one relay, once
     if db.kind != "sqlite":
         assert sent_a and sent_b, (len(sent_a), len(sent_b))  # both relays really raced
-    # (SQLite: every claim takes its one write lock, whose waiters retry after sleeps, so a
-    # relay that takes it again right after each batch can starve the other: once in CI,
-    # under load, relay A sent 0 rows and relay B 1,200. The race may happen there, and
-    # when it does the checks above and below judge it.)
+    # (SQLite: once in CI, under load, relay A sent 0 rows and relay B 1,200, A with no
+    # error. Likely its one write lock: every claim takes it and its waiters retry after
+    # sleeps, so a relay that takes it again right after each batch can starve the other.
+    # The race may happen there, and when it does the checks above and below judge it.)
     for key_of in groups:
         assert order_violations(calls_a + calls_b, key_of) == []
 
