@@ -340,6 +340,9 @@ async def test_half_messages_sent_together_stay_one_transaction_each(txb):
     if not isinstance(txb, ClusterBroker):
         assert len({row[1] for row in rows}) == 1
         assert [b[0] - a[0] for a, b in zip(rows, rows[1:], strict=False)] == [16] * (n - 1)
+        view = http("GET", f"{txb.http_url}/api/messages/{ids[5]}")  # a member, by id
+        assert (view["body"], view["tags"], view["keys"], view["properties"]) == ("m5", "tag1", ["key-5"], {"k": "5"})
+        assert view["transaction"]["state"] == "PREPARED"
     items = [[ids[k], "COMMIT"] for k in range(10)] + [[ids[k], "ROLLBACK"] for k in range(10, 15)]
     op, p = await c.request(Op.END_TX, {"items": items})
     assert p == {"r": ["COMMITTED"] * 10 + ["ROLLED_BACK"] * 5}
