@@ -137,6 +137,7 @@ async def test_transaction_outcomes_say_who_decided(broker_factory):
                                and events(t, "acked") and t, what="the ack traced")
     stored, committed = trace["events"][0], events(trace, "committed")[0]
     assert stored["kind"] == "half" and stored["producer_group"] == "pg" and stored["producer_id"]
+    assert stored["client_id"] == stored["producer_id"]  # who sent it: --trace's record, found by position
     assert committed["by"] == "check" and committed["checks"] == 2
     assert [e["event"] for e in trace["events"]][:2] == ["stored", "committed"]
     rolled = get(f"{b.http_url}/api/messages/{by_hand.msg_id}/trace")

@@ -248,16 +248,13 @@ class EmbeddedTracing:
         if ext.get("d"):
             events.append({"at": t0, "event": "scheduled", "delay_ms": ext["d"], "from": "commit"})
         if half:
-            found = False
-            for _o, rec in self._records_since(OP_TOPIC, 0, t0):
-                for op_id, code, _hp, by, checks in tx_ops(rec.header):
-                    if op_id == msg_id:
-                        events.append({"at": rec.store_time, "event": CODE_OUTCOMES[code].name.lower(),
-                                       "by": BY_NAMES.get(by, "unknown"), "checks": checks})
-                        found = True
-                        break
-                if found:
-                    break
+            decided = next(((op_rec.store_time, code, by, checks)
+                            for _o, op_rec in self._records_since(OP_TOPIC, 0, t0)
+                            for op_id, code, _hp, by, checks in tx_ops(op_rec.header) if op_id == msg_id), None)
+            if decided is not None:
+                at, code, by, checks = decided
+                events.append({"at": at, "event": CODE_OUTCOMES[code].name.lower(),
+                               "by": BY_NAMES.get(by, "unknown"), "checks": checks})
         events += self._log_deliveries(msg_id, rec.pos, t0)
         if self.trace or self.store.queue_end(TRACE_TOPIC, 0) > 0:  # type: ignore[union-attr]
             events += self._traced(msg_id, rec.pos, t0, stored)
