@@ -280,13 +280,7 @@ class Appending(StoreState):
         table = 8 + len(head)  # the marker table, then the bodies (see storage.log)
         first_body = table + (n << 4)
         size = first_body + sum(lens)
-        seg_size = self.segment_size
-        if size > seg_size:
-            raise ValueError(f"bundle of {size} bytes exceeds segment size {seg_size}")
-        if pos + size > limit:
-            pos = limit
-            limit += seg_size
-            parts = None
+        pos, limit, parts, starts = self._place("bundle", size, pos, limit, parts, starts)
         # everything per member below runs in C (map/zip/struct over whole lists)
         offs = list(accumulate(lens, initial=first_body))
         offs.pop()
@@ -300,20 +294,34 @@ class Appending(StoreState):
             e = structs[1](*chain.from_iterable(zip(vps, e_sizes, tags, repeat(now, n), strict=True)))
         except struct.error as exc:
             raise ValueError(f"bad bundle: {exc} (tag hashes are 0 .. 2**32-1)") from None
-        if parts is None:
-            parts = []
-            starts = []
-            self._batch.groups.append([pos, parts, starts])
         pieces = [markers]
         pieces += bodies
         data = b"".join(pieces)
         parts += (_prefix_pack(size, _crc32(data, _crc32(head))), head, data)
-        starts.append(pos)  # type: ignore[union-attr]
+        starts.append(pos)
         out += map(_make_stored, repeat(Stored, n), zip(vps, sizes, repeat(now, n), range(qoff, qoff + n), strict=True))
         lq[1] += e
         lq[0] += n
         self.stats["bundles"] += 1
         return pos + size, limit, parts, starts  # type: ignore[return-value]
+
+    def _place(self: MessageStore, what: str, size: int, pos: int, limit: int, parts: list[bytes] | None,
+               starts: list[int] | None) -> tuple[int, int, list[bytes], list[int]]:
+        """Where a record of ``size`` bytes goes in the current batch (bundles, references
+        records): ``(pos, limit, parts, starts)``, in the next segment if it does not fit in
+        this one; ``ValueError`` if no segment holds it."""
+        seg_size = self.segment_size
+        if size > seg_size:
+            raise ValueError(f"{what} of {size} bytes exceeds segment size {seg_size}")
+        if pos + size > limit:
+            pos = limit
+            limit += seg_size
+            parts = None
+        if parts is None or starts is None:
+            parts = []
+            starts = []
+            self._batch.groups.append([pos, parts, starts])
+        return pos, limit, parts, starts
 
     def _queue_slot(self: MessageStore, topic: str, queue_id: int, local: dict) -> tuple[tuple, list, int]:
         """For a record with many index entries in one queue: the queue's target, its
@@ -348,19 +356,9 @@ class Appending(StoreState):
         hdr = self._packb(header)
         head = _tail_idx_pack(rtype, FLAG_INDEX | FLAG_REFS, now, len(hdr), t[6], 0, -1, n, qoff, t[7]) + t[2] + hdr
         size = 8 + len(head) + len(body)
-        seg_size = self.segment_size
-        if size > seg_size:
-            raise ValueError(f"references record of {size} bytes exceeds segment size {seg_size}")
-        if pos + size > limit:
-            pos = limit
-            limit += seg_size
-            parts = None
-        if parts is None:
-            parts = []
-            starts = []
-            self._batch.groups.append([pos, parts, starts])
+        pos, limit, parts, starts = self._place("references record", size, pos, limit, parts, starts)
         parts += (_prefix_pack(size, _crc32(body, _crc32(head))), head, body)
-        starts.append(pos)  # type: ignore[union-attr]
+        starts.append(pos)
         out.append(_make_stored(Stored, (pos, size, now, qoff)))
         lq[1] += e
         lq[0] += n
