@@ -100,6 +100,7 @@ class EmbeddedTransactions:
         changes: list[tuple[str, TxState]] = []
         resolve = self.tx.resolve
         group = s.group
+        counters = self.counters
         for item in items:
             try:
                 msg_id, outcome = item
@@ -115,13 +116,11 @@ class EmbeddedTransactions:
                 continue
             results.append(_REPLY_STATES[recorded])
             if changed:
+                counters[f"tx_{recorded.value}_producer"] += 1
                 changes.append((msg_id, recorded))
         if not changes:
             s.reply(rid, reply_many)
             return
-        counters = self.counters
-        for _msg_id, recorded in changes:
-            counters[f"tx_{recorded.value}_producer"] += 1
         self._append_outcomes(changes, reply_to=(s, rid, reply_many))
 
     def resolve_transaction(self: EmbeddedEngine, msg_id: str, state: TxState,
