@@ -10,7 +10,10 @@ no scan happens. Otherwise it scans the log from the checkpoint, stops at the fi
 with a bad length/CRC (truncating the file there and deleting later segments), truncates
 every index back to its checkpointed end and re-appends entries from the scanned records
 (their index targets are in the record framing; a bundle gives one entry per member, a
-references record one per reference).
+references record one per reference). The references records the scan finds at the very
+end of the log, after its last record of any other kind, are kept in
+``recovered_refs_tail`` (a writer that puts another record after its references records
+learns from them that a crash cut that record off).
 Index files are opened one at a time through the bounded descriptor cache, never all at
 once. The directories the store creates are fsynced before anything in them counts.
 
@@ -82,6 +85,7 @@ class Recovery(StoreState):
             and marker.get("end") == self._log.end
             and checkpoint.get("pos") == self._log.end
         )
+        self.recovered_refs_tail = []
         if not self.recovered_clean:
             self._recover(checkpoint)
         self._last_checkpoint = self._log.end if self.recovered_clean else -1
@@ -96,7 +100,12 @@ class Recovery(StoreState):
             ck_pos = lg.start
         scanned: list[tuple[int, int, tuple[IndexTargetInfo, int]]] = []
         newest: dict[int, int] = {}
+        refs_tail = self.recovered_refs_tail
         for buf, off, _length, pos in lg.iter_from(ck_pos, strict=False):
+            if buf[off + 9] & FLAG_REFS:
+                refs_tail.append(pos)
+            elif refs_tail:
+                refs_tail.clear()
             tgt = decode_index_target(buf, off)
             store_time = int.from_bytes(buf[off + 10 : off + 18], "little")
             newest[pos - pos % self.segment_size] = store_time

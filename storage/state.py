@@ -43,6 +43,7 @@ class StoreState:
     data_dir: Path
     segment_size: int
     recovered_clean: bool
+    recovered_refs_tail: list[int]
     _sync: bool
     _flush_interval: float
     _retention: float

@@ -37,6 +37,16 @@ async def _stored_targets(s: MessageStore, rng: random.Random, n: int) -> list[t
     return out
 
 
+async def _targets_closed(path, rng: random.Random, n: int) -> tuple[list[tuple], dict]:
+    """``_stored_targets`` in a store then closed; with its last checkpoint."""
+    async with MessageStore.open(path, segment_size=SEG) as s:
+        targets = await _stored_targets(s, rng, n)
+    md = await Metadata.open(path / "meta.sqlite")
+    checkpoint = await md.get("storage.checkpoint")
+    await md.close()
+    return targets, checkpoint
+
+
 def _check(s: MessageStore, queue_id: int, want: list[tuple], tags: list[int]) -> None:
     got = s.read_queue_records("t", queue_id, 0, 1000)
     assert [(o, r.pos, r.header, r.body) for o, r in got] == [(k, p, h, b) for k, (p, _z, h, b) in enumerate(want)]
@@ -76,12 +86,7 @@ async def test_references_record_gives_one_entry_each_read_from_cache_disk_and_r
 
 
 async def test_torn_references_record_is_gone_as_a_whole(tmp_path):
-    rng = random.Random(9)
-    async with MessageStore.open(tmp_path, segment_size=SEG) as s:
-        targets = await _stored_targets(s, rng, 6)
-    md = await Metadata.open(tmp_path / "meta.sqlite")
-    checkpoint = await md.get("storage.checkpoint")
-    await md.close()
+    targets, checkpoint = await _targets_closed(tmp_path, random.Random(9), 6)
     async with MessageStore.open(tmp_path, segment_size=SEG) as s:
         first = await s.append_batch([NewRecord(6, {}, b"", RefsTarget("t", 0, [(p, z, 0) for p, z, _h, _b in targets[:3]]))])
         second = await s.append_batch([NewRecord(6, {}, b"", RefsTarget("t", 0, [(p, z, 0) for p, z, _h, _b in targets[3:]]))])
@@ -109,3 +114,28 @@ async def test_bad_references_records_are_refused_and_leave_nothing(tmp_path):
                 s.append([ok, NewRecord(6, {}, b"", bad)])
         assert s.queue_end("t", 0) == 1
         assert (await s.append_batch([ok]))[0].queue_offset == 1
+
+
+async def test_references_records_ending_the_log_are_listed_after_a_crash(tmp_path):
+    """``recovered_refs_tail``: the references records after the log's last record of any
+    other kind, as a crash recovery finds them; none after a clean close."""
+    targets, checkpoint = await _targets_closed(tmp_path, random.Random(11), 4)
+
+    def refs(k: int, ids: list[str]) -> NewRecord:
+        p, z, _h, _b = targets[k]
+        return NewRecord(6, {"ids": ids}, b"", RefsTarget("t", 0, [(p, z, 0)]))
+
+    async with MessageStore.open(tmp_path, segment_size=SEG) as s:
+        assert s.recovered_clean and s.recovered_refs_tail == []
+        # references, another record, then two references records ending the log
+        stored = await s.append_batch([refs(0, ["a"]), NewRecord(3, {"ops": []}, b"", IndexTarget("%OP%", 0)),
+                                       refs(1, ["b"]), refs(2, ["c"])])
+    await _crash(tmp_path, checkpoint)
+    async with MessageStore.open(tmp_path, segment_size=SEG) as s:
+        assert not s.recovered_clean
+        assert s.recovered_refs_tail == [stored[2].pos, stored[3].pos]
+        assert [s.read(p).header["ids"] for p in s.recovered_refs_tail] == [["b"], ["c"]]
+        await s.append_batch([NewRecord(3, {"ops": []}, b"", IndexTarget("%OP%", 0))])
+    await _crash(tmp_path, checkpoint)
+    async with MessageStore.open(tmp_path, segment_size=SEG) as s:
+        assert not s.recovered_clean and s.recovered_refs_tail == []

@@ -232,6 +232,7 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
             at = rec.store_time / 1000.0
             for msg_id, code, *_ in tx_ops(rec.header):
                 outcomes[msg_id] = (CODE_OUTCOMES[code], at)
+        lost = self._commits_without_outcome(outcomes)
         n_prepared = 0
         for _o, rec in self._scan_queue(HALF_TOPIC, 0):
             h = rec.header
@@ -250,6 +251,8 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
                 if delay:
                     self._half_delays[msg_id] = delay
         self.tx.after_replay(time.time())
+        if lost:
+            await self._record_recovered_commits(lost)
         for group in set(self._saved_offsets) | set(self._replay_acks):
             self._group(group)
         self._replay_dead.clear()

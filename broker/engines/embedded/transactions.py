@@ -11,7 +11,10 @@ half records — so a committed message is delivered from the bytes the producer
 copied, and an outcome found in the log always has its reference. A half message sent with a delay is scheduled at its commit instead
 (see :mod:`.scheduling`): the delay counts from the commit. Both go into the same iteration's append as the sends
 (``_queue_records``) and the producer is answered once they are durable. A repeated
-outcome is answered at once with the recorded state (T6).
+outcome is answered at once with the recorded state (T6). A crash that cut an outcome
+record off the log's end but kept the commit references before it leaves visible messages
+of a PREPARED transaction: recovery counts them as committed and writes the outcome record
+(``_commits_without_outcome``), so they are neither checked back nor delivered twice.
 
 Check-backs: a timer wakes at the next due check (at least every ``--tx-check-interval``)
 and asks, for each due half message, the producer instance that sent it — else any live
@@ -63,7 +66,7 @@ _RESOLVED_KEPT = 60.0
 _OUTCOME_CODES = {TxState.COMMITTED: "C", TxState.ROLLED_BACK: "R", TxState.ABANDONED: "A"}
 CODE_OUTCOMES = {v: k for k, v in _OUTCOME_CODES.items()}
 #: Who decided an outcome, as its ``%OP%`` record says (``b``; read back by the trace).
-_BY_CODES = {"producer": "p", "check": "c", "operator": "o"}
+_BY_CODES = {"producer": "p", "check": "c", "operator": "o", "recovery": "r"}
 BY_NAMES = {v: k for k, v in _BY_CODES.items()}
 _REPLY_STATES = {TxState.COMMITTED: "COMMITTED", TxState.ROLLED_BACK: "ROLLED_BACK", TxState.ABANDONED: "ABANDONED"}
 _REQUESTED = {"COMMIT": TxState.COMMITTED, "ROLLBACK": TxState.ROLLED_BACK}
@@ -184,6 +187,49 @@ class EmbeddedTransactions:
         fut = asyncio.get_running_loop().create_future() if reply_to is None else None
         self._queue_records(records, reply_to or fut)
         return fut
+
+    def _commits_without_outcome(self: EmbeddedEngine, outcomes: dict[str, tuple[TxState, float]]) -> list[str]:
+        """Recovery: the commits a crash left without their outcome record.
+
+        An END_TX's commit references go into the log before its outcome record, in one
+        write. A crash that kept the references but cut the outcome off leaves them as the
+        last records of the log (the store's ``recovered_refs_tail``). Their messages are
+        already visible, and the producer asked for exactly that, so they count as
+        committed: each is added to ``outcomes`` (at its reference's store time) and
+        returned, for :meth:`_record_recovered_commits` to write its outcome record.
+        """
+        store = self.store
+        assert store is not None
+        lost: list[str] = []
+        for pos in store.recovered_refs_tail:
+            rec = store.read(pos)
+            ids = rec.header.get("ids") if rec.rtype == RT_COMMIT_REF else None
+            if not isinstance(ids, list):
+                continue  # (a scheduled message's release)
+            for msg_id in ids:
+                if msg_id not in outcomes:
+                    outcomes[msg_id] = (TxState.COMMITTED, rec.store_time / 1000.0)
+                    lost.append(msg_id)
+        return lost
+
+    async def _record_recovered_commits(self: EmbeddedEngine, lost: list[str]) -> None:
+        """Write the outcome record (``by`` recovery) of the commits found by
+        :meth:`_commits_without_outcome`, durably, before the broker serves anyone."""
+        store = self.store
+        assert store is not None
+        ops = []
+        for msg_id in lost:
+            hm = self.tx.get(msg_id)
+            if hm is not None and hm.state is TxState.COMMITTED:
+                ops.append([msg_id, "C", hm.pos, _BY_CODES["recovery"], hm.checks])
+        if not ops:
+            return
+        await store.append_batch([NewRecord(RT_TX_OP, tx_op_header(ops), b"", IndexTarget(OP_TOPIC, 0))])
+        await store.flush()
+        self.counters["tx_committed_recovery"] += len(ops)
+        log.warning("recovery: %d committed transactions had lost their outcome record (the log's "
+                    "end was cut after their commit references); recorded them as committed: %s",
+                    len(ops), ", ".join(op[0] for op in ops[:10]) + (", ..." if len(ops) > 10 else ""))
 
     async def _tx_check_loop(self: EmbeddedEngine) -> None:
         interval = self.config.tx_check_interval

@@ -91,7 +91,7 @@ def metric_families(snapshot: dict[str, Any], connections: Iterable[Any], errors
         tx.add_metric([state.lower()], n)
     out.append(tx)
     outcomes = CounterMetricFamily("halfmq_transaction_outcomes", "Transaction outcomes recorded, by outcome "
-                                   "and by who decided (producer, check-back, operator)", labels=["outcome", "by"])
+                                   "and by who decided (producer, check-back, operator, recovery)", labels=["outcome", "by"])
     for key, n in sorted(counters.items()):
         if key.startswith("tx_"):
             outcome, _, by = key[3:].rpartition("_")
