@@ -2,7 +2,7 @@
 
 How this works
 --------------
-A ``Connection`` owns one TCP connection to the broker (an ``asyncio.Protocol``, not
+A ``Connection`` owns one TCP connection to the broker (a protocol of the event loop, not
 streams) and keeps it alive for as long as it is open:
 
 * **Handshake.** Every new TCP connection (TLS when ``tls`` is set) first sends ``HELLO``
@@ -73,6 +73,7 @@ from protocol import (
     encode_frame,
     error_from_code,
 )
+from protocol.tlsreads import TLSReads
 
 __all__ = ["Connection", "ReplyCallback", "default_client_id", "parse_address", "parse_addresses"]
 
@@ -162,8 +163,11 @@ class ReplyCallback:
             log.exception("reply callback failed")
 
 
-class _ClientProtocol(asyncio.Protocol):
-    """Bytes in, frames out: feeds the decoder and hands frames to its ``Connection``."""
+class _ClientProtocol(asyncio.BaseProtocol):
+    """Bytes in, frames out: feeds the decoder and hands frames to its ``Connection``.
+
+    A protocol with ``data_received`` (what ``asyncio.Protocol`` declares) that does not
+    derive from it, so that :class:`_TLSClientProtocol` can be a ``BufferedProtocol``."""
 
     __slots__ = ("conn", "decoder", "transport", "lost")
 
@@ -176,7 +180,7 @@ class _ClientProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         on_frame = self.conn._on_frame
         try:
             frames = self.decoder.feed(data)
@@ -190,7 +194,7 @@ class _ClientProtocol(asyncio.Protocol):
         for op, rid, payload in frames:
             on_frame(self, op, rid, payload)
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool | None:
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -203,6 +207,13 @@ class _ClientProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.conn._resume()
+
+
+class _TLSClientProtocol(TLSReads, _ClientProtocol):
+    """The same over TLS: decrypted into a lent buffer (``protocol.tlsreads``), not into
+    new bytes per TLS record."""
+
+    __slots__ = ()
 
 
 class Connection:
@@ -665,7 +676,8 @@ class Connection:
         loop = self._loop
         remaining = max(deadline - loop.time(), 0.01)
         transport, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: _ClientProtocol(self), self.host, self.port, ssl=self._ssl),
+            loop.create_connection(lambda: (_TLSClientProtocol if self._ssl else _ClientProtocol)(self),
+                                   self.host, self.port, ssl=self._ssl),
             remaining,
         )
         if self._closed:

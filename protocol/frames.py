@@ -87,15 +87,16 @@ class FrameDecoder:
         self._buf = bytearray()
         self._need = -1  # payload length of the frame being read, -1 while reading the header
 
-    def feed(self, data: bytes) -> list[tuple[int, int, Any]]:
-        """Add ``data``; return the frames it completes, as ``(op, rid, payload)``.
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, int, Any]]:
+        """Add ``data``; return the frames it completes, as ``(op, rid, payload)``. Keeps no
+        reference to ``data`` (a view into a buffer that is reused after the call is fine).
 
         Raises ``ProtocolError`` (malformed) or ``FrameTooLargeError`` (announced length over
         ``max_frame_size``); the error's ``frames`` holds the frames completed before it.
         """
         if self._buf:
             self._buf += data
-            src: bytes | bytearray = self._buf
+            src: bytes | bytearray | memoryview = self._buf
         else:
             src = data  # the common case: decode straight from the received bytes, no copy
         frames: list[tuple[int, int, Any]] = []

@@ -329,6 +329,28 @@ async def test_tls_with_logins_on_both_ports(tmp_path, broker_factory):
             assert r.status == 200 and "transfer" in await r.text()
 
 
+async def test_tls_reads_share_one_buffer_without_mixing_connections(tmp_path, broker_factory):
+    """Over TLS both ends decrypt into one buffer per thread (``protocol.tlsreads``): two
+    producers and a consumer in this thread, messages from 1 byte to 1 MiB (frames split
+    across TLS records and reads, many frames in one read), every body arrives intact."""
+    certs = Certs.make(tmp_path / "certs")
+    b = broker_factory(*certs.broker_args())
+    ctx = certs.client_context()
+    sizes = [1, 100, 1024, 16_000, 16_384, 70_000, 1 << 20] * 6
+    bodies = [bytes([k % 251]) * n for k, n in enumerate(sizes)]
+    got: dict[bytes, int] = {}
+
+    def on(m):
+        got[m.body] = got.get(m.body, 0) + 1
+        return ConsumeResult.SUCCESS
+
+    async with PushConsumer(b.address, group="g", topic="big", tls=ctx, listener=on), \
+            Producer(b.address, tls=ctx) as p1, Producer(b.address, tls=ctx) as p2:
+        await asyncio.gather(*((p1 if k % 2 else p2).send("big", body) for k, body in enumerate(bodies)))
+        await wait_for(lambda: len(got) == len(bodies), what="every message over TLS")
+    assert got == {body: 1 for body in bodies}
+
+
 async def test_mutual_tls_needs_a_client_certificate(tmp_path, broker_factory):
     certs = Certs.make(tmp_path / "certs")
     b = broker_factory(*certs.broker_args(mutual=True))

@@ -3,13 +3,14 @@ engine, frames out.
 
 How this works
 --------------
-``ClientConnection`` is an ``asyncio.Protocol`` and the engine's :class:`Session` for that
+``ClientConnection`` is a protocol of the event loop (``data_received``) and the engine's :class:`Session` for that
 client. Bytes go through a ``FrameDecoder``; each request frame is checked here — the
 handshake first, then names, types, sizes and limits — and handed to the engine, which
 answers with ``reply`` / ``error`` now or later (when the log has the records). A request
 refused here never reaches the engine, so nothing is stored for it. Outgoing frames are
 collected in a list and written with one ``transport.write`` per loop iteration, so many
-replies and deliveries share a syscall.
+replies and deliveries share a syscall. Over TLS the connection is a
+``TLSClientConnection``: the same, reading through ``protocol.tlsreads``.
 
 Limits, so that no client can hurt the broker (each in the README's table):
 
@@ -62,6 +63,7 @@ from protocol import (
 )
 from protocol.errors import BrokerUnavailableError
 from protocol.names import shown
+from protocol.tlsreads import TLSReads
 
 if TYPE_CHECKING:
     from broker.config import BrokerConfig
@@ -70,7 +72,7 @@ if TYPE_CHECKING:
     from broker.security import SessionAccess
     from broker.security.scram import ScramLogin
 
-__all__ = ["ClientConnection", "SubscribeRequest", "DELIVERY_WINDOW", "SEND_OPTIONS", "check_send_options"]
+__all__ = ["ClientConnection", "TLSClientConnection", "SubscribeRequest", "DELIVERY_WINDOW", "SEND_OPTIONS", "check_send_options"]
 
 log = logging.getLogger("halfmq.broker")
 
@@ -98,8 +100,11 @@ INVISIBLE_MS = (100, 12 * 3600 * 1000)
 WAIT_MS_MAX = 60_000
 
 
-class ClientConnection(asyncio.Protocol):
-    """A client's TCP connection (producer or consumer) and its engine session."""
+class ClientConnection(asyncio.BaseProtocol):
+    """A client's TCP connection (producer or consumer) and its engine session.
+
+    A protocol with ``data_received`` (what ``asyncio.Protocol`` declares) that does not
+    derive from it, so that :class:`TLSClientConnection` can be a ``BufferedProtocol``."""
 
     def __init__(self, listener: NativeListener) -> None:
         self.listener = listener
@@ -136,7 +141,7 @@ class ClientConnection(asyncio.Protocol):
         self._reading = True
         self._close_after: HalfMQError | None = None  # a malformed frame, answered once the rest are
 
-    # -- asyncio.Protocol ---------------------------------------------------------------
+    # -- the event loop's protocol calls ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -157,7 +162,7 @@ class ClientConnection(asyncio.Protocol):
                                           f"{HANDSHAKE_TIMEOUT:.0f} s"))
             self.close()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.closed:
             return
         try:
@@ -581,6 +586,12 @@ class ClientConnection(asyncio.Protocol):
             self.flush()
             self.transport.close()
         self.closed = True
+
+
+class TLSClientConnection(TLSReads, ClientConnection):
+    """A client connection over TLS: the TLS layer decrypts into a lent buffer
+    (``protocol.tlsreads``), not into new bytes per record."""
+
 
 
 def _check_message(body: Any, tags: Any, keys: Any, props: Any, born: Any, limit: int) -> None:

@@ -24,7 +24,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from broker.frontends.native.connection import ClientConnection
+from broker.frontends.native.connection import ClientConnection, TLSClientConnection
 from protocol import FRAME_OVERHEAD, LimitExceededError
 
 try:
@@ -96,8 +96,9 @@ class NativeListener:
                         self.config.max_connections, limit, limit, reserve)
         self.max_connections = limit
         loop = asyncio.get_running_loop()
+        conn = TLSClientConnection if self.security.tls is not None else ClientConnection
         self._server = await loop.create_server(
-            lambda: ClientConnection(self), self.config.host, self.config.port, reuse_address=True,
+            lambda: conn(self), self.config.host, self.config.port, reuse_address=True,
             ssl=self.security.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
