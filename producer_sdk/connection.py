@@ -209,7 +209,7 @@ class _ClientProtocol(asyncio.BaseProtocol):
         self.conn._resume()
 
 
-class _TLSClientProtocol(TLSReads, _ClientProtocol):
+class _TLSClientProtocol(_ClientProtocol, TLSReads):
     """The same over TLS: decrypted into a lent buffer (``protocol.tlsreads``), not into
     new bytes per TLS record."""
 

@@ -36,8 +36,13 @@ _buffer = _Buffer()
 
 
 class TLSReads(asyncio.BufferedProtocol):
-    """Mixin (first base) for a protocol whose ``data_received`` copies what it keeps: the
-    TLS layer decrypts into the thread's shared buffer, and ``data_received`` gets a view."""
+    """Mixin for a protocol whose ``data_received`` copies what it keeps: the TLS layer
+    decrypts into the thread's shared buffer, and ``data_received`` gets a view.
+
+    List it after the protocol class (``class P(MyProtocol, TLSReads)``), so that the
+    protocol's own methods come first, ``eof_received`` included; the protocol must not
+    derive from ``asyncio.Protocol`` (uvloop then never lends a buffer) and must define
+    ``eof_received`` itself if ``BaseProtocol`` is its base."""
 
     __slots__ = ()
 

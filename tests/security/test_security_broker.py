@@ -351,6 +351,41 @@ async def test_tls_reads_share_one_buffer_without_mixing_connections(tmp_path, b
     assert got == {body: 1 for body in bodies}
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+async def test_a_client_closing_its_side_is_closed_without_an_error(tmp_path, tls):
+    """End of stream from a client (a half-close; under TLS its close_notify) is answered
+    by closing the connection: nothing raised on the broker's event loop (an in-process
+    broker on this test's checked loop), the client gone from the admin view."""
+    from broker import Broker, BrokerConfig
+
+    certs = Certs.make(tmp_path / "certs") if tls else None
+    tls_args = {"tls_cert": str(certs.server_cert), "tls_key": str(certs.server_key)} if certs else {}
+    ctx = certs.client_context() if certs else None
+    async with Broker(BrokerConfig(data_dir=str(tmp_path / "d"), port=0, http_port=0, **tls_args)) as b:
+        host, port = b.address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+        c = RawClient(reader, writer)
+        c.send(Op.HELLO, 1, {"version": 1, "client_id": "closing", "role": "producer", "group": "pg"})
+        assert (await c.next_frame())[0] == Op.REPLY
+
+        async def clients() -> list:
+            async with aiohttp.ClientSession() as http, http.get(f"{b.http_url}/api/clients", ssl=ctx or False) as r:
+                return [x["client_id"] for x in (await r.json())["clients"]]
+
+        assert await clients() == ["closing"]
+        if tls:
+            await c.close()  # close_notify, then the TCP close
+        else:
+            writer.write_eof()
+            assert await c.next_frame() is None  # the broker closed its side too
+            await c.close()
+
+        async def gone() -> bool:
+            return not await clients()
+
+        await wait_for(gone, what="the client gone from the admin view")
+
+
 async def test_mutual_tls_needs_a_client_certificate(tmp_path, broker_factory):
     certs = Certs.make(tmp_path / "certs")
     b = broker_factory(*certs.broker_args(mutual=True))

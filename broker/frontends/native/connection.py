@@ -162,6 +162,11 @@ class ClientConnection(asyncio.BaseProtocol):
                                           f"{HANDSHAKE_TIMEOUT:.0f} s"))
             self.close()
 
+    def eof_received(self) -> bool | None:
+        """The client closed its side: the transport closes ours (what ``asyncio.Protocol``
+        does, which this class does not derive from)."""
+        return None
+
     def data_received(self, data: bytes | memoryview) -> None:
         if self.closed:
             return
@@ -588,7 +593,7 @@ class ClientConnection(asyncio.BaseProtocol):
         self.closed = True
 
 
-class TLSClientConnection(TLSReads, ClientConnection):
+class TLSClientConnection(ClientConnection, TLSReads):
     """A client connection over TLS: the TLS layer decrypts into a lent buffer
     (``protocol.tlsreads``), not into new bytes per record."""
 
