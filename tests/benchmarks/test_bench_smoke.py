@@ -174,3 +174,15 @@ def test_lone_bench_clients(args: list[str], head: str) -> None:
     assert head in proc.stdout, proc.stdout
     bad = subprocess.run([*cmd, "--cachegrind"], cwd=ROOT, capture_output=True, text=True, timeout=50)
     assert bad.returncode == 2 and "--cachegrind measures the broker with the default client" in bad.stderr
+
+
+def test_tls_cost_measures_each_cipher() -> None:
+    cmd = [sys.executable, "-m", "benchmarks.tls_cost", "--count", "640"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {line[:30].strip(): line[30:].split() for line in proc.stdout.splitlines()[2:]}
+    assert rows["TLS 1.3, default suite"][0].startswith("TLS_")
+    assert rows["TLS 1.2, ChaCha20-Poly1305"][0].endswith("CHACHA20-POLY1305")
+    assert len(rows) == 4 and all(float(r[1].replace(",", "")) > 0 for r in rows.values()), proc.stdout
+    bad = subprocess.run([*cmd, "--batch", "0"], cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert bad.returncode == 2 and "must be positive" in bad.stderr
