@@ -20,7 +20,7 @@ from broker.core.records import RT_COMMIT_REF, RT_TX_OP, tx_ops
 from consumer_sdk import ConsumeResult, PushConsumer
 from producer_sdk import LocalTransactionState, Producer, TransactionListener, TransactionProducer
 from protocol import Op
-from storage.log import SegmentLog
+from storage.log import CorruptRecordError, SegmentLog
 from tests.broker.test_process import RawClient
 from tests.conftest import wait_for
 
@@ -111,3 +111,65 @@ async def test_commits_whose_outcome_record_was_cut_off_count_as_committed(broke
     b.kill9()
     b.start()
     assert listed("committed") >= {a, bb} and listed("prepared") == set()
+
+
+async def test_a_cut_between_the_references_of_two_queues_loses_no_commit_and_repeats_none(broker_factory):
+    """One END_TX commits a message of each of two topics: two references records, then the
+    outcome. Cut after the first: its commit is recovered as committed, the other comes
+    back PREPARED and is committed by the check-back; each message is delivered once."""
+    b = broker_factory(*TX_ARGS)
+    c = await RawClient.connect(b.address, group="pg")
+    ids = []
+    for topic in ("torn-a", "torn-b"):
+        op, p = await c.request(Op.SEND, {"topic": topic, "half": True, "msgs": [[topic.encode(), None, [], {}, 0]]})
+        ids.append(f'{p["p"]}{p["r"][0][0]:016X}')
+    a, bb = ids
+    op, p = await c.request(Op.END_TX, {"items": [[a, "COMMIT"], [bb, "COMMIT"]]})
+    assert (op, p) == (Op.REPLY, {"r": ["COMMITTED", "COMMITTED"]})
+    c.close()
+    b.kill9()
+    lg = SegmentLog(b.data_dir / "log", BrokerConfig().segment_size)
+    lg.load()
+    try:
+        refs = []
+        try:
+            for rec in lg.iter_records(0):
+                if rec.rtype == RT_COMMIT_REF:
+                    refs.append(rec)
+        except CorruptRecordError:
+            pass  # (where the records end: the zero-filled rest of the active segment)
+        assert [rec.header for rec in refs] == [{"ids": [a]}, {"ids": [bb]}]
+        seg = lg.find(refs[1].pos)
+        os.truncate(seg.path, refs[1].pos - seg.base)  # the second queue's references and the outcome: gone
+    finally:
+        lg.close()
+    b.start()
+
+    def listed(state: str) -> set[str]:
+        return {t["msg_id"] for t in http(f"{b.http_url}/api/transactions?state={state}")["transactions"]}
+
+    assert listed("committed") == {a} and listed("prepared") == {bb}
+    checked: list[str] = []
+
+    class Commit(TransactionListener):
+        async def execute_local_transaction(self, message, arg):
+            return LocalTransactionState.COMMIT
+
+        async def check_local_transaction(self, message):
+            checked.append(message.msg_id)
+            return LocalTransactionState.COMMIT
+
+    seen: dict[str, int] = {}
+
+    async def on(m):
+        seen[m.msg_id] = seen.get(m.msg_id, 0) + 1
+        return ConsumeResult.SUCCESS
+
+    async with TransactionProducer(b.address, group="pg", listener=Commit()), \
+            PushConsumer(b.address, group="g", topic="torn-a", listener=on), \
+            PushConsumer(b.address, group="g", topic="torn-b", listener=on), Producer(b.address) as plain:
+        await wait_for(lambda: not listed("prepared"), timeout=20, what="the check-back")
+        markers = [(await plain.send(t, b"marker")).msg_id for t in ("torn-a", "torn-b")]
+        await wait_for(lambda: set(markers) <= set(seen), what="the markers")
+    assert checked == [bb]
+    assert seen == {a: 1, bb: 1, markers[0]: 1, markers[1]: 1}
