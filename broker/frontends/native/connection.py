@@ -3,8 +3,8 @@ engine, frames out.
 
 How this works
 --------------
-``ClientConnection`` is a protocol of the event loop (``data_received``) and the engine's :class:`Session` for that
-client. Bytes go through a ``FrameDecoder``; each request frame is checked here — the
+``ClientConnection`` is a protocol of the event loop (``data_received``) and the engine's
+:class:`Session` for that client. Bytes go through a ``FrameDecoder``; each request frame is checked here — the
 handshake first, then names, types, sizes and limits — and handed to the engine, which
 answers with ``reply`` / ``error`` now or later (when the log has the records). A request
 refused here never reaches the engine, so nothing is stored for it. Outgoing frames are
@@ -596,7 +596,6 @@ class ClientConnection(asyncio.BaseProtocol):
 class TLSClientConnection(ClientConnection, TLSReads):
     """A client connection over TLS: the TLS layer decrypts into a lent buffer
     (``protocol.tlsreads``), not into new bytes per record."""
-
 
 
 def _check_message(body: Any, tags: Any, keys: Any, props: Any, born: Any, limit: int) -> None:
