@@ -145,12 +145,14 @@ class EngineClient:
     async def connect(self, timeout: float = 10.0) -> None:
         """Connect to the first engine URL that answers; raises ``EngineUnavailableError``."""
         async def on_error(exc: Exception) -> None:
-            # reconnects are expected; errors surface per call. A reconnect attempt that timed
-            # out waiting for the server's INFO (a stopped node accepts the TCP connection and
-            # says nothing) is dropped by nats-py without closing its socket: close it here, or
-            # the gateway keeps one open socket per failed attempt until garbage collection
+            # reconnects are expected; errors surface per call. A reconnect attempt that failed
+            # before it was connected is dropped by nats-py without closing its socket: a
+            # stopped node accepts the TCP connection and says nothing (the wait for its INFO
+            # times out), a node going down or coming up closes it before its INFO (nats-py
+            # raises its own Error). Close it here, whatever the error nats-py catches there,
+            # or the gateway keeps one open socket per failed attempt until garbage collection
             nc = self._nc
-            if nc is not None and nc.is_connecting and isinstance(exc, (TimeoutError, OSError)):
+            if nc is not None and nc.is_connecting and isinstance(exc, (TimeoutError, OSError, nats.errors.Error)):
                 transport = getattr(nc, "_transport", None)
                 if transport is not None:
                     transport.close()
