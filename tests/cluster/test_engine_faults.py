@@ -380,8 +380,9 @@ async def test_a_stopped_server_is_left_for_another_within_seconds(cluster_facto
     finally:
         await client.close()
     # nats-py may leave a socket of a failed attempt on the stopped node to the garbage
-    # collector (the engine client closes the one of an attempt whose INFO timed out, not
-    # every one): collected here, quietly, its warning cannot fail a later test of the run
+    # collector (the engine client closes those of attempts that failed while connecting,
+    # not one dropped at another moment): collected here, quietly, its warning cannot fail a
+    # later test of the run
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
