@@ -221,11 +221,12 @@ class EmbeddedTransactions:
         for msg_id in lost:
             hm = self.tx.get(msg_id)
             if hm is not None and hm.state is TxState.COMMITTED:
-                ops.append([msg_id, "C", hm.pos, _BY_CODES["recovery"], hm.checks])
+                ops.append([msg_id, _OUTCOME_CODES[TxState.COMMITTED], hm.pos, _BY_CODES["recovery"], hm.checks])
         if not ops:
             return
-        await store.append_batch([NewRecord(RT_TX_OP, tx_op_header(ops), b"", IndexTarget(OP_TOPIC, 0))])
-        await store.flush()
+        _stored, written = store.append([NewRecord(RT_TX_OP, tx_op_header(ops), b"", IndexTarget(OP_TOPIC, 0))])
+        await store.flush()  # written and fsynced, whatever the flush mode: one write, one fsync
+        await written
         self.counters["tx_committed_recovery"] += len(ops)
         log.warning("recovery: %d committed transactions had lost their outcome record (the log's "
                     "end was cut after their commit references); recorded them as committed: %s",
