@@ -39,6 +39,8 @@ import sys
 import time
 from typing import Any
 
+from producer_sdk import LocalTransactionState
+
 __all__ = ["sdk_bench_main"]
 
 WINDOW = 256
@@ -120,13 +122,9 @@ class _Commit:
     """The cheapest plain ``def`` local transaction: the SDK's hand-off alone."""
 
     def execute_local_transaction(self, message: Any, arg: Any) -> Any:
-        from producer_sdk import LocalTransactionState
-
         return LocalTransactionState.COMMIT
 
     def check_local_transaction(self, message: Any) -> Any:
-        from producer_sdk import LocalTransactionState
-
         return LocalTransactionState.COMMIT
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from benchmarks.systems.base import Client as BaseClient
 from benchmarks.systems.base import OnBody
 from benchmarks.systems.base import Server as BaseServer
+from producer_sdk import LocalTransactionState
 
 __all__ = ["Server", "Client", "start_broker", "BrokerProcess"]
 
@@ -239,13 +240,9 @@ class _NoopTransaction:
     """A local transaction that does nothing and commits."""
 
     async def execute_local_transaction(self, message: Any, arg: Any) -> Any:
-        from producer_sdk import LocalTransactionState
-
         return LocalTransactionState.COMMIT
 
     async def check_local_transaction(self, message: Any) -> Any:
-        from producer_sdk import LocalTransactionState
-
         return LocalTransactionState.COMMIT
 
 
@@ -297,16 +294,12 @@ class _SqliteTransaction:
         return db
 
     def execute_local_transaction(self, message: Any, arg: Any) -> Any:
-        from producer_sdk import LocalTransactionState
-
         db = self._db()
         with db:
             db.execute("INSERT INTO transfers VALUES (?, ?)", (message.msg_id, len(message.body)))
         return LocalTransactionState.COMMIT
 
     def check_local_transaction(self, message: Any) -> Any:
-        from producer_sdk import LocalTransactionState
-
         row = self._db().execute("SELECT 1 FROM transfers WHERE msg_id = ?", (message.msg_id,)).fetchone()
         return LocalTransactionState.COMMIT if row else LocalTransactionState.ROLLBACK
 
