@@ -74,7 +74,7 @@ from protocol import (
     validate_name,
     validate_send_topic,
 )
-from protocol.message import UnfrozenMessage, UnfrozenSendResult
+from protocol.message import UnfrozenMessage
 
 __all__ = ["TransactionListener", "TransactionProducer", "LocalTransactionState"]
 
@@ -167,15 +167,10 @@ def _half_message(topic: str, data: bytes, tags: str | None, keys: list[str],
     return m  # type: ignore[return-value]
 
 
-def _tx_result(half: SendResult, state: LocalTransactionState) -> SendResult:
-    r = UnfrozenSendResult()
-    r.msg_id = half.msg_id
-    r.queue_id = half.queue_id
-    r.queue_offset = half.queue_offset
-    r.topic = half.topic
-    r.state = state
-    r.__class__ = SendResult  # type: ignore[assignment]
-    return r  # type: ignore[return-value]
+#: Sets the ``state`` of the half message's own ``SendResult`` (made by the reply's
+#: hand-out for this one caller, seen by nobody else yet) through its slot, in place of a
+#: second ``SendResult`` (a fifth of the time).
+_set_state = SendResult.__dict__["state"].__set__
 
 
 def _as_state(value: Any, where: str) -> LocalTransactionState:
@@ -362,14 +357,30 @@ class TransactionProducer(Producer):
             log.warning("execute_local_transaction raised for msg_id %s; outcome UNKNOWN, "
                         "check-back will decide", half.msg_id)
             raise
-        state = _as_state(value, "execute_local_transaction")
+        state = value if type(value) is LocalTransactionState else _as_state(value, "execute_local_transaction")
         if state is not LocalTransactionState.UNKNOWN:
+            outcome = state.value
             try:
-                await self._report_outcome(half.msg_id, state.value)
+                # joins this iteration's END_TX (awaited here, not in a coroutine of its own:
+                # one fewer per transaction); its own request if it cannot, or failed retriably
+                fut = self._queue_outcome(half.msg_id, outcome)
+                if fut is not None:
+                    try:
+                        row = await fut
+                    except HalfMQError as exc:
+                        if not exc.retriable or self.retries <= 0 or self._conn.closed:
+                            raise
+                    else:
+                        if type(row) is list:  # [code, message]: this transaction's error
+                            raise error_from_code(int(row[0]), str(row[1]))
+                        _set_state(half, state)
+                        return half
+                await self._send_request({"msg_id": half.msg_id, "outcome": outcome}, op=Op.END_TX)
             except (BrokerUnavailableError, RequestTimeoutError) as exc:
                 log.warning("could not report %s for msg_id %s (%s); check-back will resolve it",
-                            state.value, half.msg_id, exc)
-        return _tx_result(half, state)
+                            outcome, half.msg_id, exc)
+        _set_state(half, state)
+        return half
 
     def _inline_reset(self) -> None:
         """A new loop iteration: its share of on-the-loop local transactions may run, the
@@ -390,28 +401,22 @@ class TransactionProducer(Producer):
         if ran:  # this iteration's count: reset at the next
             self._conn._loop.call_soon(self._inline_reset)
 
-    async def _report_outcome(self, msg_id: str, outcome: str) -> None:
-        """END_TX for one transaction. Outcomes reported in the same loop iteration share
-        one request (``{"items": [...]}``); a retriable failure is retried on its own."""
+    def _queue_outcome(self, msg_id: str, outcome: str) -> asyncio.Future[Any] | None:
+        """Queue END_TX for one transaction; the future gets its row of the reply (None, or
+        ``[code, message]`` for its error). Outcomes reported in the same loop iteration
+        share one request (``{"items": [...]}``). None if the connection cannot send now
+        (the caller then sends its own request, retried as any other)."""
         conn = self._conn
-        if conn.ready_to_send:
-            fut: asyncio.Future[Any] = conn._loop.create_future()
-            self._outcomes.append((msg_id, outcome, fut))
-            if len(self._outcomes) >= 64:
-                self._flush_outcomes()
-            elif not self._outcomes_scheduled:
-                self._outcomes_scheduled = True
-                conn.call_before_write(self._flush_outcomes)
-            try:
-                result = await fut
-            except HalfMQError as exc:
-                if not exc.retriable or self.retries <= 0 or conn.closed:
-                    raise
-            else:
-                if isinstance(result, list):  # [code, message]: this transaction's error
-                    raise error_from_code(int(result[0]), str(result[1]))
-                return
-        await self._send_request({"msg_id": msg_id, "outcome": outcome}, op=Op.END_TX)
+        if not conn.ready_to_send:
+            return None
+        fut: asyncio.Future[Any] = conn._loop.create_future()
+        self._outcomes.append((msg_id, outcome, fut))
+        if len(self._outcomes) >= 64:
+            self._flush_outcomes()
+        elif not self._outcomes_scheduled:
+            self._outcomes_scheduled = True
+            conn.call_before_write(self._flush_outcomes)
+        return fut
 
     def _flush_outcomes(self) -> None:
         self._outcomes_scheduled = False

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import threading
+import urllib.request
 
 import pytest
 
@@ -13,6 +16,7 @@ from producer_sdk import (
     LocalTransactionState,
     TransactionListener,
     TransactionProducer,
+    TransactionStateError,
 )
 from tests.conftest import wait_for
 from tests.sdk.sdk_helpers import Recorder
@@ -62,13 +66,21 @@ class ThreadedBank(TransactionListener):
         return COMMIT
 
 
-async def test_commit_delivered_rollback_never(broker):
-    bank = Bank()
-    rec = Recorder()
+@contextlib.asynccontextmanager
+async def bank1_and_bank2(broker, bank: TransactionListener, rec: Recorder):
+    """A transactional producer of group bank1 with ``bank`` as its listener, and a
+    PushConsumer of group bank2 on topic tx handing messages to ``rec``; yields the producer."""
     async with (
         TransactionProducer(broker.address, group="bank1", listener=bank) as p,
         PushConsumer(broker.address, group="bank2", topic="tx", listener=rec),
     ):
+        yield p
+
+
+async def test_commit_delivered_rollback_never(broker):
+    bank = Bank()
+    rec = Recorder()
+    async with bank1_and_bank2(broker, bank, rec) as p:
         rb = await p.send_in_transaction("tx", b"rolled back", arg=ROLLBACK)
         c = await p.send_in_transaction("tx", b"committed", arg=COMMIT, tags="T",
                                         keys=["tx-1"], properties={"p": "v"})
@@ -87,10 +99,7 @@ async def test_commit_delivered_rollback_never(broker):
 async def test_unknown_resolved_by_check_back(broker):
     bank = Bank(check_answer=COMMIT)
     rec = Recorder()
-    async with (
-        TransactionProducer(broker.address, group="bank1", listener=bank) as p,
-        PushConsumer(broker.address, group="bank2", topic="tx", listener=rec),
-    ):
+    async with bank1_and_bank2(broker, bank, rec) as p:
         r = await p.send_in_transaction("tx", b"later", arg=UNKNOWN)
         assert r.state is UNKNOWN and r.queue_offset == -1
         await wait_for(lambda: r.msg_id in rec.ids(), what="commit by check-back")
@@ -101,10 +110,7 @@ async def test_unknown_resolved_by_check_back(broker):
 async def test_check_back_rollback(broker):
     bank = Bank(check_answer=ROLLBACK)
     rec = Recorder()
-    async with (
-        TransactionProducer(broker.address, group="bank1", listener=bank) as p,
-        PushConsumer(broker.address, group="bank2", topic="tx", listener=rec),
-    ):
+    async with bank1_and_bank2(broker, bank, rec) as p:
         r = await p.send_in_transaction("tx", b"never", arg=UNKNOWN)
         await wait_for(lambda: bank.checked, what="a check-back")
         marker = await p.send("tx", b"marker")
@@ -113,13 +119,43 @@ async def test_check_back_rollback(broker):
     assert r.msg_id not in rec.ids()
 
 
+def _states(b, msg_id: str) -> list[str]:
+    """The states the broker lists transaction ``msg_id`` in (its admin API)."""
+    found = []
+    for state in ("prepared", "committed", "rolled_back"):
+        with urllib.request.urlopen(f"{b.http_url}/api/transactions?state={state}", timeout=5) as r:
+            if any(t["msg_id"] == msg_id for t in json.loads(r.read())["transactions"]):
+                found.append(state)
+    return found
+
+
+async def test_late_commit_after_check_back_rollback_raises(broker):
+    # the local transaction outlives --tx-timeout; a check-back answers ROLLBACK and the
+    # broker records it; then the local transaction returns COMMIT: refused (T6), so
+    # send_in_transaction raises and the message is never delivered
+    class Late(Bank):
+        async def execute_local_transaction(self, message, arg):
+            self.executed.append(message)
+            await wait_for(lambda: _states(broker, message.msg_id) == ["rolled_back"],
+                           what="the check-back's rollback recorded")
+            return COMMIT
+
+    bank = Late(check_answer=ROLLBACK)
+    rec = Recorder()
+    async with bank1_and_bank2(broker, bank, rec) as p:
+        with pytest.raises(TransactionStateError):
+            await p.send_in_transaction("tx", b"late commit")
+        msg_id = bank.executed[0].msg_id
+        assert _states(broker, msg_id) == ["rolled_back"]
+        marker = await p.send("tx", b"marker")
+        await wait_for(lambda: marker.msg_id in rec.ids(), what="the marker")
+    assert msg_id not in rec.ids()
+
+
 async def test_t5_execute_raises_reraised_and_check_back_decides(broker):
     bank = Bank(check_answer=COMMIT)
     rec = Recorder()
-    async with (
-        TransactionProducer(broker.address, group="bank1", listener=bank) as p,
-        PushConsumer(broker.address, group="bank2", topic="tx", listener=rec),
-    ):
+    async with bank1_and_bank2(broker, bank, rec) as p:
         with pytest.raises(ZeroDivisionError):
             await p.send_in_transaction("tx", b"boom", arg=ZeroDivisionError("db down"))
         assert len(bank.executed) == 1
