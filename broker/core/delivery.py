@@ -41,6 +41,11 @@ to send and records to append.
 
 Per-group settings (FIFO, max attempts, retry delays) can be given at construction and
 changed with ``configure``; otherwise each subscription's ``max_reconsume_times`` applies.
+
+``GroupDelivery`` is assembled from two parts: this module (members, cursors, ``poll``,
+recovery after a restart) and :mod:`broker.core.outcomes` (acks, nacks, settles,
+expiries and the retry and dead-letter records they make), over the state both share
+(:mod:`broker.core.group_state`: the data types, and the group's attributes declared once).
 """
 
 from __future__ import annotations
@@ -48,23 +53,29 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from broker.core.fifo import LOOKAHEAD, FifoOrder
+from broker.core.group_state import (
+    DEFAULT_MAX_RECONSUME,
+    EXPIRED_LEVEL,
+    Member,
+    MessageBuilder,
+    PendingRecord,
+    QueueCursor,
+    QueueReader,
+)
 from broker.core.leases import Delivery, LeaseTable, StaleHandleError
-from broker.core.lifecycle import DELIVERY_TRANSITIONS, DeliveryEvent, DeliveryState, transition
+from broker.core.lifecycle import DeliveryState
+from broker.core.outcomes import DeliveryOutcomes
 from broker.core.records import (
     H_TAGS,
-    RT_DLQ,
-    RT_RETRY,
     header_ext,
     parse_tags,
     retry_topic,
     tag_hash,
 )
-from protocol.names import dlq_topic
-from storage import IndexEntry, IndexTarget, NewRecord, Record
+from storage import Record
 
 __all__ = [
     "QueueReader",
@@ -76,10 +87,6 @@ __all__ = [
     "DEFAULT_MAX_RECONSUME",
 ]
 
-#: The retry queue of expired leases (and nacks): redelivered as soon as they are stored.
-EXPIRED_LEVEL = 255
-#: Redeliveries allowed when neither the group nor a subscription says.
-DEFAULT_MAX_RECONSUME = 16
 #: Queue entries one ``poll`` reads at most (filtered and skipped ones included); past it
 #: ``more`` is set and the shell polls again in the next loop iteration, so a tag filter
 #: over a long backlog never holds the event loop.
@@ -87,69 +94,7 @@ SCAN_PER_POLL = 4096
 
 
 _LEASED = DeliveryState.LEASED  # (a new Delivery's state and version are passed by position: faster)
-_ACKED = DELIVERY_TRANSITIONS[(_LEASED, DeliveryEvent.ACK)]
 _heappush = heapq.heappush
-
-
-class QueueReader(Protocol):
-    """What the core needs from storage."""
-
-    def read_queue(self, topic: str, queue_id: int, offset: int, max_count: int) -> list[tuple[int, IndexEntry]]: ...
-
-    def queue_end(self, topic: str, queue_id: int) -> int: ...
-
-    def queue_start(self, topic: str, queue_id: int) -> int: ...
-
-    def read(self, pos: int) -> Record: ...
-
-    def read_queue_records(self, topic: str, queue_id: int, offset: int, max_count: int) -> list[tuple[int, Record]]: ...
-
-
-@dataclass(slots=True)
-class QueueCursor:
-    """Progress of a group on one queue."""
-
-    next_offset: int
-    inflight: set[int] = field(default_factory=set)
-    skip: set[int] = field(default_factory=set)  # done before a restart, or retried (see recovery)
-
-    @property
-    def committed(self) -> int:
-        """Everything below this offset is done for the group."""
-        return min(self.inflight) if self.inflight else self.next_offset
-
-
-@dataclass(slots=True)
-class Member:
-    """A subscribed consumer connection, or one pull request (``receiver``)."""
-
-    member_id: str
-    topic: str
-    tags: frozenset[str] | None
-    prefetch: int
-    max_reconsume_times: int
-    leases: dict[int, Delivery] = field(default_factory=dict)
-    active: bool = True
-    #: bytes of records that may still be leased to it in the current poll (set by the
-    #: shell from the connection's unsent output: 0 while the client does not read)
-    budget: int = 1 << 62
-    receiver: bool = False
-    invisible: float = 0.0  # a receiver's lease duration
-
-
-@dataclass(slots=True)
-class PendingRecord:
-    """A record the shell must append; when durable, call ``durable(pending)``."""
-
-    record: NewRecord
-    qkey: tuple[str, int]
-    offset: int
-    dead_letter: bool
-    mgroup: str | None = None
-
-
-# A function that turns (record read, delivery metadata) into a wire message list.
-MessageBuilder = Callable[[Record, str, int, int, int, str | None], list[Any]]
 
 
 def _mgroup(rec: Record) -> str | None:
@@ -157,7 +102,7 @@ def _mgroup(rec: Record) -> str | None:
     return ext.get("g") if ext else None
 
 
-class GroupDelivery:
+class GroupDelivery(DeliveryOutcomes):
     """Delivery state of one consumer group (see the module docstring)."""
 
     def __init__(
@@ -581,172 +526,6 @@ class GroupDelivery:
         if mgroup is not None and self.fifo is not None:
             self.fifo.hold(mgroup, token)
         return m.member_id, token, wire  # (counted in stats["delivered"] by ``poll``)
-
-    # -- outcomes ---------------------------------------------------------------------
-
-    def ack(self, member_id: str, token: int, ok: bool, now: float) -> PendingRecord | None:
-        """A push member's result for a delivery. Unknown or expired tokens are ignored (None)."""
-        pending = self.ack_many(member_id, ((token, ok),), now)
-        return pending[0] if pending else None
-
-    def ack_many(self, member_id: str, acks: Iterable[tuple[int, bool]], now: float) -> list[PendingRecord]:
-        """``ack`` for each ``(token, ok)`` of one push member, in order; returns the records
-        to append (of the failed ones)."""
-        pending: list[PendingRecord] = []
-        by_token = self.leases.by_token
-        m = self.members.get(member_id)
-        mleases = m.leases if m is not None else None
-        cursors = self.cursors
-        acked = self.acked
-        fifo = self.fifo
-        n_ok = 0
-        last_qkey: tuple[str, int] | None = None  # acks come in runs of one queue's leases
-        inflight: set[int] = set()
-        for token, ok in acks:
-            d = by_token.get(token)  # (LeaseTable.pop, inline: once per message)
-            if d is None or d.member != member_id:
-                continue  # unknown, expired or another member's
-            del by_token[token]
-            if mleases is not None:
-                mleases.pop(token, None)
-            if not ok:
-                self.stats["failed"] += 1
-                pending.append(self._fail(d, expired=False))
-                continue
-            state = d.state  # a live lease is LEASED: its one ACK transition, without the lookup
-            d.state = _ACKED if state is _LEASED else transition(DELIVERY_TRANSITIONS, state, DeliveryEvent.ACK)
-            n_ok += 1
-            qkey = d.qkey
-            if qkey is not last_qkey:
-                inflight = cursors[qkey].inflight
-                last_qkey = qkey
-            inflight.discard(d.offset)
-            acked.append([qkey[0], qkey[1], d.offset])
-            if d.mgroup is not None and fifo is not None:
-                fifo.done(d.mgroup)
-        self.stats["acked"] += n_ok
-        return pending
-
-    def settle(self, handle: object, action: str, ms: int, now: float) -> tuple[PendingRecord | None, str | None]:
-        """Act on a lease by its receipt handle, from any connection of the group:
-        ``"ack"``; ``"nack"`` (redeliver once ``ms`` milliseconds have passed; a negative
-        ``ms`` waits the group's retry delay); ``"cid"`` (the lease now ends ``ms`` ms from
-        now); ``"renew"`` (the same, keeping the handle: a broker renewing the lease of a
-        live push consumer); ``"dlq"`` (dead-letter it now, as a consumer that gave up on it
-        after its own retries). Returns a record to append (if any) and, for ``"cid"``, the
-        new handle. Raises ``StaleHandleError`` for a handle whose lease ended, expired or
-        changed."""
-        d = self.leases.by_handle(handle)
-        if action == "ack":
-            return self._finish(d, True), None
-        if action == "nack":
-            if ms < 0:
-                delays = self.retry_delays
-                ms = int(1000 * delays[min(d.reconsume_times, len(delays) - 1)]) if delays else 0
-            self.leases.change_deadline(d, now + ms / 1000.0)  # it runs out: a failed attempt
-            return None, None
-        if action == "cid":
-            self.leases.change_deadline(d, now + ms / 1000.0)
-            return None, self.leases.handle(d)
-        if action == "renew":
-            self.leases.renew(d, now + ms / 1000.0)
-            return None, None
-        if action == "dlq":
-            self._release(d)
-            self.stats["failed"] += 1
-            return self._fail(d, expired=False, dead=True), None
-        raise ValueError(f"unknown action {action!r}: expected 'ack', 'nack', 'cid', 'renew' or 'dlq'")
-
-    def handle(self, token: int) -> str:
-        """The receipt handle of the live lease ``token``."""
-        d = self.leases.get(token)
-        if d is None:
-            raise StaleHandleError("no such lease")
-        return self.leases.handle(d)
-
-    def _finish(self, d: Delivery, ok: bool) -> PendingRecord | None:
-        self._release(d)
-        if ok:
-            d.state = transition(DELIVERY_TRANSITIONS, d.state, DeliveryEvent.ACK)
-            self.stats["acked"] += 1
-            self.cursors[d.qkey].inflight.discard(d.offset)
-            self.acked.append([d.qkey[0], d.qkey[1], d.offset])
-            if d.mgroup is not None and self.fifo is not None:
-                self.fifo.done(d.mgroup)
-            return None
-        self.stats["failed"] += 1
-        return self._fail(d, expired=False)
-
-    def expire(self, now: float) -> list[PendingRecord]:
-        """Leases past their deadline count as failed attempts (C5)."""
-        out: list[PendingRecord] = []
-        for d in self.leases.expired(now):
-            m = self.members.get(d.member)
-            if m is not None:
-                m.leases.pop(d.token, None)
-            self.stats["expired"] += 1
-            out.append(self._fail(d, expired=True))
-        return out
-
-    def next_expiry(self) -> float | None:
-        """Deadline of the earliest live lease."""
-        return self.leases.next_deadline()
-
-    def _release(self, d: Delivery) -> None:
-        self.leases.pop(d.token)
-        m = self.members.get(d.member)
-        if m is not None:
-            m.leases.pop(d.token, None)
-
-    def _max_reconsume(self, d: Delivery) -> int:
-        if self.max_reconsume_times is not None:
-            return self.max_reconsume_times
-        m = self.members.get(d.member)
-        if m is not None and not m.receiver:
-            return m.max_reconsume_times
-        for other in self.members.values():
-            if other.topic == d.topic and not other.receiver:
-                return other.max_reconsume_times
-        return DEFAULT_MAX_RECONSUME
-
-    def _fail(self, d: Delivery, *, expired: bool, dead: bool = False) -> PendingRecord:
-        event = DeliveryEvent.EXPIRE if expired else DeliveryEvent.FAIL
-        header = {
-            "id": d.msg_id,
-            "rp": d.msg_pos,
-            "rt": d.reconsume_times + 1,
-            "ot": d.topic,
-            "oq": d.origin_queue,
-            "oo": d.origin_offset,
-            "g": self.group,
-        }
-        if dead or d.reconsume_times >= self._max_reconsume(d):
-            d.state = transition(DELIVERY_TRANSITIONS, d.state, DeliveryEvent.DEAD_LETTER)
-            self.stats["dead_lettered"] += 1
-            header["rt"] = d.reconsume_times
-            rec = NewRecord(RT_DLQ, header, b"", IndexTarget(dlq_topic(self.group), 0, tag_hash(d.tags), ref_pos=d.msg_pos))
-            return PendingRecord(rec, d.qkey, d.offset, True, d.mgroup)
-        d.state = transition(DELIVERY_TRANSITIONS, d.state, event)
-        if d.mgroup is not None and self.fifo is not None:
-            self.fifo.block(d.mgroup)  # held through its retry: nothing of its group overtakes it
-        n = len(self.retry_delays)
-        level = EXPIRED_LEVEL if expired or not n else min(d.reconsume_times, n - 1)
-        rec = NewRecord(RT_RETRY, header, b"", IndexTarget(self.retry_topic, level, tag_hash(d.tags)))
-        return PendingRecord(rec, d.qkey, d.offset, False, d.mgroup)
-
-    def durable(self, pr: PendingRecord) -> None:
-        """The retry / dead-letter record ``pr`` is stored: its source offset is done (and
-        logged as such), and a dead-lettered FIFO message releases its group."""
-        cur = self.cursors.get(pr.qkey)
-        if cur is not None:
-            cur.inflight.discard(pr.offset)
-        self.acked.append([pr.qkey[0], pr.qkey[1], pr.offset])
-        if pr.dead_letter and pr.mgroup is not None and self.fifo is not None:
-            self.fifo.done(pr.mgroup)
-
-    def record_durable(self, qkey: tuple[str, int], offset: int) -> None:
-        """:meth:`durable` for a record known only by its source (no FIFO group)."""
-        self.durable(PendingRecord(NewRecord(0, {}), qkey, offset, False))
 
     # -- state for persistence and the admin API --------------------------------------
 
