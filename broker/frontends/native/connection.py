@@ -7,7 +7,9 @@ How this works
 :class:`Session` for that client. Bytes go through a ``FrameDecoder``; each request frame is checked here — the
 handshake first, then names, types, sizes and limits — and handed to the engine, which
 answers with ``reply`` / ``error`` now or later (when the log has the records). A request
-refused here never reaches the engine, so nothing is stored for it. Outgoing frames are
+refused here never reaches the engine, so nothing is stored for it. The checks that need
+only the payload are in :mod:`broker.frontends.native.checks`; those that need the
+connection (its limits, its login's rights) are methods here. Outgoing frames are
 collected in a list and written with one ``transport.write`` per loop iteration, so many
 replies and deliveries share a syscall. Over TLS the connection is a
 ``TLSClientConnection``: the same, reading through ``protocol.tlsreads``.
@@ -42,9 +44,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from broker.frontends.native.checks import (
+    INVISIBLE_MS,
+    SEND_OPTIONS,
+    WAIT_MS_MAX,
+    SubscribeRequest,
+    check_acks,
+    check_empty,
+    check_end_tx,
+    check_message,
+    check_recall,
+    check_send_options,
+    op_name,
+)
 from protocol import (
     PROTOCOL_VERSION,
     AuthError,
@@ -52,7 +66,6 @@ from protocol import (
     FrameDecoder,
     HalfMQError,
     LimitExceededError,
-    MessageTooLargeError,
     Op,
     ProtocolError,
     encode_frame,
@@ -80,24 +93,6 @@ log = logging.getLogger("halfmq.broker")
 DELIVERY_WINDOW = 1 << 20
 #: Seconds a new connection has to finish its handshake (HELLO, and AUTH with users).
 HANDSHAKE_TIMEOUT = 10.0
-
-
-@dataclass(slots=True)
-class SubscribeRequest:
-    """A checked SUBSCRIBE (see :class:`broker.engines.base.Subscription`)."""
-
-    group: str
-    topic: str
-    tags: str | None
-    start: str
-    prefetch: int
-    max_reconsume_times: int
-    fifo: bool = False
-
-
-#: RECEIVE bounds: invisible duration and long-poll wait, in milliseconds.
-INVISIBLE_MS = (100, 12 * 3600 * 1000)
-WAIT_MS_MAX = 60_000
 
 
 class ClientConnection(asyncio.BaseProtocol):
@@ -199,9 +194,9 @@ class ClientConnection(asyncio.BaseProtocol):
             except HalfMQError as exc:
                 self.error(rid, exc)
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-                self.error(rid, ProtocolError(f"malformed {_op_name(op)} request: {exc!r}"))
+                self.error(rid, ProtocolError(f"malformed {op_name(op)} request: {exc!r}"))
             except Exception as exc:  # a bug must not take the broker down
-                log.exception("error handling %s from %s", _op_name(op), self.peer)
+                log.exception("error handling %s from %s", op_name(op), self.peer)
                 self.error(rid, HalfMQError(f"internal error: {exc!r}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -246,7 +241,7 @@ class ClientConnection(asyncio.BaseProtocol):
         elif op == Op.ACK:
             if not self.subscribed:
                 raise BadRequestError("ACK without a subscription")
-            engine.ack(self, rid, _check_acks(p))
+            engine.ack(self, rid, check_acks(p))
         elif op == Op.HELLO:
             self._hello(rid, p)
         elif op == Op.AUTH:
@@ -254,7 +249,7 @@ class ClientConnection(asyncio.BaseProtocol):
         elif self.access is None:
             raise self._not_in()
         elif op == Op.END_TX:
-            items, single = _check_end_tx(p)
+            items, single = check_end_tx(p)
             self.listener.security.check_active(self.access)
             engine.end_tx(self, rid, items, single)
         elif op == Op.SUBSCRIBE:
@@ -275,13 +270,13 @@ class ClientConnection(asyncio.BaseProtocol):
             self.listener.security.check_settle(self.access, group)
             engine.settle(self, rid, group, items)  # type: ignore[attr-defined]
         elif op == Op.UNSUBSCRIBE:
-            _check_empty(p, "UNSUBSCRIBE")
+            check_empty(p, "UNSUBSCRIBE")
             engine.unsubscribe(self, rid)
         elif op == Op.PING:
-            _check_empty(p, "PING")
+            check_empty(p, "PING")
             self.reply(rid, {})
         elif op == Op.RECALL:
-            msg_id = _check_recall(p)
+            msg_id = check_recall(p)
             security, access = self.listener.security, self.access
             security.check_recall(access)
             # the message's topic is the engine's to know: it asks before recalling
@@ -429,7 +424,7 @@ class ClientConnection(asyncio.BaseProtocol):
                     and type(keys) is list and not keys and type(props) is dict and not props and type(born) is int):
                 size += n
                 continue  # the common case, checked at once
-            _check_message(body, tags, keys, props, born, limit)
+            check_message(body, tags, keys, props, born, limit)
             size += len(body)
         return topic, msgs, half, size
 
@@ -596,126 +591,3 @@ class ClientConnection(asyncio.BaseProtocol):
 class TLSClientConnection(ClientConnection, TLSReads):
     """A client connection over TLS: the TLS layer decrypts into a lent buffer
     (``protocol.tlsreads``), not into new bytes per record."""
-
-
-def _check_message(body: Any, tags: Any, keys: Any, props: Any, born: Any, limit: int) -> None:
-    """Raise a clear error for the first thing wrong with one message of a SEND."""
-    if type(body) is not bytes:
-        raise BadRequestError("body must be bytes")
-    if len(body) > limit:
-        raise MessageTooLargeError(f"body of {len(body)} bytes exceeds --max-message-size {limit}")
-    if tags is not None and type(tags) is not str:
-        raise BadRequestError("tags must be a string or nil")
-    if type(keys) is not list:
-        raise BadRequestError("keys must be a list of strings")
-    for k in keys:
-        if type(k) is not str:
-            raise BadRequestError("keys must be a list of strings")
-    if type(props) is not dict:
-        raise BadRequestError("properties must map strings to strings")
-    for k, v in props.items():
-        if type(k) is not str or type(v) is not str:
-            raise BadRequestError("properties must map strings to strings")
-    if type(born) is not int:
-        raise BadRequestError("born timestamp must be an integer")
-
-
-#: The options a SEND message may carry (docs/protocol.md).
-SEND_OPTIONS = frozenset(("group", "delay", "at"))
-
-
-def check_send_options(opts: Any, *, half: bool, max_delay_ms: int, now_ms: int) -> dict[str, Any] | None:
-    """The options map of one SEND message, checked whole and normalized (None if empty).
-
-    ``delay`` (ms) of a plain message becomes ``at``, the epoch ms it is due by the
-    broker's clock; a half message keeps ``delay``, counted from its commit, and may not
-    name an ``at``. ``delay`` and ``at`` exclude each other; a delivery time must lie 1 ms
-    to ``max_delay_ms`` ahead. Raises ``BadRequestError`` saying what is wrong.
-    """
-    if type(opts) is not dict:
-        raise BadRequestError("message options must be a map")
-    unknown = set(opts) - SEND_OPTIONS
-    if unknown:
-        raise BadRequestError(f"unknown message options {sorted(map(str, unknown))}; known: {sorted(SEND_OPTIONS)}")
-    out: dict[str, Any] = {}
-    group = opts.get("group")
-    if group is not None:
-        if type(group) is not str or not group or len(group) > 256:
-            raise BadRequestError("the message group must be a string of 1 to 256 characters")
-        out["group"] = group
-    delay, at = opts.get("delay"), opts.get("at")
-    if delay is not None and at is not None:
-        raise BadRequestError("a message takes a delay or a delivery time (at), not both")
-    if delay is not None:
-        if type(delay) is not int:
-            raise BadRequestError("delay must be an integer number of milliseconds")
-        if not 1 <= delay <= max_delay_ms:
-            raise BadRequestError(f"delay of {delay} ms is out of range: 1 ms to --max-delay ({max_delay_ms} ms)")
-        if half:
-            out["delay"] = delay
-        else:
-            out["at"] = now_ms + delay
-    elif at is not None:
-        if half:
-            raise BadRequestError("a transactional message takes a delay (counted from its commit), "
-                                  "not a delivery time")
-        if type(at) is not int:
-            raise BadRequestError("at must be an integer epoch time in milliseconds")
-        if at <= now_ms:
-            raise BadRequestError(f"delivery time {at} is not in the future (the broker's clock: {now_ms})")
-        if at - now_ms > max_delay_ms:
-            raise BadRequestError(f"delivery time {at} is {at - now_ms} ms ahead, beyond --max-delay "
-                                  f"({max_delay_ms} ms)")
-        out["at"] = at
-    return out or None
-
-
-def _check_recall(p: Any) -> str:
-    if not isinstance(p, dict) or not isinstance(p.get("msg_id"), str):
-        raise BadRequestError("RECALL payload must be {\"msg_id\": str}")
-    return p["msg_id"]  # type: ignore[no-any-return]
-
-
-def _check_acks(p: Any) -> list[Any]:
-    """The items of an ACK, ``[token, ok]`` each, all checked before any is applied (a bad
-    one refuses the lot). The payload's own list is returned: no copy per message."""
-    items = p.get("a") if isinstance(p, dict) else None
-    if type(items) is not list:
-        raise BadRequestError("ACK payload must be {\"a\": [[token, ok], ...]}")
-    for item in items:
-        if type(item) is not list or len(item) != 2:
-            raise BadRequestError(f"each ACK item must be [token: int, ok: bool], not {shown(item)}")
-        token, ok = item
-        if type(token) is not int or type(ok) is not bool:
-            raise BadRequestError(f"each ACK item must be [token: int, ok: bool], not {shown(item)}")
-    return items
-
-
-def _check_empty(p: Any, what: str) -> None:
-    if not isinstance(p, dict):
-        raise BadRequestError(f"{what} payload must be a map ({{}})")
-
-
-def _check_end_tx(p: Any) -> tuple[list[Any], bool]:
-    """The items of an END_TX and whether it was the single form. Raises BadRequestError
-    for a malformed payload; the engine answers malformed *items* of the list form one by one."""
-    if not isinstance(p, dict):
-        raise BadRequestError("END_TX payload must be a map")
-    items = p.get("items")
-    if items is None:
-        msg_id, outcome = p.get("msg_id"), p.get("outcome")
-        if outcome not in ("COMMIT", "ROLLBACK"):
-            raise BadRequestError("outcome must be COMMIT or ROLLBACK")
-        if not isinstance(msg_id, str):
-            raise BadRequestError("msg_id must be a string")
-        return [(msg_id, outcome)], True
-    if type(items) is not list or not items:
-        raise BadRequestError("items must be a non-empty list of [msg_id, outcome]")
-    return items, False
-
-
-def _op_name(op: int) -> str:
-    try:
-        return Op(op).name
-    except ValueError:
-        return f"op {op}"
