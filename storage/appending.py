@@ -45,7 +45,7 @@ from itertools import accumulate, chain, repeat
 from operator import add, or_
 from typing import TYPE_CHECKING, Any
 
-from .log import (
+from .framing import (
     FLAG_BUNDLE,
     FLAG_INDEX,
     FLAG_REFS,
@@ -277,7 +277,7 @@ class Appending(StoreState):
         hdr = self._packb([headers, tags])
         head = _tail_idx_pack(rtype, FLAG_INDEX | FLAG_BUNDLE, now, len(hdr), t[6], 0, -1, n, qoff, t[7]) + t[2] + hdr
         lens = list(map(len, bodies))
-        table = 8 + len(head)  # the marker table, then the bodies (see storage.log)
+        table = 8 + len(head)  # the marker table, then the bodies (see storage.framing)
         first_body = table + (n << 4)
         size = first_body + sum(lens)
         pos, limit, parts, starts = self._place("bundle", size, pos, limit, parts, starts)

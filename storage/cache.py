@@ -25,7 +25,14 @@ import bisect
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .log import MEMBER, MEMBER_BIT, CorruptRecordError, member_record, read_checked, take_members
+from .framing import (
+    MEMBER,
+    MEMBER_BIT,
+    CorruptRecordError,
+    member_record,
+    read_checked,
+    take_members,
+)
 from .model import IndexEntry, Record
 from .queue_index import ENTRY
 from .state import StoreState

@@ -109,7 +109,7 @@ class Record:
 class IndexEntry:
     """A queue-index entry: the record it points at, its tag hash and store time (ms).
 
-    A bundle member's entry has the member's position and size (see ``storage.log``).
+    A bundle member's entry has the member's position and size (see ``storage.framing``).
 
     For a ``ref_pos`` entry, ``pos``/``size`` are the referenced record's and
     ``store_time`` is the time the referencing record was stored.

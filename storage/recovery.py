@@ -28,7 +28,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from .log import (
+from .framing import (
     FLAG_BUNDLE,
     FLAG_REFS,
     REF,

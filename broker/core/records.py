@@ -10,7 +10,7 @@ decode, and built once per message on the hot path); the other records have smal
   the body as the record body. Indexed in its topic's queue.
 - ``RT_HALF``: a half message, the same header plus ``[producer group, producer id,
   queue]``; indexed in ``%HALF%`` only, so no consumer sees it. The half messages of one
-  SEND may be one bundle (see ``storage.log``) whose members share the queue.
+  SEND may be one bundle (see ``storage.framing``) whose members share the queue.
 - Either header may carry, at ``H_EXT`` (a plain message's header is padded with nils to
   reach it), a map of extras: ``"g"`` the FIFO message group, ``"at"`` the epoch ms a
   scheduled message is due, ``"d"`` the delay in ms of a half message (counted from its
@@ -23,7 +23,7 @@ decode, and built once per message on the hot path); the other records have smal
 - ``RT_COMMIT_REF``: carries the index entry that makes a stored message visible: the
   entry in the topic's queue points at the stored record (``ref_pos``), so the body is
   never written twice. Header ``{ids: [...]}`` for the committed half messages of one queue
-  (one entry each: a references record, see ``storage.log``; ``{id}`` with one entry before
+  (one entry each: a references record, see ``storage.framing``; ``{id}`` with one entry before
   that), ``{rel: pos}`` for a released scheduled message.
 - ``RT_SCHEDULE`` / ``RT_RELEASE`` / ``RT_RECALL``: the schedule of delayed messages,
   indexed in ``%SCHED%`` (see ``broker.core.schedule``): the messages due in one second

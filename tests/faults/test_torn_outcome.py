@@ -22,7 +22,8 @@ from consumer_sdk import ConsumeResult, PushConsumer
 from producer_sdk import LocalTransactionState, Producer, TransactionListener, TransactionProducer
 from protocol import Op
 from storage import Record
-from storage.log import CorruptRecordError, SegmentLog
+from storage.framing import CorruptRecordError
+from storage.log import SegmentLog
 from tests.broker.test_process import RawClient
 from tests.conftest import wait_for
 

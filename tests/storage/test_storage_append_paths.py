@@ -14,7 +14,7 @@ import pytest
 
 import storage.handoff as handoff_mod
 from storage import IndexTarget, MessageStore, NewRecord
-from storage.log import crc32
+from storage.framing import crc32
 from storage.store import StoreClosedError
 
 KIB = b"k" * 1024

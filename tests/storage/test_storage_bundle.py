@@ -8,7 +8,7 @@ import random
 import pytest
 
 from storage import BundleTarget, IndexTarget, MessageStore, Metadata, NewBundle, NewRecord
-from storage.log import CorruptRecordError
+from storage.framing import CorruptRecordError
 
 SEG = 8192
 

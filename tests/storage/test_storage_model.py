@@ -161,7 +161,7 @@ def test_a_record_built_through_its_row_is_the_constructors_record() -> None:
     import pytest
 
     from storage import Record
-    from storage.log import _Row, make_record
+    from storage.framing import _Row, make_record
 
     assert _Row.__slots__ == tuple(f.name for f in dataclasses.fields(Record))
     r = make_record(8, 100, 1, 1234, {"a": 1}, b"body", 108)

@@ -52,7 +52,7 @@ from storage import (
     NewRecord,
     RefsTarget,
 )
-from storage.log import REF, bundle_members
+from storage.framing import REF, bundle_members
 from storage.store import CHECKPOINT_KEY
 from tests.storage.powerloss import TracingFS, power_cut
 

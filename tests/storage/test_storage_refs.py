@@ -16,7 +16,7 @@ from storage import (
     NewRecord,
     RefsTarget,
 )
-from storage.log import MEMBER_BIT
+from storage.framing import MEMBER_BIT
 from tests.storage.test_storage_bundle import _crash
 
 SEG = 8192

@@ -83,7 +83,7 @@ log = logging.getLogger("halfmq.broker")
 _RESOLVED_LISTED = 1000
 
 #: A SEND of _BUNDLE_MIN to _BUNDLE_MAX plain messages with up to _BUNDLE_BYTES of bodies
-#: in all is stored as one bundle record (see storage.log) in one queue (see .sending).
+#: in all is stored as one bundle record (see storage.framing) in one queue (see .sending).
 _BUNDLE_BYTES = 1 << 20
 
 

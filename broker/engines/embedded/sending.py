@@ -44,7 +44,7 @@ from broker.core.records import HALF_TOPIC, RT_ACK, RT_HALF, RT_MSG, message_hea
 from broker.engines.base import Session
 from protocol.errors import HalfMQError, LimitExceededError
 from storage import BundleTarget, IndexTarget, NewBundle, NewRecord
-from storage.log import MEMBER_BIT
+from storage.framing import MEMBER_BIT
 
 if TYPE_CHECKING:
     from broker.engines.embedded.engine import EmbeddedEngine
