@@ -129,7 +129,10 @@ class EmbeddedScheduling:
         self._sched_next_off = 0  # the %SCHED% offset of the next record
         self._sched_dirty = False
         self._sched_replay_off = 0  # the %SCHED% offset replay starts at with the persisted snapshot
-        self._walk_handle: asyncio.TimerHandle | None = None
+        # the walker's pending call and the loop time it was armed for (uvloop returns a
+        # plain Handle, without when(), for a time already reached: it runs it at once)
+        self._walk_handle: asyncio.Handle | None = None
+        self._walk_at = 0.0
         self._half_delays = {}  # pending half message -> delay ms after commit
         self._next_due_cache: tuple[float, dict[str, int]] = (0.0, {})
 
@@ -232,9 +235,10 @@ class EmbeddedScheduling:
         when = loop.time() + max(0.0, at - time.time())
         h = self._walk_handle
         if h is not None:
-            if h.when() <= when:
+            if self._walk_at <= when:
                 return
             h.cancel()
+        self._walk_at = when
         self._walk_handle = loop.call_at(when, self._walk)
 
     def _release(self: EmbeddedEngine, entries: list[Entry]) -> None:
