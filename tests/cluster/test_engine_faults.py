@@ -444,3 +444,33 @@ async def test_a_server_closing_before_its_info_leaves_no_socket_open(cluster_fa
         with warnings.catch_warnings():  # (without the fix: the sockets left to the collector)
             warnings.simplefilter("ignore", ResourceWarning)
             gc.collect()
+
+
+async def test_closing_while_reconnecting_with_a_buffered_publish(cluster_factory):
+    """The engine unreachable (its only node killed with kill -9) and a publish buffered
+    while the client reconnects: ``close()`` completes and closes the socket. nats-py
+    flushes the buffer into the lost connection, raises ``ConnectionResetError`` and stops
+    before closing its socket; CI once failed there, and on what it left behind (that
+    socket and the reconnect task's unretrieved ``InvalidStateError``) in a later test."""
+    from broker.engines.jetstream.client import EngineClient
+    from tests.conftest import wait_for
+
+    cluster = await asyncio.to_thread(cluster_factory, 1)
+    client = EngineClient(cluster.urls)
+    await client.connect()
+    await client.api("STREAM.NAMES")
+    await asyncio.to_thread(cluster.kill9, cluster.nodes[0].name)
+    nc = client.nc
+    await wait_for(lambda: nc.is_reconnecting, what="the client reconnecting")
+    await nc.publish("halfmq.test.buffered", b"never acknowledged")
+    assert nc._pending_data_size > 0  # buffered for after the reconnect
+    writer = nc._transport._io_writer
+    await client.close()
+    assert nc.is_closed
+    assert writer.transport.is_closing()
+    reconnecting = nc._reconnection_task
+    if reconnecting is not None:  # its end, and any error it leaves, belong to this test
+        await asyncio.wait([reconnecting], timeout=10)
+    del reconnecting
+    gc.collect()
+    await asyncio.sleep(0)

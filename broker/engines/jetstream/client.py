@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from nats.aio.msg import Msg
 
 __all__ = ["EngineAPIError", "EngineClient", "EngineUnavailableError", "PubAck", "StoredMsg",
            "WrongLastSequenceError"]
+
+log = logging.getLogger("halfmq.engine")
 
 JS_API = "$JS.API"
 ERR_WRONG_LAST_SEQUENCE = 10071
@@ -97,6 +100,13 @@ class StoredMsg:
     data: bytes
     headers: dict[str, str]
     time_ms: int  # the engine leader's clock when it was stored
+
+
+def _collect(task: asyncio.Task[Any]) -> None:
+    """Done callback: take a finished task's exception, so it is not reported as never
+    retrieved (logged at debug level)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("nats-py's %s ended with %r", task.get_coro(), task.exception())
 
 
 def _error_from(resp: dict[str, Any]) -> EngineAPIError:
@@ -169,9 +179,27 @@ class EngineClient:
             raise EngineUnavailableError(f"cannot connect to the engine at {', '.join(self.urls)}: {exc}") from None
 
     async def close(self) -> None:
-        """Flush and close the connection."""
-        if self._nc is not None and not self._nc.is_closed:
-            await self._nc.close()
+        """Flush and close the connection.
+
+        Closed while reconnecting with publishes buffered (the engine unreachable), nats-py
+        flushes them into the lost connection, raises ``ConnectionResetError`` and stops
+        before closing its socket. Those publishes were never acknowledged, so nothing is
+        lost by dropping them; the socket is closed here and the close completes. nats-py's
+        reconnect task, cancelled by the close, can still end in ``InvalidStateError``
+        afterwards: its outcome is collected, not left to the loop's error handler."""
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            return
+        reconnecting = getattr(nc, "_reconnection_task", None)
+        if reconnecting is not None:
+            reconnecting.add_done_callback(_collect)
+        try:
+            await nc.close()
+        except OSError as exc:
+            log.info("engine connection lost while closing (%s); its unsent publishes dropped", exc)
+            transport = getattr(nc, "_transport", None)
+            if transport is not None:
+                transport.close()
 
     async def request(self, subject: str, payload: bytes, *, headers: dict[str, str] | None = None,
                       deadline: float = 15.0) -> Msg:
