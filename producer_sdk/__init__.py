@@ -33,6 +33,7 @@ from protocol import (
     MessageTooLargeError,
     RequestTimeoutError,
     SendResult,
+    TopicNotFoundError,
     TransactionStateError,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "InvalidNameError",
     "MessageTooLargeError",
     "RequestTimeoutError",
+    "TopicNotFoundError",
     "TransactionStateError",
     "AuthError",
     "LimitExceededError",

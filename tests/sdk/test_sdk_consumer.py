@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
+import urllib.request
 
 import aiohttp
 import pytest
 
-from consumer_sdk import ConsumeResult, PushConsumer
+from consumer_sdk import ConsumeResult, PushConsumer, TopicNotFoundError
 from producer_sdk import Producer
 from protocol import FrameDecoder, Message, Op, encode_frame
 from tests.conftest import wait_for
@@ -113,6 +115,20 @@ async def test_c7_start_latest_skips_backlog(broker):
             r = await p.send("c7", b"new")
             await wait_for(lambda: rec.messages, what="the new message")
     assert [m.msg_id for m in rec.messages] == [r.msg_id]
+
+
+async def test_subscribing_to_a_missing_topic_with_auto_create_off_is_refused(broker_factory):
+    b = broker_factory("--no-auto-create-topics")
+    with pytest.raises(TopicNotFoundError, match="nowhere"):
+        async with PushConsumer(b.address, group="g", topic="nowhere", listener=Recorder()):
+            pass
+    assert "nowhere" not in _topic_names(b)
+
+
+def _topic_names(b) -> set[str]:
+    """The topics the broker lists (its admin API)."""
+    with urllib.request.urlopen(f"{b.http_url}/api/topics", timeout=5) as r:
+        return {t["topic"] for t in json.loads(r.read())["topics"]}
 
 
 async def test_c9_close_finishes_in_flight_and_acks(broker_factory):

@@ -12,8 +12,10 @@ import pytest
 
 from consumer_sdk import PushConsumer
 from producer_sdk import (
+    BrokerUnavailableError,
     InvalidNameError,
     LocalTransactionState,
+    TopicNotFoundError,
     TransactionListener,
     TransactionProducer,
     TransactionStateError,
@@ -163,17 +165,34 @@ async def test_t5_execute_raises_reraised_and_check_back_decides(broker):
         await wait_for(lambda: msg_id in rec.ids(), what="commit by check-back")
 
 
-async def test_t8_half_not_stored_listener_not_called(broker):
+async def test_t8_half_not_stored_listener_not_called(broker_factory):
+    # refused by the SDK's own checks, by the broker, and with the broker gone after the
+    # producer started: the half message is not stored and the local transaction never runs
+    b = broker_factory("--no-auto-create-topics", "--tx-timeout", "1s", "--tx-check-interval", "200ms")
     bank = Bank()
-    async with TransactionProducer(broker.address, group="bank1", listener=bank) as p:
+    async with TransactionProducer(b.address, group="bank1", listener=bank, send_timeout=0.5) as p:
         for bad in ["bad topic", "%DLQ%g"]:
             with pytest.raises(InvalidNameError):
                 await p.send_in_transaction(bad, b"x", arg=COMMIT)
-    broker.stop()
-    p = TransactionProducer(broker.address, group="bank1", listener=bank, send_timeout=0.5)
-    with pytest.raises(Exception):  # noqa: B017 - not started / unreachable
-        await p.send_in_transaction("tx", b"x", arg=COMMIT)
+        with pytest.raises(TopicNotFoundError):
+            await p.send_in_transaction("no-such-topic", b"x", arg=COMMIT)
+        assert not bank.executed
+        assert _all_transactions(b) == []
+        b.stop()
+        with pytest.raises(BrokerUnavailableError):
+            await p.send_in_transaction("no-such-topic", b"x", arg=COMMIT)
     assert not bank.executed
+    b.start()
+    assert _all_transactions(b) == []
+
+
+def _all_transactions(b) -> list[dict]:
+    """Every transaction the broker lists, in any state (its admin API)."""
+    found = []
+    for state in ("prepared", "committed", "rolled_back", "abandoned"):
+        with urllib.request.urlopen(f"{b.http_url}/api/transactions?state={state}", timeout=5) as r:
+            found += json.loads(r.read())["transactions"]
+    return found
 
 
 def _kill9_and_release(broker) -> None:

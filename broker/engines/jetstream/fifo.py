@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.core.groupsettings import GROUP_SETTINGS_PREFIX, merge_group_settings
 from broker.engines.jetstream.parts import EngineParts
-from protocol.errors import BadRequestError
+from protocol.errors import BadRequestError, TopicNotFoundError
 
 if TYPE_CHECKING:
     from broker.engines.jetstream.delivering import _Pump
@@ -92,6 +92,9 @@ class JetStreamFifo(EngineParts):
     async def _setup_pump(self, pump: _Pump) -> None:
         """Make the consumer(s) of a (group, topic) pump ready: FIFO lanes or the plain one."""
         spec = pump.spec
+        if (not spec.is_dlq and not self.config.auto_create_topics
+                and await self.streams.ensure_topic_if_exists(spec.topic) is None):
+            raise TopicNotFoundError(f"topic {spec.topic!r} does not exist and auto-create is off")
         conf = {} if spec.is_dlq else await self._group_conf(spec.group)
         if conf.get("max_attempts"):
             spec = pump.spec = dataclasses.replace(spec, max_reconsume_times=int(conf["max_attempts"]) - 1)
