@@ -13,7 +13,9 @@ class Recorder:
     """An async consumer listener that records every delivery and returns ``decide(message)``.
 
     ``in_flight`` / ``max_in_flight`` count concurrent calls; ``gate`` (when set) makes each
-    call wait until it is released.
+    call wait until it is released. ``finished`` counts calls that ended, ``returned`` only
+    those that returned a result (not cancelled, not raised); ``events`` records each return
+    as ``("returned", msg_id)``, and a test may append its own events to order them.
     """
 
     def __init__(self, decide: Callable[[Message], ConsumeResult] | None = None,
@@ -24,6 +26,8 @@ class Recorder:
         self.in_flight = 0
         self.max_in_flight = 0
         self.finished = 0
+        self.returned = 0
+        self.events: list[tuple[str, str]] = []
 
     async def __call__(self, message: Message) -> ConsumeResult:
         self.messages.append(message)
@@ -32,7 +36,10 @@ class Recorder:
         try:
             if self.gate is not None:
                 await self.gate.wait()
-            return self.decide(message)
+            result = self.decide(message)
+            self.returned += 1
+            self.events.append(("returned", message.msg_id))
+            return result
         finally:
             self.in_flight -= 1
             self.finished += 1

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 import urllib.request
 
 import aiohttp
@@ -131,6 +132,13 @@ def _topic_names(b) -> set[str]:
         return {t["topic"] for t in json.loads(r.read())["topics"]}
 
 
+def _group(b, group: str) -> dict:
+    """The admin API's row of ``group`` (empty if the broker has none)."""
+    with urllib.request.urlopen(f"{b.http_url}/api/groups", timeout=5) as r:
+        rows = {g["group"]: g for g in json.loads(r.read())["groups"]}
+    return rows.get(group, {})
+
+
 async def test_c9_close_finishes_in_flight_and_acks(broker_factory):
     b = broker_factory("--ack-timeout", "700ms", "--retry-delays", "200ms")
     gate = asyncio.Event()
@@ -141,11 +149,16 @@ async def test_c9_close_finishes_in_flight_and_acks(broker_factory):
         await c.start()
         await wait_for(lambda: rec.in_flight == 1, what="the listener call to start")
         closing = asyncio.create_task(c.close())
+        closing.add_done_callback(lambda _: rec.events.append(("closed", "")))
         await asyncio.sleep(0.05)
         assert not closing.done(), "close() must wait for the running listener call"
         gate.set()
         await asyncio.wait_for(closing, 5)
-        assert rec.finished == 1
+        # the call returned (not cancelled) before close() did, and its ack is stored: the
+        # broker counts it acked with nothing in flight as soon as close() has returned
+        assert rec.events == [("returned", r.msg_id), ("closed", "")]
+        g = _group(b, "g")
+        assert (g["acked"], g["in_flight"]) == (1, 0), g
         # reopen: the acked message must not come back, even after the ack timeout
         rec2 = Recorder()
         async with PushConsumer(b.address, group="g", topic="c9", listener=rec2):
@@ -153,6 +166,25 @@ async def test_c9_close_finishes_in_flight_and_acks(broker_factory):
             await wait_for(lambda: b"marker" in rec2.bodies(), what="the marker")
             await asyncio.sleep(1.2)  # > ack-timeout + retry delay: a lost ack would show
     assert r.msg_id not in rec2.ids()
+
+
+async def test_c9_close_gives_up_on_a_hanging_listener_after_its_grace(broker_factory):
+    b = broker_factory("--ack-timeout", "700ms", "--retry-delays", "200ms")
+    hang = asyncio.Event()  # never set
+    rec = Recorder(gate=hang)
+    async with Producer(b.address) as p:
+        r = await p.send("c9g", b"hangs")
+        c = PushConsumer(b.address, group="g", topic="c9g", listener=rec, close_grace=0.3)
+        await c.start()
+        await wait_for(lambda: rec.in_flight == 1, what="the listener call to start")
+        t0 = time.monotonic()
+        await asyncio.wait_for(c.close(), 5)
+        assert time.monotonic() - t0 >= 0.3  # it waited its grace ...
+        assert (rec.finished, rec.returned) == (1, 0)  # ... then cancelled the call, unacked
+        rec2 = Recorder()
+        async with PushConsumer(b.address, group="g", topic="c9g", listener=rec2):
+            await wait_for(lambda: r.msg_id in rec2.ids(), what="the message redelivered")
+    assert rec2.messages[0].reconsume_times == 1
 
 
 async def test_c9_close_does_not_ack_unstarted(broker_factory):
@@ -169,7 +201,7 @@ async def test_c9_close_does_not_ack_unstarted(broker_factory):
         await asyncio.sleep(0)
         gate.set()
         await asyncio.wait_for(closing, 5)
-        assert rec.finished == 1
+        assert (rec.finished, rec.returned) == (1, 1)
         rec2 = Recorder()
         async with PushConsumer(b.address, group="g", topic="c9b", listener=rec2):
             await wait_for(lambda: rec2.ids() >= set(sent) - rec.ids(),

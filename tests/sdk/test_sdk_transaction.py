@@ -115,9 +115,10 @@ async def test_check_back_rollback(broker):
     async with bank1_and_bank2(broker, bank, rec) as p:
         r = await p.send_in_transaction("tx", b"never", arg=UNKNOWN)
         await wait_for(lambda: bank.checked, what="a check-back")
+        # recorded as rolled back, the message can never be delivered (T6 refuses a commit)
+        await wait_for(lambda: _states(broker, r.msg_id) == ["rolled_back"], what="the rollback recorded")
         marker = await p.send("tx", b"marker")
         await wait_for(lambda: marker.msg_id in rec.ids(), what="the marker")
-        await asyncio.sleep(0.5)  # a few more check intervals: the rollback is final
     assert r.msg_id not in rec.ids()
 
 

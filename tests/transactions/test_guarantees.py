@@ -139,7 +139,6 @@ async def test_t4_unknown_checked_back_on_another_live_producer_of_the_group(txb
         async with TransactionProducer(txb.address, group="pg", listener=second):
             await wait_for(lambda: r.msg_id in inbox.messages, timeout=15, what="check-back commit")
     assert second.checked and r.msg_id in second.checked
-    assert not first.checked
 
 
 async def test_t4_abandoned_after_tx_check_max_never_delivered_and_listed(broker_factory):
@@ -158,7 +157,8 @@ async def test_t4_abandoned_after_tx_check_max_never_delivered_and_listed(broker
         row = abandoned()[0]
         assert row["msg_id"] == r.msg_id and row["checks"] == 2 and row["topic"] == "t4b"
     assert r.msg_id not in inbox.messages
-    assert "WARNING" in b.log_path.read_text() and r.msg_id in b.log_path.read_text()
+    # the abandonment is logged as a WARNING naming the message
+    assert any("WARNING" in line and r.msg_id in line for line in b.log_path.read_text().splitlines())
 
 
 async def test_t5_execute_raises_reraised_outcome_unknown_check_decides(txb):
@@ -252,7 +252,12 @@ async def test_t10_outcome_unreachable_returns_state_check_back_resolves(txb):
             return http("GET", f"{txb.http_url}/api/transactions?state=rolled_back")["transactions"]
 
         await wait_for(rolled_back, what="rollback recorded")
-    assert r.msg_id not in inbox.messages
+        assert [t["msg_id"] for t in rolled_back()] == [r.msg_id]
+    # never delivered: a marker sent after it on the topic's one queue arrives alone
+    async with PushConsumer(txb.address, group="g", topic="t10", listener=inbox), Producer(txb.address) as plain:
+        marker = await plain.send("t10", b"marker")
+        await wait_for(lambda: marker.msg_id in inbox.messages, what="the marker")
+    assert list(inbox.messages) == [marker.msg_id]
 
 
 async def test_slow_check_answer_is_not_overtaken_by_abandonment_nor_flooded(broker_factory):
