@@ -1,5 +1,5 @@
-"""The ``halfmq`` command: ``broker``, ``send``, ``consume``, ``admin``, ``webhook``, ``user``,
-``token``, ``demo``, ``bench``.
+"""The ``halfmq`` command: ``broker``, ``send``, ``consume``, ``admin``, ``webhook``,
+``outbox-relay``, ``user``, ``token``, ``cluster``, ``demo``, ``bench``.
 
 How this works
 --------------
@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
               "  webhook   POST a topic's messages to a URL: add | list | show | remove | rotate | delivery | resend\n"
               "  outbox-relay  ship a database's outbox table to the broker: halfmq outbox-relay --db URL --broker ADDR\n"
               "  user      users and rights: add | passwd | list | remove | grant | revoke | verifier\n"
+              "            | key-create | key-list | key-revoke (gRPC access keys)\n"
               "  token     bearer tokens for the admin API: create USER | list | revoke ID\n"
+              "  cluster   run a local cluster (nats-server nodes and broker gateways): up [--nodes N] [--gateways N]\n"
               "  demo      the bank transfer example with an embedded broker\n"
               "  bench     the benchmark harness",
               file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)

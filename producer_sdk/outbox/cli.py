@@ -13,7 +13,7 @@ lines go to standard error: what it connected to, every row marked FAILED (with 
 command that retries it), errors (once per distinct error while it retries), and a
 progress line every ``--progress-interval`` when something changed::
 
-    outbox relay: sent 1200 rows in 10.0s (120.0/s), failed 0; total sent 5000, failed 0; pending 3 (oldest 0.2s), failed rows 0
+    outbox relay: sent 1200 rows in 10.0s (120.0/s), failed 0; total sent 5000, failed 0, removed 0; pending 3 (oldest 0.2s), failed rows 0
 
 With ``--status``, ``--retry-failed`` or ``--discard`` it does that one thing and exits.
 """

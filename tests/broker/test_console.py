@@ -93,6 +93,8 @@ async def test_login_cookie_csrf_token_and_read_only_users(tmp_path, broker_fact
                 assert r.status == 401
             async with anon.post(f"{url}/console/login", json={"user": "ops", "password": "wrong"}) as r:
                 assert r.status == 401
+            await wait_for(lambda: "console: login failed for 'ops' from 127.0.0.1 (1 failures)" in b.log_path.read_text(),
+                           what="the failed console login logged")
             async with anon.post(f"{url}/console/login", data="user=ops&password=pw-ops",
                                  headers={"Content-Type": "application/x-www-form-urlencoded"}) as r:
                 assert r.status == 403  # a form post (as a cross-site page could send): refused

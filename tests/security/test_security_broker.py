@@ -211,7 +211,8 @@ async def test_admin_routes_need_their_rights(secured):
                ("/api/users/bank1/remove", None), ("/api/tokens", {"user": "ops"})]
     async with aiohttp.ClientSession() as http:
         await wait_for(lambda: _dead(http, base, sent.msg_id), what="the dead letter")
-        assert (await http.get(f"{base}/healthz")).status == 200  # open for probes
+        async with http.get(f"{base}/healthz") as r:  # open for probes, telling nothing of the machine
+            assert r.status == 200 and set(await r.json()) == {"status", "broker_id"}
         assert (await http.get(f"{base}/api/topics", headers=basic("ops", "wrong"))).status == 401
         for path in reads:
             assert (await http.get(base + path)).status == 401, path

@@ -6,7 +6,7 @@ Routes
 - ``GET /`` — the console, a web application over the routes below (see
   :mod:`broker.frontends.http.console`); ``GET /api/series`` — its per-second chart series
   of the last hour (see :mod:`broker.frontends.http.series`)
-- ``GET /healthz`` — ``{"status": "ok"}``
+- ``GET /healthz`` — ``{"status": "ok", "broker_id": ...}``, no login needed
 - ``GET /metrics`` — Prometheus text format (see :mod:`broker.frontends.http.metrics`)
 - ``GET /api/stats`` — store counters (batches, records, writes, fsyncs, bundles,
   ``handed_off``: synced batches written by the writer thread while the loop went on,
@@ -133,7 +133,8 @@ def build_app(broker: Broker) -> web.Application:
 
     @routes.get("/healthz")
     async def healthz(_req: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "broker_id": broker.broker_id, "data_dir": broker.data_dir})
+        # (open to anyone, even with users: nothing about the machine, such as the data dir)
+        return web.json_response({"status": "ok", "broker_id": broker.broker_id})
 
     @routes.get("/metrics")
     async def metrics(_req: web.Request) -> web.Response:

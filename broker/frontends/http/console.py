@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -37,6 +38,8 @@ from aiohttp import web
 if TYPE_CHECKING:
     from broker.app import Broker
     from broker.frontends.http.series import Series
+
+log = logging.getLogger("halfmq.broker")
 
 __all__ = ["ConsoleSessions", "ConsoleSession", "console_routes", "SESSION_COOKIE", "CSRF_TOKEN_HEADER",
            "STATIC_DIR", "SESSION_IDLE", "CONSOLE_SESSIONS"]
@@ -176,7 +179,9 @@ def console_routes(broker: Broker, sessions: ConsoleSessions, series: Series) ->
             return web.json_response({"error": "send JSON {\"user\": ..., \"password\": ...}"}, status=400)
         found = security.state.check_basic(name, password)
         if found is None:
-            security.throttle.failed(peer, time.monotonic())
+            wait = security.throttle.failed(peer, time.monotonic())
+            log.warning("console: login failed for %r from %s (%d failures%s)", name, peer,
+                        security.throttle.failures(peer), f"; next attempt in {wait:.0f} s" if wait else "")
             return web.json_response({"error": "unknown user or wrong password"}, status=401)
         token, _session = sessions.create(found.name)
         resp = web.json_response({"user": found.name})
