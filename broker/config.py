@@ -354,18 +354,6 @@ class BrokerConfig:
         if (self.tls_key or self.tls_client_ca) and not self.tls_cert:
             raise ConfigError("--tls-key and --tls-client-ca need --tls-cert")
 
-    def retry_delay(self, n: int) -> float:
-        """Return the delay (seconds) before redelivery after the ``n``-th failure.
-
-        ``n`` is the ``reconsume_times`` of the delivery that failed (0 for the first
-        delivery). Past the end of ``retry_delays`` the last value repeats. Raises
-        ``ValueError`` for a negative ``n``.
-        """
-        if n < 0:
-            raise ValueError(f"reconsume_times must not be negative, got {n}")
-        delays = self.retry_delays
-        return delays[n] if n < len(delays) else delays[-1]
-
 
 # --------------------------------------------------------------------------- sources
 

@@ -214,16 +214,6 @@ def test_port_zero_and_tx_timeout_zero_are_allowed():
     assert (c.port, c.http_port, c.tx_timeout) == (0, 0, 0.0)
 
 
-def test_retry_delay():
-    c = BrokerConfig(retry_delays=(1.0, 2.0, 5.0))
-    assert [c.retry_delay(n) for n in range(6)] == [1.0, 2.0, 5.0, 5.0, 5.0, 5.0]
-    assert BrokerConfig().retry_delay(0) == 10.0
-    assert BrokerConfig().retry_delay(15) == 7200.0
-    assert BrokerConfig().retry_delay(100) == 7200.0
-    with pytest.raises(ValueError):
-        c.retry_delay(-1)
-
-
 # --------------------------------------------------------------------------- sources
 
 

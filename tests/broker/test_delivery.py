@@ -160,8 +160,13 @@ def test_failure_retries_after_the_delay_with_reconsume_times_plus_one(env):
     store.now_ms = 10_000  # the retry record is stored at t=10 s
     apply(store, gd, gd.ack(member, token, False, 10.0))
     assert gd.poll(10.0 + 29.9, build)[0] == []  # second failure waits retry_delays[1]
-    (_, _, wire3), = gd.poll(10.0 + 30.0, build)[0]
+    (member, token, wire3), = gd.poll(10.0 + 30.0, build)[0]
     assert wire3[10] == 2
+    store.now_ms = 40_000
+    apply(store, gd, gd.ack(member, token, False, 40.0))
+    assert gd.poll(40.0 + 29.9, build)[0] == []  # past the end of retry_delays the last repeats
+    (_, _, wire4), = gd.poll(40.0 + 30.0, build)[0]
+    assert wire4[10] == 3
 
 
 def test_last_failure_goes_to_the_dead_letter_queue(env):
