@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(30)
 def test_exports_are_pinned():
     errors = ["HalfMQError", "BrokerUnavailableError", "InvalidNameError", "MessageTooLargeError",
               "RequestTimeoutError", "TransactionStateError", "AuthError", "LimitExceededError",
-              "MessageStateError"]
+              "MessageStateError", "TopicNotFoundError"]
     assert sorted(producer_sdk.__all__) == sorted(
         ["Producer", "TransactionProducer", "TransactionListener", "LocalTransactionState",
          "SendResult", "Message", *errors,
