@@ -230,6 +230,9 @@ OPTIONS: tuple[Option, ...] = (
            "size at which a log segment is rolled over (default: 128MiB)"),
     Option("max_connections", _parse_positive_int, "N",
            "client connections at once; more are refused with an error (default: 10000)"),
+    Option("max_http_connections", _parse_positive_int, "N",
+           "connections to the admin HTTP port at once, TLS handshakes included; more are "
+           "refused (default: 256)"),
     Option("max_topics", _parse_positive_int, "N",
            "topics (not counting system topics); creating one more is refused (default: 10000)"),
     Option("max_open_indexes", _parse_positive_int, "N",
@@ -323,6 +326,7 @@ class BrokerConfig:
     retention: float = 72 * 3600.0
     segment_size: int = 128 * 1024 * 1024
     max_connections: int = 10000
+    max_http_connections: int = 256
     max_topics: int = 10000
     max_open_indexes: int = 256
     max_groups: int = 10000

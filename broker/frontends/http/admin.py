@@ -50,12 +50,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from broker.config import parse_duration_list
 from broker.core.lifecycle import TxState
+from broker.frontends.admission import Admission
 from broker.frontends.http.console import CONSOLE_SESSIONS, ConsoleSessions, console_routes
 from broker.frontends.http.guard import guard_middleware
 from broker.frontends.http.metrics import CONTENT_TYPE_LATEST as METRICS_CONTENT_TYPE
@@ -75,7 +77,7 @@ from protocol import (
 if TYPE_CHECKING:
     from broker.app import Broker
 
-__all__ = ["start_admin_http", "build_app", "PAGE_DEFAULT", "PAGE_MAX"]
+__all__ = ["start_admin_http", "AdminHTTP", "build_app", "PAGE_DEFAULT", "PAGE_MAX"]
 
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000
@@ -314,13 +316,42 @@ def build_app(broker: Broker) -> web.Application:
     return app
 
 
-async def start_admin_http(broker: Broker, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Start the admin API; returns the runner (for cleanup) and the bound port."""
+class AdminHTTP:
+    """The admin API's listening socket and its aiohttp runner; ``cleanup()`` stops both."""
+
+    def __init__(self, runner: web.AppRunner, admission: Admission) -> None:
+        self.runner = runner
+        self.admission = admission
+
+    async def cleanup(self) -> None:
+        """Stop accepting, drop TLS handshakes under way, close the connections."""
+        self.admission.close()
+        await self.runner.cleanup()
+
+
+def _http_refusal(limit_option: str) -> bytes:
+    body = json.dumps({"error": f"too many connections to the admin API ({limit_option})"}).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)) + body
+
+
+async def start_admin_http(broker: Broker, host: str, port: int) -> tuple[AdminHTTP, int]:
+    """Start the admin API; returns what stops it (``cleanup()``) and the bound port.
+
+    Its connections go through an :class:`~broker.frontends.admission.Admission`: at most
+    ``--max-http-connections`` at once, TLS handshakes included (a handshake must end within
+    10 s); one more gets a 503 (without TLS) and is closed."""
     runner = web.AppRunner(build_app(broker), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=broker.security.tls)
-    await site.start()
-    server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor for the bound port
-    assert server is not None
-    bound = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-    return runner, bound
+    handlers = runner.server
+    assert handlers is not None
+    admission = Admission(
+        "admin HTTP port", make=handlers, served=lambda: len(handlers.connections),
+        limit=lambda: broker.config.max_http_connections, option="--max-http-connections",
+        tls=broker.security.tls, refusal=_http_refusal("--max-http-connections"))
+    try:
+        bound = await admission.start(host, port)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return AdminHTTP(runner, admission), bound

@@ -12,9 +12,11 @@ Descriptors: at start the soft ``RLIMIT_NOFILE`` is raised to the hard limit, an
 ``--max-connections`` is lowered (with a WARNING) if the limit could not hold that many
 connections plus the descriptors kept for the broker's own files: ``FD_RESERVE`` (log
 segments, metadata, listening sockets) plus ``--max-open-indexes`` (the store's cache of
-open queue index files, whatever the number of queues): clients can never starve the
-broker of descriptors. A
-client past the limit gets an ERROR frame (``LimitExceededError``) and is disconnected.
+open queue index files, whatever the number of queues) plus ``--max-http-connections``
+(the admin HTTP port's): clients can never starve the broker of descriptors. A client past
+the limit gets an ERROR frame (``LimitExceededError``) and is disconnected. With TLS a
+connection counts from its accept, its TLS handshake included (``broker.frontends.admission``:
+one past the limit is closed at once, a handshake not done within 10 s is dropped).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from broker.frontends.admission import Admission
+from broker.frontends.native import connection as native_connection
 from broker.frontends.native.connection import ClientConnection, TLSClientConnection
 from protocol import FRAME_OVERHEAD, LimitExceededError
 
@@ -49,7 +53,8 @@ FD_RESERVE = 256
 def connection_limit(wanted: int, open_indexes: int = 256) -> int:
     """How many client connections this process can hold: ``wanted``, or fewer if the
     descriptor limit (raised to its hard value first) leaves less after ``FD_RESERVE``
-    and ``open_indexes`` (the store's open index files)."""
+    and ``open_indexes`` (the store's open index files; the listener adds the admin HTTP
+    port's connections, ``--max-http-connections``)."""
     if resource is None:
         return wanted
     inf = resource.RLIM_INFINITY
@@ -84,22 +89,29 @@ class NativeListener:
         self.port = 0
         self._seq = 0
         self._server: asyncio.AbstractServer | None = None
+        self.admission: Admission | None = None  # with TLS
         self._stopping = False
 
     async def start(self) -> int:
         """Listen; return the bound port."""
-        reserve = FD_RESERVE + self.config.max_open_indexes
-        limit = connection_limit(self.config.max_connections, self.config.max_open_indexes)
+        kept = self.config.max_open_indexes + self.config.max_http_connections
+        reserve = FD_RESERVE + kept
+        limit = connection_limit(self.config.max_connections, kept)
         if limit < self.config.max_connections:
             log.warning("--max-connections %d lowered to %d: the descriptor limit (ulimit -n) leaves "
                         "room for %d clients after %d for the broker's own files",
                         self.config.max_connections, limit, limit, reserve)
         self.max_connections = limit
-        loop = asyncio.get_running_loop()
-        conn = TLSClientConnection if self.security.tls is not None else ClientConnection
+        if self.security.tls is not None:  # TLS handshakes under way count too
+            self.admission = Admission(
+                "native port", make=lambda: TLSClientConnection(self), served=lambda: len(self.connections),
+                limit=lambda: self.max_connections, option="--max-connections", tls=self.security.tls,
+                handshake_timeout=native_connection.HANDSHAKE_TIMEOUT)
+            self.port = await self.admission.start(self.config.host, self.config.port)
+            return self.port
+        loop = asyncio.get_running_loop()  # (a connection is counted from its accept: opened())
         self._server = await loop.create_server(
-            lambda: conn(self), self.config.host, self.config.port, reuse_address=True,
-            ssl=self.security.tls)
+            lambda: ClientConnection(self), self.config.host, self.config.port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -108,9 +120,13 @@ class NativeListener:
         self._stopping = True
         if self._server is not None:
             self._server.close()
+        if self.admission is not None:
+            self.admission.stop()
 
     def close_all(self) -> None:
         """Close every client connection (their queued frames are written first)."""
+        if self.admission is not None:
+            self.admission.close()
         for c in list(self.connections):
             c.close()
 
