@@ -91,7 +91,8 @@ class Broker:
                 from broker.frontends.grpc.auth import UserAccess
                 from broker.frontends.grpc.server import GrpcFrontend
 
-                self.grpc = GrpcFrontend(self.engine, cfg, access=UserAccess(self.security))
+                self.grpc = GrpcFrontend(self.engine, cfg, access=UserAccess(self.security),
+                                         max_connections=self.native.max_connections)
                 self.grpc_port = await self.grpc.start()
                 self.grpc_address = f"{cfg.host}:{self.grpc_port}"
         except BaseException:

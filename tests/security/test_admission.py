@@ -105,3 +105,18 @@ async def test_a_plain_client_on_the_tls_port_is_dropped_and_counted_out(tmp_pat
         await _closed_by_peer(r, 5)  # (a TLS alert, perhaps) and closed: the handshake failed
         w.close()
         await wait_for(lambda: b.native.admission.pending == 0, what="the failed handshake counted out")
+
+
+async def test_the_grpc_port_holds_at_most_max_connections(tmp_path):
+    from broker import Broker, BrokerConfig
+
+    cfg = BrokerConfig(data_dir=str(tmp_path / "d"), port=0, http_port=0, grpc_port=0, max_connections=5)
+    async with Broker(cfg) as b:
+        held = await _silent(b.grpc_address, 5)
+        try:
+            refused = await _silent(b.grpc_address, 5)  # past the limit: closed at their accept
+            for r, _ in refused:
+                assert await _closed_by_peer(r, 5) == b""
+            _close(refused)
+        finally:
+            _close(held)

@@ -7,7 +7,8 @@ How this works
 tell clients where to send their RPCs: the address of ``--advertise`` when given (a
 broker behind NAT or in a container), else the address the client used (as the proxy).
 One timer task renews the leases of live push consumers and forgets clients that fell
-silent. ``stop`` lets running RPCs finish for a short grace, then cancels the rest
+silent. At most ``max_connections`` connections at once (the native port's limit; gRPC
+closes one past it at its accept), each with 10 s for its TLS and HTTP/2 handshake. ``stop`` lets running RPCs finish for a short grace, then cancels the rest
 (long polls) before the engine stops.
 """
 
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 __all__ = ["GrpcFrontend", "endpoints_of"]
 
 log = logging.getLogger("halfmq.broker")
+
+#: A gRPC connection's TLS and HTTP/2 handshake must end within this (milliseconds).
+GRPC_HANDSHAKE_TIMEOUT_MS = 10_000
 
 
 def endpoints_of(address: str) -> Any:
@@ -63,9 +67,14 @@ class GrpcFrontend:
     """The RocketMQ 5 gRPC endpoint of a broker."""
 
     def __init__(self, engine: Engine, config: BrokerConfig, *, tuning: ServiceTuning | None = None,
-                 authenticator: Authenticator | None = None, access: UserAccess | None = None) -> None:
+                 authenticator: Authenticator | None = None, access: UserAccess | None = None,
+                 max_connections: int | None = None) -> None:
+        """``max_connections``: the most connections at once, handshakes included (default
+        ``--max-connections``; the broker passes the native port's, lowered to what its
+        descriptors hold)."""
         self.engine = engine
         self.config = config
+        self.max_connections = max_connections or config.max_connections
         self.service = MessagingService(engine, config, tuning=tuning, authenticator=authenticator, access=access)
         self.port = 0
         self._server: Any = None
@@ -78,7 +87,12 @@ class GrpcFrontend:
         limit = cfg.max_message_size + (1 << 20)
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                           ("grpc.max_send_message_length", limit),
-                                          ("grpc.so_reuseport", 0)])
+                                          ("grpc.so_reuseport", 0),
+                                          # connections past it are closed at their accept; a
+                                          # connection must finish its (TLS and HTTP/2)
+                                          # handshake in 10 s: silent sockets hold no descriptor long
+                                          ("grpc.max_allowed_incoming_connections", self.max_connections),
+                                          ("grpc.server_handshake_timeout_ms", GRPC_HANDSHAKE_TIMEOUT_MS)])
         grpc_pb.add_MessagingServiceServicer_to_server(self.service, server)
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         try:

@@ -96,7 +96,10 @@ class NativeListener:
         """Listen; return the bound port."""
         kept = self.config.max_open_indexes + self.config.max_http_connections
         reserve = FD_RESERVE + kept
-        limit = connection_limit(self.config.max_connections, kept)
+        if self.config.grpc_port is None:
+            limit = connection_limit(self.config.max_connections, kept)
+        else:  # the gRPC port holds as many (its own limit: broker.frontends.grpc.server)
+            limit = connection_limit(2 * self.config.max_connections, kept) // 2
         if limit < self.config.max_connections:
             log.warning("--max-connections %d lowered to %d: the descriptor limit (ulimit -n) leaves "
                         "room for %d clients after %d for the broker's own files",
