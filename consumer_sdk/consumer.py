@@ -47,6 +47,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from producer_sdk.arguments import MAX_CONCURRENCY, MAX_PREFETCH, check_count, check_seconds
 from producer_sdk.connection import Connection
 from protocol import (
     ConsumeResult,
@@ -71,6 +72,9 @@ CONNECT_TIMEOUT = 5.0
 #: Seconds a control request (subscribe, unsubscribe, barrier) may take.
 CONTROL_TIMEOUT = 5.0
 ACK_RETRY = 0.5  # seconds between tries of final acks refused as retriable
+#: Largest ``max_reconsume_times``: the broker's group settings allow at most 1000 delivery
+#: attempts (``max_attempts``, the first delivery and its redeliveries).
+MAX_RECONSUME_TIMES = 999
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
@@ -91,16 +95,22 @@ class PushConsumer:
     * ``listener`` — ``(message) -> ConsumeResult``, ``async def`` or plain ``def``.
     * ``tags`` — ``"*"`` for all, or ``"A || B"`` for only those tags [``"*"``].
     * ``start`` — where a *new* group starts: ``"earliest"`` or ``"latest"`` [``"earliest"``].
-    * ``max_reconsume_times`` — redeliveries before the dead-letter queue [16].
-    * ``concurrency`` — listener calls in flight at most [16].
-    * ``prefetch`` — unacked deliveries the broker may push to this consumer [64].
+    * ``max_reconsume_times`` — redeliveries before the dead-letter queue, 0 to 999 [16].
+    * ``concurrency`` — listener calls in flight at most, 1 to ``MAX_CONCURRENCY`` (1024): one
+      worker task each (and one thread each for a plain ``def`` listener) [16].
+    * ``prefetch`` — unacked deliveries the broker may push to this consumer, at least 1 and
+      at most the broker's ``--max-prefetch`` (default 4096; ``LimitExceededError`` from
+      ``start()`` above it) [64].
     * ``client_id`` — identifies this client to the broker [``host@pid@random``].
-    * ``close_grace`` — seconds ``close()`` waits for running listener calls [10].
+    * ``close_grace`` — seconds ``close()`` waits for running listener calls, finite, >= 0 [10].
     * ``fifo`` — a *new* group is created FIFO: the messages of one message group come
       one at a time, in send order (an existing group is made FIFO with the admin API) [False].
     * ``user``, ``password`` — log in [``HALFMQ_USER``/``HALFMQ_PASSWORD``, else none]; a
       refused login raises ``AuthError`` from ``start()``.
     * ``tls`` — True (the system's CAs) or an ``ssl.SSLContext`` [plain TCP].
+
+    A count of the wrong type (not an ``int``, or a ``bool``) raises ``TypeError``, one out of
+    range ``ValueError``, from the constructor.
 
     Use as ``async with PushConsumer(...) as c:`` or call ``start()``/``close()``.
     """
@@ -132,12 +142,10 @@ class PushConsumer:
             raise ValueError("tags must be '*' or 'A || B'")
         if start not in ("earliest", "latest"):
             raise ValueError("start must be 'earliest' or 'latest'")
-        if max_reconsume_times < 0:
-            raise ValueError("max_reconsume_times must be >= 0")
-        if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
-        if prefetch < 1:
-            raise ValueError("prefetch must be >= 1")
+        max_reconsume_times = check_count(max_reconsume_times, "max_reconsume_times", 0, MAX_RECONSUME_TIMES)
+        concurrency = check_count(concurrency, "concurrency", 1, MAX_CONCURRENCY)
+        prefetch = check_count(prefetch, "prefetch", 1, MAX_PREFETCH)
+        close_grace = check_seconds(close_grace, "close_grace")
         self.address = address
         self.group = group
         self.topic = topic

@@ -27,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from producer_sdk.arguments import MAX_PREFETCH, check_count, check_seconds
 from producer_sdk.connection import Connection
 from protocol import (
     HalfMQError,
@@ -51,6 +53,11 @@ log = logging.getLogger("halfmq.consumer")
 CONNECT_TIMEOUT = 5.0
 #: Seconds a settle request may take.
 SETTLE_TIMEOUT = 5.0
+#: The broker's bounds of an invisible duration (a lease; also the longest nack delay) and
+#: of a receive's wait, in seconds.
+MIN_INVISIBLE = 0.1
+MAX_INVISIBLE = 12 * 3600.0
+MAX_WAIT = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +74,9 @@ class SimpleConsumer:
     Options (keyword-only, defaults in brackets):
 
     * ``tags`` — ``"*"`` for all, or ``"A || B"`` [``"*"``].
-    * ``invisible_duration`` — seconds each received message stays leased [30].
-    * ``wait`` — seconds ``receive`` waits for messages when there are none [20].
+    * ``invisible_duration`` — seconds each received message stays leased, 0.1 to 43200
+      (12 h) [30].
+    * ``wait`` — seconds ``receive`` waits for messages when there are none, 0 to 60 [20].
     * ``client_id`` — identifies this client to the broker [``host@pid@random``].
     * ``user``, ``password`` — log in [``HALFMQ_USER``/``HALFMQ_PASSWORD``, else none]; a
       refused login raises ``AuthError`` from ``start()``.
@@ -95,14 +103,12 @@ class SimpleConsumer:
         validate_subscribe_topic(topic)
         if not isinstance(tags, str) or not tags.strip():
             raise ValueError("tags must be '*' or 'A || B'")
-        _check_seconds(invisible_duration, "invisible_duration", 0.1)
-        _check_seconds(wait, "wait", 0.0)
         self.address = address
         self.group = group
         self.topic = topic
         self.tags = tags
-        self.invisible_duration = invisible_duration
-        self.wait = wait
+        self.invisible_duration = _check_invisible(invisible_duration, "invisible_duration")
+        self.wait = _check_wait(wait)
         self._conn = Connection(address, role=Role.CONSUMER, group=group, client_id=client_id,
                                 request_timeout=SETTLE_TIMEOUT, user=user, password=password, tls=tls)
         self._handles: dict[str, str] = {}  # msg_id -> the newest handle of a changed lease
@@ -135,12 +141,10 @@ class SimpleConsumer:
         Raises ``LimitExceededError`` past the broker's ``--max-prefetch``, the broker's
         error for a bad request, or ``BrokerUnavailableError`` / ``RequestTimeoutError``.
         """
-        if max_messages < 1:
-            raise ValueError("max_messages must be >= 1")
-        invisible = self.invisible_duration if invisible_duration is None else invisible_duration
-        waiting = self.wait if wait is None else wait
-        _check_seconds(invisible, "invisible_duration", 0.1)
-        _check_seconds(waiting, "wait", 0.0)
+        max_messages = check_count(max_messages, "max_messages", 1, MAX_PREFETCH)
+        invisible = (self.invisible_duration if invisible_duration is None
+                     else _check_invisible(invisible_duration, "invisible_duration"))
+        waiting = self.wait if wait is None else _check_wait(wait)
         payload = {"group": self.group, "topic": self.topic, "tags": self.tags, "max": max_messages,
                    "invisible_ms": int(invisible * 1000), "wait_ms": int(waiting * 1000)}
         reply = await self._call(Op.RECEIVE, payload, waiting + SETTLE_TIMEOUT)
@@ -160,14 +164,19 @@ class SimpleConsumer:
         await self._settle(message, "ack", 0)
 
     async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
-        """Give the message back: delivered again after ``delay`` seconds (None: the group's
-        retry delay for its attempt), counted as a failed attempt."""
-        await self._settle(message, "nack", -1 if delay is None else int(max(0.0, delay) * 1000))
+        """Give the message back: delivered again after ``delay`` seconds, at most 12 h, the
+        longest invisible duration (None: the group's retry delay for its attempt), counted
+        as a failed attempt."""
+        if delay is None:
+            ms = -1
+        else:  # (a negative delay: at once)
+            ms = int(max(0.0, check_seconds(delay, "delay", low=-math.inf, high=MAX_INVISIBLE)) * 1000)
+        await self._settle(message, "nack", ms)
 
     async def change_invisible_duration(self, message: ReceivedMessage, seconds: float) -> ReceivedMessage:
         """Restart the message's lease for ``seconds``; returns the message with its new
         receipt handle (this consumer also remembers it for ``ack``/``nack``)."""
-        _check_seconds(seconds, "seconds", 0.1)
+        seconds = _check_invisible(seconds, "seconds")
         new = await self._settle(message, "cid", int(seconds * 1000))
         return dataclasses.replace(message, receipt_handle=new)
 
@@ -226,6 +235,11 @@ class SimpleConsumer:
         return result
 
 
-def _check_seconds(value: float, name: str, low: float) -> None:
-    if not isinstance(value, int | float) or value < low:
-        raise ValueError(f"{name} must be a number of seconds >= {low}")
+def _check_invisible(value: float, name: str) -> float:
+    """A lease's length: the broker's range, 0.1 s to 12 h."""
+    return check_seconds(value, name, low=MIN_INVISIBLE, high=MAX_INVISIBLE)
+
+
+def _check_wait(value: float) -> float:
+    """A long poll's wait: the broker's range, 0 to 60 s."""
+    return check_seconds(value, "wait", low=0.0, high=MAX_WAIT)

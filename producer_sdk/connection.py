@@ -42,6 +42,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from producer_sdk.arguments import check_seconds
 from producer_sdk.auth import credentials, tls_context
 from producer_sdk.connecting import (
     Connecting,
@@ -67,6 +68,8 @@ log = logging.getLogger("halfmq.client")
 
 #: The broker's default message size limit, until its HELLO reply says otherwise.
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+#: Longest client id the broker accepts in a HELLO.
+MAX_CLIENT_ID = 256
 
 RequestHandler = Callable[[int, Any], Awaitable[Any]]
 PushHandler = Callable[[int, Any], None]
@@ -142,8 +145,13 @@ class Connection(Connecting):
         self._target = 0  # index in addresses of the one connected to / tried next
         self.role = Role(role).value
         self.group = group
+        if client_id is not None:
+            if not isinstance(client_id, str):
+                raise TypeError(f"client_id must be a str, not {type(client_id).__name__}")
+            if len(client_id) > MAX_CLIENT_ID:
+                raise ValueError(f"client_id must be at most {MAX_CLIENT_ID} characters")
         self.client_id = client_id or default_client_id()
-        self.request_timeout = request_timeout
+        self.request_timeout = check_seconds(request_timeout, "request_timeout", positive=True)
         self.on_request = on_request
         self.on_push = on_push
         self.on_reconnect = on_reconnect
@@ -334,9 +342,12 @@ class Connection(Connecting):
 
     def _send_request(self, op: int, payload: Any, deadline: float, waiter: Any) -> None:
         rid = self._next_rid
+        # encoded first: a payload msgpack cannot encode (a number out of range, a string
+        # that is not valid Unicode) raises to the caller here, with nothing registered
+        frame = encode_frame(op, rid, payload)
         self._next_rid = rid + 1
         self._pending[rid] = waiter
-        self._write(encode_frame(op, rid, payload))
+        self._write(frame)
         dq = self._deadlines
         if not dq or dq[-1][0] <= deadline:
             dq.append((deadline, rid))
@@ -433,7 +444,9 @@ class Connection(Connecting):
 
     def call_before_write(self, fn: Callable[[], None]) -> None:
         """Call ``fn()`` once, on the loop, right before the frames queued in this loop
-        iteration are written (frames it queues go out in the same write)."""
+        iteration are written (frames it queues go out in the same write). ``fn`` settles
+        the callers of the requests it makes itself, also when one of them cannot be sent
+        (``_send_request`` raises): an exception out of it is only logged."""
         self._before_write.append(fn)
         if not self._flush_scheduled:
             self._flush_scheduled = True

@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from producer_sdk.arguments import check_count, check_seconds
 from producer_sdk.connection import Connection
 from protocol import (
     BrokerUnavailableError,
@@ -68,6 +69,13 @@ _RETRY_PAUSE = 0.05
 #: an empty array and map; two objects fewer per send for the garbage collector to track).
 _NO_KEYS: tuple[str, ...] = ()
 _NO_PROPERTIES: dict[str, str] = {}
+
+#: Furthest ahead (seconds, 100 years) a ``delay`` or ``deliver_at`` may lie before the SDK
+#: refuses it itself (``ValueError``, nothing sent). The broker's ``--max-delay`` (default 3
+#: days, configurable, unknown to the client) is the real limit and refuses the rest with
+#: ``BadRequestError``; this bound is far beyond any ``--max-delay`` in use and keeps every
+#: delivery time a number a frame can carry.
+MAX_SCHEDULE_AHEAD = 100 * 365 * 86400
 
 #: What a ``send_batch`` item dict may hold.
 _BATCH_ITEM_KEYS = frozenset(("body", "tags", "keys", "properties", "message_group", "delay", "deliver_at"))
@@ -173,8 +181,33 @@ def _request_for_all(
 ) -> None:
     """Send one request on behalf of many callers: ``hand_out(reply, error)``, called by
     the connection's reader, gives each its part of the reply; if the request cannot go
-    out now, every caller fails at once."""
-    if not conn.request_callback(op, payload, deadline, hand_out):
+    out now, or cannot be encoded, every caller fails at once (never left waiting)."""
+    try:
+        sent = conn.request_callback(op, payload, deadline, hand_out)
+    except Exception as exc:  # the payload cannot be encoded: nothing was sent
+        _fail_all(futs, exc)
+        return
+    if not sent:
+        _fail_all(futs, BrokerUnavailableError(f"not connected to broker {conn.address}"))
+
+
+def _send_chunk(conn: Connection, topic: str, half: bool, items: list[Sequence[Any]],
+                futs: list[asyncio.Future[SendResult]], deadline: float) -> None:
+    """One SEND frame of ``items`` (rows of ``topic``) for the callers waiting on ``futs``.
+    If the frame cannot be encoded (a string that is not valid Unicode in a tag, key or
+    property), each message is sent in a frame of its own instead, so that only the
+    callers of those that cannot be encoded fail, at once, with the encoding error."""
+    try:
+        sent = conn.request_callback(Op.SEND, {"topic": topic, "msgs": items, "half": half}, deadline,
+                                     functools.partial(_hand_out, futs=futs, topic=topic))
+    except Exception as exc:  # nothing was sent
+        if len(items) == 1:
+            _fail_all(futs, exc)
+        else:
+            for item, fut in zip(items, futs, strict=True):
+                _send_chunk(conn, topic, half, [item], [fut], deadline)
+        return
+    if not sent:
         _fail_all(futs, BrokerUnavailableError(f"not connected to broker {conn.address}"))
 
 
@@ -193,16 +226,33 @@ def _encode_options(message_group: str | None = None, delay: float | None = None
 
 def _schedule_options(delay: float | None, deliver_at: float | None) -> dict[str, int]:
     """The SEND options of a delay (seconds from now) or a delivery time (epoch seconds),
-    in whole milliseconds rounded up (never earlier than asked)."""
+    in whole milliseconds rounded up (never earlier than asked).
+
+    Raises ``TypeError`` for a value that is not a finite number and ``ValueError`` for
+    both at once, a delay that is not positive, a ``deliver_at`` that is not a positive
+    epoch time, or either more than ``MAX_SCHEDULE_AHEAD`` seconds ahead (by this host's
+    clock); the broker checks the rest (a time in the past, beyond its ``--max-delay``).
+    """
     if delay is not None and deliver_at is not None:
         raise ValueError("give delay or deliver_at, not both")
+    name = "delay" if delay is not None else "deliver_at"
     value = delay if delay is not None else deliver_at
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise TypeError(f"{'delay' if delay is not None else 'deliver_at'} must be a number of seconds")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number of seconds, got {value!r}")
     if delay is not None:
-        if delay <= 0:
-            raise ValueError(f"delay must be positive, got {delay}")
-        return {"delay": max(1, math.ceil(delay * 1000))}
+        if value <= 0:
+            raise ValueError(f"delay must be positive, got {value!r}")
+        if value > MAX_SCHEDULE_AHEAD:
+            raise ValueError(f"delay of {value!r} s is out of range: at most {MAX_SCHEDULE_AHEAD} s "
+                             "(and the broker's --max-delay, default 3 days)")
+        return {"delay": max(1, math.ceil(value * 1000))}
+    if value <= 0:
+        raise ValueError(f"deliver_at must be a positive epoch time in seconds, got {value!r}")
+    if value > time.time() + MAX_SCHEDULE_AHEAD:  # (compared, not subtracted: any int works)
+        raise ValueError(f"deliver_at {value!r} is more than {MAX_SCHEDULE_AHEAD} s ahead "
+                         "(the broker's --max-delay, default 3 days, is the real limit)")
     return {"at": math.ceil(value * 1000)}
 
 
@@ -244,14 +294,10 @@ class Producer:
     ) -> None:
         if group is not None:
             validate_name(group, "producer group")
-        if send_timeout <= 0:
-            raise ValueError("send_timeout must be positive")
-        if retries < 0:
-            raise ValueError("retries must be >= 0")
         self.address = address
         self.group = group
-        self.send_timeout = send_timeout
-        self.retries = retries
+        self.send_timeout = check_seconds(send_timeout, "send_timeout", positive=True)
+        self.retries = check_count(retries, "retries", 0)
         self._conn = self._make_connection(client_id, user=user, password=password, tls=tls)
         self._started = False
         self._topics_ok: set[str] = set()
@@ -317,7 +363,9 @@ class Producer:
         earlier (``queue_offset`` is then -1: it joins a queue when it is due); 1 ms to the
         broker's ``--max-delay`` (default 3 days) ahead. ``recall(msg_id)`` cancels it.
         Raises ``InvalidNameError`` (bad or reserved topic, checked before sending),
-        ``MessageTooLargeError``, ``ValueError``/``TypeError`` (both or a bad delay),
+        ``MessageTooLargeError``, ``ValueError``/``TypeError`` (both, or a delay or
+        ``deliver_at`` that is not a finite positive number or lies more than
+        ``MAX_SCHEDULE_AHEAD``, 100 years, ahead: nothing is sent),
         ``BadRequestError`` (a delivery time the broker refuses: past, or beyond
         ``--max-delay``), ``BrokerUnavailableError``/``RequestTimeoutError`` once the
         retries are used up, or the broker's error.
@@ -449,8 +497,7 @@ class Producer:
                     total += n
                 chunks.append((items[start:], futs[start:]))
             for c_items, c_futs in chunks:
-                _request_for_all(conn, Op.SEND, {"topic": topic, "msgs": c_items, "half": half},
-                                 deadline, c_futs, functools.partial(_hand_out, futs=c_futs, topic=topic))
+                _send_chunk(conn, topic, half, c_items, c_futs, deadline)
 
     async def send_batch(
         self, topic: str, items: Iterable[bytes | str | Mapping[str, Any]]

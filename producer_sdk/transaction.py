@@ -48,6 +48,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
+from producer_sdk.arguments import MAX_CONCURRENCY, check_count
 from producer_sdk.connection import Connection
 from producer_sdk.listener_threads import DEFAULT_LISTENER_THREADS, ListenerThreads
 from producer_sdk.producer import (
@@ -208,7 +209,8 @@ class TransactionProducer(Producer):
     4, at most 32, as asyncio's default executor: the threads that run a plain ``def``
     ``execute_local_transaction``, started as needed; 0: called on the event loop, for a
     local transaction of microseconds, such as an SQLite write, that must never block for
-    long), ``user``, ``password`` and ``tls`` (as for ``Producer``).
+    long), ``user``, ``password`` and ``tls`` (as for ``Producer``). ``check_workers``
+    and ``execute_workers`` are at most ``MAX_CONCURRENCY`` (1024).
     """
 
     def __init__(
@@ -229,12 +231,11 @@ class TransactionProducer(Producer):
         validate_name(group, "producer group")
         if listener is None:
             raise TypeError("a TransactionProducer needs a listener")
-        if check_workers < 1:
-            raise ValueError("check_workers must be >= 1")
+        check_workers = check_count(check_workers, "check_workers", 1, MAX_CONCURRENCY)
         if execute_workers is None:
             execute_workers = DEFAULT_LISTENER_THREADS
-        elif execute_workers < 0:
-            raise ValueError("execute_workers must be >= 0 (0: on the event loop)")
+        else:  # (0: on the event loop)
+            execute_workers = check_count(execute_workers, "execute_workers", 0, MAX_CONCURRENCY)
         self.listener = listener
         self.check_workers = check_workers
         self.execute_workers = execute_workers
