@@ -45,8 +45,10 @@ from typing import Any
 from producer_sdk.arguments import check_count, check_seconds
 from producer_sdk.connection import Connection
 from protocol import (
+    MAX_SEND_MESSAGES,
     BrokerUnavailableError,
     HalfMQError,
+    LimitExceededError,
     MessageTooLargeError,
     Op,
     Role,
@@ -507,8 +509,9 @@ class Producer:
         Each item is a body (``bytes``/``str``) or a dict with ``body`` and optionally
         ``tags``, ``keys``, ``properties``, ``message_group``, ``delay`` or ``deliver_at``
         (as in ``send``). The bodies together must fit the broker's message size limit
-        (``MessageTooLargeError`` otherwise; split the batch). Raises like ``send``; nothing
-        is stored if one item is refused.
+        (``MessageTooLargeError`` otherwise; split the batch), and a batch holds at most
+        ``protocol.MAX_SEND_MESSAGES`` (10,000) messages (``LimitExceededError`` otherwise,
+        nothing sent). Raises like ``send``; nothing is stored if one item is refused.
         """
         validate_send_topic(topic)
         born = int(time.time() * 1000)
@@ -535,6 +538,9 @@ class Producer:
             total += len(data)
         if not msgs:
             return []
+        if len(msgs) > MAX_SEND_MESSAGES:
+            raise LimitExceededError(f"a batch holds at most {MAX_SEND_MESSAGES} messages, this one has "
+                                     f"{len(msgs)}; split the batch")
         limit = self._conn.max_message_size
         if total > limit:
             raise MessageTooLargeError(

@@ -23,6 +23,7 @@ from protocol.errors import (
 from protocol.frames import (
     DEFAULT_MAX_FRAME_SIZE,
     FRAME_OVERHEAD,
+    MAX_SEND_MESSAGES,
     PROTOCOL_VERSION,
     FrameDecoder,
     FrameTooLargeError,
@@ -59,6 +60,7 @@ __all__ = [
     "error_from_code",
     "DEFAULT_MAX_FRAME_SIZE",
     "FRAME_OVERHEAD",
+    "MAX_SEND_MESSAGES",
     "PROTOCOL_VERSION",
     "FrameDecoder",
     "FrameTooLargeError",

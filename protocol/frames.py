@@ -36,16 +36,22 @@ __all__ = [
     "HEADER",
     "DEFAULT_MAX_FRAME_SIZE",
     "FRAME_OVERHEAD",
+    "MAX_SEND_MESSAGES",
     "ProtocolError",
     "FrameTooLargeError",
     "encode_frame",
     "FrameDecoder",
+    "undecodable_reason",
 ]
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
 #: Room for the envelope and message metadata around the largest allowed body.
 FRAME_OVERHEAD = 64 * 1024
+#: Most messages one SEND may hold (the broker refuses more with ``LimitExceededError``;
+#: ``Producer.send_batch`` refuses a longer batch itself): a frame under the size limit could
+#: otherwise hold ~600,000 empty messages, seconds of the broker's event loop in one go.
+MAX_SEND_MESSAGES = 10_000
 DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024 + FRAME_OVERHEAD
 
 _pack_len = HEADER.pack
@@ -69,6 +75,26 @@ class FrameTooLargeError(MessageTooLargeError):
     """
 
     frames: Sequence[tuple[int, int, Any]] = ()
+
+
+def undecodable_reason(exc: Exception) -> str:
+    """What was wrong with a frame's bytes, from the exception ``msgpack.unpackb`` raised:
+    a phrase for the client's error message (msgpack's own text is often empty). Quotes
+    none of the client's bytes."""
+    if isinstance(exc, msgpack.StackError):
+        return "arrays or maps nested too deep (msgpack decodes at most 1024 levels)"
+    if isinstance(exc, msgpack.FormatError):
+        return "not valid msgpack (a byte that starts no msgpack type, such as 0xc1)"
+    if isinstance(exc, msgpack.ExtraData):
+        return "bytes left after the msgpack value (the length prefix counts more bytes than the value has)"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a string is not valid UTF-8 ({exc.reason} at byte {exc.start} of the string)"
+    if isinstance(exc, TypeError) and "unhashable" in str(exc):
+        return "a map key is an array or a map (keys must be strings, numbers, booleans or nil)"
+    text = str(exc)
+    if "incomplete input" in text:
+        return "the msgpack value is cut short (it needs more bytes than the length prefix counts)"
+    return f"not valid msgpack ({text or type(exc).__name__})"
 
 
 def encode_frame(op: int, rid: int, payload: Any) -> bytes:
@@ -124,7 +150,7 @@ class FrameDecoder:
                     try:
                         obj = unpackb(view[pos : pos + need], raw=False, strict_map_key=False)
                     except Exception as exc:  # msgpack raises several types for garbage
-                        raise ProtocolError(f"undecodable frame: {exc}") from None
+                        raise ProtocolError(f"undecodable frame: {undecodable_reason(exc)}") from None
                     pos += need
                     need = -1
                     if (

@@ -17,22 +17,42 @@ deadline change, so a handle goes stale when its lease ends, expires or changes,
 stale one is refused rather than acting on the wrong lease. ``renew`` is the one deadline
 change that keeps the handle: a broker extending the lease of a push consumer that is
 still alive (the consumer holds that handle and acks with it later).
+
+``boot`` is the table's creation time (epoch milliseconds, hex) followed by 8 random hex
+digits, so that a refused handle can be told apart: one of an earlier run (its time is
+before this table's: the broker restarted, "stale receipt handle") from one this broker
+never issued ("unknown receipt handle": malformed, a time at or after this table's that
+is not its own, or a version its lease never had). Handles of versions before this
+scheme have an 8-digit ``boot`` with no time; they can only come from an earlier run.
 """
 
 from __future__ import annotations
 
 import heapq
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from broker.core.lifecycle import DeliveryState
+from protocol.names import shown
 
 __all__ = ["Delivery", "LeaseTable", "StaleHandleError"]
 
+#: Hex digits of randomness at the end of a table's ``boot`` (also the whole ``boot`` of
+#: the handles of earlier versions, which had no time in it).
+_BOOT_RANDOM = 8
+_HEX = frozenset("0123456789abcdef")
+
+
+def _number(text: str) -> bool:
+    """True for the decimal digits of a token or version (ASCII, at most 19 of them)."""
+    return text.isdigit() and text.isascii() and len(text) <= 19
+
 
 class StaleHandleError(ValueError):
-    """A receipt handle whose lease has ended, expired or changed (or a malformed one)."""
+    """A receipt handle whose lease has ended, expired or changed, or that this broker
+    never issued (malformed, or of an unknown ``boot``): the message says which."""
 
 
 @dataclass(slots=True)
@@ -59,10 +79,11 @@ class Delivery:
 class LeaseTable:
     """Live leases by token, with their deadlines in a heap (see the module docstring)."""
 
-    __slots__ = ("boot", "by_token", "heap")
+    __slots__ = ("boot", "created_ms", "by_token", "heap")
 
     def __init__(self) -> None:
-        self.boot = os.urandom(4).hex()
+        self.created_ms = int(time.time() * 1000)
+        self.boot = f"{self.created_ms:x}{os.urandom(_BOOT_RANDOM // 2).hex()}"
         #: the live leases by token; the delivery core makes and ends leases inline on its
         #: hot paths, with the same steps as ``add`` and ``pop``
         self.by_token: dict[int, Delivery] = {}
@@ -133,18 +154,34 @@ class LeaseTable:
         return f"{self.boot}.{d.token}.{d.version}"
 
     def by_handle(self, handle: object) -> Delivery:
-        """The live lease a receipt handle names; ``StaleHandleError`` if there is none."""
+        """The live lease a receipt handle names; ``StaleHandleError`` if there is none,
+        saying whether the handle is stale or was never issued (see the module docstring)."""
         if not isinstance(handle, str):
-            raise StaleHandleError("a receipt handle must be a string")
-        parts = handle.split(".")
-        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
-            raise StaleHandleError(f"malformed receipt handle {handle!r}")
+            raise StaleHandleError(f"unknown receipt handle {shown(handle)}: a receipt handle is a string")
+        parts = handle.split(".", 3)
+        if len(parts) != 3 or not _number(parts[1]) or not _number(parts[2]):
+            raise StaleHandleError(f"unknown receipt handle {shown(handle)}: not one this broker issues "
+                                   "(<boot>.<token>.<version>)")
         if parts[0] != self.boot:
-            raise StaleHandleError("stale receipt handle: the broker restarted since it was issued "
-                                   "(the message is delivered again)")
+            raise StaleHandleError(self._foreign(handle, parts[0]))
         d = self.by_token.get(int(parts[1]))
         if d is None:
             raise StaleHandleError("stale receipt handle: its lease was acked, failed or expired")
-        if d.version != int(parts[2]):
+        version = int(parts[2])
+        if d.version != version:
+            if version > d.version:
+                raise StaleHandleError(f"unknown receipt handle {shown(handle)}: its lease never had "
+                                       f"version {version}")
             raise StaleHandleError("stale receipt handle: its lease was changed (use the newer handle)")
         return d
+
+    def _foreign(self, handle: str, boot: str) -> str:
+        """Why a well-formed handle of another ``boot`` is refused: an earlier run of the
+        broker issued it, or nobody did."""
+        if len(boot) < _BOOT_RANDOM or not _HEX.issuperset(boot):
+            return f"unknown receipt handle {shown(handle)}: not one this broker issues (<boot>.<token>.<version>)"
+        if len(boot) > _BOOT_RANDOM and int(boot[:-_BOOT_RANDOM], 16) >= self.created_ms:
+            # not this table's, yet made after it started: no earlier run made it
+            return f"unknown receipt handle {shown(handle)}: never issued by this broker for this group"
+        # made before this table (or by a version whose handles have no time): an earlier run
+        return "stale receipt handle: the broker restarted since it was issued (the message is delivered again)"

@@ -61,6 +61,7 @@ from producer_sdk.outbox.sql import (
 )
 from producer_sdk.outbox.table import OutboxStatus
 from producer_sdk.producer import Producer
+from protocol import MAX_SEND_MESSAGES
 
 if TYPE_CHECKING:
     from producer_sdk.outbox.outbox import Outbox
@@ -127,6 +128,8 @@ class OutboxRelay:
             raise ValueError(f"claim must be one of {CLAIM_MODES}, not {claim!r}")
         if batch_size < 1 or max_batch_bytes < 1 or max_attempts < 1:
             raise ValueError("batch_size, max_batch_bytes and max_attempts must be >= 1")
+        if batch_size > MAX_SEND_MESSAGES:
+            raise ValueError(f"batch_size must be at most {MAX_SEND_MESSAGES} (the messages of one SEND)")
         if poll_interval <= 0 or cleanup_interval <= 0 or max_backoff <= 0 or retention < 0:
             raise ValueError("poll_interval, cleanup_interval and max_backoff must be > 0, "
                              "retention >= 0")

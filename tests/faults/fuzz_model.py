@@ -32,6 +32,9 @@ from typing import Any
 
 from protocol import Op
 
+#: What a client id or a tag expression may not hold (the broker writes them into its log).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 __all__ = [
     "OK", "ERROR", "EITHER", "SILENT", "Expect", "World", "ConnectionModel", "KNOWN_BROKER_BUGS",
     "depth_of", "MAX_PREFETCH", "WAIT_MS_MAX", "INVISIBLE_MS",
@@ -219,7 +222,7 @@ class ConnectionModel:
             else:
                 j.breaks(8)
         client_id = p.get("client_id", _MISSING)
-        if type(client_id) is not str or not client_id or len(client_id) > 256:
+        if type(client_id) is not str or not client_id or len(client_id) > 256 or _CONTROL.search(client_id):
             j.breaks(8)  # a client id has 1 to 256 characters (README, "Limits")
         if p.get("role", _MISSING) not in ("producer", "consumer"):
             j.breaks(8)
@@ -390,7 +393,7 @@ class ConnectionModel:
     @staticmethod
     def _tags(j: _Judgement, p: dict[Any, Any]) -> None:
         tags = p.get("tags", "*")
-        if tags is not None and type(tags) is not str:
+        if tags is not None and (type(tags) is not str or len(tags) > 16 * 1024 or _CONTROL.search(tags)):
             j.breaks(8)
 
     @staticmethod

@@ -12,6 +12,7 @@ import pytest
 
 from consumer_sdk import ConsumeResult, PushConsumer, ReceivedMessage, SimpleConsumer
 from producer_sdk import (
+    LimitExceededError,
     LocalTransactionState,
     Producer,
     SendResult,
@@ -19,7 +20,7 @@ from producer_sdk import (
     TransactionProducer,
 )
 from producer_sdk.connection import Connection
-from protocol import Op, Role
+from protocol import MAX_SEND_MESSAGES, Op, Role
 from tests.sdk.schedule_helpers import topic_view
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,6 +95,15 @@ async def test_a_batch_item_with_a_bad_schedule_fails_the_batch_at_once(broker):
         assert len(results) == 2
     view = topic_view(broker.http_url, "argbatch")
     assert view["messages"] == 2 and view["scheduled"] == 0
+
+
+async def test_a_batch_of_more_messages_than_one_send_holds_is_refused_whole(broker):
+    async with Producer(broker.address) as p:
+        with pytest.raises(LimitExceededError, match="at most 10000"):
+            await p.send_batch("argcount", [b""] * (MAX_SEND_MESSAGES + 1))
+        assert p._conn.idle  # nothing sent
+        assert len(await p.send_batch("argcount", [b""] * MAX_SEND_MESSAGES)) == MAX_SEND_MESSAGES
+    assert topic_view(broker.http_url, "argcount")["messages"] == MAX_SEND_MESSAGES
 
 
 async def test_a_transaction_with_a_bad_delay_raises_at_once(broker):

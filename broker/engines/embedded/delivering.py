@@ -70,7 +70,7 @@ class EmbeddedDelivering:
                      max_reconsume_times=sub.max_reconsume_times, start=sub.start)
         self._subscriptions[s.conn_id] = (sub.group, sub.topic)
         self._consumers[s.conn_id] = s
-        log.info("consumer %s (%s) subscribed: group %s, topic %s, tags %s, start %s, prefetch %d",
+        log.info("consumer %r (%s) subscribed: group %s, topic %s, tags %r, start %s, prefetch %d",
                  s.client_id, s.peer, sub.group, sub.topic, sub.tags, sub.start, sub.prefetch)
         s.reply(rid, {})
         self.schedule_dispatch()

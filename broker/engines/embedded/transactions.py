@@ -51,6 +51,7 @@ from protocol import (
     TransactionStateError,
 )
 from protocol.errors import HalfMQError
+from protocol.names import shown
 from storage import IndexTarget, NewRecord, RefsTarget
 
 if TYPE_CHECKING:
@@ -104,18 +105,20 @@ class EmbeddedTransactions:
         resolve = self.tx.resolve
         group = s.group
         counters = self.counters
-        for item in items:
+        for i, item in enumerate(items):
             try:
+                if (type(item) is not list and type(item) is not tuple) or len(item) != 2:
+                    raise BadRequestError(f"END_TX item {i}: expected [msg_id, outcome], got {shown(item)}")
                 msg_id, outcome = item
-                requested = _REQUESTED.get(outcome) if isinstance(msg_id, str) else None
+                if not isinstance(msg_id, str):
+                    raise BadRequestError(f"END_TX item {i}: msg_id must be a string, got {shown(msg_id)}")
+                requested = _REQUESTED.get(outcome) if type(outcome) is str else None
                 if requested is None:
-                    raise BadRequestError("each item must be [msg_id, 'COMMIT' | 'ROLLBACK']")
+                    raise BadRequestError(f"END_TX item {i}: outcome must be 'COMMIT' or 'ROLLBACK', "
+                                          f"got {shown(outcome)}")
                 recorded, changed = resolve(msg_id, requested, now, group=group)
             except HalfMQError as exc:
                 results.append([exc.code, str(exc)])
-                continue
-            except (TypeError, ValueError) as exc:
-                results.append([BadRequestError.code, f"malformed item: {exc!r}"])
                 continue
             results.append(_REPLY_STATES[recorded])
             if changed:

@@ -9,29 +9,53 @@ the payload (and the broker's limits as arguments) are here: each raises
 what the engine takes. A SEND's messages are checked one by one (``check_message``) with
 their options (``check_send_options``); an ACK's items are all checked before any is
 applied (``check_acks``); END_TX comes in a single and a list form (``check_end_tx``).
-The shapes are in docs/protocol.md.
+The shapes are in docs/protocol.md (``PAYLOADS`` repeats them for error messages).
+
+Strings a client chooses that the broker writes into its log (the HELLO's ``client_id``,
+a subscription's tag expression) may hold no control character (``check_text``): a
+newline would forge log lines, an escape sequence would reach the operator's terminal.
+A SEND holds at most ``MAX_SEND_MESSAGES`` messages, and each weighs its body plus
+``SEND_MESSAGE_OVERHEAD`` bytes in the connection's ``--max-inflight-bytes``, so that a
+frame of many empty messages is bounded too.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from protocol import BadRequestError, MessageTooLargeError, Op
+from protocol import (
+    MAX_SEND_MESSAGES,
+    BadRequestError,
+    LimitExceededError,
+    MessageTooLargeError,
+    Op,
+)
 from protocol.names import shown
 
 __all__ = [
     "INVISIBLE_MS",
+    "MAX_CLIENT_ID",
+    "MAX_SEND_MESSAGES",
+    "MAX_TAG_EXPRESSION",
+    "PAYLOADS",
+    "SEND_MESSAGE_OVERHEAD",
     "SEND_OPTIONS",
     "WAIT_MS_MAX",
     "SubscribeRequest",
     "check_acks",
+    "check_client_id",
     "check_empty",
     "check_end_tx",
     "check_message",
     "check_recall",
     "check_send_options",
+    "check_tags",
+    "check_text",
     "op_name",
+    "payload_error",
+    "too_many_messages",
 ]
 
 
@@ -51,6 +75,81 @@ class SubscribeRequest:
 #: RECEIVE bounds: invisible duration and long-poll wait, in milliseconds.
 INVISIBLE_MS = (100, 12 * 3600 * 1000)
 WAIT_MS_MAX = 60_000
+
+#: Longest client id of a HELLO, in characters (README, "Limits").
+MAX_CLIENT_ID = 256
+#: Longest tag expression of a SUBSCRIBE or RECEIVE (``"A || B || ..."``), in characters:
+#: room for hundreds of tags, while a client cannot make every delivery scan megabytes.
+MAX_TAG_EXPRESSION = 16 * 1024
+#: Bytes each message of a SEND adds to the connection's in-flight bytes besides its body
+#: (``--max-inflight-bytes``): about what its decoded row costs in memory (~220 bytes for
+#: an empty one), so that many small messages weigh what they cost.
+SEND_MESSAGE_OVERHEAD = 256
+
+#: C0 control characters and DEL.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+#: The payload of each request, as an error message names it (docs/protocol.md).
+PAYLOADS: dict[int, str] = {
+    Op.HELLO: 'a map {"version": 1, "client_id": str, "role": "producer" | "consumer", "group": str | nil}',
+    Op.SEND: 'a map with topic (string) and msgs (list of [body, tags, keys, properties, born_ts]), '
+             'and optionally half (bool)',
+    Op.END_TX: 'a map {"msg_id": str, "outcome": "COMMIT" | "ROLLBACK"} or {"items": [[msg_id, outcome], ...]}',
+    Op.SUBSCRIBE: 'a map with group and topic (strings), and optionally tags (string), start, prefetch, '
+                  'max_reconsume_times, fifo',
+    Op.ACK: 'a map {"a": [[token, ok], ...]}',
+    Op.UNSUBSCRIBE: "an empty map",
+    Op.PING: "an empty map",
+    Op.AUTH: 'a map {"message": str}',
+    Op.RECALL: 'a map {"msg_id": str}',
+    Op.RECEIVE: 'a map with group and topic (strings), and optionally tags, max, invisible_ms, wait_ms',
+    Op.SETTLE: 'a map {"group": str, "s": [[handle, action, ms], ...]}',
+}
+
+
+def payload_error(op: int, problem: str = "") -> BadRequestError:
+    """``BadRequestError`` saying what the payload of ``op`` must be (and ``problem``, what
+    was wrong, if known)."""
+    shape = PAYLOADS.get(op)
+    what = f"{op_name(op)}: payload must be {shape}" if shape else f"malformed {op_name(op)} request"
+    return BadRequestError(f"{what}; {problem}" if problem else what)
+
+
+def check_text(value: str, what: str) -> None:
+    """Refuse a client's string that holds a control character (C0 or DEL: a newline, an
+    escape, NUL...): it is written into log lines."""
+    m = _CONTROL.search(value)
+    if m is not None:
+        raise BadRequestError(f"{what} must not hold control characters (found {m.group()!r} at "
+                              f"position {m.start()})")
+
+
+def check_client_id(client_id: Any) -> str:
+    """The client id of a HELLO: 1 to ``MAX_CLIENT_ID`` characters, no control character."""
+    if not isinstance(client_id, str) or not client_id or len(client_id) > MAX_CLIENT_ID:
+        raise BadRequestError(f"client_id must be a non-empty string of at most {MAX_CLIENT_ID} characters")
+    check_text(client_id, "client_id")
+    return client_id
+
+
+def check_tags(tags: Any) -> str | None:
+    """The tag expression of a SUBSCRIBE or RECEIVE (``"*"``, ``"A || B"``; nil: every
+    message): at most ``MAX_TAG_EXPRESSION`` characters, no control character."""
+    if tags is None or tags == "*":
+        return tags  # type: ignore[no-any-return]
+    if not isinstance(tags, str):
+        raise BadRequestError("tags must be a string")
+    if len(tags) > MAX_TAG_EXPRESSION:
+        raise BadRequestError(f"tags expression of {len(tags)} characters is longer than the limit of "
+                              f"{MAX_TAG_EXPRESSION}")
+    check_text(tags, "tags")
+    return tags
+
+
+def too_many_messages(n: int) -> LimitExceededError:
+    """The error for a SEND of ``n`` messages, more than ``MAX_SEND_MESSAGES``."""
+    return LimitExceededError(f"a SEND holds at most {MAX_SEND_MESSAGES} messages, this one has {n}: "
+                              "split it into several")
 
 
 def check_message(body: Any, tags: Any, keys: Any, props: Any, born: Any, limit: int) -> None:

@@ -17,9 +17,13 @@ replies and deliveries share a syscall. Over TLS the connection is a
 Limits, so that no client can hurt the broker (each in the README's table):
 
 - **Back-pressure on input.** Requests awaiting their reply (``--max-inflight-requests``)
-  and message bytes of SENDs not yet stored (``--max-inflight-bytes``) are counted; past
-  either, the broker stops reading the socket until replies have gone out — the client
-  waits, nothing is refused, and memory stays bounded.
+  and message bytes of SENDs not yet stored (``--max-inflight-bytes``: each message's body
+  plus ``SEND_MESSAGE_OVERHEAD``, so that empty messages weigh something too) are
+  counted; past either, the broker stops reading the socket until replies have gone out —
+  the client waits, nothing is refused, and memory stays bounded. A SEND of more than
+  ``MAX_SEND_MESSAGES`` messages is refused whole (``LimitExceededError``).
+- **Nothing raw in the log.** A client id or tag expression with control characters is
+  refused, and the strings a client chose are logged with ``%r``.
 - **Bounded output.** The transport's write buffer is capped at ``DELIVERY_WINDOW`` for
   deliveries: past it the engine leases nothing more to the connection
   (``output_room`` is 0) until the client reads. Output that still piles up (replies to
@@ -48,16 +52,22 @@ from typing import TYPE_CHECKING, Any
 
 from broker.frontends.native.checks import (
     INVISIBLE_MS,
+    MAX_SEND_MESSAGES,
+    SEND_MESSAGE_OVERHEAD,
     SEND_OPTIONS,
     WAIT_MS_MAX,
     SubscribeRequest,
     check_acks,
+    check_client_id,
     check_empty,
     check_end_tx,
     check_message,
     check_recall,
     check_send_options,
+    check_tags,
     op_name,
+    payload_error,
+    too_many_messages,
 )
 from protocol import (
     PROTOCOL_VERSION,
@@ -67,7 +77,6 @@ from protocol import (
     HalfMQError,
     LimitExceededError,
     Op,
-    ProtocolError,
     encode_frame,
     error_from_code,
     validate_name,
@@ -93,6 +102,8 @@ log = logging.getLogger("halfmq.broker")
 DELIVERY_WINDOW = 1 << 20
 #: Seconds a new connection has to finish its handshake (HELLO, and AUTH with users).
 HANDSHAKE_TIMEOUT = 10.0
+#: ``str.translate`` table removing C0 control characters and DEL.
+_NO_CONTROLS = dict.fromkeys([*range(32), 127])
 
 
 class ClientConnection(asyncio.BaseProtocol):
@@ -194,7 +205,10 @@ class ClientConnection(asyncio.BaseProtocol):
             except HalfMQError as exc:
                 self.error(rid, exc)
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-                self.error(rid, ProtocolError(f"malformed {op_name(op)} request: {exc!r}"))
+                # a shape the checks did not foresee: say what the payload must be (the
+                # Python exception means nothing to the client; kept for the debug log)
+                log.debug("malformed %s request from %s: %r", op_name(op), self.peer, exc)
+                self.error(rid, payload_error(op))
             except Exception as exc:  # a bug must not take the broker down
                 log.exception("error handling %s from %s", op_name(op), self.peer)
                 self.error(rid, HalfMQError(f"internal error: {exc!r}"))
@@ -209,7 +223,7 @@ class ClientConnection(asyncio.BaseProtocol):
                 fut.set_exception(BrokerUnavailableError("connection closed"))
         self._pending.clear()
         self.listener.closed(self)
-        log.info("connection %s (%s) closed", self.peer, self.client_id)
+        log.info("connection %s (%r) closed", self.peer, self.client_id)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -230,7 +244,7 @@ class ClientConnection(asyncio.BaseProtocol):
         if op == Op.SEND:
             if self.access is None:
                 raise self._not_in()
-            topic, msgs, half, size = self._check_send(p)
+            topic, msgs, half, size = self._check_send(p)  # size: body bytes plus an overhead per message
             self.listener.security.check_send(self.access, topic, self.group, half)
             if rid:
                 self._send_sizes[rid] = self._send_sizes.get(rid, 0) + size
@@ -240,7 +254,7 @@ class ClientConnection(asyncio.BaseProtocol):
             engine.send(self, rid, topic, msgs, half)
         elif op == Op.ACK:
             if not self.subscribed:
-                raise BadRequestError("ACK without a subscription")
+                raise self._not_in() if self.access is None else BadRequestError("ACK without a subscription")
             engine.ack(self, rid, check_acks(p))
         elif op == Op.HELLO:
             self._hello(rid, p)
@@ -263,12 +277,14 @@ class ClientConnection(asyncio.BaseProtocol):
             self.listener.security.check_subscribe(self.access, receive["topic"], receive["group"])
             engine.receive(self, rid, **receive)  # type: ignore[attr-defined]
         elif op == Op.SETTLE:
+            if not isinstance(p, dict) or "group" not in p:
+                raise payload_error(op, "group is missing" if isinstance(p, dict) else "")
             group = validate_name(p["group"], "group")
-            items = p["s"]
-            if type(items) is not list or not items:
-                raise BadRequestError("s must be a non-empty list of [handle, action, ms]")
+            settles = p.get("s")
+            if type(settles) is not list or not settles:
+                raise BadRequestError("SETTLE: s must be a non-empty list of [handle, action, ms]")
             self.listener.security.check_settle(self.access, group)
-            engine.settle(self, rid, group, items)  # type: ignore[attr-defined]
+            engine.settle(self, rid, group, settles)  # type: ignore[attr-defined]
         elif op == Op.UNSUBSCRIBE:
             check_empty(p, "UNSUBSCRIBE")
             engine.unsubscribe(self, rid)
@@ -298,9 +314,7 @@ class ClientConnection(asyncio.BaseProtocol):
         version = p.get("version")
         if type(version) is not int or version != PROTOCOL_VERSION:
             raise BadRequestError(f"unsupported protocol version {shown(version)}; this broker speaks {PROTOCOL_VERSION}")
-        client_id = p.get("client_id")
-        if not isinstance(client_id, str) or not client_id or len(client_id) > 256:
-            raise BadRequestError("client_id must be a non-empty string of at most 256 characters")
+        client_id = check_client_id(p.get("client_id"))
         role = p.get("role")
         if role not in ("producer", "consumer"):
             raise BadRequestError("role must be 'producer' or 'consumer'")
@@ -310,7 +324,8 @@ class ClientConnection(asyncio.BaseProtocol):
         self.protocol_version = version
         agent = p.get("agent")
         if isinstance(agent, str):
-            self.agent = agent[:64]
+            # shown to people (admin API, console): without control characters
+            self.agent = agent[:64].translate(_NO_CONTROLS)
         security = self.listener.security
         auth = p.get("auth")
         if auth is None and not security.login_required:
@@ -347,7 +362,7 @@ class ClientConnection(asyncio.BaseProtocol):
             try:
                 security.check_producer_group(access, group)
             except AuthError as exc:
-                log.warning("refusing %s from %s: %s", client_id, self.peer, exc)
+                log.warning("refusing %r from %s: %s", client_id, self.peer, exc)
                 self._refuse(rid, exc)
                 return
         self.access = access
@@ -356,8 +371,8 @@ class ClientConnection(asyncio.BaseProtocol):
         if timer is not None:
             timer.cancel()
             self._handshake_timer = None
-        log.info("%s %s connected from %s%s%s", role, client_id, self.peer, f" (group {group})" if group else "",
-                 f" as user {user}" if user else "")
+        log.info("%s %r connected from %s%s%s", role, client_id, self.peer, f" (group {group})" if group else "",
+                 f" as user {user!r}" if user else "")
         if role == "producer":
             self.engine.producer_hello(self)
         self.reply(rid, {"version": PROTOCOL_VERSION, "max_message_size": self.config.max_message_size, **extra})
@@ -381,29 +396,38 @@ class ClientConnection(asyncio.BaseProtocol):
         elif self._subscription is not None and not rights.may_subscribe(*self._subscription):
             problem = f"it may no longer subscribe to {self._subscription[0]!r} as {self._subscription[1]!r}"
         if problem is not None:
-            log.warning("closing %s (%s, user %r): %s", self.peer, self.client_id, access.user, problem)
+            log.warning("closing %s (%r, user %r): %s", self.peer, self.client_id, access.user, problem)
             self.error(0, AuthError(f"rights changed: {problem}"))
             self.close()
 
     def _check_send(self, p: Any) -> tuple[str, list[list[Any]], bool, int]:
-        """The topic, messages, half flag and body bytes of a SEND, checked whole before
-        anything is stored."""
-        topic = p["topic"]
-        msgs = p["msgs"]
+        """The topic, messages, half flag and weight of a SEND, checked whole before
+        anything is stored. The weight, counted in ``--max-inflight-bytes``, is the body
+        bytes plus ``SEND_MESSAGE_OVERHEAD`` per message; at most ``MAX_SEND_MESSAGES``."""
+        if type(p) is not dict:
+            raise payload_error(Op.SEND, f"got {shown(p)}")
+        topic = p.get("topic")
+        msgs = p.get("msgs")
+        if topic is None or msgs is None:
+            raise payload_error(Op.SEND, "topic is missing" if topic is None else "msgs is missing")
         half = p.get("half", False)
         if type(half) is not bool:
-            raise BadRequestError("half must be true or false")
+            raise BadRequestError("SEND: half must be true or false")
         valid = self.listener.valid_topics
-        if topic not in valid:
-            validate_send_topic(topic)
+        if type(topic) is not str or topic not in valid:
+            validate_send_topic(topic)  # (raises InvalidNameError for anything but a name)
             if len(valid) < 100_000:
                 valid.add(topic)
         if type(msgs) is not list or not msgs:
-            raise BadRequestError("msgs must be a non-empty list")
+            raise BadRequestError("SEND: msgs must be a non-empty list of messages "
+                                  "[body, tags, keys, properties, born_ts]")
+        n = len(msgs)
+        if n > MAX_SEND_MESSAGES:  # refused whole, before any message is looked at
+            raise too_many_messages(n)
         if half and not self.group:
             raise BadRequestError("half messages need a producer group in the handshake")
         limit = self.config.max_message_size
-        size = 0
+        size = n * SEND_MESSAGE_OVERHEAD
         now_ms = 0
         for m in msgs:
             if type(m) is list and len(m) == 5:
@@ -431,11 +455,13 @@ class ClientConnection(asyncio.BaseProtocol):
     def _check_subscribe(self, p: Any) -> SubscribeRequest:
         if self.subscribed:
             raise BadRequestError("this connection already has a subscription")
+        if type(p) is not dict:
+            raise payload_error(Op.SUBSCRIBE, f"got {shown(p)}")
+        if "group" not in p or "topic" not in p:
+            raise payload_error(Op.SUBSCRIBE, "group is missing" if "group" not in p else "topic is missing")
         group = validate_name(p["group"], "group")
         topic = validate_subscribe_topic(p["topic"])
-        tags = p.get("tags", "*")
-        if tags is not None and not isinstance(tags, str):
-            raise BadRequestError("tags must be a string")
+        tags = check_tags(p.get("tags", "*"))
         start = p.get("start", "earliest")
         if start not in ("earliest", "latest"):
             raise BadRequestError("start must be 'earliest' or 'latest'")
@@ -455,12 +481,10 @@ class ClientConnection(asyncio.BaseProtocol):
     def _check_receive(self, p: Any) -> dict[str, Any]:
         """The arguments of a RECEIVE (a long poll of up to ``max`` messages)."""
         if not isinstance(p, dict):
-            raise BadRequestError("RECEIVE payload must be a map")
+            raise payload_error(Op.RECEIVE, f"got {shown(p)}")
         group = validate_name(p.get("group"), "group")
         topic = validate_subscribe_topic(p.get("topic"))
-        tags = p.get("tags", "*")
-        if tags is not None and not isinstance(tags, str):
-            raise BadRequestError("tags must be a string")
+        tags = check_tags(p.get("tags", "*"))
         n, invisible, wait = p.get("max", 32), p.get("invisible_ms", 30_000), p.get("wait_ms", 20_000)
         if type(n) is not int or type(invisible) is not int or type(wait) is not int:
             raise BadRequestError("max, invisible_ms and wait_ms must be integers")
@@ -534,7 +558,7 @@ class ClientConnection(asyncio.BaseProtocol):
             transport.write(out[0] if len(out) == 1 else b"".join(out))
             unsent = transport.get_write_buffer_size()
             if unsent > self.config.max_client_buffer:
-                log.warning("disconnecting %s (%s): %d bytes of output unsent, over --max-client-buffer "
+                log.warning("disconnecting %s (%r): %d bytes of output unsent, over --max-client-buffer "
                             "%d: the client does not read its socket", self.peer, self.client_id,
                             unsent, self.config.max_client_buffer)
                 self.closed = True
