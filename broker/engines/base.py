@@ -26,9 +26,23 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from protocol.errors import HalfMQError
+from protocol.errors import BadRequestError, HalfMQError
+from protocol.names import shown
 
-__all__ = ["Engine", "Session", "Subscription"]
+__all__ = ["Engine", "Session", "Subscription", "end_tx_item"]
+
+
+def end_tx_item(i: int, item: Any) -> tuple[str, str]:
+    """Item ``i`` of an END_TX list as ``(msg_id, outcome)``; raises ``BadRequestError``
+    naming the item and what it must be (every engine answers a bad item so, on its own)."""
+    if (type(item) is not list and type(item) is not tuple) or len(item) != 2:
+        raise BadRequestError(f"END_TX item {i}: expected [msg_id, outcome], got {shown(item)}")
+    msg_id, outcome = item
+    if not isinstance(msg_id, str):
+        raise BadRequestError(f"END_TX item {i}: msg_id must be a string, got {shown(msg_id)}")
+    if outcome != "COMMIT" and outcome != "ROLLBACK":
+        raise BadRequestError(f"END_TX item {i}: outcome must be 'COMMIT' or 'ROLLBACK', got {shown(outcome)}")
+    return msg_id, outcome
 
 
 class Session(Protocol):

@@ -246,3 +246,21 @@ async def test_check_back_reaches_producer_after_reconnect(broker):
             # cluster mode: a half fetched by a gateway as it stopped comes back after the
             # engine's 10 s lease
             await wait_for(lambda: r.msg_id in rec.ids(), timeout=25, what="commit by check-back")
+
+
+async def test_malformed_end_tx_items_are_answered_one_by_one(broker):
+    # each engine answers every item, a bad one with an error naming it (the cluster engine
+    # raised inside its task on a non-pair item: the request got no reply at all)
+    from protocol import Op
+    from tests.broker.test_process import RawClient
+
+    p = await RawClient.connect(broker.address, group="bank1")
+    try:
+        answer, reply = await p.request(Op.END_TX, {"items": [5, ["only-one"], [1, "COMMIT"], ["id", "MAYBE"],
+                                                              ["unknown-id", "COMMIT"]]})
+        assert answer == Op.REPLY, reply
+        codes = [r[0] for r in reply["r"]]
+        assert codes[:4] == [8, 8, 8, 8] and codes[4] == TransactionStateError.code, reply
+        assert [r[1].split(":")[0] for r in reply["r"][:4]] == [f"END_TX item {i}" for i in range(4)]
+    finally:
+        p.close()

@@ -42,16 +42,14 @@ from broker.core.records import (
     tag_hash,
     tx_op_header,
 )
-from broker.engines.base import Session
+from broker.engines.base import Session, end_tx_item
 from protocol import (
-    BadRequestError,
     BrokerUnavailableError,
     Op,
     RequestTimeoutError,
     TransactionStateError,
 )
 from protocol.errors import HalfMQError
-from protocol.names import shown
 from storage import IndexTarget, NewRecord, RefsTarget
 
 if TYPE_CHECKING:
@@ -107,16 +105,8 @@ class EmbeddedTransactions:
         counters = self.counters
         for i, item in enumerate(items):
             try:
-                if (type(item) is not list and type(item) is not tuple) or len(item) != 2:
-                    raise BadRequestError(f"END_TX item {i}: expected [msg_id, outcome], got {shown(item)}")
-                msg_id, outcome = item
-                if not isinstance(msg_id, str):
-                    raise BadRequestError(f"END_TX item {i}: msg_id must be a string, got {shown(msg_id)}")
-                requested = _REQUESTED.get(outcome) if type(outcome) is str else None
-                if requested is None:
-                    raise BadRequestError(f"END_TX item {i}: outcome must be 'COMMIT' or 'ROLLBACK', "
-                                          f"got {shown(outcome)}")
-                recorded, changed = resolve(msg_id, requested, now, group=group)
+                msg_id, outcome = end_tx_item(i, item)
+                recorded, changed = resolve(msg_id, _REQUESTED[outcome], now, group=group)
             except HalfMQError as exc:
                 results.append([exc.code, str(exc)])
                 continue

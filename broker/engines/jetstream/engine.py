@@ -42,7 +42,7 @@ from typing import Any
 import nats.errors
 
 from broker.config import BrokerConfig
-from broker.engines.base import Session
+from broker.engines.base import Session, end_tx_item
 from broker.engines.jetstream import naming
 from broker.engines.jetstream.admin import JetStreamAdmin
 from broker.engines.jetstream.check import check_engine
@@ -65,7 +65,6 @@ from broker.engines.jetstream.streams import StreamSet
 from broker.engines.jetstream.txcheck import JetStreamTxCheck
 from protocol import Op
 from protocol.errors import (
-    BadRequestError,
     BrokerUnavailableError,
     HalfMQError,
     TopicNotFoundError,
@@ -372,10 +371,9 @@ class JetStreamEngine(JetStreamDelivering, JetStreamFifo, JetStreamPulling, JetS
             raise BrokerUnavailableError("the broker is stopping")
         self._track(self._end_tx(s, rid, items, single), "end_tx")
 
-    async def _end_one(self, msg_id: Any, outcome: Any) -> str | HalfMQError:
-        if not isinstance(msg_id, str) or outcome not in ("COMMIT", "ROLLBACK"):
-            return BadRequestError("each item must be [msg_id, 'COMMIT' | 'ROLLBACK']")
+    async def _end_one(self, i: int, item: Any) -> str | HalfMQError:
         try:
+            msg_id, outcome = end_tx_item(i, item)
             known = self._recent_halves.pop(msg_id, None)
             return (await self.ledger.end(msg_id, outcome, known=known)).state
         except Exception as exc:
@@ -385,9 +383,9 @@ class JetStreamEngine(JetStreamDelivering, JetStreamFifo, JetStreamPulling, JetS
         # the items of one request are independent transactions: their engine round trips
         # overlap (a producer's micro-batch of 64 outcomes took 64 x 2 round trips in series)
         if len(items) == 1:
-            results = [await self._end_one(*items[0])]
+            results = [await self._end_one(0, items[0])]
         else:
-            results = list(await asyncio.gather(*(self._end_one(m, o) for m, o in items)))
+            results = list(await asyncio.gather(*(self._end_one(i, item) for i, item in enumerate(items))))
         if s.closed:
             return
         if single:

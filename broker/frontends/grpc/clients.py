@@ -205,7 +205,7 @@ class GrpcClients:
                     raise LimitExceededError(f"too many gRPC clients: the broker serves at most {self.max_clients} "
                                              "(--max-connections)")
             c = self.by_id[client_id] = GrpcClient(self, client_id, peer)
-            log.info("gRPC client %s connected from %s", client_id, peer)
+            log.info("gRPC client %r connected from %s", client_id, peer)
         c.last_seen = time.monotonic()
         return c
 
@@ -316,7 +316,7 @@ class GrpcClients:
                 q.put_nowait(None)  # ends the stream's handler
             except asyncio.QueueFull:
                 pass
-        log.info("gRPC client %s gone (%s)%s", c.client_id, why,
+        log.info("gRPC client %r gone (%s)%s", c.client_id, why,
                  f"; {len(mine)} leases released" if mine else "")
 
     def close_session(self, s: GrpcSession) -> None:
