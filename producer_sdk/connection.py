@@ -52,6 +52,7 @@ from producer_sdk.connecting import (
     parse_addresses,
 )
 from protocol import (
+    MAX_CLIENT_ID,
     AuthError,
     BrokerUnavailableError,
     HalfMQError,
@@ -68,8 +69,6 @@ log = logging.getLogger("halfmq.client")
 
 #: The broker's default message size limit, until its HELLO reply says otherwise.
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
-#: Longest client id the broker accepts in a HELLO.
-MAX_CLIENT_ID = 256
 
 RequestHandler = Callable[[int, Any], Awaitable[Any]]
 PushHandler = Callable[[int, Any], None]

@@ -23,6 +23,7 @@ from protocol.errors import (
 from protocol.frames import (
     DEFAULT_MAX_FRAME_SIZE,
     FRAME_OVERHEAD,
+    MAX_CLIENT_ID,
     MAX_SEND_MESSAGES,
     PROTOCOL_VERSION,
     FrameDecoder,
@@ -60,6 +61,7 @@ __all__ = [
     "error_from_code",
     "DEFAULT_MAX_FRAME_SIZE",
     "FRAME_OVERHEAD",
+    "MAX_CLIENT_ID",
     "MAX_SEND_MESSAGES",
     "PROTOCOL_VERSION",
     "FrameDecoder",

@@ -36,6 +36,7 @@ __all__ = [
     "HEADER",
     "DEFAULT_MAX_FRAME_SIZE",
     "FRAME_OVERHEAD",
+    "MAX_CLIENT_ID",
     "MAX_SEND_MESSAGES",
     "ProtocolError",
     "FrameTooLargeError",
@@ -52,6 +53,8 @@ FRAME_OVERHEAD = 64 * 1024
 #: ``Producer.send_batch`` refuses a longer batch itself): a frame under the size limit could
 #: otherwise hold ~600,000 empty messages, seconds of the broker's event loop in one go.
 MAX_SEND_MESSAGES = 10_000
+#: Longest client id of a HELLO, in characters (the broker refuses longer; the SDK too).
+MAX_CLIENT_ID = 256
 DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024 + FRAME_OVERHEAD
 
 _pack_len = HEADER.pack

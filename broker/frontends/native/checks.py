@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol import (
+    MAX_CLIENT_ID,
     MAX_SEND_MESSAGES,
     BadRequestError,
     LimitExceededError,
@@ -36,7 +37,6 @@ from protocol.names import shown
 
 __all__ = [
     "INVISIBLE_MS",
-    "MAX_CLIENT_ID",
     "MAX_SEND_MESSAGES",
     "MAX_TAG_EXPRESSION",
     "PAYLOADS",
@@ -76,8 +76,6 @@ class SubscribeRequest:
 INVISIBLE_MS = (100, 12 * 3600 * 1000)
 WAIT_MS_MAX = 60_000
 
-#: Longest client id of a HELLO, in characters (README, "Limits").
-MAX_CLIENT_ID = 256
 #: Longest tag expression of a SUBSCRIBE or RECEIVE (``"A || B || ..."``), in characters:
 #: room for hundreds of tags, while a client cannot make every delivery scan megabytes.
 MAX_TAG_EXPRESSION = 16 * 1024
