@@ -58,6 +58,9 @@ SETTLE_TIMEOUT = 5.0
 MIN_INVISIBLE = 0.1
 MAX_INVISIBLE = 12 * 3600.0
 MAX_WAIT = 60.0
+#: Most acks ``ack_many`` puts in one request (the broker takes at most
+#: ``protocol.MAX_FRAME_ITEMS`` entries in one list).
+ACK_MANY_BATCH = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,12 +184,13 @@ class SimpleConsumer:
         return dataclasses.replace(message, receipt_handle=new)
 
     async def ack_many(self, messages: Iterable[ReceivedMessage]) -> list[HalfMQError | None]:
-        """Ack several messages in one request; per message None or its error."""
+        """Ack several messages, in one request per ``ACK_MANY_BATCH`` of them; per message
+        None or its error."""
         batch = list(messages)
         items = [[self._handle(m), "ack", 0] for m in batch]
-        if not items:
-            return []
-        results = await self._request(items)
+        results: list[Any] = []
+        for start in range(0, len(items), ACK_MANY_BATCH):
+            results += await self._request(items[start : start + ACK_MANY_BATCH])
         out: list[HalfMQError | None] = []
         for m, r in zip(batch, results, strict=True):
             if isinstance(r, list):

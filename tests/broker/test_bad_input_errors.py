@@ -10,9 +10,11 @@ import asyncio
 import struct
 import time
 
+import msgpack
+
 from protocol import Op
 from protocol.errors import BadRequestError, InvalidNameError, StaleReceiptError
-from tests.broker.test_process import RawClient
+from tests.broker.test_process import RawClient, topic_names
 
 #: What a message meant for a client must not show: Python's own exception texts.
 PYTHON_INTERNALS = ("Error(", "subscriptable", "unhashable", "unpack", "object is not", "KeyError")
@@ -61,6 +63,41 @@ async def test_undecodable_frames_say_what_was_wrong(broker):
     cut = b"\x93\x01\x01\x92\xc0"  # an array of two with one element: cut short
     text = await _frame_error(broker.address, struct.pack(">I", len(cut)) + cut)
     assert "cut short" in text, text
+
+
+async def test_frames_that_would_take_the_loop_for_seconds_are_refused_undecoded(broker):
+    """Under the frame size limit, 4 MiB of empty arrays were 4 million lists to build (and
+    1.4 million extension types, 1.4 million Python calls): seconds in which no other client
+    was served. Now such a frame is refused with what was wrong, the connection closed, and
+    a client already in is answered as before; nothing is stored."""
+    other = await RawClient.connect(broker.address)
+    try:
+        hello = [Op.HELLO, 1, {"version": 1, "client_id": "costly", "role": "producer"}]
+        for payload, expected in [
+            ([[[]] * 10_000] * 400, "more than 65536 lists and maps in one frame"),
+            ([[]] * 4_000_000, "a list of 4000000 entries (at most 65536 in one frame)"),
+            ([msgpack.ExtType(5, b"")] * 20_000, "a msgpack extension type"),
+        ]:
+            frames = _packed(hello) + _packed([Op.SEND, 2, {"topic": "costly", "msgs": payload}])
+            c = await _raw(broker.address)
+            try:
+                c.writer.write(frames)
+                assert (await c.next_frame())[0] == Op.REPLY  # the HELLO before it is answered
+                op, rid, reply = await c.next_frame()
+                assert op == Op.ERROR and rid == 0 and reply["code"] == BadRequestError.code, reply
+                assert reply["message"].startswith("undecodable frame: ") and expected in reply["message"], reply
+            finally:
+                c.close()
+            answer, _ = await other.request(Op.PING, {})
+            assert answer == Op.REPLY
+        assert "costly" not in topic_names(broker)
+    finally:
+        other.close()
+
+
+def _packed(obj: object) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
 
 
 async def test_every_request_before_the_handshake_gets_the_same_error(broker):

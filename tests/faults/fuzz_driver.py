@@ -46,7 +46,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import FrameDecoder, FrameTooLargeError, Op, ProtocolError
+from protocol import MAX_FRAME_ITEMS, FrameDecoder, FrameTooLargeError, Op, ProtocolError
 from tests.conftest import BrokerProcess
 from tests.faults.fuzz_model import (
     INVISIBLE_MS,
@@ -434,7 +434,7 @@ class FuzzRun:
 
     def _malformed_tail(self, client: RawClient, tail: bytes) -> list[str]:
         try:
-            FrameDecoder(FRAME_LIMIT).feed(tail)
+            FrameDecoder(FRAME_LIMIT, MAX_FRAME_ITEMS).feed(tail)
         except FrameTooLargeError:
             want = 4
         except ProtocolError:
@@ -513,7 +513,7 @@ def _many_halves(payload: Any) -> bool:
 def _decode_one(data: bytes) -> tuple[int, int, Any] | None:
     """The frame as the broker decodes it, or None if the broker must refuse it."""
     try:
-        frames = FrameDecoder(FRAME_LIMIT).feed(data)
+        frames = FrameDecoder(FRAME_LIMIT, MAX_FRAME_ITEMS).feed(data)
     except (ProtocolError, FrameTooLargeError):
         return None
     assert len(frames) == 1

@@ -49,6 +49,35 @@ async def test_receive_ack_and_long_poll(broker):
         await c.ack(late)
 
 
+async def test_ack_many_splits_a_long_list_into_several_requests(broker, monkeypatch):
+    """The broker takes at most ``MAX_FRAME_ITEMS`` entries in one list: ``ack_many`` sends
+    ``ACK_MANY_BATCH`` acks per request (4 here, to see the split on 10 messages)."""
+    import consumer_sdk.simple as simple
+
+    monkeypatch.setattr(simple, "ACK_MANY_BATCH", 4)
+    async with Producer(broker.address) as p, \
+            SimpleConsumer(broker.address, group="sg", topic="many-acks", wait=0.2) as c:
+        for i in range(10):
+            await p.send("many-acks", f"m{i}".encode())
+        got: list = []
+        while len(got) < 10:
+            got += await c.receive(max_messages=10, invisible_duration=30)
+        requests = []
+        real = c._request
+
+        async def counted(items):
+            requests.append(len(items))
+            return await real(items)
+
+        monkeypatch.setattr(c, "_request", counted)
+        assert await c.ack_many(got) == [None] * 10
+        assert requests == [4, 4, 2]
+        for m in got:  # every one acked: its lease is gone
+            with pytest.raises(StaleReceiptError):
+                await c.ack(m)
+        assert await c.ack_many([]) == []
+
+
 async def test_invisible_duration_runs_out_and_the_message_comes_back(broker):
     async with Producer(broker.address) as p, SimpleConsumer(broker.address, group="sg", topic="vis") as c:
         await p.send("vis", b"x")

@@ -70,6 +70,7 @@ from broker.frontends.native.checks import (
     too_many_messages,
 )
 from protocol import (
+    MAX_FRAME_ITEMS,
     PROTOCOL_VERSION,
     AuthError,
     BadRequestError,
@@ -116,7 +117,7 @@ class ClientConnection(asyncio.BaseProtocol):
         self.listener = listener
         self.engine: Engine = listener.engine
         self.config: BrokerConfig = listener.config
-        self.decoder = FrameDecoder(listener.max_frame_size)
+        self.decoder = FrameDecoder(listener.max_frame_size, MAX_FRAME_ITEMS)
         self.transport: asyncio.Transport | None = None
         # (made on the loop; looked up once: asyncio.get_running_loop() costs a getpid()
         # system call each time)
