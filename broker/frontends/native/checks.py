@@ -12,8 +12,9 @@ applied (``check_acks``); END_TX comes in a single and a list form (``check_end_
 The shapes are in docs/protocol.md (``PAYLOADS`` repeats them for error messages).
 
 Strings a client chooses that the broker writes into its log (the HELLO's ``client_id``,
-a subscription's tag expression) may hold no control character (``check_text``): a
-newline would forge log lines, an escape sequence would reach the operator's terminal.
+a subscription's tag expression) may hold no control character (C0, DEL, C1:
+``check_text``): a newline would forge log lines, an escape sequence would reach the
+operator's terminal.
 A SEND holds at most ``MAX_SEND_MESSAGES`` messages, and each weighs its body plus
 ``SEND_MESSAGE_OVERHEAD`` bytes in the connection's ``--max-inflight-bytes``, so that a
 frame of many empty messages is bounded too.
@@ -84,8 +85,8 @@ MAX_TAG_EXPRESSION = 16 * 1024
 #: an empty one), so that many small messages weigh what they cost.
 SEND_MESSAGE_OVERHEAD = 256
 
-#: C0 control characters and DEL.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Control characters: C0, DEL and C1.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 #: The payload of each request, as an error message names it (docs/protocol.md).
 PAYLOADS: dict[int, str] = {
@@ -114,8 +115,8 @@ def payload_error(op: int, problem: str = "") -> BadRequestError:
 
 
 def check_text(value: str, what: str) -> None:
-    """Refuse a client's string that holds a control character (C0 or DEL: a newline, an
-    escape, NUL...): it is written into log lines."""
+    """Refuse a client's string that holds a control character (C0, DEL or C1: a newline, an
+    escape, NUL, U+0085 NEL, U+009B CSI...): it is written into log lines."""
     m = _CONTROL.search(value)
     if m is not None:
         raise BadRequestError(f"{what} must not hold control characters (found {m.group()!r} at "

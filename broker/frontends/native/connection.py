@@ -103,8 +103,8 @@ log = logging.getLogger("halfmq.broker")
 DELIVERY_WINDOW = 1 << 20
 #: Seconds a new connection has to finish its handshake (HELLO, and AUTH with users).
 HANDSHAKE_TIMEOUT = 10.0
-#: ``str.translate`` table removing C0 control characters and DEL.
-_NO_CONTROLS = dict.fromkeys([*range(32), 127])
+#: ``str.translate`` table removing control characters (C0, DEL, C1).
+_NO_CONTROLS = dict.fromkeys([*range(32), *range(127, 160)])
 
 
 class ClientConnection(asyncio.BaseProtocol):
