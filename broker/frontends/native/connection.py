@@ -20,7 +20,8 @@ Limits, so that no client can hurt the broker (each in the README's table):
   and message bytes of SENDs not yet stored (``--max-inflight-bytes``: each message's body
   plus ``SEND_MESSAGE_OVERHEAD``, so that empty messages weigh something too) are
   counted; past either, the broker stops reading the socket until replies have gone out —
-  the client waits, nothing is refused, and memory stays bounded. A SEND of more than
+  the client waits, nothing is refused, and memory stays bounded. A SEND with rid 0 (no
+  reply wanted) counts too, under a negative rid of the broker's own. A SEND of more than
   ``MAX_SEND_MESSAGES`` messages is refused whole (``LimitExceededError``).
 - **Nothing raw in the log.** A client id or tag expression with control characters is
   refused, and the strings a client chose are logged with ``%r``.
@@ -136,6 +137,7 @@ class ClientConnection(asyncio.BaseProtocol):
         self._out_bytes = 0
         self._flush_scheduled = False
         self._rid = 0
+        self._oneway_rid = 0  # the last rid given to a SEND sent with rid 0 (see _frames)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self.subscribed = False
         self.access: SessionAccess | None = None  # the client's rights, once it is in
@@ -201,6 +203,11 @@ class ClientConnection(asyncio.BaseProtocol):
             if op == Op.REPLY or op == Op.ERROR:
                 self._resolve(op, rid, payload)
                 continue
+            if not rid and op == Op.SEND:
+                # fire and forget: counted in the in-flight limits like any SEND, under a
+                # rid of the broker's own (negative: never a client's) that gets no reply
+                self._oneway_rid -= 1
+                rid = self._oneway_rid
             try:
                 self._handle(op, rid, payload)
             except HalfMQError as exc:
@@ -566,14 +573,17 @@ class ClientConnection(asyncio.BaseProtocol):
                 transport.abort()
 
     def reply(self, rid: int, payload: Any) -> None:
-        """Answer the client's request ``rid`` (nothing when rid is 0)."""
+        """Answer the client's request ``rid`` (nothing when rid is 0 or a SEND's own
+        negative rid, see ``_frames``)."""
         if rid:
-            self.send_frame(Op.REPLY, rid, payload)
+            if rid > 0:
+                self.send_frame(Op.REPLY, rid, payload)
             self._answered(rid)
 
     def error(self, rid: int, exc: HalfMQError) -> None:
-        """Answer the client's request ``rid`` with an ERROR frame (also sent for rid 0)."""
-        self.send_frame(Op.ERROR, rid, {"code": exc.code, "message": str(exc)})
+        """Answer the client's request ``rid`` with an ERROR frame (also sent for rid 0, and
+        with rid 0 for a SEND's own negative rid)."""
+        self.send_frame(Op.ERROR, rid if rid > 0 else 0, {"code": exc.code, "message": str(exc)})
         errors = self.listener.errors
         errors[exc.code] = errors.get(exc.code, 0) + 1
         if rid:
