@@ -250,7 +250,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_prefetch", _parse_positive_int, "N",
            "largest prefetch a consumer may ask for; larger is refused (default: 4096)"),
     Option("max_client_buffer", _parse_positive_size, "BYTES",
-           "output to one client not yet written to its socket; past it the client is "
+           "output to one client not yet written to its socket; past an eighth of it the "
+           "broker stops reading that client until it reads, past it the client is "
            "disconnected (default: 64MiB)"),
     Option("max_inflight_requests", _parse_positive_int, "N",
            "requests of one connection awaiting their reply; past it the broker stops reading "

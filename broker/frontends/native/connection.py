@@ -27,9 +27,13 @@ Limits, so that no client can hurt the broker (each in the README's table):
   refused, and the strings a client chose are logged with ``%r``.
 - **Bounded output.** The transport's write buffer is capped at ``DELIVERY_WINDOW`` for
   deliveries: past it the engine leases nothing more to the connection
-  (``output_room`` is 0) until the client reads. Output that still piles up (replies to
-  a client that never reads) past ``--max-client-buffer`` gets the client disconnected,
-  with a WARNING saying why.
+  (``output_room`` is 0) until the client reads. Replies to a client that does not read
+  them stop its input: past an eighth of ``--max-client-buffer`` unsent (at least
+  ``READ_STOP_MIN``) the broker reads nothing more from it until the transport has
+  written most of it (``resume_writing``), so its requests wait in the kernel's buffers,
+  not as replies in the broker's memory. What still piles up (the replies to the
+  requests of the reads before the stop) past ``--max-client-buffer`` gets the client
+  disconnected, with a WARNING saying why.
 
 Security (``broker.security``): once users exist, HELLO starts a SCRAM-SHA-256 login that
 an AUTH frame finishes (docs/protocol.md); a failed login is answered with ``AuthError``
@@ -102,6 +106,9 @@ log = logging.getLogger("halfmq.broker")
 
 #: Unsent output (bytes) past which a connection gets no more deliveries until it reads.
 DELIVERY_WINDOW = 1 << 20
+#: Least unsent output (bytes) at which the broker stops reading a client (see "Bounded
+#: output"): above the delivery window, so that a consumer's full window never stops it.
+READ_STOP_MIN = 2 * DELIVERY_WINDOW
 #: Seconds a new connection has to finish its handshake (HELLO, and AUTH with users).
 HANDSHAKE_TIMEOUT = 10.0
 #: ``str.translate`` table removing control characters (C0, DEL, C1).
@@ -148,6 +155,9 @@ class ClientConnection(asyncio.BaseProtocol):
         self._inflight_bytes = 0  # message bytes of SENDs awaiting their reply
         self._send_sizes: dict[int, int] = {}  # rid -> message bytes of that SEND
         self._reading = True
+        # unsent output at which reading stops until the client has read most of it
+        self._read_stop = max(READ_STOP_MIN, self.config.max_client_buffer // 8)
+        self._output_held = False  # reading stopped for unread output (see flush)
         self._close_after: HalfMQError | None = None  # a malformed frame, answered once the rest are
 
     # -- the event loop's protocol calls ------------------------------------------------
@@ -238,6 +248,9 @@ class ClientConnection(asyncio.BaseProtocol):
 
     def resume_writing(self) -> None:
         self.paused = False
+        if self._output_held:  # the client read most of its output: read it again
+            self._output_held = False
+            self._maybe_read()
         self.engine.session_writable(self)
 
     # -- requests -----------------------------------------------------------------------
@@ -536,7 +549,14 @@ class ClientConnection(asyncio.BaseProtocol):
             self.error(0, exc)
             self.close()
             return
-        if (not self._reading and not self.closed and self.transport is not None
+        if not self._reading:
+            self._maybe_read()
+
+    def _maybe_read(self) -> None:
+        """Read the socket again, unless a limit still holds it (in-flight requests or
+        bytes over half their limit, unread output, a malformed frame to close after)."""
+        if (not self._reading and not self.closed and self.transport is not None and not self._output_held
+                and self._close_after is None
                 and self._inflight <= self.config.max_inflight_requests // 2
                 and self._inflight_bytes <= self.config.max_inflight_bytes // 2):
             self._reading = True
@@ -571,6 +591,12 @@ class ClientConnection(asyncio.BaseProtocol):
                             unsent, self.config.max_client_buffer)
                 self.closed = True
                 transport.abort()
+            elif unsent > self._read_stop and self.paused and not self._output_held:
+                # until resume_writing (which follows the pause_writing that made ``paused``
+                # true): the client has read most of it
+                self._output_held = True
+                if self._reading:
+                    self._pause_reading()
 
     def reply(self, rid: int, payload: Any) -> None:
         """Answer the client's request ``rid`` (nothing when rid is 0 or a SEND's own
