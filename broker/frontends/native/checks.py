@@ -3,12 +3,15 @@
 How this works
 --------------
 The connection (:mod:`broker.frontends.native.connection`) checks every request before
-the engine sees it, so that a refused request stores nothing. The checks that need only
-the payload (and the broker's limits as arguments) are here: each raises
-``BadRequestError`` (or ``MessageTooLargeError``) naming the first thing wrong, and returns
-what the engine takes. A SEND's messages are checked one by one (``check_message``) with
-their options (``check_send_options``); an ACK's items are all checked before any is
-applied (``check_acks``); END_TX comes in a single and a list form (``check_end_tx``).
+the engine sees it, so that a refused request stores nothing. The checks are here, without
+the connection: they take the payload and, as arguments, the broker's limits and what
+little of the connection they need (its producer group, the topic names it has seen).
+Each raises ``BadRequestError`` (or ``MessageTooLargeError``, ``LimitExceededError``)
+naming the first thing wrong, and returns what the engine takes. A SEND (``check_send``)
+is checked whole, its messages one by one (``check_message``) with their options
+(``check_send_options``); an ACK's items are all checked before any is applied
+(``check_acks``); END_TX comes in a single and a list form (``check_end_tx``); SUBSCRIBE
+and RECEIVE have ``check_subscribe`` and ``check_receive``.
 The shapes are in docs/protocol.md (``PAYLOADS`` repeats them for error messages).
 
 Strings a client chooses that the broker writes into its log (the HELLO's ``client_id``,
@@ -23,8 +26,9 @@ frame of many empty messages is bounded too.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol import (
     MAX_CLIENT_ID,
@@ -34,7 +38,10 @@ from protocol import (
     MessageTooLargeError,
     Op,
 )
-from protocol.names import shown
+from protocol.names import shown, validate_name, validate_send_topic, validate_subscribe_topic
+
+if TYPE_CHECKING:
+    from broker.config import BrokerConfig
 
 __all__ = [
     "INVISIBLE_MS",
@@ -51,7 +58,10 @@ __all__ = [
     "check_end_tx",
     "check_message",
     "check_recall",
+    "check_receive",
+    "check_send",
     "check_send_options",
+    "check_subscribe",
     "check_tags",
     "check_text",
     "op_name",
@@ -272,3 +282,106 @@ def op_name(op: int) -> str:
         return Op(op).name
     except ValueError:
         return f"op {op}"
+
+
+def check_send(p: Any, valid: set[str], group: str | None, config: BrokerConfig) -> tuple[str, list[list[Any]], bool, int]:
+    """The topic, messages, half flag and weight of a SEND, checked whole before
+    anything is stored. The weight, counted in ``--max-inflight-bytes``, is the body
+    bytes plus ``SEND_MESSAGE_OVERHEAD`` per message; at most ``MAX_SEND_MESSAGES``.
+    ``valid``: topic names already checked (a name found there is not checked again;
+    one checked here is added, up to 100,000); ``group``: the connection's producer
+    group (half messages need one)."""
+    if type(p) is not dict:
+        raise payload_error(Op.SEND, f"got {shown(p)}")
+    topic = p.get("topic")
+    msgs = p.get("msgs")
+    if topic is None or msgs is None:
+        raise payload_error(Op.SEND, "topic is missing" if topic is None else "msgs is missing")
+    half = p.get("half", False)
+    if type(half) is not bool:
+        raise BadRequestError("SEND: half must be true or false")
+    if type(topic) is not str or topic not in valid:
+        validate_send_topic(topic)  # (raises InvalidNameError for anything but a name)
+        if len(valid) < 100_000:
+            valid.add(topic)
+    if type(msgs) is not list or not msgs:
+        raise BadRequestError("SEND: msgs must be a non-empty list of messages "
+                              "[body, tags, keys, properties, born_ts]")
+    n = len(msgs)
+    if n > MAX_SEND_MESSAGES:  # refused whole, before any message is looked at
+        raise too_many_messages(n)
+    if half and not group:
+        raise BadRequestError("half messages need a producer group in the handshake")
+    limit = config.max_message_size
+    size = n * SEND_MESSAGE_OVERHEAD
+    now_ms = 0
+    for m in msgs:
+        if type(m) is list and len(m) == 5:
+            body, tags, keys, props, born = m
+        elif type(m) is list and len(m) == 6:
+            now_ms = now_ms or int(time.time() * 1000)
+            opts = check_send_options(m[5], half=half, max_delay_ms=int(config.max_delay * 1000),
+                                      now_ms=now_ms)
+            if opts is None:
+                del m[5]
+            else:
+                m[5] = opts
+            body, tags, keys, props, born = m[:5]
+        else:
+            raise BadRequestError("each message must be [body, tags, keys, properties, "
+                                  "born_timestamp] and optionally a map of options")
+        if (type(body) is bytes and (n := len(body)) <= limit and (tags is None or type(tags) is str)
+                and type(keys) is list and not keys and type(props) is dict and not props and type(born) is int):
+            size += n
+            continue  # the common case, checked at once
+        check_message(body, tags, keys, props, born, limit)
+        size += len(body)
+    return topic, msgs, half, size
+
+def check_subscribe(p: Any, max_prefetch: int) -> SubscribeRequest:
+    """A SUBSCRIBE's group, topic and settings, checked (a prefetch over
+    ``max_prefetch`` is a ``LimitExceededError``)."""
+    if type(p) is not dict:
+        raise payload_error(Op.SUBSCRIBE, f"got {shown(p)}")
+    if "group" not in p or "topic" not in p:
+        raise payload_error(Op.SUBSCRIBE, "group is missing" if "group" not in p else "topic is missing")
+    group = validate_name(p["group"], "group")
+    topic = validate_subscribe_topic(p["topic"])
+    tags = check_tags(p.get("tags", "*"))
+    start = p.get("start", "earliest")
+    if start not in ("earliest", "latest"):
+        raise BadRequestError("start must be 'earliest' or 'latest'")
+    prefetch = p.get("prefetch", 64)
+    max_re = p.get("max_reconsume_times", 16)
+    if type(prefetch) is not int or type(max_re) is not int:
+        raise BadRequestError("prefetch and max_reconsume_times must be integers")
+    if prefetch < 1 or max_re < 0:
+        raise BadRequestError("prefetch must be >= 1 and max_reconsume_times >= 0")
+    if prefetch > max_prefetch:
+        raise LimitExceededError(f"prefetch {prefetch} exceeds the broker's --max-prefetch {max_prefetch}")
+    fifo = p.get("fifo", False)
+    if type(fifo) is not bool:
+        raise BadRequestError("fifo must be a boolean")
+    return SubscribeRequest(group, topic, tags, start, prefetch, max_re, fifo)
+
+def check_receive(p: Any, max_prefetch: int) -> dict[str, Any]:
+    """The arguments of a RECEIVE (a long poll of up to ``max`` messages; more than
+    ``max_prefetch`` is a ``LimitExceededError``)."""
+    if not isinstance(p, dict):
+        raise payload_error(Op.RECEIVE, f"got {shown(p)}")
+    group = validate_name(p.get("group"), "group")
+    topic = validate_subscribe_topic(p.get("topic"))
+    tags = check_tags(p.get("tags", "*"))
+    n, invisible, wait = p.get("max", 32), p.get("invisible_ms", 30_000), p.get("wait_ms", 20_000)
+    if type(n) is not int or type(invisible) is not int or type(wait) is not int:
+        raise BadRequestError("max, invisible_ms and wait_ms must be integers")
+    if n < 1:
+        raise BadRequestError("max must be >= 1")
+    if n > max_prefetch:
+        raise LimitExceededError(f"max {n} exceeds the broker's --max-prefetch {max_prefetch}")
+    if not INVISIBLE_MS[0] <= invisible <= INVISIBLE_MS[1]:
+        raise BadRequestError(f"invisible_ms must be between {INVISIBLE_MS[0]} and {INVISIBLE_MS[1]}")
+    if not 0 <= wait <= WAIT_MS_MAX:
+        raise BadRequestError(f"wait_ms must be between 0 and {WAIT_MS_MAX}")
+    return {"group": group, "topic": topic, "tags": tags, "max_messages": n, "invisible_ms": invisible,
+            "wait_ms": wait}

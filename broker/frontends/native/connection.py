@@ -7,9 +7,9 @@ How this works
 :class:`Session` for that client. Bytes go through a ``FrameDecoder``; each request frame is checked here — the
 handshake first, then names, types, sizes and limits — and handed to the engine, which
 answers with ``reply`` / ``error`` now or later (when the log has the records). A request
-refused here never reaches the engine, so nothing is stored for it. The checks that need
-only the payload are in :mod:`broker.frontends.native.checks`; those that need the
-connection (its limits, its login's rights) are methods here. Outgoing frames are
+refused here never reaches the engine, so nothing is stored for it. The payload checks
+are in :mod:`broker.frontends.native.checks` (given the limits they need); the handshake,
+the login's rights and the in-flight limits are here. Outgoing frames are
 collected in a list and written with one ``transport.write`` per loop iteration, so many
 replies and deliveries share a syscall. Over TLS the connection is a
 ``TLSClientConnection``: the same, reading through ``protocol.tlsreads``.
@@ -56,23 +56,19 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from broker.frontends.native.checks import (
-    INVISIBLE_MS,
-    MAX_SEND_MESSAGES,
-    SEND_MESSAGE_OVERHEAD,
     SEND_OPTIONS,
-    WAIT_MS_MAX,
     SubscribeRequest,
     check_acks,
     check_client_id,
     check_empty,
     check_end_tx,
-    check_message,
     check_recall,
+    check_receive,
+    check_send,
     check_send_options,
-    check_tags,
+    check_subscribe,
     op_name,
     payload_error,
-    too_many_messages,
 )
 from protocol import (
     MAX_FRAME_ITEMS,
@@ -81,13 +77,10 @@ from protocol import (
     BadRequestError,
     FrameDecoder,
     HalfMQError,
-    LimitExceededError,
     Op,
     encode_frame,
     error_from_code,
     validate_name,
-    validate_send_topic,
-    validate_subscribe_topic,
 )
 from protocol.errors import BrokerUnavailableError
 from protocol.names import shown
@@ -265,7 +258,7 @@ class ClientConnection(asyncio.BaseProtocol):
         if op == Op.SEND:
             if self.access is None:
                 raise self._not_in()
-            topic, msgs, half, size = self._check_send(p)  # size: body bytes plus an overhead per message
+            topic, msgs, half, size = check_send(p, self.listener.valid_topics, self.group, self.config)
             self.listener.security.check_send(self.access, topic, self.group, half)
             if rid:
                 self._send_sizes[rid] = self._send_sizes.get(rid, 0) + size
@@ -288,13 +281,15 @@ class ClientConnection(asyncio.BaseProtocol):
             self.listener.security.check_active(self.access)
             engine.end_tx(self, rid, items, single)
         elif op == Op.SUBSCRIBE:
-            sub = self._check_subscribe(p)
+            if self.subscribed:
+                raise BadRequestError("this connection already has a subscription")
+            sub = check_subscribe(p, self.config.max_prefetch)
             self.listener.security.check_subscribe(self.access, sub.topic, sub.group)
             engine.subscribe(self, rid, sub)
             self.subscribed = True
             self._subscription = (sub.topic, sub.group)
         elif op == Op.RECEIVE:
-            receive = self._check_receive(p)
+            receive = check_receive(p, self.config.max_prefetch)
             self.listener.security.check_subscribe(self.access, receive["topic"], receive["group"])
             engine.receive(self, rid, **receive)  # type: ignore[attr-defined]
         elif op == Op.SETTLE:
@@ -420,105 +415,6 @@ class ClientConnection(asyncio.BaseProtocol):
             log.warning("closing %s (%r, user %r): %s", self.peer, self.client_id, access.user, problem)
             self.error(0, AuthError(f"rights changed: {problem}"))
             self.close()
-
-    def _check_send(self, p: Any) -> tuple[str, list[list[Any]], bool, int]:
-        """The topic, messages, half flag and weight of a SEND, checked whole before
-        anything is stored. The weight, counted in ``--max-inflight-bytes``, is the body
-        bytes plus ``SEND_MESSAGE_OVERHEAD`` per message; at most ``MAX_SEND_MESSAGES``."""
-        if type(p) is not dict:
-            raise payload_error(Op.SEND, f"got {shown(p)}")
-        topic = p.get("topic")
-        msgs = p.get("msgs")
-        if topic is None or msgs is None:
-            raise payload_error(Op.SEND, "topic is missing" if topic is None else "msgs is missing")
-        half = p.get("half", False)
-        if type(half) is not bool:
-            raise BadRequestError("SEND: half must be true or false")
-        valid = self.listener.valid_topics
-        if type(topic) is not str or topic not in valid:
-            validate_send_topic(topic)  # (raises InvalidNameError for anything but a name)
-            if len(valid) < 100_000:
-                valid.add(topic)
-        if type(msgs) is not list or not msgs:
-            raise BadRequestError("SEND: msgs must be a non-empty list of messages "
-                                  "[body, tags, keys, properties, born_ts]")
-        n = len(msgs)
-        if n > MAX_SEND_MESSAGES:  # refused whole, before any message is looked at
-            raise too_many_messages(n)
-        if half and not self.group:
-            raise BadRequestError("half messages need a producer group in the handshake")
-        limit = self.config.max_message_size
-        size = n * SEND_MESSAGE_OVERHEAD
-        now_ms = 0
-        for m in msgs:
-            if type(m) is list and len(m) == 5:
-                body, tags, keys, props, born = m
-            elif type(m) is list and len(m) == 6:
-                now_ms = now_ms or int(time.time() * 1000)
-                opts = check_send_options(m[5], half=half, max_delay_ms=int(self.config.max_delay * 1000),
-                                          now_ms=now_ms)
-                if opts is None:
-                    del m[5]
-                else:
-                    m[5] = opts
-                body, tags, keys, props, born = m[:5]
-            else:
-                raise BadRequestError("each message must be [body, tags, keys, properties, "
-                                      "born_timestamp] and optionally a map of options")
-            if (type(body) is bytes and (n := len(body)) <= limit and (tags is None or type(tags) is str)
-                    and type(keys) is list and not keys and type(props) is dict and not props and type(born) is int):
-                size += n
-                continue  # the common case, checked at once
-            check_message(body, tags, keys, props, born, limit)
-            size += len(body)
-        return topic, msgs, half, size
-
-    def _check_subscribe(self, p: Any) -> SubscribeRequest:
-        if self.subscribed:
-            raise BadRequestError("this connection already has a subscription")
-        if type(p) is not dict:
-            raise payload_error(Op.SUBSCRIBE, f"got {shown(p)}")
-        if "group" not in p or "topic" not in p:
-            raise payload_error(Op.SUBSCRIBE, "group is missing" if "group" not in p else "topic is missing")
-        group = validate_name(p["group"], "group")
-        topic = validate_subscribe_topic(p["topic"])
-        tags = check_tags(p.get("tags", "*"))
-        start = p.get("start", "earliest")
-        if start not in ("earliest", "latest"):
-            raise BadRequestError("start must be 'earliest' or 'latest'")
-        prefetch = p.get("prefetch", 64)
-        max_re = p.get("max_reconsume_times", 16)
-        if type(prefetch) is not int or type(max_re) is not int:
-            raise BadRequestError("prefetch and max_reconsume_times must be integers")
-        if prefetch < 1 or max_re < 0:
-            raise BadRequestError("prefetch must be >= 1 and max_reconsume_times >= 0")
-        if prefetch > self.config.max_prefetch:
-            raise LimitExceededError(f"prefetch {prefetch} exceeds the broker's --max-prefetch {self.config.max_prefetch}")
-        fifo = p.get("fifo", False)
-        if type(fifo) is not bool:
-            raise BadRequestError("fifo must be a boolean")
-        return SubscribeRequest(group, topic, tags, start, prefetch, max_re, fifo)
-
-    def _check_receive(self, p: Any) -> dict[str, Any]:
-        """The arguments of a RECEIVE (a long poll of up to ``max`` messages)."""
-        if not isinstance(p, dict):
-            raise payload_error(Op.RECEIVE, f"got {shown(p)}")
-        group = validate_name(p.get("group"), "group")
-        topic = validate_subscribe_topic(p.get("topic"))
-        tags = check_tags(p.get("tags", "*"))
-        n, invisible, wait = p.get("max", 32), p.get("invisible_ms", 30_000), p.get("wait_ms", 20_000)
-        if type(n) is not int or type(invisible) is not int or type(wait) is not int:
-            raise BadRequestError("max, invisible_ms and wait_ms must be integers")
-        if n < 1:
-            raise BadRequestError("max must be >= 1")
-        if n > self.config.max_prefetch:
-            raise LimitExceededError(f"max {n} exceeds the broker's --max-prefetch {self.config.max_prefetch}")
-        if not INVISIBLE_MS[0] <= invisible <= INVISIBLE_MS[1]:
-            raise BadRequestError(f"invisible_ms must be between {INVISIBLE_MS[0]} and {INVISIBLE_MS[1]}")
-        if not 0 <= wait <= WAIT_MS_MAX:
-            raise BadRequestError(f"wait_ms must be between 0 and {WAIT_MS_MAX}")
-        return {"group": group, "topic": topic, "tags": tags, "max_messages": n, "invisible_ms": invisible,
-                "wait_ms": wait}
 
     # -- output (the Session side) ------------------------------------------------------
 
