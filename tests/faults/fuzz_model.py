@@ -33,7 +33,7 @@ from typing import Any
 from protocol import Op
 
 #: What a client id or a tag expression may not hold (the broker writes them into its log).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 __all__ = [
     "OK", "ERROR", "EITHER", "SILENT", "Expect", "World", "ConnectionModel", "KNOWN_BROKER_BUGS",
