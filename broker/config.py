@@ -259,6 +259,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_inflight_bytes", _parse_positive_size, "BYTES",
            "message bytes of one connection's sends not yet stored; past it the broker stops "
            "reading that connection until they are (default: 64MiB)"),
+    Option("max_inflight_total", _parse_positive_size, "BYTES",
+           "message bytes of all connections' sends not yet stored; past it the broker stops "
+           "reading every connection that sends until half of it is stored (default: 256MiB)"),
     Option("max_delay", _parse_positive_duration, "DUR",
            "longest delay of a scheduled message (delay or deliver-at); further ahead is "
            "refused (default: 3d)"),
@@ -337,6 +340,7 @@ class BrokerConfig:
     max_client_buffer: int = 64 * 1024 * 1024
     max_inflight_requests: int = 4096
     max_inflight_bytes: int = 64 * 1024 * 1024
+    max_inflight_total: int = 256 * 1024 * 1024
     max_delay: float = 3 * 86400.0
     trace: bool = False
     tls_cert: str | None = None

@@ -20,9 +20,12 @@ Limits, so that no client can hurt the broker (each in the README's table):
   and message bytes of SENDs not yet stored (``--max-inflight-bytes``: each message's body
   plus ``SEND_MESSAGE_OVERHEAD``, so that empty messages weigh something too) are
   counted; past either, the broker stops reading the socket until replies have gone out —
-  the client waits, nothing is refused, and memory stays bounded. A SEND with rid 0 (no
-  reply wanted) counts too, under a negative rid of the broker's own. A SEND of more than
-  ``MAX_SEND_MESSAGES`` messages is refused whole (``LimitExceededError``).
+  the client waits, nothing is refused, and memory stays bounded. Each SEND is counted
+  under an id of the broker's own (below ``SEND_IDS``), answered with the client's rid, so
+  that a SEND with rid 0 (no reply wanted) or a reused rid counts too. The listener sums
+  the bytes of all connections against ``--max-inflight-total`` and holds the connections
+  that send past it. A SEND of more than ``MAX_SEND_MESSAGES`` messages is refused whole
+  (``LimitExceededError``).
 - **Nothing raw in the log.** A client id or tag expression with control characters is
   refused, and the strings a client chose are logged with ``%r``.
 - **Bounded output.** The transport's write buffer is capped at ``DELIVERY_WINDOW`` for
@@ -99,6 +102,9 @@ log = logging.getLogger("halfmq.broker")
 
 #: Unsent output (bytes) past which a connection gets no more deliveries until it reads.
 DELIVERY_WINDOW = 1 << 20
+#: The ids the broker gives SENDs (see ``_frames``) lie below this: below any rid a client
+#: can send (msgpack integers are at least -2**63).
+SEND_IDS = -(1 << 64)
 #: Least unsent output (bytes) at which the broker stops reading a client (see "Bounded
 #: output"): above the delivery window, so that a consumer's full window never stops it.
 READ_STOP_MIN = 2 * DELIVERY_WINDOW
@@ -137,7 +143,8 @@ class ClientConnection(asyncio.BaseProtocol):
         self._out_bytes = 0
         self._flush_scheduled = False
         self._rid = 0
-        self._oneway_rid = 0  # the last rid given to a SEND sent with rid 0 (see _frames)
+        self._send_seq = SEND_IDS  # the last id of the broker's own given to a SEND (see _frames)
+        self._send_rids: dict[int, int] = {}  # that id -> the client's rid, until answered
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self.subscribed = False
         self.access: SessionAccess | None = None  # the client's rights, once it is in
@@ -146,7 +153,7 @@ class ClientConnection(asyncio.BaseProtocol):
         self._subscription: tuple[str, str] | None = None  # (topic, group)
         self._inflight = 0  # requests awaiting their reply
         self._inflight_bytes = 0  # message bytes of SENDs awaiting their reply
-        self._send_sizes: dict[int, int] = {}  # rid -> message bytes of that SEND
+        self._send_sizes: dict[int, int] = {}  # SEND id -> message bytes of that SEND
         self._reading = True
         # unsent output at which reading stops until the client has read most of it
         self._read_stop = max(READ_STOP_MIN, self.config.max_client_buffer // 8)
@@ -206,11 +213,13 @@ class ClientConnection(asyncio.BaseProtocol):
             if op == Op.REPLY or op == Op.ERROR:
                 self._resolve(op, rid, payload)
                 continue
-            if not rid and op == Op.SEND:
-                # fire and forget: counted in the in-flight limits like any SEND, under a
-                # rid of the broker's own (negative: never a client's) that gets no reply
-                self._oneway_rid -= 1
-                rid = self._oneway_rid
+            if op == Op.SEND:
+                # counted in the in-flight limits under an id of the broker's own (below
+                # SEND_IDS: never a client's), answered with the client's rid: a rid the client
+                # reuses (or 0, fire and forget, which gets no REPLY) cannot hide a SEND's weight
+                self._send_seq -= 1
+                self._send_rids[self._send_seq] = rid
+                rid = self._send_seq
             try:
                 self._handle(op, rid, payload)
             except HalfMQError as exc:
@@ -233,6 +242,10 @@ class ClientConnection(asyncio.BaseProtocol):
             if not fut.done():
                 fut.set_exception(BrokerUnavailableError("connection closed"))
         self._pending.clear()
+        # its SENDs still being stored weigh nothing more in the broker's budget
+        self.listener.inflight_bytes -= self._inflight_bytes
+        self._inflight_bytes = 0
+        self._send_sizes.clear()
         self.listener.closed(self)
         log.info("connection %s (%r) closed", self.peer, self.client_id)
 
@@ -260,11 +273,14 @@ class ClientConnection(asyncio.BaseProtocol):
                 raise self._not_in()
             topic, msgs, half, size = check_send(p, self.listener.valid_topics, self.group, self.config)
             self.listener.security.check_send(self.access, topic, self.group, half)
-            if rid:
-                self._send_sizes[rid] = self._send_sizes.get(rid, 0) + size
-                self._inflight_bytes += size
-                if self._inflight_bytes >= self.config.max_inflight_bytes and self._reading:
-                    self._pause_reading()
+            self._send_sizes[rid] = size
+            self._inflight_bytes += size
+            listener = self.listener
+            listener.inflight_bytes += size
+            if self._inflight_bytes >= self.config.max_inflight_bytes and self._reading:
+                self._pause_reading()
+            if listener.inflight_bytes >= listener.max_inflight_total:
+                listener.hold(self)  # every connection's sends together: past the broker's budget
             engine.send(self, rid, topic, msgs, half)
         elif op == Op.ACK:
             if not self.subscribed:
@@ -440,6 +456,10 @@ class ClientConnection(asyncio.BaseProtocol):
         size = self._send_sizes.pop(rid, 0) if self._send_sizes else 0
         if size:
             self._inflight_bytes -= size
+            listener = self.listener
+            listener.inflight_bytes -= size
+            if listener.held and listener.inflight_bytes <= listener.max_inflight_total // 2:
+                listener.release_held()
         if self._close_after is not None and self._inflight <= 0:
             exc, self._close_after = self._close_after, None
             self.error(0, exc)
@@ -452,7 +472,7 @@ class ClientConnection(asyncio.BaseProtocol):
         """Read the socket again, unless a limit still holds it (in-flight requests or
         bytes over half their limit, unread output, a malformed frame to close after)."""
         if (not self._reading and not self.closed and self.transport is not None and not self._output_held
-                and self._close_after is None
+                and self._close_after is None and self not in self.listener.held
                 and self._inflight <= self.config.max_inflight_requests // 2
                 and self._inflight_bytes <= self.config.max_inflight_bytes // 2):
             self._reading = True
@@ -495,17 +515,22 @@ class ClientConnection(asyncio.BaseProtocol):
                     self._pause_reading()
 
     def reply(self, rid: int, payload: Any) -> None:
-        """Answer the client's request ``rid`` (nothing when rid is 0 or a SEND's own
-        negative rid, see ``_frames``)."""
+        """Answer the client's request ``rid`` (nothing when rid is 0). A SEND's id of the
+        broker's own (below ``SEND_IDS``, see ``_frames``) is answered with the client's rid."""
         if rid:
-            if rid > 0:
+            if rid > SEND_IDS:
                 self.send_frame(Op.REPLY, rid, payload)
+            else:
+                client_rid = self._send_rids.pop(rid, 0)
+                if client_rid:
+                    self.send_frame(Op.REPLY, client_rid, payload)
             self._answered(rid)
 
     def error(self, rid: int, exc: HalfMQError) -> None:
-        """Answer the client's request ``rid`` with an ERROR frame (also sent for rid 0, and
-        with rid 0 for a SEND's own negative rid)."""
-        self.send_frame(Op.ERROR, rid if rid > 0 else 0, {"code": exc.code, "message": str(exc)})
+        """Answer the client's request ``rid`` with an ERROR frame (also sent for rid 0; a
+        SEND's id of the broker's own is answered with the client's rid)."""
+        client_rid = rid if rid > SEND_IDS else self._send_rids.pop(rid, 0)
+        self.send_frame(Op.ERROR, client_rid, {"code": exc.code, "message": str(exc)})
         errors = self.listener.errors
         errors[exc.code] = errors.get(exc.code, 0) + 1
         if rid:

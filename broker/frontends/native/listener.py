@@ -17,6 +17,12 @@ open queue index files, whatever the number of queues) plus ``--max-http-connect
 the limit gets an ERROR frame (``LimitExceededError``) and is disconnected. With TLS a
 connection counts from its accept, its TLS handshake included (``broker.frontends.admission``:
 one past the limit is closed at once, a handshake not done within 10 s is dropped).
+
+Memory: each connection counts the weight of its SENDs not yet stored against
+``--max-inflight-bytes``; the listener sums them over all connections (``inflight_bytes``)
+against ``--max-inflight-total``. A connection that sends past the total is not read
+(``hold``) until the sum falls to half of it (``release_held``, from any connection's
+answered SEND or a closed connection's SENDs taken out of the sum).
 """
 
 from __future__ import annotations
@@ -81,6 +87,13 @@ class NativeListener:
         self.max_frame_size = config.max_message_size + FRAME_OVERHEAD
         self.connections: set[ClientConnection] = set()
         self.valid_topics: set[str] = set()  # topic names already checked (bounded)
+        # message bytes of every connection's SENDs not yet stored, and the connections
+        # not read until it falls to half of --max-inflight-total (hold, release_held)
+        self.inflight_bytes = 0
+        self.max_inflight_total = config.max_inflight_total
+        self.held: set[ClientConnection] = set()
+        self._hold_warned_at = -60.0
+        self._holds = 0  # times the budget was passed since the last WARNING
         self.accepted = 0
         self.refused = 0
         self.errors: dict[int, int] = {}  # requests answered with an error, by error code
@@ -160,8 +173,36 @@ class NativeListener:
         for c in list(self.connections):
             c.recheck_rights()
 
+    def hold(self, conn: ClientConnection) -> None:
+        """Stop reading ``conn``: the SENDs of all connections weigh more than
+        ``--max-inflight-total`` (``release_held`` reads them all again)."""
+        if conn not in self.held:
+            if not self.held:
+                self._holds += 1
+                now = time.monotonic()
+                if now - self._hold_warned_at >= 60:  # at most one WARNING a minute
+                    log.warning("the sends of all connections weigh %d bytes, over --max-inflight-total %d: "
+                                "connections that send are not read until half of it is stored (%d times "
+                                "since the last such warning)", self.inflight_bytes, self.max_inflight_total,
+                                self._holds)
+                    self._hold_warned_at, self._holds = now, 0
+            self.held.add(conn)
+            if conn._reading:
+                conn._pause_reading()
+
+    def release_held(self) -> None:
+        """Read the held connections again (the SENDs in flight fell to half the budget)."""
+        held, self.held = self.held, set()
+        log.debug("the sends in flight fell to %d bytes: reading %d held connections again",
+                  self.inflight_bytes, len(held))
+        for conn in held:
+            conn._maybe_read()
+
     def closed(self, conn: ClientConnection) -> None:
         """A client's connection is gone."""
+        self.held.discard(conn)
+        if self.held and self.inflight_bytes <= self.max_inflight_total // 2:
+            self.release_held()  # (its SENDs were taken out of the budget)
         if conn in self.connections:
             self.connections.discard(conn)
             self.engine.session_closed(conn)
