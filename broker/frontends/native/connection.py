@@ -80,7 +80,7 @@ from protocol import (
     BadRequestError,
     FrameDecoder,
     HalfMQError,
-    Op,
+    Ops,
     encode_frame,
     error_from_code,
     validate_name,
@@ -210,10 +210,10 @@ class ClientConnection(asyncio.BaseProtocol):
         for op, rid, payload in frames:
             if self.closed:
                 return
-            if op == Op.REPLY or op == Op.ERROR:
+            if op == Ops.REPLY or op == Ops.ERROR:
                 self._resolve(op, rid, payload)
                 continue
-            if op == Op.SEND:
+            if op == Ops.SEND:
                 # counted in the in-flight limits under an id of the broker's own (below
                 # SEND_IDS: never a client's), answered with the client's rid: a rid the client
                 # reuses (or 0, fire and forget, which gets no REPLY) cannot hide a SEND's weight
@@ -268,7 +268,7 @@ class ClientConnection(asyncio.BaseProtocol):
             self._inflight += 1  # until its reply or error (see _answered)
             if self._inflight >= self.config.max_inflight_requests and self._reading:
                 self._pause_reading()
-        if op == Op.SEND:
+        if op == Ops.SEND:
             if self.access is None:
                 raise self._not_in()
             topic, msgs, half, size = check_send(p, self.listener.valid_topics, self.group, self.config)
@@ -282,21 +282,21 @@ class ClientConnection(asyncio.BaseProtocol):
             if listener.inflight_bytes >= listener.max_inflight_total:
                 listener.hold(self)  # every connection's sends together: past the broker's budget
             engine.send(self, rid, topic, msgs, half)
-        elif op == Op.ACK:
+        elif op == Ops.ACK:
             if not self.subscribed:
                 raise self._not_in() if self.access is None else BadRequestError("ACK without a subscription")
             engine.ack(self, rid, check_acks(p))
-        elif op == Op.HELLO:
+        elif op == Ops.HELLO:
             self._hello(rid, p)
-        elif op == Op.AUTH:
+        elif op == Ops.AUTH:
             self._auth(rid, p)
         elif self.access is None:
             raise self._not_in()
-        elif op == Op.END_TX:
+        elif op == Ops.END_TX:
             items, single = check_end_tx(p)
             self.listener.security.check_active(self.access)
             engine.end_tx(self, rid, items, single)
-        elif op == Op.SUBSCRIBE:
+        elif op == Ops.SUBSCRIBE:
             if self.subscribed:
                 raise BadRequestError("this connection already has a subscription")
             sub = check_subscribe(p, self.config.max_prefetch)
@@ -304,11 +304,11 @@ class ClientConnection(asyncio.BaseProtocol):
             engine.subscribe(self, rid, sub)
             self.subscribed = True
             self._subscription = (sub.topic, sub.group)
-        elif op == Op.RECEIVE:
+        elif op == Ops.RECEIVE:
             receive = check_receive(p, self.config.max_prefetch)
             self.listener.security.check_subscribe(self.access, receive["topic"], receive["group"])
             engine.receive(self, rid, **receive)  # type: ignore[attr-defined]
-        elif op == Op.SETTLE:
+        elif op == Ops.SETTLE:
             if not isinstance(p, dict) or "group" not in p:
                 raise payload_error(op, "group is missing" if isinstance(p, dict) else "")
             group = validate_name(p["group"], "group")
@@ -317,13 +317,13 @@ class ClientConnection(asyncio.BaseProtocol):
                 raise BadRequestError("SETTLE: s must be a non-empty list of [handle, action, ms]")
             self.listener.security.check_settle(self.access, group)
             engine.settle(self, rid, group, settles)  # type: ignore[attr-defined]
-        elif op == Op.UNSUBSCRIBE:
+        elif op == Ops.UNSUBSCRIBE:
             check_empty(p, "UNSUBSCRIBE")
             engine.unsubscribe(self, rid)
-        elif op == Op.PING:
+        elif op == Ops.PING:
             check_empty(p, "PING")
             self.reply(rid, {})
-        elif op == Op.RECALL:
+        elif op == Ops.RECALL:
             msg_id = check_recall(p)
             security, access = self.listener.security, self.access
             security.check_recall(access)
@@ -519,18 +519,18 @@ class ClientConnection(asyncio.BaseProtocol):
         broker's own (below ``SEND_IDS``, see ``_frames``) is answered with the client's rid."""
         if rid:
             if rid > SEND_IDS:
-                self.send_frame(Op.REPLY, rid, payload)
+                self.send_frame(Ops.REPLY, rid, payload)
             else:
                 client_rid = self._send_rids.pop(rid, 0)
                 if client_rid:
-                    self.send_frame(Op.REPLY, client_rid, payload)
+                    self.send_frame(Ops.REPLY, client_rid, payload)
             self._answered(rid)
 
     def error(self, rid: int, exc: HalfMQError) -> None:
         """Answer the client's request ``rid`` with an ERROR frame (also sent for rid 0; a
         SEND's id of the broker's own is answered with the client's rid)."""
         client_rid = rid if rid > SEND_IDS else self._send_rids.pop(rid, 0)
-        self.send_frame(Op.ERROR, client_rid, {"code": exc.code, "message": str(exc)})
+        self.send_frame(Ops.ERROR, client_rid, {"code": exc.code, "message": str(exc)})
         errors = self.listener.errors
         errors[exc.code] = errors.get(exc.code, 0) + 1
         if rid:
@@ -538,7 +538,7 @@ class ClientConnection(asyncio.BaseProtocol):
 
     def deliver(self, items: list[list[Any]]) -> None:
         """Send deliveries ``[[token, wire message], ...]`` in one DELIVER frame."""
-        self.send_frame(Op.DELIVER, 0, {"d": items})
+        self.send_frame(Ops.DELIVER, 0, {"d": items})
 
     def request(self, op: int, payload: Any) -> asyncio.Future[Any]:
         """Send a broker-initiated request; the future resolves with the client's reply payload."""
@@ -555,7 +555,7 @@ class ClientConnection(asyncio.BaseProtocol):
         fut = self._pending.pop(rid, None)
         if fut is None or fut.done():
             return
-        if op == Op.REPLY:
+        if op == Ops.REPLY:
             fut.set_result(payload)
         else:
             code = payload.get("code", 1) if isinstance(payload, dict) else 1
