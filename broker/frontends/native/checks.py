@@ -94,7 +94,8 @@ MAX_TAG_EXPRESSION = 16 * 1024
 #: (``--max-inflight-bytes``, ``--max-inflight-total``): about what the broker holds per
 #: message until it is stored (its decoded row, ~270 bytes for a 16-byte body, the record
 #: and the reply), so that many small messages weigh what they cost. Measured: with 256
-#: here, sends of 16-byte messages held at the budget took the broker's RSS to 2.6 times it.
+#: here, sends of 16-byte messages held at the budget took the broker's RSS to 2.5 to 3 times
+#: the budget above its baseline.
 SEND_MESSAGE_OVERHEAD = 768
 
 #: Control characters: C0, DEL and C1.
