@@ -150,7 +150,7 @@ def _no_extension(code: int, data: bytes) -> Any:
     raise _ExtensionType()
 
 
-def _bounded_unpackb(max_items: int) -> Callable[[Any], Any]:
+def _bounded_unpackb(max_items: int) -> Callable[..., Any]:
     """``unpackb`` with the broker's bounds (see the module's docstring): lists and maps of
     at most ``max_items`` entries, no extension types. Timestamps (msgpack's one built-in
     extension, decoded without ``ext_hook``) come out as integers of nanoseconds, the
@@ -159,9 +159,10 @@ def _bounded_unpackb(max_items: int) -> Callable[[Any], Any]:
                              max_map_len=max_items, ext_hook=_no_extension, timestamp=2)
 
 
-def _counted_unpackb(data: Any, max_items: int) -> Any:
-    """``_bounded_unpackb`` that also refuses a frame of more than ``max_items`` lists and
-    maps in all, counted as msgpack builds them (one Python call each)."""
+def _counted_unpackb(data: Any, bounded: Callable[..., Any], max_items: int) -> Any:
+    """``bounded`` (a ``_bounded_unpackb``) that also refuses a frame of more than
+    ``max_items`` lists and maps in all, counted as msgpack builds them (one Python call
+    each)."""
     left = max_items
 
     def count(obj: Any) -> Any:
@@ -171,8 +172,7 @@ def _counted_unpackb(data: Any, max_items: int) -> Any:
             raise _TooManyContainers(max_items)
         return obj
 
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, max_array_len=max_items, max_map_len=max_items,
-                           ext_hook=_no_extension, timestamp=2, list_hook=count, object_hook=count)
+    return bounded(data, list_hook=count, object_hook=count)
 
 
 def encode_frame(op: int, rid: int, payload: Any) -> bytes:
@@ -191,7 +191,7 @@ class FrameDecoder:
         None (an SDK decoding its broker's frames) for none."""
         self.max_frame_size = max_frame_size
         self.max_items = max_items
-        self._bounded: Callable[[Any], Any] | None = None if max_items is None else _bounded_unpackb(max_items)
+        self._bounded: Callable[..., Any] | None = None if max_items is None else _bounded_unpackb(max_items)
         self._buf = bytearray()
         self._need = -1  # payload length of the frame being read, -1 while reading the header
 
@@ -240,7 +240,7 @@ class FrameDecoder:
                         elif need <= counted_above:
                             obj = bounded(view[pos : pos + need])  # type: ignore[misc]
                         else:
-                            obj = _counted_unpackb(view[pos : pos + need], max_items)
+                            obj = _counted_unpackb(view[pos : pos + need], bounded, max_items)  # type: ignore[arg-type]
                     except Exception as exc:  # msgpack raises several types for garbage
                         raise ProtocolError(f"undecodable frame: {undecodable_reason(exc)}") from None
                     pos += need
