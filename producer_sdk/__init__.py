@@ -4,7 +4,8 @@
 How this works: each producer owns one ``producer_sdk.connection.Connection`` (handshake,
 pipelined requests, automatic reconnect); ``Producer.send`` is one ``SEND`` frame and one
 reply; ``TransactionProducer.send_in_transaction`` sends a half message, runs the
-``TransactionListener``, reports its outcome and answers the broker's check-backs.
+``TransactionListener`` (or a ``BatchTransactionListener``, many local transactions in
+one call), reports its outcome and answers the broker's check-backs.
 
     from producer_sdk import Producer
     async with Producer("127.0.0.1:7600", group="producer_bank1") as p:
@@ -21,6 +22,7 @@ from producer_sdk.local_tx import (
 from producer_sdk.outbox import Outbox
 from producer_sdk.producer import Producer
 from producer_sdk.transaction import TransactionListener, TransactionProducer
+from producer_sdk.tx_batches import BatchTransactionListener
 from protocol import (
     AuthError,
     BrokerUnavailableError,
@@ -41,6 +43,7 @@ __all__ = [
     "Producer",
     "TransactionProducer",
     "TransactionListener",
+    "BatchTransactionListener",
     "LocalTransactionState",
     "SendResult",
     "Message",

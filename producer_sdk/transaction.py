@@ -27,6 +27,10 @@ How this works
    ``TransactionStateError`` reply (conflicting outcome) propagates.
 4. UNKNOWN reports nothing; check-back decides.
 
+A ``BatchTransactionListener`` (``execute_local_transaction_batch``) takes step 2 for many
+transactions in one call, one batch at a time, so that they can share one database commit
+(``producer_sdk.tx_batches``); steps 1, 3 and 4 are the same.
+
 Check-back: the broker sends ``CHECK {"m": message}`` on this producer's own connection;
 ``listener.check_local_transaction(message)`` answers (same async/thread rule, at most
 ``check_workers`` at once, in ``check_workers`` threads of their own) and the reply is ``{"state": "COMMIT"|"ROLLBACK"|"UNKNOWN"}``
@@ -61,6 +65,7 @@ from producer_sdk.producer import (
     _request_for_all,
     _schedule_options,
 )
+from producer_sdk.tx_batches import BatchTransactionListener, TransactionBatches
 from protocol import (
     BadRequestError,
     BrokerUnavailableError,
@@ -78,7 +83,7 @@ from protocol import (
 )
 from protocol.message import UnfrozenMessage
 
-__all__ = ["TransactionListener", "TransactionProducer", "LocalTransactionState"]
+__all__ = ["TransactionListener", "BatchTransactionListener", "TransactionProducer", "LocalTransactionState"]
 
 log = logging.getLogger("halfmq.producer")
 
@@ -216,6 +221,11 @@ class TransactionProducer(Producer):
     local transaction of microseconds, such as an SQLite write, that must never block for
     long), ``user``, ``password`` and ``tls`` (as for ``Producer``). ``check_workers``
     and ``execute_workers`` are at most ``MAX_CONCURRENCY`` (1024).
+
+    A ``listener`` with an ``execute_local_transaction_batch`` method (a
+    ``BatchTransactionListener``) gets the local transactions in batches, one batch at a
+    time: a plain ``def`` one in one of the ``execute_workers`` threads (on the loop with
+    0), an ``async def`` one awaited (see ``producer_sdk.tx_batches``).
     """
 
     def __init__(
@@ -223,7 +233,7 @@ class TransactionProducer(Producer):
         address: str,
         *,
         group: str,
-        listener: TransactionListener,
+        listener: TransactionListener | BatchTransactionListener,
         send_timeout: float = 3.0,
         retries: int = 2,
         client_id: str | None = None,
@@ -242,6 +252,9 @@ class TransactionProducer(Producer):
         else:  # (0: on the event loop)
             execute_workers = check_count(execute_workers, "execute_workers", 0, MAX_CONCURRENCY)
         self.listener = listener
+        batch_fn = getattr(listener, "execute_local_transaction_batch", None)
+        self._batch_fn: Callable[..., Any] | None = batch_fn if callable(batch_fn) else None
+        self._batches: TransactionBatches | None = None
         self.check_workers = check_workers
         self.execute_workers = execute_workers
         self._check_slots: asyncio.Semaphore | None = None
@@ -336,7 +349,11 @@ class TransactionProducer(Producer):
             reply = await self._send_request({"topic": topic, "msgs": [item], "half": True})
             half = self._results(topic, reply, 1)[0]
         message = _half_message(topic, data, tags, key_list, props, born, half)
-        fn = self.listener.execute_local_transaction
+        if self._batch_fn is not None:  # joins the next batch (a failure is logged there)
+            batches = self._batches or self._make_batches(self._batch_fn)
+            state = await batches.submit(message, arg)
+            return await self._report(half, state)
+        fn = self.listener.execute_local_transaction  # type: ignore[union-attr]
         try:
             if _is_async_cached(fn):
                 value = await fn(message, arg)  # type: ignore[misc]
@@ -364,6 +381,11 @@ class TransactionProducer(Producer):
                         "check-back will decide", half.msg_id)
             raise
         state = value if type(value) is LocalTransactionState else _as_state(value, "execute_local_transaction")
+        return await self._report(half, state)
+
+    async def _report(self, half: SendResult, state: LocalTransactionState) -> SendResult:
+        """Steps 3 and 4: report COMMIT or ROLLBACK (END_TX), nothing for UNKNOWN; return
+        ``half`` with its ``state`` set."""
         if state is not _UNKNOWN:
             outcome = "COMMIT" if state is _COMMIT else "ROLLBACK"  # (state.value: a descriptor call)
             try:
@@ -387,6 +409,19 @@ class TransactionProducer(Producer):
                             outcome, half.msg_id, exc)
         _set_state(half, state)
         return half
+
+    def _make_batches(self, fn: Callable[..., Any]) -> TransactionBatches:
+        """The batch runner of a ``BatchTransactionListener`` (made at the first transaction)."""
+        def call(fn: Callable[..., Any], pairs: list[tuple[Message, Any]]) -> Any:
+            if not self.execute_workers:  # on the loop
+                return fn(pairs)
+            pool = self._execute_pool
+            if pool is None:
+                pool = self._execute_pool = ListenerThreads(self._conn._loop, self.execute_workers, "halfmq-tx")
+            return pool.run(fn, pairs)
+
+        self._batches = TransactionBatches(self._conn._loop, fn, _is_async(fn), call, _as_state)
+        return self._batches
 
     def _inline_reset(self) -> None:
         """A new loop iteration: its share of on-the-loop local transactions may run, the
