@@ -46,7 +46,7 @@ BODY_SIZE = 1024
 _STAMP = struct.Struct(">q")
 _PAD_CACHE: dict[int, bytes] = {}
 #: producer modes whose local transaction writes to SQLite (see benchmarks.systems.halfmq)
-_TX_SQLITE_MODES = ("tx-sqlite", "tx-sqlite-wal", "tx-sqlite-inline")
+_TX_SQLITE_MODES = ("tx-sqlite", "tx-sqlite-wal", "tx-sqlite-inline", "tx-sqlite-batch", "tx-sqlite-batch-wal")
 
 
 def _pad(size: int) -> bytes:
@@ -78,7 +78,7 @@ def _load_client(module: str, conn: dict[str, Any]) -> Any:
 
 
 async def _produce(client: Any, p: dict[str, Any]) -> dict[str, Any]:
-    mode = p.get("mode", "publish")  # publish | batch | tx | tx-sqlite | tx-sqlite-wal | tx-sqlite-inline | fifo
+    mode = p.get("mode", "publish")  # publish | batch | tx | fifo | one of _TX_SQLITE_MODES
     users = p.get("style") == "users"  # one task per send, as applications write it
     window = int(p.get("window", 256))
     duration = float(p.get("duration", 3.0))

@@ -55,12 +55,13 @@ __all__ = [
 
 SCENARIOS = ("publish", "latency", "e2e", "tx", "batch", "fifo", "pull",
              "publish-users", "e2e-users", "e2e-users-default", "pull-users", "tx-users", "tx-users-wal",
-             "tx-users-inline")
+             "tx-users-inline", "tx-users-batch", "tx-users-batch-wal")
 #: The scenarios written as applications write them (see USERS_CONSUMER and benchmarks/e2e.py).
 USERS_SCENARIOS = ("publish-users", "e2e-users", "e2e-users-default", "pull-users", "tx-users", "tx-users-wal",
-                   "tx-users-inline")
+                   "tx-users-inline", "tx-users-batch", "tx-users-batch-wal")
 #: The users' transactional scenarios: the producer mode each runs (see benchmarks/e2e.py).
-TX_USERS_MODES = {"tx-users": "tx-sqlite", "tx-users-wal": "tx-sqlite-wal", "tx-users-inline": "tx-sqlite-inline"}
+TX_USERS_MODES = {"tx-users": "tx-sqlite", "tx-users-wal": "tx-sqlite-wal", "tx-users-inline": "tx-sqlite-inline",
+                  "tx-users-batch": "tx-sqlite-batch", "tx-users-batch-wal": "tx-sqlite-batch-wal"}
 #: The consumer an application configures by the documentation: 64 listener calls at a
 #: time, 1,024 messages prefetched.
 USERS_CONSUMER = {"prefetch": 1024, "concurrency": 64}
@@ -448,11 +449,11 @@ async def _run_comparison(systems: list[str], scenarios: list[str], s: Settings,
         big = await asyncio.to_thread(fsync_rate, workdir, 0.5, 128 * 1024)
         limits["fsync128k"].append(big)
         log(f"round {rnd}: fsync {rate:,.0f}/s of {s.size} B, {big:,.0f}/s of 128 KiB")
-        if "tx-users" in scenarios:
+        if "tx-users" in scenarios or "tx-users-batch" in scenarios:
             commits = await asyncio.to_thread(sqlite_commit_rate, workdir, 1.0)
             limits.setdefault("sqlite", []).append(commits)
             log(f"round {rnd}: SQLite alone {commits:,.0f} insert+commit/s")
-        if "tx-users-wal" in scenarios or "tx-users-inline" in scenarios:
+        if {"tx-users-wal", "tx-users-inline", "tx-users-batch-wal"} & set(scenarios):
             commits = await asyncio.to_thread(sqlite_commit_rate, workdir, 1.0, 6, True)
             limits.setdefault("sqlite-wal", []).append(commits)
             log(f"round {rnd}: SQLite alone, WAL + synchronous=NORMAL, {commits:,.0f} insert+commit/s")

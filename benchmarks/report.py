@@ -42,6 +42,11 @@ SCENARIO_TITLES = {
                      "appends to the WAL without an fsync; a power cut may lose the last commits)"),
     "tx-users-inline": ("tx-users-inline — tx-users-wal with TransactionProducer(execute_workers=0): the "
                         "listener, a plain def, called on the event loop instead of in a thread"),
+    "tx-users-batch": ("tx-users-batch — tx-users with a BatchTransactionListener: the local transactions "
+                       "of the halves stored meanwhile inserted in one SQLite transaction, one commit "
+                       "(+ fsync, SQLite's defaults) per batch"),
+    "tx-users-batch-wal": ("tx-users-batch-wal — tx-users-batch with SQLite in WAL mode, "
+                           "synchronous=NORMAL"),
 }
 
 
@@ -194,6 +199,10 @@ def goals(summary: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any
           _get(summary, hq, "tx-users-wal", "rate"), e2e_u, 0.50, unit="share")
     ratio("tx-users-inline ≥ 50% of e2e-users (tx-users-wal, listener on the event loop)",
           _get(summary, hq, "tx-users-inline", "rate"), e2e_u, 0.50, unit="share")
+    ratio("tx-users-batch ≥ 50% of e2e-users (a batch listener, one SQLite commit per batch)",
+          _get(summary, hq, "tx-users-batch", "rate"), e2e_u, 0.50, unit="share")
+    ratio("tx-users-batch-wal ≥ 50% of e2e-users (tx-users-batch, SQLite WAL)",
+          _get(summary, hq, "tx-users-batch-wal", "rate"), e2e_u, 0.50, unit="share")
     # one at a time: the disk's own write+fsync (one after another, so 1 / its rate) + 0.15 ms
     fsync_rate = limits.get("fsync")
     absolute("latency p50 ≤ the disk's 1 KiB write+fsync + 0.15 ms",
@@ -346,7 +355,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     f"{_fmt_rate(r.get('rate'))} | {cpu.get('server', 0):.0f} | "
                     f"{cpu.get('producer', 0):.0f} | {_mach(cpu)} | {r['saturated']} |")
         elif scenario in ("e2e", "tx", "fifo", "pull", "e2e-users", "e2e-users-default", "pull-users", "tx-users",
-                          "tx-users-wal", "tx-users-inline"):
+                          "tx-users-wal", "tx-users-inline", "tx-users-batch", "tx-users-batch-wal"):
             extra = " p50 @½ rate ms | p99 @½ rate ms |" if scenario == "tx" else ""
             extra_sep = "---:|---:|" if scenario == "tx" else ""
             lines += ["| system | durability | msgs/s | min–max | produce msgs/s | consume msgs/s | "

@@ -154,7 +154,8 @@ def topic_name(cell: str) -> str:
 class Server(BaseServer):
     scenarios = frozenset({"publish", "latency", "e2e", "batch", "tx", "fifo", "pull",
                            "publish-users", "e2e-users", "e2e-users-default", "pull-users",
-                           "tx-users", "tx-users-wal", "tx-users-inline"})
+                           "tx-users", "tx-users-wal", "tx-users-inline", "tx-users-batch",
+                           "tx-users-batch-wal"})
     client_module = "halfmq"
 
     def __init__(self, flush: str = "sync", *, profile_dir: str | None = None,
@@ -304,6 +305,19 @@ class _SqliteTransaction:
         return LocalTransactionState.COMMIT if row else LocalTransactionState.ROLLBACK
 
 
+class _SqliteBatches(_SqliteTransaction):
+    """The batch form of :class:`_SqliteTransaction` (a ``BatchTransactionListener``): a
+    batch of local transactions, one row each, in one SQLite transaction with one commit
+    (the SDK runs it in one of its threads, one batch at a time)."""
+
+    def execute_local_transaction_batch(self, batch: Any) -> Any:
+        db = self._db()
+        with db:
+            db.executemany("INSERT INTO transfers VALUES (?, ?)",
+                           [(message.msg_id, len(message.body)) for message, _ in batch])
+        return [LocalTransactionState.COMMIT] * len(batch)
+
+
 class Client(BaseClient):
     def __init__(self, conn: dict[str, Any]) -> None:
         super().__init__(conn)
@@ -323,19 +337,34 @@ class Client(BaseClient):
         one that writes a row to an SQLite database (see ``_SqliteTransaction``);
         "tx-sqlite-wal": the same with SQLite in WAL mode (see ``sqlite_connect``);
         "tx-sqlite-inline": "tx-sqlite-wal" with ``execute_workers=0`` (the listener, a plain
-        ``def``, called on the event loop instead of in a thread)."""
-        from producer_sdk import Producer, TransactionListener, TransactionProducer
+        ``def``, called on the event loop instead of in a thread); "tx-sqlite-batch" and
+        "tx-sqlite-batch-wal": "tx-sqlite" and "tx-sqlite-wal" with a batch listener
+        (``_SqliteBatches``: one commit per batch)."""
+        from producer_sdk import (
+            BatchTransactionListener,
+            Producer,
+            TransactionListener,
+            TransactionProducer,
+        )
 
         if isinstance(transactional, str) and transactional.startswith("tx-sqlite"):
-            class Sqlite(_SqliteTransaction, TransactionListener):
-                pass
+            listener: Any
+            path_wal = (os.path.join(tempfile.mkdtemp(prefix="halfmq-bench-sqlite-"), "bank.sqlite"),
+                        transactional not in ("tx-sqlite", "tx-sqlite-batch"))
+            if transactional.startswith("tx-sqlite-batch"):
+                class SqliteBatches(_SqliteBatches, BatchTransactionListener):
+                    pass
 
-            self._sqlite_dir = tempfile.TemporaryDirectory(prefix="halfmq-bench-sqlite-")
+                listener = SqliteBatches(*path_wal)
+            else:
+                class Sqlite(_SqliteTransaction, TransactionListener):
+                    pass
+
+                listener = Sqlite(*path_wal)
+            self._sqlite_dir = os.path.dirname(path_wal[0])
             self.producer = TransactionProducer(
                 self.address, group="bench_tx_producer", send_timeout=30.0, **self.login,
-                listener=Sqlite(os.path.join(self._sqlite_dir.name, "bank.sqlite"),
-                                wal=transactional != "tx-sqlite"),
-                execute_workers=0 if transactional == "tx-sqlite-inline" else None)
+                listener=listener, execute_workers=0 if transactional == "tx-sqlite-inline" else None)
         elif transactional:
             class Noop(_NoopTransaction, TransactionListener):
                 pass
@@ -421,4 +450,4 @@ class Client(BaseClient):
         if self.producer is not None:
             await self.producer.close()
         if getattr(self, "_sqlite_dir", None) is not None:
-            self._sqlite_dir.cleanup()
+            shutil.rmtree(self._sqlite_dir, ignore_errors=True)
