@@ -69,6 +69,9 @@ _BY_CODES = {"producer": "p", "check": "c", "operator": "o", "recovery": "r"}
 BY_NAMES = {v: k for k, v in _BY_CODES.items()}
 _REPLY_STATES = {TxState.COMMITTED: "COMMITTED", TxState.ROLLED_BACK: "ROLLED_BACK", TxState.ABANDONED: "ABANDONED"}
 _REQUESTED = {"COMMIT": TxState.COMMITTED, "ROLLBACK": TxState.ROLLED_BACK}
+#: The counter of an outcome reported by a producer, by state (an Enum member's ``.value``
+#: is a descriptor call, and this is per transaction).
+_BY_PRODUCER = {state: f"tx_{state.value}_producer" for state in (TxState.COMMITTED, TxState.ROLLED_BACK)}
 
 
 def _time_out(fut: asyncio.Future[Any]) -> None:
@@ -92,7 +95,7 @@ class EmbeddedTransactions:
             recorded, changed = self.tx.resolve(msg_id, state, now, group=s.group)  # raises for the client
             reply = {"state": _REPLY_STATES[recorded]}
             if changed:
-                self.counters[f"tx_{recorded.value}_producer"] += 1
+                self.counters[_BY_PRODUCER[recorded]] += 1
                 self._append_outcomes([(msg_id, recorded)], reply_to=(s, rid, reply))
             else:
                 s.reply(rid, reply)
@@ -112,7 +115,7 @@ class EmbeddedTransactions:
                 continue
             results.append(_REPLY_STATES[recorded])
             if changed:
-                counters[f"tx_{recorded.value}_producer"] += 1
+                counters[_BY_PRODUCER[recorded]] += 1
                 changes.append((msg_id, recorded))
         if not changes:
             s.reply(rid, reply_many)
