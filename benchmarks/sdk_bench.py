@@ -15,8 +15,9 @@ future cost alone). ``tx``: the tx-users pattern, a task per
 ``TransactionProducer.send_in_transaction`` with at most 256 in flight, whose listener is a
 plain ``def`` returning COMMIT (the SDK runs it in a worker thread; ``--sqlite``: the
 benchmark's listener instead, a row inserted into an SQLite database in WAL mode and
-committed), against a stand-in that answers each SEND and END_TX frame on the next loop
-iteration. ``--address HOST:PORT`` runs ``producer`` or ``tx`` through the real
+committed; ``--batch``: the batch form of either listener, a ``BatchTransactionListener``,
+one SQLite commit per batch), against a stand-in that answers each SEND and END_TX frame
+on the next loop iteration. ``--address HOST:PORT`` runs ``producer`` or ``tx`` through the real
 connection to a broker running there (``python -m broker --port 7600 --data-dir DIR
 --flush async``): frames encoded, written, read and decoded as well; the broker's own work
 is in its process. ``--window 1`` sends one message at a time (the latency cell's pattern).
@@ -28,7 +29,7 @@ that moves with the other load; run it under ``valgrind --tool=cachegrind
 --cache-sim=no`` with two ``--count`` values for instruction counts that do not.
 
 ``python -m benchmarks.sdk_bench producer|consumer|tx [--count N] [--floor] [--sqlite]
-[--window N] [--workers N] [--address HOST:PORT]``
+[--batch] [--window N] [--workers N] [--address HOST:PORT]``
 """
 
 from __future__ import annotations
@@ -128,17 +129,29 @@ class _Commit:
         return LocalTransactionState.COMMIT
 
 
+class _CommitBatches(_Commit):
+    """The cheapest batch listener: COMMIT for every transaction of the batch."""
+
+    def execute_local_transaction_batch(self, batch: Any) -> Any:
+        return [LocalTransactionState.COMMIT] * len(batch)
+
+
 async def _tx(count: int, sqlite: bool, address: str | None = None, window: int = WINDOW,
-              workers: int | None = None) -> float:
+              workers: int | None = None, batch: bool = False) -> float:
     import os
     import tempfile
 
-    from benchmarks.systems.halfmq import _SqliteTransaction
-    from producer_sdk import TransactionListener, TransactionProducer
+    from benchmarks.systems.halfmq import _SqliteBatches, _SqliteTransaction
+    from producer_sdk import BatchTransactionListener, TransactionListener, TransactionProducer
 
-    base = _SqliteTransaction if sqlite else _Commit
+    if batch:
+        base: type = _SqliteBatches if sqlite else _CommitBatches
+        abc_base: type = BatchTransactionListener
+    else:
+        base = _SqliteTransaction if sqlite else _Commit
+        abc_base = TransactionListener
 
-    class Listener(base, TransactionListener):  # type: ignore[valid-type,misc]
+    class Listener(base, abc_base):  # type: ignore[valid-type,misc]
         pass
 
     with tempfile.TemporaryDirectory(prefix="halfmq-sdk-bench-") as tmp:
@@ -235,6 +248,8 @@ def sdk_bench_main(argv: list[str]) -> int:
     ap.add_argument("--sqlite", action="store_true",
                     help="tx: the benchmark's listener (a row into SQLite in WAL mode) instead of "
                          "a plain def that returns COMMIT")
+    ap.add_argument("--batch", action="store_true",
+                    help="tx: the batch form of the listener (BatchTransactionListener)")
     ap.add_argument("--workers", type=int, default=None,
                     help="tx: the producer's execute_workers (default its own; 0: the listener on the "
                          "event loop)")
@@ -245,7 +260,7 @@ def sdk_bench_main(argv: list[str]) -> int:
     if args.side == "producer":
         runner = _producer(count, args.floor, args.address, args.window)
     elif args.side == "tx":
-        runner = _tx(count, args.sqlite, args.address, args.window, args.workers)
+        runner = _tx(count, args.sqlite, args.address, args.window, args.workers, args.batch)
     else:
         runner = _consumer(count)
     try:

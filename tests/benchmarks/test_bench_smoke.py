@@ -128,7 +128,7 @@ def test_bench_users_scenarios_deliver_every_message(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args", [["producer"], ["producer", "--floor"], ["consumer"],
-                                  ["tx", "--sqlite", "--workers", "0"]])
+                                  ["tx", "--sqlite", "--workers", "0"], ["tx", "--sqlite", "--batch"]])
 def test_sdk_bench_runs_each_side(args: list[str]) -> None:
     cmd = [sys.executable, "-m", "benchmarks.sdk_bench", *args, "--count", "2000"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
