@@ -282,8 +282,11 @@ class TransactionProducer(Producer):
     async def close(self) -> None:
         """Close the connection and the listener threads: local transactions already
         handed to a thread still run (their outcome is left to check-back if it can no
-        longer be reported), check-backs not started yet are dropped; waits up to
+        longer be reported), check-backs not started yet are dropped, local transactions
+        waiting for a batch are not run (``BrokerUnavailableError``); waits up to
         ``send_timeout`` for the threads to end."""
+        if self._batches is not None:
+            self._batches.close()
         await super().close()
         pools = [p for p in (self._execute_pool, self._check_pool) if p is not None]
         self._execute_pool = self._check_pool = None
@@ -407,6 +410,11 @@ class TransactionProducer(Producer):
             except (BrokerUnavailableError, RequestTimeoutError) as exc:
                 log.warning("could not report %s for msg_id %s (%s); check-back will resolve it",
                             outcome, half.msg_id, exc)
+            except HalfMQError as exc:  # the producer was closed while the local transaction ran
+                if type(exc) is not HalfMQError or not self._conn.closed:
+                    raise
+                log.warning("could not report %s for msg_id %s (the producer is closed); check-back "
+                            "will resolve it", outcome, half.msg_id)
         _set_state(half, state)
         return half
 

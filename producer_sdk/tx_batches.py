@@ -21,7 +21,9 @@ If the batch call raises, every transaction of the batch is UNKNOWN: each caller
 exception and the broker's check-back decides (``check_local_transaction``, one message at
 a time). A result that is not one state per pair is treated the same way (``TypeError``).
 A batch runs in a context of its own (an empty ``contextvars.Context``): it serves many
-callers, so no caller's context variables are visible to it.
+callers, so no caller's context variables are visible to it. ``close()`` (the producer's)
+lets a batch already running finish; the transactions still waiting for one are not run:
+their callers get ``BrokerUnavailableError`` and check-back decides.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from protocol import LocalTransactionState, Message
+from protocol import BrokerUnavailableError, LocalTransactionState, Message
 
 __all__ = ["BATCH_MAX", "BatchTransactionListener", "TransactionBatches"]
 
@@ -86,6 +88,7 @@ class TransactionBatches:
         self._pending: list[tuple[Message, Any, asyncio.Future[LocalTransactionState]]] = []
         self._scheduled = False
         self._running = False
+        self._closed = False
         #: batches run so far and the local transactions in them (for tests and logs)
         self.batches = 0
         self.transactions = 0
@@ -93,15 +96,26 @@ class TransactionBatches:
     def submit(self, message: Message, arg: Any) -> asyncio.Future[LocalTransactionState]:
         """Queue one local transaction; the future gets its state or the batch's exception."""
         fut: asyncio.Future[LocalTransactionState] = self._loop.create_future()
+        if self._closed:
+            fut.set_exception(_closed_error())
+            return fut
         self._pending.append((message, arg, fut))
         if not self._running and not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._start)
         return fut
 
+    def close(self) -> None:
+        """Run no more batches: the transactions waiting for one fail (see the module docstring)."""
+        self._closed = True
+        pending, self._pending = self._pending, []
+        for _, _, fut in pending:
+            if not fut.done():
+                fut.set_exception(_closed_error())
+
     def _start(self) -> None:
         self._scheduled = False
-        if self._running:
+        if self._running or self._closed:
             return
         pending = self._pending
         if len(pending) > BATCH_MAX:
@@ -151,3 +165,8 @@ class TransactionBatches:
         to_state = self._to_state
         return [v if type(v) is LocalTransactionState else to_state(v, "execute_local_transaction_batch")
                 for v in value]
+
+
+def _closed_error() -> BrokerUnavailableError:
+    return BrokerUnavailableError("the producer was closed before this local transaction ran; "
+                                  "it was not run, and check-back will decide its half message")

@@ -229,3 +229,38 @@ async def test_a_producer_killed_between_its_batch_commit_and_the_outcomes_loses
                 after = page["next"]
     assert committed == set(rows)  # the killed batch's too, by check-back
     assert set(rec.ids()) == set(rows), "a transaction delivered without its row, or a row's not delivered"
+
+
+async def test_close_lets_the_running_batch_finish_and_runs_no_other(broker):
+    """``close()`` while a batch runs and five transactions wait for the next: the running
+    one finishes (its outcome is left to check-back once the connection is gone), the five
+    are not run and their callers get ``BrokerUnavailableError``."""
+    from protocol import BrokerUnavailableError
+
+    started, gate = threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    class Slow(BatchTransactionListener):
+        def execute_local_transaction_batch(self, batch):
+            started.set()
+            gate.wait(10)
+            sizes.append(len(batch))
+            return [COMMIT] * len(batch)
+
+        def check_local_transaction(self, message):
+            return COMMIT
+
+    p = TransactionProducer(broker.address, group="txc_p", listener=Slow(), execute_workers=1)
+    await p.start()
+    first = asyncio.ensure_future(p.send_in_transaction("txc", b"first"))
+    await wait_for(started.is_set, what="the first batch to start")
+    rest = [asyncio.ensure_future(p.send_in_transaction("txc", b"%d" % i)) for i in range(5)]
+    await wait_for(lambda: p._batches is not None and len(p._batches._pending) == 5, what="five waiting")
+    closing = asyncio.ensure_future(p.close())
+    await wait_for(lambda: p._batches is not None and p._batches._closed, what="close() to begin")
+    gate.set()
+    await closing
+    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert not isinstance(results[0], Exception), repr(results[0])
+    assert results[0].state is COMMIT and sizes == [1], (results, sizes)
+    assert all(isinstance(r, BrokerUnavailableError) and "not run" in str(r) for r in results[1:]), results
