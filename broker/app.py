@@ -92,7 +92,7 @@ class Broker:
                 from broker.frontends.grpc.server import GrpcFrontend
 
                 self.grpc = GrpcFrontend(self.engine, cfg, access=UserAccess(self.security),
-                                         max_connections=self.native.max_connections)
+                                         max_connections=self.native.max_connections, budget=self.native)
                 self.grpc_port = await self.grpc.start()
                 self.grpc_address = f"{cfg.host}:{self.grpc_port}"
         except BaseException:

@@ -260,8 +260,9 @@ OPTIONS: tuple[Option, ...] = (
            "message bytes of one connection's sends not yet stored; past it the broker stops "
            "reading that connection until they are (default: 64MiB)"),
     Option("max_inflight_total", _parse_positive_size, "BYTES",
-           "message bytes of all connections' sends not yet stored; past it the broker stops "
-           "reading every connection that sends until half of it is stored (default: 256MiB)"),
+           "message bytes of all connections' sends not yet stored, gRPC's included; past it "
+           "the broker stops reading every native connection that sends until half of it is "
+           "stored, and refuses gRPC sends (TOO_MANY_REQUESTS) (default: 256MiB)"),
     Option("max_delay", _parse_positive_duration, "DUR",
            "longest delay of a scheduled message (delay or deliver-at); further ahead is "
            "refused (default: 3d)"),

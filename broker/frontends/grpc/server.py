@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc  # type: ignore[import-untyped]
 
-from broker.frontends.grpc.service import MessagingService, ServiceTuning
+from broker.frontends.grpc.service import MessagingService, SendBudget, ServiceTuning
 from broker.frontends.grpc.stubs import grpc_pb, pb
 
 if TYPE_CHECKING:
@@ -68,14 +68,16 @@ class GrpcFrontend:
 
     def __init__(self, engine: Engine, config: BrokerConfig, *, tuning: ServiceTuning | None = None,
                  authenticator: Authenticator | None = None, access: UserAccess | None = None,
-                 max_connections: int | None = None) -> None:
+                 max_connections: int | None = None, budget: SendBudget | None = None) -> None:
         """``max_connections``: the most connections at once, handshakes included (default
         ``--max-connections``; the broker passes the native port's, lowered to what its
-        descriptors hold)."""
+        descriptors hold). ``budget``: where sends not yet stored are counted against
+        ``--max-inflight-total`` (the broker passes its native listener)."""
         self.engine = engine
         self.config = config
         self.max_connections = max_connections or config.max_connections
-        self.service = MessagingService(engine, config, tuning=tuning, authenticator=authenticator, access=access)
+        self.service = MessagingService(engine, config, tuning=tuning, authenticator=authenticator, access=access,
+                                        budget=budget)
         self.port = 0
         self._server: Any = None
         self._timer: asyncio.Task[None] | None = None

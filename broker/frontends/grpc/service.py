@@ -40,7 +40,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf.duration_pb2 import Duration  # type: ignore[import-untyped]
 
@@ -48,6 +48,7 @@ from broker.frontends.grpc.clients import GrpcClient, GrpcClients, GrpcSession
 from broker.frontends.grpc.codes import Code, GrpcError, ok, status, status_of
 from broker.frontends.grpc.convert import delivered, duration_ms, resource_name, send_row, timestamp
 from broker.frontends.grpc.stubs import grpc_pb, pb, svc
+from broker.frontends.native.checks import SEND_MESSAGE_OVERHEAD
 from protocol.errors import HalfMQError, StaleReceiptError
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
     from broker.engines.base import Engine
     from broker.frontends.grpc.auth import Authenticator, UserAccess
 
-__all__ = ["MessagingService", "ServiceTuning"]
+__all__ = ["MessagingService", "SendBudget", "ServiceTuning"]
 
 log = logging.getLogger("halfmq.broker")
 
@@ -116,12 +117,24 @@ def _check_tags(expr: Any) -> str:
     return expr.expression or "*"
 
 
+class SendBudget(Protocol):
+    """Where the weight of sends not yet stored is counted (``--max-inflight-total``)."""
+
+    def take(self, weight: int) -> bool:
+        """Count ``weight`` bytes; False if they do not fit (nothing counted)."""
+
+    def give_back(self, weight: int) -> None:
+        """Take ``weight`` bytes counted by ``take`` out again."""
+
+
 class MessagingService(grpc_pb.MessagingServiceServicer):  # type: ignore[misc, name-defined]
     """The RocketMQ 5 service over one engine (see the module docstring)."""
 
     def __init__(self, engine: Engine, config: BrokerConfig, *, tuning: ServiceTuning | None = None,
-                 authenticator: Authenticator | None = None, access: UserAccess | None = None) -> None:
+                 authenticator: Authenticator | None = None, access: UserAccess | None = None,
+                 budget: SendBudget | None = None) -> None:
         self.engine = engine
+        self.budget = budget
         self.config = config
         self.tuning = tuning or ServiceTuning()
         self.authenticator = authenticator
@@ -297,15 +310,26 @@ class MessagingService(grpc_pb.MessagingServiceServicer):  # type: ignore[misc, 
             rows.append(row)
         # a gRPC producer's group is its topic (the proxy's convention)
         self._allowed(c, "send", topic, topic if half else None, half)
-        s = c.producer_session(topic)
-        c.topics.add(topic)
-        rid, fut = s.call()
+        # each message weighs its body and what the broker holds for it until stored, as on
+        # the native port; past the broker's budget the client is told to retry
+        weight = SEND_MESSAGE_OVERHEAD * len(rows) + sum(len(row[0]) for row in rows)
+        budget = self.budget
+        if budget is not None and not budget.take(weight):
+            raise GrpcError(Code.TOO_MANY_REQUESTS, f"the sends not yet stored weigh more than the broker's "
+                                                    f"--max-inflight-total: {weight} bytes more refused, retry later")
         try:
-            self.engine.send(s, rid, topic, rows, half)
-        except BaseException:
-            s.forget(rid)
-            raise
-        r = await self._wait(s, rid, fut)
+            s = c.producer_session(topic)
+            c.topics.add(topic)
+            rid, fut = s.call()
+            try:
+                self.engine.send(s, rid, topic, rows, half)
+            except BaseException:
+                s.forget(rid)
+                raise
+            r = await self._wait(s, rid, fut)
+        finally:
+            if budget is not None:
+                budget.give_back(weight)
         prefix = r["p"]
         entries = []
         for (pos, _qid, off), row in zip(r["r"], rows, strict=True):

@@ -22,7 +22,10 @@ Memory: each connection counts the weight of its SENDs not yet stored against
 ``--max-inflight-bytes``; the listener sums them over all connections (``inflight_bytes``)
 against ``--max-inflight-total``. A connection that sends past the total is not read
 (``hold``) until the sum falls to half of it (``release_held``, from any connection's
-answered SEND or a closed connection's SENDs taken out of the sum).
+answered SEND or a closed connection's SENDs taken out of the sum). The gRPC front end's
+sends count in the same sum (``take``/``give_back``): one that does not fit is refused
+(TOO_MANY_REQUESTS, the client retries), since an HTTP/2 connection cannot be left unread
+for one of its streams.
 """
 
 from __future__ import annotations
@@ -197,6 +200,22 @@ class NativeListener:
                   self.inflight_bytes, len(held))
         for conn in held:
             conn._maybe_read()
+
+    def take(self, weight: int) -> bool:
+        """Another front end's send (gRPC) of ``weight`` bytes: count it in the budget and
+        return True, or False if it does not fit (a send alone always fits, as on a native
+        connection); ``give_back`` once it is stored or failed."""
+        if self.inflight_bytes and self.inflight_bytes + weight > self.max_inflight_total:
+            return False
+        self.inflight_bytes += weight
+        return True
+
+    def give_back(self, weight: int) -> None:
+        """The send counted by ``take`` is answered: out of the budget; held connections
+        are read again once the sum is down to half of it."""
+        self.inflight_bytes -= weight
+        if self.held and self.inflight_bytes <= self.max_inflight_total // 2:
+            self.release_held()
 
     def closed(self, conn: ClientConnection) -> None:
         """A client's connection is gone."""
