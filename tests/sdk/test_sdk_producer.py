@@ -30,7 +30,7 @@ def test_exports_are_pinned():
               "RequestTimeoutError", "TransactionStateError", "AuthError", "LimitExceededError",
               "MessageStateError", "TopicNotFoundError"]
     assert sorted(producer_sdk.__all__) == sorted(
-        ["Producer", "TransactionProducer", "TransactionListener", "LocalTransactionState",
+        ["Producer", "TransactionProducer", "TransactionListener", "BatchTransactionListener", "LocalTransactionState",
          "SendResult", "Message", *errors,
          "TxLogChecker", "TxLogListener", "record_commit", "create_tx_log", "AlreadyRolledBackError",
          "Outbox"])
