@@ -14,6 +14,7 @@ one call), reports its outcome and answers the broker's check-backs.
 
 from producer_sdk.local_tx import (
     AlreadyRolledBackError,
+    TxLogBatchListener,
     TxLogChecker,
     TxLogListener,
     create_tx_log,
@@ -59,6 +60,7 @@ __all__ = [
     "MessageStateError",
     "TxLogChecker",
     "TxLogListener",
+    "TxLogBatchListener",
     "record_commit",
     "create_tx_log",
     "AlreadyRolledBackError",

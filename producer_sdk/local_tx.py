@@ -34,6 +34,13 @@ The three lines a user writes::
             ...                                          # inside the local transaction:
             await record_commit(conn, message.msg_id)    # in the transaction
     TransactionProducer(addr, group="g", listener=Transfer(TxLogChecker.sqlite("app.db")))
+
+``TxLogBatchListener`` is the same for a ``BatchTransactionListener``: its
+``execute_local_transaction_batch`` calls ``record_commit`` once per message of the batch,
+in the one transaction that commits them all. If a check-back already rolled one of them
+back, that call raises ``AlreadyRolledBackError``, the whole transaction rolls back and
+the batch's transactions are left to check-back, which then answers ROLLBACK for each:
+none of them has its row, so the database and the broker agree.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from producer_sdk.transaction import TransactionListener
+from producer_sdk.tx_batches import BatchTransactionListener
 from protocol import HalfMQError, LocalTransactionState, Message
 
 __all__ = [
@@ -55,6 +63,7 @@ __all__ = [
     "AlreadyRolledBackError",
     "TxLogChecker",
     "TxLogListener",
+    "TxLogBatchListener",
     "create_tx_log",
     "record_commit",
     "sql_dialect",
@@ -348,13 +357,8 @@ async def _quiet_rollback(conn: Any) -> None:
         await conn.rollback()
 
 
-class TxLogListener(TransactionListener):
-    """A ``TransactionListener`` whose ``check_local_transaction`` is ready-made.
-
-    Subclass it and write only ``execute_local_transaction``, calling
-    ``record_commit(conn, message.msg_id)`` inside the local transaction before it commits.
-    ``tx_log`` is the ``TxLogChecker`` of the same database.
-    """
+class _TxLogCheck:
+    """The ready-made ``check_local_transaction`` of both listeners below."""
 
     def __init__(self, tx_log: TxLogChecker) -> None:
         self.tx_log = tx_log
@@ -363,3 +367,21 @@ class TxLogListener(TransactionListener):
         """Answer a check-back from the transaction log (see ``TxLogChecker.check``)."""
         return await self.tx_log.check(message.msg_id)
 
+
+class TxLogListener(_TxLogCheck, TransactionListener):
+    """A ``TransactionListener`` whose ``check_local_transaction`` is ready-made.
+
+    Subclass it and write only ``execute_local_transaction``, calling
+    ``record_commit(conn, message.msg_id)`` inside the local transaction before it commits.
+    ``tx_log`` is the ``TxLogChecker`` of the same database.
+    """
+
+
+class TxLogBatchListener(_TxLogCheck, BatchTransactionListener):
+    """A ``BatchTransactionListener`` whose ``check_local_transaction`` is ready-made.
+
+    Subclass it and write only ``execute_local_transaction_batch``, calling
+    ``record_commit(conn, message.msg_id)`` for every message of the batch inside the one
+    local transaction before it commits. ``tx_log`` is the ``TxLogChecker`` of the same
+    database.
+    """

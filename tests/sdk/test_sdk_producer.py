@@ -32,7 +32,7 @@ def test_exports_are_pinned():
     assert sorted(producer_sdk.__all__) == sorted(
         ["Producer", "TransactionProducer", "TransactionListener", "BatchTransactionListener", "LocalTransactionState",
          "SendResult", "Message", *errors,
-         "TxLogChecker", "TxLogListener", "record_commit", "create_tx_log", "AlreadyRolledBackError",
+         "TxLogChecker", "TxLogListener", "TxLogBatchListener", "record_commit", "create_tx_log", "AlreadyRolledBackError",
          "Outbox"])
     assert sorted(consumer_sdk.__all__) == sorted(["PushConsumer", "SimpleConsumer", "ReceivedMessage",
                                                    "StaleReceiptError", "ConsumeResult", "Message",

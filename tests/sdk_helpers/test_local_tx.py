@@ -138,3 +138,51 @@ async def test_bad_identifiers_and_ids_are_refused(sqldb):
             await record_commit(conn, "")
     with pytest.raises(TypeError):
         await record_commit(object(), "x")
+
+
+async def test_tx_log_batch_listener_commits_a_batch_in_one_transaction(sqldb, broker):
+    """Through a broker: a ``TxLogBatchListener`` records every message of a batch in one
+    local transaction; check-back answers COMMIT for those. A batch that fails records
+    nothing: its callers get the error and check-back rolls each of its transactions back."""
+    import json
+    import urllib.request
+
+    from producer_sdk import TransactionProducer, TxLogBatchListener
+    from tests.conftest import wait_for
+
+    await _setup(sqldb)
+    checker = sqldb.checker()
+    sizes: list[int] = []
+
+    class Transfers(TxLogBatchListener):
+        async def execute_local_transaction_batch(self, batch):
+            sizes.append(len(batch))
+            async with sqldb.connect() as conn:
+                await _begin(conn, sqldb.kind)
+                try:
+                    for message, arg in batch:
+                        await execute(conn, "INSERT INTO work (id) VALUES (?)", (message.msg_id,))
+                        await record_commit(conn, message.msg_id)
+                        if arg == "fail":
+                            raise RuntimeError("the bank refused the batch")
+                except BaseException:
+                    await conn.rollback()
+                    raise
+                await conn.commit()
+            return [COMMIT] * len(batch)
+
+    def rolled_back() -> int:
+        with urllib.request.urlopen(f"{broker.http_url}/api/transactions?state=rolled_back", timeout=10) as r:
+            return len(json.loads(r.read())["transactions"])
+
+    async with TransactionProducer(broker.address, group="txlog_batch", listener=Transfers(checker)) as p:
+        done = await asyncio.gather(*(p.send_in_transaction("txlog-batch", b"%d" % i) for i in range(30)))
+        assert all(r.state is COMMIT for r in done) and len(sizes) < 30, sizes
+        for r in done:
+            assert await checker.check(r.msg_id) is COMMIT
+        failed = await asyncio.gather(*(p.send_in_transaction("txlog-batch", b"f", arg="fail") for _ in range(3)),
+                                      return_exceptions=True)
+        assert all(isinstance(e, RuntimeError) for e in failed), failed
+        await wait_for(lambda: rolled_back() == 3, timeout=20, what="check-back to roll back the failed batch")
+    async with sqldb.connect() as conn:
+        assert await execute(conn, "SELECT COUNT(*) FROM work") == [(30,)]
