@@ -419,16 +419,20 @@ class TransactionProducer(Producer):
         return half
 
     def _make_batches(self, fn: Callable[..., Any]) -> TransactionBatches:
-        """The batch runner of a ``BatchTransactionListener`` (made at the first transaction)."""
-        def call(fn: Callable[..., Any], pairs: list[tuple[Message, Any]]) -> Any:
-            if not self.execute_workers:  # on the loop
+        """The batch runner of a ``BatchTransactionListener`` (made at the first transaction):
+        an ``async def`` batch is awaited, a plain ``def`` one runs in a listener thread, or
+        on the loop with ``execute_workers=0``."""
+        in_thread = not _is_async(fn) and self.execute_workers > 0
+
+        def run(pairs: list[tuple[Message, Any]]) -> Any:
+            if not in_thread:
                 return fn(pairs)
             pool = self._execute_pool
             if pool is None:
                 pool = self._execute_pool = ListenerThreads(self._conn._loop, self.execute_workers, "halfmq-tx")
             return pool.run(fn, pairs)
 
-        self._batches = TransactionBatches(self._conn._loop, fn, _is_async(fn), call, _as_state)
+        self._batches = TransactionBatches(self._conn._loop, run, _as_state)
         return self._batches
 
     def _inline_reset(self) -> None:

@@ -69,27 +69,24 @@ class BatchTransactionListener(abc.ABC):
 
 
 class TransactionBatches:
-    """Runs ``fn`` (a listener's ``execute_local_transaction_batch``) on the pending local
-    transactions, one batch at a time (see the module docstring).
+    """Runs the pending local transactions one batch at a time (see the module docstring).
 
-    ``call`` runs a plain ``def`` batch and returns its result or an awaitable of it: the
-    producer's listener threads, or a direct call on the loop. ``to_state`` turns each
-    returned value into a ``LocalTransactionState``.
+    ``run(pairs)`` calls the listener's ``execute_local_transaction_batch`` and returns its
+    result or an awaitable of it (the producer decides where: awaited, in its listener
+    threads, or on the loop). ``to_state`` turns each returned value into a
+    ``LocalTransactionState``.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], is_async: bool,
-                 call: Callable[[Callable[..., Any], list[tuple[Message, Any]]], Any],
+    def __init__(self, loop: asyncio.AbstractEventLoop, run: Callable[[list[tuple[Message, Any]]], Any],
                  to_state: Callable[[Any, str], LocalTransactionState]) -> None:
         self._loop = loop
-        self._fn = fn
-        self._is_async = is_async
-        self._call = call
+        self._runner = run
         self._to_state = to_state
         self._pending: list[tuple[Message, Any, asyncio.Future[LocalTransactionState]]] = []
         self._scheduled = False
         self._running = False
         self._closed = False
-        #: batches run so far and the local transactions in them (for tests and logs)
+        #: batches run so far and the local transactions in them (for inspection)
         self.batches = 0
         self.transactions = 0
 
@@ -134,7 +131,7 @@ class TransactionBatches:
         pairs = [(m, a) for m, a, _ in batch]
         try:
             try:
-                value = self._fn(pairs) if self._is_async else self._call(self._fn, pairs)
+                value = self._runner(pairs)
                 if inspect.isawaitable(value):
                     value = await value
                 states = self._states(value, len(pairs))

@@ -348,20 +348,16 @@ class Client(BaseClient):
         )
 
         if isinstance(transactional, str) and transactional.startswith("tx-sqlite"):
-            listener: Any
-            path_wal = (os.path.join(tempfile.mkdtemp(prefix="halfmq-bench-sqlite-"), "bank.sqlite"),
-                        transactional not in ("tx-sqlite", "tx-sqlite-batch"))
-            if transactional.startswith("tx-sqlite-batch"):
-                class SqliteBatches(_SqliteBatches, BatchTransactionListener):
-                    pass
+            class Sqlite(_SqliteTransaction, TransactionListener):
+                pass
 
-                listener = SqliteBatches(*path_wal)
-            else:
-                class Sqlite(_SqliteTransaction, TransactionListener):
-                    pass
+            class SqliteBatches(_SqliteBatches, BatchTransactionListener):
+                pass
 
-                listener = Sqlite(*path_wal)
-            self._sqlite_dir = os.path.dirname(path_wal[0])
+            self._sqlite_dir = tempfile.mkdtemp(prefix="halfmq-bench-sqlite-")
+            kind = SqliteBatches if transactional.startswith("tx-sqlite-batch") else Sqlite
+            listener = kind(os.path.join(self._sqlite_dir, "bank.sqlite"),
+                            wal=transactional not in ("tx-sqlite", "tx-sqlite-batch"))
             self.producer = TransactionProducer(
                 self.address, group="bench_tx_producer", send_timeout=30.0, **self.login,
                 listener=listener, execute_workers=0 if transactional == "tx-sqlite-inline" else None)
