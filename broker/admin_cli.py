@@ -161,6 +161,10 @@ def _parser() -> argparse.ArgumentParser:
     add_http_login_options(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("topics", help="topics, queues, message counts")
+    ct = sub.add_parser("create-topic", help="create a topic (also with --no-auto-create-topics); "
+                                             "one that exists is left as it is")
+    ct.add_argument("topic")
+    ct.add_argument("--queues", type=int, help="its queues, 1 to 1024 (default: the broker's --default-queues)")
     sub.add_parser("groups", help="consumer groups: delivered, acked, in flight, retrying, dead, lag")
     gm = sub.add_parser("members", help="a consumer group's members: client id, address, version, leases")
     gm.add_argument("group")
@@ -214,6 +218,10 @@ def admin_main(argv: list[str]) -> int:
     text: Callable[[Any], str]
     if a.cmd == "topics":
         out, text = get("/api/topics", paging), lambda o: _paged(o, "topics", _TOPICS, "(no topics yet)")
+    elif a.cmd == "create-topic":
+        out = post(f"/api/topics/{quote(a.topic, safe='')}", {} if a.queues is None else {"queues": a.queues})
+        text = lambda o: (f"topic {o['topic']}: " + ("created" if o["created"] else "exists already")  # noqa: E731
+                          + f", {o['queues']} queues")
     elif a.cmd == "groups":
         out, text = get("/api/groups", paging), lambda o: _paged(o, "groups", _GROUPS, "(no consumer groups yet)")
     elif a.cmd == "members":

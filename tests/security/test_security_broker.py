@@ -208,7 +208,8 @@ async def test_admin_routes_need_their_rights(secured):
     changes = [(f"/api/transactions/{half.msg_id}/commit", None), (f"/api/transactions/{half.msg_id}/rollback", None),
                (f"/api/dlq/consumer_bank2/messages/{sent.msg_id}/resend", None),
                ("/api/users", {"user": "eve", "password": "x"}), ("/api/users/bank2/grant", {"right": "admin", "topic": "*"}),
-               ("/api/users/bank1/remove", None), ("/api/tokens", {"user": "ops"})]
+               ("/api/users/bank1/remove", None), ("/api/tokens", {"user": "ops"}),
+               ("/api/topics/audit", {"queues": 2}), ("/api/topics/transfer", {})]
     async with aiohttp.ClientSession() as http:
         await wait_for(lambda: _dead(http, base, sent.msg_id), what="the dead letter")
         async with http.get(f"{base}/healthz") as r:  # open for probes, telling nothing of the machine
@@ -229,6 +230,9 @@ async def test_admin_routes_need_their_rights(secured):
             assert r.status == 403 and "cross-site" in (await r.json())["error"]
         # nothing changed
         assert await _prepared(http, base) == [half.msg_id]
+        assert await _messages(http, base, "audit") == 0
+        status, listed = await _get(http, f"{base}/api/topics")
+        assert "audit" not in [t["topic"] for t in listed["topics"]]  # type: ignore[index]
         assert await _dead(http, base, sent.msg_id)
         status, users = await _get(http, f"{base}/api/users")
         assert [u["user"] for u in users["users"]] == ["bank1", "bank2", "ops", "other", "reader"]  # type: ignore[index]
@@ -236,6 +240,8 @@ async def test_admin_routes_need_their_rights(secured):
         # the admin may; a token acts as its user until revoked
         r = await http.post(f"{base}/api/transactions/{half.msg_id}/rollback", headers={**OPS, **CSRF})
         assert r.status == 200, await r.text()
+        r = await http.post(f"{base}/api/topics/audit", json={"queues": 2}, headers=OPS)
+        assert r.status == 201 and (await r.json())["created"], await r.text()
         r = await http.post(f"{base}/api/tokens", json={"user": "reader"}, headers={**OPS, **CSRF})
         token = (await r.json())
         bearer = {"Authorization": f"Bearer {token['token']}"}

@@ -84,6 +84,20 @@ class EmbeddedAdmin:
                         "scheduled": n, "next_due": next_due})
         return out
 
+    async def admin_create_topic(self: EmbeddedEngine, topic: str, queues: int | None) -> dict[str, Any]:
+        """Create ``topic`` (a name a producer may send to, checked by the caller) with
+        ``queues`` queues (None: ``--default-queues``), whether or not topics are
+        auto-created, and store it before answering. A topic that exists is left as it is.
+        Returns ``{"topic", "queues", "created"}``; raises ``LimitExceededError`` past
+        ``--max-topics``."""
+        have = self.topics.get(topic)
+        if have is not None:
+            return {"topic": topic, "queues": have, "created": False}
+        n = self._add_topic(topic, queues or self.config.default_queues, " (admin API)")
+        assert self.store is not None
+        await self.store.metadata.put_topic(topic, n)
+        return {"topic": topic, "queues": n, "created": True}
+
     async def admin_groups(self: EmbeddedEngine) -> list[dict[str, Any]]:
         """Per group: topics, members, delivered, acked, failed, expired, in flight,
         waiting retry, dead-lettered, lag."""

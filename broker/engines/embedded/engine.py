@@ -329,17 +329,23 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
             return n
         if not self.config.auto_create_topics:
             raise TopicNotFoundError(f"topic {topic!r} does not exist and auto-create is off")
+        n = self._add_topic(topic, self.config.default_queues, "")
+        assert self.store is not None
+        asyncio.get_running_loop().create_task(self.store.metadata.put_topic(topic, n))
+        return n
+
+    def _add_topic(self, topic: str, queues: int, by: str) -> int:
+        """Register a new ``topic`` with ``queues`` queues (its metadata row is the caller's);
+        raises ``LimitExceededError`` past ``--max-topics``. ``by``: who, for the log."""
         if len(self.topics) >= self.config.max_topics:
             raise LimitExceededError(
                 f"topic {topic!r} not created: the broker holds --max-topics {self.config.max_topics} topics")
-        n = self.topics[topic] = self.config.default_queues
-        assert self.store is not None
-        asyncio.get_running_loop().create_task(self.store.metadata.put_topic(topic, n))
-        log.info("created topic %s with %d queues", topic, n)
+        self.topics[topic] = queues
+        log.info("created topic %s with %d queues%s", topic, queues, by)
         for gd in self.groups.values():
             if topic in gd.topics():
                 gd.ensure_topic(topic)
-        return n
+        return queues
 
     def _group(self, group: str) -> GroupDelivery:
         """The delivery state of ``group``, created if needed."""

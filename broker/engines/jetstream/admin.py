@@ -15,6 +15,7 @@ decisions). The actions go through the data plane's paths (``ledger.end``,
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +25,11 @@ from broker.engines.jetstream.ledger import STATES
 from broker.engines.jetstream.parts import EngineParts
 from broker.engines.jetstream.records import Kind, decode_record
 from protocol import DLQ_PREFIX, validate_name
+from protocol.errors import BadRequestError
 
 __all__ = ["JetStreamAdmin"]
+
+log = logging.getLogger("halfmq.engine")
 
 SCAN_LIMIT = 10_000
 #: Pending schedules read at most per topic for its ``next_due``.
@@ -80,6 +84,28 @@ class JetStreamAdmin(EngineParts):
             out.append({"topic": DLQ_PREFIX + subject.split(".", 2)[2],
                         "queues": [{"queue_id": 0, "messages": n}], "messages": n})
         return out
+
+    async def admin_create_topic(self, topic: str, queues: int | None) -> dict[str, Any]:
+        """Create ``topic``'s stream (the name checked by the caller), whether or not topics
+        are auto-created; one that exists is left as it is. Every topic of a cluster has
+        ``--default-queues`` queues: another count raises ``BadRequestError``. Returns
+        ``{"topic", "queues", "created"}``."""
+        # (imported here: the engine module imports this one)
+        from broker.engines.jetstream.engine import as_client_error
+
+        n = self.config.default_queues
+        if queues is not None and queues != n:
+            raise BadRequestError(f"topic {topic!r} not created: every topic of a cluster has "
+                                  f"--default-queues ({n}) queues")
+        try:
+            created = await self.streams.ensure_topic_if_exists(topic) is None
+            if created:
+                await self.streams.ensure_topic(topic)
+        except Exception as exc:
+            raise as_client_error(exc) from exc
+        if created:
+            log.info("created topic %s (admin API)", topic)
+        return {"topic": topic, "queues": n, "created": created}
 
     async def admin_groups(self) -> list[dict[str, Any]]:
         """Per group: topics, members on this gateway, delivered, acked, in flight,

@@ -14,6 +14,9 @@ Routes
   fdatasyncs done on it) and messages sent
 - ``GET /api/topics`` — topics with their queues and message counts, scheduled messages
   and the next one's delivery time
+- ``POST /api/topics/{topic}`` (JSON ``{"queues": N}``, optional) — create a topic, also
+  with ``--no-auto-create-topics``: 201 when created, 200 when it exists with that queue
+  count (nothing changes), 409 when it exists with another or ``--max-topics`` is reached
 - ``GET /api/groups`` — per group and topic: delivered, acked, in-flight, waiting retry,
   dead-lettered, lag
 - ``GET /api/groups/{group}/members`` — a group's members: client id, address, client
@@ -68,10 +71,13 @@ from broker.webhooks.routes import add_webhook_routes
 from protocol import (
     DLQ_PREFIX,
     BadRequestError,
+    BrokerUnavailableError,
     HalfMQError,
+    LimitExceededError,
     MessageStateError,
     TransactionStateError,
     validate_name,
+    validate_send_topic,
 )
 
 if TYPE_CHECKING:
@@ -81,6 +87,8 @@ __all__ = ["start_admin_http", "AdminHTTP", "build_app", "PAGE_DEFAULT", "PAGE_M
 
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000
+#: Queues a topic created through ``POST /api/topics/{topic}`` may have, at most.
+MAX_TOPIC_QUEUES = 1024
 
 
 class _BadQuery(ValueError):
@@ -157,6 +165,31 @@ def build_app(broker: Broker) -> web.Application:
     @routes.get("/api/topics")
     async def topics(req: web.Request) -> web.Response:
         return web.json_response(_page(req, await engine.admin_topics(), "topic", "topics"))
+
+    @routes.post("/api/topics/{topic}")
+    async def create_topic(req: web.Request) -> web.Response:
+        topic = req.match_info["topic"]
+        try:
+            validate_send_topic(topic)
+            body = await req.json() if req.can_read_body else {}
+            if not isinstance(body, dict) or set(body) - {"queues"}:
+                raise BadRequestError("the body must be a JSON object with at most one key, queues")
+            queues = body.get("queues")
+            if queues is not None and (type(queues) is not int or not 1 <= queues <= MAX_TOPIC_QUEUES):
+                raise BadRequestError(f"queues must be an integer from 1 to {MAX_TOPIC_QUEUES}, got {queues!r}")
+            out = await engine.admin_create_topic(topic, queues)
+        except ValueError as exc:  # a body that is not JSON
+            return err(400, f"malformed body: {exc}")
+        except LimitExceededError as exc:
+            return err(409, str(exc))
+        except BrokerUnavailableError as exc:
+            return err(503, str(exc))
+        except HalfMQError as exc:
+            return err(400, str(exc))
+        if queues is not None and out["queues"] != queues:
+            return err(409, f"topic {topic!r} exists with {out['queues']} queues; "
+                            "the queue count of a topic does not change")
+        return web.json_response(out, status=201 if out["created"] else 200)
 
     @routes.get("/api/groups")
     async def groups(req: web.Request) -> web.Response:
