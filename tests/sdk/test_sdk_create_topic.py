@@ -1,7 +1,8 @@
 """Topics an operator creates (``halfmq admin create-topic``, ``POST /api/topics/{topic}``)
 on a broker that does not create them on first use (``--no-auto-create-topics``): a send
 is refused until the topic exists, then stored and delivered; the topic survives a
-``kill -9``; bad requests get a clear error and create nothing. On both engines."""
+``kill -9``; bad requests get a clear error and create nothing; ``--max-topics`` holds for
+the admin API, sends and subscriptions alike. On both engines."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import urllib.request
 import pytest
 
 from consumer_sdk import ConsumeResult, PushConsumer
-from producer_sdk import Producer, TopicNotFoundError
+from producer_sdk import LimitExceededError, Producer, TopicNotFoundError
 from tests.conftest import ROOT, wait_for
 from tests.engines import ClusterBroker
 
@@ -96,10 +97,23 @@ async def test_bad_requests_create_nothing(broker_factory):
     if isinstance(b, ClusterBroker):  # every topic of a cluster has --default-queues queues
         status, answer = post(b, "/api/topics/u", b'{"queues": 5}')
         assert status == 400 and "--default-queues (2)" in answer["error"]
-        assert "u" not in topics(b)
     else:
         status, answer = post(b, "/api/topics/t", b'{"queues": 5}')
         assert status == 409 and "exists with 2 queues" in answer["error"]
-        status, answer = post(b, "/api/topics/u", b"{}")
-        assert status == 409 and "--max-topics 1" in answer["error"]
-        assert topics(b) == {"t": 2}
+    status, answer = post(b, "/api/topics/u", b"{}")
+    assert status == 409 and "--max-topics 1" in answer["error"]
+    assert topics(b) == {"t": 2}
+
+
+async def test_max_topics_holds_for_sends_and_subscriptions(broker_factory):
+    b = broker_factory("--max-topics", "2")
+    async with Producer(b.address, send_timeout=10) as p:
+        await p.send("a", b"1")
+        await p.send("b", b"2")
+        with pytest.raises(LimitExceededError, match="--max-topics 2"):
+            await p.send("c", b"3")
+        with pytest.raises(LimitExceededError, match="--max-topics 2"):
+            async with PushConsumer(b.address, group="g", topic="d", listener=lambda m: ConsumeResult.SUCCESS):
+                pass
+        await p.send("a", b"4")  # the topics that exist still take sends
+    assert set(topics(b)) == {"a", "b"}

@@ -117,7 +117,7 @@ class JetStreamEngine(JetStreamDelivering, JetStreamFifo, JetStreamPulling, JetS
         self.data_dir = ""  # stateless: nothing on local disk
         self.client = EngineClient(self.urls, name="halfmq gateway")
         self.streams = StreamSet(self.client, replicas=replicas, retention=config.retention,
-                                 tx_retention=tx_retention)
+                                 tx_retention=tx_retention, max_topics=config.max_topics)
         self.ledger = TxLedger(self.client, self.streams)
         self.groups_api = Groups(self.client, self.streams)
         self.writer = MessageWriter(self.client, self.streams, queues=config.default_queues,

@@ -45,6 +45,7 @@ __all__ = [
     "SETTINGS_CHANGED",
     "SETTINGS_SUBJECTS",
     "SETTINGS_STREAM",
+    "TOPIC_SUBJECTS",
     "TX_STREAM",
     "TXCHECK_CONSUMER",
     "decode_msg_id",
@@ -83,6 +84,8 @@ SETTINGS_SUBJECTS = "hmqs.set.*"
 #: core subject (in no stream) on which a deleted setting's key token is announced
 SETTINGS_CHANGED = "hmqs.setdel"
 TXCHECK_CONSUMER = "TXCHECK"
+#: a filter that every topic stream's subjects match, and no shared stream's
+TOPIC_SUBJECTS = "hmq.>"
 _TOPIC_STREAM_PREFIX = "HMQ_T_"
 
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")

@@ -47,6 +47,7 @@ from broker.engines.jetstream.client import (
     EngineClient,
     WrongLastSequenceError,
 )
+from protocol.errors import LimitExceededError
 
 __all__ = ["StreamSet", "TopicStream"]
 
@@ -68,12 +69,16 @@ class TopicStream:
 
 class StreamSet:
     """The engine's streams, created on demand. Keyword options: ``replicas`` (3),
-    ``retention`` (72 h, seconds), ``tx_retention`` (3600 s), ``dedup_window`` (600 s)."""
+    ``retention`` (72 h, seconds), ``tx_retention`` (3600 s), ``dedup_window`` (600 s),
+    ``max_topics`` (None: no limit; else a topic stream is not created once the engine holds
+    that many: ``LimitExceededError``)."""
 
     def __init__(self, client: EngineClient, *, replicas: int = 3, retention: float = 72 * 3600.0,
-                 tx_retention: float = 3600.0, dedup_window: float = 600.0) -> None:
+                 tx_retention: float = 3600.0, dedup_window: float = 600.0,
+                 max_topics: int | None = None) -> None:
         self.client = client
         self.replicas = replicas
+        self.max_topics = max_topics
         self.retention = retention
         self.tx_retention = tx_retention
         self.dedup_window = min(dedup_window, retention)
@@ -94,14 +99,17 @@ class StreamSet:
             "max_msgs_per_subject": -1, "max_consumers": -1,
         }
 
-    async def _ensure(self, config: dict[str, object]) -> dict[str, object]:
-        """Stream info of ``config['name']``, creating the stream if it does not exist."""
+    async def _ensure(self, config: dict[str, object], topic: str | None = None) -> dict[str, object]:
+        """Stream info of ``config['name']``, creating the stream if it does not exist (a
+        ``topic``'s stream only within ``max_topics``)."""
         name = config["name"]
         try:
             return await self.client.api(f"STREAM.INFO.{name}")
         except EngineAPIError as exc:
             if exc.err_code != ERR_STREAM_NOT_FOUND:
                 raise
+        if topic is not None and self.max_topics is not None:
+            await self._check_room(topic, self.max_topics)
         for attempt in range(_PLACEMENT_TRIES):
             try:
                 return await self.client.api(f"STREAM.CREATE.{name}", config)
@@ -113,6 +121,16 @@ class StreamSet:
                     raise
                 break
         return await self.client.api(f"STREAM.INFO.{name}")
+
+    async def _check_room(self, topic: str, limit: int) -> None:
+        """Raise ``LimitExceededError`` if the engine already holds ``limit`` topic streams
+        (counted by the engine: one request, whatever the number). Gateways creating topics
+        at the same moment can each pass the check, so the limit can be passed by as many
+        streams as topics are created at once."""
+        resp = await self.client.api("STREAM.NAMES", {"subject": naming.TOPIC_SUBJECTS})
+        if int(resp.get("total", 0)) >= limit:
+            raise LimitExceededError(
+                f"topic {topic!r} not created: the engine holds --max-topics {limit} topics")
 
     async def ensure_shared(self) -> None:
         """Create ``HMQ_TX``, ``HMQ_DLQ`` and ``HMQ_IDS`` if missing."""
@@ -156,7 +174,7 @@ class StreamSet:
         name = naming.topic_stream(topic)
         # (the engine's message scheduler is turned on by ``allow_schedules``, at a topic's
         # first scheduled message: with it, a stream's fail-over was measured slower)
-        info = await self._ensure(self._config(name, [f"hmq.{topic}.>"], self.retention))
+        info = await self._ensure(self._config(name, [f"hmq.{topic}.>"], self.retention), topic)
         config = info.get("config")
         if isinstance(config, dict) and config.get("allow_msg_schedules"):
             self._schedulable.add(name)
