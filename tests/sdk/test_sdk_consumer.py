@@ -118,6 +118,23 @@ async def test_c7_start_latest_skips_backlog(broker):
     assert [m.msg_id for m in rec.messages] == [r.msg_id]
 
 
+async def test_c7_a_latest_start_holds_after_a_crash_right_after_it(broker_factory):
+    # the group's start is saved before its subscription is answered: a broker killed
+    # before its next checkpoint (every second) must not start it again at a later end
+    b = broker_factory()
+    rec = Recorder()
+    async with Producer(b.address) as p:
+        await p.send("c7k", b"backlog")
+        async with PushConsumer(b.address, group="g", topic="c7k", listener=rec, start="latest"):
+            pass
+        sent = [(await p.send("c7k", f"m{i}")).msg_id for i in range(3)]
+    b.kill9()
+    b.start()
+    async with PushConsumer(b.address, group="g", topic="c7k", listener=rec, start="latest"):
+        await wait_for(lambda: len(rec.messages) >= 3, what="the 3 messages sent after the group started")
+    assert sorted(m.msg_id for m in rec.messages) == sorted(sent)
+
+
 async def test_subscribing_to_a_missing_topic_with_auto_create_off_is_refused(broker_factory):
     b = broker_factory("--no-auto-create-topics")
     with pytest.raises(TopicNotFoundError, match="nowhere"):

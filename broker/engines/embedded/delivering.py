@@ -20,7 +20,8 @@ a retry or dead-letter record that the core returns, appended the same way; the 
 told when it is durable, and only then is the source offset done.
 
 Group progress (committed offsets) is also saved to metadata every second and at
-shutdown, with the end of ``%ACK%`` and of each group's DLQ at that moment. After a crash a
+shutdown, with the end of ``%ACK%`` and of each group's DLQ at that moment; and before a
+subscription with ``start="latest"`` that gives its group a new start is answered. After a crash a
 group resumes from its saved offsets, skips what the ack records written since then say
 was acked, and keeps only the newest retry record of each message (see
 ``GroupDelivery``): only deliveries that were in flight come again (C8).
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from broker.core.delivery import GroupDelivery, PendingRecord
 from broker.core.records import ACK_TOPIC, RT_ACK, build_wire, record_msg_id
 from broker.engines.base import Session, Subscription
-from protocol import DLQ_PREFIX, BadRequestError
+from protocol import DLQ_PREFIX, BadRequestError, BrokerUnavailableError
 from storage import IndexTarget, NewRecord
 
 if TYPE_CHECKING:
@@ -66,14 +67,47 @@ class EmbeddedDelivering:
         if fifo and not self._group_is_fifo(sub.group):
             self._set_group_settings_now(sub.group, {"fifo": True})
         gd = self._group(sub.group)
+        self._subscriptions[s.conn_id] = (sub.group, sub.topic)
+        if sub.start == "latest" and any((sub.topic, q) not in gd.cursors
+                                         for q in range(self.queue_count(sub.topic))):
+            # the group starts at the topic's end: that start is saved before the reply
+            # (else a crash before the next checkpoint would start it again at a later end,
+            # and the messages stored between the two would never reach the group)
+            gd.ensure_topic(sub.topic, start="latest")
+            task = asyncio.get_running_loop().create_task(self._join_after_saving(s, rid, sub, gd))
+            self._saving_starts.add(task)
+            task.add_done_callback(self._saving_starts.discard)
+            return
+        self._join(s, rid, sub, gd)
+
+    def _join(self: EmbeddedEngine, s: Session, rid: int, sub: Subscription, gd: GroupDelivery) -> None:
         gd.subscribe(s.conn_id, sub.topic, tags=sub.tags, prefetch=sub.prefetch,
                      max_reconsume_times=sub.max_reconsume_times, start=sub.start)
-        self._subscriptions[s.conn_id] = (sub.group, sub.topic)
         self._consumers[s.conn_id] = s
         log.info("consumer %r (%s) subscribed: group %s, topic %s, tags %r, start %s, prefetch %d",
                  s.client_id, s.peer, sub.group, sub.topic, sub.tags, sub.start, sub.prefetch)
         s.reply(rid, {})
         self.schedule_dispatch()
+
+    async def _join_after_saving(self: EmbeddedEngine, s: Session, rid: int, sub: Subscription,
+                                 gd: GroupDelivery) -> None:
+        """Save ``gd``'s offsets (its new start among them), then let ``s`` join."""
+        try:
+            await self._save_offsets_of(gd)
+        except Exception as exc:  # noqa: BLE001 - the client gets it; the store logs its own
+            log.error("saving the start of group %s on topic %s failed: %r", gd.group, sub.topic, exc)
+            if self._subscriptions.get(s.conn_id) == (sub.group, sub.topic):
+                del self._subscriptions[s.conn_id]
+            s.error(rid, BrokerUnavailableError(f"the group's start could not be saved: {exc}"))
+            return
+        if not s.closed and self._subscriptions.get(s.conn_id) == (sub.group, sub.topic):
+            self._join(s, rid, sub, gd)
+
+    async def _save_offsets_of(self: EmbeddedEngine, gd: GroupDelivery) -> None:
+        assert self.store is not None
+        value = [[t, q, o] for (t, q), o in gd.committed_offsets().items()]
+        await self.store.metadata.put(f"off/{gd.group}", value)
+        self._last_saved[gd.group] = value
 
     def unsubscribe(self: EmbeddedEngine, s: Session, rid: int) -> None:
         """No new deliveries to ``s``; its leases stay until acked or expired."""
