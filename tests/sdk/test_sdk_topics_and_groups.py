@@ -18,10 +18,11 @@ import urllib.request
 
 import pytest
 
-from consumer_sdk import ConsumeResult, PushConsumer, SimpleConsumer
+from consumer_sdk import PushConsumer, SimpleConsumer
 from producer_sdk import LimitExceededError, Producer, TopicNotFoundError
 from tests.conftest import ROOT, wait_for
 from tests.engines import ClusterBroker
+from tests.sdk.sdk_helpers import Recorder
 
 
 def admin(b, *args: str) -> subprocess.CompletedProcess:
@@ -63,17 +64,12 @@ async def test_a_created_topic_takes_sends_delivers_them_and_survives_kill9(brok
     b.kill9()
     b.start()
     assert topics(b)["orders"] == 3
-    got: list[bytes] = []
-
-    def take(m):
-        got.append(m.body)
-        return ConsumeResult.SUCCESS
-
+    rec = Recorder()
     async with Producer(b.address, send_timeout=10) as p:
         await p.send("orders", b"after the restart")
-        async with PushConsumer(b.address, group="g", topic="orders", listener=take):
-            await wait_for(lambda: len(got) == 7, timeout=20, what="every message delivered")
-    assert sorted(got) == sorted([f"m{i}".encode() for i in range(6)] + [b"after the restart"])
+        async with PushConsumer(b.address, group="g", topic="orders", listener=rec):
+            await wait_for(lambda: len(rec.messages) == 7, timeout=20, what="every message delivered")
+    assert sorted(rec.bodies()) == sorted([f"m{i}".encode() for i in range(6)] + [b"after the restart"])
 
 
 async def test_bad_requests_create_nothing(broker_factory):
@@ -116,7 +112,7 @@ async def test_max_topics_holds_for_sends_and_subscriptions(broker_factory):
         with pytest.raises(LimitExceededError, match="--max-topics 2"):
             await p.send("c", b"3")
         with pytest.raises(LimitExceededError, match="--max-topics 2"):
-            async with PushConsumer(b.address, group="g", topic="d", listener=lambda m: ConsumeResult.SUCCESS):
+            async with PushConsumer(b.address, group="g", topic="d", listener=Recorder()):
                 pass
         await p.send("a", b"4")  # the topics that exist still take sends
     assert set(topics(b)) == {"a", "b"}
@@ -124,14 +120,15 @@ async def test_max_topics_holds_for_sends_and_subscriptions(broker_factory):
 
 async def test_max_groups_holds_for_push_and_pull_consumers_across_a_restart(broker_factory):
     b = broker_factory("--max-groups", "2")
-
-    def ok(_m):
-        return ConsumeResult.SUCCESS
-
+    ok = Recorder()
+    async with Producer(b.address, send_timeout=10) as p:
+        await p.send("a", b"one")
     async with PushConsumer(b.address, group="g1", topic="a", listener=ok):
-        pass
+        await wait_for(lambda: ok.messages, what="g1's message")
     async with SimpleConsumer(b.address, group="g2", topic="a") as c:
-        await c.receive(max_messages=1, wait=0.1)
+        taken = await c.receive(max_messages=1, wait=5)
+        assert [m.body for m in taken] == [b"one"]
+        await c.ack(taken[0])
     with pytest.raises(LimitExceededError, match="--max-groups 2"):
         async with PushConsumer(b.address, group="g3", topic="a", listener=ok):
             pass

@@ -119,7 +119,7 @@ class JetStreamEngine(JetStreamDelivering, JetStreamFifo, JetStreamPulling, JetS
         self.streams = StreamSet(self.client, replicas=replicas, retention=config.retention,
                                  tx_retention=tx_retention, max_topics=config.max_topics)
         self.ledger = TxLedger(self.client, self.streams)
-        self.groups_api = Groups(self.client, self.streams)
+        self.groups_api = Groups(self.client, self.streams, max_groups=config.max_groups)
         self.writer = MessageWriter(self.client, self.streams, queues=config.default_queues,
                                     deadline=send_deadline)
         # a producer may take as long to answer a check-back as on the embedded engine

@@ -27,6 +27,10 @@ message; a commit pointer costs one get of its half (the body is stored once).
 ``%DLQ%<G>`` is consumable: a consumer on ``HMQ_DLQ`` filtered on ``hmqs.dlq.<G>``.
 ``TXCHECK`` (one per topic, on ``hmq.<T>.h.>``, ``ack_wait`` 30 s) hands each half message
 to one gateway at a time for its check-back (``ledger``, ``checkback``).
+
+``--max-groups``: a group's first consumer (on any gateway) records the group in
+``HMQ_GROUPS`` first, refused with ``LimitExceededError`` once that stream holds
+``max_groups`` groups.
 """
 
 from __future__ import annotations
@@ -46,10 +50,13 @@ from broker.engines.jetstream.client import (
 from broker.engines.jetstream.pull import Puller
 from broker.engines.jetstream.records import Kind, Record, decode_record, encode_dead
 from broker.engines.jetstream.streams import StreamSet
+from protocol.errors import LimitExceededError
 
 __all__ = ["DLQ_TOPIC_PREFIX", "ConsumerHandle", "Delivery", "GroupSpec", "Groups"]
 
 _NANOS = 1_000_000_000
+#: groups a gateway remembers as registered (past it, it asks the engine again: one get)
+_REGISTERED_CACHE = 100_000
 DLQ_TOPIC_PREFIX = "%DLQ%"
 ORIGIN_TOPIC = "ORIGIN_TOPIC"
 
@@ -184,9 +191,28 @@ class ConsumerHandle:
 class Groups:
     """Durable consumers for groups and TXCHECK, dead letters and resends."""
 
-    def __init__(self, client: EngineClient, streams: StreamSet) -> None:
+    def __init__(self, client: EngineClient, streams: StreamSet, *, max_groups: int | None = None) -> None:
         self.client = client
         self.streams = streams
+        self.max_groups = max_groups
+        self._registered: set[str] = set()  # groups known to be in GROUPS_STREAM
+
+    async def _register(self, group: str) -> None:
+        """Record ``group`` in ``GROUPS_STREAM`` before its first consumer is made; past
+        ``max_groups`` groups raise ``LimitExceededError``. Gateways registering groups at
+        the same moment can each pass the check (the engine can then hold as many more)."""
+        if group in self._registered:
+            return
+        subject = naming.group_subject(group)
+        if await self.client.get_last(naming.GROUPS_STREAM, subject) is None:
+            if self.max_groups is not None:
+                info = await self.client.api(f"STREAM.INFO.{naming.GROUPS_STREAM}")
+                if int(info["state"].get("messages", 0)) >= self.max_groups:  # (one per subject)
+                    raise LimitExceededError(f"group {group!r} not created: the engine holds "
+                                             f"--max-groups {self.max_groups} groups")
+            await self.client.publish(subject, b"")
+        if len(self._registered) < _REGISTERED_CACHE:
+            self._registered.add(group)
 
     async def _ensure_consumer(self, stream: str, name: str, config: dict[str, Any],
                                updatable: tuple[str, ...]) -> None:
@@ -213,6 +239,7 @@ class Groups:
         ``F<queue>_<group>``, filtered on that queue, at most one message out at a time."""
         if spec.start not in ("earliest", "latest"):
             raise ValueError(f"start must be earliest or latest, not {spec.start!r}")
+        await self._register(spec.group)
         if spec.is_dlq:
             dead_group = spec.topic[len(DLQ_TOPIC_PREFIX):]
             stream, prefix = naming.DLQ_STREAM, ""

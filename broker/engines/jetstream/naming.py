@@ -14,8 +14,10 @@ stream names and subject tokens). Its subjects::
 
 Shared streams: ``HMQ_TX`` (``hmqs.tx.d.<msg_id>`` the one decision of a transaction,
 ``hmqs.tx.c.<msg_id>`` its check count), ``HMQ_DLQ`` (``hmqs.dlq.<group>``), and
-``HMQ_IDS`` (``hmqs.ids.<prefix>``: which stream a message-id prefix names), and
-``HMQ_SETTINGS`` (``hmqs.set.<key>``); check-backs travel on core subjects ``hmqs.cb.*``.
+``HMQ_IDS`` (``hmqs.ids.<prefix>``: which stream a message-id prefix names),
+``HMQ_SETTINGS`` (``hmqs.set.<key>``) and ``HMQ_GROUPS`` (``hmqs.grp.<group>``: every
+consumer group that ever had a consumer, counted for ``--max-groups``); check-backs travel
+on core subjects ``hmqs.cb.*``.
 Everything that is not a topic's starts with ``hmqs.``, never ``hmq.``: a topic may be
 called ``tx``, ``dlq`` or ``cb``, and its stream's ``hmq.<T>.>`` must not overlap them.
 
@@ -41,6 +43,8 @@ import re
 
 __all__ = [
     "DLQ_STREAM",
+    "GROUPS_STREAM",
+    "GROUPS_SUBJECTS",
     "IDS_STREAM",
     "SETTINGS_CHANGED",
     "SETTINGS_SUBJECTS",
@@ -52,6 +56,7 @@ __all__ = [
     "decode_tag",
     "dlq_subject",
     "fifo_consumer_name",
+    "group_subject",
     "encode_msg_id",
     "encode_tag",
     "group_consumer_name",
@@ -79,6 +84,9 @@ TX_STREAM = "HMQ_TX"
 DLQ_STREAM = "HMQ_DLQ"
 IDS_STREAM = "HMQ_IDS"
 SETTINGS_STREAM = "HMQ_SETTINGS"
+GROUPS_STREAM = "HMQ_GROUPS"
+#: the subjects of GROUPS_STREAM, one per consumer group
+GROUPS_SUBJECTS = "hmqs.grp.*"
 #: the subjects of SETTINGS_STREAM, one per key
 SETTINGS_SUBJECTS = "hmqs.set.*"
 #: core subject (in no stream) on which a deleted setting's key token is announced
@@ -242,6 +250,11 @@ def id_subject(prefix: str) -> str:
 def transactional_subject(topic: str) -> str:
     """Subject marking ``topic`` as one that holds half messages."""
     return f"hmqs.txt.{topic}"
+
+
+def group_subject(group: str) -> str:
+    """Subject recording that consumer group ``group`` exists (a group name is a token)."""
+    return f"hmqs.grp.{group}"
 
 
 def settings_subject(key: str) -> str:

@@ -1,4 +1,4 @@
-"""The engine's streams: one per topic, three shared ones, and the message-id prefixes.
+"""The engine's streams: one per topic, five shared ones, and the message-id prefixes.
 
 How this works
 --------------
@@ -17,6 +17,8 @@ id-prefix registry forever (one tiny record per topic stream ever created), and
 check-backs every gateway runs).
 ``HMQ_SETTINGS`` is the engine's small key-value space (users, tokens, webhooks: shared
 by every gateway): one subject per key, only its last value kept, msgpack values.
+``HMQ_GROUPS`` holds one empty record per consumer group that ever had a consumer (its
+count is what ``--max-groups`` limits; see ``groups.Groups``), kept forever.
 
 Message-id prefixes: candidate ``k`` is ``naming.stream_id_prefix(stream, created, k)``.
 ``ensure_topic`` reads ``hmqs.ids.<candidate>`` from ``HMQ_IDS``: the same stream and
@@ -133,11 +135,13 @@ class StreamSet:
                 f"topic {topic!r} not created: the engine holds --max-topics {limit} topics")
 
     async def ensure_shared(self) -> None:
-        """Create ``HMQ_TX``, ``HMQ_DLQ`` and ``HMQ_IDS`` if missing."""
+        """Create ``HMQ_TX``, ``HMQ_DLQ``, ``HMQ_IDS``, ``HMQ_SETTINGS`` and ``HMQ_GROUPS`` if missing."""
         await self._ensure(self._config(naming.TX_STREAM, ["hmqs.tx.>"], self.tx_retention))
         await self._ensure(self._config(naming.DLQ_STREAM, ["hmqs.dlq.>"], self.retention))
         await self._ensure(self._config(naming.IDS_STREAM, ["hmqs.ids.*", "hmqs.txt.*"], 0, dedup=60.0))
         await self._ensure({**self._config(naming.SETTINGS_STREAM, [naming.SETTINGS_SUBJECTS], 0, dedup=0.0),
+                            "max_msgs_per_subject": 1})
+        await self._ensure({**self._config(naming.GROUPS_STREAM, [naming.GROUPS_SUBJECTS], 0, dedup=0.0),
                             "max_msgs_per_subject": 1})
         self._shared_ready = True
 
