@@ -217,7 +217,7 @@ async def test_a_producer_killed_between_its_batch_commit_and_the_outcomes_loses
                 status, page = admin(broker.http_url, "/api/transactions?state=prepared")
                 return status == 200 and not page["transactions"]
 
-            await wait_for(settled, timeout=30, what="check-back to settle every half message")
+            await wait_for(settled, timeout=90, what="check-back to settle every half message")
             await wait_for(lambda: set(rec.ids()) >= set(rows), timeout=20, what="every committed row delivered")
             committed: set[str] = set()
             after = ""
