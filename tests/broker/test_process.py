@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from consumer_sdk import ConsumeResult, PushConsumer
+from producer_sdk import Producer
 from protocol import FrameDecoder, Op, encode_frame
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 
 class RawClient:
@@ -204,6 +207,28 @@ async def test_oversized_body_is_refused_and_others_unaffected(broker_factory):
     assert op == Op.REPLY
     c.close()
     other.close()
+
+
+async def test_a_topic_whose_metadata_row_was_lost_is_listed_again_with_its_messages(broker_factory):
+    # the state a crash leaves between an auto-created topic's first stored messages and
+    # its metadata row (written right after): the log and the queue indexes hold them
+    b = broker_factory()
+    async with Producer(b.address) as p:
+        sent = {(await p.send("lost", f"m{i}")).msg_id for i in range(5)}
+    assert b.stop() == 0
+    with sqlite3.connect(b.data_dir / "meta.sqlite") as db:
+        assert db.execute("DELETE FROM topics WHERE name = 'lost'").rowcount == 1
+    again = broker_factory("--no-auto-create-topics", data_dir=b.data_dir)
+    assert "lost" in topic_names(again)
+    assert "recovered topic lost (4 queues)" in again.log_path.read_text()
+    got: list[str] = []
+
+    def take(m):
+        got.append(m.msg_id)
+        return ConsumeResult.SUCCESS
+
+    async with PushConsumer(again.address, group="g", topic="lost", listener=take):
+        await wait_for(lambda: set(got) == sent, what="the 5 messages")
 
 
 async def test_no_auto_create_refuses_unknown_topics_and_default_queues_apply(broker_factory):

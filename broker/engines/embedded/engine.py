@@ -225,6 +225,7 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         assert store is not None
         md = store.metadata
         self.topics = dict(await md.get_topics())
+        await self._recover_unlisted_topics()
         await self._load_group_settings()
         await self._load_offsets()
         # transactions: outcomes first, then halves
@@ -323,6 +324,22 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         if topic.startswith(RETRY_PREFIX):
             return len(self.config.retry_delays) + 1
         return 0
+
+    async def _recover_unlisted_topics(self) -> None:
+        """List again the topics whose queue indexes exist but whose metadata row does not:
+        an auto-created topic's row is written right after its first message is queued,
+        and a crash in between left its messages unreachable (a send or subscription to it
+        created it anew, or with ``--no-auto-create-topics`` was refused)."""
+        assert self.store is not None
+        found: dict[str, int] = {}
+        for topic, q in self.store.queues():
+            if topic not in self.topics and not topic.startswith("%"):
+                found[topic] = max(found.get(topic, 0), q + 1)
+        for topic, n in sorted(found.items()):
+            n = self.topics[topic] = max(n, self.config.default_queues)
+            await self.store.metadata.put_topic(topic, n)
+            log.warning("recovered topic %s (%d queues) from its queue indexes: its metadata row "
+                        "was lost in a crash", topic, n)
 
     def _ensure_topic(self, topic: str) -> int:
         n = self.topics.get(topic)
