@@ -16,6 +16,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The suite starts about a thousand broker, gateway and client processes: they (and the test
+# processes) write and reuse bytecode caches even where the environment turns that off
+# (PYTHONDONTWRITEBYTECODE), or each one compiles the project again (a broker was ready in
+# 1.0 s instead of 0.7 s, 0.9 s of CPU instead of 0.64 s, on a 2-core machine).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 _LOOP_ERRORS: list[dict] = []
 
