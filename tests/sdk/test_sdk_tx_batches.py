@@ -177,6 +177,7 @@ async def test_a_batch_holds_at_most_batch_max_transactions(broker, monkeypatch)
     assert BATCH_MAX == 1024
 
 
+@pytest.mark.timeout(180)
 async def test_a_producer_killed_between_its_batch_commit_and_the_outcomes_loses_nothing(broker, tmp_path):
     """A producer process commits a batch to SQLite and is SIGKILLed before reporting any of
     its outcomes, with more halves stored and not run yet. Check-back, answered by another
@@ -213,11 +214,12 @@ async def test_a_producer_killed_between_its_batch_commit_and_the_outcomes_loses
         in_last = {m for m, b in rows.items() if b == last}
         assert len(rows) >= 500 and in_last
         async with TransactionProducer(broker.address, group="txk_p", listener=Checker()):
-            def settled() -> bool:
-                status, page = admin(broker.http_url, "/api/transactions?state=prepared")
+            async def settled() -> bool:
+                # (in a thread: this loop also runs the producer that answers the check-backs)
+                status, page = await asyncio.to_thread(admin, broker.http_url, "/api/transactions?state=prepared")
                 return status == 200 and not page["transactions"]
 
-            await wait_for(settled, timeout=90, what="check-back to settle every half message")
+            await wait_for(settled, timeout=90, interval=0.2, what="check-back to settle every half message")
             await wait_for(lambda: set(rec.ids()) >= set(rows), timeout=20, what="every committed row delivered")
             committed: set[str] = set()
             after = ""
