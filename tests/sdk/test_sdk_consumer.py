@@ -135,6 +135,22 @@ async def test_c7_a_latest_start_holds_after_a_crash_right_after_it(broker_facto
     assert sorted(m.msg_id for m in rec.messages) == sorted(sent)
 
 
+async def test_c7_members_joining_a_new_latest_group_at_once_all_get_messages(broker):
+    # the second member arrives while the group's new start is being saved: it joins after it
+    rec = Recorder()
+    async with Producer(broker.address) as p:
+        await p.send("c7m", b"backlog")
+        consumers = [PushConsumer(broker.address, group="pair", topic="c7m", listener=rec, start="latest")
+                     for _ in range(2)]
+        await asyncio.gather(*(c.start() for c in consumers))
+        try:
+            sent = {(await p.send("c7m", f"m{i}")).msg_id for i in range(20)}
+            await wait_for(lambda: rec.ids() >= sent, what="the 20 messages sent after the group started")
+        finally:
+            await asyncio.gather(*(c.close() for c in consumers))
+    assert b"backlog" not in rec.bodies()
+
+
 async def test_subscribing_to_a_missing_topic_with_auto_create_off_is_refused(broker_factory):
     b = broker_factory("--no-auto-create-topics")
     with pytest.raises(TopicNotFoundError, match="nowhere"):

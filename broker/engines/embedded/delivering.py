@@ -68,17 +68,29 @@ class EmbeddedDelivering:
             self._set_group_settings_now(sub.group, {"fifo": True})
         gd = self._group(sub.group)
         self._subscriptions[s.conn_id] = (sub.group, sub.topic)
+        loop = asyncio.get_running_loop()
         if sub.start == "latest" and any((sub.topic, q) not in gd.cursors
                                          for q in range(self.queue_count(sub.topic))):
             # the group starts at the topic's end: that start is saved before the reply
             # (else a crash before the next checkpoint would start it again at a later end,
             # and the messages stored between the two would never reach the group)
             gd.ensure_topic(sub.topic, start="latest")
-            task = asyncio.get_running_loop().create_task(self._join_after_saving(s, rid, sub, gd))
-            self._saving_starts.add(task)
-            task.add_done_callback(self._saving_starts.discard)
+            save = loop.create_task(self._save_offsets_of(gd))  # (it reads every cursor made so far)
+            self._saving_starts[sub.group] = save
+            save.add_done_callback(lambda t, g=sub.group: self._start_saved(g, t))
+        saving = self._saving_starts.get(sub.group)
+        if saving is not None:  # (also a member joining while its group's start is being saved)
+            join = loop.create_task(self._join_after(saving, s, rid, sub, gd))
+            self._joining.add(join)
+            join.add_done_callback(self._joining.discard)
             return
         self._join(s, rid, sub, gd)
+
+    def _start_saved(self: EmbeddedEngine, group: str, save: asyncio.Task[None]) -> None:
+        if self._saving_starts.get(group) is save:
+            del self._saving_starts[group]
+        if not save.cancelled() and save.exception() is not None:  # (each joiner reports it)
+            log.error("saving the start of group %s failed: %r", group, save.exception())
 
     def _join(self: EmbeddedEngine, s: Session, rid: int, sub: Subscription, gd: GroupDelivery) -> None:
         gd.subscribe(s.conn_id, sub.topic, tags=sub.tags, prefetch=sub.prefetch,
@@ -89,13 +101,12 @@ class EmbeddedDelivering:
         s.reply(rid, {})
         self.schedule_dispatch()
 
-    async def _join_after_saving(self: EmbeddedEngine, s: Session, rid: int, sub: Subscription,
-                                 gd: GroupDelivery) -> None:
-        """Save ``gd``'s offsets (its new start among them), then let ``s`` join."""
+    async def _join_after(self: EmbeddedEngine, save: asyncio.Task[None], s: Session, rid: int,
+                          sub: Subscription, gd: GroupDelivery) -> None:
+        """Let ``s`` join once ``save`` (its group's new start) is durable."""
         try:
-            await self._save_offsets_of(gd)
-        except Exception as exc:  # noqa: BLE001 - the client gets it; the store logs its own
-            log.error("saving the start of group %s on topic %s failed: %r", gd.group, sub.topic, exc)
+            await asyncio.shield(save)
+        except Exception as exc:  # noqa: BLE001 - the client gets it (logged once, above)
             if self._subscriptions.get(s.conn_id) == (sub.group, sub.topic):
                 del self._subscriptions[s.conn_id]
             s.error(rid, BrokerUnavailableError(f"the group's start could not be saved: {exc}"))

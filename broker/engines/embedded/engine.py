@@ -119,7 +119,8 @@ class EmbeddedEngine(EmbeddedSending, EmbeddedTransactions, EmbeddedDelivering, 
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._saved_offsets: dict[str, dict[tuple[str, int], int]] = {}
-        self._saving_starts: set[asyncio.Task[None]] = set()  # subscriptions saving a new start
+        self._saving_starts: dict[str, asyncio.Task[None]] = {}  # group -> saving its new start
+        self._joining: set[asyncio.Task[None]] = set()  # subscriptions waiting for that save
         # sending
         self._rr: dict[str, int] = defaultdict(int)
         self._send_records: list[NewRecord | NewBundle] = []
