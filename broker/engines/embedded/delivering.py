@@ -49,6 +49,11 @@ __all__ = ["EmbeddedDelivering"]
 log = logging.getLogger("halfmq.broker")
 
 
+def _offsets_row(gd: GroupDelivery) -> list[list[Any]]:
+    """A group's committed offsets as its metadata value ``off/<group>``."""
+    return [[t, q, o] for (t, q), o in gd.committed_offsets().items()]
+
+
 class EmbeddedDelivering:
     """The delivery shell of :class:`EmbeddedEngine` (see the module docstring)."""
 
@@ -116,7 +121,7 @@ class EmbeddedDelivering:
 
     async def _save_offsets_of(self: EmbeddedEngine, gd: GroupDelivery) -> None:
         assert self.store is not None
-        value = [[t, q, o] for (t, q), o in gd.committed_offsets().items()]
+        value = _offsets_row(gd)
         await self.store.metadata.put(f"off/{gd.group}", value)
         self._last_saved[gd.group] = value
 
@@ -287,8 +292,7 @@ class EmbeddedDelivering:
         items: dict[str, Any] = {"ackoff": store.queue_end(ACK_TOPIC, 0),
                                  "dlqoff": {g: store.queue_end(DLQ_PREFIX + g, 0) for g in self.groups}}
         for name, gd in self.groups.items():
-            offs = gd.committed_offsets()
-            value = [[t, q, o] for (t, q), o in offs.items()]
+            value = _offsets_row(gd)
             if self._last_saved.get(name) != value:
                 items[f"off/{name}"] = value
                 self._last_saved[name] = value
